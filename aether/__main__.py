@@ -1,0 +1,3 @@
+from aether.cli import main
+
+raise SystemExit(main())

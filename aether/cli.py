@@ -1,0 +1,177 @@
+"""The ``aether`` command line.
+
+Results go to stdout in a stable format (``--json`` where a machine reads them); logs go to
+stderr, one JSON object per line. Exit status: 0 success, 1 a refused or failed operation,
+2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import ujson
+
+from aether import __version__, config, log
+
+
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "ebpf", "sockdiag"),
+        default=None,
+        help="how ports are watched (default: AETHER_BACKEND or auto: eBPF, else sock_diag)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aether", description="Workspace port monitor and server.")
+    parser.add_argument("--version", action="version", version=f"aether {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("AETHER_LOG_LEVEL", "info"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ports = commands.add_parser("ports", help="listening TCP ports").add_subparsers(
+        dest="ports_command", required=True
+    )
+    ignore_help = "ports never reported (default: AETHER_IGNORED_PORTS or 22,2222,3001)"
+
+    listing = ports.add_parser("list", help="the ports open now")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.add_argument("--ignore", default=None, help=ignore_help)
+    _add_backend(listing)
+
+    watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
+    watch.add_argument("--ignore", default=None, help=ignore_help)
+    watch.add_argument("--interval", type=float, default=None, help="sock_diag re-read interval, seconds")
+    _add_backend(watch)
+
+    kill = ports.add_parser("kill", help="stop what listens on a port")
+    kill.add_argument("port", type=int)
+    kill.add_argument("--signal", default="TERM", help="first signal (default TERM)")
+    kill.add_argument("--grace", type=float, default=5.0, help="seconds before SIGKILL (default 5)")
+    kill.add_argument("--ignore", default=None, help=ignore_help)
+    kill.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup(args.log_level)
+    try:
+        ignored = config.ignored_ports(getattr(args, "ignore", None))
+    except ValueError as exc:
+        print(f"aether: --ignore: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "ports":
+        handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
+        return handler(args, ignored)
+    return 2
+
+
+def _ports_list(args, ignored) -> int:
+    # A listing is one snapshot of the kernel's truth: sock_diag answers it in a few ms, with
+    # no probe to compile, whichever backend a watcher would use.
+    from aether.ports import procs, sockdiag
+
+    with sockdiag.DiagSocket() as diag:
+        raw = diag.raw()
+    holders = procs.socket_holders({entry[3] for entry in raw})
+    rows: dict[int, dict] = {}
+    for _family, port, address, inode in raw:
+        if port in ignored:
+            continue
+        row = rows.setdefault(port, {"port": port, "addresses": set(), "pids": set()})
+        row["addresses"].add(address)
+        row["pids"].update(holders.get(inode, ()))
+    result = []
+    for port in sorted(rows):
+        pids = sorted(rows[port]["pids"])
+        pid = pids[0] if pids else None
+        result.append(
+            {
+                "port": port,
+                "pid": pid,
+                "process": procs.process_name(pid),
+                "addresses": sorted(rows[port]["addresses"]),
+                "pids": pids,
+            }
+        )
+    if args.json:
+        print(ujson.dumps(result))
+        return 0
+    print(f"{'PORT':>5}  {'PID':>7}  {'PROCESS':<16}  ADDRESSES")
+    for row in result:
+        pid = "-" if row["pid"] is None else str(row["pid"])
+        process = row["process"] or "-"
+        print(f"{row['port']:>5}  {pid:>7}  {process:<16}  {','.join(row['addresses'])}")
+    return 0
+
+
+def _ports_watch(args, ignored) -> int:
+    from aether.ports.ebpf import ProbeUnavailable
+    from aether.ports.monitor import PortMonitor
+
+    out = sys.stdout.buffer
+
+    def emit(event) -> None:
+        out.write(ujson.dumps(event.to_message()).encode() + b"\n")
+        out.flush()
+
+    async def run() -> int:
+        monitor = PortMonitor(
+            backend=config.backend(args.backend),
+            ignored=ignored,
+            interval=config.sockdiag_interval(args.interval),
+            ebpf_buffer=config.ebpf_buffer(),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await monitor.start()
+        except ProbeUnavailable as exc:
+            print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
+            return 1
+        try:
+            for event in monitor.open_events():
+                emit(event)
+            monitor.subscribe(emit)
+            await stop.wait()
+        except BrokenPipeError:
+            pass
+        finally:
+            monitor.stop()
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except BrokenPipeError:
+        return 0
+
+
+def _ports_kill(args, ignored) -> int:
+    from aether.ports.kill import KillRefused, kill_port, parse_signal
+
+    try:
+        sig = parse_signal(args.signal)
+        if args.grace < 0:
+            raise KillRefused("invalid", "--grace must not be negative")
+        result = asyncio.run(
+            kill_port(args.port, sig, args.grace, ignored=ignored, protected={os.getppid()})
+        )
+    except KillRefused as exc:
+        if args.json:
+            print(ujson.dumps({"port": args.port, "error": exc.code, "message": exc.message}))
+        print(f"aether: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(ujson.dumps(vars(result)))
+    else:
+        how = "SIGKILL after grace" if result.escalated else result.signal
+        state = "closed" if result.closed else "still open"
+        print(f"port {result.port}: {how} to {','.join(map(str, result.pids))}; {state}")
+    return 0 if result.closed else 1

@@ -1,0 +1,42 @@
+"""Structured logging: one JSON object per line on stderr.
+
+Fields passed with ``extra=`` become keys of the line, so ``log.info("port monitor started",
+extra={"backend": "ebpf"})`` prints ``{"ts": ..., "level": "info", "logger": "aether.ports",
+"msg": "port monitor started", "backend": "ebpf"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import ujson
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return ujson.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

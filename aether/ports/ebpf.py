@@ -1,0 +1,230 @@
+"""The eBPF probe: LISTEN transitions from the kernel, delivered into an asyncio loop.
+
+bcc compiles ``bpf/listen_events.c`` and attaches it to ``sock:inet_sock_set_state``. Records
+arrive through a BPF ring buffer (kernel 5.8+) or per-CPU perf buffers, whose file descriptors
+are registered with the event loop: nothing wakes the process while no port changes, and no
+thread or timer sits between the kernel and the consumer.
+
+The ctypes callbacks only copy each record's bytes into a list; decoding and everything after
+happen in ordinary Python once the buffers are drained, so an exception can never be swallowed
+inside a C callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import platform
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+TCP_LISTEN = 10
+
+#: 256 KiB: a 32 KiB ring lost 0.7-3% of a 10,000-cycle listen/close burst here, 256 KiB none.
+DEFAULT_RING_PAGES = 64
+#: Per CPU, for kernels without a ring buffer.
+DEFAULT_PERF_PAGES = 64
+
+# struct listen_event in bpf/listen_events.c
+_RECORD = struct.Struct("=QQQHHBB2x16s16s")
+
+
+class ProbeUnavailable(RuntimeError):
+    """The probe cannot run here; the message says why, in one line."""
+
+
+class ListenRecord(NamedTuple):
+    """One decoded probe record."""
+
+    skaddr: int
+    tgid: int
+    tid: int
+    ts_ns: int
+    family: int
+    port: int
+    oldstate: int
+    newstate: int
+    address: str
+    comm: str
+
+    @property
+    def is_listen(self) -> bool:
+        return self.newstate == TCP_LISTEN
+
+
+def decode(raw: bytes) -> ListenRecord:
+    skaddr, pid_tgid, ts_ns, family, port, old, new, addr, comm = _RECORD.unpack_from(raw)
+    if family == socket.AF_INET:
+        address = socket.inet_ntop(socket.AF_INET, addr[:4])
+    else:
+        address = socket.inet_ntop(socket.AF_INET6, addr)
+    return ListenRecord(
+        skaddr,
+        pid_tgid >> 32,
+        pid_tgid & 0xFFFFFFFF,
+        ts_ns,
+        family,
+        port,
+        old,
+        new,
+        address,
+        comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+    )
+
+
+def program_path() -> Path:
+    """Where ``listen_events.c`` is: ``AETHER_BPF_DIR``, the source tree, or the install prefix."""
+    candidates = []
+    if os.environ.get("AETHER_BPF_DIR"):
+        candidates.append(Path(os.environ["AETHER_BPF_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "bpf")
+    candidates.append(Path(sys.prefix) / "share" / "aether" / "bpf")
+    for directory in candidates:
+        path = directory / "listen_events.c"
+        if path.is_file():
+            return path
+    raise ProbeUnavailable("bpf/listen_events.c not found (set AETHER_BPF_DIR)")
+
+
+def kernel_has_ringbuf() -> bool:
+    """BPF ring buffers arrived in Linux 5.8."""
+    release = platform.release().split("-")[0].split(".")
+    try:
+        major, minor = int(release[0]), int(release[1])
+    except (IndexError, ValueError):
+        return True
+    return (major, minor) >= (5, 8)
+
+
+def check_environment() -> None:
+    """Raise ProbeUnavailable with the first reason the probe cannot load, if any."""
+    if os.geteuid() != 0:
+        raise ProbeUnavailable("not root: loading an eBPF program needs CAP_BPF and CAP_PERFMON")
+    if not Path("/sys/kernel/tracing/events/sock/inet_sock_set_state").exists() and not Path(
+        "/sys/kernel/debug/tracing/events/sock/inet_sock_set_state"
+    ).exists():
+        raise ProbeUnavailable(
+            "tracepoint sock:inet_sock_set_state not visible: tracefs not mounted "
+            "(mount -t tracefs nodev /sys/kernel/tracing) or the kernel lacks it"
+        )
+    if not Path(f"/lib/modules/{platform.release()}/build").exists():
+        raise ProbeUnavailable(
+            f"no kernel headers at /lib/modules/{platform.release()}/build (run deploy/setup.sh)"
+        )
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        raise ProbeUnavailable(f"python module bcc not importable ({exc}); install python3-bpfcc") from exc
+
+
+class Probe:
+    """The loaded probe. ``start`` attaches its buffers to a loop; ``stop`` detaches and unloads.
+
+    ``on_batch`` receives a list of ``ListenRecord`` each time the buffers have been drained;
+    ``lost`` is the number of records the kernel could not deliver (ring full, perf output
+    failed, or perf buffers overwritten), which only grows.
+    """
+
+    def __init__(self, buffer: str = "auto", pages: Optional[int] = None):
+        if buffer not in ("auto", "ring", "perf"):
+            raise ValueError(f"buffer must be auto, ring or perf, not {buffer!r}")
+        check_environment()
+        self.buffer = ("ring" if kernel_has_ringbuf() else "perf") if buffer == "auto" else buffer
+        self.pages = pages or (DEFAULT_RING_PAGES if self.buffer == "ring" else DEFAULT_PERF_PAGES)
+        self._bpf = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._fds: list[int] = []
+        self._pending: list[bytes] = []
+        self._perf_lost = 0
+        self._on_batch: Optional[Callable[[list[ListenRecord]], None]] = None
+        self._load()
+
+    def _load(self) -> None:
+        from bcc import BPF
+
+        cflags = [f"-DAETHER_RING_PAGES={self.pages}"]
+        if self.buffer == "perf":
+            cflags.append("-DAETHER_PERF_BUFFER=1")
+        source = program_path().read_text()
+        # bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed".
+        try:
+            self._bpf = BPF(text=source, cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception for every load failure
+            raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
+        self._lost_map = self._bpf["lost"]
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list[ListenRecord]], None]) -> None:
+        self._loop = loop
+        self._on_batch = on_batch
+        events = self._bpf["events"]
+        pending = self._pending
+        if self.buffer == "ring":
+
+            def ring_cb(_ctx, data, size):
+                pending.append(ctypes.string_at(data, size))
+                return 0
+
+            events.open_ring_buffer(ring_cb)
+            libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1")
+            libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
+            libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+            fd = libbpf.ring_buffer__epoll_fd(self._bpf._ringbuf_manager)
+            if fd < 0:
+                raise ProbeUnavailable("libbpf gave no epoll fd for the ring buffer")
+            self._fds = [fd]
+            consume = self._bpf.ring_buffer_consume
+        else:
+
+            def perf_cb(_cpu, data, size):
+                pending.append(ctypes.string_at(data, size))
+
+            def lost_cb(count):
+                self._perf_lost += count
+
+            events.open_perf_buffer(perf_cb, page_cnt=self.pages, lost_cb=lost_cb)
+            from bcc.libbcc import lib
+
+            self._fds = [lib.perf_reader_fd(reader) for reader in self._bpf.perf_buffers.values()]
+            consume = self._bpf.perf_buffer_consume
+
+        def readable():
+            consume()
+            if pending:
+                batch = [decode(raw) for raw in pending]
+                pending.clear()
+                self._on_batch(batch)
+
+        for fd in self._fds:
+            loop.add_reader(fd, readable)
+
+    def drain(self) -> None:
+        """Deliver whatever the buffers hold now (used after a snapshot, and by tests)."""
+        if self._bpf is None:
+            return
+        if self.buffer == "ring":
+            self._bpf.ring_buffer_consume()
+        else:
+            self._bpf.perf_buffer_consume()
+        if self._pending and self._on_batch:
+            batch = [decode(raw) for raw in self._pending]
+            self._pending.clear()
+            self._on_batch(batch)
+
+    @property
+    def lost(self) -> int:
+        return int(self._lost_map[ctypes.c_int(0)].value) + self._perf_lost
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
+            self._fds = []
+            self._loop = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,74 @@
+"""Value types shared by the backends, the port table and the consumers of port events."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Optional
+
+OPEN = "open"
+CLOSE = "close"
+
+#: Key kinds. A socket seen by the eBPF probe is keyed by its kernel address; one seen in a
+#: sock_diag snapshot by its inode. The two cannot be matched to each other (sock_diag does not
+#: report the address), which is why the table reconciles snapshots port by port.
+SKADDR = "sk"
+INODE = "ino"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening TCP socket in this network namespace."""
+
+    key: Hashable
+    port: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+    address: str
+    pid: Optional[int] = None
+    inode: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortEvent:
+    """A port starting (``open``) or stopping (``close``) to listen.
+
+    ``to_message`` gives the wire form of seed 000's ``ports`` channel; the fields beyond the
+    seed's (``addresses``) are allowed extras.
+    """
+
+    type: str
+    port: int
+    pid: Optional[int] = None
+    process: Optional[str] = None
+    addresses: tuple[str, ...] = ()
+
+    def to_message(self) -> dict:
+        if self.type == CLOSE:
+            return {"channel": "ports", "type": CLOSE, "port": self.port}
+        return {
+            "channel": "ports",
+            "type": OPEN,
+            "port": self.port,
+            "pid": self.pid,
+            "process": self.process,
+            "addresses": list(self.addresses),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortState:
+    """A port that is open now, as ``aether ports list`` shows it."""
+
+    port: int
+    pid: Optional[int]
+    process: Optional[str]
+    addresses: tuple[str, ...]
+    pids: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "port": self.port,
+            "pid": self.pid,
+            "process": self.process,
+            "addresses": list(self.addresses),
+            "pids": list(self.pids),
+        }

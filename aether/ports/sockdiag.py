@@ -1,0 +1,124 @@
+"""One snapshot of this network namespace's listening TCP sockets, through NETLINK_SOCK_DIAG.
+
+The request is encoded with pyroute2's ``inet_diag_req`` and asks the kernel for LISTEN
+sockets only, so established connections cost nothing however many there are. Replies are
+decoded with one precompiled ``struct`` over the fixed ``inet_diag_msg`` header: pyroute2's
+message classes decode every attribute and cost ~34 us a socket here (0.34 s for 10,000
+listeners) where this costs ~2 us.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Iterator, Optional
+
+from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_LISTEN, inet_diag_req
+
+from aether.ports.events import INODE, Listener
+
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLMSG_HEADER = struct.Struct("=IHHII")
+# inet_diag_msg: family, state, timer, retrans, sport, dport (be16), src, dst (16 bytes each),
+# ifindex, cookie, expires, rqueue, wqueue, uid, inode.
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")
+_RECV_BUFFER = 1 << 20
+
+
+def _request(family: int, sequence: int) -> bytes:
+    req = inet_diag_req()
+    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    req["header"]["sequence_number"] = sequence
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_states"] = 1 << SS_LISTEN
+    req["idiag_ext"] = 0
+    req.encode()
+    return bytes(req.data)
+
+
+_REQUESTS = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
+
+
+def _format_address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _dump(sock: socket.socket, family: int) -> Iterator[tuple[int, str, int]]:
+    """(port, address, inode) of each listener of one address family."""
+    sock.send(_REQUESTS[family])
+    header_size = _NLMSG_HEADER.size
+    while True:
+        data = sock.recv(_RECV_BUFFER)
+        offset = 0
+        while offset + header_size <= len(data):
+            length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+            if kind == _NLMSG_DONE:
+                return
+            if kind == _NLMSG_ERROR:
+                code = -struct.unpack_from("=i", data, offset + header_size)[0]
+                if code == 0:
+                    return
+                raise OSError(code, f"sock_diag: {errno.errorcode.get(code, code)}")
+            if kind == SOCK_DIAG_BY_FAMILY:
+                fields = _DIAG_MSG.unpack_from(data, offset + header_size)
+                port = int.from_bytes(fields[4], "big")
+                yield port, _format_address(fields[0], fields[6]), fields[14]
+            if length < header_size:
+                raise OSError(errno.EPROTO, "sock_diag: truncated netlink message")
+            offset += (length + 3) & ~3
+        if not data:
+            return
+
+
+class DiagSocket:
+    """A NETLINK_SOCK_DIAG socket kept open between snapshots (the poller reuses it)."""
+
+    def __init__(self):
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER)
+        self._sock.bind((0, 0))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "DiagSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def raw(self) -> list[tuple[int, int, str, int]]:
+        """(family, port, address, inode) of every listening TCP socket, without pids."""
+        out = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            out.extend((family, port, address, inode) for port, address, inode in _dump(self._sock, family))
+        return out
+
+
+def to_listeners(raw: list[tuple[int, int, str, int]], pids: dict[int, int]) -> list[Listener]:
+    """Listeners from a raw dump, with pids from an inode-to-pid map where known."""
+    return [
+        Listener((INODE, inode), port, family, address, pids.get(inode), inode)
+        for family, port, address, inode in raw
+    ]
+
+
+def listeners(sock: Optional[DiagSocket] = None) -> list[Listener]:
+    """One snapshot of the listening TCP sockets, pids resolved through /proc."""
+    from aether.ports import procs
+
+    own = sock is None
+    sock = sock or DiagSocket()
+    try:
+        raw = sock.raw()
+    finally:
+        if own:
+            sock.close()
+    return to_listeners(raw, procs.socket_owners({entry[3] for entry in raw}))

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Set up what aether needs, idempotently: Debian packages (when root), kernel headers for bcc,
+# tracefs, the virtualenv with aether installed editable, and Debian's bcc exposed to it.
+# Each step that changes something says so in one line; a second run changes nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "setup: $*" >&2; }
+
+VENV=${AETHER_VENV:-.venv}
+KERNEL=$(uname -r)
+ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+
+# Debian packages: bcc and its tools, kernel headers for bcc's compiler, and the real servers
+# the tests listen with (nginx, node; python's http.server needs nothing).
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs)
+
+missing_debs() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
+    done
+}
+
+apt_install() {
+    say "installing Debian packages: $*"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep package scripts from starting services (nginx would take port 80).
+    local policy=/usr/sbin/policy-rc.d created=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created=1
+    fi
+    if ! apt-get install -y -q --no-install-recommends "$@" >/tmp/aether-apt.log 2>&1; then
+        apt-get update -q >>/tmp/aether-apt.log 2>&1 || true
+        apt-get install -y -q --no-install-recommends "$@" >>/tmp/aether-apt.log 2>&1 ||
+            { [ -n "$created" ] && rm -f "$policy"; say "apt-get failed, see /tmp/aether-apt.log"; exit 1; }
+    fi
+    [ -n "$created" ] && rm -f "$policy"
+    return 0
+}
+
+if [ "$(id -u)" = 0 ]; then
+    mapfile -t need < <(missing_debs "${DEB_PACKAGES[@]}")
+    if [ ! -e "/lib/modules/$KERNEL/build" ]; then
+        mapfile -t -O "${#need[@]}" need < <(missing_debs "linux-headers-$ARCH")
+    fi
+    [ "${#need[@]}" -eq 0 ] || apt_install "${need[@]}"
+
+    # bcc compiles against /lib/modules/$KERNEL/build. Where the running kernel ships no
+    # headers, Debian's generic ones serve a probe that reads only tracepoint arguments.
+    if [ ! -e "/lib/modules/$KERNEL/build" ]; then
+        headers=$(ls -d /usr/src/linux-headers-*-"$ARCH" 2>/dev/null | sort -V | tail -n 1 || true)
+        common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1 || true)
+        if [ -n "$headers" ]; then
+            mkdir -p "/lib/modules/$KERNEL"
+            ln -sfn "$headers" "/lib/modules/$KERNEL/build"
+            say "no headers for kernel $KERNEL: linked /lib/modules/$KERNEL/build -> $headers"
+            if [ ! -e "/lib/modules/$KERNEL/source" ] && [ -n "$common" ]; then
+                ln -sfn "$common" "/lib/modules/$KERNEL/source"
+                say "linked /lib/modules/$KERNEL/source -> $common"
+            fi
+        else
+            say "no kernel headers found under /usr/src: the eBPF probe cannot compile"
+        fi
+    fi
+
+    # The tracepoint is found through tracefs.
+    if [ ! -e /sys/kernel/tracing/events ] && [ ! -e /sys/kernel/debug/tracing/events ]; then
+        if mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
+            say "mounted tracefs on /sys/kernel/tracing"
+        else
+            say "could not mount tracefs on /sys/kernel/tracing"
+        fi
+    fi
+fi
+
+# Python 3.11+: the pyenv one if there is one, not Debian's.
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+    for candidate in python3.11 python3.12 python3.13 python3; do
+        if command -v "$candidate" >/dev/null &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            PYTHON=$candidate
+            break
+        fi
+    done
+fi
+[ -n "$PYTHON" ] || { say "Python 3.11 or newer is needed"; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.aether-installed"
+if [ ! -e "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing aether (editable) with its test extra into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' >&2
+    touch "$stamp"
+fi
+
+# Debian's bcc is pure Python over libbcc.so: expose that one package, not all of dist-packages.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+    ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+    say "exposed Debian's bcc to $VENV"
+fi
+
+# One line on how ports will be watched.
+"$VENV/bin/python" - <<'PY' >&2
+from aether.ports.ebpf import ProbeUnavailable, check_environment
+try:
+    check_environment()
+    print("setup: eBPF ready: ports are watched by the probe on sock:inet_sock_set_state")
+except ProbeUnavailable as exc:
+    print(f"setup: eBPF unavailable ({exc}): the sock_diag backend will be used")
+PY
