@@ -1,0 +1,252 @@
+"""Fixtures: real listeners, a real `aether ports watch`, both backends.
+
+eBPF tests skip only where the probe truly cannot load, and fail instead when
+AETHER_REQUIRE_EBPF=1 (as .ci/run sets).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AETHER = [sys.executable, "-m", "aether"]
+REQUIRE_EBPF = os.environ.get("AETHER_REQUIRE_EBPF") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def ebpf_unavailable() -> str | None:
+    """Why the probe cannot load here, or None. Loads it once for real to be sure."""
+    from aether.ports.ebpf import Probe, ProbeUnavailable
+
+    try:
+        Probe().stop()
+    except ProbeUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def need_ebpf() -> None:
+    reason = ebpf_unavailable()
+    if reason:
+        if REQUIRE_EBPF:
+            pytest.fail(f"AETHER_REQUIRE_EBPF=1 but the probe cannot load: {reason}")
+        pytest.skip(f"eBPF unavailable: {reason}")
+
+
+@pytest.fixture(params=["ebpf", "sockdiag"])
+def backend(request) -> str:
+    if request.param == "ebpf":
+        need_ebpf()
+    return request.param
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kernel_listening_ports() -> set[int]:
+    from aether.ports import sockdiag
+
+    with sockdiag.DiagSocket() as diag:
+        return {port for _family, port, _addr, _inode in diag.raw()}
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+class Watcher:
+    """`aether ports watch` in a subprocess; its JSON lines collected by a thread."""
+
+    def __init__(self, backend: str, *args: str, env: dict | None = None):
+        cmd = [*AETHER, "--log-level", "debug", "ports", "watch", "--backend", backend]
+        if backend == "sockdiag":
+            cmd += ["--interval", "0.05"]
+        self.proc = subprocess.Popen(
+            [*cmd, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
+        self.lines: "queue.Queue[dict]" = queue.Queue()
+        self.seen: list[dict] = []
+        self.log: list[dict] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        if not self._ready.wait(20):
+            self.stop()
+            raise AssertionError(f"watch did not start: {self.log}")
+
+    def _read_stdout(self):
+        for raw in self.proc.stdout:
+            self.lines.put(json.loads(raw))
+
+    def _read_stderr(self):
+        for raw in self.proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"msg": raw.decode(errors="replace")}
+            self.log.append(line)
+            if line.get("msg") == "port monitor started":
+                self._ready.set()
+
+    def next(self, timeout: float = 5.0) -> dict:
+        msg = self.lines.get(timeout=timeout)
+        self.seen.append(msg)
+        return msg
+
+    def expect(self, type_: str, port: int, timeout: float = 5.0) -> dict:
+        """The next message about ``port``; it must be of ``type_``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                msg = self.next(max(0.0, remaining))
+            except queue.Empty:
+                raise AssertionError(f"no {type_} for port {port} within {timeout}s; saw {self.seen}")
+            if msg["port"] == port:
+                assert msg["type"] == type_, f"expected {type_} for {port}, got {msg}"
+                return msg
+
+    def quiet(self, port: int, seconds: float) -> None:
+        """Assert no message about ``port`` arrives within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.next(remaining)
+            except queue.Empty:
+                return
+            assert msg["port"] != port, f"unexpected {msg}"
+
+    def drain(self, settle: float = 0.3) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self.next(settle))
+            except queue.Empty:
+                return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def watch(backend):
+    watchers = []
+
+    def start(*args, env=None) -> Watcher:
+        w = Watcher(backend, *args, env=env)
+        watchers.append(w)
+        return w
+
+    yield start
+    for w in watchers:
+        w.stop()
+
+
+class Listeners:
+    """Real listening processes, stopped at teardown."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, cmd: list[str], ready_port: int | None = None, **kw) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, **kw)
+        self.procs.append(proc)
+        if ready_port is not None:
+            wait_for(lambda: ready_port in kernel_listening_ports() or proc.poll() is not None, 10)
+            assert proc.poll() is None, f"{cmd} exited with {proc.returncode}"
+        return proc
+
+    def python(self, code: str, ready_port: int | None = None, **kw) -> subprocess.Popen:
+        """A python3 process running ``code``; waits for ``ready_port`` to listen."""
+        return self.spawn([sys.executable, "-c", code], ready_port, **kw)
+
+    def http_server(self, port: int, bind: str = "127.0.0.1") -> subprocess.Popen:
+        return self.spawn(
+            [sys.executable, "-m", "http.server", str(port), "--bind", bind],
+            port,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def node(self, port: int) -> subprocess.Popen:
+        node = shutil.which("node") or pytest.fail("node is not installed (deploy/setup.sh installs it)")
+        code = f"require('http').createServer((q, s) => s.end('ok')).listen({port}, '127.0.0.1')"
+        return self.spawn([node, "-e", code], port)
+
+    def nginx(self, port: int) -> subprocess.Popen:
+        nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
+        if not nginx:
+            pytest.fail("nginx is not installed (deploy/setup.sh installs it)")
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(
+            f"""
+daemon off; master_process on; worker_processes 2; user root;
+pid {self.tmp}/nginx.pid; error_log stderr error;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.tmp}/body; proxy_temp_path {self.tmp}/proxy;
+  fastcgi_temp_path {self.tmp}/fcgi; uwsgi_temp_path {self.tmp}/uwsgi; scgi_temp_path {self.tmp}/scgi;
+  server {{ listen 127.0.0.1:{port}; listen [::1]:{port}; return 200 "ok"; }}
+}}
+"""
+        )
+        return self.spawn([nginx, "-c", str(conf), "-p", str(self.tmp)], port)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def listeners(tmp_path):
+    pool = Listeners(tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+def proc_comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def aether(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*AETHER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw
+    )

@@ -1,0 +1,273 @@
+"""`aether ports watch` against real listeners, on both backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import aether, free_port, proc_comm, wait_for
+
+# A listener that signals readiness by listening, then waits for a line on stdin or a signal.
+HOLD = """
+import socket, sys, time
+fam = socket.AF_INET6 if {v6} else socket.AF_INET
+s = socket.socket(fam)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+{opts}
+s.bind(({addr!r}, {port}))
+s.listen()
+sys.stdin.readline()
+"""
+
+
+def hold(listeners, port, addr="127.0.0.1", v6=False, opts=""):
+    code = HOLD.format(port=port, addr=addr, v6=v6, opts=opts)
+    return listeners.python(code, port, stdin=subprocess.PIPE)
+
+
+def test_ports_already_open_come_first(listeners, watch):
+    port = free_port()
+    server = listeners.http_server(port)
+    w = watch()
+    msg = w.expect("open", port)
+    assert msg == {
+        "channel": "ports",
+        "type": "open",
+        "port": port,
+        "pid": server.pid,
+        "process": proc_comm(server.pid),
+        "addresses": ["127.0.0.1"],
+    }
+
+
+def test_http_server_open_then_close(listeners, watch):
+    w = watch()
+    port = free_port()
+    server = listeners.http_server(port)
+    msg = w.expect("open", port)
+    assert msg["pid"] == server.pid and msg["process"] == proc_comm(server.pid)
+    server.terminate()
+    assert w.expect("close", port) == {"channel": "ports", "type": "close", "port": port}
+
+
+def test_node_server(listeners, watch):
+    w = watch()
+    port = free_port()
+    node = listeners.node(port)
+    msg = w.expect("open", port)
+    assert (msg["pid"], msg["process"]) == (node.pid, "node")
+    node.kill()
+    w.expect("close", port)
+
+
+def test_nginx_ipv4_and_ipv6_are_one_port(listeners, watch):
+    w = watch()
+    port = free_port()
+    nginx = listeners.nginx(port)
+    msg = w.expect("open", port)
+    assert (msg["pid"], msg["process"]) == (nginx.pid, "nginx")
+    w.quiet(port, 0.3)  # the second (IPv6) socket and the workers add nothing
+    nginx.send_signal(signal.SIGQUIT)
+    w.expect("close", port)
+    w.quiet(port, 0.3)
+
+
+def test_listener_made_in_a_named_thread_reports_the_process(listeners, watch):
+    w = watch()
+    port = free_port()
+    code = f"""
+import socket, sys, threading
+def make():
+    global s
+    s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+t = threading.Thread(target=make, name="lsnr-worker"); t.start(); t.join()
+sys.stdin.readline()
+"""
+    proc = listeners.python(code, port, stdin=subprocess.PIPE)
+    msg = w.expect("open", port)
+    assert msg["pid"] == proc.pid
+    assert msg["process"] == proc_comm(proc.pid) != "lsnr-worker"
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit_without_close"])
+def test_listener_dying_closes_the_port(listeners, watch, how):
+    w = watch()
+    port = free_port()
+    if how == "sigkill":
+        proc = hold(listeners, port)
+        w.expect("open", port)
+        proc.kill()
+    else:
+        code = f"""
+import os, socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+sys.stdin.readline(); os._exit(0)
+"""
+        proc = listeners.python(code, port, stdin=subprocess.PIPE)
+        w.expect("open", port)
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+    w.expect("close", port)
+
+
+def test_socket_inherited_by_a_child_closes_when_the_child_closes_it(listeners, watch):
+    w = watch()
+    port = free_port()
+    code = f"""
+import os, socket, subprocess, sys
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+child = subprocess.Popen([sys.executable, "-c",
+    "import os, sys; sys.stdin.readline(); os.close({{fd}}); print('closed', flush=True); sys.stdin.readline()".format(fd=s.fileno())],
+    pass_fds=[s.fileno()], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+s.close()
+print(child.pid, flush=True)
+sys.stdin.readline()
+child.stdin.write(b"\\n"); child.stdin.flush()
+print(child.stdout.readline().decode().strip(), flush=True)
+sys.stdin.readline()
+child.stdin.write(b"\\n"); child.stdin.flush(); child.wait()
+"""
+    parent = listeners.python(code, port, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child_pid = int(parent.stdout.readline())
+    w.expect("open", port)
+    w.quiet(port, 0.3)  # the parent closed its copy: the child still holds the socket
+    listed = json.loads(aether("ports", "list", "--json").stdout)
+    assert [row["pids"] for row in listed if row["port"] == port] == [[child_pid]]
+    parent.stdin.write(b"\n")
+    parent.stdin.flush()
+    assert parent.stdout.readline().strip() == b"closed"
+    w.expect("close", port)
+
+
+def test_shared_socket_stays_open_while_a_holder_lives(listeners, watch, backend):
+    port = free_port()
+    code = f"""
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+pid = os.fork()
+if pid == 0:
+    sys.stdin.readline(); os._exit(0)
+print(pid, flush=True)
+time.sleep(60)
+"""
+    owner = listeners.python(code, port, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child_pid = int(owner.stdout.readline())
+    w = watch()
+    assert w.expect("open", port)["pid"] == owner.pid
+    owner.kill()
+    owner.wait()
+    w.quiet(port, 0.4)
+    listed = json.loads(aether("ports", "list", "--json").stdout)
+    row = next(row for row in listed if row["port"] == port)
+    assert row["pid"] == child_pid, "the listing names a living holder, not the dead owner"
+    owner.stdin.write(b"\n")  # the child shares the parent's stdin
+    owner.stdin.flush()
+    w.expect("close", port)
+
+
+def test_reuseport_group_is_one_port(listeners, watch):
+    w = watch()
+    port = free_port()
+    opts = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)"
+    first = hold(listeners, port, opts=opts)
+    w.expect("open", port)
+    second = hold(listeners, port, opts=opts)
+    w.quiet(port, 0.3)
+    first.kill()
+    w.quiet(port, 0.3)
+    second.kill()
+    w.expect("close", port)
+
+
+def test_ipv6_only_listener(listeners, watch):
+    w = watch()
+    port = free_port(socket.AF_INET6)
+    proc = hold(listeners, port, addr="::1", v6=True)
+    msg = w.expect("open", port)
+    assert msg["addresses"] == ["::1"] and msg["pid"] == proc.pid
+    proc.kill()
+    w.expect("close", port)
+
+
+def test_listen_without_bind_reports_the_assigned_port(listeners, watch):
+    w = watch()
+    code = """
+import socket, sys
+s = socket.socket(); s.listen()
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+"""
+    proc = listeners.python(code, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    port = int(proc.stdout.readline())
+    assert w.expect("open", port)["pid"] == proc.pid
+    proc.kill()
+    w.expect("close", port)
+
+
+def test_ignored_ports_never_produce_events(listeners, watch):
+    ignored, control = free_port(), free_port()
+    w = watch("--ignore", f"22,{ignored}")
+    a = hold(listeners, ignored)
+    b = hold(listeners, control)
+    w.expect("open", control)
+    a.kill()
+    b.kill()
+    w.expect("close", control)
+    assert all(msg["port"] != ignored for msg in w.seen)
+
+
+def test_default_ignored_ports(listeners, watch):
+    port = 2222
+    if port in __import__("conftest").kernel_listening_ports():
+        pytest.skip("port 2222 is in use on this machine")
+    w = watch()
+    control = free_port()
+    a = hold(listeners, port)
+    b = hold(listeners, control)
+    w.expect("open", control)
+    a.kill()
+    b.kill()
+    w.expect("close", control)
+    assert all(msg["port"] != port for msg in w.seen)
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace needs root")
+    name = f"aether-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_listener_in_another_network_namespace_is_not_a_port(listeners, watch, netns):
+    w = watch()
+    port, control = free_port(), free_port()
+    code = HOLD.format(port=port, addr="127.0.0.1", v6=False, opts="") + "\n"
+    inside = listeners.spawn(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code], stdin=subprocess.PIPE
+    )
+    time.sleep(0.3)  # it listens inside the namespace, where our sock_diag cannot see it
+    outside = hold(listeners, control)
+    w.expect("open", control)
+    inside.kill()
+    outside.kill()
+    w.expect("close", control)
+    assert all(msg["port"] != port for msg in w.seen)
+
+
+def test_sigterm_stops_watch_cleanly(watch):
+    w = watch()
+    started = time.monotonic()
+    assert w.stop() == 0
+    assert time.monotonic() - started < 2
