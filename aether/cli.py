@@ -126,6 +126,7 @@ def _ports_watch(args, ignored) -> int:
             ignored=ignored,
             interval=config.sockdiag_interval(args.interval),
             ebpf_buffer=config.ebpf_buffer(),
+            ebpf_pages=config.ebpf_pages(),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

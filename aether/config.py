@@ -44,5 +44,11 @@ def ebpf_buffer() -> str:
     return os.environ.get("AETHER_EBPF_BUFFER", "auto")
 
 
+def ebpf_pages() -> int | None:
+    """Buffer size in pages (ring: total; perf: per CPU); None for the default (64)."""
+    text = os.environ.get("AETHER_EBPF_PAGES")
+    return int(text) if text else None
+
+
 def format_ports(ports: Iterable[int]) -> str:
     return ",".join(str(port) for port in sorted(ports))

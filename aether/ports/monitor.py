@@ -46,6 +46,7 @@ class PortMonitor:
         interval: float = 0.25,
         cpu_budget: float = 0.03,
         ebpf_buffer: str = "auto",
+        ebpf_pages: Optional[int] = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -55,6 +56,7 @@ class PortMonitor:
         self.interval = interval
         self.cpu_budget = cpu_budget
         self.ebpf_buffer = ebpf_buffer
+        self.ebpf_pages = ebpf_pages
         self.table = PortTable(ignored)
         self.stats = {"records": 0, "resyncs": 0, "lost": 0, "snapshot_ms": 0.0}
         self._subscribers: list[Subscriber] = []
@@ -77,7 +79,9 @@ class PortMonitor:
         if self.requested_backend in ("auto", "ebpf"):
             try:
                 # bcc compiles for ~0.5 s: keep the loop free meanwhile.
-                self._probe = await self._loop.run_in_executor(None, Probe, self.ebpf_buffer)
+                self._probe = await self._loop.run_in_executor(
+                    None, Probe, self.ebpf_buffer, self.ebpf_pages
+                )
             except ProbeUnavailable as exc:
                 if self.requested_backend == "ebpf":
                     raise

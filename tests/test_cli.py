@@ -1,0 +1,160 @@
+"""`aether ports list` and `aether ports kill` as whole processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import AETHER, ROOT, aether, free_port, kernel_listening_ports, proc_comm
+
+IGNORES_TERM = """
+import signal, socket, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+sys.stdin.readline()
+"""
+
+
+def test_list_json_and_table(listeners):
+    port = free_port()
+    server = listeners.http_server(port)
+    result = aether("ports", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["port"]: row for row in json.loads(result.stdout)}
+    assert rows[port] == {
+        "port": port,
+        "pid": server.pid,
+        "process": proc_comm(server.pid),
+        "addresses": ["127.0.0.1"],
+        "pids": [server.pid],
+    }
+    table = aether("ports", "list").stdout.splitlines()
+    assert table[0].split() == ["PORT", "PID", "PROCESS", "ADDRESSES"]
+    assert [str(port), str(server.pid), proc_comm(server.pid), "127.0.0.1"] in [line.split() for line in table]
+
+
+def test_list_leaves_out_ignored_ports(listeners):
+    port = free_port()
+    listeners.http_server(port)
+    rows = json.loads(aether("ports", "list", "--json", "--ignore", str(port)).stdout)
+    assert port not in {row["port"] for row in rows}
+
+
+def test_bad_ignore_list_is_a_usage_error():
+    result = aether("ports", "list", "--ignore", "22,http")
+    assert result.returncode == 2
+    assert "not a port number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kill_http_server(listeners):
+    port = free_port()
+    server = listeners.http_server(port)
+    result = aether("ports", "kill", str(port), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "port": port,
+        "pids": [server.pid],
+        "signal": "SIGTERM",
+        "escalated": False,
+        "closed": True,
+    }
+    assert port not in kernel_listening_ports()
+    assert server.wait(2) is not None
+
+
+def test_kill_node_server(listeners):
+    port = free_port()
+    node = listeners.node(port)
+    result = aether("ports", "kill", str(port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"port {port}: SIGTERM to {node.pid}; closed"
+
+
+def test_kill_escalates_to_sigkill_after_grace(listeners):
+    port = free_port()
+    proc = listeners.python(IGNORES_TERM.format(port=port), port, stdin=subprocess.PIPE)
+    result = aether("ports", "kill", str(port), "--grace", "0.3", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["escalated"] is True and out["closed"] is True
+    assert proc.wait(2) == -9
+
+
+def test_kill_signals_every_forked_holder(listeners):
+    port = free_port()
+    code = f"""
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+if os.fork() == 0:
+    time.sleep(60); os._exit(0)
+time.sleep(60)
+"""
+    listeners.python(code, port)
+    result = aether("ports", "kill", str(port), "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["pids"]) == 2
+    assert port not in kernel_listening_ports()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not_open", "is not open"),
+        ("ignored", "is ignored"),
+        ("own", "the caller's own process"),
+        ("bad_signal", "unknown signal"),
+    ],
+)
+def test_kill_refusals(listeners, case, message):
+    port = free_port()
+    if case == "not_open":
+        result = aether("ports", "kill", str(port))
+    elif case == "ignored":
+        listeners.http_server(port)
+        result = aether("ports", "kill", str(port), "--ignore", str(port))
+    elif case == "bad_signal":
+        listeners.http_server(port)
+        result = aether("ports", "kill", str(port), "--signal", "NOPE")
+    else:
+        # The caller listens on the port itself and asks aether to kill it.
+        code = f"""
+import socket, subprocess, sys
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+r = subprocess.run({AETHER!r} + ["ports", "kill", "{port}", "--json"], capture_output=True, text=True, cwd={str(ROOT)!r})
+print(r.returncode); print(r.stdout, end=""); print(r.stderr, end="", file=sys.stderr)
+"""
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        code_line, json_line = result.stdout.splitlines()[:2]
+        assert code_line == "1"
+        assert json.loads(json_line)["error"] == "forbidden"
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if case != "own":
+        assert result.returncode == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_kill_refuses_pid_1():
+    """In a fresh PID namespace the listener is pid 1; aether run there must refuse it."""
+    port = free_port()
+    code = f"""
+import socket, subprocess, sys
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+r = subprocess.run({AETHER!r} + ["ports", "kill", "{port}", "--json"], capture_output=True, text=True, cwd={str(ROOT)!r})
+print(r.returncode); print(r.stdout, end="")
+"""
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1", result
+    out = json.loads(lines[1])
+    assert out["error"] == "forbidden" and "pid 1" in out["message"]
