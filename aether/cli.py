@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 
 import ujson
@@ -59,11 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log.setup(args.log_level)
     try:
+        log.setup(args.log_level)
         ignored = config.ignored_ports(getattr(args, "ignore", None))
+        config.validate()
     except ValueError as exc:
-        print(f"aether: --ignore: {exc}", file=sys.stderr)
+        print(f"aether: {exc}", file=sys.stderr)
         return 2
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
@@ -77,25 +79,21 @@ def _ports_list(args, ignored) -> int:
     from aether.ports import procs, sockdiag
 
     with sockdiag.DiagSocket() as diag:
-        raw = diag.raw()
-    holders = procs.socket_holders({entry[3] for entry in raw})
-    rows: dict[int, dict] = {}
-    for _family, port, address, inode in raw:
-        if port in ignored:
-            continue
-        row = rows.setdefault(port, {"port": port, "addresses": set(), "pids": set()})
-        row["addresses"].add(address)
-        row["pids"].update(holders.get(inode, ()))
+        raw = [row for row in diag.raw() if row[1] not in ignored]
+    holders = procs.port_holders(raw)
+    addresses: dict[int, set[str]] = {}
+    for _family, port, address, _inode in raw:
+        addresses.setdefault(port, set()).add(address)
     result = []
-    for port in sorted(rows):
-        pids = sorted(rows[port]["pids"])
-        pid = pids[0] if pids else None
+    for port in sorted(addresses):
+        pids = holders.get(port, [])
+        pid = procs.owner(pids)
         result.append(
             {
                 "port": port,
                 "pid": pid,
                 "process": procs.process_name(pid),
-                "addresses": sorted(rows[port]["addresses"]),
+                "addresses": sorted(addresses[port]),
                 "pids": pids,
             }
         )
@@ -116,11 +114,17 @@ def _ports_watch(args, ignored) -> int:
 
     out = sys.stdout.buffer
 
-    def emit(event) -> None:
-        out.write(ujson.dumps(event.to_message()).encode() + b"\n")
-        out.flush()
-
     async def run() -> int:
+        stop = asyncio.Event()
+
+        def emit(event) -> None:
+            try:
+                out.write(ujson.dumps(event.to_message()).encode() + b"\n")
+                out.flush()
+            except BrokenPipeError:
+                stop.set()  # the reader went away: nothing left to do
+
+
         monitor = PortMonitor(
             backend=config.backend(args.backend),
             ignored=ignored,
@@ -128,7 +132,6 @@ def _ports_watch(args, ignored) -> int:
             ebpf_buffer=config.ebpf_buffer(),
             ebpf_pages=config.ebpf_pages(),
         )
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
@@ -137,21 +140,26 @@ def _ports_watch(args, ignored) -> int:
         except ProbeUnavailable as exc:
             print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
             return 1
+        if stat.S_ISFIFO(os.fstat(out.fileno()).st_mode):
+            # A pipe's write end never polls readable; it polls in error once the reader has
+            # gone, so `watch | head -1` ends even when no further event would be written.
+            loop.add_reader(out.fileno(), stop.set)
         try:
             for event in monitor.open_events():
                 emit(event)
             monitor.subscribe(emit)
             await stop.wait()
-        except BrokenPipeError:
-            pass
         finally:
             monitor.stop()
         return 0
 
+    code = asyncio.run(run())
     try:
-        return asyncio.run(run())
+        sys.stdout.flush()
     except BrokenPipeError:
-        return 0
+        # Python would complain again at exit about the closed pipe; point stdout elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
 
 
 def _ports_kill(args, ignored) -> int:

@@ -26,7 +26,11 @@ def parse_ports(text: str) -> tuple[int, ...]:
 
 def ignored_ports(override: str | None = None) -> tuple[int, ...]:
     text = override if override is not None else os.environ.get("AETHER_IGNORED_PORTS")
-    return DEFAULT_IGNORED_PORTS if text is None else parse_ports(text)
+    try:
+        return DEFAULT_IGNORED_PORTS if text is None else parse_ports(text)
+    except ValueError as exc:
+        source = "--ignore" if override is not None else "AETHER_IGNORED_PORTS"
+        raise ValueError(f"{source}: {exc}") from None
 
 
 def backend(override: str | None = None) -> str:
@@ -36,19 +40,44 @@ def backend(override: str | None = None) -> str:
 def sockdiag_interval(override: float | None = None) -> float:
     if override is not None:
         return override
-    return float(os.environ.get("AETHER_SOCKDIAG_INTERVAL", DEFAULT_SOCKDIAG_INTERVAL))
+    return _positive_float("AETHER_SOCKDIAG_INTERVAL", DEFAULT_SOCKDIAG_INTERVAL)
 
 
 def ebpf_buffer() -> str:
     """``auto`` (ring buffer on 5.8+), ``ring`` or ``perf``: tests force each."""
-    return os.environ.get("AETHER_EBPF_BUFFER", "auto")
+    value = os.environ.get("AETHER_EBPF_BUFFER", "auto")
+    if value not in ("auto", "ring", "perf"):
+        raise ValueError(f"AETHER_EBPF_BUFFER must be auto, ring or perf, not {value!r}")
+    return value
 
 
 def ebpf_pages() -> int | None:
-    """Buffer size in pages (ring: total; perf: per CPU); None for the default (64)."""
+    """Buffer size in pages (ring: total; perf: per CPU), a power of two; None: 64."""
     text = os.environ.get("AETHER_EBPF_PAGES")
-    return int(text) if text else None
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
+        raise ValueError(f"AETHER_EBPF_PAGES must be a power of two, not {text!r}")
+    return int(text)
 
 
-def format_ports(ports: Iterable[int]) -> str:
-    return ",".join(str(port) for port in sorted(ports))
+def validate() -> None:
+    """Raise ValueError, naming the variable, for any malformed AETHER_* setting."""
+    if backend() not in ("auto", "ebpf", "sockdiag"):
+        raise ValueError(f"AETHER_BACKEND must be auto, ebpf or sockdiag, not {backend()!r}")
+    sockdiag_interval()
+    ebpf_buffer()
+    ebpf_pages()
+
+
+def _positive_float(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {text!r}")
+    return value

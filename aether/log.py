@@ -34,7 +34,12 @@ class JsonFormatter(logging.Formatter):
         return ujson.dumps(line, ensure_ascii=False, default=str)
 
 
+LEVELS = ("debug", "info", "warning", "error")
+
+
 def setup(level: str = "info") -> None:
+    if level.lower() not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

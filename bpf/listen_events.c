@@ -8,6 +8,7 @@
  */
 
 #define AETHER_TCP_LISTEN 10
+#define AETHER_TCP_CLOSE 7
 #define AETHER_IPPROTO_TCP 6
 
 struct listen_event {
@@ -23,7 +24,8 @@ struct listen_event {
     char comm[16];  /* the current thread's name: diagnostics only, not the process name */
 };
 
-/* Reservation or output failures: user space resynchronises when this moves. */
+/* Records not delivered (ring full, perf output failed): user space resynchronises when
+ * this moves. */
 BPF_ARRAY(lost, u64, 1);
 
 #ifdef AETHER_PERF_BUFFER
@@ -44,7 +46,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != AETHER_IPPROTO_TCP)
         return 0;
-    if (args->newstate != AETHER_TCP_LISTEN && args->oldstate != AETHER_TCP_LISTEN)
+    /* In: anything -> LISTEN. Out: LISTEN -> CLOSE only. Every accepted connection's child
+     * socket is cloned from the listener and goes LISTEN -> SYN_RECV: that is not a close. */
+    if (args->newstate != AETHER_TCP_LISTEN &&
+        !(args->oldstate == AETHER_TCP_LISTEN && args->newstate == AETHER_TCP_CLOSE))
         return 0;
 
 #ifdef AETHER_PERF_BUFFER
@@ -72,6 +77,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
     bpf_get_current_comm(e->comm, sizeof(e->comm));
 #ifdef AETHER_PERF_BUFFER
+    /* Counted here, at once: the kernel's own lost-samples record reaches user space only
+     * when that CPU's buffer next has room, which may be never after a burst. */
     if (events.perf_submit(args, e, sizeof(*e)) < 0)
         count_lost();
 #else

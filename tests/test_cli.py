@@ -158,3 +158,36 @@ print(r.returncode); print(r.stdout, end="")
     assert lines[0] == "1", result
     out = json.loads(lines[1])
     assert out["error"] == "forbidden" and "pid 1" in out["message"]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--log-level", "loud", "ports", "list"], {}, "log level must be one of"),
+        (["ports", "watch"], {"AETHER_EBPF_PAGES": "3"}, "AETHER_EBPF_PAGES must be a power of two"),
+        (["ports", "watch"], {"AETHER_EBPF_BUFFER": "ringg"}, "AETHER_EBPF_BUFFER must be"),
+        (["ports", "watch"], {"AETHER_BACKEND": "magic"}, "AETHER_BACKEND must be"),
+        (["ports", "watch"], {"AETHER_SOCKDIAG_INTERVAL": "-1"}, "AETHER_SOCKDIAG_INTERVAL must be"),
+        (["ports", "list"], {"AETHER_IGNORED_PORTS": "22,0"}, "AETHER_IGNORED_PORTS: not a port number"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(args, env, message):
+    result = aether(*args, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"aether: {result.stderr.strip()[8:]}"
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kill_protects_the_callers_ancestors(listeners):
+    """A listener that runs `sh -c 'aether ports kill PORT'` is the caller's grandparent."""
+    port = free_port()
+    code = f"""
+import socket, subprocess, sys
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+cmd = " ".join({AETHER!r}) + " ports kill {port}"
+r = subprocess.run(["sh", "-c", cmd + "; echo exit=$?"], capture_output=True, text=True, cwd={str(ROOT)!r})
+print(r.stdout, end=""); print(r.stderr, end="")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert "exit=1" in result.stdout
+    assert "the caller's own process" in result.stdout

@@ -253,11 +253,15 @@ def netns():
 def test_listener_in_another_network_namespace_is_not_a_port(listeners, watch, netns):
     w = watch()
     port, control = free_port(), free_port()
-    code = HOLD.format(port=port, addr="127.0.0.1", v6=False, opts="") + "\n"
-    inside = listeners.spawn(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", code], stdin=subprocess.PIPE
+    code = HOLD.format(port=port, addr="127.0.0.1", v6=False, opts="").replace(
+        "s.listen()\n", "s.listen()\nprint('listening', flush=True)\n"
     )
-    time.sleep(0.3)  # it listens inside the namespace, where our sock_diag cannot see it
+    inside = listeners.spawn(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert inside.stdout.readline() == b"listening\n"
     outside = hold(listeners, control)
     w.expect("open", control)
     inside.kill()
@@ -271,3 +275,40 @@ def test_sigterm_stops_watch_cleanly(watch):
     started = time.monotonic()
     assert w.stop() == 0
     assert time.monotonic() - started < 2
+
+
+def test_accepted_connections_are_not_closes(listeners, watch, backend):
+    """Each accepted connection's socket is cloned from the listener (LISTEN -> SYN_RECV)."""
+    before, after = free_port(), free_port()
+    listeners.http_server(before)  # known from the start-up snapshot
+    w = watch()
+    w.expect("open", before)
+    listeners.http_server(after)  # known from the probe
+    w.expect("open", after)
+    for port in (before, after):
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                conn.recv(1)
+    w.quiet(before, 0.3)
+    w.quiet(after, 0.1)
+    if backend == "ebpf":
+        resyncs = [line for line in w.log if line.get("msg") == "resync" and line.get("reason") != "start-up"]
+        assert resyncs == [], "connections must not trigger resynchronisation"
+
+
+def test_watch_exits_when_its_reader_goes_away(listeners, backend):
+    """`aether ports watch | head -1`: the pipe closes, watch ends quietly."""
+    port = free_port()
+    listeners.http_server(port)
+    result = subprocess.run(
+        f"{sys.executable} -m aether ports watch --backend {backend} | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=__import__("conftest").ROOT,
+    )
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["type"] == "open"
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 TCP_LISTEN = 10
+TCP_CLOSE = 7
 
 #: 256 KiB: a 32 KiB ring lost 0.7-3% of a 10,000-cycle listen/close burst here, 256 KiB none.
 DEFAULT_RING_PAGES = 64
@@ -55,6 +56,10 @@ class ListenRecord(NamedTuple):
     @property
     def is_listen(self) -> bool:
         return self.newstate == TCP_LISTEN
+
+    @property
+    def is_close(self) -> bool:
+        return self.oldstate == TCP_LISTEN and self.newstate == TCP_CLOSE
 
 
 def decode(raw: bytes) -> ListenRecord:
@@ -126,8 +131,10 @@ class Probe:
     """The loaded probe. ``start`` attaches its buffers to a loop; ``stop`` detaches and unloads.
 
     ``on_batch`` receives a list of ``ListenRecord`` each time the buffers have been drained;
-    ``lost`` is the number of records the kernel could not deliver (ring full, perf output
-    failed, or perf buffers overwritten), which only grows.
+    ``lost`` is the number of records the probe could not deliver (ring full, perf output
+    failed), which only grows. Ring records arrive in the order they happened; perf records
+    are ordered within a batch, and a consumer must expect a socket's close to come one batch
+    before its listen.
     """
 
     def __init__(self, buffer: str = "auto", pages: Optional[int] = None):
@@ -140,7 +147,7 @@ class Probe:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fds: list[int] = []
         self._pending: list[bytes] = []
-        self._perf_lost = 0
+        self.perf_lost_reported = 0
         self._on_batch: Optional[Callable[[list[ListenRecord]], None]] = None
         self._load()
 
@@ -189,7 +196,8 @@ class Probe:
                 pending.append(ctypes.string_at(data, size))
 
             def lost_cb(count):
-                self._perf_lost += count
+                # Diagnostics only: the probe's own counter already has these, and sooner.
+                self.perf_lost_reported += count
 
             events.open_perf_buffer(perf_cb, page_cnt=self.pages, lost_cb=lost_cb)
             from bcc.libbcc import lib
@@ -197,32 +205,29 @@ class Probe:
             self._fds = [lib.perf_reader_fd(reader) for reader in self._bpf.perf_buffers.values()]
             consume = self._bpf.perf_buffer_consume
 
-        def readable():
-            consume()
-            if pending:
-                batch = [decode(raw) for raw in pending]
-                pending.clear()
-                self._on_batch(batch)
-
+        self._consume = consume
         for fd in self._fds:
-            loop.add_reader(fd, readable)
+            loop.add_reader(fd, self.drain)
 
     def drain(self) -> None:
-        """Deliver whatever the buffers hold now (used after a snapshot, and by tests)."""
+        """Deliver what the buffers hold now. Called with an empty batch too: a wake-up that
+        brought only loss notifications must still reach the consumer, which checks ``lost``."""
         if self._bpf is None:
             return
-        if self.buffer == "ring":
-            self._bpf.ring_buffer_consume()
-        else:
-            self._bpf.perf_buffer_consume()
-        if self._pending and self._on_batch:
-            batch = [decode(raw) for raw in self._pending]
-            self._pending.clear()
-            self._on_batch(batch)
+        self._consume()
+        batch = [decode(raw) for raw in self._pending]
+        self._pending.clear()
+        if self.buffer == "perf":
+            # Per-CPU buffers: records of different CPUs are drained in CPU order, not in
+            # the order they happened. A socket's close and the listen of the socket that
+            # reuses its address may sit on two CPUs.
+            batch.sort(key=lambda record: record.ts_ns)
+        self._on_batch(batch)
 
     @property
     def lost(self) -> int:
-        return int(self._lost_map[ctypes.c_int(0)].value) + self._perf_lost
+        """Records the probe could not deliver so far (a counter in the probe's own map)."""
+        return int(self._lost_map[ctypes.c_int(0)].value)
 
     def stop(self) -> None:
         if self._loop is not None:

@@ -43,27 +43,32 @@ def parse_signal(name: str | int) -> signal.Signals:
         raise KillRefused("invalid", f"unknown signal {name!r}") from None
 
 
-def holders(port: int) -> tuple[bool, list[int]]:
-    """(whether the port is listening, the pids of every process holding one of its sockets)."""
+def _raw() -> list[tuple[int, int, str, int]]:
     with sockdiag.DiagSocket() as diag:
-        inodes = {inode for _family, p, _addr, inode in diag.raw() if p == port}
-    if not inodes:
+        return diag.raw()
+
+
+def holders(port: int) -> tuple[bool, list[int]]:
+    """(whether the port is listening, the pids of every living process holding its sockets)."""
+    raw = _raw()
+    if not any(row[1] == port for row in raw):
         return False, []
-    found = procs.socket_holders(inodes)
-    return True, sorted({pid for pids in found.values() for pid in pids if procs.is_alive(pid)})
+    return True, procs.port_holders(raw, [port]).get(port, [])
+
+
+def is_listening(port: int) -> bool:
+    return any(row[1] == port for row in _raw())
 
 
 async def poll_closed(port: int, timeout: float) -> bool:
-    """Wait for the port to close by re-reading sock_diag every 10 ms (the CLI has no monitor)."""
+    """Wait for the port to close, re-reading sock_diag every 10 ms (for callers with no monitor)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        listening, _ = holders(port)
-        if not listening:
-            return True
+    while is_listening(port):
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(min(0.01, max(0.0, deadline - loop.time())))
+    return True
 
 
 def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> list[int]:
@@ -94,7 +99,8 @@ async def kill_port(
     wait_closed: Optional[Callable[[int, float], Awaitable[bool]]] = None,
 ) -> KillResult:
     """Signal the port's holders, SIGKILL those left after ``grace`` seconds; wait for close."""
-    protected = {os.getpid(), *protected}
+    # Never the caller itself, nor anything it runs under (its shell, a supervisor).
+    protected = {os.getpid(), *procs.ancestors(os.getpid()), *protected}
     wait_closed = wait_closed or poll_closed
     pids = check(port, ignored, protected)
     _signal_all(pids, sig)
@@ -113,3 +119,5 @@ def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+        except PermissionError:
+            raise KillRefused("forbidden", f"not permitted to signal pid {pid}") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from typing import Callable, Iterable, Optional
 
@@ -33,6 +32,8 @@ from aether.ports.table import PortTable
 log = logging.getLogger("aether.ports")
 
 BACKENDS = ("auto", "ebpf", "sockdiag")
+_ORPHAN_CLOSES = 4096
+_SETTLE = 0.05  # seconds of quiet after lost records before a final resync
 Subscriber = Callable[[PortEvent], None]
 
 
@@ -67,6 +68,12 @@ class PortMonitor:
         self._netns = procs.net_namespace()
         self._owners: dict[int, Optional[int]] = {}  # inode -> pid, for snapshot sockets
         self._resync_pending = False
+        self._resync_hints: set[int] = set()
+        self._resync_trust = True
+        self._lossy_until = 0.0
+        self._settle_handle: Optional[asyncio.TimerHandle] = None
+        # skaddr -> ts of closes for sockets not in the table, oldest first (bounded).
+        self._orphan_closes: dict[int, int] = {}
         self._poll_handle: Optional[asyncio.TimerHandle] = None
         self._lost_seen = 0
 
@@ -79,22 +86,26 @@ class PortMonitor:
         if self.requested_backend in ("auto", "ebpf"):
             try:
                 # bcc compiles for ~0.5 s: keep the loop free meanwhile.
-                self._probe = await self._loop.run_in_executor(
-                    None, Probe, self.ebpf_buffer, self.ebpf_pages
-                )
+                probe = await self._loop.run_in_executor(None, Probe, self.ebpf_buffer, self.ebpf_pages)
+                try:
+                    # Attach before the snapshot: a socket changing in between is then seen
+                    # by both, and the uncertainty rules reconcile the two views.
+                    probe.start(self._loop, self._on_records)
+                except Exception as exc:
+                    probe.stop()
+                    raise ProbeUnavailable(f"could not attach the probe's buffers: {exc}") from exc
+                self._probe = probe
             except ProbeUnavailable as exc:
                 if self.requested_backend == "ebpf":
+                    self.stop()
                     raise
                 self.backend_reason = f"eBPF unavailable: {exc}"
         if self._probe is not None:
             self.backend = "ebpf"
-            self.backend_reason = self.backend_reason or (
+            self.backend_reason = (
                 f"probe on sock:inet_sock_set_state, {self._probe.buffer} buffer of "
                 f"{self._probe.pages} pages"
             )
-            # Attach before the snapshot: a socket changing in between is then seen by both,
-            # and the uncertainty rules below reconcile the two views.
-            self._probe.start(self._loop, self._on_records)
             self._resync("start-up")
         else:
             self.backend = "sockdiag"
@@ -107,9 +118,10 @@ class PortMonitor:
         if self._probe is not None:
             self._probe.stop()
             self._probe = None
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
-            self._poll_handle = None
+        for handle in (self._poll_handle, self._settle_handle):
+            if handle is not None:
+                handle.cancel()
+        self._poll_handle = self._settle_handle = None
         if self._diag is not None:
             self._diag.close()
             self._diag = None
@@ -136,20 +148,16 @@ class PortMonitor:
         return events
 
     def ports(self) -> list[PortState]:
-        """The ports open now, each with a living holder's pid where one is visible."""
+        """The ports open now, each with its owner and every living holder's pid."""
+        raw = self._diag.raw() if self._diag is not None else []
+        holders = procs.port_holders(raw, self.table.ports())
         states = []
         for port in self.table.ports():
             listeners = self.table.listeners(port)
-            pid = self._living_pid(port)
-            states.append(
-                PortState(
-                    port,
-                    pid,
-                    procs.process_name(pid),
-                    tuple(sorted({listener.address for listener in listeners})),
-                    tuple(sorted({l.pid for l in listeners if procs.is_alive(l.pid)} | ({pid} if pid else set()))),
-                )
-            )
+            pids = holders.get(port, [])
+            pid = next((l.pid for l in listeners if l.pid in pids), None) or procs.owner(pids)
+            addresses = tuple(sorted({listener.address for listener in listeners}))
+            states.append(PortState(port, pid, procs.process_name(pid), addresses, tuple(pids)))
         return states
 
     async def wait_closed(self, port: int, timeout: float) -> bool:
@@ -190,47 +198,92 @@ class PortMonitor:
                 log.exception("port event subscriber failed", extra={"port": event.port})
 
     def _on_records(self, records) -> None:
-        table = self.table
         self.stats["records"] += len(records)
-        for record in records:
-            port = record.port
-            if record.is_listen:
-                if port == 0:
-                    # listen() without bind(): the port is assigned after the tracepoint fires.
-                    self._schedule_resync("auto-bound listener")
-                    continue
-                netns = procs.net_namespace(record.tgid, record.tid)
-                if netns is None:
-                    self._schedule_resync("listener exited before its namespace was read")
-                    continue
-                if netns != self._netns:
-                    continue
-                if table.is_uncertain(port):
-                    self._schedule_resync("event on a port known from a snapshot")
-                event = table.add(
-                    Listener((SKADDR, record.skaddr), port, record.family, record.address, record.tgid)
-                )
-            else:
-                if table.is_uncertain(port):
-                    self._schedule_resync("event on a port known from a snapshot")
-                _known, event = table.remove((SKADDR, record.skaddr))
-            if event is not None:
-                self._publish(event)
+        try:
+            for record in records:
+                if record.is_listen:
+                    self._on_listen(record)
+                elif record.is_close:
+                    self._on_close(record)
+        except Exception:
+            # A record we could not apply must not leave the table wrong: start again from
+            # the kernel's truth.
+            log.exception("probe record not applied")
+            self._schedule_resync("record not applied", trust_probe=False)
         lost = self._probe.lost if self._probe else 0
+        now = self._loop.time()
         if lost != self._lost_seen:
             self.stats["lost"] = lost
             log.warning("probe records lost", extra={"lost": lost - self._lost_seen, "total": lost})
             self._lost_seen = lost
-            self._schedule_resync("probe records lost")
+            self._schedule_resync("probe records lost", trust_probe=False)
+            self._lossy_until = now + 1.0
+        if now < self._lossy_until:
+            # Around losses, records can also arrive late or never (perf buffers report a
+            # loss only when the CPU's buffer next has room): once the burst has been quiet
+            # for a moment, compare with the kernel's truth once more.
+            if self._settle_handle is not None:
+                self._settle_handle.cancel()
+            self._settle_handle = self._loop.call_later(_SETTLE, self._settle)
 
-    def _schedule_resync(self, reason: str) -> None:
+    def _on_listen(self, record) -> None:
+        port, table = record.port, self.table
+        if port == 0:
+            # listen() without bind(): the port is chosen, and the socket hashed, just after
+            # the tracepoint fires; give the listener's syscall a moment to finish.
+            self._schedule_resync("auto-bound listener", record.tgid, delay=0.002)
+            return
+        netns = procs.net_namespace(record.tgid, record.tid)
+        if netns is None:
+            self._schedule_resync("listener exited before its namespace was read", delay=0.002)
+            return
+        if netns != self._netns:
+            return
+        key = (SKADDR, record.skaddr)
+        if self._orphan_closes.get(record.skaddr, -1) > record.ts_ns:
+            return  # its close came first (perf buffers of two CPUs): it is long gone
+        if key in table:
+            # A live address names one socket: this one re-listened after its close was lost.
+            _known, event = table.remove(key)
+            if event is not None:
+                self._publish(event)
+        if table.is_uncertain(port):
+            self._schedule_resync("listen on a port known from a snapshot", record.tgid)
+        event = table.add(Listener(key, port, record.family, record.address, record.tgid))
+        if event is not None:
+            self._publish(event)
+
+    def _on_close(self, record) -> None:
+        known, event = self.table.remove((SKADDR, record.skaddr))
+        if event is not None:
+            self._publish(event)
+        if not known:
+            self._orphan_closes[record.skaddr] = record.ts_ns
+            if len(self._orphan_closes) > _ORPHAN_CLOSES:
+                del self._orphan_closes[next(iter(self._orphan_closes))]
+        if self.table.is_uncertain(record.port) or (not known and record.port in self.table):
+            # Either a socket known only by inode closed, or one of another namespace did.
+            self._schedule_resync("close on a port not fully known to the probe")
+
+    def _settle(self) -> None:
+        self._settle_handle = None
+        self._schedule_resync("settling after lost records", trust_probe=False)
+
+    def _schedule_resync(
+        self, reason: str, hint_pid: Optional[int] = None, trust_probe: bool = True, delay: float = 0.0
+    ) -> None:
+        if hint_pid:
+            self._resync_hints.add(hint_pid)
+        self._resync_trust = self._resync_trust and trust_probe
         if not self._resync_pending and self._loop is not None:
             self._resync_pending = True
-            self._loop.call_soon(self._resync, reason)
+            self._loop.call_later(delay, self._resync, reason)
 
     def _resync(self, reason: str) -> None:
         """Diff the table against a fresh snapshot and publish what differs."""
         self._resync_pending = False
+        hints, self._resync_hints = self._resync_hints, set()
+        trust, self._resync_trust = self._resync_trust, True
         if self._diag is None:
             return
         started = time.perf_counter()
@@ -238,12 +291,12 @@ class PortMonitor:
         inodes = {entry[3] for entry in raw}
         unknown = inodes - self._owners.keys()
         if unknown:
-            owners = procs.socket_owners(unknown)
+            owners = procs.socket_owners(unknown, hints)
             for inode in unknown:
                 self._owners[inode] = owners.get(inode)
         for inode in self._owners.keys() - inodes:
             del self._owners[inode]
-        events = self.table.sync(sockdiag.to_listeners(raw, self._owners))
+        events = self.table.sync(sockdiag.to_listeners(raw, self._owners), trust_probe=trust)
         self.stats["resyncs"] += 1
         self.stats["snapshot_ms"] = (time.perf_counter() - started) * 1000
         if self.backend == "ebpf" or events:
@@ -253,21 +306,22 @@ class PortMonitor:
 
     def _poll(self) -> None:
         started = time.process_time()
-        self._resync("poll")
-        spent = time.process_time() - started
-        # Stretch the interval so snapshots stay within the CPU budget.
-        delay = max(self.interval, spent / self.cpu_budget - spent)
-        self._poll_handle = self._loop.call_later(delay, self._poll)
+        try:
+            self._resync("poll")
+        except Exception:
+            log.exception("sock_diag snapshot failed")
+        finally:
+            spent = time.process_time() - started
+            # Stretch the interval so snapshots stay within the CPU budget.
+            delay = max(self.interval, spent / self.cpu_budget - spent)
+            if self._diag is not None:
+                self._poll_handle = self._loop.call_later(delay, self._poll)
 
     def _living_pid(self, port: int) -> Optional[int]:
-        """The first recorded owner still alive, else a living holder found through /proc."""
-        listeners = self.table.listeners(port)
-        for listener in listeners:
+        """The first recorded owner still alive, else the owner among the port's holders."""
+        for listener in self.table.listeners(port):
             if procs.is_alive(listener.pid):
                 return listener.pid
-        inodes = {listener.inode for listener in listeners if listener.inode}
-        if not inodes and self._diag is not None:
-            inodes = {entry[3] for entry in self._diag.raw() if entry[1] == port}
-        holders = procs.socket_holders(inodes)
-        pids = sorted(pid for pids in holders.values() for pid in pids)
-        return pids[0] if pids else None
+        if self._diag is None:
+            return None
+        return procs.owner(procs.port_holders(self._diag.raw(), [port]).get(port, []))

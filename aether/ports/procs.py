@@ -17,38 +17,52 @@ def process_name(pid: Optional[int]) -> Optional[str]:
     """
     if pid is None:
         return None
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        return None
+    comm = _read(f"/proc/{pid}/comm")
+    return None if comm is None else comm.rstrip(b"\n").decode("utf-8", "replace")
 
 
 def is_alive(pid: Optional[int]) -> bool:
     """True if the process exists and is not a zombie (a zombie holds no sockets)."""
     if pid is None:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
         return False
     # The state follows the comm, which is parenthesised and may itself contain ')'.
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
     return state not in (b"Z", b"X")
 
 
+def _read(path: str) -> Optional[bytes]:
+    """A small /proc file in one read; unbuffered, as this sits on the event path (~3 us
+    where open() costs ~20 us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def socket_holders(inodes: Iterable[int]) -> dict[int, list[int]]:
-    """Every process holding each socket inode (forked workers share one socket)."""
+def socket_holders(inodes: Iterable[int], pids: Optional[Iterable[int]] = None) -> dict[int, list[int]]:
+    """Every process holding each socket inode (forked workers share one socket).
+
+    ``pids`` limits the search to those processes; by default every process is read, which
+    costs ~8 us per open file descriptor on the machine (0.3 s with 40,000 sockets open).
+    """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
     holders: dict[int, list[int]] = {}
     if not wanted:
         return holders
-    for pid in _pids():
+    for pid in _pids() if pids is None else pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
@@ -67,9 +81,54 @@ def socket_holders(inodes: Iterable[int]) -> dict[int, list[int]]:
     return holders
 
 
-def socket_owners(inodes: Iterable[int]) -> dict[int, int]:
-    """One owning pid per socket inode: the lowest pid among its holders (the parent, usually)."""
-    return {inode: min(pids) for inode, pids in socket_holders(inodes).items()}
+def parent(pid: int) -> Optional[int]:
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def owner(pids: Iterable[int]) -> Optional[int]:
+    """Of the processes sharing a socket, the one whose parent does not share it: nginx's
+    master rather than a worker. The lowest pid where that does not decide."""
+    pids = sorted(set(pids))
+    roots = [pid for pid in pids if parent(pid) not in pids]
+    return (roots or pids or [None])[0]
+
+
+def socket_owners(inodes: Iterable[int], hints: Iterable[int] = ()) -> dict[int, int]:
+    """One owning pid per socket inode (see :func:`owner`).
+
+    The ``hints`` processes (say, the task a probe record names) are searched first; the
+    whole of /proc only for inodes they do not hold.
+    """
+    inodes = set(inodes)
+    found = socket_holders(inodes, hints) if hints else {}
+    rest = inodes - found.keys()
+    if rest:
+        found.update(socket_holders(rest))
+    return {inode: owner(pids) for inode, pids in found.items()}
+
+
+def port_holders(raw: Iterable[tuple], ports: Optional[Iterable[int]] = None) -> dict[int, list[int]]:
+    """Living processes holding each port's sockets, from a sock_diag dump's
+    ``(family, port, address, inode)`` rows; only ``ports`` when given. One /proc walk."""
+    wanted = None if ports is None else set(ports)
+    inode_port = {inode: port for _family, port, _address, inode in raw if wanted is None or port in wanted}
+    result: dict[int, set[int]] = {port: set() for port in inode_port.values()}
+    for inode, pids in socket_holders(inode_port).items():
+        result[inode_port[inode]].update(pid for pid in pids if is_alive(pid))
+    return {port: sorted(pids) for port, pids in result.items()}
+
+
+def ancestors(pid: int) -> list[int]:
+    """The chain of parents of ``pid``, nearest first, up to (not including) pid 0."""
+    chain = []
+    current = parent(pid)
+    while current and current not in chain:
+        chain.append(current)
+        current = parent(current)
+    return chain
 
 
 def net_namespace(pid: int | str = "self", tid: Optional[int] = None) -> Optional[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import Iterator, Optional
+from typing import Iterator
 
 from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_LISTEN, inet_diag_req
@@ -108,17 +108,3 @@ def to_listeners(raw: list[tuple[int, int, str, int]], pids: dict[int, int]) -> 
         Listener((INODE, inode), port, family, address, pids.get(inode), inode)
         for family, port, address, inode in raw
     ]
-
-
-def listeners(sock: Optional[DiagSocket] = None) -> list[Listener]:
-    """One snapshot of the listening TCP sockets, pids resolved through /proc."""
-    from aether.ports import procs
-
-    own = sock is None
-    sock = sock or DiagSocket()
-    try:
-        raw = sock.raw()
-    finally:
-        if own:
-            sock.close()
-    return to_listeners(raw, procs.socket_owners({entry[3] for entry in raw}))

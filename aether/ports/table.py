@@ -36,9 +36,6 @@ class PortTable:
     def listeners(self, port: int) -> list[Listener]:
         return list(self._ports.get(port, {}).values())
 
-    def socket_count(self) -> int:
-        return len(self._sockets)
-
     def is_uncertain(self, port: int) -> bool:
         """True when some of the port's sockets came from a snapshot, not from the probe.
 
@@ -70,13 +67,14 @@ class PortTable:
         del self._ports[listener.port]
         return True, PortEvent(CLOSE, listener.port)
 
-    def sync(self, snapshot: Iterable[Listener]) -> list[PortEvent]:
+    def sync(self, snapshot: Iterable[Listener], trust_probe: bool = True) -> list[PortEvent]:
         """Make the table agree with a complete snapshot; the events that brings.
 
         Ports are compared as a whole. Where the snapshot and the table name the same sockets,
-        nothing changes. Where the table holds probe-keyed sockets and the counts agree, the
-        table is kept (its keys will match the probe's later events). Otherwise the port's
-        sockets are replaced by the snapshot's, without an event while the port stays open.
+        nothing changes. Where the table holds probe-keyed sockets, the counts agree and
+        ``trust_probe`` holds (no probe record was lost), the table is kept: its keys will
+        match the probe's later events. Otherwise the port's sockets are replaced by the
+        snapshot's, without an event while the port stays open, and the port is uncertain.
         """
         wanted: dict[int, dict[Hashable, Listener]] = {}
         for listener in snapshot:
@@ -99,7 +97,7 @@ class PortTable:
                 continue
             if have.keys() == want.keys():
                 continue
-            if len(have) == len(want) and any(key[0] == SKADDR for key in have):
+            if trust_probe and len(have) == len(want) and any(key[0] == SKADDR for key in have):
                 continue
             for key in list(have):
                 del self._sockets[key]
