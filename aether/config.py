@@ -52,7 +52,7 @@ def ebpf_buffer() -> str:
 
 
 def ebpf_pages() -> int | None:
-    """Buffer size in pages (ring: total; perf: per CPU), a power of two; None: 64."""
+    """Buffer size in pages (ring: total; perf: per CPU), a power of two; None: the default."""
     text = os.environ.get("AETHER_EBPF_PAGES")
     if not text:
         return None

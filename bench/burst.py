@@ -2,7 +2,7 @@
 watched by `aether ports watch --backend ebpf`. Afterwards the ports the watcher says are open
 must equal the kernel's truth; records lost and resyncs are reported, not hidden.
 
-    .venv/bin/python bench/burst.py [--pairs 10000] [--pages 64]
+    .venv/bin/python bench/burst.py [--pairs 10000] [--pages 512]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.stdin.readline()
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=10000)
-    parser.add_argument("--pages", type=int, default=64)
+    parser.add_argument("--pages", type=int, default=512)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from aether.ports import sockdiag

@@ -30,6 +30,7 @@ def measure(proc, cycles, port, jitter=0.0):
         while not ((m := reader.read())["port"] == port and m["type"] == "open"):
             pass
         opens.append((time.perf_counter_ns() - t0) / 1e6)
+        time.sleep(rng.uniform(0, jitter))
         s.close()
         t0 = time.perf_counter_ns()
         while not ((m := reader.read())["port"] == port and m["type"] == "close"):

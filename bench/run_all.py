@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = [
     ["bench/latency.py", "--cycles", "1000", "--slow-cycles", "20"],
-    ["bench/burst.py", "--pairs", "10000"],
+    ["bench/burst.py", "--pairs", "10000", "--pages", "512"],
+    ["bench/burst.py", "--pairs", "10000", "--pages", "64"],
     ["bench/idle.py", "--seconds", "60"],
     ["bench/snapshot.py", "--listeners", "10000", "--connections", "20000"],
 ]

@@ -106,7 +106,7 @@ def main():
     before = cpu_seconds(watcher.pid)
     time.sleep(10)
     share = (cpu_seconds(watcher.pid) - before) / 10
-    print(f"[{args.listeners} listeners] sock_diag backend CPU over 10 s: {share * 100:.1f}% of a core (budget 3%)")
+    print(f"[{args.listeners} listeners] sock_diag backend CPU over 10 s: {share * 100:.1f}% of a core (budget 2%)")
     stop(watcher)
     holder.kill()
 

@@ -26,8 +26,10 @@ from typing import Callable, NamedTuple, Optional
 TCP_LISTEN = 10
 TCP_CLOSE = 7
 
-#: 256 KiB: a 32 KiB ring lost 0.7-3% of a 10,000-cycle listen/close burst here, 256 KiB none.
-DEFAULT_RING_PAGES = 64
+#: 2 MiB. One process makes ~150,000 listen/close records a second (bench/burst.py), faster than
+#: any Python consumer drains them, so the ring must hold a whole burst: for 10,000 pairs a
+#: 256 KiB ring lost 62-75% (then resynchronised), 1 MiB 20%, 2 MiB none.
+DEFAULT_RING_PAGES = 512
 #: Per CPU, for kernels without a ring buffer.
 DEFAULT_PERF_PAGES = 64
 

@@ -45,7 +45,7 @@ class PortMonitor:
         backend: str = "auto",
         ignored: Iterable[int] = (),
         interval: float = 0.25,
-        cpu_budget: float = 0.03,
+        cpu_budget: float = 0.02,
         ebpf_buffer: str = "auto",
         ebpf_pages: Optional[int] = None,
     ):
@@ -70,11 +70,14 @@ class PortMonitor:
         self._resync_pending = False
         self._resync_hints: set[int] = set()
         self._resync_trust = True
+        self._batch_netns: Optional[dict] = None
+        self._batch_names: Optional[dict] = None
         self._lossy_until = 0.0
         self._settle_handle: Optional[asyncio.TimerHandle] = None
         # skaddr -> ts of closes for sockets not in the table, oldest first (bounded).
         self._orphan_closes: dict[int, int] = {}
         self._poll_handle: Optional[asyncio.TimerHandle] = None
+        self._poll_cost: Optional[float] = None  # smoothed CPU seconds of one poll
         self._lost_seen = 0
 
     # -- life cycle ---------------------------------------------------------------------
@@ -186,7 +189,14 @@ class PortMonitor:
 
     def _publish(self, event: PortEvent) -> None:
         if event.type == OPEN:
-            event = dataclasses.replace(event, process=procs.process_name(event.pid))
+            names = self._batch_names
+            if names is None:
+                name = procs.process_name(event.pid)
+            elif event.pid in names:
+                name = names[event.pid]
+            else:
+                name = names[event.pid] = procs.process_name(event.pid)
+            event = dataclasses.replace(event, process=name)
         elif event.type == CLOSE:
             for waiter in self._closed_waiters.pop(event.port, ()):
                 if not waiter.done():
@@ -199,6 +209,8 @@ class PortMonitor:
 
     def _on_records(self, records) -> None:
         self.stats["records"] += len(records)
+        # A burst comes from few processes: read each one's namespace and name once a batch.
+        self._batch_netns, self._batch_names = {}, {}
         try:
             for record in records:
                 if record.is_listen:
@@ -210,6 +222,8 @@ class PortMonitor:
             # the kernel's truth.
             log.exception("probe record not applied")
             self._schedule_resync("record not applied", trust_probe=False)
+        finally:
+            self._batch_netns = self._batch_names = None
         lost = self._probe.lost if self._probe else 0
         now = self._loop.time()
         if lost != self._lost_seen:
@@ -233,7 +247,10 @@ class PortMonitor:
             # the tracepoint fires; give the listener's syscall a moment to finish.
             self._schedule_resync("auto-bound listener", record.tgid, delay=0.002)
             return
-        netns = procs.net_namespace(record.tgid, record.tid)
+        task = (record.tgid, record.tid)
+        netns = self._batch_netns.get(task)
+        if netns is None:
+            netns = self._batch_netns[task] = procs.net_namespace(record.tgid, record.tid)
         if netns is None:
             self._schedule_resync("listener exited before its namespace was read", delay=0.002)
             return
@@ -312,8 +329,13 @@ class PortMonitor:
             log.exception("sock_diag snapshot failed")
         finally:
             spent = time.process_time() - started
-            # Stretch the interval so snapshots stay within the CPU budget.
-            delay = max(self.interval, spent / self.cpu_budget - spent)
+            # Stretch the interval so snapshots stay within the CPU budget, by their smoothed
+            # cost. The first poll resolves every pid through /proc once: not a steady cost.
+            if self._poll_cost is None:
+                self._poll_cost = 0.0
+            else:
+                self._poll_cost = spent if not self._poll_cost else 0.7 * self._poll_cost + 0.3 * spent
+            delay = max(self.interval, self._poll_cost / self.cpu_budget - self._poll_cost)
             if self._diag is not None:
                 self._poll_handle = self._loop.call_later(delay, self._poll)
 
