@@ -19,13 +19,8 @@ import ujson
 from aether import __version__, config, log
 
 
-def _add_backend(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "ebpf", "sockdiag"),
-        default=None,
-        help="how ports are watched (default: AETHER_BACKEND or auto: eBPF, else sock_diag)",
-    )
+def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--backend", choices=("auto", "ebpf", "sockdiag"), default=None, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = ports.add_parser("list", help="the ports open now")
     listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     listing.add_argument("--ignore", default=None, help=ignore_help)
-    _add_backend(listing)
+    _add_backend(listing, "accepted for symmetry with watch: a listing is always one sock_diag snapshot")
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
     watch.add_argument("--ignore", default=None, help=ignore_help)
     watch.add_argument("--interval", type=float, default=None, help="sock_diag re-read interval, seconds")
-    _add_backend(watch)
+    _add_backend(watch, "how ports are watched (default: AETHER_BACKEND or auto: eBPF, else sock_diag)")
 
     kill = ports.add_parser("kill", help="stop what listens on a port")
     kill.add_argument("port", type=int)
