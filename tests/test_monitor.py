@@ -23,6 +23,13 @@ async def until(predicate, timeout=5.0):
         await asyncio.sleep(0.01)
 
 
+def listening(port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
 def run(backend, scenario):
     async def main():
         monitor = PortMonitor(backend=backend, interval=0.05)
@@ -40,9 +47,7 @@ def test_subscriber_sees_open_and_close_in_order(backend):
         seen = []
         monitor.subscribe(seen.append)
         port = free_port()
-        s = socket.socket()
-        s.bind(("127.0.0.1", port))
-        s.listen()
+        s = listening(port)
         await until(lambda: any(e.port == port for e in seen))
         assert port in [state.port for state in monitor.ports()]
         s.close()
@@ -56,9 +61,7 @@ def test_subscriber_sees_open_and_close_in_order(backend):
 def test_wait_closed_times_out_while_open(backend):
     async def scenario(monitor):
         port = free_port()
-        s = socket.socket()
-        s.bind(("127.0.0.1", port))
-        s.listen()
+        s = listening(port)
         await until(lambda: port in monitor.table)
         assert await monitor.wait_closed(port, 0.1) is False
         s.close()
@@ -71,9 +74,7 @@ def test_changing_ignored_ports_closes_and_reopens(backend):
         seen = []
         monitor.subscribe(seen.append)
         port = free_port()
-        s = socket.socket()
-        s.bind(("127.0.0.1", port))
-        s.listen()
+        s = listening(port)
         await until(lambda: port in monitor.table)
         monitor.set_ignored([port])
         assert [(e.type, e.port) for e in seen if e.port == port][-1] == ("close", port)

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import aether, free_port, proc_comm, wait_for
+from conftest import aether, free_port, kernel_listening_ports, proc_comm
 
 # A listener that signals readiness by listening, then waits for a line on stdin or a signal.
 HOLD = """
@@ -212,9 +212,17 @@ sys.stdin.readline()
     w.expect("close", port)
 
 
-def test_ignored_ports_never_produce_events(listeners, watch):
-    ignored, control = free_port(), free_port()
-    w = watch("--ignore", f"22,{ignored}")
+@pytest.mark.parametrize("default", [False, True], ids=["--ignore", "default-2222"])
+def test_ignored_ports_never_produce_events(listeners, watch, default):
+    if default:
+        ignored = 2222  # in the default set (22, 2222, 3001)
+        if ignored in kernel_listening_ports():
+            pytest.skip("port 2222 is in use on this machine")
+        w = watch()
+    else:
+        ignored = free_port()
+        w = watch("--ignore", f"22,{ignored}")
+    control = free_port()
     a = hold(listeners, ignored)
     b = hold(listeners, control)
     w.expect("open", control)
@@ -222,21 +230,6 @@ def test_ignored_ports_never_produce_events(listeners, watch):
     b.kill()
     w.expect("close", control)
     assert all(msg["port"] != ignored for msg in w.seen)
-
-
-def test_default_ignored_ports(listeners, watch):
-    port = 2222
-    if port in __import__("conftest").kernel_listening_ports():
-        pytest.skip("port 2222 is in use on this machine")
-    w = watch()
-    control = free_port()
-    a = hold(listeners, port)
-    b = hold(listeners, control)
-    w.expect("open", control)
-    a.kill()
-    b.kill()
-    w.expect("close", control)
-    assert all(msg["port"] != port for msg in w.seen)
 
 
 @pytest.fixture

@@ -184,6 +184,9 @@ class Probe:
                 return 0
 
             events.open_ring_buffer(ring_cb)
+            # bcc keeps libbpf's ring_buffer behind _ringbuf_manager and offers no epoll fd.
+            # Debian's libbcc links libbpf.so.1 dynamically, so this CDLL is the very library
+            # that made the ring_buffer, and ring_buffer__epoll_fd (libbpf 0.3+) applies to it.
             libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1")
             libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
             libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
