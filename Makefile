@@ -9,7 +9,7 @@ setup:
 	@bash deploy/setup.sh
 
 run: setup
-	@$(VENV)/bin/aether ports watch
+	@$(VENV)/bin/aether serve
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)

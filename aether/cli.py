@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=None, help="sock_diag re-read interval, seconds")
     _add_backend(watch, "how ports are watched (default: AETHER_BACKEND or auto: eBPF, else sock_diag)")
 
+    from aether.server import settings as server_settings
+
+    serve = commands.add_parser("serve", help="run the workspace server (WebSocket API)")
+    server_settings.add_arguments(serve)
+
     kill = ports.add_parser("kill", help="stop what listens on a port")
     kill.add_argument("port", type=int)
     kill.add_argument("--signal", default="TERM", help="first signal (default TERM)")
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
         return handler(args, ignored)
@@ -128,7 +135,7 @@ def _ports_watch(args, ignored) -> int:
             # sleeps again: no line waits, and a burst costs one write, not one per line.
             nonlocal flush_pending
             try:
-                out.write(ujson.dumps(event.to_message()).encode() + b"\n")
+                out.write(ujson.dumps(event.to_message(), escape_forward_slashes=False).encode() + b"\n")
             except BrokenPipeError:
                 stop.set()
                 return
@@ -195,3 +202,15 @@ def _ports_kill(args, ignored) -> int:
         state = "closed" if result.closed else "still open"
         print(f"port {result.port}: {how} to {','.join(map(str, result.pids))}; {state}")
     return 0 if result.closed else 1
+
+
+def _serve(args) -> int:
+    from aether.server.app import serve
+    from aether.server.settings import resolve
+
+    try:
+        settings = resolve(args)
+    except ValueError as exc:
+        print(f"aether: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(settings))

@@ -105,6 +105,13 @@ if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
     say "exposed Debian's bcc to $VENV"
 fi
 
+# wscat, the WebSocket client the README shows, installed locally (not globally) from npm.
+if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/wscat ]; then
+    say "installing wscat into .tools/"
+    npm install --silent --no-audit --no-fund --prefix .tools wscat@6 >&2 ||
+        say "npm could not install wscat; the wscat tests will fail"
+fi
+
 # One line on how ports will be watched.
 "$VENV/bin/python" - <<'PY' >&2
 from aether.ports.ebpf import ProbeUnavailable, check_environment

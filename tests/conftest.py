@@ -250,3 +250,86 @@ def aether(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess
     return subprocess.run(
         [*AETHER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw
     )
+
+
+class Server:
+    """`aether serve` in a subprocess, on a free port with its own state dir."""
+
+    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.state_dir = state_dir
+        cmd = [*AETHER, "--log-level", "debug", "serve", "--port", str(self.port), "--backend", backend,
+               "--state-dir", str(state_dir), "--workspace-id", "ws-test", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})}, cwd=ROOT)
+        self.banner: list[str] = []
+        self.log: list[dict] = []
+        self.raw_stderr: list[str] = []
+        ready = threading.Event()
+
+        def read_stderr():
+            for raw in self.proc.stderr:
+                self.raw_stderr.append(raw)
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                self.log.append(line)
+                if line.get("msg") == "serving":
+                    ready.set()
+
+        threading.Thread(target=read_stderr, daemon=True).start()
+        for _ in range(6):
+            self.banner.append(self.proc.stdout.readline().rstrip("\n"))
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        if not ready.wait(20):
+            self.stop()
+            raise AssertionError(f"server did not start: {self.banner} {self.raw_stderr}")
+        self.token = self.banner[2].split()[1]
+        self.url = f"ws://127.0.0.1:{self.port}/workspaces/ws-test/ws"
+
+    def connect(self, how: str = "header", **kw):
+        from websockets.sync.client import connect
+
+        if how == "header":
+            return connect(self.url, subprotocols=["Bearer", self.token], **kw)
+        return connect(f"{self.url}?token={self.token}", **kw)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(backend, tmp_path):
+    servers = []
+
+    def start(*args, env=None) -> Server:
+        server = Server(backend, tmp_path / f"state{len(servers)}", *args, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def recv_json(ws, timeout: float = 5.0) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def recv_until(ws, predicate, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("timed out waiting for a matching message")
+        msg = recv_json(ws, remaining)
+        if predicate(msg):
+            return msg

@@ -1,0 +1,136 @@
+"""The workspace server: one Tornado application for the WebSocket API, and ``serve`` to run it.
+
+``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/healthz`` answers without
+authentication; anything else is a JSON 404. SIGTERM and SIGINT close every WebSocket with
+1001, stop the probe and return 0 within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import sys
+import time
+
+import tornado.httpserver
+import tornado.web
+
+from aether.ports.ebpf import ProbeUnavailable
+from aether.ports.monitor import PortMonitor
+from aether.server.channels.config import ConfigChannel
+from aether.server.channels.ports import PortsChannel
+from aether.server.hub import Hub
+from aether.server.protocol import Message
+from aether.server.session import Session
+from aether.server.settings import Settings
+from aether.server.state import StateDir
+
+log = logging.getLogger("aether.server")
+access = logging.getLogger("aether.access")
+
+SHUTDOWN_CLOSE_TIMEOUT = 0.5
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without the query string: ``?token=`` must never reach a log line."""
+    request = handler.request
+    access.info(
+        "request",
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": handler.get_status(),
+            "ms": round(request.request_time() * 1000, 2),
+            "client": request.remote_ip,
+        },
+    )
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write({"status": "ok"})
+
+
+class NotFoundHandler(tornado.web.RequestHandler):
+    def prepare(self) -> None:
+        self.set_status(404)
+        self.finish({"error": "not_found", "message": f"no such endpoint: {self.request.path}"})
+
+
+class WorkspaceServer:
+    """The monitor, the sessions and the channels, wired together."""
+
+    def __init__(self, settings: Settings, monitor: PortMonitor):
+        self.settings = settings
+        self.monitor = monitor
+        self.state = StateDir(settings.state_dir)
+        self.hub = Hub(settings.ping_interval, settings.pong_timeout)
+        self.channels = {"ports": PortsChannel(self), "config": ConfigChannel(self)}
+
+    def application(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [
+                (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
+                (r"/healthz", HealthHandler),
+            ],
+            default_handler_class=NotFoundHandler,
+            log_function=log_request,
+        )
+
+    def on_open(self, session: Session) -> None:
+        for channel in self.channels.values():
+            channel.on_open(session)
+
+    def dispatch(self, session: Session, message: Message) -> None:
+        self.channels[message.channel].handle(session, message)
+
+
+def banner(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"ws://{host}:{settings.port}{settings.ws_path}"
+    return "\n".join(
+        [
+            f"aether serving workspace {settings.workspace_id} on http://{host}:{settings.port}",
+            f"  WebSocket URL: {url}",
+            f"  token:         {settings.token}   (from {settings.token_source})",
+            f"  connect:       wscat -c {url} -s \"Bearer, {settings.token}\"",
+            f"  or:            wscat -c \"{url}?token={settings.token}\"",
+            f"  previews:      {settings.preview_url_for(0).replace('0-', '{port}-', 1)}",
+        ]
+    )
+
+
+async def serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    monitor = PortMonitor(backend=settings.backend, ignored=settings.monitor_ignored)
+    try:
+        await monitor.start()
+    except ProbeUnavailable as exc:
+        print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
+        return 1
+    server = WorkspaceServer(settings, monitor)
+    http = tornado.httpserver.HTTPServer(server.application())
+    try:
+        http.listen(settings.port, settings.host)
+    except OSError as exc:
+        monitor.stop()
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
+        return 1
+    print(banner(settings), flush=True)
+    log.info(
+        "serving",
+        extra={"host": settings.host, "port": settings.port, "workspace": settings.workspace_id, "backend": monitor.backend},
+    )
+    await stop.wait()
+    started = time.monotonic()
+    http.stop()
+    await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
+    monitor.stop()
+    log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
+    return 0

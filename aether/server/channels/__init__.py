@@ -1,0 +1,1 @@
+"""One module per implemented channel; each has a ``handle(session, message)``."""

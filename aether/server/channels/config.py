@@ -1,0 +1,96 @@
+"""The ``config`` channel: ``get`` the workspace configuration, ``set`` its mutable keys.
+
+A ``set`` is validated whole, persisted, then applied; every client gets ``changed``. A value
+that fails validation, or a state directory that cannot be written, changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aether.server.protocol import Message, ProtocolError
+
+if TYPE_CHECKING:
+    from aether.server.app import WorkspaceServer
+    from aether.server.session import Session
+
+MUTABLE = ("ignoredPorts",)
+_MAX_IGNORED = 1024
+
+
+def validate_ignored_ports(value: Any) -> tuple[int, ...]:
+    """A sorted tuple of distinct ports, or ValueError saying what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError("ignoredPorts must be an array of port numbers")
+    if len(value) > _MAX_IGNORED:
+        raise ValueError(f"ignoredPorts holds at most {_MAX_IGNORED} ports")
+    for port in value:
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"ignoredPorts: not a port number (1-65535): {port!r}")
+    return tuple(sorted(set(value)))
+
+
+class ConfigChannel:
+    name = "config"
+
+    def __init__(self, server: "WorkspaceServer"):
+        self.server = server
+
+    def snapshot(self) -> dict:
+        settings, monitor = self.server.settings, self.server.monitor
+        return {
+            "workspaceId": settings.workspace_id,
+            "projectIdPrefix": settings.project_prefix,
+            "previewDomain": settings.preview_domain,
+            "previewUrl": settings.preview_url.replace("{prefix}", settings.project_prefix)
+            .replace("{domain}", settings.preview_domain)
+            .replace("{server_port}", str(settings.port)),
+            "ignoredPorts": list(settings.ignored_ports),
+            "serverPort": settings.port,
+            "keepalive": {
+                "pingInterval": settings.ping_interval,
+                "pongTimeout": settings.pong_timeout,
+                "writeTimeout": settings.write_timeout,
+                "maxMessageBytes": settings.max_message_bytes,
+            },
+            "backend": monitor.backend,
+            "mutable": list(MUTABLE),
+        }
+
+    def on_open(self, session: "Session") -> None:
+        pass
+
+    def handle(self, session: "Session", message: Message) -> None:
+        if message.type == "get":
+            reply = {"channel": self.name, "type": "config", "config": self.snapshot()}
+            if message.id is not None:
+                reply["id"] = message.id
+            session.send(reply)
+        elif message.type == "set":
+            self._set(session, message)
+
+    def _set(self, session: "Session", message: Message) -> None:
+        changes = message.body["config"]
+        if not changes:
+            raise ProtocolError("invalid", "config holds no key to change", self.name, message.id)
+        for key in changes:
+            if key not in MUTABLE:
+                known = key in self.snapshot()
+                why = f"{key} cannot be changed" if known else f"unknown key {key}"
+                raise ProtocolError("invalid", f"{why}; mutable: {', '.join(MUTABLE)}", self.name, message.id)
+        try:
+            ignored = validate_ignored_ports(changes["ignoredPorts"])
+        except ValueError as exc:
+            raise ProtocolError("invalid", str(exc), self.name, message.id) from None
+        try:
+            self.server.state.save_config({"ignored_ports": list(ignored)})
+        except OSError as exc:
+            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
+        self.server.settings.ignored_ports = ignored
+        self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
+        changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}
+        for other in list(self.server.hub.sessions):
+            if other is session and message.id is not None:
+                other.send({**changed, "id": message.id})
+            else:
+                other.send(changed)

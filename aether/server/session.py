@@ -1,0 +1,180 @@
+"""One client's WebSocket: authentication, frames to the protocol layer, and sending with a
+write deadline so a client that stops reading is dropped alone.
+
+Tornado buffers every write in the connection's stream; a write's future resolves once its
+bytes reach the socket. A session keeps its unfinished writes in order and arms one timer for
+the oldest: if that write has not completed after ``write_timeout`` seconds, or the unsent
+bytes exceed ``MAX_PENDING_BYTES``, the connection is aborted. Nothing is armed while nothing
+is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import tornado.web
+import tornado.websocket
+
+from aether.server import protocol
+
+if TYPE_CHECKING:
+    from aether.server.app import WorkspaceServer
+
+log = logging.getLogger("aether.server")
+
+#: Unsent bytes after which a client is too slow to keep (a burst of port events is ~100 KB).
+MAX_PENDING_BYTES = 16 << 20
+
+
+def bearer_token(request) -> Optional[str]:
+    """The token from ``Sec-WebSocket-Protocol: Bearer, TOKEN``, else from ``?token=``."""
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    if len(offered) >= 2 and offered[0] == "Bearer" and offered[1]:
+        return offered[1]
+    values = request.query_arguments.get("token")
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class Session(tornado.websocket.WebSocketHandler):
+    def initialize(self, server: "WorkspaceServer") -> None:
+        self.server = server
+        self.last_pong = time.monotonic()
+        self._pending: collections.deque = collections.deque()
+        self._pending_bytes = 0
+        self._write_timer: Optional[asyncio.TimerHandle] = None
+
+    # -- before the upgrade -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        if self.path_args[0] != self.server.settings.workspace_id:
+            raise tornado.web.HTTPError(404)
+        token = bearer_token(self.request)
+        expected = self.server.settings.token.encode()
+        if token is None or not hmac.compare_digest(token.encode(), expected):
+            raise tornado.web.HTTPError(401)
+
+    def select_subprotocol(self, subprotocols: list[str]) -> Optional[str]:
+        # Answer with "Bearer" alone: the token is never echoed back.
+        return "Bearer" if "Bearer" in subprotocols else None
+
+    def check_origin(self, origin: str) -> bool:
+        # Authentication is by token, never by cookie, so a foreign page cannot ride on a
+        # browser's credentials: any origin that holds the token may connect.
+        return True
+
+    @property
+    def max_message_size(self) -> int:
+        return self.server.settings.max_message_bytes
+
+    def get_compression_options(self) -> None:
+        return None
+
+    def _request_summary(self) -> str:
+        # Tornado's version prints the full URI, ?token= included.
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        log.error(
+            "uncaught exception",
+            exc_info=(typ, value, tb),
+            extra={"path": self.request.path, "client": self.request.remote_ip},
+        )
+
+    # -- the connection -----------------------------------------------------------------
+
+    def open(self, *args) -> None:
+        self.last_pong = time.monotonic()
+        stream_socket = self.ws_connection.stream.socket
+        if stream_socket is not None:
+            stream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.settings.send_buffer_bytes)
+        self.server.on_open(self)
+        self.server.hub.add(self)
+        log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.server.hub.sessions)})
+
+    def on_message(self, frame: Union[str, bytes]) -> None:
+        try:
+            message = protocol.parse(frame)
+            self.server.dispatch(self, message)
+        except protocol.ProtocolError as exc:
+            self.send(exc.to_message())
+        except Exception:
+            log.exception("message handling failed")
+            self.send(protocol.ProtocolError("internal", "the server failed to handle this message").to_message())
+
+    def on_pong(self, data: bytes) -> None:
+        self.last_pong = time.monotonic()
+
+    def on_close(self) -> None:
+        self.server.hub.remove(self)
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        log.info(
+            "client disconnected",
+            extra={"client": self.request.remote_ip, "code": self.close_code, "clients": len(self.server.hub.sessions)},
+        )
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_text(protocol.encode(message))
+
+    def send_text(self, text: str) -> None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        try:
+            future = self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            return
+        size = len(text)
+        self._pending.append((time.monotonic(), size, future))
+        self._pending_bytes += size
+        future.add_done_callback(self._written)
+        if self._pending_bytes > MAX_PENDING_BYTES:
+            self.abort(f"more than {MAX_PENDING_BYTES >> 20} MiB unsent")
+        elif self._write_timer is None:
+            self._arm_write_timer()
+
+    def send_ping(self) -> None:
+        try:
+            self.ping(b"")
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+    def _written(self, _future=None) -> None:
+        pending = self._pending
+        while pending and pending[0][2].done():
+            _sent, size, future = pending.popleft()
+            self._pending_bytes -= size
+            if not future.cancelled():
+                future.exception()  # retrieved: a closed stream is not an error to report
+
+    def _arm_write_timer(self) -> None:
+        oldest = self._pending[0][0]
+        delay = max(0.0, oldest + self.server.settings.write_timeout - time.monotonic())
+        self._write_timer = asyncio.get_running_loop().call_later(delay, self._check_writes)
+
+    def _check_writes(self) -> None:
+        self._write_timer = None
+        self._written()
+        if not self._pending:
+            return
+        if time.monotonic() - self._pending[0][0] >= self.server.settings.write_timeout:
+            self.abort(f"a write did not complete in {self.server.settings.write_timeout:g} s")
+        else:
+            self._arm_write_timer()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, without a closing handshake the client would not read."""
+        log.warning("dropping client", extra={"client": self.request.remote_ip, "reason": reason})
+        connection = self.ws_connection
+        if connection is not None and connection.stream is not None:
+            connection.stream.close()

@@ -1,0 +1,149 @@
+"""Settings of ``aether serve``, each from (first found) its command-line flag, its ``AETHER_*``
+variable, the state directory's ``config.json`` (same names, snake_case), or its default."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+from aether import config
+from aether.server.state import StateDir, default_state_dir
+
+
+@dataclasses.dataclass
+class Settings:
+    host: str
+    port: int
+    workspace_id: str
+    project_id: str
+    preview_domain: str
+    preview_url: str
+    prefix_length: int
+    token: str
+    token_source: str
+    backend: str
+    state_dir: Path
+    ignored_ports: tuple[int, ...]
+    ping_interval: float
+    pong_timeout: float
+    write_timeout: float
+    max_message_bytes: int
+    send_buffer_bytes: int
+    kill_grace: float
+
+    @property
+    def monitor_ignored(self) -> frozenset[int]:
+        """What the monitor leaves out: the configured ports and the server's own."""
+        return frozenset(self.ignored_ports) | {self.port}
+
+    @property
+    def project_prefix(self) -> str:
+        return self.project_id[: self.prefix_length]
+
+    @property
+    def ws_path(self) -> str:
+        return f"/workspaces/{self.workspace_id}/ws"
+
+    def preview_url_for(self, port: int) -> str:
+        return self.preview_url.format(
+            port=port, prefix=self.project_prefix, domain=self.preview_domain, server_port=self.port
+        )
+
+
+#: name -> (type, default). ``None`` defaults are computed in :func:`resolve`.
+OPTIONS: dict[str, tuple[type, Any]] = {
+    "host": (str, "127.0.0.1"),
+    "port": (int, 3001),
+    "workspace_id": (str, None),
+    "project_id": (str, None),
+    "preview_domain": (str, "preview.localhost"),
+    "preview_url": (str, "http://{port}-{prefix}.{domain}:{server_port}"),
+    "prefix_length": (int, 6),
+    "token": (str, None),
+    "token_file": (str, None),
+    "backend": (str, config.DEFAULT_BACKEND),
+    "ping_interval": (float, 45.0),
+    "pong_timeout": (float, 120.0),
+    "write_timeout": (float, 30.0),
+    "max_message_bytes": (int, 1 << 20),
+    # The kernel would otherwise grow a stalled client's send buffer to net.ipv4.tcp_wmem's
+    # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
+    "send_buffer_bytes": (int, 256 << 10),
+    "kill_grace": (float, 5.0),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, default) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        shown = "generated" if default is None else default
+        parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")
+    parser.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default ~/.local/state/aether)")
+    parser.add_argument("--ignore", default=None, help="ignored ports (env AETHER_IGNORED_PORTS; default 22,2222,3001)")
+
+
+def _pick(name: str, kind: type, args: argparse.Namespace, file: dict) -> Optional[Any]:
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    env = os.environ.get(f"AETHER_{name.upper()}")
+    source = f"AETHER_{name.upper()}" if env is not None else f"config.json key {name}"
+    raw = env if env is not None else file.get(name)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be a {kind.__name__}, not {raw!r}") from None
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Settings from flags, environment, state dir and defaults; ValueError naming a bad one."""
+    state = StateDir(Path(args.state_dir or os.environ.get("AETHER_STATE_DIR") or default_state_dir()))
+    file = state.load_config()
+    values = {}
+    for name, (kind, default) in OPTIONS.items():
+        value = _pick(name, kind, args, file)
+        values[name] = default if value is None else value
+    if not 1 <= values["port"] <= 65535:
+        raise ValueError(f"port must be 1-65535, not {values['port']}")
+    if values["backend"] not in ("auto", "ebpf", "sockdiag"):
+        raise ValueError(f"backend must be auto, ebpf or sockdiag, not {values['backend']!r}")
+    for name in ("ping_interval", "pong_timeout", "write_timeout"):
+        if not values[name] > 0:
+            raise ValueError(f"{name} must be positive, not {values[name]}")
+    if not 1 <= values["prefix_length"] <= 32:
+        raise ValueError("prefix_length must be 1-32")
+    workspace_id = values["workspace_id"] or socket.gethostname()
+    project_id = values["project_id"] or state.project_id()
+    token_file = values.pop("token_file")
+    if values["token"]:
+        token, source = values["token"], "given"
+    elif token_file:
+        try:
+            token, source = Path(token_file).read_text().strip(), token_file
+        except OSError as exc:
+            raise ValueError(f"token file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+    else:
+        token, source = state.token(), str(state.token_path)
+    if args.ignore is not None or os.environ.get("AETHER_IGNORED_PORTS") is not None:
+        ignored = config.ignored_ports(args.ignore)
+    elif "ignored_ports" in file:
+        ignored = config.parse_ports(",".join(str(p) for p in file["ignored_ports"]))
+    else:
+        ignored = config.DEFAULT_IGNORED_PORTS
+    values.update(
+        workspace_id=workspace_id,
+        project_id=project_id,
+        token=token,
+        token_source=source,
+        state_dir=state.path,
+        ignored_ports=ignored,
+    )
+    return Settings(**values)

@@ -1,0 +1,156 @@
+"""The protocol layer without sockets: every frame gets a Message or a ProtocolError, never
+another exception, and a refused message changes nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from aether.ports.monitor import PortMonitor
+from aether.server import protocol
+from aether.server.app import WorkspaceServer
+from aether.server.settings import add_arguments, resolve
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+channels = st.sampled_from([*protocol.CHANNELS, "", "PORTS", "nope"]) | st.text(max_size=6)
+types = st.sampled_from(["kill", "get", "set", "open", "error", ""]) | st.text(max_size=6)
+messages = st.fixed_dictionaries(
+    {},
+    optional={
+        "channel": channels | json_values,
+        "type": types | json_values,
+        "port": st.integers(-5, 70000) | json_values,
+        "config": st.dictionaries(st.sampled_from(["ignoredPorts", "workspaceId", "x"]), json_values) | json_values,
+        "id": json_values,
+    },
+)
+
+
+def check_error(exc: protocol.ProtocolError) -> None:
+    reply = exc.to_message()
+    assert reply["type"] == "error" and reply["code"] and reply["message"]
+    json.dumps(reply)  # always encodable
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.builds(json.dumps, json_values)))
+def test_any_frame_is_a_message_or_a_protocol_error(frame):
+    try:
+        message = protocol.parse(frame)
+    except protocol.ProtocolError as exc:
+        check_error(exc)
+    else:
+        assert message.channel in protocol.IMPLEMENTED
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages)
+def test_any_object_is_a_message_or_a_protocol_error(obj):
+    try:
+        message = protocol.parse(json.dumps(obj))
+    except protocol.ProtocolError as exc:
+        check_error(exc)
+        if isinstance(obj.get("id"), str) and len(obj["id"]) <= 256:
+            assert exc.to_message()["id"] == obj["id"]
+    else:
+        schema = protocol.SCHEMAS[(message.channel, message.type)]
+        assert all(check(message.body[field]) for field, (check, _) in schema.items())
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ("{", "bad_json"),
+        ("[1, 2]", "bad_message"),
+        ('{"type": "get"}', "bad_message"),
+        ('{"channel": "config"}', "bad_message"),
+        ('{"channel": "weather", "type": "get"}', "unknown_channel"),
+        ('{"channel": "ports", "type": "explode"}', "unknown_type"),
+        ('{"channel": "ports", "type": "kill"}', "bad_message"),
+        ('{"channel": "ports", "type": "kill", "port": "3000"}', "bad_message"),
+        ('{"channel": "ports", "type": "kill", "port": true}', "bad_message"),
+        ('{"channel": "ports", "type": "kill", "port": 70000}', "bad_message"),
+        ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls -la\\n"}', "not_implemented"),
+        ('{"channel": "config", "type": "set", "config": [1]}', "bad_message"),
+        (b'{"channel": "config", "type": "get"}', "bad_message"),
+        ('{"channel": "ports", "type": "kill", "port": 1' + "0" * 30 + "}", "bad_message"),
+    ],
+)
+def test_error_codes(frame, code):
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.parse(frame)
+    assert caught.value.code == code
+
+
+def test_valid_messages_and_id_echo():
+    message = protocol.parse('{"channel": "ports", "type": "kill", "port": 3000, "id": "k1"}')
+    assert (message.channel, message.type, message.body["port"], message.id) == ("ports", "kill", 3000, "k1")
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.parse('{"channel": "ports", "type": "nope", "id": 7}')
+    assert caught.value.to_message() == {
+        "channel": "ports",
+        "type": "error",
+        "code": "unknown_type",
+        "message": "unknown type for channel ports; one of kill",
+        "id": 7,
+    }
+
+
+class Recorder:
+    """Stands in for a session: the channels only call ``send``."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+
+    def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+
+@pytest.fixture
+def server(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings_ = resolve(parser.parse_args(["--state-dir", str(tmp_path), "--workspace-id", "w"]))
+    # Not started: the config channel only needs its table and ignored set.
+    return WorkspaceServer(settings_, PortMonitor(backend="sockdiag", ignored=settings_.monitor_ignored))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["ignoredPorts", "workspaceId", "backend", "zzz"]), json_values, max_size=3))
+def test_refused_config_set_changes_nothing(server, changes):
+    before = (server.monitor.table.ignored, server.state.load_config())
+    session = Recorder()
+    frame = json.dumps({"channel": "config", "type": "set", "config": changes, "id": 1})
+    try:
+        server.dispatch(session, protocol.parse(frame))
+    except protocol.ProtocolError as exc:
+        check_error(exc)
+        assert exc.code in ("invalid", "bad_message")
+        assert (server.monitor.table.ignored, server.state.load_config()) == before
+    else:
+        ports = changes["ignoredPorts"]
+        assert list(changes) == ["ignoredPorts"]
+        assert server.monitor.table.ignored == frozenset(ports) | {server.settings.port}
+        assert server.state.load_config()["ignored_ports"] == sorted(set(ports))
+
+
+def test_config_get_describes_the_workspace(server):
+    session = Recorder()
+    server.dispatch(session, protocol.parse('{"channel": "config", "type": "get", "id": "g"}'))
+    [reply] = session.sent
+    assert reply["type"] == "config" and reply["id"] == "g"
+    config = reply["config"]
+    assert config["workspaceId"] == "w"
+    assert config["projectIdPrefix"] == server.settings.project_id[:6]
+    assert all(c in string.hexdigits for c in config["projectIdPrefix"])
+    assert config["ignoredPorts"] == [22, 2222, 3001]
+    assert config["previewUrl"] == f"http://{{port}}-{config['projectIdPrefix']}.preview.localhost:3001"
+    assert config["keepalive"] == {"pingInterval": 45.0, "pongTimeout": 120.0, "writeTimeout": 30.0, "maxMessageBytes": 1 << 20}
