@@ -213,4 +213,8 @@ def _serve(args) -> int:
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"aether: state directory: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    log.redact(settings.token)
     return asyncio.run(serve(settings))

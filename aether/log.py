@@ -17,8 +17,24 @@ import ujson
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+_secrets: list[str] = []
+
+
+def redact(secret: str) -> None:
+    """Never print ``secret``: every log line has it replaced, whoever logged it (Tornado's own
+    loggers print a malformed request's headers whole)."""
+    if secret and secret not in _secrets:
+        _secrets.append(secret)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        text = self._format(record)
+        for secret in _secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _format(self, record: logging.LogRecord) -> str:
         line = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",

@@ -16,7 +16,7 @@ from aether.server.app import WorkspaceServer
 from aether.server.settings import add_arguments, resolve
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -34,14 +34,20 @@ messages = st.fixed_dictionaries(
 )
 
 
+def _no_constants(name):
+    raise AssertionError(f"{name} is not JSON")
+
+
 def check_error(exc: protocol.ProtocolError) -> None:
     reply = exc.to_message()
     assert reply["type"] == "error" and reply["code"] and reply["message"]
-    json.dumps(reply)  # always encodable
+    # What the server would send must read back as strict JSON (no NaN, no Infinity).
+    assert json.loads(protocol.encode(reply), parse_constant=_no_constants) == reply
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.builds(json.dumps, json_values)))
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.builds(json.dumps, json_values),
+                 st.sampled_from(['{"channel": "ports", "type": "x", "id": NaN}', '{"channel": 1, "id": 1e400}'])))
 def test_any_frame_is_a_message_or_a_protocol_error(frame):
     try:
         message = protocol.parse(frame)
@@ -154,3 +160,46 @@ def test_config_get_describes_the_workspace(server):
     assert config["ignoredPorts"] == [22, 2222, 3001]
     assert config["previewUrl"] == f"http://{{port}}-{config['projectIdPrefix']}.preview.localhost:3001"
     assert config["keepalive"] == {"pingInterval": 45.0, "pongTimeout": 120.0, "writeTimeout": 30.0, "maxMessageBytes": 1 << 20}
+
+
+def _resolve(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return resolve(parser.parse_args(argv))
+
+
+def test_settings_precedence_flag_env_file_default(tmp_path, monkeypatch):
+    for name in ("AETHER_PORT", "AETHER_PREVIEW_DOMAIN", "AETHER_IGNORED_PORTS", "AETHER_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config.json").write_text(json.dumps({"port": 4100, "preview_domain": "file.test", "ignored_ports": [22]}))
+    base = ["--state-dir", str(tmp_path)]
+    s = _resolve(base)
+    assert (s.port, s.preview_domain, s.ignored_ports, s.host) == (4100, "file.test", (22,), "127.0.0.1")
+    monkeypatch.setenv("AETHER_PORT", "4200")
+    assert _resolve(base).port == 4200
+    assert _resolve(base + ["--port", "4300"]).port == 4300
+    monkeypatch.setenv("AETHER_PORT", "many")
+    with pytest.raises(ValueError, match="AETHER_PORT must be a int"):
+        _resolve(base)
+
+
+def test_token_and_project_id_are_generated_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.delenv("AETHER_TOKEN", raising=False)
+    monkeypatch.delenv("AETHER_PROJECT_ID", raising=False)
+    first = _resolve(["--state-dir", str(tmp_path)])
+    again = _resolve(["--state-dir", str(tmp_path)])
+    assert (first.token, first.project_id) == (again.token, again.project_id)
+    assert len(first.project_id) == 32 and len(first.token) >= 40
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+    assert first.token not in repr(first)
+    token_file = tmp_path / "given-token"
+    token_file.write_text("from-a-file\n")
+    assert _resolve(["--state-dir", str(tmp_path), "--token-file", str(token_file)]).token == "from-a-file"
+
+
+@pytest.mark.parametrize("stored", ['"8080"', "[0]", "{}"])
+def test_bad_stored_ignored_ports_name_the_file(tmp_path, stored, monkeypatch):
+    monkeypatch.delenv("AETHER_IGNORED_PORTS", raising=False)
+    (tmp_path / "config.json").write_text('{"ignored_ports": %s}' % stored)
+    with pytest.raises(ValueError, match="config.json: ignored_ports"):
+        _resolve(["--state-dir", str(tmp_path)])

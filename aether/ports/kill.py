@@ -102,11 +102,13 @@ async def kill_port(
     # Never the caller itself, nor anything it runs under (its shell, a supervisor).
     protected = {os.getpid(), *procs.ancestors(os.getpid()), *protected}
     wait_closed = wait_closed or poll_closed
-    pids = check(port, ignored, protected)
+    loop = asyncio.get_running_loop()
+    # Finding holders walks every process's file descriptors: off the event loop.
+    pids = await loop.run_in_executor(None, check, port, tuple(ignored), protected)
     _signal_all(pids, sig)
     if await wait_closed(port, grace):
         return KillResult(port, pids, sig.name, False, True)
-    listening, remaining = holders(port)
+    listening, remaining = await loop.run_in_executor(None, holders, port)
     remaining = [pid for pid in remaining if pid != 1 and pid not in protected]
     _signal_all(remaining, signal.SIGKILL)
     closed = not listening or await wait_closed(port, 2.0)

@@ -31,6 +31,26 @@ log = logging.getLogger("aether.server")
 access = logging.getLogger("aether.access")
 
 SHUTDOWN_CLOSE_TIMEOUT = 0.5
+#: Tornado's defaults let anyone, before authenticating, hold a 100 MB body in memory or keep a
+#: half-sent request open for an hour. Nothing here takes a body.
+HTTP_LIMITS = {
+    "max_body_size": 64 << 10,
+    "max_header_size": 16 << 10,
+    "idle_connection_timeout": 10.0,  # also the time allowed to send the request headers
+    "body_timeout": 10.0,
+}
+MAX_CONNECTIONS = 10000
+
+
+class BoundedHTTPServer(tornado.httpserver.HTTPServer):
+    """Refuses connections beyond ``MAX_CONNECTIONS`` (HTTP and WebSocket alike) instead of
+    running the process out of file descriptors."""
+
+    def handle_stream(self, stream, address) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            stream.close()
+            return
+        super().handle_stream(stream, address)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -95,7 +115,7 @@ def banner(settings: Settings) -> str:
             f"aether serving workspace {settings.workspace_id} on http://{host}:{settings.port}",
             f"  WebSocket URL: {url}",
             f"  token:         {settings.token}   (from {settings.token_source})",
-            f"  connect:       wscat -c {url} -s \"Bearer, {settings.token}\"",
+            f"  connect:       wscat -c {url} -s Bearer -s {settings.token}",
             f"  or:            wscat -c \"{url}?token={settings.token}\"",
             f"  previews:      {settings.preview_url_for(0).replace('0-', '{port}-', 1)}",
         ]
@@ -114,7 +134,7 @@ async def serve(settings: Settings) -> int:
         print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
         return 1
     server = WorkspaceServer(settings, monitor)
-    http = tornado.httpserver.HTTPServer(server.application())
+    http = BoundedHTTPServer(server.application(), **HTTP_LIMITS)
     try:
         http.listen(settings.port, settings.host)
     except OSError as exc:

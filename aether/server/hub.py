@@ -24,7 +24,6 @@ class Hub:
         self.sessions: set["Session"] = set()
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
-        self._tick_seconds = min(ping_interval, pong_timeout / 4)
         self._last_ping = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
@@ -46,15 +45,23 @@ class Hub:
                 self._timer = None
 
     def broadcast(self, text: str) -> None:
+        from aether.server.session import text_frame
+
+        frame = text_frame(text)
         for session in list(self.sessions):
-            session.send_text(text)
+            session.send_frame(frame)
 
     def _schedule(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._tick_seconds, self._tick)
+        # Wake at whichever comes first: the next ping, or the earliest pong deadline.
+        now = time.monotonic()
+        due = self._last_ping + self.ping_interval
+        if self.sessions:
+            due = min(due, min(s.last_pong for s in self.sessions) + self.pong_timeout)
+        self._timer = asyncio.get_running_loop().call_later(max(0.001, due - now), self._tick)
 
     def _tick(self) -> None:
         now = time.monotonic()
-        ping = now - self._last_ping >= self.ping_interval - 1e-3
+        ping = now >= self._last_ping + self.ping_interval - 1e-3
         if ping:
             self._last_ping = now
         for session in list(self.sessions):

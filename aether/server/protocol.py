@@ -63,11 +63,12 @@ SCHEMAS: dict[tuple[str, str], dict[str, tuple[Callable[[Any], bool], str]]] = {
 
 
 def _client_id(obj: dict) -> Any:
-    """The client's ``id``, echoed in replies, when it is a short string or a number."""
+    """The client's ``id``, echoed in replies, when it is a short string or an integer (a
+    float might be NaN or infinite, which ujson reads but JSON.parse would not read back)."""
     value = obj.get("id")
     if isinstance(value, str) and len(value) <= _MAX_ID_LENGTH:
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 53:
         return value
     return None
 

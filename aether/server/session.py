@@ -1,8 +1,8 @@
 """One client's WebSocket: authentication, frames to the protocol layer, and sending with a
 write deadline so a client that stops reading is dropped alone.
 
-Tornado buffers every write in the connection's stream; a write's future resolves once its
-bytes reach the socket. A session keeps its unfinished writes in order and arms one timer for
+Frames are written straight to the connection's stream (see :func:`text_frame`); Tornado
+buffers them there, and a write's future resolves once its bytes reach the socket. A session keeps its unfinished writes in order and arms one timer for
 the oldest: if that write has not completed after ``write_timeout`` seconds, or the unsent
 bytes exceed ``MAX_PENDING_BYTES``, the connection is aborted. Nothing is armed while nothing
 is pending.
@@ -15,9 +15,11 @@ import collections
 import hmac
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import tornado.iostream
 import tornado.web
 import tornado.websocket
 
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("aether.server")
 
 #: Unsent bytes after which a client is too slow to keep (a burst of port events is ~100 KB).
-MAX_PENDING_BYTES = 16 << 20
+#: Each pending frame is charged its size plus ``PENDING_OVERHEAD`` for its future and queue
+#: entry, so a flood of tiny replies to a client that reads nothing is bounded too.
+MAX_PENDING_BYTES = 4 << 20
+PENDING_OVERHEAD = 512
 
 
 def bearer_token(request) -> Optional[str]:
@@ -39,6 +44,24 @@ def bearer_token(request) -> Optional[str]:
         return offered[1]
     values = request.query_arguments.get("token")
     return values[0].decode("utf-8", "replace") if values else None
+
+
+def text_frame(text: str) -> bytes:
+    """A whole, final, unmasked text frame (RFC 6455 5.2).
+
+    Server frames are never masked and compression is off, so a broadcast builds its frame once
+    and writes the same bytes to every stream; going through ``write_message`` would build it,
+    and wrap its write in a new Task, once per client (p99 184 ms for 1,000 clients).
+    """
+    payload = text.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
 
 
 class Session(tornado.websocket.WebSocketHandler):
@@ -52,12 +75,13 @@ class Session(tornado.websocket.WebSocketHandler):
     # -- before the upgrade -------------------------------------------------------------
 
     def prepare(self) -> None:
-        if self.path_args[0] != self.server.settings.workspace_id:
-            raise tornado.web.HTTPError(404)
+        # The token first: without it, nothing (not even which workspace ids exist) is told.
         token = bearer_token(self.request)
         expected = self.server.settings.token.encode()
         if token is None or not hmac.compare_digest(token.encode(), expected):
             raise tornado.web.HTTPError(401)
+        if self.path_args[0] != self.server.settings.workspace_id:
+            raise tornado.web.HTTPError(404)
 
     def select_subprotocol(self, subprotocols: list[str]) -> Optional[str]:
         # Answer with "Bearer" alone: the token is never echoed back.
@@ -125,16 +149,18 @@ class Session(tornado.websocket.WebSocketHandler):
     # -- sending ------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_text(protocol.encode(message))
+        self.send_frame(text_frame(protocol.encode(message)))
 
-    def send_text(self, text: str) -> None:
-        if self.ws_connection is None or self.ws_connection.is_closing():
+    def send_frame(self, frame: bytes) -> None:
+        """Queue one complete frame (see :func:`text_frame`) on the connection's stream."""
+        connection = self.ws_connection
+        if connection is None or connection.is_closing() or connection.stream.closed():
             return
         try:
-            future = self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
+            future = connection.stream.write(frame)
+        except tornado.iostream.StreamClosedError:
             return
-        size = len(text)
+        size = len(frame) + PENDING_OVERHEAD
         self._pending.append((time.monotonic(), size, future))
         self._pending_bytes += size
         future.add_done_callback(self._written)

@@ -23,7 +23,7 @@ class Settings:
     preview_domain: str
     preview_url: str
     prefix_length: int
-    token: str
+    token: str = dataclasses.field(repr=False)
     token_source: str
     backend: str
     state_dir: Path
@@ -135,7 +135,12 @@ def resolve(args: argparse.Namespace) -> Settings:
     if args.ignore is not None or os.environ.get("AETHER_IGNORED_PORTS") is not None:
         ignored = config.ignored_ports(args.ignore)
     elif "ignored_ports" in file:
-        ignored = config.parse_ports(",".join(str(p) for p in file["ignored_ports"]))
+        from aether.server.channels.config import validate_ignored_ports
+
+        try:
+            ignored = validate_ignored_ports(file["ignored_ports"])
+        except ValueError as exc:
+            raise ValueError(f"{state.config_path}: ignored_ports: {exc}") from None
     else:
         ignored = config.DEFAULT_IGNORED_PORTS
     values.update(

@@ -15,7 +15,10 @@ from typing import Any
 
 
 def default_state_dir() -> Path:
-    """``/var/lib/aether`` for root under systemd, else ``$XDG_STATE_HOME/aether``."""
+    """systemd's ``StateDirectory=`` when set; ``/var/lib/aether`` for root under systemd;
+    else ``$XDG_STATE_HOME/aether`` (``~/.local/state/aether``)."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0 and os.environ.get("INVOCATION_ID"):
         return Path("/var/lib/aether")
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")

@@ -28,6 +28,7 @@ class PortsChannel:
     def __init__(self, server: "WorkspaceServer"):
         self.server = server
         self._kills: set[asyncio.Task] = set()
+        self._in_flight: set[int] = set()
         server.monitor.subscribe(self._on_event)
 
     def message(self, event: PortEvent) -> dict:
@@ -49,9 +50,20 @@ class PortsChannel:
             self._kills.add(task)
             task.add_done_callback(self._kills.discard)
 
+    def _refuse(self, session: "Session", message: Message, code: str, text: str) -> None:
+        error = ProtocolError(code, text, self.name, message.id).to_message()
+        session.send({**error, "port": message.body["port"]})
+
     async def _kill(self, session: "Session", message: Message) -> None:
         port = message.body["port"]
         monitor = self.server.monitor
+        if port == self.server.settings.port:
+            self._refuse(session, message, "forbidden", f"port {port} is the server's own")
+            return
+        if port in self._in_flight:
+            self._refuse(session, message, "busy", f"port {port} is being killed already")
+            return
+        self._in_flight.add(port)
         try:
             result = await kill_port(
                 port,
@@ -60,10 +72,14 @@ class PortsChannel:
                 wait_closed=monitor.wait_closed,
             )
         except KillRefused as exc:
-            error = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
-            session.send({**error, "port": port})
+            self._refuse(session, message, exc.code, exc.message)
             return
+        except Exception:
+            log.exception("kill failed", extra={"port": port})
+            self._refuse(session, message, "internal", f"the server failed to kill port {port}")
+            return
+        finally:
+            self._in_flight.discard(port)
         log.info("killed port", extra={"port": port, "pids": result.pids, "escalated": result.escalated})
         if not result.closed:
-            error = ProtocolError("still_open", f"port {port} is still open after SIGKILL", self.name, message.id)
-            session.send({**error.to_message(), "port": port})
+            self._refuse(session, message, "still_open", f"port {port} is still open after SIGKILL")
