@@ -18,6 +18,7 @@ BENCHES = [
     ["bench/burst.py", "--pairs", "10000", "--pages", "64"],
     ["bench/idle.py", "--seconds", "60"],
     ["bench/snapshot.py", "--listeners", "10000", "--connections", "20000"],
+    ["bench/server.py", "--cycles", "500", "--clients", "1000", "--rounds", "20"],
 ]
 
 

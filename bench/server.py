@@ -204,10 +204,14 @@ def main():
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--only", choices=("one", "fanout", "slow"), default=None)
     args = parser.parse_args()
-    one_client(args.cycles)
-    fanout(args.clients, args.rounds)
-    slow_reader(args.cycles)
+    if args.only in (None, "one"):
+        one_client(args.cycles)
+    if args.only in (None, "fanout"):
+        fanout(args.clients, args.rounds)
+    if args.only in (None, "slow"):
+        slow_reader(args.cycles)
 
 
 if __name__ == "__main__":

@@ -156,8 +156,23 @@ class Session(tornado.websocket.WebSocketHandler):
         connection = self.ws_connection
         if connection is None or connection.is_closing() or connection.stream.closed():
             return
+        stream = connection.stream
+        if not stream.writing():
+            # Nothing queued: hand the frame to the kernel now. This is the common case, and it
+            # costs one send(), no Future: 1,000 clients get a port event in a fraction of the
+            # time IOStream.write takes. What the kernel does not take goes through the stream,
+            # which keeps the order.
+            try:
+                sent = stream.socket.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return  # the stream notices the dead socket on its own
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         try:
-            future = connection.stream.write(frame)
+            future = stream.write(frame)
         except tornado.iostream.StreamClosedError:
             return
         size = len(frame) + PENDING_OVERHEAD
