@@ -281,12 +281,13 @@ def test_stalled_reader_is_dropped_alone(serve, listeners):
     assert _closed_by_server(stalled, within=5.0)
 
 
-def test_sigterm_closes_clients_with_1001_and_exits_0(serve):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_closes_clients_with_1001_and_exits_0(serve, signum):
     server = serve()
     with server.connect() as ws:
         opens(ws)
         started = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signum)
         with pytest.raises(ConnectionClosed) as caught:
             while True:
                 ws.recv(timeout=3)
