@@ -76,6 +76,18 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
     raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
 
 
+def terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after 5 s; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class Watcher:
     """`aether ports watch` in a subprocess; its JSON lines collected by a thread."""
 
@@ -151,14 +163,7 @@ class Watcher:
                 return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 @pytest.fixture
@@ -296,14 +301,7 @@ class Server:
         return connect(f"{self.url}?token={self.token}", **kw)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 @pytest.fixture
