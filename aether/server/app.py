@@ -117,7 +117,7 @@ def banner(settings: Settings) -> str:
             f"  token:         {settings.token}   (from {settings.token_source})",
             f"  connect:       wscat -c {url} -s Bearer -s {settings.token}",
             f"  or:            wscat -c \"{url}?token={settings.token}\"",
-            f"  previews:      {settings.preview_url_for(0).replace('0-', '{port}-', 1)}",
+            f"  previews:      {settings.preview_url_pattern}",
         ]
     )
 

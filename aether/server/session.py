@@ -1,11 +1,12 @@
 """One client's WebSocket: authentication, frames to the protocol layer, and sending with a
 write deadline so a client that stops reading is dropped alone.
 
-Frames are written straight to the connection's stream (see :func:`text_frame`); Tornado
-buffers them there, and a write's future resolves once its bytes reach the socket. A session keeps its unfinished writes in order and arms one timer for
-the oldest: if that write has not completed after ``write_timeout`` seconds, or the unsent
-bytes exceed ``MAX_PENDING_BYTES``, the connection is aborted. Nothing is armed while nothing
-is pending.
+A frame goes straight to the socket when nothing is queued before it (see
+:meth:`Session.send_frame`); otherwise Tornado's stream buffers it, and its future resolves once
+its bytes reach the socket. A session keeps those unfinished writes in order and arms one timer
+for the oldest: if it has not completed after ``write_timeout`` seconds, or the pending charge
+exceeds ``MAX_PENDING_BYTES``, the connection is aborted. Nothing is armed while nothing is
+pending.
 """
 
 from __future__ import annotations

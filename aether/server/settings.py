@@ -48,10 +48,15 @@ class Settings:
     def ws_path(self) -> str:
         return f"/workspaces/{self.workspace_id}/ws"
 
-    def preview_url_for(self, port: int) -> str:
+    def preview_url_for(self, port: int | str) -> str:
         return self.preview_url.format(
             port=port, prefix=self.project_prefix, domain=self.preview_domain, server_port=self.port
         )
+
+    @property
+    def preview_url_pattern(self) -> str:
+        """The preview URL with everything but ``{port}`` filled in."""
+        return self.preview_url_for("{port}")
 
 
 #: name -> (type, default). ``None`` defaults are computed in :func:`resolve`.

@@ -42,9 +42,7 @@ class ConfigChannel:
             "workspaceId": settings.workspace_id,
             "projectIdPrefix": settings.project_prefix,
             "previewDomain": settings.preview_domain,
-            "previewUrl": settings.preview_url.replace("{prefix}", settings.project_prefix)
-            .replace("{domain}", settings.preview_domain)
-            .replace("{server_port}", str(settings.port)),
+            "previewUrl": settings.preview_url_pattern,
             "ignoredPorts": list(settings.ignored_ports),
             "serverPort": settings.port,
             "keepalive": {
