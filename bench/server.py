@@ -130,10 +130,12 @@ def one_client(cycles):
     base = listen_cycles(pipe_receive, cycles, port)
     stop(watcher)
     proc, sport, token = start_server()
-    with connect(f"ws://127.0.0.1:{sport}/workspaces/bench/ws", subprotocols=["Bearer", token]) as ws:
-        time.sleep(0.3)
-        ws_result = listen_cycles(ws_receiver(ws), cycles, port)
-    stop(proc)
+    try:
+        with connect(f"ws://127.0.0.1:{sport}/workspaces/bench/ws", subprotocols=["Bearer", token]) as ws:
+            time.sleep(0.3)
+            ws_result = listen_cycles(ws_receiver(ws), cycles, port)
+    finally:
+        stop(proc)
     print(f"{'aether ports watch, pipe (baseline)':<44} open:  {fmt(base[0])}")
     print(f"{'':<44} close: {fmt(base[1])}")
     print(f"{'aether serve, one WebSocket client':<44} open:  {fmt(ws_result[0])}")
@@ -142,6 +144,13 @@ def one_client(cycles):
 
 def fanout(clients, rounds):
     proc, sport, token = start_server()
+    try:
+        _fanout(proc, sport, token, clients, rounds)
+    finally:
+        stop(proc)
+
+
+def _fanout(proc, sport, token, clients, rounds):
     time.sleep(0.5)
     rss_before = rss_kib(proc.pid)
     client = subprocess.Popen(
@@ -171,7 +180,6 @@ def fanout(clients, rounds):
         client.stdin.flush()
         client.stdout.readline()
     client.kill()
-    stop(proc)
     print(f"{clients} clients, {rounds} port opens: listen() -> open frame at each client: {fmt(summary(latencies))}; missing {missing}")
     print(f"server RSS: {rss_before / 1024:.1f} MiB idle, {rss_after / 1024:.1f} MiB with {clients} idle connections "
           f"= {(rss_after - rss_before) / clients:.1f} KiB per connection", flush=True)
@@ -187,15 +195,17 @@ def slow_reader(cycles):
     for label in ("alone", "beside a client that never reads"):
         proc, sport, token = start_server()
 
-        handle = types.SimpleNamespace(port=sport, token=token, workspace="bench")
-        stalled = _raw_upgrade(handle, rcvbuf=4096) if label != "alone" else None
-        port = free_port()
-        with connect(f"ws://127.0.0.1:{sport}/workspaces/bench/ws", subprotocols=["Bearer", token]) as ws:
-            time.sleep(0.3)
-            results[label] = listen_cycles(ws_receiver(ws), cycles, port)
-        if stalled:
-            stalled.close()
-        stop(proc)
+        try:
+            handle = types.SimpleNamespace(port=sport, token=token, workspace="bench")
+            stalled = _raw_upgrade(handle, rcvbuf=4096) if label != "alone" else None
+            port = free_port()
+            with connect(f"ws://127.0.0.1:{sport}/workspaces/bench/ws", subprotocols=["Bearer", token]) as ws:
+                time.sleep(0.3)
+                results[label] = listen_cycles(ws_receiver(ws), cycles, port)
+            if stalled:
+                stalled.close()
+        finally:
+            stop(proc)
         print(f"reader {label:<36} open: {fmt(results[label][0])}", flush=True)
 
 

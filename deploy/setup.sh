@@ -106,9 +106,13 @@ if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
 fi
 
 # wscat, the WebSocket client the README shows, installed locally (not globally) from npm.
-if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/wscat ]; then
-    say "installing wscat into .tools/"
-    npm install --silent --no-audit --no-fund --prefix .tools wscat@6 >&2 ||
+# Version 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (seed 001's command) as
+# given; wscat 5 and 6 (ws 8) refuse a subprotocol containing ", " before connecting.
+WSCAT_VERSION=4.0.1
+if command -v npm >/dev/null &&
+    ! grep -qs "\"version\": \"$WSCAT_VERSION\"" .tools/node_modules/wscat/package.json; then
+    say "installing wscat $WSCAT_VERSION into .tools/"
+    npm install --silent --no-audit --no-fund --prefix .tools "wscat@$WSCAT_VERSION" >&2 ||
         say "npm could not install wscat; the wscat tests will fail"
 fi
 

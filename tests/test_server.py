@@ -335,9 +335,7 @@ def test_wscat_connects_both_ways(serve, how):
         pytest.fail("wscat is missing: deploy/setup.sh installs it into .tools/")
     server = serve()
     if how == "header":
-        # wscat 6 (ws 8) refuses the one-argument form -s "Bearer, TOKEN" before connecting;
-        # repeating -s sends the very header seed 001 describes: "Bearer, TOKEN".
-        args = ["-c", server.url, "-s", "Bearer", "-s", server.token]
+        args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # seed 001's command, as given
     else:
         args = ["-c", f"{server.url}?token={server.token}"]
     # wscat quits at once when its stdin ends: keep it open until wscat is done.

@@ -115,7 +115,7 @@ def banner(settings: Settings) -> str:
             f"aether serving workspace {settings.workspace_id} on http://{host}:{settings.port}",
             f"  WebSocket URL: {url}",
             f"  token:         {settings.token}   (from {settings.token_source})",
-            f"  connect:       wscat -c {url} -s Bearer -s {settings.token}",
+            f"  connect:       wscat -c {url} -s \"Bearer, {settings.token}\"",
             f"  or:            wscat -c \"{url}?token={settings.token}\"",
             f"  previews:      {settings.preview_url_pattern}",
         ]
