@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from conftest import ROOT, free_port, proc_comm, recv_json, recv_until, wait_for
 
@@ -350,3 +351,18 @@ def test_wscat_connects_both_ways(serve, how):
     replies = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any(r.get("type") == "config" and r.get("id") == "w" for r in replies), (out, err)
     assert any(r.get("type") == "open" and "url" in r for r in replies)
+
+
+def test_connection_cap_counts_websockets(serve):
+    server = serve("--max-connections", "3")
+    with contextlib.ExitStack() as held:
+        for _ in range(3):
+            held.enter_context(server.connect())
+        # Closed at once: the client notices while reading the response or still writing.
+        with pytest.raises((InvalidHandshake, ConnectionClosed)):
+            with server.connect(open_timeout=3):
+                pass
+    time.sleep(0.3)
+    with server.connect() as ws:  # room again once they are gone
+        ws.send('{"channel": "config", "type": "get"}')
+        assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"

@@ -39,15 +39,19 @@ HTTP_LIMITS = {
     "idle_connection_timeout": 10.0,  # also the time allowed to send the request headers
     "body_timeout": 10.0,
 }
-MAX_CONNECTIONS = 10000
 
 
 class BoundedHTTPServer(tornado.httpserver.HTTPServer):
-    """Refuses connections beyond ``MAX_CONNECTIONS`` (HTTP and WebSocket alike) instead of
-    running the process out of file descriptors."""
+    """Refuses connections beyond ``limit`` instead of running the process out of file
+    descriptors. Tornado forgets a connection once it is upgraded, so the WebSocket sessions
+    are counted from the hub."""
+
+    limit = 10000
+    hub: Hub | None = None
 
     def handle_stream(self, stream, address) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
+        sessions = len(self.hub.sessions) if self.hub is not None else 0
+        if len(self._connections) + sessions >= self.limit:
             stream.close()
             return
         super().handle_stream(stream, address)
@@ -135,6 +139,7 @@ async def serve(settings: Settings) -> int:
         return 1
     server = WorkspaceServer(settings, monitor)
     http = BoundedHTTPServer(server.application(), **HTTP_LIMITS)
+    http.limit, http.hub = settings.max_connections, server.hub
     try:
         http.listen(settings.port, settings.host)
     except OSError as exc:

@@ -33,6 +33,7 @@ class Settings:
     write_timeout: float
     max_message_bytes: int
     send_buffer_bytes: int
+    max_connections: int
     kill_grace: float
 
     @property
@@ -78,6 +79,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # The kernel would otherwise grow a stalled client's send buffer to net.ipv4.tcp_wmem's
     # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
     "send_buffer_bytes": (int, 256 << 10),
+    "max_connections": (int, 10000),
     "kill_grace": (float, 5.0),
 }
 
@@ -121,6 +123,8 @@ def resolve(args: argparse.Namespace) -> Settings:
     for name in ("ping_interval", "pong_timeout", "write_timeout"):
         if not values[name] > 0:
             raise ValueError(f"{name} must be positive, not {values[name]}")
+    if values["max_connections"] < 1:
+        raise ValueError("max_connections must be at least 1")
     if not 1 <= values["prefix_length"] <= 32:
         raise ValueError("prefix_length must be 1-32")
     workspace_id = values["workspace_id"] or socket.gethostname()
