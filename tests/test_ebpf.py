@@ -96,3 +96,18 @@ def test_idle_watcher_is_never_woken():
         assert after - before <= 1, f"{after - before} wake-ups in 2 s of idling"
     finally:
         w.stop()
+
+
+def test_idle_server_without_clients_is_never_woken(tmp_path):
+    """No keepalive timer without sessions, no polling: `aether serve` sleeps until needed."""
+    from conftest import Server
+
+    server = Server("ebpf", tmp_path / "state")
+    try:
+        time.sleep(0.5)
+        before = _context_switches(server.proc.pid)
+        time.sleep(2.0)
+        after = _context_switches(server.proc.pid)
+        assert after - before <= 1, f"{after - before} wake-ups in 2 s of idling"
+    finally:
+        server.stop()
