@@ -55,7 +55,7 @@ LEVELS = ("debug", "info", "warning", "error")
 
 def setup(level: str = "info") -> None:
     if level.lower() not in LEVELS:
-        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+        raise ValueError(f"--log-level / AETHER_LOG_LEVEL must be one of {', '.join(LEVELS)}, not {level!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -44,6 +44,10 @@ if [ "$(id -u)" = 0 ]; then
     if [ ! -e "/lib/modules/$KERNEL/build" ]; then
         mapfile -t -O "${#need[@]}" need < <(missing_debs "linux-headers-$ARCH")
     fi
+    # npm (for wscat) and venv support, only where missing: a Node.js that bundles npm, or a
+    # Python that has ensurepip, would conflict with or not need Debian's packages.
+    command -v npm >/dev/null || need+=(npm)
+    python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
     [ "${#need[@]}" -eq 0 ] || apt_install "${need[@]}"
 
     # bcc compiles against /lib/modules/$KERNEL/build. Where the running kernel ships no

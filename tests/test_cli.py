@@ -163,7 +163,7 @@ print(r.returncode); print(r.stdout, end="")
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--log-level", "loud", "ports", "list"], {}, "log level must be one of"),
+        (["--log-level", "loud", "ports", "list"], {}, "AETHER_LOG_LEVEL must be one of"),
         (["ports", "watch"], {"AETHER_EBPF_PAGES": "3"}, "AETHER_EBPF_PAGES must be a power of two"),
         (["ports", "watch"], {"AETHER_EBPF_BUFFER": "ringg"}, "AETHER_EBPF_BUFFER must be"),
         (["ports", "watch"], {"AETHER_BACKEND": "magic"}, "AETHER_BACKEND must be"),

@@ -87,6 +87,14 @@ def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> list[i
     mine = set(protected) & set(pids)
     if mine:
         raise KillRefused("forbidden", f"port {port} is held by pid {min(mine)}, the caller's own process")
+    for pid in pids:
+        # Before any signal: a refusal must not leave some holders already signalled.
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            raise KillRefused("forbidden", f"port {port} is held by pid {pid}, which we may not signal") from None
+        except ProcessLookupError:
+            pass
     return pids
 
 

@@ -17,6 +17,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
+from aether import config
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.server.channels.config import ConfigChannel
@@ -131,7 +132,13 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    monitor = PortMonitor(backend=settings.backend, ignored=settings.monitor_ignored)
+    monitor = PortMonitor(
+        backend=settings.backend,
+        ignored=settings.monitor_ignored,
+        interval=config.sockdiag_interval(),
+        ebpf_buffer=config.ebpf_buffer(),
+        ebpf_pages=config.ebpf_pages(),
+    )
     try:
         await monitor.start()
     except ProbeUnavailable as exc:

@@ -2,8 +2,8 @@
 
 Keepalive is ours, not Tornado's: Tornado 6.5+ clamps ``websocket_ping_timeout`` to the ping
 interval, and seed 001 wants pings every 45 s with a 120 s pong timeout. One timer serves every
-session; it ticks at most every quarter of the pong timeout, so a dead client is dropped within
-125% of the timeout.
+session, set for the next ping or the earliest pong deadline, whichever comes first; none runs
+while no client is connected.
 """
 
 from __future__ import annotations

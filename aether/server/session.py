@@ -125,6 +125,7 @@ class Session(tornado.websocket.WebSocketHandler):
         log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.server.hub.sessions)})
 
     def on_message(self, frame: Union[str, bytes]) -> None:
+        message = None
         try:
             message = protocol.parse(frame)
             self.server.dispatch(self, message)
@@ -132,7 +133,9 @@ class Session(tornado.websocket.WebSocketHandler):
             self.send(exc.to_message())
         except Exception:
             log.exception("message handling failed")
-            self.send(protocol.ProtocolError("internal", "the server failed to handle this message").to_message())
+            channel, id_ = (message.channel, message.id) if message else (None, None)
+            error = protocol.ProtocolError("internal", "the server failed to handle this message", channel, id_)
+            self.send(error.to_message())
 
     def on_pong(self, data: bytes) -> None:
         self.last_pong = time.monotonic()

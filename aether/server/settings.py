@@ -87,7 +87,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, default) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        shown = "generated" if default is None else default
+        shown = {"workspace_id": "the host name", "token_file": "none"}.get(name, "generated once" if default is None else default)
         parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")
     parser.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default ~/.local/state/aether)")
     parser.add_argument("--ignore", default=None, help="ignored ports (env AETHER_IGNORED_PORTS; default 22,2222,3001)")
@@ -117,16 +117,17 @@ def resolve(args: argparse.Namespace) -> Settings:
         value = _pick(name, kind, args, file)
         values[name] = default if value is None else value
     if not 1 <= values["port"] <= 65535:
-        raise ValueError(f"port must be 1-65535, not {values['port']}")
+        raise ValueError(f"--port / AETHER_PORT must be 1-65535, not {values['port']}")
     if values["backend"] not in ("auto", "ebpf", "sockdiag"):
-        raise ValueError(f"backend must be auto, ebpf or sockdiag, not {values['backend']!r}")
+        raise ValueError(f"--backend / AETHER_BACKEND must be auto, ebpf or sockdiag, not {values['backend']!r}")
     for name in ("ping_interval", "pong_timeout", "write_timeout"):
         if not values[name] > 0:
-            raise ValueError(f"{name} must be positive, not {values[name]}")
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} / AETHER_{name.upper()} must be positive, not {values[name]}")
     if values["max_connections"] < 1:
-        raise ValueError("max_connections must be at least 1")
+        raise ValueError("--max-connections / AETHER_MAX_CONNECTIONS must be at least 1")
     if not 1 <= values["prefix_length"] <= 32:
-        raise ValueError("prefix_length must be 1-32")
+        raise ValueError("--prefix-length / AETHER_PREFIX_LENGTH must be 1-32")
     workspace_id = values["workspace_id"] or socket.gethostname()
     project_id = values["project_id"] or state.project_id()
     token_file = values.pop("token_file")
