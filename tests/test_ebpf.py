@@ -85,15 +85,19 @@ def _context_switches(pid: int) -> int:
     return total
 
 
+def _assert_never_woken(pid: int, seconds: float = 2.0) -> None:
+    time.sleep(0.5)
+    before = _context_switches(pid)
+    time.sleep(seconds)
+    woken = _context_switches(pid) - before
+    assert woken <= 1, f"{woken} wake-ups in {seconds:g} s of idling"
+
+
 def test_idle_watcher_is_never_woken():
     """No timer: with no port changing, the process does not run at all."""
     w = Watcher("ebpf")
     try:
-        time.sleep(0.5)
-        before = _context_switches(w.proc.pid)
-        time.sleep(2.0)
-        after = _context_switches(w.proc.pid)
-        assert after - before <= 1, f"{after - before} wake-ups in 2 s of idling"
+        _assert_never_woken(w.proc.pid)
     finally:
         w.stop()
 
@@ -104,10 +108,6 @@ def test_idle_server_without_clients_is_never_woken(tmp_path):
 
     server = Server("ebpf", tmp_path / "state")
     try:
-        time.sleep(0.5)
-        before = _context_switches(server.proc.pid)
-        time.sleep(2.0)
-        after = _context_switches(server.proc.pid)
-        assert after - before <= 1, f"{after - before} wake-ups in 2 s of idling"
+        _assert_never_woken(server.proc.pid)
     finally:
         server.stop()
