@@ -82,23 +82,7 @@ def _ports_list(args, ignored) -> int:
 
     with sockdiag.DiagSocket() as diag:
         raw = [row for row in diag.raw() if row[1] not in ignored]
-    holders = procs.port_holders(raw)
-    addresses: dict[int, set[str]] = {}
-    for _family, port, address, _inode in raw:
-        addresses.setdefault(port, set()).add(address)
-    result = []
-    for port in sorted(addresses):
-        pids = holders.get(port, [])
-        pid = procs.owner(pids)
-        result.append(
-            {
-                "port": port,
-                "pid": pid,
-                "process": procs.process_name(pid),
-                "addresses": sorted(addresses[port]),
-                "pids": pids,
-            }
-        )
+    result = [state.to_json() for state in procs.port_states(raw)]
     if args.json:
         print(ujson.dumps(result))
         return 0
@@ -188,7 +172,7 @@ def _ports_kill(args, ignored) -> int:
         if args.grace < 0:
             raise KillRefused("invalid", "--grace must not be negative")
         result = asyncio.run(
-            kill_port(args.port, sig, args.grace, ignored=ignored, protected={os.getppid()})
+            kill_port(args.port, sig, args.grace, ignored=ignored)
         )
     except KillRefused as exc:
         if args.json:

@@ -153,15 +153,8 @@ class PortMonitor:
     def ports(self) -> list[PortState]:
         """The ports open now, each with its owner and every living holder's pid."""
         raw = self._diag.raw() if self._diag is not None else []
-        holders = procs.port_holders(raw, self.table.ports())
-        states = []
-        for port in self.table.ports():
-            listeners = self.table.listeners(port)
-            pids = holders.get(port, [])
-            pid = next((l.pid for l in listeners if l.pid in pids), None) or procs.owner(pids)
-            addresses = tuple(sorted({listener.address for listener in listeners}))
-            states.append(PortState(port, pid, procs.process_name(pid), addresses, tuple(pids)))
-        return states
+        recorded = {port: [l.pid for l in self.table.listeners(port)] for port in self.table.ports()}
+        return procs.port_states(raw, self.table.ports(), recorded)
 
     async def wait_closed(self, port: int, timeout: float) -> bool:
         """True once ``port`` is not open (at once if it is not), False after ``timeout``."""

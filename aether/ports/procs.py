@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+from aether.ports.events import PortState
+
 
 def process_name(pid: Optional[int]) -> Optional[str]:
     """The process's name (``/proc/<pid>/comm`` of its main thread), or None if unknowable.
@@ -119,6 +121,29 @@ def port_holders(raw: Iterable[tuple], ports: Optional[Iterable[int]] = None) ->
     for inode, pids in socket_holders(inode_port).items():
         result[inode_port[inode]].update(pid for pid in pids if is_alive(pid))
     return {port: sorted(pids) for port, pids in result.items()}
+
+
+def port_states(
+    raw: Iterable[tuple],
+    ports: Optional[Iterable[int]] = None,
+    recorded: Optional[dict[int, list]] = None,
+) -> list[PortState]:
+    """The listening ports of a sock_diag dump, each with its owner, process name, bound
+    addresses and every living holder. The owner is a ``recorded`` pid (the process a probe saw
+    call ``listen()``) while it still holds the port, else :func:`owner` of the holders."""
+    raw = list(raw)
+    wanted = None if ports is None else set(ports)
+    addresses: dict[int, set[str]] = {}
+    for _family, port, address, _inode in raw:
+        if wanted is None or port in wanted:
+            addresses.setdefault(port, set()).add(address)
+    holders = port_holders(raw, addresses)
+    states = []
+    for port in sorted(addresses):
+        pids = holders.get(port, [])
+        pid = next((p for p in (recorded or {}).get(port, ()) if p in pids), None) or owner(pids)
+        states.append(PortState(port, pid, process_name(pid), tuple(sorted(addresses[port])), tuple(pids)))
+    return states
 
 
 def ancestors(pid: int) -> list[int]:
