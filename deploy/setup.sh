@@ -11,9 +11,10 @@ VENV=${AETHER_VENV:-.venv}
 KERNEL=$(uname -r)
 ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 
-# Debian packages: bcc and its tools, kernel headers for bcc's compiler, and the real servers
-# the tests listen with (nginx, node; python's http.server needs nothing).
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs)
+# Debian packages: bcc and its tools, kernel headers for bcc's compiler, the real servers the
+# tests listen with (nginx, node; python's http.server needs nothing), the browser the preview
+# tests drive (chromium) and the load generator of the benchmarks (wrk).
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium wrk)
 
 missing_debs() {
     local pkg
@@ -109,15 +110,18 @@ if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
     say "exposed Debian's bcc to $VENV"
 fi
 
-# wscat, the WebSocket client the README shows, installed locally (not globally) from npm.
-# Version 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (seed 001's command) as
+# wscat, the WebSocket client the README shows, and ws, the WebSocket server of the preview
+# tests' node app, installed locally (not globally) from npm.
+# wscat 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (seed 001's command) as
 # given; wscat 5 and 6 (ws 8) refuse a subprotocol containing ", " before connecting.
 WSCAT_VERSION=4.0.1
-if command -v npm >/dev/null &&
-    ! grep -qs "\"version\": \"$WSCAT_VERSION\"" .tools/node_modules/wscat/package.json; then
-    say "installing wscat $WSCAT_VERSION into .tools/"
-    npm install --silent --no-audit --no-fund --prefix .tools "wscat@$WSCAT_VERSION" >&2 ||
-        say "npm could not install wscat; the wscat tests will fail"
+WS_VERSION=8.18.3
+if command -v npm >/dev/null && {
+    ! grep -qs "\"version\": \"$WSCAT_VERSION\"" .tools/node_modules/wscat/package.json ||
+        ! grep -qs "\"version\": \"$WS_VERSION\"" .tools/node_modules/ws/package.json; }; then
+    say "installing wscat $WSCAT_VERSION and ws $WS_VERSION into .tools/"
+    npm install --silent --no-audit --no-fund --prefix .tools "wscat@$WSCAT_VERSION" "ws@$WS_VERSION" >&2 ||
+        say "npm could not install wscat and ws; the wscat and node WebSocket tests will fail"
 fi
 
 # One line on how ports will be watched.

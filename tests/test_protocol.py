@@ -105,7 +105,7 @@ def test_valid_messages_and_id_echo():
         "channel": "ports",
         "type": "error",
         "code": "unknown_type",
-        "message": "unknown type for channel ports; one of kill",
+        "message": "unknown type for channel ports; one of kill, visibility",
         "id": 7,
     }
 

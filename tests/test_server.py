@@ -52,6 +52,7 @@ def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
         "process": proc_comm(http.pid),
         "addresses": ["127.0.0.1"],
         "url": f"http://{port}-{prefix}.preview.localhost:{server.port}",
+        "visibility": "private",
     }
     assert 3001 not in current and 22 not in current
 

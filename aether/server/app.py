@@ -12,6 +12,7 @@ import errno
 import logging
 import signal
 import sys
+import re
 import time
 
 import tornado.httpserver
@@ -20,9 +21,12 @@ import tornado.web
 from aether import config
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
+from aether.preview.proxy import PreviewProxy
+from aether.preview.visibility import Visibility
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.hub import Hub
+from aether.server.listener import SharedListener
 from aether.server.protocol import Message
 from aether.server.session import Session
 from aether.server.settings import Settings
@@ -40,22 +44,6 @@ HTTP_LIMITS = {
     "idle_connection_timeout": 10.0,  # also the time allowed to send the request headers
     "body_timeout": 10.0,
 }
-
-
-class BoundedHTTPServer(tornado.httpserver.HTTPServer):
-    """Refuses connections beyond ``limit`` instead of running the process out of file
-    descriptors. Tornado forgets a connection once it is upgraded, so the WebSocket sessions
-    are counted from the hub."""
-
-    limit = 10000
-    hub: Hub | None = None
-
-    def handle_stream(self, stream, address) -> None:
-        sessions = len(self.hub.sessions) if self.hub is not None else 0
-        if len(self._connections) + sessions >= self.limit:
-            stream.close()
-            return
-        super().handle_stream(stream, address)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -78,6 +66,15 @@ class HealthHandler(tornado.web.RequestHandler):
         self.write({"status": "ok"})
 
 
+class MisdirectedHandler(tornado.web.RequestHandler):
+    """A preview host on a connection that began with an API request (see ``listener``)."""
+
+    def prepare(self) -> None:
+        self.set_status(421)
+        self.set_header("Connection", "close")
+        self.finish({"error": "misdirected", "message": "open a new connection for a preview host"})
+
+
 class NotFoundHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.set_status(404)
@@ -92,10 +89,11 @@ class WorkspaceServer:
         self.monitor = monitor
         self.state = StateDir(settings.state_dir)
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
+        self.visibility = Visibility(settings.preview_public_ports)
         self.channels = {"ports": PortsChannel(self), "config": ConfigChannel(self)}
 
     def application(self) -> tornado.web.Application:
-        return tornado.web.Application(
+        app = tornado.web.Application(
             [
                 (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
                 (r"/healthz", HealthHandler),
@@ -103,6 +101,9 @@ class WorkspaceServer:
             default_handler_class=NotFoundHandler,
             log_function=log_request,
         )
+        domain = re.escape(self.settings.preview_domain)
+        app.add_handlers(rf"(?i)\d{{1,5}}-[a-z0-9]+\.{domain}$", [(r".*", MisdirectedHandler)])
+        return app
 
     def on_open(self, session: Session) -> None:
         for channel in self.channels.values():
@@ -145,10 +146,17 @@ async def serve(settings: Settings) -> int:
         print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
         return 1
     server = WorkspaceServer(settings, monitor)
-    http = BoundedHTTPServer(server.application(), **HTTP_LIMITS)
-    http.limit, http.hub = settings.max_connections, server.hub
+    http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
+    previews = server.previews = PreviewProxy(settings, monitor, server.visibility)
+    listener = SharedListener(
+        http,
+        previews.protocol,
+        lambda host: previews.gate.preview_host(host) is not None,
+        settings.max_connections,
+        lambda: len(previews.connections),
+    )
     try:
-        http.listen(settings.port, settings.host)
+        listener.listen(settings.port, settings.host)
     except OSError as exc:
         monitor.stop()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
@@ -161,7 +169,8 @@ async def serve(settings: Settings) -> int:
     )
     await stop.wait()
     started = time.monotonic()
-    http.stop()
+    listener.stop()
+    previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})

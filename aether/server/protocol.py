@@ -50,6 +50,10 @@ def _port(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
+def _visibility(value: Any) -> bool:
+    return value in ("private", "public")
+
+
 def _object(value: Any) -> bool:
     return isinstance(value, dict)
 
@@ -57,6 +61,10 @@ def _object(value: Any) -> bool:
 #: (channel, type) -> {field: (check, what the field must be)}. Fields not listed are ignored.
 SCHEMAS: dict[tuple[str, str], dict[str, tuple[Callable[[Any], bool], str]]] = {
     ("ports", "kill"): {"port": (_port, "an integer 1-65535")},
+    ("ports", "visibility"): {
+        "port": (_port, "an integer 1-65535"),
+        "visibility": (_visibility, '"private" or "public"'),
+    },
     ("config", "get"): {},
     ("config", "set"): {"config": (_object, "an object of keys to new values")},
 }

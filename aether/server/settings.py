@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aether import config
+from aether.preview import visibility
 from aether.server.state import StateDir, default_state_dir
 
 
@@ -35,6 +36,9 @@ class Settings:
     send_buffer_bytes: int
     max_connections: int
     kill_grace: float
+    preview_timeout: float
+    preview_upstream_host: str
+    preview_public_ports: frozenset[int] = frozenset()
 
     @property
     def monitor_ignored(self) -> frozenset[int]:
@@ -81,6 +85,11 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "send_buffer_bytes": (int, 256 << 10),
     "max_connections": (int, 10000),
     "kill_grace": (float, 5.0),
+    # Without a byte either way for this long, a proxied request ends (504 before the response).
+    "preview_timeout": (float, 60.0),
+    # "localhost" sends Host: localhost:{port} upstream (dev servers refuse unknown hosts);
+    # "original" passes the preview host on.
+    "preview_upstream_host": (str, "localhost"),
 }
 
 
@@ -126,6 +135,10 @@ def resolve(args: argparse.Namespace) -> Settings:
             raise ValueError(f"{flag} / AETHER_{name.upper()} must be positive, not {values[name]}")
     if values["max_connections"] < 1:
         raise ValueError("--max-connections / AETHER_MAX_CONNECTIONS must be at least 1")
+    if not values["preview_timeout"] > 0:
+        raise ValueError("--preview-timeout / AETHER_PREVIEW_TIMEOUT must be positive")
+    if values["preview_upstream_host"] not in ("localhost", "original"):
+        raise ValueError("--preview-upstream-host / AETHER_PREVIEW_UPSTREAM_HOST must be localhost or original")
     if not 1 <= values["prefix_length"] <= 32:
         raise ValueError("--prefix-length / AETHER_PREFIX_LENGTH must be 1-32")
     workspace_id = values["workspace_id"] or socket.gethostname()
@@ -153,7 +166,12 @@ def resolve(args: argparse.Namespace) -> Settings:
             raise ValueError(f"{state.config_path}: ignored_ports: {exc}") from None
     else:
         ignored = config.DEFAULT_IGNORED_PORTS
+    try:
+        public = visibility.load(file.get("preview_public_ports", []))
+    except ValueError as exc:
+        raise ValueError(f"{state.config_path}: {exc}") from None
     values.update(
+        preview_public_ports=public,
         workspace_id=workspace_id,
         project_id=project_id,
         token=token,

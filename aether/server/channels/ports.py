@@ -1,4 +1,5 @@
-"""The ``ports`` channel (seed 000): ``open``/``close`` to every client, and ``kill``.
+"""The ``ports`` channel (seed 000): ``open``/``close`` to every client, ``kill``, and
+``visibility`` (private or public preview) per port.
 
 Each event is encoded once and the same text is written to every session. A new session first
 gets an ``open`` for every port already listening; both happen synchronously with the event
@@ -35,6 +36,7 @@ class PortsChannel:
         message = event.to_message()
         if event.type == OPEN:
             message["url"] = self.server.settings.preview_url_for(event.port)
+            message["visibility"] = self.server.visibility.of(event.port)
         return message
 
     def _on_event(self, event: PortEvent) -> None:
@@ -49,6 +51,27 @@ class PortsChannel:
             task = asyncio.ensure_future(self._kill(session, message))
             self._kills.add(task)
             task.add_done_callback(self._kills.discard)
+        elif message.type == "visibility":
+            self._set_visibility(session, message)
+
+    def _set_visibility(self, session: "Session", message: Message) -> None:
+        """Persist, apply, then tell every client; a state dir that cannot be written
+        changes nothing."""
+        port, value = message.body["port"], message.body["visibility"]
+        visibility = self.server.visibility
+        public = visibility.changed(port, value)
+        try:
+            self.server.state.save_config({"preview_public_ports": sorted(public)})
+        except OSError as exc:
+            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
+        visibility.public = public
+        log.info("preview visibility", extra={"port": port, "visibility": value})
+        changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
+        for other in list(self.server.hub.sessions):
+            if other is session and message.id is not None:
+                other.send({**changed, "id": message.id})
+            else:
+                other.send(changed)
 
     def _refuse(self, session: "Session", message: Message, code: str, text: str) -> None:
         error = ProtocolError(code, text, self.name, message.id).to_message()

@@ -1,0 +1,275 @@
+"""What to do with one preview request, decided from its head alone: forward it (and how), or
+answer it here. No I/O, so every rule can be tested and fuzzed without sockets.
+
+The checks run in this order, each answering on failure:
+
+1. exactly one ``Host``, an origin-form target (400);
+2. the Host is a preview host, ``{port}-{prefix}.{previewDomain}[:port]`` (421: this
+   connection only serves previews), of this project (404), for a port that is not ignored
+   and not the server's own (403);
+3. the request has not been through this proxy already (508);
+4. ``?token=`` equal to the workspace token: a cookie for this preview host and a redirect to
+   the same URL without it;
+5. a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
+   cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
+6. the port must be open now (502, a page that reloads itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from typing import TYPE_CHECKING, Optional, Union
+from urllib.parse import unquote_to_bytes
+
+from aether.preview import headers as h
+from aether.preview import pages
+from aether.preview.visibility import PUBLIC, Visibility
+
+if TYPE_CHECKING:
+    from aether.ports.events import Listener
+
+COOKIE = b"aether_preview"
+_MAX_CACHED_HOSTS = 1024
+
+
+class Forward:
+    """Send ``head`` (then the body) to ``address``:``port``."""
+
+    __slots__ = ("port", "address", "head", "has_body", "chunked")
+
+    def __init__(self, port: int, address: str, head: bytes):
+        self.has_body = self.chunked = False
+        self.port = port
+        self.address = address
+        self.head = head
+
+
+class Answer:
+    """Answer with ``response`` (complete bytes); ``close`` the connection afterwards."""
+
+    __slots__ = ("status", "response", "close", "has_body", "chunked")
+
+    def __init__(self, status: int, response: bytes, close: bool = False):
+        self.has_body = self.chunked = False
+        self.status = status
+        self.response = response
+        self.close = close
+
+
+def upstream_address(listeners: "list[Listener]") -> Optional[str]:
+    """Where to connect for a port: a loopback address when a listener accepts on one (a
+    wildcard does), else the specific local address a listener is bound to."""
+    best, best_rank = None, 9
+    for listener in listeners:
+        address = listener.address
+        if address == "0.0.0.0" or address.startswith("127."):
+            rank, target = 0, ("127.0.0.1" if address == "0.0.0.0" else address)
+        elif address in ("::", "::1"):
+            rank, target = 1, "::1"
+        elif address.startswith("::ffff:") and "." in address:
+            rank, target = 2, address[7:]
+        else:
+            rank, target = 2, address
+        if rank < best_rank:
+            best, best_rank = target, rank
+    return best
+
+
+def _redirect_path(target: bytes, token: bytes) -> Optional[bytes]:
+    """``target`` without ``token=<the workspace token>``, or None when it has no such pair.
+
+    Other query pairs keep their exact encoding. Leading slashes and backslashes collapse to
+    one slash so the result cannot be read as ``//other-host``.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return None
+    kept, found = [], False
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token" and hmac.compare_digest(
+            unquote_to_bytes(value.replace(b"+", b" ")), token
+        ):
+            found = True
+        else:
+            kept.append(pair)
+    if not found:
+        return None
+    path = b"/" + path.lstrip(b"/\\")
+    return path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+class Gate:
+    """Decides for one workspace; ``settings`` and ``monitor`` are read live, so a change of
+    ignored ports or a port opening applies to the next request."""
+
+    def __init__(self, settings, monitor, visibility: Visibility):
+        self.settings = settings
+        self.monitor = monitor
+        self.visibility = visibility
+        self.token = settings.token.encode()
+        self._prefix = settings.project_prefix.lower().encode()
+        self._host = re.compile(
+            rb"(\d{1,5})-([A-Za-z0-9]{1,64})\.(" + re.escape(settings.preview_domain.encode()) + rb")(?::(\d{1,5}))?",
+            re.IGNORECASE,
+        )
+        self._hosts: dict[bytes, Optional[tuple]] = {}
+        self._addresses: dict[int, Optional[str]] = {}  # port -> upstream address, until it changes
+        self._cookies: dict[bytes, bytes] = {}
+        #: Marks requests this process forwarded, so one that comes back is a loop.
+        self.via = b"1.1 aether-" + secrets.token_hex(6).encode()
+        self._original_host = settings.preview_upstream_host == "original"
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def preview_host(self, host: bytes) -> Optional[tuple]:
+        """(port, prefix matches, host name, port part) for a preview Host value, else None."""
+        try:
+            return self._hosts[host]
+        except KeyError:
+            pass
+        match = self._host.fullmatch(host)
+        if match is None:
+            parsed = None
+        else:
+            port, prefix, _, port_part = match.groups()
+            name = host.rpartition(b":")[0] if port_part else host
+            parsed = (int(port), prefix.lower() == self._prefix, name.lower(), port_part or b"80")
+        if len(self._hosts) >= _MAX_CACHED_HOSTS:
+            self._hosts.clear()
+        self._hosts[host] = parsed
+        return parsed
+
+    def cookie_value(self, host_name: bytes) -> bytes:
+        """The cookie for one preview host: derived from the token, so it opens that host's
+        previews and nothing else (not the WebSocket API, not another port)."""
+        value = self._cookies.get(host_name)
+        if value is None:
+            value = hmac.new(self.token, b"aether-preview:" + host_name, hashlib.sha256).hexdigest().encode()
+            if len(self._cookies) >= _MAX_CACHED_HOSTS:
+                self._cookies.clear()
+            self._cookies[host_name] = value
+        return value
+
+    def _has_cookie(self, cookie_headers: list[bytes], host_name: bytes) -> bool:
+        expected = self.cookie_value(host_name)
+        for header in cookie_headers:
+            for pair in header.split(b";"):
+                name, _, value = pair.strip().partition(b"=")
+                if name == COOKIE and hmac.compare_digest(value, expected):
+                    return True
+        return False
+
+    def _is_ours(self, authorization: bytes) -> bool:
+        return authorization[:7].lower() == b"bearer " and hmac.compare_digest(authorization[7:].strip(), self.token)
+
+    def forget(self, port: int) -> None:
+        """The port opened, closed or refused: look its upstream address up again."""
+        self._addresses.pop(port, None)
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def _answer(self, status: int, title: str, text: str, head_only: bool, close: bool, extra=(), refresh=None) -> Answer:
+        body = pages.render(status, title, text, refresh)
+        return Answer(status, pages.response(status, body, extra, close, head_only=head_only), close)
+
+    def decide(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: h.Headers,
+        client_ip: str,
+        upgrade: bool,
+    ) -> Union[Forward, Answer]:
+        """What to do with a request whose head is ``method``, ``target`` and ``headers``."""
+        head = h.RequestHead(headers)
+        head_only = method == b"HEAD"
+        close = head.has_body or upgrade
+        decision = self._decide(method, target, head, client_ip, upgrade, head_only, close)
+        decision.has_body = head.has_body
+        decision.chunked = head.chunked
+        return decision
+
+    def _decide(self, method, target, head: h.RequestHead, client_ip, upgrade, head_only, close):
+        if len(head.hosts) != 1:
+            return self._answer(400, "Bad request", "A request needs exactly one Host header.", head_only, close)
+        host = head.hosts[0]
+        if not target.startswith(b"/") and not (method == b"OPTIONS" and target == b"*"):
+            return self._answer(400, "Bad request", "The proxy takes origin-form request targets only (a path, not a URL).", head_only, close)
+        parsed = self.preview_host(host)
+        if parsed is None:
+            text = f"This connection serves previews; {pages.escape(host)} is not one."
+            return self._answer(421, "Misdirected request", text, head_only, True)
+        port, prefix_ok, host_name, port_part = parsed
+        if not prefix_ok:
+            text = (
+                f"{pages.escape(host)} names another project: this workspace's previews are "
+                f"<code>{{port}}-{pages.escape(self._prefix)}.{pages.escape(self.settings.preview_domain)}</code>."
+            )
+            return self._answer(404, "No such preview", text, head_only, close)
+        if not 1 <= port <= 65535 or port in self.monitor.table.ignored or port == self.settings.port:
+            text = f"Port {port} is ignored by this workspace and is never proxied."
+            return self._answer(403, "Not previewable", text, head_only, close)
+        if head.via and self.via in head.via:
+            text = "This request has already been through this preview proxy: the app forwards it back here."
+            return self._answer(508, "Loop detected", text, head_only, close)
+
+        if b"token=" in target:
+            location = _redirect_path(target, self.token)
+            if location is not None:
+                status = 302 if method in (b"GET", b"HEAD") else 307
+                cookie = b"%s=%s; Path=/; HttpOnly; SameSite=Lax" % (COOKIE, self.cookie_value(host_name))
+                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie.decode())]
+                return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
+
+        # The app's own credentials go on; ours never do.
+        authorization = [value for value in head.authorization if not self._is_ours(value)]
+        bearer = len(authorization) != len(head.authorization)
+        cookie = head.cookie
+        if cookie and any(COOKIE in value for value in cookie):
+            cookie = [c for c in (h.without_cookie(value, COOKIE) for value in cookie) if c]
+            has_cookie = self._has_cookie(head.cookie, host_name)
+        else:
+            has_cookie = False
+        if port not in self.visibility.public and not bearer:
+            if not has_cookie:
+                text = (
+                    "Open it once with <code>?token=</code> and the workspace token, or send "
+                    "<code>Authorization: Bearer</code> with it. The owner can make the port "
+                    "public through the ports channel."
+                )
+                extra = [("WWW-Authenticate", 'Bearer realm="aether preview"')]
+                return self._answer(401, "This preview is private", text, head_only, close, extra)
+            if upgrade and not self._same_origin(head.origin, host):
+                text = "A WebSocket authenticated by the preview cookie must come from a page of the same preview host."
+                return self._answer(403, "Cross-origin WebSocket refused", text, head_only, close)
+
+        address = self._addresses.get(port)
+        if address is None and port in self.monitor.table:
+            address = self._addresses[port] = upstream_address(self.monitor.table.listeners(port))
+        if address is None:
+            return self._answer(502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close, refresh=pages.REFRESH_SECONDS)
+        upstream_head = head.upstream(
+            method,
+            target,
+            host=host if self._original_host else b"localhost:%d" % port,
+            client_ip=client_ip,
+            forwarded_host=host,
+            forwarded_port=port_part,
+            proto=b"http",
+            via=self.via,
+            upgrade=upgrade,
+            authorization=authorization,
+            cookie=cookie,
+        )
+        return Forward(port, address, upstream_head)
+
+    @staticmethod
+    def _same_origin(origins: list[bytes], host: bytes) -> bool:
+        if len(origins) != 1:
+            return False
+        scheme, sep, rest = origins[0].partition(b"://")
+        return bool(sep) and scheme.lower() in (b"http", b"https") and rest.lower() == host.lower()

@@ -1,0 +1,286 @@
+"""Connections to the apps being previewed, and the pool that keeps them alive between requests.
+
+An :class:`Upstream` is bound to one browser connection while a request is in flight: it
+parses the response with ``httptools``, rewrites its head (:func:`headers.response_head`) and
+writes head and body to the browser as they arrive. After a ``101`` both connections become
+a byte tunnel. A finished connection the app keeps alive goes back to the :class:`Pool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Optional
+
+import httptools
+
+from aether.preview import headers as h
+
+if TYPE_CHECKING:
+    from aether.preview.proxy import ClientConnection
+
+#: Idle pooled connections per upstream address, and how long one may stay idle.
+POOL_SIZE = 64
+POOL_IDLE_SECONDS = 30.0
+
+
+class Upstream(asyncio.Protocol):
+    """One connection to an app; see the module docstring."""
+
+    def __init__(self, pool: "Pool", key: tuple[str, int]):
+        self.pool = pool
+        self.key = key
+        self.transport: Optional[asyncio.Transport] = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: Optional["ClientConnection"] = None
+        self.closed = False
+        self.reused = False
+        self.tunnel = False
+        self.idle_since = 0.0
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._out: list[bytes] = []  # bytes for the browser, written once per read
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.started = False  # a head went to the browser
+        self._raw = b""  # bytes received since the last head, while one is awaited
+        self._want_head = True
+        self.chunked_out = False
+        self.until_close = False  # the app delimits the body by closing
+        self.informational = False
+        self.finished_early = False  # a body-less response finished at its head
+
+    # -- binding to a browser connection ---------------------------------------------------
+
+    def bind(self, client: "ClientConnection") -> None:
+        self.client = client
+        self._reset_response()
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if self.tunnel:
+            client.transport.write(data)
+            return
+        if client is None:
+            # Bytes from an idle pooled connection: the app broke the framing. Drop it.
+            self.abort()
+            return
+        client.last_activity = client.loop.time()
+        if self._want_head:
+            self._raw += data
+        try:
+            self.parser.feed_data(data)
+            if self._out:
+                self._flush()
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0]:]
+            if rest and self.client is not None:
+                self.client.transport.write(rest)
+        except httptools.HttpParserCallbackError:
+            client.proxy.log.exception("preview response handling failed")
+            self._fail("the proxy failed while relaying the response")
+        except httptools.HttpParserError as exc:
+            self._fail(f"the app sent a malformed response: {exc}")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pool.discard(self)
+        client = self.client
+        if client is None:
+            return
+        if self.tunnel:
+            self.client = None
+            client.transport.close()
+        elif self.until_close and self.started:
+            self._finish(keep=False)
+        else:
+            self._fail("the app closed the connection before it finished its response")
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading("upstream")
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        status = self.parser.get_status_code()
+        raw = self._raw
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            self._fail("the app sent a response head without CRLF line ends")
+            return
+        head = h.ResponseHead(raw[:end])
+        self._raw = raw[end + 4:]
+        if status < 200 and status != 101:
+            self.informational = True
+            self._out.append(head.for_client())
+            return
+        self._want_head = False
+        self._raw = b""
+        cycle = client.active
+        if status == 101:
+            if not cycle.upgrade:
+                self._fail("the app switched protocols on a request that asked for no upgrade")
+                return
+            self._out.append(head.for_client(upgrade=True))
+            self._flush()
+            self.started = self.tunnel = True
+            client.start_tunnel(self)
+            return
+        no_body = cycle.head_only or status == 204 or status == 304
+        close = cycle.close or cycle.upgrade
+        if not no_body:
+            if head.chunked:
+                self.chunked_out = True
+            elif not head.has_length:
+                self.until_close = True
+                self.chunked_out = True
+            if self.chunked_out and cycle.http10:
+                # An HTTP/1.0 browser reads to the end of the connection instead.
+                self.chunked_out = False
+                close = True
+        self.started = True
+        self._out.append(head.for_client(chunked=self.chunked_out, close=close))
+        client.close_after = close
+        if no_body:
+            self.finished_early = True
+            keep = self.parser.should_keep_alive()
+            # httptools cannot be told a HEAD's response has no body: a fresh parser reads
+            # the next response.
+            self.parser = None
+            self._finish(keep=keep)
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None:
+            self._out.append(h.chunk(body) if self.chunked_out else body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.finished_early or self.tunnel or self.client is None:
+            return
+        if self.chunked_out:
+            self._out.append(h.LAST_CHUNK)
+        self._finish(keep=not self.until_close and self.parser.should_keep_alive())
+
+    # -- ends -------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.client is not None:
+            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _finish(self, keep: bool) -> None:
+        self._flush()
+        client, self.client = self.client, None
+        if client.active is not None and not client.active.complete:
+            keep = False  # the app answered before the whole request body arrived
+        if keep and not self.closed:
+            self.pool.put(self)
+        elif not self.closed:
+            self.closed = True
+            self.transport.close()
+        client.cycle_done(self)
+
+    def _fail(self, why: str) -> None:
+        self._out = []
+        client, self.client = self.client, None
+        self.abort()
+        if client is not None:
+            client.upstream_failed(self, why)
+
+    # -- idle expiry in the pool ------------------------------------------------------------
+
+    def arm_idle_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is None:
+            self._timer = loop.call_at(self.idle_since + POOL_IDLE_SECONDS, self._idle_check, loop)
+
+    def _idle_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self.closed or self.client is not None or self.tunnel:
+            return
+        due = self.idle_since + POOL_IDLE_SECONDS
+        if loop.time() >= due:
+            self.pool.discard(self)
+            self.closed = True
+            self.transport.close()
+        else:
+            self._timer = loop.call_at(due, self._idle_check, loop)
+
+
+class Pool:
+    """Idle keep-alive connections per (address, port), newest first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.idle: dict[tuple[str, int], list[Upstream]] = {}
+
+    def take(self, key: tuple[str, int]) -> Optional[Upstream]:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    def put(self, conn: Upstream) -> None:
+        conns = self.idle.setdefault(conn.key, [])
+        if len(conns) >= POOL_SIZE:
+            conn.closed = True
+            conn.transport.close()
+            return
+        conn.idle_since = self.loop.time()
+        conns.append(conn)
+        conn.arm_idle_timer(self.loop)
+
+    def discard(self, conn: Upstream) -> None:
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close_port(self, port: int) -> None:
+        """Close every idle connection to ``port`` (it stopped listening)."""
+        for key in [k for k in self.idle if k[1] == port]:
+            for conn in self.idle.pop(key):
+                conn.closed = True
+                conn.transport.close()
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.closed = True
+                conn.transport.close()
+        self.idle.clear()
