@@ -1,0 +1,204 @@
+"""The preview proxy's decisions and head rewriting, without sockets: every request head gets
+a Forward or an Answer, never an exception, and nothing but a local listener is ever a target."""
+
+from __future__ import annotations
+
+import socket
+import types
+
+import httptools
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from aether.ports.events import Listener
+from aether.ports.table import PortTable
+from aether.preview import headers as h
+from aether.preview.gate import Answer, Forward, Gate, _redirect_path, upstream_address
+from aether.preview.visibility import Visibility
+from aether.server.listener import first_host
+
+TOKEN = "s3cret-token"
+HOST = b"3000-abc123.preview.localhost:3001"
+
+
+def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),)) -> Gate:
+    table = PortTable(ignored)
+    for i, (address, port) in enumerate(listeners):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        table.add(Listener(("sk", i), port, family, address))
+    settings = types.SimpleNamespace(
+        token=TOKEN, project_prefix="abc123", preview_domain="preview.localhost",
+        preview_upstream_host="localhost", port=3001,
+    )
+    return Gate(settings, types.SimpleNamespace(table=table), Visibility(public))
+
+
+def decide(gate, target=b"/", headers=None, method=b"GET", upgrade=False):
+    headers = [(b"Host", HOST)] if headers is None else headers
+    return gate.decide(method, target, headers, "127.0.0.1", upgrade)
+
+
+def status(decision) -> int:
+    return decision.status if isinstance(decision, Answer) else 0
+
+
+BEARER = (b"Authorization", b"Bearer " + TOKEN.encode())
+
+
+def test_routing_decisions():
+    gate = make_gate()
+    assert status(decide(gate, headers=[(b"Host", b"3000-zzz999.preview.localhost:3001"), BEARER])) == 404
+    assert status(decide(gate, headers=[(b"Host", b"22-abc123.preview.localhost"), BEARER])) == 403
+    assert status(decide(gate, headers=[(b"Host", b"3001-abc123.preview.localhost"), BEARER])) == 403
+    assert status(decide(gate, headers=[(b"Host", b"4000-abc123.preview.localhost"), BEARER])) == 502
+    assert status(decide(gate, headers=[(b"Host", b"localhost:3001"), BEARER])) == 421
+    assert status(decide(gate, headers=[BEARER])) == 400
+    assert status(decide(gate, headers=[(b"Host", HOST), (b"Host", HOST), BEARER])) == 400
+    assert status(decide(gate, b"http://127.0.0.1:22/", [(b"Host", HOST), BEARER])) == 400
+    forward = decide(gate, headers=[(b"Host", b"3000-ABC123.Preview.Localhost:3001"), BEARER])
+    assert isinstance(forward, Forward) and (forward.address, forward.port) == ("127.0.0.1", 3000)
+
+
+def test_private_public_and_credentials():
+    gate = make_gate()
+    assert status(decide(gate)) == 401
+    assert status(decide(gate, headers=[(b"Host", HOST), (b"Authorization", b"Bearer wrong")])) == 401
+    assert status(decide(make_gate(public=[3000]))) == 0
+    forward = decide(gate, headers=[(b"Host", HOST), (b"authorization", b"bearer " + TOKEN.encode())])
+    assert isinstance(forward, Forward) and TOKEN.encode() not in forward.head
+    cookie = b"aether_preview=" + gate.cookie_value(b"3000-abc123.preview.localhost")
+    forward = decide(gate, headers=[(b"Host", HOST), (b"Cookie", b"a=1; " + cookie + b"; b=2"), (b"Authorization", b"Basic eA==")])
+    assert b"Cookie: a=1; b=2\r\n" in forward.head and b"Authorization: Basic eA==\r\n" in forward.head
+    assert cookie not in forward.head
+    # Another preview host's cookie opens nothing here.
+    other = b"aether_preview=" + gate.cookie_value(b"4000-abc123.preview.localhost")
+    assert status(decide(gate, headers=[(b"Host", HOST), (b"Cookie", other)])) == 401
+
+
+def test_cookie_upgrades_need_the_same_origin():
+    gate = make_gate()
+    cookie = (b"Cookie", b"aether_preview=" + gate.cookie_value(b"3000-abc123.preview.localhost"))
+    ws = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+    cross = decide(gate, headers=[(b"Host", HOST), cookie, (b"Origin", b"http://evil.example"), *ws], upgrade=True)
+    assert status(cross) == 403 and cross.close
+    assert status(decide(gate, headers=[(b"Host", HOST), cookie, *ws], upgrade=True)) == 403
+    same = decide(gate, headers=[(b"Host", HOST), cookie, (b"Origin", b"http://" + HOST), *ws], upgrade=True)
+    assert isinstance(same, Forward)
+    assert b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in same.head
+    # Bearer-authenticated upgrades (not a browser's ambient credential) need no Origin.
+    assert isinstance(decide(gate, headers=[(b"Host", HOST), BEARER, *ws], upgrade=True), Forward)
+
+
+def test_token_in_the_query_redirects_with_a_cookie():
+    gate = make_gate()
+    answer = decide(gate, b"/a/b?x=1&token=" + TOKEN.encode() + b"&y=%20")
+    assert answer.status == 302
+    assert b"Location: /a/b?x=1&y=%20\r\n" in answer.response
+    assert b"HttpOnly" in answer.response and TOKEN.encode() not in answer.response.split(b"Location")[1]
+    assert decide(gate, b"/?token=" + TOKEN.encode(), method=b"POST").status == 307
+    assert status(decide(gate, b"/?token=other")) == 401
+    assert _redirect_path(b"/\\\\evil.example/?token=" + TOKEN.encode(), TOKEN.encode()) == b"/evil.example/"
+    assert _redirect_path(b"/?token=" + TOKEN.encode() + b"x", TOKEN.encode()) is None
+
+
+def test_upstream_address_prefers_loopback():
+    def addr(*addresses):
+        return upstream_address([Listener(i, 1, socket.AF_INET, a) for i, a in enumerate(addresses)])
+
+    assert addr("0.0.0.0") == "127.0.0.1"
+    assert addr("::") == "::1"
+    assert addr("10.0.2.15") == "10.0.2.15"
+    assert addr("10.0.2.15", "::1") == "::1"
+    assert addr("::ffff:127.0.0.1") == "127.0.0.1"
+    assert addr() is None
+
+
+def test_request_head_rewriting():
+    head = h.RequestHead(
+        [
+            (b"Host", HOST), (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"TE", b"trailers"),
+            (b"X-Forwarded-For", b"10.0.0.1"), (b"X-Forwarded-Host", b"evil"), (b"Via", b"1.0 edge"),
+            (b"Transfer-Encoding", b"chunked"), (b"X-App", b"kept"),
+        ]
+    )
+    assert head.chunked and head.has_body
+    out = head.upstream(b"POST", b"/p", host=b"localhost:3000", client_ip="127.0.0.1", forwarded_host=HOST,
+                        forwarded_port=b"3001", proto=b"http", via=b"1.1 aether-x", upgrade=False)
+    lines = out.split(b"\r\n")
+    assert lines[0] == b"POST /p HTTP/1.1" and lines[1] == b"Host: localhost:3000" and out.endswith(b"\r\n\r\n")
+    assert b"X-App: kept" in lines and b"Transfer-Encoding: chunked" in lines
+    assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.1" in lines and b"X-Forwarded-Host: " + HOST in lines
+    assert b"Via: 1.0 edge, 1.1 aether-x" in lines
+    for gone in (b"X-Hop", b"TE", b"Connection", b"evil"):
+        assert not any(line.startswith(gone) or line.endswith(gone) for line in lines), gone
+
+
+def test_response_head_rewriting():
+    raw = (b"HTTP/1.0 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-Secret\r\n"
+           b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: 1")
+    head = h.ResponseHead(raw)
+    assert head.chunked and not head.has_length
+    out = head.for_client(chunked=True, close=True)
+    assert out == (b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Kept: 1\r\n"
+                   b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    upgrade = h.ResponseHead(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: hmr")
+    assert upgrade.for_client(upgrade=True).endswith(b"Sec-WebSocket-Protocol: hmr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+
+
+def test_first_host_classifies_without_consuming():
+    assert first_host(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == (True, b"a")
+    assert first_host(b"GET / HTTP/1.1\r\nX: 1\r\nhOsT:  b.c:1 \r\n") == (True, b"b.c:1")
+    assert first_host(b"GET / HTTP/1.1\r\nX: 1\r\n\r\n") == (True, None)
+    assert first_host(b"GET / HTTP/1.1\r\nHo") == (False, None)
+    assert first_host(b"GET / HT") == (False, None)
+    assert first_host(b"\x16\x03\x01\x02\x00") == (True, None)  # a TLS hello goes to the API side
+    assert first_host(b"GET / SPDY/3\r\n") == (True, None)
+
+
+# -- fuzzing: raw bytes through httptools into the gate -------------------------------------
+
+header_names = st.sampled_from([b"Host", b"Authorization", b"Cookie", b"Origin", b"Via", b"Connection", b"Upgrade",
+                                b"Transfer-Encoding", b"Content-Length", b"X-Forwarded-For", b"X-A"])
+header_values = st.sampled_from([HOST, b"Bearer " + TOKEN.encode(), b"aether_preview=x", b"http://" + HOST, b"",
+                                 b"keep-alive, X-A", b"websocket", b"chunked", b"0", b"3000-abc123.preview.localhost@evil"]) | st.binary(max_size=20)
+targets = st.sampled_from([b"/", b"/?token=" + TOKEN.encode(), b"//x?token=" + TOKEN.encode(), b"http://x/", b"*", b"/%2e%2e/"]) | st.binary(min_size=1, max_size=20)
+
+
+class Collect:
+    def __init__(self):
+        self.url, self.headers, self.done = b"", [], False
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.headers.append((name, value))
+
+    def on_headers_complete(self):
+        self.done = True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT"]), targets, st.lists(st.tuples(header_names, header_values), max_size=8))
+def test_fuzzed_heads_never_raise_and_only_target_the_local_listener(method, target, headers):
+    raw = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+    collect = Collect()
+    parser = httptools.HttpRequestParser(collect)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        return  # the proxy answers 400 before the gate
+    if not collect.done:
+        return
+    decision = make_gate().decide(parser.get_method(), collect.url, collect.headers, "127.0.0.1", parser.should_upgrade())
+    if isinstance(decision, Forward):
+        assert (decision.address, decision.port) == ("127.0.0.1", 3000)
+        first, _, rest = decision.head.partition(b"\r\n")
+        assert TOKEN.encode() not in first  # not in the target
+        assert b"authorization: bearer " + TOKEN.lower().encode() not in rest.lower()
+        assert decision.head.count(b"\r\n\r\n") == 1 and decision.head.endswith(b"\r\n\r\n")
+    else:
+        assert decision.response.startswith(b"HTTP/1.1 %d " % decision.status)
+        assert b"<script" not in decision.response.lower()
