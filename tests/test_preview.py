@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,21 @@ def server(tmp_path_factory):
     srv = Server("ebpf", tmp_path_factory.mktemp("preview"), "--project-id", PROJECT)
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of the test's own, with extra flags."""
+    need_ebpf()
+    started = []
+
+    def start(*flags):
+        started.append(Server("ebpf", tmp_path / f"state{len(started)}", "--project-id", PROJECT, *flags))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 def host(server: Server, port: int, prefix: str = PREFIX) -> str:
@@ -139,15 +155,11 @@ def test_upstream_sees_a_clean_request(server, app):
     assert server.token not in json.dumps(report)
 
 
-def test_original_host_passes_when_configured(tmp_path, app):
-    need_ebpf()
-    srv = Server("ebpf", tmp_path / "state", "--project-id", PROJECT, "--preview-upstream-host", "original")
-    try:
-        port = app()
-        wait_open(srv, port)
-        assert echo(srv, port)["h"]["host"] == host(srv, port)
-    finally:
-        srv.stop()
+def test_original_host_passes_when_configured(own_server, app):
+    srv = own_server("--preview-upstream-host", "original")
+    port = app()
+    wait_open(srv, port)
+    assert echo(srv, port)["h"]["host"] == host(srv, port)
 
 
 def test_wrong_prefix_ignored_own_and_closed_ports(server):
@@ -356,26 +368,22 @@ def test_one_gigabyte_each_way_in_bounded_memory(server, app):
 # -- failures -------------------------------------------------------------------------------
 
 
-def test_crashing_partial_and_slow_upstreams(tmp_path, app):
-    need_ebpf()
-    srv = Server("ebpf", tmp_path / "state", "--project-id", PROJECT, "--preview-timeout", "1")
-    try:
-        port = app()
-        wait_open(srv, port)
-        status, _, body = request(srv, port, path="/crash")
-        assert status == 502 and b"Traceback" not in body
-        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
-        conn.request("GET", "/partial", headers={"Host": host(srv, port), "Authorization": f"Bearer {srv.token}"})
-        reply = conn.getresponse()
-        with pytest.raises(http.client.IncompleteRead):
-            reply.read()
-        started = time.monotonic()
-        status, _, body = request(srv, port, path=f"/slow?flag={tmp_path / 'unused'}")
-        assert status == 504 and time.monotonic() - started < 5
-        # The proxy still serves afterwards.
-        assert echo(srv, port)["method"] == "GET"
-    finally:
-        srv.stop()
+def test_crashing_partial_and_slow_upstreams(own_server, app, tmp_path):
+    srv = own_server("--preview-timeout", "1")
+    port = app()
+    wait_open(srv, port)
+    status, _, body = request(srv, port, path="/crash")
+    assert status == 502 and b"Traceback" not in body
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+    conn.request("GET", "/partial", headers={"Host": host(srv, port), "Authorization": f"Bearer {srv.token}"})
+    reply = conn.getresponse()
+    with pytest.raises(http.client.IncompleteRead):
+        reply.read()
+    started = time.monotonic()
+    status, _, body = request(srv, port, path=f"/slow?flag={tmp_path / 'unused'}")
+    assert status == 504 and time.monotonic() - started < 5
+    # The proxy still serves afterwards.
+    assert echo(srv, port)["method"] == "GET"
 
 
 def test_client_going_away_closes_the_upstream(server, app, tmp_path):
@@ -489,3 +497,22 @@ def test_chromium_loads_a_preview_and_its_websocket(server, ws_app, tmp_path):
     assert done[0]["cookie"] is None  # the preview cookie never reaches the app
     connections = [json.loads(l) for l in out.read_text().splitlines() if '"connection"' in l]
     assert connections and connections[0]["origin"] == f"http://{host(server, port)}"
+
+
+def test_pipelined_requests_are_answered_in_order(server, app):
+    port = app()
+    wait_open(server, port)
+    head = f"GET /echo?n={{}} HTTP/1.1\r\nHost: {host(server, port)}\r\nAuthorization: Bearer {server.token}\r\n"
+    data = "".join(head.format(i) + "\r\n" for i in range(40)) + head.format(40) + "Connection: close\r\n\r\n"
+    reply = raw_exchange(server, data.encode())
+    targets = [m.decode() for m in re.findall(rb'"target": "([^"]+)"', reply)]
+    assert targets == [f"/echo?n={i}" for i in range(41)]
+
+
+def test_preview_host_on_an_api_connection_is_misdirected(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read() and True
+    conn.request("GET", "/", headers={"Host": host(server, 8080), "Authorization": f"Bearer {server.token}"})
+    reply = conn.getresponse()
+    assert reply.status == 421 and json.loads(reply.read())["error"] == "misdirected"

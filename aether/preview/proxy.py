@@ -18,22 +18,25 @@ import asyncio
 import collections
 import logging
 import socket
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import httptools
 
-from aether.ports.events import CLOSE, PortEvent
 from aether.preview import headers as h
 from aether.preview import pages
-from aether.preview.gate import Answer, Forward, Gate
-from aether.preview.upstream import Pool, Upstream
-from aether.preview.visibility import Visibility
+from aether.preview.gate import Answer, Forward
+from aether.preview.upstream import Upstream
+
+if TYPE_CHECKING:
+    from aether.preview.service import PreviewProxy
 
 log = logging.getLogger("aether.preview")
 
 MAX_HEAD_BYTES = 64 << 10
 #: Request bytes held while the upstream connection is made or a pipelined request waits.
 MAX_BUFFERED = 1 << 20
+#: Requests parsed ahead of their turn (HTTP pipelining) before reading pauses.
+MAX_QUEUED = 16
 #: ``open`` can reach a client a few microseconds before the socket accepts: a refused
 #: connect to an open port is retried this long.
 CONNECT_RETRY_SECONDS = 0.5
@@ -208,6 +211,8 @@ class ClientConnection(asyncio.Protocol):
         self.queue.append(cycle)
         if self.active is None:
             self._start(cycle)
+        elif len(self.queue) > MAX_QUEUED:
+            self.pause_reading("pipeline")
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
@@ -338,18 +343,20 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             self._start(self.queue[0])
+        if len(self.queue) <= MAX_QUEUED:
+            self.resume_reading("pipeline")
 
     def _refuse(self, status: int, title: str, text: str) -> None:
         """Answer a request that cannot be parsed or is too large, and close."""
         if self.active is not None:
-            self._abort()
+            self.abort()
             return
         body = pages.render(status, title, text)
         self.transport.write(pages.response(status, body, close=True))
         self.closed = True
         self.transport.close()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         cycle = self.active
         if cycle is not None and cycle.upstream is not None:
             cycle.upstream.client = None
@@ -365,7 +372,6 @@ class ClientConnection(asyncio.Protocol):
         if self.early:
             up.transport.write(b"".join(self.early))
             self.early = []
-        self.proxy.tunnels += 1
 
     # -- the one timer ----------------------------------------------------------------------
 
@@ -398,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
             return
         up = cycle.upstream
         if up is not None and up.started:
-            self._abort()
+            self.abort()
             return
         if up is not None:
             cycle.upstream = None
@@ -406,39 +412,3 @@ class ClientConnection(asyncio.Protocol):
             up.abort()
         port = cycle.forward.port if cycle.forward is not None else 0
         self._fail(cycle, 504, "Upstream timeout", f"Port {port} did not answer within {self.proxy.timeout:g} s.")
-
-
-class PreviewProxy:
-    """The preview proxy of one workspace: the gate, the upstream pool and the connections."""
-
-    def __init__(self, settings, monitor, visibility: Visibility):
-        self.loop = asyncio.get_running_loop()
-        self.gate = Gate(settings, monitor, visibility)
-        self.pool = Pool(self.loop)
-        self.timeout = settings.preview_timeout
-        self.tick = min(HEADER_TIMEOUT, self.timeout)
-        self.connections: set[ClientConnection] = set()
-        self.tunnels = 0
-        self._tasks: set[asyncio.Task] = set()
-        self._unsubscribe = monitor.subscribe(self._on_event)
-
-    def protocol(self) -> ClientConnection:
-        return ClientConnection(self)
-
-    def spawn(self, coro) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _on_event(self, event: PortEvent) -> None:
-        self.gate.forget(event.port)
-        if event.type == CLOSE:
-            self.pool.close_port(event.port)
-
-    def close_all(self) -> None:
-        self._unsubscribe()
-        for conn in list(self.connections):
-            conn._abort()
-        for task in list(self._tasks):
-            task.cancel()
-        self.pool.close_all()

@@ -21,7 +21,7 @@ import tornado.web
 from aether import config
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
-from aether.preview.proxy import PreviewProxy
+from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.ports import PortsChannel

@@ -1,0 +1,46 @@
+"""The preview proxy of one workspace: what the connections share."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aether.ports.events import CLOSE, PortEvent
+from aether.preview.gate import Gate
+from aether.preview.proxy import HEADER_TIMEOUT, ClientConnection
+from aether.preview.upstream import Pool
+from aether.preview.visibility import Visibility
+
+
+class PreviewProxy:
+    """The preview proxy of one workspace: the gate, the upstream pool and the connections."""
+
+    def __init__(self, settings, monitor, visibility: Visibility):
+        self.loop = asyncio.get_running_loop()
+        self.gate = Gate(settings, monitor, visibility)
+        self.pool = Pool(self.loop)
+        self.timeout = settings.preview_timeout
+        self.tick = min(HEADER_TIMEOUT, self.timeout)
+        self.connections: set[ClientConnection] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._unsubscribe = monitor.subscribe(self._on_event)
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_event(self, event: PortEvent) -> None:
+        self.gate.forget(event.port)
+        if event.type == CLOSE:
+            self.pool.close_port(event.port)
+
+    def close_all(self) -> None:
+        self._unsubscribe()
+        for conn in list(self.connections):
+            conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        self.pool.close_all()

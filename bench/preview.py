@@ -1,0 +1,439 @@
+"""Preview proxy benchmarks: aether's preview URL against a direct connection and nginx, same run.
+
+1. Throughput: 1 KB GET, 50 keep-alive connections (wrk), to the upstream directly, through an
+   nginx reverse proxy with one worker (keep-alive upstream pool), and through aether.
+2. Latency at low load: one connection, wrk --latency; p50/p99 and what aether adds to p50.
+3. WebSocket echo round trips (a node `ws` server), directly and through aether's tunnel.
+4. Port opens -> first 200: a fresh listener process per try, a client looping GET through the
+   preview URL (502 until aether's monitor sees the port). Baseline: when the 1 s
+   /proc/net/tcp poller (bench/proc_poller.py) reports the same port, in the same tries.
+
+CPU pinning, the same for every contender: the proxy under test (the nginx proxy, aether) on
+CPU 1; wrk, the upstream nginx, the node server and the Python clients on CPU 0. Throughput and
+latency runs are interleaved (direct, nginx, aether, repeated) and the median run is reported.
+
+    .venv/bin/python bench/preview.py [--seconds 5] [--rounds 3] [--opens 20] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import PY, ROOT, percentile
+
+PROJECT_ID, PREFIX, TOKEN = "abc123def", "abc123", "secret"
+AUTH = f"Bearer {TOKEN}"
+CLIENT_CPU, PROXY_CPU = 0, 1
+NGINX = "/usr/sbin/nginx"
+NODE_PATH = str(ROOT / ".tools" / "node_modules")
+DEVNULL = subprocess.DEVNULL
+
+ECHO_JS = """
+const {WebSocketServer} = require('ws');
+const wss = new WebSocketServer({host: '127.0.0.1', port: Number(process.argv[2])});
+wss.on('listening', () => console.log('ready'));
+wss.on('connection', (ws) => ws.on('message', (data, isBinary) => ws.send(data, {binary: isBinary})));
+"""
+
+# The app of test 4: its clock reading right before listen() (CLOCK_MONOTONIC is system-wide, so
+# it compares with this process's), then keep-alive 200s. It listens when told to: on 2 CPUs, the
+# interpreter's ~20 ms start-up would otherwise share a CPU with the client or aether at the very
+# moment measured (a real app is done starting when it listens, too). Orphaned, it ends after 10 s.
+LISTENER_PY = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(10)
+sys.stdin.readline()
+t = time.monotonic()
+s.listen(64)
+print(repr(t), flush=True)
+while True:
+    conn, _ = s.accept()
+    conn.settimeout(10)
+    with conn:
+        buf = b""
+        while data := conn.recv(65536):
+            buf += data
+            while b"\r\n\r\n" in buf:
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+"""
+
+
+def on_cpu(cpu, cmd):
+    return ["taskset", "-c", str(cpu), *cmd]
+
+
+def free_port(avoid=()):
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+def wait_listening(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def read_line(fd, timeout, want=b""):
+    """The first line on ``fd`` containing ``want``, within ``timeout`` s (no buffering in the way)."""
+    deadline, buf = time.monotonic() + timeout, b""
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if want in line:
+                return line
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError(f"no line with {want!r}")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise EOFError(f"process ended before a line with {want!r}")
+        buf += chunk
+
+
+def nginx_conf(tmp, name, port, server, http_extra=""):
+    # Every path nginx writes goes into the temp dir; keepalive_requests is raised everywhere
+    # so wrk's connections (and the proxies' upstream ones) stay open for the whole run.
+    return f"""daemon off;
+worker_processes 1;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/{name}.body;
+    proxy_temp_path {tmp}/{name}.proxy;
+    fastcgi_temp_path {tmp}/{name}.fastcgi;
+    uwsgi_temp_path {tmp}/{name}.uwsgi;
+    scgi_temp_path {tmp}/{name}.scgi;
+    keepalive_requests 1000000;
+    {http_extra}
+    server {{
+        listen 127.0.0.1:{port};
+        {server}
+    }}
+}}
+"""
+
+
+class Bench:
+    """Owns the temp dir and every process started, so ``close`` can end them all."""
+
+    def __init__(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="aether-preview-bench-"))
+        os.chmod(self.tmp, 0o755)  # nginx workers run as nobody and read the static file here
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, cmd, **kwargs):
+        kwargs.setdefault("stdout", DEVNULL)
+        kwargs.setdefault("stderr", DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def end(self, proc):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self):
+        for proc in reversed(list(self.procs)):
+            self.end(proc)
+        subprocess.run(["rm", "-rf", str(self.tmp)])
+
+    def nginx(self, name, cpu, port, server, http_extra=""):
+        conf = self.tmp / f"{name}.conf"
+        conf.write_text(nginx_conf(self.tmp, name, port, server, http_extra))
+        master = self.spawn(on_cpu(cpu, [NGINX, "-p", str(self.tmp), "-e", str(self.tmp / f"{name}.error.log"),
+                                         "-c", str(conf)]))
+        wait_listening(port)
+        # The worker inherits the master's pinning; check it rather than trust it.
+        children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+        for pid in children:
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert re.search(rf"Cpus_allowed_list:\s+{cpu}\n", status), f"nginx worker {pid} not on CPU {cpu}"
+        return master
+
+    def aether(self):
+        port = free_port()
+        state = self.tmp / "aether-state"
+        state.mkdir()
+        proc = self.spawn(on_cpu(PROXY_CPU, [PY, "-m", "aether", "serve", "--port", str(port), "--state-dir", str(state),
+                                             "--project-id", PROJECT_ID, "--token", TOKEN, "--backend", "ebpf"]),
+                          stderr=subprocess.PIPE)
+        read_line(proc.stderr.fileno(), 60, b'"msg":"serving"')
+        # Keep draining the log so the server never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        return port
+
+
+def preview_host(port, aether_port):
+    return f"{port}-{PREFIX}.preview.localhost:{aether_port}"
+
+
+def preview_get(aether_port, port):
+    """One GET through the preview URL on a fresh connection (aether closes the connection after
+    its "nothing listening yet" 502): its status and when the status line came."""
+    conn = http.client.HTTPConnection("127.0.0.1", aether_port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": preview_host(port, aether_port), "Authorization": AUTH})
+        response = conn.getresponse()
+        arrived = time.monotonic()
+        response.read()
+        return response.status, arrived
+    finally:
+        conn.close()
+
+
+def wait_proxied(aether_port, port, timeout=10.0):
+    """Until aether answers something else than 502 (its monitor has seen ``port``)."""
+    deadline = time.monotonic() + timeout
+    while preview_get(aether_port, port)[0] == 502:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"aether does not proxy {port}")
+        time.sleep(0.02)
+
+
+def wrk(target, seconds, connections, latency=False):
+    url, headers = target
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", *(["--latency"] if latency else [])]
+    for header in headers:
+        cmd += ["-H", header]
+    out = subprocess.run(on_cpu(CLIENT_CPU, cmd + [url]), capture_output=True, text=True,
+                         timeout=seconds + 30, check=True).stdout
+    # A run full of 502s or resets would be a fast benchmark of an error page: refuse it.
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if bad:
+        raise RuntimeError(f"wrk {url}: {bad.group(0)}\n{out}")
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    percentiles = {int(q): float(v) * scale[u] for q, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), percentiles
+
+
+def interleaved(targets, rounds, run):
+    """``run(target)`` for every target, ``rounds`` times over, alternating; results per name."""
+    results = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, target in targets.items():
+            results[name].append(run(target))
+    return results
+
+
+def throughput(targets, seconds, rounds):
+    for target in targets.values():  # warm-up: pools filled, caches hot, before any figure counts
+        wrk(target, 1, 50)
+    runs = interleaved(targets, rounds, lambda t: wrk(t, seconds, 50)[0])
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"throughput: 1 KB GET, 50 keep-alive connections, wrk -t1 -c50 -d{seconds}s, "
+          f"median of {rounds} interleaved runs")
+    for name, values in runs.items():
+        print(f"  {name:<40} {medians[name]:>9,.0f} req/s   runs: {', '.join(f'{v:,.0f}' for v in values)}")
+    ratio = medians["aether preview proxy"] / medians["nginx proxy, 1 worker (baseline)"]
+    print(f"  aether / nginx = {ratio:.2f} (goal >= 0.5: {'met' if ratio >= 0.5 else 'missed'})", flush=True)
+
+
+def latency(targets, seconds, rounds):
+    runs = interleaved(targets, rounds, lambda t: wrk(t, seconds, 1, latency=True)[1])
+    print(f"latency: 1 connection, wrk -t1 -c1 -d{seconds}s --latency, median of {rounds} interleaved runs")
+    p50 = {}
+    for name, values in runs.items():
+        p50[name] = statistics.median(v[50] for v in values)
+        p99 = statistics.median(v[99] for v in values)
+        print(f"  {name:<40} p50={p50[name]:.3f} ms  p99={p99:.3f} ms")
+    added = p50["aether preview proxy"] - p50["upstream nginx, direct (baseline)"]
+    print(f"  aether adds to p50: {added:.3f} ms (goal <= 0.3 ms: {'met' if added <= 0.3 else 'missed'})", flush=True)
+
+
+def websocket_echo(bench, aether_port, trips, warmup):
+    from websockets.sync.client import connect
+
+    script = bench.tmp / "echo.js"
+    script.write_text(ECHO_JS)
+    port = free_port()
+    node = bench.spawn(on_cpu(CLIENT_CPU, ["node", str(script), str(port)]), stdout=subprocess.PIPE,
+                       env={**os.environ, "NODE_PATH": NODE_PATH})
+    read_line(node.stdout.fileno(), 10, b"ready")
+    wait_proxied(aether_port, port)
+
+    def nodelay_socket(p):
+        sock = socket.create_connection(("127.0.0.1", p))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    message = "x" * 32
+    times = {"direct (baseline)": [], "through aether": []}
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = {
+                "direct (baseline)": stack.enter_context(
+                    connect(f"ws://127.0.0.1:{port}/", sock=nodelay_socket(port), compression=None)),
+                "through aether": stack.enter_context(
+                    connect(f"ws://{preview_host(port, aether_port)}/", sock=nodelay_socket(aether_port),
+                            additional_headers={"Authorization": AUTH}, compression=None)),
+            }
+            # Alternating one round trip each way keeps the VM's noise the same for both.
+            for i in range(warmup + trips):
+                for name, ws in clients.items():
+                    t0 = time.perf_counter_ns()
+                    ws.send(message)
+                    assert ws.recv(timeout=5) == message
+                    if i >= warmup:
+                        times[name].append((time.perf_counter_ns() - t0) / 1e3)
+    finally:
+        bench.end(node)
+    print(f"websocket echo: 32-byte text message, {trips} sequential round trips after {warmup} warm-up, alternating")
+    for name, values in times.items():
+        print(f"  {name:<40} p50={percentile(values, 50):.0f} us  p99={percentile(values, 99):.0f} us")
+    added = (percentile(times["through aether"], 50) - percentile(times["direct (baseline)"], 50)) / 1e3
+    print(f"  aether adds to p50: {added:.3f} ms (goal <= 0.3 ms: {'met' if added <= 0.3 else 'missed'})", flush=True)
+
+
+class PollerClock:
+    """When the 1 s /proc/net/tcp poller first reports each port open (read in a thread, so the
+    arrival time is not that of whenever the main loop gets round to the pipe)."""
+
+    def __init__(self, proc):
+        self.seen: dict[int, float] = {}
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            msg = json.loads(line)
+            if msg["type"] == "open":
+                with self.changed:
+                    self.seen.setdefault(msg["port"], time.monotonic())
+                    self.changed.notify_all()
+
+    def wait(self, port, timeout):
+        with self.changed:
+            if not self.changed.wait_for(lambda: port in self.seen, timeout):
+                raise TimeoutError(f"the poller never reported {port}")
+            return self.seen[port]
+
+
+def first_200(aether_port, port, timeout=10.0):
+    """GET the preview URL back to back until a 200: when its status line came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, arrived = preview_get(aether_port, port)
+        except (OSError, http.client.HTTPException):
+            continue  # a connection cut as the port opened: ask again
+        if status == 200:
+            return arrived
+        if status != 502:
+            raise RuntimeError(f"preview answered {status}")
+    raise TimeoutError(f"no 200 through the preview URL for {port}")
+
+
+def port_opens(bench, aether_port, tries):
+    poller = bench.spawn([PY, str(ROOT / "bench" / "proc_poller.py"), "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    read_line(poller.stderr.fileno(), 10, b"poller ready")
+    clock = PollerClock(poller)
+    aether_ms, poller_ms, live_ms, used = [], [], [], set()
+    for _ in range(tries):
+        # Start at a random moment of the poller's 1 s cycle: back-to-back tries would lock to its phase.
+        time.sleep(random.uniform(0, 1))
+        port = free_port(avoid=used)  # a port reused too soon could still look open to the poller
+        used.add(port)
+        listener = bench.spawn([PY, "-c", LISTENER_PY, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            time.sleep(0.1)  # its start-up, done before the clock starts
+            listener.stdin.write(b"go\n")
+            listener.stdin.flush()
+            ok_at = first_200(aether_port, port)
+            listen_at = float(read_line(listener.stdout.fileno(), 5))
+            aether_ms.append((ok_at - listen_at) * 1e3)
+            poller_ms.append((clock.wait(port, 3) - listen_at) * 1e3)
+            for _ in range(3):  # what one GET costs once the port is known, for comparison
+                t0 = time.monotonic()
+                live_ms.append((preview_get(aether_port, port)[1] - t0) * 1e3)
+        finally:
+            bench.end(listener)
+    bench.end(poller)
+    print(f"port opens -> first 200: {tries} fresh listener processes, GET on a fresh connection each time")
+    for name, values in (("listen() -> first 200 through aether", aether_ms),
+                         ("listen() -> 1 s /proc/net/tcp poller sees it (baseline)", poller_ms),
+                         ("one GET through aether, port already live", live_ms)):
+        print(f"  {name:<56} median={statistics.median(values):.3f} ms  p95={percentile(values, 95):.3f} ms  "
+              f"max={max(values):.3f} ms")
+    # A poller-gated proxy answers its first 200 one GET after the poller sees the port.
+    print("  (the poller line is a floor for a proxy gated by such a poller)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per contender")
+    parser.add_argument("--trips", type=int, default=2000, help="WebSocket round trips")
+    parser.add_argument("--opens", type=int, default=20, help="listener processes started in test 4")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.trips, args.opens = 2, 1, 300, 5
+    # This process runs the Python clients (WebSocket, port opens): keep it off the proxy's CPU,
+    # like wrk. Every child inherits it unless started with taskset -c 1.
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    bench = Bench()
+    try:
+        www = bench.tmp / "www"
+        www.mkdir()
+        (www / "1k.html").write_bytes(b"x" * 1024)
+        upstream_port, nginx_port = free_port(), free_port()
+        bench.nginx("upstream", CLIENT_CPU, upstream_port, f"root {www};")
+        bench.nginx("proxy", PROXY_CPU, nginx_port, 'location / { proxy_pass http://app; proxy_http_version 1.1; '
+                    'proxy_set_header Connection ""; }',
+                    f"upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000; }}")
+        aether_port = bench.aether()
+        wait_proxied(aether_port, upstream_port)
+        targets = {
+            "upstream nginx, direct (baseline)": (f"http://127.0.0.1:{upstream_port}/1k.html", ()),
+            "nginx proxy, 1 worker (baseline)": (f"http://127.0.0.1:{nginx_port}/1k.html", ()),
+            "aether preview proxy": (f"http://127.0.0.1:{aether_port}/1k.html",
+                                     (f"Host: {preview_host(upstream_port, aether_port)}", f"Authorization: {AUTH}")),
+        }
+        throughput(targets, args.seconds, args.rounds)
+        latency(targets, args.seconds, args.rounds)
+        websocket_echo(bench, aether_port, args.trips, warmup=200 if not args.quick else 50)
+        port_opens(bench, aether_port, args.opens)
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
