@@ -516,3 +516,27 @@ def test_preview_host_on_an_api_connection_is_misdirected(server):
     conn.request("GET", "/", headers={"Host": host(server, 8080), "Authorization": f"Bearer {server.token}"})
     reply = conn.getresponse()
     assert reply.status == 421 and json.loads(reply.read())["error"] == "misdirected"
+
+
+def test_framing_cannot_be_stripped_or_confused(server, app):
+    """Regressions from review: a Connection header naming Content-Length (request smuggling),
+    a close-delimited response, pipelined body-less responses, a large first read."""
+    port = app()
+    wait_open(server, port)
+    h_ = f"Host: {host(server, port)}\r\nAuthorization: Bearer {server.token}\r\n"
+    smuggled = b"GET /echo?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw_exchange(server, (f"POST /echo HTTP/1.1\r\n{h_}Connection: Content-Length, close\r\n"
+                                  f"Content-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled)
+    assert reply.count(b"HTTP/1.1 200") == 1 and f'"body": {len(smuggled)}'.encode() in reply
+    for _ in range(3):  # the pooled connections answer their own requests only
+        assert "smuggled" not in echo(server, port, path="/echo?mine")["target"]
+    reply = raw_exchange(server, (f"GET /close HTTP/1.1\r\n{h_}\r\nGET /204 HTTP/1.1\r\n{h_}\r\n"
+                                  f"HEAD /echo HTTP/1.1\r\n{h_}\r\nGET /echo?last HTTP/1.1\r\n{h_}Connection: close\r\n\r\n").encode())
+    assert b"Transfer-Encoding: chunked\r\n\r\nb\r\nhello-close\r\n0\r\n\r\nHTTP/1.1 204" in reply
+    assert reply.count(b"HTTP/1.1 ") == 4
+    assert b'"target": "/echo?last"' in reply
+    body = b"z" * (200 << 10)
+    reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+    assert reply.startswith(b"HTTP/1.1 200") and b'{"received": 204800}' in reply
+    reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Transfer-Encoding: gzip\r\n\r\n").encode())
+    assert reply.startswith(b"HTTP/1.1 400")

@@ -194,6 +194,8 @@ class Gate:
         return decision
 
     def _decide(self, method, target, head: h.RequestHead, client_ip, upgrade, head_only, close):
+        if head.bad_framing:
+            return self._answer(400, "Bad request", "Transfer-Encoding must end with chunked.", head_only, True)
         if len(head.hosts) != 1:
             return self._answer(400, "Bad request", "A request needs exactly one Host header.", head_only, close)
         host = head.hosts[0]

@@ -60,7 +60,7 @@ class RequestHead:
     """
 
     __slots__ = ("lines", "hosts", "authorization", "cookie", "origin", "via", "forwarded_for",
-                 "chunked", "has_body", "tokens", "upgrade")
+                 "chunked", "has_body", "tokens", "upgrade", "bad_framing")
 
     def __init__(self, headers: Headers):
         lines = []
@@ -70,7 +70,7 @@ class RequestHead:
         self.origin: list[bytes] = []
         self.upgrade: list[bytes] = []
         self.via = self.forwarded_for = b""
-        self.chunked = self.has_body = False
+        self.chunked = self.has_body = self.bad_framing = False
         self.tokens: Optional[set[bytes]] = None
         for name, value in headers:
             lower = name.lower()
@@ -90,6 +90,8 @@ class RequestHead:
                 lines.append(name + b": " + value)
             elif lower == b"transfer-encoding":
                 self.chunked = self.has_body = True
+                # Only chunked, last, frames a request (RFC 9112 6.3); anything else is refused.
+                self.bad_framing = self.bad_framing or value.rpartition(b",")[2].strip().lower() != b"chunked"
             elif lower == b"connection":
                 self.tokens = (self.tokens or set()) | {t.strip().lower() for t in value.split(b",")}
             elif lower == b"upgrade":
@@ -100,7 +102,7 @@ class RequestHead:
                 value = value.strip()
                 self.forwarded_for = value if not self.forwarded_for else self.forwarded_for + b", " + value
         if self.tokens:
-            listed = self.tokens - {b"close", b"keep-alive", b"upgrade"}
+            listed = self.tokens - _NEVER_LISTED
             if listed:
                 lines = [line for line in lines if line.partition(b":")[0].lower() not in listed]
         self.lines = lines
@@ -140,6 +142,8 @@ class RequestHead:
         return b"\r\n".join(lines)
 
 
+#: Names a ``Connection`` header may not remove: the framing, and what the proxy checks.
+_NEVER_LISTED = frozenset({b"close", b"keep-alive", b"upgrade", b"content-length", b"origin", b""})
 #: Request headers read (and some re-set) by the proxy rather than copied as they are.
 _READ_REQUEST = HOP_BY_HOP | _SET_BY_PROXY | {b"authorization", b"cookie", b"origin", b"content-length", b"via"}
 
@@ -157,6 +161,9 @@ class ResponseHead:
 
     __slots__ = ("status_line", "block", "hops", "chunked", "has_length")
 
+    #: ``chunked``: the body is chunked (the last transfer coding); ``has_length``: it is
+    #: delimited by Content-Length. Neither: it ends when the app closes the connection.
+
     def __init__(self, raw: bytes):
         status_line, _, block = raw.partition(b"\r\n")
         if status_line[:9] != b"HTTP/1.1 ":
@@ -164,8 +171,9 @@ class ResponseHead:
         self.status_line = status_line
         self.block = block = b"\r\n" + block if block else b""
         self.hops = hops = _HOP_LINE.findall(block)
-        self.chunked = bool(hops) and any(name.lower() == b"transfer-encoding" for name, _ in hops)
-        self.has_length = b"\r\ncontent-length:" in block.lower()
+        codings = [value for name, value in hops if name.lower() == b"transfer-encoding"] if hops else ()
+        self.chunked = bool(codings) and codings[-1].rpartition(b",")[2].strip().lower() == b"chunked"
+        self.has_length = not codings and b"\r\ncontent-length:" in block.lower()
 
     def for_client(self, *, chunked: bool = False, close: bool = False, upgrade: bool = False) -> bytes:
         """The head for the browser: hop-by-hop headers out, the proxy's framing in."""
@@ -194,7 +202,7 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 def _without_listed(block: bytes, connection: bytes) -> bytes:
     """``block`` less the headers a ``Connection`` value names (RFC 9110 7.6.1)."""
-    listed = {t.strip().lower() for t in connection.split(b",")} - _PLAIN_CONNECTION - {b""}
+    listed = {t.strip().lower() for t in connection.split(b",")} - _NEVER_LISTED
     if not listed:
         return block
     lines = block.split(b"\r\n")

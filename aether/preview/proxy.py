@@ -45,16 +45,20 @@ HEADER_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 75.0
 
 
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
 class Cycle:
     """One request and its response."""
 
     __slots__ = ("forward", "answer", "head_only", "upgrade", "close", "http10", "has_body", "chunked",
-                 "body", "buffered", "complete", "upstream", "retried")
+                 "body", "buffered", "complete", "upstream", "retried", "idempotent")
 
-    def __init__(self, head_only: bool, upgrade: bool, close: bool, http10: bool, has_body: bool, chunked: bool):
+    def __init__(self, method: bytes, upgrade: bool, close: bool, http10: bool, has_body: bool, chunked: bool):
         self.forward: Optional[Forward] = None
         self.answer: Optional[Answer] = None
-        self.head_only = head_only
+        self.head_only = method == b"HEAD"
+        self.idempotent = method in _IDEMPOTENT
         self.upgrade = upgrade
         self.close = close
         self.http10 = http10
@@ -81,6 +85,7 @@ class ClientConnection(asyncio.Protocol):
         self.active: Optional[Cycle] = None
         self.tunnel: Optional[Upstream] = None
         self.upgrading = False
+        self.finished = False  # a request closing the connection was read: ignore the rest
         self.early: list[bytes] = []  # tunnel bytes sent before the app's 101
         self.close_after = False
         self.closed = False
@@ -113,10 +118,13 @@ class ClientConnection(asyncio.Protocol):
         if self.upgrading:
             self.early.append(data)
             return
+        if self.finished:
+            return
         if self.in_head:
             if not self.head_bytes:
                 self.head_start = now
-            self.head_bytes += len(data)
+            end = data.find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else end + 4
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, "Request head too large", f"The request head exceeds {MAX_HEAD_BYTES >> 10} KiB.")
                 return
@@ -124,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgrading = True
+            self.pause_reading("upgrade")  # until the app answers: nothing more is held
             rest = data[exc.args[0]:]
             if rest:
                 self.early.append(rest)
@@ -131,6 +140,8 @@ class ClientConnection(asyncio.Protocol):
             log.exception("preview request handling failed")
             self._refuse(500, "Proxy error", "The preview proxy failed on this request.")
         except httptools.HttpParserError as exc:
+            if self.finished:
+                return  # bytes after a last request: not ours to read
             self._refuse(400, "Bad request", f"Malformed request: {pages.escape(str(exc))}.")
 
     def eof_received(self) -> bool:
@@ -191,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.closed or self.finished:
+            return
         self.in_head = False
         self.head_bytes = 0
         parser = self.parser
@@ -199,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
         upgrade = parser.should_upgrade()
         decision = self.proxy.gate.decide(method, self._url, self._headers, self.client_ip, upgrade)
         close = http10 or not parser.should_keep_alive()
-        cycle = Cycle(method == b"HEAD", upgrade, close, http10, decision.has_body, decision.chunked)
+        cycle = Cycle(method, upgrade, close, http10, decision.has_body, decision.chunked)
         if isinstance(decision, Answer):
             cycle.answer = decision
             cycle.close = cycle.close or decision.close
@@ -228,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
         if cycle.forward is not None and cycle.chunked:
             self._send_body(cycle, h.LAST_CHUNK)
         if cycle.close and not cycle.upgrade:
+            self.finished = True
             self.pause_reading("closing")  # nothing after a last request is read
 
     def _send_body(self, cycle: Cycle, data: bytes) -> None:
@@ -242,6 +256,8 @@ class ClientConnection(asyncio.Protocol):
     # -- request cycles ---------------------------------------------------------------------
 
     def _start(self, cycle: Cycle) -> None:
+        if self.closed:
+            return
         self.active = cycle
         if cycle.answer is not None:
             self.transport.write(cycle.answer.response)
@@ -317,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
         if up.started:
             self.transport.abort()  # the response is cut: the browser must not take it as whole
             return
-        if up.reused and not cycle.has_body and not cycle.retried:
+        if up.reused and cycle.idempotent and not cycle.has_body and not cycle.retried:
             # A pooled connection the app closed just as it was reused: try a fresh one.
             cycle.retried = True
             self.proxy.spawn(self._connect(cycle, up.key))
@@ -335,6 +351,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _done(self, cycle: Cycle, close: bool) -> None:
         self.active = None
+        self.resume_reading("upstream")  # that upstream's full buffer is no longer in the way
         if self.queue and self.queue[0] is cycle:
             self.queue.popleft()
         if close:
@@ -372,6 +389,7 @@ class ClientConnection(asyncio.Protocol):
         if self.early:
             up.transport.write(b"".join(self.early))
             self.early = []
+        self.resume_reading("upgrade")
 
     # -- the one timer ----------------------------------------------------------------------
 
@@ -412,3 +430,5 @@ class ClientConnection(asyncio.Protocol):
             up.abort()
         port = cycle.forward.port if cycle.forward is not None else 0
         self._fail(cycle, 504, "Upstream timeout", f"Port {port} did not answer within {self.proxy.timeout:g} s.")
+        if not self.closed and self._timer is None:
+            self._arm(self.last_activity + KEEPALIVE_TIMEOUT)

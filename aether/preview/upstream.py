@@ -9,6 +9,7 @@ a byte tunnel. A finished connection the app keeps alive goes back to the :class
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import TYPE_CHECKING, Optional
 
@@ -18,6 +19,8 @@ from aether.preview import headers as h
 
 if TYPE_CHECKING:
     from aether.preview.proxy import ClientConnection
+
+log = logging.getLogger("aether.preview")
 
 #: Idle pooled connections per upstream address, and how long one may stay idle.
 POOL_SIZE = 64
@@ -49,6 +52,7 @@ class Upstream(asyncio.Protocol):
         self.until_close = False  # the app delimits the body by closing
         self.informational = False
         self.finished_early = False  # a body-less response finished at its head
+        self._finish_after_read: Optional[bool] = None  # ... once the parser returns: keep-alive?
 
     # -- binding to a browser connection ---------------------------------------------------
 
@@ -88,14 +92,20 @@ class Upstream(asyncio.Protocol):
             self._raw += data
         try:
             self.parser.feed_data(data)
-            if self._out:
+            if self._finish_after_read is not None:
+                # Not from inside the parser's callback: finishing may start the browser's next
+                # request on this very connection, and this parser must not see its response.
+                keep, self._finish_after_read = self._finish_after_read, None
+                self.parser = None  # httptools cannot be told a HEAD's response has no body
+                self._finish(keep=keep)
+            elif self._out:
                 self._flush()
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0]:]
             if rest and self.client is not None:
                 self.client.transport.write(rest)
         except httptools.HttpParserCallbackError:
-            client.proxy.log.exception("preview response handling failed")
+            log.exception("preview response handling failed")
             self._fail("the proxy failed while relaying the response")
         except httptools.HttpParserError as exc:
             self._fail(f"the app sent a malformed response: {exc}")
@@ -116,6 +126,8 @@ class Upstream(asyncio.Protocol):
             self.client = None
             client.transport.close()
         elif self.until_close and self.started:
+            if self.chunked_out:
+                self._out.append(h.LAST_CHUNK)
             self._finish(keep=False)
         else:
             self._fail("the app closed the connection before it finished its response")
@@ -163,7 +175,7 @@ class Upstream(asyncio.Protocol):
         if not no_body:
             if head.chunked:
                 self.chunked_out = True
-            elif not head.has_length:
+            elif not head.has_length:  # read to the end of the connection
                 self.until_close = True
                 self.chunked_out = True
             if self.chunked_out and cycle.http10:
@@ -175,11 +187,7 @@ class Upstream(asyncio.Protocol):
         client.close_after = close
         if no_body:
             self.finished_early = True
-            keep = self.parser.should_keep_alive()
-            # httptools cannot be told a HEAD's response has no body: a fresh parser reads
-            # the next response.
-            self.parser = None
-            self._finish(keep=keep)
+            self._finish_after_read = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         if self.client is not None:
@@ -208,6 +216,7 @@ class Upstream(asyncio.Protocol):
         if client.active is not None and not client.active.complete:
             keep = False  # the app answered before the whole request body arrived
         if keep and not self.closed:
+            self.transport.resume_reading()  # the browser may have paused it on its last bytes
             self.pool.put(self)
         elif not self.closed:
             self.closed = True

@@ -7,6 +7,8 @@ Usage: app.py PORT [BIND]. Paths:
   /sse        an event, then (once FLAG exists, given as ?flag=) a second one, chunked
   /headers    several Set-Cookie, and a header named in Connection
   /slow       never answers; writes ?flag= when the proxy closes the connection
+  /close      a body without a length: it ends when the connection closes
+  /204        no content
   /crash      closes the connection without answering
   /partial    promises 100 bytes, sends 10, closes
   /loop?to=H:P&host=X  forwards the request, headers and all, to H:P as Host X (a proxy
@@ -122,6 +124,15 @@ class Handler(BaseHTTPRequestHandler):
             with open(query["flag"], "w") as f:
                 f.write("closed")
             self.close_connection = True
+        elif path == "/close":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"hello-close")
+            self.close_connection = True
+        elif path == "/204":
+            self.send_response(204)
+            self.end_headers()
         elif path == "/crash":
             self.close_connection = True
         elif path == "/partial":
