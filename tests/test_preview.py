@@ -175,9 +175,11 @@ def test_wrong_prefix_ignored_own_and_closed_ports(server):
 
 def test_502_page_turns_into_the_app_once_it_listens(server, app):
     port = free_port()
-    assert request(server, port)[0] == 502
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    assert request(server, port, conn=conn)[0] == 502
     app(port)
-    wait_for(lambda: request(server, port, path="/echo")[0] == 200, 5)
+    # The browser's reload comes on the same keep-alive connection.
+    wait_for(lambda: request(server, port, path="/echo", conn=conn)[0] == 200, 5)
 
 
 def test_listener_on_ipv6_loopback_and_specific_address(server, app):

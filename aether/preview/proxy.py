@@ -261,7 +261,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = cycle
         if cycle.answer is not None:
             self.transport.write(cycle.answer.response)
-            self._done(cycle, cycle.close or not cycle.complete)
+            # Answered from its head: a body still to come would be read as the next request.
+            self._done(cycle, cycle.close or (cycle.has_body and not cycle.complete))
             return
         forward = cycle.forward
         key = (forward.address, forward.port)
