@@ -339,7 +339,7 @@ class ClientConnection(asyncio.Protocol):
             cycle.retried = True
             self.proxy.spawn(self._connect(cycle, up.key))
             return
-        log.info("preview upstream failed", extra={"port": up.key[1], "why": why})
+        self.proxy.log_failure(up.key[1], why)
         self._fail(cycle, 502, "Bad gateway", pages.escape(why[0].upper() + why[1:]) + ".")
 
     def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: Optional[int] = None) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aether.ports.events import CLOSE, PortEvent
 from aether.preview.gate import Gate
 from aether.preview.proxy import HEADER_TIMEOUT, ClientConnection
 from aether.preview.upstream import Pool
 from aether.preview.visibility import Visibility
+
+log = logging.getLogger("aether.preview")
 
 
 class PreviewProxy:
@@ -22,10 +25,22 @@ class PreviewProxy:
         self.tick = min(HEADER_TIMEOUT, self.timeout)
         self.connections: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)
         self._unsubscribe = monitor.subscribe(self._on_event)
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def log_failure(self, port: int, why: str) -> None:
+        """One line per port per second at most: an app crashing under load must not flood
+        the log; the lines left out are counted in the next one."""
+        now = self.loop.time()
+        last, suppressed = self._failures.get(port, (0.0, 0))
+        if now - last < 1.0:
+            self._failures[port] = (last, suppressed + 1)
+            return
+        self._failures[port] = (now, 0)
+        log.info("preview upstream failed", extra={"port": port, "why": why, "suppressed": suppressed})
 
     def spawn(self, coro) -> None:
         task = self.loop.create_task(coro)

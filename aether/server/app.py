@@ -1,8 +1,9 @@
-"""The workspace server: one Tornado application for the WebSocket API, and ``serve`` to run it.
+"""The workspace server: one Tornado application for the WebSocket API, the preview proxy
+beside it on the same listener (see ``listener``), and ``serve`` to run them.
 
 ``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/healthz`` answers without
 authentication; anything else is a JSON 404. SIGTERM and SIGINT close every WebSocket with
-1001, stop the probe and return 0 within a second.
+1001 and every preview connection, stop the probe and return 0 within a second.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import signal
 import sys
-import re
 import time
 
 import tornado.httpserver
@@ -90,6 +91,7 @@ class WorkspaceServer:
         self.state = StateDir(settings.state_dir)
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
         self.visibility = Visibility(settings.preview_public_ports)
+        self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.channels = {"ports": PortsChannel(self), "config": ConfigChannel(self)}
 
     def application(self) -> tornado.web.Application:
