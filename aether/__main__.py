@@ -1,3 +1,3 @@
-from aether.cli import main
+from aether.entry import main
 
 raise SystemExit(main())

@@ -8,7 +8,6 @@ stderr, one JSON object per line. Exit status: 0 success, 1 a refused or failed 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import stat
@@ -55,10 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("--grace", type=float, default=5.0, help="seconds before SIGKILL (default 5)")
     kill.add_argument("--ignore", default=None, help=ignore_help)
     kill.add_argument("--json", action="store_true")
+
+    from aether.registry import cli as registry_cli
+
+    registry_cli.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["port"]:
+        from aether.registry import cli as registry_cli
+
+        return registry_cli.main(argv)
     args = build_parser().parse_args(argv)
     try:
         log.setup(args.log_level)
@@ -95,6 +103,8 @@ def _ports_list(args, ignored) -> int:
 
 
 def _ports_watch(args, ignored) -> int:
+    import asyncio  # not at module level: `aether port get` must start fast
+
     from aether.ports.ebpf import ProbeUnavailable
     from aether.ports.monitor import PortMonitor
 
@@ -165,6 +175,8 @@ def _ports_watch(args, ignored) -> int:
 
 
 def _ports_kill(args, ignored) -> int:
+    import asyncio  # not at module level: `aether port get` must start fast
+
     from aether.ports.kill import KillRefused, kill_port, parse_signal
 
     try:
@@ -197,6 +209,8 @@ def _loop_factory():
 
 
 def _serve(args) -> int:
+    import asyncio  # not at module level: `aether port get` must start fast
+
     from aether.server.app import serve
     from aether.server.settings import resolve
 

@@ -4,9 +4,10 @@ answer it here. No I/O, so every rule can be tested and fuzzed without sockets.
 The checks run in this order, each answering on failure:
 
 1. exactly one ``Host``, an origin-form target (400);
-2. the Host is a preview host, ``{port}-{prefix}.{previewDomain}[:port]`` (421: this
-   connection only serves previews), of this project (404), for a port that is not ignored
-   and not the server's own (403);
+2. the Host is a preview host, ``{port}-{prefix}.{previewDomain}[:port]`` or
+   ``{registry key}-{prefix}...`` (421: this connection only serves previews), of a registered
+   key (404), of this project (404), for a port that is not ignored and not the server's own
+   (403);
 3. the request has not been through this proxy already (508);
 4. ``?token=`` equal to the workspace token: a cookie for this preview host and a redirect to
    the same URL without it;
@@ -21,7 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 from urllib.parse import unquote_to_bytes
 
 from aether.preview import headers as h
@@ -106,14 +107,15 @@ class Gate:
     """Decides for one workspace; ``settings`` and ``monitor`` are read live, so a change of
     ignored ports or a port opening applies to the next request."""
 
-    def __init__(self, settings, monitor, visibility: Visibility):
+    def __init__(self, settings, monitor, visibility: Visibility, named: Callable[[str], Optional[int]] = lambda key: None):
         self.settings = settings
+        self.named = named  # registry key -> port, for {key}-{prefix} hosts
         self.monitor = monitor
         self.visibility = visibility
         self.token = settings.token.encode()
         self._prefix = settings.project_prefix.lower().encode()
         self._host = re.compile(
-            rb"(\d{1,5})-([A-Za-z0-9]{1,64})\.(" + re.escape(settings.preview_domain.encode()) + rb")(?::(\d{1,5}))?",
+            rb"([a-z0-9][a-z0-9-]{0,62})-([a-z0-9]{1,64})\.(" + re.escape(settings.preview_domain.encode()) + rb")(?::(\d{1,5}))?",
             re.IGNORECASE,
         )
         self._hosts: dict[bytes, Optional[tuple]] = {}
@@ -126,7 +128,9 @@ class Gate:
     # -- pieces -----------------------------------------------------------------------------
 
     def preview_host(self, host: bytes) -> Optional[tuple]:
-        """(port, prefix matches, host name, port part) for a preview Host value, else None."""
+        """(port number or registry key, prefix matches, host name, port part) for a preview
+        Host value, else None. The key before the last ``-`` of the first label is a port when
+        it is all digits (registry keys never are), else a registry key."""
         try:
             return self._hosts[host]
         except KeyError:
@@ -135,9 +139,10 @@ class Gate:
         if match is None:
             parsed = None
         else:
-            port, prefix, _, port_part = match.groups()
+            target, prefix, _, port_part = match.groups()
             name = host.rpartition(b":")[0] if port_part else host
-            parsed = (int(port), prefix.lower() == self._prefix, name.lower(), port_part or b"80")
+            target = int(target) if target.isdigit() else target.decode().lower()
+            parsed = (target, prefix.lower() == self._prefix, name.lower(), port_part or b"80")
         if len(self._hosts) >= _MAX_CACHED_HOSTS:
             self._hosts.clear()
         self._hosts[host] = parsed
@@ -206,6 +211,11 @@ class Gate:
             text = f"This connection serves previews; {pages.escape(host)} is not one."
             return self._answer(421, "Misdirected request", text, head_only, True)
         port, prefix_ok, host_name, port_part = parsed
+        if isinstance(port, str):
+            key, port = port, self.named(port)
+            if port is None:
+                text = f"No port is registered as <code>{pages.escape(key)}</code> in this workspace."
+                return self._answer(404, "No such preview", text, head_only, close)
         if not prefix_ok:
             text = (
                 f"{pages.escape(host)} names another project: this workspace's previews are "

@@ -17,9 +17,9 @@ log = logging.getLogger("aether.preview")
 class PreviewProxy:
     """The preview proxy of one workspace: the gate, the upstream pool and the connections."""
 
-    def __init__(self, settings, monitor, visibility: Visibility):
+    def __init__(self, settings, monitor, visibility: Visibility, named=lambda key: None):
         self.loop = asyncio.get_running_loop()
-        self.gate = Gate(settings, monitor, visibility)
+        self.gate = Gate(settings, monitor, visibility, named)
         self.pool = Pool(self.loop)
         self.timeout = settings.preview_timeout
         self.tick = min(HEADER_TIMEOUT, self.timeout)

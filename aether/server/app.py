@@ -28,7 +28,10 @@ from aether.server.channels.config import ConfigChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener
-from aether.server.protocol import Message
+from aether.registry.store import RegistryError
+from aether.server.protocol import Message, encode
+from aether.server.registry import RegistryService
+from aether.server.registry import routes as registry_routes
 from aether.server.session import Session
 from aether.server.settings import Settings
 from aether.server.state import StateDir
@@ -92,6 +95,7 @@ class WorkspaceServer:
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
+        self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
         self.channels = {"ports": PortsChannel(self), "config": ConfigChannel(self)}
 
     def application(self) -> tornado.web.Application:
@@ -99,17 +103,23 @@ class WorkspaceServer:
             [
                 (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
                 (r"/healthz", HealthHandler),
+                *registry_routes(self),
             ],
             default_handler_class=NotFoundHandler,
             log_function=log_request,
         )
         domain = re.escape(self.settings.preview_domain)
-        app.add_handlers(rf"(?i)\d{{1,5}}-[a-z0-9]+\.{domain}$", [(r".*", MisdirectedHandler)])
+        app.add_handlers(rf"(?i)[a-z0-9][a-z0-9-]*-[a-z0-9]+\.{domain}$", [(r".*", MisdirectedHandler)])
         return app
 
     def on_open(self, session: Session) -> None:
         for channel in self.channels.values():
             channel.on_open(session)
+        self.registry.watch()
+
+    def _registry_changed(self, entries) -> None:
+        """Every client gets the whole registry after any change (it is small)."""
+        self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))
 
     def dispatch(self, session: Session, message: Message) -> None:
         self.channels[message.channel].handle(session, message)
@@ -147,9 +157,16 @@ async def serve(settings: Settings) -> int:
     except ProbeUnavailable as exc:
         print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
         return 1
-    server = WorkspaceServer(settings, monitor)
+    try:
+        server = WorkspaceServer(settings, monitor)
+    except RegistryError as exc:
+        monitor.stop()
+        print(f"aether: {exc}", file=sys.stderr)
+        return 1
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility)
+    previews = server.previews = PreviewProxy(
+        settings, monitor, server.visibility, lambda key: server.registry.ports_by_key.get(key)
+    )
     listener = SharedListener(
         http,
         previews.protocol,
@@ -174,6 +191,7 @@ async def serve(settings: Settings) -> int:
     listener.stop()
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
+    server.registry.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
     return 0

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,8 @@ class StateDir:
 
     def project_id(self) -> str:
         """Generated once (32 hex digits), then kept."""
+        import uuid  # here, not at the top: `aether port get` imports this module and must start fast
+
         return self._generated("project-id", lambda: uuid.uuid4().hex)
 
     @property
@@ -69,6 +69,8 @@ class StateDir:
 
     def token(self) -> str:
         """Generated once (URL-safe, 256 bits), kept 0600."""
+        import secrets
+
         return self._generated("token", lambda: secrets.token_urlsafe(32), 0o600)
 
     @property

@@ -1,0 +1,242 @@
+"""``aether port ...``: the registry from the command line.
+
+Each command opens the registry in the state directory (``--state-dir``, ``AETHER_STATE_DIR``,
+or the default of ``aether serve``), does one thing and exits: 0 done, 1 refused (one line on
+stderr saying why). Reads print a stable text form, or JSON with ``--json``. Imports stay lazy:
+``aether port get`` runs inside shell substitutions and must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+APP_ENV = "AETHER_APP"
+
+
+def add_commands(commands) -> None:
+    port = commands.add_parser("port", help="the registry of named ports").add_subparsers(dest="port_command", required=True)
+
+    def command(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sub = port.add_parser(name, help=help)
+        sub.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default as aether serve)")
+        if json_flag:
+            sub.add_argument("--json", action="store_true")
+        return sub
+
+    set_ = command("set", "register KEY at PORT (or change it)")
+    set_.add_argument("key")
+    set_.add_argument("port")
+    set_.add_argument("--app")
+    set_.add_argument("--label")
+    set_.add_argument("--description")
+    command("get", "print KEY's port alone", json_flag=True).add_argument("key")
+    command("list", "every entry, with what listens on it now")
+    command("delete", "forget KEY").add_argument("key")
+    run = command("run", "run a command with PORT (and PORT_<LABEL>) from the registry; options go before KEY",
+                  json_flag=False)
+    run.add_argument("key")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    allocate = command("allocate", "register a contiguous block of ports for an app")
+    allocate.add_argument("app")
+    allocate.add_argument("--labels", required=True, help="comma-separated, e.g. api,ui,health")
+    allocate.add_argument("--range", default="apps", help="FIRST-LAST, or core, extensions or apps (seed 002's ranges; default apps: 5570-5599)")
+    command("check", "conflicts between the registry and what listens")
+
+
+def _registry(args):
+    from aether.registry.store import Registry
+
+    state = args.state_dir or os.environ.get("AETHER_STATE_DIR")
+    if not state:
+        from aether.server.state import default_state_dir
+
+        state = default_state_dir()
+    return Registry(Path(state) / "registry.db")
+
+
+def main(argv: list[str]) -> int:
+    """``aether port ...`` alone, parsed without the rest of the command line."""
+    parser = argparse.ArgumentParser(prog="aether")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
+    from aether.registry.store import RegistryError
+
+    try:
+        with _registry(args) as registry:
+            return COMMANDS[args.port_command](registry, args)
+    except RegistryError as exc:
+        print(f"aether: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, ensure_ascii=False))
+
+
+def _set(registry, args) -> int:
+    entry = registry.set(args.key, args.port, args.app, args.label, args.description)
+    if args.json:
+        _print_json(entry.to_json())
+    else:
+        print(f"{entry.key} {entry.port}")
+    return 0
+
+
+def _get(registry, args) -> int:
+    entry = registry.get(args.key)
+    if entry is None:
+        print(f"aether: no port registered as {args.key}", file=sys.stderr)
+        return 1
+    _print_json(entry.to_json()) if args.json else print(entry.port)
+    return 0
+
+
+def _delete(registry, args) -> int:
+    if not registry.delete(args.key):
+        print(f"aether: no port registered as {args.key}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def live_ports() -> dict[int, dict]:
+    """port -> {"pid", "process", "pids"} for every listening TCP port now."""
+    from aether.ports import procs, sockdiag
+
+    with sockdiag.DiagSocket() as diag:
+        raw = diag.raw()
+    return {state.port: {"pid": state.pid, "process": state.process, "pids": list(state.pids)}
+            for state in procs.port_states(raw)}
+
+
+def _joined(registry) -> list[dict]:
+    live = live_ports()
+    rows = []
+    for entry in registry.entries():
+        state = live.get(entry.port)
+        rows.append({**entry.to_json(), "listening": state is not None,
+                     "pid": state["pid"] if state else None, "process": state["process"] if state else None})
+    return rows
+
+
+def _list(registry, args) -> int:
+    rows = _joined(registry)
+    if args.json:
+        _print_json(rows)
+        return 0
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["app"] or "-", []).append(row)
+    for app, members in groups.items():
+        # Seed 002's form: process-name:5554, or process-name (cdp:5556,health:5557).
+        if len(members) == 1 and not members[0]["label"]:
+            print(f"{app}:{members[0]['port']}")
+        else:
+            print(f"{app} ({','.join(_pair(m['label'] or m['key'], m['port']) for m in members)})")
+        for m in members:
+            live = f"listening pid {m['pid']} {m['process'] or '?'}" if m["listening"] else "not listening"
+            print(f"  {m['key']:<24} {m['port']:>5}  {m['label'] or '-':<8} {live}  {m['description']}".rstrip())
+    return 0
+
+
+def _pair(name: str, port: int) -> str:
+    return f"{name}:{port}"
+
+
+def _env_name(label: str) -> str:
+    return "PORT_" + "".join(c if c.isalnum() else "_" for c in label.upper())
+
+
+def _run(registry, args) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("aether: port run needs a command after --", file=sys.stderr)
+        return 2
+    entry = registry.get(args.key)
+    if entry is None:
+        print(f"aether: no port registered as {args.key}", file=sys.stderr)
+        return 1
+    env = dict(os.environ, PORT=str(entry.port))
+    if entry.app:
+        env[APP_ENV] = entry.app
+        for other in registry.entries(entry.app):
+            if other.label:
+                env[_env_name(other.label)] = str(other.port)
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        print(f"aether: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+def _allocate(registry, args) -> int:
+    from aether.registry import rules
+
+    first, last = rules.parse_range(args.range)
+    avoid = set(live_ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    entries = registry.allocate(args.app, labels, first, last, avoid)
+    if args.json:
+        _print_json([entry.to_json() for entry in entries])
+    else:
+        print(f"{args.app} ({','.join(_pair(e.label, e.port) for e in entries)})")
+    return 0
+
+
+def _app_of(pid) -> str | None:
+    """The app a process was started for by ``aether port run``, if it was."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(APP_ENV.encode() + b"="):
+                    return item.split(b"=", 1)[1].decode(errors="replace")
+    except OSError:
+        return None
+    return None
+
+
+def conflicts(registry) -> list[dict]:
+    from aether import config
+    from aether.ports import procs
+
+    live = live_ports()
+    found = []
+    for port, state in sorted(live.items()):
+        names = {procs.process_name(pid) for pid in state["pids"]}
+        if len(state["pids"]) > 1 and len(names) > 1:
+            found.append({"kind": "shared", "port": port, "pids": state["pids"],
+                          "message": f"port {port} is held by {len(state['pids'])} different programs: {', '.join(sorted(n or '?' for n in names))}"})
+    registered = {entry.port: entry for entry in registry.entries()}
+    for port, entry in sorted(registered.items()):
+        state = live.get(port)
+        if state and entry.app:
+            app = _app_of(state["pid"])
+            if app is not None and app != entry.app:
+                found.append({"kind": "other_app", "port": port, "key": entry.key, "pid": state["pid"],
+                              "message": f"port {port} ({entry.key}) belongs to app {entry.app} but pid {state['pid']} runs for app {app}"})
+    for port, state in sorted(live.items()):
+        if port not in registered and port not in config.DEFAULT_IGNORED_PORTS:
+            found.append({"kind": "unregistered", "port": port, "pid": state["pid"],
+                          "message": f"port {port} listens ({state['process'] or 'unknown process'}) with no registry entry"})
+    return found
+
+
+def _check(registry, args) -> int:
+    found = conflicts(registry)
+    if args.json:
+        _print_json(found)
+    else:
+        for item in found:
+            print(f"{item['kind']}: {item['message']}")
+    return 1 if any(item["kind"] != "unregistered" for item in found) else 0
+
+
+COMMANDS = {"set": _set, "get": _get, "list": _list, "delete": _delete, "run": _run, "allocate": _allocate, "check": _check}

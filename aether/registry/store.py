@@ -1,0 +1,275 @@
+"""The port registry: named, labelled ports kept in SQLite in the state directory.
+
+One row per key; a port belongs to one key at most (a UNIQUE constraint, so two writers can
+never both win it). Every write is one ``BEGIN IMMEDIATE`` transaction: writers queue on
+SQLite's lock (``busy_timeout``) instead of failing, and WAL lets readers run beside them.
+The schema is versioned with ``PRAGMA user_version`` and migrated forward on open. A file that
+is not a readable registry is an error naming it, never replaced by a fresh database.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+WORD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+#: Writers wait this long for another writer's transaction before giving up.
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS = [
+    # 1: the entries.
+    """
+    CREATE TABLE ports (
+        key TEXT PRIMARY KEY,
+        port INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+        app TEXT,
+        label TEXT,
+        description TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX ports_app ON ports (app);
+    """,
+]
+
+
+class RegistryError(Exception):
+    """A refused request or an unusable database; the message is for the user as is.
+
+    ``code``: ``invalid`` (bad input), ``conflict`` (the port or block is taken), ``not_found``,
+    or ``unavailable`` (the database cannot be used)."""
+
+    def __init__(self, message: str, code: str = "invalid"):
+        super().__init__(message)
+        self.code = code
+
+
+class Entry:
+    """One registered port. (Not a dataclass: importing dataclasses costs ``aether port get``
+    several milliseconds.)"""
+
+    __slots__ = ("key", "port", "app", "label", "description", "created", "updated")
+
+    def __init__(self, key: str, port: int, app: "str | None" = None, label: "str | None" = None,
+                 description: str = "", created: float = 0.0, updated: float = 0.0):
+        self.key, self.port, self.app, self.label = key, port, app, label
+        self.description, self.created, self.updated = description, created, updated
+
+    def astuple(self) -> tuple:
+        return (self.key, self.port, self.app, self.label, self.description, self.created, self.updated)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Entry) and self.astuple() == other.astuple()
+
+    def __repr__(self) -> str:
+        return f"Entry{self.astuple()!r}"
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "port": self.port,
+            "app": self.app,
+            "label": self.label,
+            "description": self.description,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise RegistryError(f"invalid key {key!r}: lower-case letters, digits and '-', 1-63 characters, not starting with '-'")
+    if key.isdigit():
+        raise RegistryError(f"invalid key {key!r}: all digits would clash with {{port}}- preview URLs")
+    return key
+
+
+def check_port(port) -> int:
+    try:
+        value = int(port)
+    except (TypeError, ValueError):
+        raise RegistryError(f"invalid port {port!r}: a number 1-65535") from None
+    if isinstance(port, bool) or not 1 <= value <= 65535:
+        raise RegistryError(f"invalid port {port!r}: a number 1-65535")
+    return value
+
+
+def check_word(what: str, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not WORD_PATTERN.match(value):
+        raise RegistryError(f"invalid {what} {value!r}: one word of letters, digits, '_', '.', '-'")
+    return value
+
+
+class Registry:
+    """The registry in ``path``; see the module docstring."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # With WAL, NORMAL still never corrupts or loses a committed write to a crash of
+            # the process; only a power loss can drop the last commits.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{self.path}: not a readable aether registry ({exc}); move it away to start a new one", "unavailable") from None
+        except OSError as exc:
+            raise RegistryError(f"{self.path}: {exc.strerror}", "unavailable") from None
+
+    def version(self) -> int:
+        """Changes when another connection (the CLI, another process) commits a write."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RegistryError(f"{self.path}: schema version {version} is newer than this aether knows ({len(MIGRATIONS)})", "unavailable")
+        if version == len(MIGRATIONS):
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _write(self, fn):
+        """Run ``fn(db)`` in one immediate transaction; SQLite errors become RegistryError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+        except sqlite3.OperationalError as exc:
+            raise RegistryError(f"{self.path}: {exc}", "unavailable") from None
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        row = self._db.execute("SELECT * FROM ports WHERE key = ?", (check_key(key),)).fetchone()
+        return Entry(*row) if row else None
+
+    def by_port(self, port: int) -> Entry | None:
+        row = self._db.execute("SELECT * FROM ports WHERE port = ?", (port,)).fetchone()
+        return Entry(*row) if row else None
+
+    def entries(self, app: str | None = None) -> list[Entry]:
+        if app is None:
+            rows = self._db.execute("SELECT * FROM ports ORDER BY app IS NULL, app, port").fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM ports WHERE app = ? ORDER BY port", (app,)).fetchall()
+        return [Entry(*row) for row in rows]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def set(self, key: str, port, app: str | None = None, label: str | None = None,
+            description: str | None = None) -> Entry:
+        """Create or update ``key``; fields not given keep their value on an update."""
+        key, port = check_key(key), check_port(port)
+        app, label = check_word("app", app), check_word("label", label)
+        if description is not None and (len(description) > 1000 or "\n" in description):
+            raise RegistryError("invalid description: one line of at most 1000 characters")
+
+        def write(db):
+            holder = db.execute("SELECT key FROM ports WHERE port = ? AND key != ?", (port, key)).fetchone()
+            if holder:
+                raise RegistryError(f"port {port} is registered to key {holder[0]}", "conflict")
+            now = time.time()
+            old = db.execute("SELECT * FROM ports WHERE key = ?", (key,)).fetchone()
+            if old is None:
+                entry = Entry(key, port, app, label, description or "", now, now)
+                db.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", entry.astuple())
+            else:
+                current = Entry(*old)
+                entry = Entry(
+                    key,
+                    port,
+                    app if app is not None else current.app,
+                    label if label is not None else current.label,
+                    description if description is not None else current.description,
+                    current.created,
+                    now,
+                )
+                db.execute(
+                    "UPDATE ports SET port = ?, app = ?, label = ?, description = ?, updated = ? WHERE key = ?",
+                    (entry.port, entry.app, entry.label, entry.description, entry.updated, key),
+                )
+            return entry
+
+        return self._write(write)
+
+    def delete(self, key: str) -> bool:
+        key = check_key(key)
+        return self._write(lambda db: db.execute("DELETE FROM ports WHERE key = ?", (key,)).rowcount > 0)
+
+    def allocate(self, app: str, labels: list[str], first: int, last: int, avoid: set[int] | frozenset[int] = ()) -> list[Entry]:
+        """Register a contiguous block for ``app``'s ``labels`` (keys ``{app}-{label}``) inside
+        ``first``-``last``, skipping registered ports and ``avoid``. An app that already has all
+        these labels gets its ports back unchanged."""
+        app = check_word("app", app)
+        if app is None:
+            raise RegistryError("allocate needs an app name")
+        labels = [check_word("label", label) for label in labels]
+        if not labels or None in labels or len(set(labels)) != len(labels):
+            raise RegistryError("allocate needs distinct labels, e.g. --labels api,ui,health")
+        keys = [check_key(f"{app}-{label}".lower()) for label in labels]
+        first, last = check_port(first), check_port(last)
+        if first > last:
+            raise RegistryError(f"invalid range {first}-{last}")
+        avoid = set(avoid)
+
+        def write(db):
+            existing = {row[0]: Entry(*row) for row in db.execute(
+                f"SELECT * FROM ports WHERE key IN ({','.join('?' * len(keys))})", keys)}
+            if len(existing) == len(keys):
+                return [existing[key] for key in keys]
+            if existing:
+                raise RegistryError(
+                    f"app {app} already has {', '.join(sorted(existing))}: delete them or allocate those labels alone",
+                    "conflict",
+                )
+            taken = {row[0] for row in db.execute("SELECT port FROM ports WHERE port BETWEEN ? AND ?", (first, last))}
+            need = len(keys)
+            start = first
+            while start + need - 1 <= last:
+                block = range(start, start + need)
+                clash = [p for p in block if p in taken or p in avoid]
+                if not clash:
+                    now = time.time()
+                    entries = [Entry(key, port, app, label, "", now, now) for key, port, label in zip(keys, block, labels)]
+                    db.executemany("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", (e.astuple() for e in entries))
+                    return entries
+                start = clash[-1] + 1
+            raise RegistryError(f"no {need} contiguous free ports in {first}-{last} for app {app}", "conflict")
+
+        return self._write(write)

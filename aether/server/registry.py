@@ -1,0 +1,192 @@
+"""The port registry inside the server: the REST API under ``/api/``, the ``registry`` push on the
+``config`` channel, and the key -> port map that named previews route by.
+
+Reads run on the event loop (SQLite answers them from its page cache in microseconds); writes run
+in one worker thread, since a writer may wait on another process's lock. A write by anyone (this
+server, the CLI) bumps SQLite's ``data_version``: the server looks at it after its own writes and,
+while clients are connected, once a second, then pushes the new registry to every client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import tornado.web
+import ujson
+
+from aether.registry import rules
+from aether.registry.store import Entry, Registry, RegistryError
+
+if TYPE_CHECKING:
+    from aether.server.app import WorkspaceServer
+
+log = logging.getLogger("aether.server")
+
+WATCH_SECONDS = 1.0
+_STATUS = {"invalid": 400, "conflict": 409, "not_found": 404, "unavailable": 503}
+
+
+class RegistryService:
+    def __init__(self, path: Path, on_change: Callable[[list[Entry]], None], watching: Callable[[], bool]):
+        self.path = path
+        self.reader = Registry(path)
+        self.on_change = on_change
+        self.watching = watching
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
+        self._writer: Optional[Registry] = None
+        self._version = self.reader.version()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self.ports_by_key: dict[str, int] = {}
+        self._reload()
+
+    def _reload(self) -> list[Entry]:
+        entries = self.reader.entries()
+        self.ports_by_key = {entry.key: entry.port for entry in entries}
+        return entries
+
+    async def write(self, method: str, *args):
+        """``Registry.<method>(*args)`` in the worker thread; RegistryError passes through."""
+
+        def run():
+            if self._writer is None:
+                self._writer = Registry(self.path)
+            return getattr(self._writer, method)(*args)
+
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        self.check()
+        return result
+
+    def check(self) -> None:
+        """Reload and push if anyone has written since the last look."""
+        version = self.reader.version()
+        if version != self._version:
+            self._version = version
+            self.on_change(self._reload())
+
+    def watch(self) -> None:
+        """Look once a second while ``watching()`` holds (clients are connected); no timer
+        otherwise, so an idle server is never woken."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.check()
+        if self.watching():
+            self.watch()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._executor.shutdown(wait=False)
+        self.reader.close()
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """JSON in and out, the workspace token as ``Authorization: Bearer``."""
+
+    def initialize(self, server: "WorkspaceServer") -> None:
+        self.server = server
+
+    def prepare(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.server.settings.token.encode()):
+            self.set_header("WWW-Authenticate", 'Bearer realm="aether"')
+            self.fail(401, "unauthorized", "send Authorization: Bearer with the workspace token")
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.finish({"error": code, "message": message})
+
+    def refuse(self, exc: RegistryError) -> None:
+        self.fail(_STATUS.get(exc.code, 400), exc.code, str(exc))
+
+    def body(self) -> dict:
+        try:
+            value = ujson.loads(self.request.body or b"{}")
+        except ValueError:
+            raise RegistryError("the body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise RegistryError("the body must be a JSON object")
+        return value
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        self.finish({"error": "internal" if status_code >= 500 else "invalid", "message": self._reason})
+
+    @property
+    def registry(self) -> RegistryService:
+        return self.server.registry
+
+
+def joined(server: "WorkspaceServer") -> list[dict]:
+    """The registry joined with what listens now (from the monitor, no /proc walk)."""
+    live = {event.port: event for event in server.monitor.open_events()}
+    rows = []
+    for entry in server.registry.reader.entries():
+        event = live.get(entry.port)
+        rows.append({**entry.to_json(), "listening": event is not None,
+                     "pid": event.pid if event else None, "process": event.process if event else None})
+    return rows
+
+
+class PortsHandler(ApiHandler):
+    def get(self) -> None:
+        self.finish(ujson.dumps(joined(self.server)))
+
+
+class PortHandler(ApiHandler):
+    def get(self, key: str) -> None:
+        try:
+            entry = self.registry.reader.get(key)
+        except RegistryError as exc:
+            return self.refuse(exc)
+        if entry is None:
+            return self.fail(404, "not_found", f"no port registered as {key}")
+        self.finish(entry.to_json())
+
+    async def put(self, key: str) -> None:
+        try:
+            body = self.body()
+            entry = await self.registry.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
+        except RegistryError as exc:
+            return self.refuse(exc)
+        self.finish(entry.to_json())
+
+    async def delete(self, key: str) -> None:
+        try:
+            deleted = await self.registry.write("delete", key)
+        except RegistryError as exc:
+            return self.refuse(exc)
+        if not deleted:
+            return self.fail(404, "not_found", f"no port registered as {key}")
+        self.set_status(204)
+        self.finish()
+
+
+class AllocateHandler(ApiHandler):
+    async def post(self, app: str) -> None:
+        try:
+            body = self.body()
+            labels = body.get("labels")
+            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+                raise RegistryError('labels must be an array of words, e.g. ["api", "ui"]')
+            first, last = rules.parse_range(str(body.get("range", "apps")))
+            avoid = set(self.server.monitor.table.ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
+            entries = await self.registry.write("allocate", app, labels, first, last, avoid)
+        except RegistryError as exc:
+            return self.refuse(exc)
+        self.finish(ujson.dumps([entry.to_json() for entry in entries]))
+
+
+def routes(server: "WorkspaceServer") -> list:
+    return [
+        (r"/api/ports", PortsHandler, {"server": server}),
+        (r"/api/ports/([^/]+)", PortHandler, {"server": server}),
+        (r"/api/apps/([^/]+)/allocate", AllocateHandler, {"server": server}),
+    ]
