@@ -159,6 +159,9 @@ def test_cli_allocate_skips_listening_bad_and_registered_ports(tmp_path, listene
         assert full.returncode == 1 and "no 8 contiguous free ports" in full.stderr
         default = port_cli(tmp_path, "allocate", "portos", "--labels", "api,health")
         assert default.stdout.startswith("portos (api:55") and default.returncode == 0
+        (tmp_path / "config.json").write_text(json.dumps({"port_ranges": {"ml": [7100, 7199, "notebooks"]}}))
+        named = port_cli(tmp_path, "allocate", "nb", "--labels", "kernel", "--range", "ml", "--json")
+        assert json.loads(named.stdout)[0]["port"] == 7100
     finally:
         busy.close()
 

@@ -43,19 +43,23 @@ def add_commands(commands) -> None:
     allocate = command("allocate", "register a contiguous block of ports for an app")
     allocate.add_argument("app")
     allocate.add_argument("--labels", required=True, help="comma-separated, e.g. api,ui,health")
-    allocate.add_argument("--range", default="apps", help="FIRST-LAST, or core, extensions or apps (seed 002's ranges; default apps: 5570-5599)")
+    allocate.add_argument("--range", default="apps", help="FIRST-LAST or a range's name: core, extensions, apps (seed 002's; default apps: 5570-5599) or one from config.json's port_ranges")
     command("check", "conflicts between the registry and what listens")
 
 
-def _registry(args):
-    from aether.registry.store import Registry
-
+def _state_dir(args) -> Path:
     state = args.state_dir or os.environ.get("AETHER_STATE_DIR")
     if not state:
         from aether.server.state import default_state_dir
 
         state = default_state_dir()
-    return Registry(Path(state) / "registry.db")
+    return Path(state)
+
+
+def _registry(args):
+    from aether.registry.store import Registry
+
+    return Registry(_state_dir(args) / "registry.db")
 
 
 def main(argv: list[str]) -> int:
@@ -178,7 +182,7 @@ def _run(registry, args) -> int:
 def _allocate(registry, args) -> int:
     from aether.registry import rules
 
-    first, last = rules.parse_range(args.range)
+    first, last = rules.parse_range(args.range, rules.ranges(_state_dir(args)))
     avoid = set(live_ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     entries = registry.allocate(args.app, labels, first, last, avoid)

@@ -13,8 +13,13 @@ BAD_PORTS = frozenset({1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 
                        427, 465, 512, 513, 514, 515, 526, 530, 531, 532, 540, 548, 554, 556, 563, 587, 601, 636,
                        989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566,
                        6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080})
-#: Seed 002's ranges; ``--range`` picks another.
-RANGES = {"core": (5554, 5560), "extensions": (5561, 5569), "apps": (5570, 5599)}
+#: Seed 002's ranges: name -> (first, last, purpose). ``config.json``'s ``port_ranges`` adds or
+#: replaces ranges, e.g. ``{"ml": [7000, 7099, "notebooks"]}``; ``--range`` picks one by name.
+RANGES = {
+    "core": (5554, 5560, "core services"),
+    "extensions": (5561, 5569, "reserved for extensions"),
+    "apps": (5570, 5599, "user applications"),
+}
 NEVER_ALLOCATED = WELL_KNOWN | BAD_PORTS
 
 
@@ -31,10 +36,32 @@ def udp_ports() -> set[int]:
     return ports
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    if text in RANGES:
-        return RANGES[text]
+def ranges(state_dir) -> dict[str, tuple[int, int, str]]:
+    """Seed 002's ranges with ``config.json``'s ``port_ranges`` over them."""
+    import json
+    from pathlib import Path
+
+    merged = dict(RANGES)
+    try:
+        configured = json.loads((Path(state_dir) / "config.json").read_text()).get("port_ranges", {})
+    except FileNotFoundError:
+        return merged
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RegistryError(f"{state_dir}/config.json: unreadable port_ranges ({exc})", "unavailable") from None
+    for name, value in configured.items():
+        try:
+            first, last, purpose = int(value[0]), int(value[1]), str(value[2] if len(value) > 2 else "")
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise RegistryError(f"config.json port_ranges.{name}: must be [first, last, purpose]") from None
+        merged[name] = (first, last, purpose)
+    return merged
+
+
+def parse_range(text: str, known: "dict[str, tuple[int, int, str]] | None" = None) -> tuple[int, int]:
+    known = RANGES if known is None else known
+    if text in known:
+        return known[text][0], known[text][1]
     first, sep, last = text.partition("-")
     if not sep or not first.isdigit() or not last.isdigit():
-        raise RegistryError(f"invalid range {text!r}: FIRST-LAST or one of {', '.join(RANGES)}")
+        raise RegistryError(f"invalid range {text!r}: FIRST-LAST or one of {', '.join(known)}")
     return int(first), int(last)

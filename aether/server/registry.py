@@ -176,7 +176,7 @@ class AllocateHandler(ApiHandler):
             labels = body.get("labels")
             if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
                 raise RegistryError('labels must be an array of words, e.g. ["api", "ui"]')
-            first, last = rules.parse_range(str(body.get("range", "apps")))
+            first, last = rules.parse_range(str(body.get("range", "apps")), rules.ranges(self.server.settings.state_dir))
             avoid = set(self.server.monitor.table.ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
             entries = await self.registry.write("allocate", app, labels, first, last, avoid)
         except RegistryError as exc:
