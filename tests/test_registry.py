@@ -257,3 +257,14 @@ def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners)
         recv_until(ws, lambda m: m.get("type") == "registry" and m["ports"][0]["port"] == second, timeout=5)
         listeners.procs[0].kill()
         wait_for(lambda: get("docs-abc123") == 200, 5)
+
+
+def test_named_preview_sees_a_cli_write_with_no_client_connected(server, listeners):
+    import http.client
+
+    port = free_port()
+    listeners.http_server(port)
+    assert port_cli(server.state_dir, "set", "site", str(port)).returncode == 0
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/", headers={"Host": f"site-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"})
+    assert conn.getresponse().status == 200

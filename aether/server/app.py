@@ -164,9 +164,7 @@ async def serve(settings: Settings) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 1
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(
-        settings, monitor, server.visibility, lambda key: server.registry.ports_by_key.get(key)
-    )
+    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry.port_of)
     listener = SharedListener(
         http,
         previews.protocol,

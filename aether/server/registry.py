@@ -68,6 +68,12 @@ class RegistryService:
             self._version = version
             self.on_change(self._reload())
 
+    def port_of(self, key: str) -> Optional[int]:
+        """The port registered as ``key`` now, another process's latest write included (one
+        ``PRAGMA data_version``, microseconds, before the lookup)."""
+        self.check()
+        return self.ports_by_key.get(key)
+
     def watch(self) -> None:
         """Look once a second while ``watching()`` holds (clients are connected); no timer
         otherwise, so an idle server is never woken."""
