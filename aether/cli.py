@@ -8,6 +8,7 @@ stderr, one JSON object per line. Exit status: 0 success, 1 a refused or failed 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import stat
@@ -103,8 +104,6 @@ def _ports_list(args, ignored) -> int:
 
 
 def _ports_watch(args, ignored) -> int:
-    import asyncio  # not at module level: `aether port get` must start fast
-
     from aether.ports.ebpf import ProbeUnavailable
     from aether.ports.monitor import PortMonitor
 
@@ -175,8 +174,6 @@ def _ports_watch(args, ignored) -> int:
 
 
 def _ports_kill(args, ignored) -> int:
-    import asyncio  # not at module level: `aether port get` must start fast
-
     from aether.ports.kill import KillRefused, kill_port, parse_signal
 
     try:
@@ -209,8 +206,6 @@ def _loop_factory():
 
 
 def _serve(args) -> int:
-    import asyncio  # not at module level: `aether port get` must start fast
-
     from aether.server.app import serve
     from aether.server.settings import resolve
 
