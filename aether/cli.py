@@ -63,11 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["port"]:
-        from aether.registry import cli as registry_cli
-
-        return registry_cli.main(argv)
     args = build_parser().parse_args(argv)
     try:
         log.setup(args.log_level)
@@ -78,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(args)
+    if args.command == "port":  # `aether port` itself starts in aether/entry.py, before this module
+        from aether.registry import cli as registry_cli
+
+        return registry_cli.run(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
         return handler(args, ignored)

@@ -36,6 +36,12 @@ COOKIE = b"aether_preview"
 _MAX_CACHED_HOSTS = 1024
 
 
+def host_pattern(domain: str) -> str:
+    """A preview host name, ``{port or key}-{prefix}.{domain}``, without its port; groups:
+    the port or key, the prefix, the domain. Matched case-insensitively."""
+    return r"([a-z0-9][a-z0-9-]{0,62})-([a-z0-9]{1,64})\.(" + re.escape(domain) + r")"
+
+
 class Forward:
     """Send ``head`` (then the body) to ``address``:``port``."""
 
@@ -114,10 +120,7 @@ class Gate:
         self.visibility = visibility
         self.token = settings.token.encode()
         self._prefix = settings.project_prefix.lower().encode()
-        self._host = re.compile(
-            rb"([a-z0-9][a-z0-9-]{0,62})-([a-z0-9]{1,64})\.(" + re.escape(settings.preview_domain.encode()) + rb")(?::(\d{1,5}))?",
-            re.IGNORECASE,
-        )
+        self._host = re.compile(host_pattern(settings.preview_domain).encode() + rb"(?::(\d{1,5}))?", re.IGNORECASE)
         self._hosts: dict[bytes, Optional[tuple]] = {}
         self._addresses: dict[int, Optional[str]] = {}  # port -> upstream address, until it changes
         self._cookies: dict[bytes, bytes] = {}

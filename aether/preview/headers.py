@@ -31,20 +31,6 @@ _SET_BY_PROXY = frozenset(
 )
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Lower-case names listed in every ``Connection`` header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
-def values(headers: Headers, wanted: bytes) -> list[bytes]:
-    """Every value of the (lower-case) header ``wanted``."""
-    return [value for name, value in headers if name.lower() == wanted]
-
-
 def without_cookie(value: bytes, name: bytes) -> bytes:
     """A ``Cookie`` header value with the pairs named ``name`` taken out."""
     kept = [pair for pair in value.split(b";") if pair.strip().partition(b"=")[0] != name]
@@ -181,7 +167,7 @@ class ResponseHead:
         if self.hops:
             block = _HOP_LINE.sub(b"", block)
             for name, value in self.hops:
-                if name.lower() == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                if name.lower() == b"connection" and value.strip().lower() not in _NEVER_LISTED:
                     block = _without_listed(block, value)
         out = self.status_line + block
         if upgrade:
@@ -195,9 +181,6 @@ class ResponseHead:
             if close:
                 out += b"\r\nConnection: close"
         return out + b"\r\n\r\n"
-
-
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 def _without_listed(block: bytes, connection: bytes) -> bytes:

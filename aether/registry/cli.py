@@ -119,18 +119,10 @@ def live_ports() -> dict[int, dict]:
             for state in procs.port_states(raw)}
 
 
-def _joined(registry) -> list[dict]:
-    live = live_ports()
-    rows = []
-    for entry in registry.entries():
-        state = live.get(entry.port)
-        rows.append({**entry.to_json(), "listening": state is not None,
-                     "pid": state["pid"] if state else None, "process": state["process"] if state else None})
-    return rows
-
-
 def _list(registry, args) -> int:
-    rows = _joined(registry)
+    live = live_ports()
+    rows = [entry.with_live((live[entry.port]["pid"], live[entry.port]["process"]) if entry.port in live else None)
+            for entry in registry.entries()]
     if args.json:
         _print_json(rows)
         return 0

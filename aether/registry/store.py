@@ -67,6 +67,12 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry{self.astuple()!r}"
 
+    def with_live(self, owner: "tuple[int | None, str | None] | None") -> dict:
+        """The JSON form joined with what listens on the port now: ``owner`` is its (pid,
+        process), or None when nothing listens."""
+        pid, process = owner if owner is not None else (None, None)
+        return {**self.to_json(), "listening": owner is not None, "pid": pid, "process": process}
+
     def to_json(self) -> dict:
         return {
             "key": self.key,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import re
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ import tornado.web
 from aether import config
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
+from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
 from aether.server.channels.config import ConfigChannel
@@ -108,8 +108,7 @@ class WorkspaceServer:
             default_handler_class=NotFoundHandler,
             log_function=log_request,
         )
-        domain = re.escape(self.settings.preview_domain)
-        app.add_handlers(rf"(?i)[a-z0-9][a-z0-9-]*-[a-z0-9]+\.{domain}$", [(r".*", MisdirectedHandler)])
+        app.add_handlers(f"(?i){host_pattern(self.settings.preview_domain)}$", [(r".*", MisdirectedHandler)])
         return app
 
     def on_open(self, session: Session) -> None:

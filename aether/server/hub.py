@@ -44,6 +44,14 @@ class Hub:
                 self._timer.cancel()
                 self._timer = None
 
+    def announce(self, message: dict, sender=None, id=None) -> None:
+        """``message`` to every session; ``sender`` gets it with its request's ``id``."""
+        for session in list(self.sessions):
+            if session is sender and id is not None:
+                session.send({**message, "id": id})
+            else:
+                session.send(message)
+
     def broadcast(self, text: str) -> None:
         from aether.server.session import text_frame
 

@@ -132,13 +132,8 @@ class ApiHandler(tornado.web.RequestHandler):
 
 def joined(server: "WorkspaceServer") -> list[dict]:
     """The registry joined with what listens now (from the monitor, no /proc walk)."""
-    live = {event.port: event for event in server.monitor.open_events()}
-    rows = []
-    for entry in server.registry.reader.entries():
-        event = live.get(entry.port)
-        rows.append({**entry.to_json(), "listening": event is not None,
-                     "pid": event.pid if event else None, "process": event.process if event else None})
-    return rows
+    live = {event.port: (event.pid, event.process) for event in server.monitor.open_events()}
+    return [entry.with_live(live.get(entry.port)) for entry in server.registry.reader.entries()]
 
 
 class PortsHandler(ApiHandler):

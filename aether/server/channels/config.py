@@ -87,8 +87,4 @@ class ConfigChannel:
         self.server.settings.ignored_ports = ignored
         self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
         changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}
-        for other in list(self.server.hub.sessions):
-            if other is session and message.id is not None:
-                other.send({**changed, "id": message.id})
-            else:
-                other.send(changed)
+        self.server.hub.announce(changed, session, message.id)

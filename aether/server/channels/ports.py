@@ -67,11 +67,7 @@ class PortsChannel:
         visibility.public = public
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
-        for other in list(self.server.hub.sessions):
-            if other is session and message.id is not None:
-                other.send({**changed, "id": message.id})
-            else:
-                other.send(changed)
+        self.server.hub.announce(changed, session, message.id)
 
     def _refuse(self, session: "Session", message: Message, code: str, text: str) -> None:
         error = ProtocolError(code, text, self.name, message.id).to_message()
