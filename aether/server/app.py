@@ -116,6 +116,10 @@ class WorkspaceServer:
             channel.on_open(session)
         self.registry.watch()
 
+    def on_close(self, session: Session) -> None:
+        for channel in self.channels.values():
+            channel.on_close(session)
+
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))

@@ -9,13 +9,14 @@ Nothing here does I/O, so it can be tested and fuzzed on its own.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Optional, Union
 
 import ujson
 
 CHANNELS = ("terminal", "files", "agent", "ports", "config")
 #: Channels whose messages the server handles today; the others answer ``not_implemented``.
-IMPLEMENTED = frozenset({"ports", "config"})
+IMPLEMENTED = frozenset({"ports", "config", "terminal", "files"})
 #: Seed 001's maximum message size, read as 1 MiB; larger frames close the connection (1009).
 MAX_MESSAGE_BYTES = 1 << 20
 _MAX_ID_LENGTH = 256
@@ -46,8 +47,16 @@ class Message:
     id: Any = None
 
 
-def _port(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+def _int(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+_port = _int(1, 65535)
+_dimension = _int(1, 1000)
+_offset = _int(0, (1 << 53) - 1)
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_ENV_NAME = re.compile(r"[^=\x00]{1,256}")
+_MAX_ARGS = 256
 
 
 def _visibility(value: Any) -> bool:
@@ -58,15 +67,89 @@ def _object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
-#: (channel, type) -> {field: (check, what the field must be)}. Fields not listed are ignored.
-SCHEMAS: dict[tuple[str, str], dict[str, tuple[Callable[[Any], bool], str]]] = {
-    ("ports", "kill"): {"port": (_port, "an integer 1-65535")},
-    ("ports", "visibility"): {
-        "port": (_port, "an integer 1-65535"),
-        "visibility": (_visibility, '"private" or "public"'),
-    },
+def _string(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _session_id(value: Any) -> bool:
+    return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
+
+
+def _path(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 4096 and "\x00" not in value
+
+
+def _encoding(value: Any) -> bool:
+    return value in ("utf-8", "base64")
+
+
+def _arg(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" not in value
+
+
+def _command(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip()) and _arg(value)
+    return isinstance(value, list) and 0 < len(value) <= _MAX_ARGS and all(map(_arg, value)) and bool(value[0])
+
+
+def _env(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= _MAX_ARGS
+        and all(_ENV_NAME.fullmatch(k) and _arg(v) for k, v in value.items())
+    )
+
+
+_Field = tuple[Callable[[Any], bool], str]
+_PORT: _Field = (_port, "an integer 1-65535")
+_SESSION: _Field = (_session_id, "1-64 characters of A-Z a-z 0-9 . _ : -")
+_DIMENSION: _Field = (_dimension, "an integer 1-1000")
+_PATH: _Field = (_path, "a non-empty path of at most 4096 characters")
+_OFFSET: _Field = (_offset, "an integer 0 or more")
+_BOOL: _Field = (_bool, "true or false")
+_ENCODING: _Field = (_encoding, '"utf-8" or "base64"')
+
+#: (channel, type) -> {field: (check, what the field must be)}. A field whose name ends in
+#: ``?`` is optional (the check applies when it is present); fields not listed are ignored.
+SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
+    ("ports", "kill"): {"port": _PORT},
+    ("ports", "visibility"): {"port": _PORT, "visibility": (_visibility, '"private" or "public"')},
     ("config", "get"): {},
     ("config", "set"): {"config": (_object, "an object of keys to new values")},
+    ("terminal", "create"): {
+        "sessionId?": _SESSION,
+        "cols": _DIMENSION,
+        "rows": _DIMENSION,
+        "cwd?": _PATH,
+        "command?": (_command, "a non-empty string (run by the shell) or array of strings (argv)"),
+        "env?": (_env, "an object of variable names to string values"),
+    },
+    ("terminal", "input"): {"sessionId": _SESSION, "data": (_string, "a string"), "encoding?": _ENCODING},
+    ("terminal", "resize"): {"sessionId": _SESSION, "cols": _DIMENSION, "rows": _DIMENSION},
+    ("terminal", "close"): {"sessionId": _SESSION},
+    ("terminal", "attach"): {"sessionId": _SESSION},
+    ("terminal", "detach"): {"sessionId": _SESSION},
+    ("terminal", "list"): {},
+    ("files", "list"): {"path": _PATH},
+    ("files", "stat"): {"path": _PATH},
+    ("files", "read"): {"path": _PATH, "offset?": _OFFSET, "length?": _OFFSET},
+    ("files", "write"): {
+        "path": _PATH,
+        "content": (_string, "a string"),
+        "encoding?": _ENCODING,
+        "offset?": _OFFSET,
+        "createParents?": _BOOL,
+    },
+    ("files", "mkdir"): {"path": _PATH, "parents?": _BOOL},
+    ("files", "delete"): {"path": _PATH, "recursive?": _BOOL},
+    ("files", "rename"): {"from": _PATH, "to": _PATH, "overwrite?": _BOOL},
+    ("files", "watch"): {"path": _PATH, "recursive?": _BOOL},
+    ("files", "unwatch"): {"watchId": (_string, "a string")},
 }
 
 
@@ -111,7 +194,11 @@ def parse(frame: Union[str, bytes]) -> Message:
             "unknown_type", f"unknown type for channel {channel}; one of {', '.join(types)}", channel, id_
         )
     for field, (check, what) in schema.items():
-        if field not in obj:
+        if field.endswith("?"):
+            field = field[:-1]
+            if field not in obj:
+                continue
+        elif field not in obj:
             raise ProtocolError("bad_message", f"field {field} is missing", channel, id_)
         if not check(obj[field]):
             raise ProtocolError("bad_message", f"field {field} must be {what}", channel, id_)

@@ -36,6 +36,10 @@ log = logging.getLogger("aether.server")
 #: entry, so a flood of tiny replies to a client that reads nothing is bounded too.
 MAX_PENDING_BYTES = 4 << 20
 PENDING_OVERHEAD = 512
+#: A producer that can wait (a terminal's output, a long file read) stops above this much
+#: unsent and resumes once it has drained to ``DRAINED_BYTES``: well before the cap above.
+BACKLOG_BYTES = 512 << 10
+DRAINED_BYTES = 128 << 10
 
 
 def bearer_token(request) -> Optional[str]:
@@ -72,6 +76,7 @@ class Session(tornado.websocket.WebSocketHandler):
         self._pending: collections.deque = collections.deque()
         self._pending_bytes = 0
         self._write_timer: Optional[asyncio.TimerHandle] = None
+        self._on_drained: list = []
 
     # -- before the upgrade -------------------------------------------------------------
 
@@ -142,6 +147,8 @@ class Session(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.server.hub.remove(self)
+        self.server.on_close(self)
+        self._call_drained()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
@@ -151,6 +158,32 @@ class Session(tornado.websocket.WebSocketHandler):
         )
 
     # -- sending ------------------------------------------------------------------------
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether a producer that can wait should stop sending until :meth:`when_drained`."""
+        return self._pending_bytes > BACKLOG_BYTES
+
+    @property
+    def closed(self) -> bool:
+        connection = self.ws_connection
+        return connection is None or connection.is_closing() or connection.stream.closed()
+
+    def when_drained(self, callback) -> None:
+        """Call ``callback()`` once unsent bytes are down to ``DRAINED_BYTES`` or the
+        connection has closed (at once if that is so already)."""
+        if self.closed or self._pending_bytes <= DRAINED_BYTES:
+            callback()
+        else:
+            self._on_drained.append(callback)
+
+    def _call_drained(self) -> None:
+        callbacks, self._on_drained = self._on_drained, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("drain callback failed")
 
     def send(self, message: dict[str, Any]) -> None:
         self.send_frame(text_frame(protocol.encode(message)))
@@ -201,6 +234,8 @@ class Session(tornado.websocket.WebSocketHandler):
             self._pending_bytes -= size
             if not future.cancelled():
                 future.exception()  # retrieved: a closed stream is not an error to report
+        if self._on_drained and self._pending_bytes <= DRAINED_BYTES:
+            self._call_drained()
 
     def _arm_write_timer(self) -> None:
         oldest = self._pending[0][0]

@@ -38,6 +38,12 @@ class Settings:
     kill_grace: float
     preview_timeout: float
     preview_upstream_host: str
+    workspace_root: Path
+    shell: str
+    terminal_max_sessions: int
+    terminal_scrollback_bytes: int
+    terminal_idle_timeout: float
+    terminal_max_input_bytes: int
     preview_public_ports: frozenset[int] = frozenset()
 
     @property
@@ -90,13 +96,34 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # "localhost" sends Host: localhost:{port} upstream (dev servers refuse unknown hosts);
     # "original" passes the preview host on.
     "preview_upstream_host": (str, "localhost"),
+    # Where the terminal and files channels work: files outside it are refused.
+    "workspace_root": (str, None),
+    "shell": (str, None),
+    "terminal_max_sessions": (int, 32),
+    "terminal_scrollback_bytes": (int, 256 << 10),
+    # Seconds a session with nobody attached keeps running; 0 keeps it until its process ends.
+    "terminal_idle_timeout": (float, 0.0),
+    "terminal_max_input_bytes": (int, 64 << 10),
 }
+
+
+def login_shell() -> str:
+    """``$SHELL``, else the passwd entry's shell, else ``/bin/sh``."""
+    shell = os.environ.get("SHELL")
+    if not shell:
+        import pwd
+
+        try:
+            shell = pwd.getpwuid(os.getuid()).pw_shell
+        except KeyError:
+            shell = ""
+    return shell or "/bin/sh"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, default) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        shown = {"workspace_id": "the host name", "token_file": "none"}.get(name, "generated once" if default is None else default)
+        shown = {"workspace_id": "the host name", "token_file": "none", "workspace_root": "the home directory", "shell": "the user's login shell"}.get(name, "generated once" if default is None else default)
         parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")
     parser.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default ~/.local/state/aether)")
     parser.add_argument("--ignore", default=None, help="ignored ports (env AETHER_IGNORED_PORTS; default 22,2222,3001)")
@@ -141,6 +168,17 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ValueError("--preview-upstream-host / AETHER_PREVIEW_UPSTREAM_HOST must be localhost or original")
     if not 1 <= values["prefix_length"] <= 32:
         raise ValueError("--prefix-length / AETHER_PREFIX_LENGTH must be 1-32")
+    for name, low in (("terminal_max_sessions", 1), ("terminal_scrollback_bytes", 0), ("terminal_max_input_bytes", 1)):
+        if values[name] < low:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} / AETHER_{name.upper()} must be at least {low}")
+    if values["terminal_idle_timeout"] < 0:
+        raise ValueError("--terminal-idle-timeout / AETHER_TERMINAL_IDLE_TIMEOUT must be 0 (never) or more")
+    root = Path(values["workspace_root"] or os.path.expanduser("~")).resolve()
+    if not root.is_dir():
+        raise ValueError(f"--workspace-root / AETHER_WORKSPACE_ROOT: {root} is not a directory")
+    values["workspace_root"] = root
+    values["shell"] = values["shell"] or login_shell()
     workspace_id = values["workspace_id"] or socket.gethostname()
     project_id = values["project_id"] or state.project_id()
     token_file = values.pop("token_file")

@@ -58,6 +58,9 @@ class ConfigChannel:
     def on_open(self, session: "Session") -> None:
         pass
 
+    def on_close(self, session: "Session") -> None:
+        pass
+
     def handle(self, session: "Session", message: Message) -> None:
         if message.type == "get":
             reply = {"channel": self.name, "type": "config", "config": self.snapshot()}

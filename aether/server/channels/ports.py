@@ -46,6 +46,9 @@ class PortsChannel:
         for event in self.server.monitor.open_events():
             session.send(self.message(event))
 
+    def on_close(self, session: "Session") -> None:
+        pass
+
     def handle(self, session: "Session", message: Message) -> None:
         if message.type == "kill":
             task = asyncio.ensure_future(self._kill(session, message))
