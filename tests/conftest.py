@@ -6,6 +6,7 @@ AETHER_REQUIRE_EBPF=1 (as .ci/run sets).
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -331,3 +332,31 @@ def recv_until(ws, predicate, timeout: float = 5.0) -> dict:
         msg = recv_json(ws, remaining)
         if predicate(msg):
             return msg
+
+
+def raw_upgrade(server, rcvbuf: int | None = None) -> socket.socket:
+    """A bare TCP client that completes the upgrade and then does nothing at all."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /workspaces/{getattr(server, 'workspace', 'ws-test')}/ws?token={server.token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client-to-server text frame (clients must mask, RFC 6455 5.3)."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    n = len(payload)
+    header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

@@ -14,7 +14,7 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from conftest import ROOT, free_port, proc_comm, recv_json, recv_until, wait_for
+from conftest import ROOT, free_port, proc_comm, raw_upgrade, recv_json, recv_until, wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -185,25 +185,6 @@ def test_config_get_set_changed_and_persisted(serve, listeners):
         assert port not in opens(ws)
 
 
-def _raw_upgrade(server, rcvbuf: int | None = None) -> socket.socket:
-    """A bare TCP client that completes the upgrade and then does nothing at all."""
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /workspaces/{getattr(server, 'workspace', 'ws-test')}/ws?token={server.token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    response = sock.recv(4096)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
-
-
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
     sock.settimeout(0.2)
     deadline = time.monotonic() + within
@@ -244,7 +225,7 @@ def _ping_times(sock: socket.socket, seconds: float) -> list[float]:
 
 def test_pings_come_at_the_ping_interval(serve):
     server = serve("--ping-interval", "0.3", "--pong-timeout", "30")
-    sock = _raw_upgrade(server)
+    sock = raw_upgrade(server)
     times = _ping_times(sock, 2.0)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) >= 5, times
@@ -253,7 +234,7 @@ def test_pings_come_at_the_ping_interval(serve):
 
 def test_keepalive_pings_and_drops_silent_clients(serve):
     server = serve("--ping-interval", "0.2", "--pong-timeout", "0.6")
-    silent = _raw_upgrade(server)  # never answers a ping
+    silent = raw_upgrade(server)  # never answers a ping
     with server.connect() as ws:  # answers pings by itself
         assert _closed_by_server(silent, within=3.0), "a client that never pongs must be dropped"
         time.sleep(1.0)  # well past the pong timeout
@@ -264,7 +245,7 @@ def test_keepalive_pings_and_drops_silent_clients(serve):
 
 def test_stalled_reader_is_dropped_alone(serve, listeners):
     server = serve("--write-timeout", "0.5", "--send-buffer-bytes", "4096")
-    stalled = _raw_upgrade(server, rcvbuf=4096)
+    stalled = raw_upgrade(server, rcvbuf=4096)
     with server.connect() as ws:
         opens(ws)
         # Every `changed` broadcast (~400 bytes) also goes to the client that reads nothing.

@@ -25,7 +25,9 @@ from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
 from aether.server.channels.config import ConfigChannel
+from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
+from aether.server.channels.terminal import TerminalChannel
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener
 from aether.registry.store import RegistryError
@@ -96,7 +98,12 @@ class WorkspaceServer:
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
-        self.channels = {"ports": PortsChannel(self), "config": ConfigChannel(self)}
+        self.channels = {
+            "ports": PortsChannel(self),
+            "config": ConfigChannel(self),
+            "files": FilesChannel(self),
+            "terminal": TerminalChannel(self),
+        }
 
     def application(self) -> tornado.web.Application:
         app = tornado.web.Application(
@@ -115,6 +122,13 @@ class WorkspaceServer:
         for channel in self.channels.values():
             channel.on_open(session)
         self.registry.watch()
+
+    def close_channels(self) -> None:
+        """At shutdown: end what channels keep beside sessions (watches, terminals)."""
+        for channel in self.channels.values():
+            close = getattr(channel, "close", None)
+            if close is not None:
+                close()
 
     def on_close(self, session: Session) -> None:
         for channel in self.channels.values():
@@ -192,6 +206,7 @@ async def serve(settings: Settings) -> int:
     listener.stop()
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
+    server.close_channels()
     server.registry.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})

@@ -1,0 +1,237 @@
+"""The ``terminal`` channel: PTY sessions that keep running without a client (seed 001).
+
+A client ``create``s a session (and is attached to it) or ``attach``es to one by id, which
+replays the scrollback and then streams live output; any number of clients may be attached.
+A WebSocket closing detaches it and nothing more. A session ends when its process does, on
+``close`` (hang-up, then SIGKILL after the kill grace), or after ``terminal_idle_timeout``
+seconds with nobody attached. An ended session nobody saw end is kept, with its scrollback and
+exit status, until a client attaches or ``EXITED_KEEP`` seconds pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Optional
+
+from aether.server.protocol import Message, ProtocolError
+from aether.terminal.process import PtyProcess, SpawnError, child_env
+from aether.terminal.session import InputRefused, TerminalSession
+
+if TYPE_CHECKING:
+    from aether.server.app import WorkspaceServer
+    from aether.server.session import Session
+
+log = logging.getLogger("aether.terminal")
+
+EXITED_KEEP = 300.0
+#: How long daemon shutdown waits for hung-up sessions before SIGKILL.
+SHUTDOWN_GRACE = 0.3
+
+
+class TerminalChannel:
+    name = "terminal"
+
+    def __init__(self, server: "WorkspaceServer"):
+        self.server = server
+        self.sessions: dict[str, TerminalSession] = {}
+        self._sweeper: Optional[asyncio.TimerHandle] = None
+
+    # -- session lifecycle --------------------------------------------------------------
+
+    def on_open(self, session: "Session") -> None:
+        pass
+
+    def on_close(self, session: "Session") -> None:
+        for terminal in list(self.sessions.values()):
+            if session in terminal.clients:
+                terminal.detach(session)
+        self._schedule_sweep()
+
+    def handle(self, session: "Session", message: Message) -> None:
+        handlers = {
+            "create": self._create,
+            "attach": self._attach,
+            "detach": self._detach,
+            "input": self._input,
+            "resize": self._resize,
+            "close": self._close,
+            "list": self._list,
+        }
+        handlers[message.type](session, message)
+
+    def _error(self, message: Message, code: str, text: str) -> ProtocolError:
+        return ProtocolError(code, text, self.name, message.id)
+
+    def _get(self, message: Message, running: bool = True) -> TerminalSession:
+        session_id = message.body["sessionId"]
+        terminal = self.sessions.get(session_id)
+        if terminal is None or (running and terminal.exit is not None):
+            raise self._error(message, "not_found", f"no terminal session {session_id}")
+        return terminal
+
+    @staticmethod
+    def _reply(message: Message, kind: str, **fields) -> dict:
+        reply = {"channel": "terminal", "type": kind, **fields}
+        if message.id is not None:
+            reply["id"] = message.id
+        return reply
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _create(self, session: "Session", message: Message) -> None:
+        body, settings = message.body, self.server.settings
+        session_id = body.get("sessionId") or f"t-{secrets.token_hex(6)}"
+        if session_id in self.sessions:
+            raise self._error(message, "exists", f"terminal session {session_id} exists; attach to it or pick another id")
+        running = sum(1 for t in self.sessions.values() if t.exit is None)
+        if running >= settings.terminal_max_sessions:
+            raise self._error(
+                message, "limit", f"at most {settings.terminal_max_sessions} terminal sessions run at once; close one first"
+            )
+        cwd, shown = self._cwd(message, body.get("cwd", "."))
+        command = body.get("command")
+        if command is None:
+            argv = [settings.shell, "-l"]
+        elif isinstance(command, str):
+            argv = [settings.shell, "-c", command]
+        else:
+            argv = list(command)
+        env = child_env(body.get("env"), session_id)
+        try:
+            process = PtyProcess(argv, cwd, env, body["cols"], body["rows"])
+        except SpawnError as exc:
+            raise self._error(message, exc.code, exc.message) from None
+        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._exited)
+        self.sessions[session_id] = terminal
+        log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
+        terminal.attach(session, self._reply(message, "created"))
+
+    def _cwd(self, message: Message, path: str):
+        """The working directory inside the workspace root, and how to show it."""
+        root = self.server.settings.workspace_root
+        real = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([real, root]) != str(root):
+            raise self._error(message, "forbidden", f"cwd {path}: outside the workspace root")
+        if not os.path.isdir(real):
+            code = "not_found" if not os.path.exists(real) else "not_a_directory"
+            raise self._error(message, code, f"cwd {path}: {code.replace('_', ' ')}")
+        return real, os.path.relpath(real, root)
+
+    def _attach(self, session: "Session", message: Message) -> None:
+        terminal = self._get(message, running=False)
+        if session in terminal.clients:
+            raise self._error(message, "attached", f"already attached to terminal session {terminal.id}")
+        terminal.attach(session, self._reply(message, "attached"))
+        if terminal.exit is not None:
+            del self.sessions[terminal.id]  # its end has been seen
+        self._schedule_sweep()
+
+    def _detach(self, session: "Session", message: Message) -> None:
+        terminal = self._get(message)
+        if session not in terminal.clients:
+            raise self._error(message, "not_attached", f"not attached to terminal session {terminal.id}")
+        terminal.detach(session)
+        session.send(self._reply(message, "detached", sessionId=terminal.id))
+        self._schedule_sweep()
+
+    def _input(self, session: "Session", message: Message) -> None:
+        terminal = self._get(message)
+        data = message.body["data"]
+        if message.body.get("encoding") == "base64":
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise self._error(message, "invalid", "data is not valid base64") from None
+        else:
+            raw = data.encode("utf-8", "surrogateescape")
+        limit = self.server.settings.terminal_max_input_bytes
+        if len(raw) > limit:
+            raise self._error(message, "too_large", f"input of {len(raw)} bytes; at most {limit} per message")
+        try:
+            terminal.write(raw)
+        except InputRefused as exc:
+            raise self._error(message, "busy", str(exc)) from None
+
+    def _resize(self, session: "Session", message: Message) -> None:
+        terminal = self._get(message)
+        cols, rows = message.body["cols"], message.body["rows"]
+        terminal.resize(cols, rows)
+        resized = {"channel": "terminal", "type": "resized", "sessionId": terminal.id, "cols": cols, "rows": rows}
+        for client in list(terminal.clients | {session}):
+            client.send({**resized, "id": message.id} if client is session and message.id is not None else resized)
+
+    def _close(self, session: "Session", message: Message) -> None:
+        terminal = self._get(message)
+        if session not in terminal.clients:
+            # The closer hears the exit like an attached client, without the replay.
+            terminal.clients.add(session)
+        terminal.hang_up(self.server.settings.kill_grace)
+        log.info("terminal closing", extra={"session": terminal.id})
+
+    def _list(self, session: "Session", message: Message) -> None:
+        sessions = [t.describe() for t in sorted(self.sessions.values(), key=lambda t: t.created)]
+        session.send(self._reply(message, "list", sessions=sessions))
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _exited(self, terminal: TerminalSession) -> None:
+        if terminal.clients:
+            # Its end was sent to the clients attached: nothing to keep.
+            self.sessions.pop(terminal.id, None)
+            terminal.clients.clear()
+        else:
+            terminal.detached_since = time.monotonic()
+            self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        """One timer for the next thing to end: an idle session, or a kept ended one."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle = self.server.settings.terminal_idle_timeout
+        deadlines = []
+        for terminal in self.sessions.values():
+            if terminal.detached_since is None:
+                continue
+            if terminal.exit is not None:
+                deadlines.append(terminal.detached_since + EXITED_KEEP)
+            elif idle > 0:
+                deadlines.append(terminal.detached_since + idle)
+        if deadlines:
+            delay = max(0.0, min(deadlines) - time.monotonic())
+            self._sweeper = asyncio.get_running_loop().call_later(delay + 0.01, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now, idle = time.monotonic(), self.server.settings.terminal_idle_timeout
+        for terminal in list(self.sessions.values()):
+            if terminal.detached_since is None or terminal.clients:
+                continue
+            if terminal.exit is not None and now >= terminal.detached_since + EXITED_KEEP:
+                del self.sessions[terminal.id]
+            elif terminal.exit is None and idle > 0 and now >= terminal.detached_since + idle:
+                log.info("terminal idle: hanging up", extra={"session": terminal.id})
+                terminal.hang_up(self.server.settings.kill_grace)
+        self._schedule_sweep()
+
+    def close(self) -> None:
+        """At shutdown: hang up every session, give them ``SHUTDOWN_GRACE``, then SIGKILL."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        running = [t for t in self.sessions.values() if t.exit is None]
+        for terminal in running:
+            terminal.shutdown()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while running and time.monotonic() < deadline:
+            running = [t for t in running if t.process.exit_status() is None]
+            if running:
+                time.sleep(0.02)
+        for terminal in running:
+            terminal.process.kill_session()
+        self.sessions.clear()

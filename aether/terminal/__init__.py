@@ -1,0 +1,1 @@
+"""PTY sessions that outlive the WebSocket that started them (seed 001)."""

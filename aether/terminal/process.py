@@ -1,0 +1,125 @@
+"""A process on its own pseudo-terminal: spawn, resize, input, hang-up, exit.
+
+The child runs through util-linux ``setsid --ctty``: it starts a new session and makes the PTY
+its controlling terminal, so Ctrl-C typed as input reaches the foreground job and a hang-up
+reaches the shell, as in a real terminal. Doing that in Python would need ``preexec_fn``, which
+is not safe in a process with threads (the registry has one); ``setsid`` execs the command in
+place, so the pid we hold is the command's. Exit is seen through a pidfd, with no SIGCHLD
+handler and no thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import termios
+from pathlib import Path
+from typing import Optional, Sequence
+
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+#: Variables a child must not inherit from the daemon.
+_PRIVATE_ENV = ("AETHER_TOKEN",)
+
+
+class SpawnError(Exception):
+    """The command could not be started; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def child_env(extra: Optional[dict], session_id: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    # The client's emulator, not whatever terminal the daemon was started from; ``env`` may
+    # say otherwise.
+    env["TERM"] = "xterm-256color"
+    env["COLORTERM"] = "truecolor"
+    env["AETHER_TERMINAL_SESSION"] = session_id
+    env.update(extra or {})
+    return env
+
+
+def set_size(fd: int, cols: int, rows: int) -> None:
+    # On the master, the kernel sends SIGWINCH to the foreground process group when it changes.
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class PtyProcess:
+    """The child and the master side of its PTY (non-blocking)."""
+
+    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int):
+        if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+            raise SpawnError("not_found", f"command not found: {argv[0]}")
+        master, slave = os.openpty()
+        try:
+            set_size(master, cols, rows)
+            self.proc = subprocess.Popen(
+                [SETSID, "--ctty", *argv],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            os.close(master)
+            raise SpawnError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.fd: Optional[int] = master
+        self.pid = self.proc.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        self.cols, self.rows = cols, rows
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.fd is not None:
+            set_size(self.fd, cols, rows)
+        self.cols, self.rows = cols, rows
+
+    def close_master(self) -> None:
+        """Close our side: the kernel hangs up the terminal (SIGHUP to the shell and its
+        foreground job)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def kill_session(self) -> None:
+        """SIGKILL every process still in the child's session: what ignored the hang-up."""
+        sid = self.pid
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                if os.getsid(pid) == sid:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+    def exit_status(self) -> Optional[tuple[int, Optional[str]]]:
+        """``(code, signal name)`` once the child has exited, else None. A death by signal N
+        has code 128+N, as a shell reports it."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"SIG{-code}"
+            return 128 - code, name
+        return code, None
+
+    def release(self) -> None:
+        self.close_master()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

@@ -1,0 +1,249 @@
+"""One terminal session: its process, its output to every attached client, its scrollback.
+
+Output is read from the PTY only while every attached client keeps up: once one has more than
+``BACKLOG_BYTES`` unsent (see ``aether.server.session``), reading stops until it has drained,
+the PTY's buffer fills, and the program writing blocks, as it would on a slow real terminal.
+So a ``cat`` of a huge file costs bounded memory, and a client that stops reading altogether is
+dropped by its write deadline like any slow client, after which the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from typing import Callable, Optional, Protocol
+
+from aether.server.protocol import encode
+from aether.server.session import text_frame
+from aether.terminal.output import OutputEncoder, Scrollback
+from aether.terminal.process import PtyProcess
+
+log = logging.getLogger("aether.terminal")
+
+#: Bytes read from the PTY per wake-up: enough to batch a flood into few messages, small enough
+#: that one wake-up never holds the event loop for long.
+READ_BATCH = 64 << 10
+#: Input not yet taken by the PTY beyond which ``input`` is refused.
+MAX_PENDING_INPUT = 1 << 20
+
+
+class Client(Protocol):
+    backlogged: bool
+
+    def send(self, message: dict) -> None: ...
+    def send_frame(self, frame: bytes) -> None: ...
+    def when_drained(self, callback: Callable[[], None]) -> None: ...
+
+
+class InputRefused(Exception):
+    pass
+
+
+class TerminalSession:
+    def __init__(self, session_id: str, process: PtyProcess, command: list[str], cwd: str,
+                 scrollback: int, on_exit: Callable[["TerminalSession"], None]):
+        self.id = session_id
+        self.process = process
+        self.command = command
+        self.cwd = cwd
+        self.created = time.time()
+        self.clients: set[Client] = set()
+        self.exit: Optional[tuple[int, Optional[str]]] = None
+        self.detached_since: Optional[float] = None
+        self.scrollback = Scrollback(scrollback)
+        self._encoder = OutputEncoder()
+        self._on_exit = on_exit
+        self._waiting_for: set[Client] = set()
+        self._input = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._resume_reading()
+        self._loop.add_reader(process.pidfd, self._exited)
+
+    # -- clients ------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        info = {
+            "sessionId": self.id,
+            "pid": self.process.pid,
+            "command": self.command,
+            "cwd": self.cwd,
+            "cols": self.process.cols,
+            "rows": self.process.rows,
+            "created": round(self.created * 1000),
+            "attached": len(self.clients),
+        }
+        if self.exit is not None:
+            info["exit"] = self._exit_fields()
+        return info
+
+    def attach(self, client: Client, reply: dict) -> None:
+        """Send ``reply`` with this session's description, then the scrollback marked
+        ``replay``, then live output (or the ``exit`` of a session that has ended)."""
+        if self.exit is None:
+            self.clients.add(client)
+            self.detached_since = None
+        client.send({**reply, **self.describe()})
+        for fields in self.scrollback.replay():
+            client.send({"channel": "terminal", "type": "output", "sessionId": self.id, **fields, "replay": True})
+        if self.exit is not None:
+            client.send({"channel": "terminal", "type": "exit", "sessionId": self.id, **self._exit_fields()})
+
+    def detach(self, client: Client) -> None:
+        self.clients.discard(client)
+        if self._waiting_for:
+            self._drained(client)
+        if not self.clients and self.detached_since is None:
+            self.detached_since = time.monotonic()
+
+    def _broadcast(self, message: dict) -> None:
+        frame = text_frame(encode(message))
+        for client in list(self.clients):
+            client.send_frame(frame)
+
+    # -- output -------------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self.process.fd is not None and self.exit is None:
+            self._loop.add_reader(self.process.fd, self._readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading and self.process.fd is not None:
+            self._loop.remove_reader(self.process.fd)
+        self._reading = False
+
+    def _read_available(self) -> bytes:
+        """Up to ``READ_BATCH`` bytes; b"" at EOF (EIO: no process holds the terminal)."""
+        chunks, size = [], 0
+        fd = self.process.fd
+        while fd is not None and size < READ_BATCH:
+            try:
+                chunk = os.read(fd, READ_BATCH - size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    log.warning("terminal read failed", extra={"session": self.id, "error": exc.strerror})
+                self._pause_reading()
+                break
+            if not chunk:
+                self._pause_reading()
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    def _readable(self) -> None:
+        data = self._read_available()
+        if data:
+            self._output(data)
+        backlogged = [c for c in self.clients if c.backlogged]
+        if backlogged:
+            self._pause_reading()
+            for client in backlogged:
+                if client not in self._waiting_for:
+                    self._waiting_for.add(client)
+                    client.when_drained(lambda c=client: self._drained(c))
+
+    def _drained(self, client: Client) -> None:
+        self._waiting_for.discard(client)
+        if not self._waiting_for:
+            self._resume_reading()
+
+    def _output(self, data: bytes) -> None:
+        self.scrollback.append(data)
+        fields = self._encoder.feed(data)
+        if fields and self.clients:
+            self._broadcast({"channel": "terminal", "type": "output", "sessionId": self.id, **fields})
+
+    # -- input and size -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the PTY; InputRefused when too much is still waiting."""
+        if self.process.fd is None or self.exit is not None:
+            raise InputRefused("the session has ended")
+        if len(self._input) + len(data) > MAX_PENDING_INPUT:
+            raise InputRefused(f"more than {MAX_PENDING_INPUT >> 10} KiB of input is waiting for the program to read it")
+        idle = not self._input
+        self._input += data
+        if idle:
+            self._writable()
+
+    def _writable(self) -> None:
+        fd = self.process.fd
+        if fd is None:
+            self._input.clear()
+            return
+        try:
+            sent = os.write(fd, self._input)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._input.clear()
+            self._loop.remove_writer(fd)
+            return
+        del self._input[:sent]
+        if self._input:
+            self._loop.add_writer(fd, self._writable)
+        else:
+            self._loop.remove_writer(fd)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.process.resize(cols, rows)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def hang_up(self, grace: float) -> None:
+        """Hang up the terminal now; SIGKILL what is left of the session after ``grace``."""
+        if self.exit is not None:
+            return
+        self._stop_io()
+        self.process.close_master()
+        self._loop.call_later(grace, self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
+        if self.exit is None:
+            self.process.kill_session()
+
+    def _stop_io(self) -> None:
+        self._pause_reading()
+        if self.process.fd is not None:
+            self._loop.remove_writer(self.process.fd)
+        self._input.clear()
+
+    def _exited(self) -> None:
+        status = self.process.exit_status()
+        if status is None:
+            return
+        self._loop.remove_reader(self.process.pidfd)
+        # What the program wrote before it ended is still in the PTY: send it first (a bounded
+        # amount: a background job may keep writing to the terminal).
+        for _ in range(16):
+            data = self._read_available()
+            if not data:
+                break
+            self._output(data)
+        tail = self._encoder.flush()
+        if tail and self.clients:
+            self._broadcast({"channel": "terminal", "type": "output", "sessionId": self.id, **tail})
+        self._stop_io()
+        self.exit = status
+        self.process.release()
+        log.info("terminal exited", extra={"session": self.id, "pid": self.process.pid, "code": status[0]})
+        self._broadcast({"channel": "terminal", "type": "exit", "sessionId": self.id, **self._exit_fields()})
+        self._on_exit(self)
+
+    def _exit_fields(self) -> dict:
+        code, signame = self.exit
+        return {"code": code, "signal": signame} if signame else {"code": code}
+
+    def shutdown(self) -> None:
+        """At daemon exit: hang up and release, without waiting."""
+        if self.exit is None:
+            self._loop.remove_reader(self.process.pidfd)
+            self._stop_io()
+        self.process.release()

@@ -1,0 +1,371 @@
+"""The terminal channel through a real `aether serve` and real WebSocket clients: real PTYs,
+a real shell, sessions that outlive their connection."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, Server, free_port, masked_text_frame, raw_upgrade, recv_json, recv_until, wait_for
+
+WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
+
+
+@pytest.fixture
+def start(tmp_path):
+    """`aether serve` (sockdiag: the ports backend does not matter here) rooted in a fresh
+    workspace directory; extra flags per test."""
+    servers = []
+    root = tmp_path / "workspace"
+    root.mkdir()
+
+    def run(*args: str) -> Server:
+        server = Server("sockdiag", tmp_path / f"state{len(servers)}", "--workspace-root", str(root),
+                        "--shell", "/bin/bash", *args)
+        server.root = root
+        servers.append(server)
+        return server
+
+    yield run
+    for server in servers:
+        server.stop()
+
+
+class Term:
+    """One WebSocket client's view of the terminal channel."""
+
+    def __init__(self, server: Server):
+        self.ws = server.connect()
+        self.output: dict[str, bytearray] = {}
+        self.replayed: dict[str, bytearray] = {}
+        self.exits: dict[str, dict] = {}
+        self.other: list[dict] = []
+
+    def send(self, **message) -> None:
+        self.ws.send(json.dumps({"channel": "terminal", **message}))
+
+    def _take(self, message: dict) -> None:
+        if message["channel"] != "terminal":
+            return
+        if message["type"] == "output":
+            data = message["data"]
+            raw = base64.b64decode(data) if message.get("encoding") == "base64" else data.encode()
+            into = self.replayed if message.get("replay") else self.output
+            into.setdefault(message["sessionId"], bytearray()).extend(raw)
+        elif message["type"] == "exit":
+            self.exits[message["sessionId"]] = message
+        else:
+            self.other.append(message)
+
+    def reply(self, timeout: float = 5.0) -> dict:
+        """The next terminal message that is not output or exit."""
+        deadline = time.monotonic() + timeout
+        while not self.other:
+            self._take(recv_json(self.ws, max(0.01, deadline - time.monotonic())))
+        return self.other.pop(0)
+
+    def until(self, predicate, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out; output so far {dict(self.output)!r:.2000}")
+            try:
+                self._take(recv_json(self.ws, remaining))
+            except TimeoutError:
+                pass
+
+    def sees(self, session: str, text: bytes, timeout: float = 10.0) -> None:
+        self.until(lambda: text in self.output.get(session, b""), timeout)
+
+    def create(self, **fields) -> dict:
+        self.send(type="create", cols=fields.pop("cols", 80), rows=fields.pop("rows", 24), **fields)
+        return self.reply()
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def test_seed_example_input_runs_in_a_real_shell(start):
+    server = start()
+    term = Term(server)
+    created = term.create(sessionId="cli-123", id=1)
+    assert created["type"] == "created" and created["id"] == 1 and created["sessionId"] == "cli-123"
+    assert created["command"] == ["/bin/bash", "-l"] and created["cwd"] == "."
+    (server.root / "marker.txt").write_text("x")
+    # Seed 001's example message, verbatim.
+    term.ws.send('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls -la\\n"}')
+    term.sees("cli-123", b"marker.txt")
+    term.send(type="input", sessionId="cli-123", data="echo $((6*7)) $AETHER_TERMINAL_SESSION $TERM; tty\n")
+    term.sees("cli-123", b"42 cli-123 xterm-256color\r\n/dev/pts/")
+    term.send(type="input", sessionId="cli-123", data="exit 3\n")
+    term.until(lambda: "cli-123" in term.exits)
+    assert term.exits["cli-123"] == {"channel": "terminal", "type": "exit", "sessionId": "cli-123", "code": 3}
+    term.send(type="list", id=2)
+    assert term.reply() == {"channel": "terminal", "type": "list", "sessions": [], "id": 2}
+
+
+def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
+    server = start()
+    term = Term(server)
+    sid = term.create(cols=80, rows=24)["sessionId"]
+    assert sid.startswith("t-")
+    term.send(type="input", sessionId=sid, data="stty size\n")
+    term.sees(sid, b"24 80\r\n")
+    term.send(type="resize", sessionId=sid, cols=132, rows=43, id="r")
+    assert term.reply() == {"channel": "terminal", "type": "resized", "sessionId": sid, "cols": 132, "rows": 43, "id": "r"}
+    term.send(type="input", sessionId=sid, data="stty size\n")
+    term.sees(sid, b"43 132\r\n")
+    # A controlling terminal: ^C interrupts the foreground job, not the shell.
+    term.send(type="input", sessionId=sid, data="sleep 30; echo not-$((0))-interrupted\n")
+    time.sleep(0.3)
+    term.send(type="input", sessionId=sid, data="\x03echo after-$((1+1))\n")
+    term.sees(sid, b"after-2")
+    assert b"not-0-interrupted" not in term.output[sid]
+    assert sid not in term.exits
+
+
+def test_session_survives_disconnect_and_replays_on_attach(start):
+    server = start()
+    first = Term(server)
+    first.create(sessionId="keep")
+    first.send(type="input", sessionId="keep", data="sleep 2; echo done-$((40+2))\n")
+    time.sleep(0.3)
+    first.close()
+
+    time.sleep(2.5)  # "done" is printed while nobody is connected
+    second = Term(server)
+    second.send(type="list", id=1)
+    listed = second.reply()["sessions"]
+    assert [(s["sessionId"], s["attached"]) for s in listed] == [("keep", 0)]
+    second.send(type="attach", sessionId="keep", id=2)
+    attached = second.reply()
+    assert attached["type"] == "attached" and attached["id"] == 2 and attached["attached"] == 1
+    second.until(lambda: b"done-42" in second.replayed.get("keep", b""))
+    assert b"sleep 2; echo done" in second.replayed["keep"]  # the echo of what was typed before
+    # Then it streams live.
+    second.send(type="input", sessionId="keep", data="echo live-$((1+2))\n")
+    second.sees("keep", b"live-3")
+
+
+def test_two_clients_see_the_same_output_until_one_detaches(start):
+    server = start()
+    a, b = Term(server), Term(server)
+    a.create(sessionId="shared")
+    b.send(type="attach", sessionId="shared")
+    assert b.reply()["attached"] == 2
+    a.send(type="input", sessionId="shared", data="echo both-$((2*3))\n")
+    a.sees("shared", b"both-6")
+    b.sees("shared", b"both-6")
+    b.send(type="detach", sessionId="shared", id=9)
+    assert b.reply() == {"channel": "terminal", "type": "detached", "sessionId": "shared", "id": 9}
+    b.send(type="attach", sessionId="shared")
+    b.reply()
+    b.send(type="attach", sessionId="shared", id=10)
+    assert b.reply()["code"] == "attached"
+    b.send(type="detach", sessionId="shared")
+    b.reply()
+    # Input from a client that is not attached is still accepted.
+    b.send(type="input", sessionId="shared", data="echo only-a-$((3*3))\n")
+    a.sees("shared", b"only-a-9")
+    time.sleep(0.3)
+    b.until(lambda: True)
+    assert b"only-a-9" not in b.output["shared"]
+
+
+def test_exit_codes_signals_and_an_end_seen_later(start):
+    server = start()
+    term = Term(server)
+    term.create(sessionId="sig", command="kill -KILL $$")
+    term.until(lambda: "sig" in term.exits)
+    assert term.exits["sig"]["code"] == 137 and term.exits["sig"]["signal"] == "SIGKILL"
+    term.create(sessionId="argv", command=[sys.executable, "-c", "import sys; print('argv-ok'); sys.exit(7)"])
+    term.until(lambda: "argv" in term.exits)
+    assert term.exits["argv"]["code"] == 7 and b"argv-ok\r\n" in term.output["argv"]
+
+    # A session that ends while nobody is attached keeps its output and status for the next client.
+    term.create(sessionId="later", command="sleep 1; echo finished; exit 5")
+    term.close()
+    time.sleep(1.5)
+    other = Term(server)
+    other.send(type="list")
+    [listed] = other.reply()["sessions"]
+    assert listed["sessionId"] == "later" and listed["exit"] == {"code": 5}
+    other.send(type="attach", sessionId="later")
+    other.reply()
+    other.until(lambda: "later" in other.exits)
+    assert b"finished" in other.replayed["later"] and other.exits["later"]["code"] == 5
+    other.send(type="list")
+    assert other.reply()["sessions"] == []  # its end has been seen
+
+
+def test_close_hangs_up_and_kills_what_ignores_the_hangup(start):
+    server = start("--kill-grace", "0.5")
+    term = Term(server)
+    term.create(sessionId="hup")
+    term.send(type="close", sessionId="hup", id=1)
+    term.until(lambda: "hup" in term.exits)
+    assert term.exits["hup"]["code"] == 129 and term.exits["hup"]["signal"] == "SIGHUP"
+
+    stubborn = term.create(sessionId="stubborn", command="trap '' HUP; echo ready; sleep 60")
+    term.sees("stubborn", b"ready")
+    started = time.monotonic()
+    term.send(type="close", sessionId="stubborn")
+    term.until(lambda: "stubborn" in term.exits)
+    assert 0.4 < time.monotonic() - started < 5
+    assert term.exits["stubborn"]["signal"] == "SIGKILL"
+    with pytest.raises(ProcessLookupError):
+        os.kill(stubborn["pid"], 0)
+
+
+def test_utf8_split_across_reads_and_binary_output_arrive_intact(start):
+    server = start()
+    term = Term(server)
+    # "é" and "😀" written a byte at a time with pauses, so reads end inside characters; then
+    # bytes that are not UTF-8 at all. Output processing is off (stty raw) so bytes pass as is.
+    script = (
+        "import os, sys, time\n"
+        "out = sys.stdout.buffer\n"
+        "for b in 'é😀'.encode():\n"
+        "    out.write(bytes([b])); out.flush(); time.sleep(0.05)\n"
+        "out.write(b'|\\xff\\xfe\\x00binary|'); out.flush()\n"
+    )
+    term.create(sessionId="bytes", command=f"stty raw -echo; {sys.executable} -c \"$SCRIPT\"", env={"SCRIPT": script})
+    term.until(lambda: "bytes" in term.exits)
+    assert bytes(term.output["bytes"]) == "é😀".encode() + b"|\xff\xfe\x00binary|"
+    # Binary input too: base64 in, the same bytes out.
+    term.create(sessionId="echo", command=f"stty raw -echo; head -c 4 | {sys.executable} -c 'import sys; print(sys.stdin.buffer.read().hex())'")
+    term.send(type="input", sessionId="echo", data=base64.b64encode(b"\x00\xff\x80A").decode(), encoding="base64")
+    term.until(lambda: "echo" in term.exits)
+    assert b"00ff8041" in term.output["echo"]
+
+
+def test_bad_requests_get_clear_errors_and_change_nothing(start):
+    server = start("--terminal-max-sessions", "2", "--terminal-max-input-bytes", "16")
+    term = Term(server)
+    term.create(sessionId="one")
+    (server.root / "file").write_text("")
+
+    def error(**message) -> dict:
+        term.send(id="e", **message)
+        reply = term.reply()
+        assert reply["type"] == "error" and reply["id"] == "e" and reply["channel"] == "terminal", reply
+        return reply
+
+    assert error(type="create", sessionId="one", cols=80, rows=24)["code"] == "exists"
+    assert error(type="create", cols=80, rows=24, cwd="../..")["code"] == "forbidden"
+    assert error(type="create", cols=80, rows=24, cwd="/etc")["code"] == "forbidden"
+    assert error(type="create", cols=80, rows=24, cwd="missing")["code"] == "not_found"
+    assert error(type="create", cols=80, rows=24, cwd="file")["code"] == "not_a_directory"
+    assert error(type="create", cols=80, rows=24, command=["no-such-command-xyz"])["code"] == "not_found"
+    assert error(type="create", cols=0, rows=24)["code"] == "bad_message"
+    assert error(type="input", sessionId="nope", data="x")["code"] == "not_found"
+    assert error(type="input", sessionId="one", data="x" * 17)["code"] == "too_large"
+    assert error(type="input", sessionId="one", data="!!", encoding="base64")["code"] == "invalid"
+    assert error(type="resize", sessionId="one", cols=5000, rows=10)["code"] == "bad_message"
+    assert error(type="detach", sessionId="nope")["code"] == "not_found"
+    term.create(sessionId="two", cwd=".")
+    limit = error(type="create", cols=80, rows=24)
+    assert limit["code"] == "limit" and "at most 2" in limit["message"]
+    term.send(type="list")
+    assert [s["sessionId"] for s in term.reply()["sessions"]] == ["one", "two"]
+    # The sessions still work.
+    term.send(type="input", sessionId="one", data="echo $((5+5))\n")  # within the 16 bytes
+    term.sees("one", b"\r10\r\n")
+
+
+def test_idle_sessions_end_when_configured(start):
+    server = start("--terminal-idle-timeout", "0.5")
+    term = Term(server)
+    pid = term.create(sessionId="idle")["pid"]
+    term.close()
+    wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 10)
+    other = Term(server)
+    other.send(type="list")
+    [listed] = other.reply()["sessions"]
+    assert listed["exit"]["signal"] == "SIGHUP"
+
+
+def test_a_flood_of_output_is_delivered_whole_in_bounded_memory(start, tmp_path):
+    server = start()
+    big = tmp_path / "big"
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz\xc3\xa9\xe2\x82\xac!\n"  # multibyte chars too
+    count = (20 << 20) // len(line)
+    big.write_bytes(line * count)
+    hwm_before = _vm_hwm(server.proc.pid)
+    term = Term(server)
+    term.create(sessionId="flood", command=f"stty -onlcr; cat {big}; echo END-OF-FLOOD")
+    term.until(lambda: "flood" in term.exits, 120)
+    out = bytes(term.output["flood"])
+    assert out.endswith(b"END-OF-FLOOD\n")
+    assert out[: -len(b"END-OF-FLOOD\n")] == line * count
+    assert _vm_hwm(server.proc.pid) - hwm_before < 64 << 20
+
+
+def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path, listeners):
+    server = start("--write-timeout", "2")
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (64 << 20))
+    stalled = raw_upgrade(server, rcvbuf=4096)  # reads nothing from here on
+    create = {"channel": "terminal", "type": "create", "sessionId": "flood", "cols": 80, "rows": 24,
+              "command": f"cat {big}; echo END"}
+    stalled.sendall(masked_text_frame(json.dumps(create)))
+    watcher = Term(server)
+    time.sleep(0.5)
+    hwm = _vm_hwm(server.proc.pid)
+    # The output waits for the stalled client; port events reach the other client at once.
+    port = free_port()
+    listeners.http_server(port)
+    started = time.monotonic()
+    recv_until(watcher.ws, lambda m: m["channel"] == "ports" and m["type"] == "open" and m["port"] == port)
+    assert time.monotonic() - started < 2
+    # After the write timeout the stalled client is dropped, and the output goes on for others.
+    wait_for(lambda: any(line.get("msg") == "dropping client" for line in server.log), 15)
+    watcher.send(type="attach", sessionId="flood")
+    watcher.until(lambda: "flood" in watcher.exits, 60)
+    assert watcher.exits["flood"]["code"] == 0
+    assert _vm_hwm(server.proc.pid) - hwm < 64 << 20
+    stalled.close()
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_shutdown_ends_every_session(start):
+    server = start()
+    term = Term(server)
+    pids = [term.create(sessionId="a")["pid"], term.create(sessionId="b", command="trap '' HUP; sleep 60")["pid"]]
+    term.send(type="input", sessionId="a", data="echo up\n")
+    term.sees("a", b"up")
+    assert server.stop() == 0
+    for pid in pids:
+        wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 5)
+
+
+def test_wscat_drives_a_terminal_session(start):
+    server = start()
+    create = {"channel": "terminal", "type": "create", "sessionId": "w", "cols": 80, "rows": 24,
+              "command": "echo from-wscat-$((20+1))"}
+    # wscat quits at once when its stdin ends: keep it open until wscat is done (-w 2).
+    proc = subprocess.Popen(
+        [str(WSCAT), "-c", server.url, "-s", f"Bearer, {server.token}", "-x", json.dumps(create), "-w", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    out = proc.stdout.read()
+    proc.wait(10)
+    proc.stdin.close()
+    terminal = [m for m in map(json.loads, filter(None, out.splitlines())) if m["channel"] == "terminal"]
+    assert terminal[0]["type"] == "created", out
+    assert "from-wscat-21" in "".join(m.get("data", "") for m in terminal if m["type"] == "output")
+    assert terminal[-1] == {"channel": "terminal", "type": "exit", "sessionId": "w", "code": 0}
