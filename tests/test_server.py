@@ -99,8 +99,9 @@ def test_live_open_and_close_in_order(serve, listeners):
         ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
         ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
         ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
-        ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_implemented", "terminal"),
-        ('{"channel": "files", "type": "list"}', "not_implemented", "files"),
+        ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
+        ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
+        ('{"channel": "files", "type": "list"}', "bad_message", "files"),
         ('{"channel": "agent", "type": "prompt"}', "not_implemented", "agent"),
     ],
 )

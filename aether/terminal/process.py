@@ -54,7 +54,8 @@ class PtyProcess:
     """The child and the master side of its PTY (non-blocking)."""
 
     def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int):
-        if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        program = argv[0] if "/" not in argv[0] else os.path.join(cwd, argv[0])
+        if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
             raise SpawnError("not_found", f"command not found: {argv[0]}")
         master, slave = os.openpty()
         try:
