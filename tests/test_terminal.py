@@ -42,7 +42,7 @@ class Term:
     """One WebSocket client's view of the terminal channel."""
 
     def __init__(self, server: Server):
-        self.ws = server.connect()
+        self.ws = server.connect().__enter__()  # closed by close() or when the server stops
         self.output: dict[str, bytearray] = {}
         self.replayed: dict[str, bytearray] = {}
         self.exits: dict[str, dict] = {}
@@ -110,6 +110,10 @@ def test_seed_example_input_runs_in_a_real_shell(start):
     assert term.exits["cli-123"] == {"channel": "terminal", "type": "exit", "sessionId": "cli-123", "code": 3}
     term.send(type="list", id=2)
     assert term.reply() == {"channel": "terminal", "type": "list", "sessions": [], "id": 2}
+    term.ws.send('{"channel": "config", "type": "get"}')
+    config = recv_until(term.ws, lambda m: m["channel"] == "config")["config"]
+    assert config["workspaceRoot"] == str(server.root)
+    assert config["terminal"] == {"maxSessions": 32, "scrollbackBytes": 262144, "idleTimeout": 0.0, "maxInputBytes": 65536}
 
 
 def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):

@@ -52,6 +52,13 @@ class ConfigChannel:
                 "maxMessageBytes": settings.max_message_bytes,
             },
             "backend": monitor.backend,
+            "workspaceRoot": str(settings.workspace_root),
+            "terminal": {
+                "maxSessions": settings.terminal_max_sessions,
+                "scrollbackBytes": settings.terminal_scrollback_bytes,
+                "idleTimeout": settings.terminal_idle_timeout,
+                "maxInputBytes": settings.terminal_max_input_bytes,
+            },
             "mutable": list(MUTABLE),
         }
 
