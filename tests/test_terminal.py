@@ -215,6 +215,7 @@ def test_close_hangs_up_and_kills_what_ignores_the_hangup(start):
     term = Term(server)
     term.create(sessionId="hup")
     term.send(type="close", sessionId="hup", id=1)
+    assert term.reply() == {"channel": "terminal", "type": "closing", "sessionId": "hup", "id": 1}
     term.until(lambda: "hup" in term.exits)
     assert term.exits["hup"]["code"] == 129 and term.exits["hup"]["signal"] == "SIGHUP"
 
@@ -222,11 +223,32 @@ def test_close_hangs_up_and_kills_what_ignores_the_hangup(start):
     term.sees("stubborn", b"ready")
     started = time.monotonic()
     term.send(type="close", sessionId="stubborn")
+    assert term.reply()["type"] == "closing"
+    term.send(type="input", sessionId="stubborn", data="x", id=2)
+    assert term.reply()["code"] == "not_found"  # hung up: it takes no more input
     term.until(lambda: "stubborn" in term.exits)
     assert 0.4 < time.monotonic() - started < 5
     assert term.exits["stubborn"]["signal"] == "SIGKILL"
     with pytest.raises(ProcessLookupError):
         os.kill(stubborn["pid"], 0)
+
+    # A background job that escaped the hang-up (nohup) dies after the grace, with its session.
+    term.create(sessionId="bg", command="nohup sleep 4242 >/dev/null 2>&1 & echo bg=$!; sleep 4343")
+    term.sees("bg", b"\n")
+    background = int(bytes(term.output["bg"]).split(b"bg=")[1].split()[0])
+    other = Term(server)  # closed by a client that is not attached
+    other.send(type="close", sessionId="bg")
+    assert other.reply()["type"] == "closing"
+    other.until(lambda: "bg" in other.exits)
+    assert other.exits["bg"]["signal"] == "SIGHUP"
+    wait_for(lambda: not os.path.exists(f"/proc/{background}") or _zombie(background), 5)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_utf8_split_across_reads_and_binary_output_arrive_intact(start):
@@ -249,6 +271,53 @@ def test_utf8_split_across_reads_and_binary_output_arrive_intact(start):
     term.send(type="input", sessionId="echo", data=base64.b64encode(b"\x00\xff\x80A").decode(), encoding="base64")
     term.until(lambda: "echo" in term.exits)
     assert b"00ff8041" in term.output["echo"]
+
+
+def test_attach_while_a_character_is_unfinished_sends_each_byte_once(start):
+    server = start()
+    term = Term(server)
+    term.create(sessionId="half", command="stty raw -echo; printf 'AB\\342\\202'; sleep 1.5; printf '\\254!'")
+    term.sees("half", b"AB")
+    late = Term(server)
+    late.send(type="attach", sessionId="half")
+    late.reply()
+    late.until(lambda: "half" in late.exits)
+    assert bytes(late.replayed["half"]) + bytes(late.output["half"]) == "AB€!".encode()
+    term.until(lambda: "half" in term.exits)
+    assert bytes(term.output["half"]) == "AB€!".encode()
+
+
+def test_ended_sessions_are_bounded_and_their_ids_reusable(start):
+    server = start("--terminal-max-sessions", "2")
+    for names in (("a", "b"), ("c",)):
+        term = Term(server)
+        for name in names:
+            assert term.create(sessionId=name, command=f"sleep 0.3; echo {name}-ended")["type"] == "created"
+        term.close()
+        time.sleep(1)
+    other = Term(server)
+    other.send(type="list")
+    # Ended, never seen: at most --terminal-max-sessions kept, the oldest dropped first.
+    assert [s["sessionId"] for s in other.reply()["sessions"]] == ["b", "c"]
+    created = other.create(sessionId="c", command=["sleep", "0"] + ["x" * 100] * 50)
+    assert created["type"] == "created" and created["commandTruncated"] is True
+    assert len(json.dumps(created["command"])) <= 1100
+
+
+def test_invalid_unicode_is_refused_and_leaks_nothing(start):
+    server = start()
+    term = Term(server)
+    term.create(sessionId="u")
+    fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    frames = [
+        '{"channel": "terminal", "type": "create", "cols": 80, "rows": 24, "command": ["sh", "-c", "true", "\\ud800"]}',
+        '{"channel": "terminal", "type": "create", "cols": 80, "rows": 24, "cwd": "\\ud800"}',
+        '{"channel": "terminal", "type": "input", "sessionId": "u", "data": "\\ud800"}',
+    ]
+    for frame in frames * 5:
+        term.ws.send(frame)
+        assert term.reply()["code"] == "bad_message"
+    assert len(os.listdir(f"/proc/{server.proc.pid}/fd")) == fds
 
 
 def test_bad_requests_get_clear_errors_and_change_nothing(start):
@@ -286,15 +355,19 @@ def test_bad_requests_get_clear_errors_and_change_nothing(start):
 
 
 def test_idle_sessions_end_when_configured(start):
-    server = start("--terminal-idle-timeout", "0.5")
+    server = start("--terminal-idle-timeout", "0.5", "--kill-grace", "1")
     term = Term(server)
     pid = term.create(sessionId="idle")["pid"]
+    stubborn = term.create(sessionId="stubborn", command="trap '' HUP; sleep 60")["pid"]
     term.close()
-    wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 10)
+    for gone in (pid, stubborn):
+        wait_for(lambda: not os.path.exists(f"/proc/{gone}"), 10)
     other = Term(server)
     other.send(type="list")
-    [listed] = other.reply()["sessions"]
-    assert listed["exit"]["signal"] == "SIGHUP"
+    listed = {s["sessionId"]: s["exit"]["signal"] for s in other.reply()["sessions"]}
+    assert listed == {"idle": "SIGHUP", "stubborn": "SIGKILL"}
+    # One hang-up each, not one per sweep while the grace runs.
+    assert sum(line.get("msg") == "terminal idle: hanging up" for line in server.log) == 2
 
 
 def test_a_flood_of_output_is_delivered_whole_in_bounded_memory(start, tmp_path):

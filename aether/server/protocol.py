@@ -57,6 +57,7 @@ _offset = _int(0, (1 << 53) - 1)
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _ENV_NAME = re.compile(r"[^=\x00]{1,256}")
 _MAX_ARGS = 256
+_MAX_COMMAND = 16 << 10
 
 
 def _visibility(value: Any) -> bool:
@@ -68,7 +69,14 @@ def _object(value: Any) -> bool:
 
 
 def _string(value: Any) -> bool:
-    return isinstance(value, str)
+    """A string that is valid Unicode: JSON lets ``"\ud800"`` through, UTF-8 cannot hold it."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bool(value: Any) -> bool:
@@ -80,7 +88,7 @@ def _session_id(value: Any) -> bool:
 
 
 def _path(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 4096 and "\x00" not in value
+    return _string(value) and 0 < len(value) <= 4096 and "\x00" not in value
 
 
 def _encoding(value: Any) -> bool:
@@ -88,20 +96,26 @@ def _encoding(value: Any) -> bool:
 
 
 def _arg(value: Any) -> bool:
-    return isinstance(value, str) and "\x00" not in value
+    return _string(value) and "\x00" not in value
 
 
 def _command(value: Any) -> bool:
     if isinstance(value, str):
-        return bool(value.strip()) and _arg(value)
-    return isinstance(value, list) and 0 < len(value) <= _MAX_ARGS and all(map(_arg, value)) and bool(value[0])
+        return bool(value.strip()) and len(value) <= _MAX_COMMAND and _arg(value)
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= _MAX_ARGS
+        and all(map(_arg, value))
+        and bool(value[0])
+        and sum(map(len, value)) <= _MAX_COMMAND
+    )
 
 
 def _env(value: Any) -> bool:
     return (
         isinstance(value, dict)
         and len(value) <= _MAX_ARGS
-        and all(_ENV_NAME.fullmatch(k) and _arg(v) for k, v in value.items())
+        and all(_ENV_NAME.fullmatch(k) and _arg(k) and _arg(v) for k, v in value.items())
     )
 
 
@@ -126,7 +140,7 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
         "cols": _DIMENSION,
         "rows": _DIMENSION,
         "cwd?": _PATH,
-        "command?": (_command, "a non-empty string (run by the shell) or array of strings (argv)"),
+        "command?": (_command, "a non-empty string (run by the shell) or array of strings (argv), 16 KiB at most"),
         "env?": (_env, "an object of variable names to string values"),
     },
     ("terminal", "input"): {"sessionId": _SESSION, "data": (_string, "a string"), "encoding?": _ENCODING},

@@ -21,9 +21,11 @@ def complete_prefix(data: bytes) -> int:
         byte = data[n - back]
         if byte < 0x80:
             return n
-        if byte >= 0xC0:  # a lead byte: is its sequence complete?
+        if 0xC2 <= byte <= 0xF4:  # a lead byte: is its sequence complete?
             need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
             return n if back >= need else n - back
+        if byte >= 0xC0:  # never starts a character: nothing to wait for
+            return n
     return n
 
 
@@ -38,6 +40,11 @@ def fields(data: bytes) -> dict:
 class OutputEncoder:
     def __init__(self) -> None:
         self._carry = b""
+
+    @property
+    def held(self) -> int:
+        """How many bytes of output are held back, waiting for the rest of a character."""
+        return len(self._carry)
 
     def feed(self, data: bytes) -> dict | None:
         """Fields for ``data`` (plus what was held back), or None if all of it is held back."""
@@ -78,10 +85,13 @@ class Scrollback:
     def __len__(self) -> int:
         return self._size
 
-    def replay(self, piece: int = 32 << 10) -> Iterator[dict]:
-        """The kept output as fields, in pieces of at most ``piece`` bytes (so no message nears
-        the 1 MiB limit even when every byte is escaped), starting at a character boundary."""
+    def replay(self, hold: int = 0, piece: int = 32 << 10) -> Iterator[dict]:
+        """The kept output but its last ``hold`` bytes, as fields, in pieces of at most
+        ``piece`` bytes (so no message nears the 1 MiB limit even when every byte is escaped),
+        starting at a character boundary."""
         data = b"".join(self._chunks)
+        if hold:
+            data = data[:-hold]
         start = 0
         while start < len(data) and start < 3 and 0x80 <= data[start] < 0xC0:
             start += 1  # the trimmed front cut a character: drop its tail

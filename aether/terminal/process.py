@@ -3,9 +3,13 @@
 The child runs through util-linux ``setsid --ctty``: it starts a new session and makes the PTY
 its controlling terminal, so Ctrl-C typed as input reaches the foreground job and a hang-up
 reaches the shell, as in a real terminal. Doing that in Python would need ``preexec_fn``, which
-is not safe in a process with threads (the registry has one); ``setsid`` execs the command in
-place, so the pid we hold is the command's. Exit is seen through a pidfd, with no SIGCHLD
-handler and no thread.
+is not safe in a process with threads (the registry has one). ``setsid`` execs the command in
+place only because the child Popen makes is not a process-group leader (so no
+``start_new_session``); then the pid we hold is the command's, and the session id too.
+
+Exit is seen through a pidfd, with no SIGCHLD handler and no thread. The child is reaped only by
+:meth:`PtyProcess.reap`: while it is a zombie its pid, hence the session id, cannot be reused,
+so :meth:`PtyProcess.kill_session` can still find what is left of the session safely.
 """
 
 from __future__ import annotations
@@ -50,6 +54,16 @@ def set_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _status(returncode: int) -> tuple[int, Optional[str]]:
+    if returncode >= 0:
+        return returncode, None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"SIG{-returncode}"
+    return 128 - returncode, name
+
+
 class PtyProcess:
     """The child and the master side of its PTY (non-blocking)."""
 
@@ -69,9 +83,11 @@ class PtyProcess:
                 env=env,
                 close_fds=True,
             )
-        except OSError as exc:
+        except BaseException as exc:
             os.close(master)
-            raise SpawnError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise SpawnError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+            raise
         finally:
             os.close(slave)
         os.set_blocking(master, False)
@@ -106,18 +122,24 @@ class PtyProcess:
                 continue
 
     def exit_status(self) -> Optional[tuple[int, Optional[str]]]:
-        """``(code, signal name)`` once the child has exited, else None. A death by signal N
-        has code 128+N, as a shell reports it."""
-        code = self.proc.poll()
-        if code is None:
+        """``(code, signal name)`` once the child has exited, else None; it is not reaped.
+        A death by signal N has code 128+N, as a shell reports it."""
+        if self.proc.returncode is not None:
+            return _status(self.proc.returncode)
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
             return None
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"SIG{-code}"
-            return 128 - code, name
-        return code, None
+        if info is None:
+            return None
+        if info.si_code == os.CLD_EXITED:
+            return info.si_status, None
+        return _status(-info.si_status)
+
+    def reap(self) -> None:
+        """Collect the exited child (after which its pid may be reused)."""
+        if self.proc.returncode is None:
+            self.proc.wait()
 
     def release(self) -> None:
         self.close_master()

@@ -51,7 +51,11 @@ class TerminalSession:
         self.cwd = cwd
         self.created = time.time()
         self.clients: set[Client] = set()
+        #: Clients that sent ``close`` without being attached: they hear the ``exit`` too.
+        self.closers: set[Client] = set()
         self.exit: Optional[tuple[int, Optional[str]]] = None
+        self.closing = False
+        self._kill_pending = False
         self.detached_since: Optional[float] = None
         self.scrollback = Scrollback(scrollback)
         self._encoder = OutputEncoder()
@@ -61,7 +65,7 @@ class TerminalSession:
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._resume_reading()
-        self._loop.add_reader(process.pidfd, self._exited)
+        self._loop.add_reader(process.pidfd, self._process_exited)
 
     # -- clients ------------------------------------------------------------------------
 
@@ -69,7 +73,7 @@ class TerminalSession:
         info = {
             "sessionId": self.id,
             "pid": self.process.pid,
-            "command": self.command,
+            **shown_command(self.command),
             "cwd": self.cwd,
             "cols": self.process.cols,
             "rows": self.process.rows,
@@ -87,13 +91,16 @@ class TerminalSession:
             self.clients.add(client)
             self.detached_since = None
         client.send({**reply, **self.describe()})
-        for fields in self.scrollback.replay():
+        # Bytes the live encoder holds back (an unfinished character) go out with the live
+        # stream once complete; replaying them too would send them twice.
+        for fields in self.scrollback.replay(hold=self._encoder.held):
             client.send({"channel": "terminal", "type": "output", "sessionId": self.id, **fields, "replay": True})
         if self.exit is not None:
             client.send({"channel": "terminal", "type": "exit", "sessionId": self.id, **self._exit_fields()})
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)
+        self.closers.discard(client)
         if self._waiting_for:
             self._drained(client)
         if not self.clients and self.detached_since is None:
@@ -198,16 +205,23 @@ class TerminalSession:
     # -- the end ------------------------------------------------------------------------
 
     def hang_up(self, grace: float) -> None:
-        """Hang up the terminal now; SIGKILL what is left of the session after ``grace``."""
-        if self.exit is not None:
+        """Hang up the terminal now (SIGHUP to the shell and its foreground job); SIGKILL
+        whatever is left of the session after ``grace``, background jobs included."""
+        if self.closing or self.exit is not None:
             return
+        self.closing = True
+        self._kill_pending = True
         self._stop_io()
         self.process.close_master()
-        self._loop.call_later(grace, self._kill_if_running)
+        self._loop.call_later(grace, self._kill_rest)
 
-    def _kill_if_running(self) -> None:
-        if self.exit is None:
-            self.process.kill_session()
+    def _kill_rest(self) -> None:
+        # The leader is not reaped before this runs (see _process_exited), so the session id
+        # still names this session and no other.
+        self._kill_pending = False
+        self.process.kill_session()
+        if self.exit is not None:
+            self.process.reap()
 
     def _stop_io(self) -> None:
         self._pause_reading()
@@ -215,14 +229,14 @@ class TerminalSession:
             self._loop.remove_writer(self.process.fd)
         self._input.clear()
 
-    def _exited(self) -> None:
+    def _process_exited(self) -> None:
         status = self.process.exit_status()
         if status is None:
             return
         self._loop.remove_reader(self.process.pidfd)
         # What the program wrote before it ended is still in the PTY: send it first (a bounded
         # amount: a background job may keep writing to the terminal).
-        for _ in range(16):
+        for _ in range(4):
             data = self._read_available()
             if not data:
                 break
@@ -233,7 +247,11 @@ class TerminalSession:
         self._stop_io()
         self.exit = status
         self.process.release()
+        if not self._kill_pending:
+            self.process.reap()  # else _kill_rest reaps, after its kill
         log.info("terminal exited", extra={"session": self.id, "pid": self.process.pid, "code": status[0]})
+        self.clients |= self.closers
+        self.closers.clear()
         self._broadcast({"channel": "terminal", "type": "exit", "sessionId": self.id, **self._exit_fields()})
         self._on_exit(self)
 
@@ -242,8 +260,34 @@ class TerminalSession:
         return {"code": code, "signal": signame} if signame else {"code": code}
 
     def shutdown(self) -> None:
-        """At daemon exit: hang up and release, without waiting."""
+        """At daemon exit: hang up without waiting; see :meth:`finish_shutdown`."""
         if self.exit is None:
             self._loop.remove_reader(self.process.pidfd)
             self._stop_io()
         self.process.release()
+
+    def finish_shutdown(self) -> None:
+        """SIGKILL what is left of the session, then reap its leader."""
+        self.process.kill_session()
+        try:
+            self.process.proc.wait(1)
+        except Exception:
+            log.warning("terminal leader did not exit", extra={"session": self.id, "pid": self.process.pid})
+
+
+def shown_command(argv: list[str], budget: int = 1024) -> dict:
+    """``{"command": argv}``, cut to about ``budget`` characters of JSON so that a ``list`` of
+    many sessions stays far below the message limit; ``commandTruncated`` says when cut."""
+    if len(encode(argv)) <= budget:
+        return {"command": argv}
+    shown, used = [], 2
+    for arg in argv:
+        size = len(encode(arg)) + 1
+        if used + size > budget:
+            keep = (budget - used) // 6  # a character takes at most 6 characters of JSON
+            if keep > 0:
+                shown.append(arg[:keep])
+            break
+        shown.append(arg)
+        used += size
+    return {"command": shown, "commandTruncated": True}

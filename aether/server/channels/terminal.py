@@ -5,7 +5,8 @@ replays the scrollback and then streams live output; any number of clients may b
 A WebSocket closing detaches it and nothing more. A session ends when its process does, on
 ``close`` (hang-up, then SIGKILL after the kill grace), or after ``terminal_idle_timeout``
 seconds with nobody attached. An ended session nobody saw end is kept, with its scrollback and
-exit status, until a client attaches or ``EXITED_KEEP`` seconds pass.
+exit status, until a client attaches or ``EXITED_KEEP`` seconds pass (at most
+``terminal_max_sessions`` of them; a new session may take an ended one's id).
 """
 
 from __future__ import annotations
@@ -41,20 +42,7 @@ class TerminalChannel:
         self.server = server
         self.sessions: dict[str, TerminalSession] = {}
         self._sweeper: Optional[asyncio.TimerHandle] = None
-
-    # -- session lifecycle --------------------------------------------------------------
-
-    def on_open(self, session: "Session") -> None:
-        pass
-
-    def on_close(self, session: "Session") -> None:
-        for terminal in list(self.sessions.values()):
-            if session in terminal.clients:
-                terminal.detach(session)
-        self._schedule_sweep()
-
-    def handle(self, session: "Session", message: Message) -> None:
-        handlers = {
+        self._handlers = {
             "create": self._create,
             "attach": self._attach,
             "detach": self._detach,
@@ -63,7 +51,20 @@ class TerminalChannel:
             "close": self._close,
             "list": self._list,
         }
-        handlers[message.type](session, message)
+
+    # -- session lifecycle --------------------------------------------------------------
+
+    def on_open(self, session: "Session") -> None:
+        pass
+
+    def on_close(self, session: "Session") -> None:
+        for terminal in list(self.sessions.values()):
+            if session in terminal.clients or session in terminal.closers:
+                terminal.detach(session)
+        self._schedule_sweep()
+
+    def handle(self, session: "Session", message: Message) -> None:
+        self._handlers[message.type](session, message)
 
     def _error(self, message: Message, code: str, text: str) -> ProtocolError:
         return ProtocolError(code, text, self.name, message.id)
@@ -71,7 +72,7 @@ class TerminalChannel:
     def _get(self, message: Message, running: bool = True) -> TerminalSession:
         session_id = message.body["sessionId"]
         terminal = self.sessions.get(session_id)
-        if terminal is None or (running and terminal.exit is not None):
+        if terminal is None or (running and (terminal.exit is not None or terminal.closing)):
             raise self._error(message, "not_found", f"no terminal session {session_id}")
         return terminal
 
@@ -87,8 +88,8 @@ class TerminalChannel:
     def _create(self, session: "Session", message: Message) -> None:
         body, settings = message.body, self.server.settings
         session_id = body.get("sessionId") or f"t-{secrets.token_hex(6)}"
-        if session_id in self.sessions:
-            raise self._error(message, "exists", f"terminal session {session_id} exists; attach to it or pick another id")
+        if session_id in self.sessions and self.sessions[session_id].exit is None:
+            raise self._error(message, "exists", f"terminal session {session_id} is running; attach to it or pick another id")
         running = sum(1 for t in self.sessions.values() if t.exit is None)
         if running >= settings.terminal_max_sessions:
             raise self._error(
@@ -107,7 +108,8 @@ class TerminalChannel:
             process = PtyProcess(argv, cwd, env, body["cols"], body["rows"])
         except SpawnError as exc:
             raise self._error(message, exc.code, exc.message) from None
-        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._exited)
+        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended)
+        self.sessions.pop(session_id, None)  # an ended session of that id, replaced
         self.sessions[session_id] = terminal
         log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
         terminal.attach(session, self._reply(message, "created"))
@@ -168,9 +170,9 @@ class TerminalChannel:
 
     def _close(self, session: "Session", message: Message) -> None:
         terminal = self._get(message)
+        session.send(self._reply(message, "closing", sessionId=terminal.id))
         if session not in terminal.clients:
-            # The closer hears the exit like an attached client, without the replay.
-            terminal.clients.add(session)
+            terminal.closers.add(session)  # it hears the exit, as an attached client does
         terminal.hang_up(self.server.settings.kill_grace)
         log.info("terminal closing", extra={"session": terminal.id})
 
@@ -180,14 +182,17 @@ class TerminalChannel:
 
     # -- ending -------------------------------------------------------------------------
 
-    def _exited(self, terminal: TerminalSession) -> None:
+    def _ended(self, terminal: TerminalSession) -> None:
         if terminal.clients:
             # Its end was sent to the clients attached: nothing to keep.
             self.sessions.pop(terminal.id, None)
             terminal.clients.clear()
-        else:
-            terminal.detached_since = time.monotonic()
-            self._schedule_sweep()
+            return
+        terminal.detached_since = time.monotonic()
+        ended = sorted((t for t in self.sessions.values() if t.exit is not None), key=lambda t: t.detached_since)
+        for old in ended[: max(0, len(ended) - self.server.settings.terminal_max_sessions)]:
+            del self.sessions[old.id]  # the oldest unseen ends go first
+        self._schedule_sweep()
 
     def _schedule_sweep(self) -> None:
         """One timer for the next thing to end: an idle session, or a kept ended one."""
@@ -197,7 +202,7 @@ class TerminalChannel:
         idle = self.server.settings.terminal_idle_timeout
         deadlines = []
         for terminal in self.sessions.values():
-            if terminal.detached_since is None:
+            if terminal.detached_since is None or (terminal.closing and terminal.exit is None):
                 continue
             if terminal.exit is not None:
                 deadlines.append(terminal.detached_since + EXITED_KEEP)
@@ -211,7 +216,7 @@ class TerminalChannel:
         self._sweeper = None
         now, idle = time.monotonic(), self.server.settings.terminal_idle_timeout
         for terminal in list(self.sessions.values()):
-            if terminal.detached_since is None or terminal.clients:
+            if terminal.detached_since is None or terminal.clients or (terminal.closing and terminal.exit is None):
                 continue
             if terminal.exit is not None and now >= terminal.detached_since + EXITED_KEEP:
                 del self.sessions[terminal.id]
@@ -221,17 +226,19 @@ class TerminalChannel:
         self._schedule_sweep()
 
     def close(self) -> None:
-        """At shutdown: hang up every session, give them ``SHUTDOWN_GRACE``, then SIGKILL."""
+        """At shutdown: hang up every session, give them ``SHUTDOWN_GRACE``, then SIGKILL
+        what is left. It blocks the loop for that long: nothing else runs at shutdown."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         running = [t for t in self.sessions.values() if t.exit is None]
         for terminal in running:
             terminal.shutdown()
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        while running and time.monotonic() < deadline:
-            running = [t for t in running if t.process.exit_status() is None]
-            if running:
+        waiting = running
+        while waiting and time.monotonic() < deadline:
+            waiting = [t for t in waiting if t.process.exit_status() is None]
+            if waiting:
                 time.sleep(0.02)
         for terminal in running:
-            terminal.process.kill_session()
+            terminal.finish_shutdown()
         self.sessions.clear()
