@@ -1,24 +1,265 @@
-"""The ``files`` channel (stub until written)."""
+"""The ``files`` channel: list, stat, read, write, mkdir, delete and rename under the workspace
+root, and watches that belong to the connection (seed 001: nothing is replayed after a
+reconnect; ``list`` and ``read`` give the current state).
+
+The operations block, so they run in a small thread pool of the channel's own; the event loop
+only sends. A connection's requests start in the order they came, each once the one before it
+has done its work (a read, once it has opened its file), so a read sent after a write sees
+that write. A read or a long listing then streams its messages apart from that order, waiting
+whenever the client has more than ``session.BACKLOG_BYTES`` unsent, and stopping if it goes.
+
+Every request is answered by a message of its own type with its ``id``, or by an ``error``
+carrying ``code``, ``message`` and the request's ``path``. Nothing of a traceback reaches a
+client: an unexpected failure is logged and answered ``internal``.
+"""
 
 from __future__ import annotations
 
-from aether.server.protocol import Message, ProtocolError
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import ujson
+
+from aether.files import FileError, ops
+from aether.files.inotify import Instance
+from aether.files.paths import resolve
+from aether.files.watch import WatchTree
+from aether.server.protocol import Message, ProtocolError, encode
+from aether.server.session import text_frame
+
+if TYPE_CHECKING:
+    from aether.server.app import WorkspaceServer
+    from aether.server.session import Session
+
+log = logging.getLogger("aether.files")
+
+#: Threads for file system work: enough that a slow disk or a large delete does not hold up
+#: every other request, few enough to bound what the clients can make the server do at once.
+POOL_THREADS = 4
+MAX_WATCHES_PER_CONNECTION = 64
+#: Upper bound (estimated high) on one ``list`` message's entries, so each stays under 1 MiB.
+MAX_LIST_BYTES = 800_000
+
+
+def list_pages(entries: list[dict], budget: int = MAX_LIST_BYTES) -> list[list[dict]]:
+    """``entries`` cut into runs whose JSON stays under ``budget`` bytes (at least one run)."""
+    runs: list[list[dict]] = [[]]
+    used = 0
+    for item in entries:
+        # Every character escaped to 6 bytes, plus the fixed fields: never less than the truth.
+        size = 6 * (len(item["name"]) + len(item.get("target") or "")) + 160
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append(item)
+        used += size
+    return runs
+
+
+class _Connection:
+    """What the channel keeps per WebSocket."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()  # FIFO: requests start in arrival order
+        self.watches: dict[str, WatchTree] = {}
+        self.next_watch = 1
 
 
 class FilesChannel:
     name = "files"
 
-    def __init__(self, server):
+    def __init__(self, server: "WorkspaceServer"):
         self.server = server
+        self.root = str(server.settings.workspace_root.resolve())
+        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
+        self._inotify = Instance(self._blocking)
+        self._connections: dict["Session", _Connection] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._handlers = {
+            "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
+            "mkdir": self._mkdir, "delete": self._delete, "rename": self._rename,
+            "watch": self._watch, "unwatch": self._unwatch,
+        }
 
-    def on_open(self, session) -> None:
-        pass
+    # -- the channel's life ---------------------------------------------------------------
 
-    def on_close(self, session) -> None:
-        pass
+    def on_open(self, session: "Session") -> None:
+        self._connections[session] = _Connection()
 
-    def handle(self, session, message: Message) -> None:
-        raise ProtocolError("not_implemented", "files is being written", self.name, message.id)
+    def on_close(self, session: "Session") -> None:
+        connection = self._connections.pop(session, None)
+        if connection is not None:
+            for tree in connection.watches.values():
+                tree.close()
+            connection.watches.clear()
 
     def close(self) -> None:
-        pass
+        for session in list(self._connections):
+            self.on_close(session)
+        self._inotify.close()
+        for task in self._tasks:
+            task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def handle(self, session: "Session", message: Message) -> None:
+        connection = self._connections.get(session)
+        if connection is None:
+            return
+        task = asyncio.ensure_future(self._serve(session, connection, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
+        try:
+            async with connection.lock:
+                stream = await self._handlers[message.type](session, connection, message)
+            if stream is not None:
+                await stream
+        except FileError as exc:
+            self._send(session, self._error(exc, message))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("files request failed", extra={"type": message.type})
+            error = ProtocolError("internal", f"the server failed to handle this {message.type}", self.name, message.id)
+            self._send(session, error.to_message())
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _blocking(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    @staticmethod
+    def _send(session: "Session", message: dict) -> None:
+        text = encode(message)
+        try:
+            frame = text_frame(text)
+        except UnicodeEncodeError:
+            # A file name that is not UTF-8 holds its bad bytes as lone surrogates (Python's
+            # surrogateescape); as \udcXX escapes they reach the client, which can send the
+            # same string back to name that file.
+            frame = text_frame(ujson.dumps(message, ensure_ascii=True, escape_forward_slashes=False))
+        session.send_frame(frame)
+
+    def _reply(self, session: "Session", message: Message, fields: dict) -> None:
+        reply = {"channel": self.name, "type": message.type, **fields}
+        if message.id is not None:
+            reply["id"] = message.id
+        self._send(session, reply)
+
+    def _error(self, exc: FileError, message: Message) -> dict:
+        reply = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
+        if exc.path is not None:
+            reply["path"] = exc.path
+        if message.type == "unwatch":
+            reply["watchId"] = message.body["watchId"]
+        return reply
+
+    @staticmethod
+    async def _drained(session: "Session") -> None:
+        drained = asyncio.get_running_loop().create_future()
+        session.when_drained(lambda: drained.done() or drained.set_result(None))
+        await drained
+
+    @staticmethod
+    def _hold(session: "Session", resume: Callable[[], None]) -> bool:
+        """For a watch: whether to keep its events back until the client has caught up."""
+        if session.closed or not session.backlogged:
+            return False
+        session.when_drained(resume)
+        return True
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _list(self, session: "Session", connection: _Connection, message: Message):
+        rel, entries = await self._blocking(ops.list_dir, self.root, message.body["path"])
+        return self._stream_list(session, message, rel, entries)
+
+    async def _stream_list(self, session: "Session", message: Message, rel: str, entries: list[dict]) -> None:
+        pages = list_pages(entries)
+        for number, page in enumerate(pages, 1):
+            if session.closed:
+                return
+            last = number == len(pages)
+            self._reply(session, message, {"path": rel, "entries": page, "total": len(entries), "eof": last})
+            if not last and session.backlogged:
+                await self._drained(session)
+
+    async def _stat(self, session: "Session", connection: _Connection, message: Message) -> None:
+        rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
+        self._reply(session, message, {"path": rel, "stat": info})
+
+    async def _read(self, session: "Session", connection: _Connection, message: Message):
+        body = message.body
+        reader = await self._blocking(ops.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
+        return self._stream_read(session, message, reader)
+
+    async def _stream_read(self, session: "Session", message: Message, reader: ops.Reader) -> None:
+        try:
+            while not session.closed:
+                chunk = await self._blocking(reader.next)
+                self._reply(session, message, {"path": reader.rel, **chunk})
+                if chunk["eof"]:
+                    return
+                if session.backlogged:
+                    await self._drained(session)
+        finally:
+            reader.close()
+
+    async def _write(self, session: "Session", connection: _Connection, message: Message) -> None:
+        body = message.body
+        path = body["path"]
+
+        def write() -> tuple[str, int]:
+            data = ops.decode_content(body["content"], body.get("encoding", "utf-8"), path)
+            return ops.write(self.root, path, data, body.get("offset"), body.get("createParents", False))
+
+        rel, size = await self._blocking(write)
+        self._reply(session, message, {"path": rel, "size": size})
+
+    async def _mkdir(self, session: "Session", connection: _Connection, message: Message) -> None:
+        rel = await self._blocking(ops.mkdir, self.root, message.body["path"], message.body.get("parents", False))
+        self._reply(session, message, {"path": rel})
+
+    async def _delete(self, session: "Session", connection: _Connection, message: Message) -> None:
+        rel = await self._blocking(ops.delete, self.root, message.body["path"], message.body.get("recursive", False))
+        self._reply(session, message, {"path": rel})
+
+    async def _rename(self, session: "Session", connection: _Connection, message: Message) -> None:
+        body = message.body
+        source, dest = await self._blocking(ops.rename, self.root, body["from"], body["to"], body.get("overwrite", False))
+        self._reply(session, message, {"from": source, "to": dest})
+
+    async def _watch(self, session: "Session", connection: _Connection, message: Message) -> None:
+        path, recursive = message.body["path"], message.body.get("recursive", False)
+        if len(connection.watches) >= MAX_WATCHES_PER_CONNECTION:
+            raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
+        target = await self._blocking(resolve, self.root, path)
+        watch_id = f"w{connection.next_watch}"
+        connection.next_watch += 1
+
+        def deliver(events: list[dict]) -> None:
+            for event in events:
+                self._send(session, {"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
+
+        tree = WatchTree(
+            self._inotify, target.path, target.rel, recursive, deliver,
+            lambda resume: self._hold(session, resume),
+            lambda _tree: connection.watches.pop(watch_id, None),
+        )
+        await tree.start(path)
+        if self._connections.get(session) is not connection:
+            tree.close()  # the connection closed meanwhile
+            return
+        connection.watches[watch_id] = tree
+        self._reply(session, message, {"watchId": watch_id, "path": target.rel, "recursive": recursive})
+
+    async def _unwatch(self, session: "Session", connection: _Connection, message: Message) -> None:
+        watch_id = message.body["watchId"]
+        tree: Optional[WatchTree] = connection.watches.pop(watch_id, None)
+        if tree is None:
+            raise FileError("not_found", None, f"no watch {watch_id} on this connection")
+        tree.close()
+        self._reply(session, message, {"watchId": watch_id})

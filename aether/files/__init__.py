@@ -1,0 +1,20 @@
+"""The workspace's files, for the ``files`` channel: confinement to the workspace root
+(``paths``), the blocking operations (``ops``), and watching through inotify (``inotify``,
+``watch``). Nothing here but ``watch`` knows of an event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class FileError(Exception):
+    """An operation refused or failed. ``code`` is the protocol's error code (``not_found``,
+    ``forbidden``, ...), ``path`` the client's path as it was sent (None for a request without one), and ``message`` says which
+    path and why, for a person to read."""
+
+    def __init__(self, code: str, path: Optional[str], message: str):
+        super().__init__(message)
+        self.code = code
+        self.path = path
+        self.message = message

@@ -1,0 +1,318 @@
+"""A client's watch: a directory (and, when recursive, everything below it) over the
+server's inotify instance, its events paired, coalesced and sent at most every 50 ms.
+
+Each watch gathers its events for a window that opens with the first one and is sent
+``WINDOW_SECONDS`` later, at most one event per path (see :class:`Coalescer`). A window with
+more than ``MAX_PENDING_PATHS`` paths, or one in which the kernel dropped events, is sent as one
+``overflow``, so a save storm or a ``git checkout`` costs a bounded number of messages. While
+the client is behind on reading, the window stays open and keeps merging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from typing import Callable, Optional
+
+from aether.files import FileError
+from aether.files.inotify import (
+    IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
+    IN_MOVED_FROM, IN_MOVED_TO, IN_UNMOUNT, Event, Instance,
+)
+from aether.files.ops import os_error
+
+log = logging.getLogger("aether.files")
+
+#: A window opens with its first event and is sent this long after.
+WINDOW_SECONDS = 0.05
+#: Distinct paths in one window beyond which the window is sent as one ``overflow``.
+MAX_PENDING_PATHS = 1000
+
+CREATED, MODIFIED, DELETED, MOVED = "created", "modified", "deleted", "moved"
+FILE, DIRECTORY = "file", "directory"
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+class Coalescer:
+    """One watch's events in one window, at most one per path, in an order a client can apply
+    one after another: what it never saw is not told (created then deleted is nothing; a file
+    created then moved is created where it ends up), and what a moved directory held moves
+    with it. Paths are relative to the watched directory."""
+
+    def __init__(self, limit: int = MAX_PENDING_PATHS):
+        self.limit = limit
+        self.pending: dict[str, tuple[str, str, Optional[str]]] = {}  # path -> (type, kind, from)
+        self.overflowed = False
+
+    def __bool__(self) -> bool:
+        return self.overflowed or bool(self.pending)
+
+    def overflow(self) -> None:
+        self.overflowed = True
+        self.pending.clear()
+
+    def add(self, type_: str, path: str, kind: str, source: Optional[str] = None) -> None:
+        if self.overflowed:
+            return
+        if type_ == MOVED:
+            self._move(source or "", path, kind)
+        else:
+            self._merge(type_, path, kind)
+        if len(self.pending) > self.limit:
+            self.overflow()
+
+    def take(self) -> Optional[list[tuple[str, str, str, Optional[str]]]]:
+        """The window's events as ``(type, path, kind, from)``, or None for an overflow."""
+        events = None if self.overflowed else [(t, p, k, s) for p, (t, k, s) in self.pending.items()]
+        self.pending = {}
+        self.overflowed = False
+        return events
+
+    def _merge(self, type_: str, path: str, kind: str) -> None:
+        prev = self.pending.get(path)
+        if prev is None:
+            self.pending[path] = (type_, kind, None)
+            return
+        was, was_kind, source = prev
+        if type_ == CREATED:
+            # Deleted and made again: changed, unless it is now another kind of thing.
+            same = was == DELETED and was_kind == kind
+            self.pending[path] = (MODIFIED if same else CREATED, kind, None)
+        elif type_ == DELETED:
+            if was == CREATED:
+                del self.pending[path]
+            else:
+                self.pending[path] = (DELETED, kind, None)
+                if was == MOVED and source not in self.pending:
+                    self.pending[source] = (DELETED, kind, None)
+        elif was == DELETED:
+            self.pending[path] = (MODIFIED, kind, None)
+        # Modified after created, moved or modified adds nothing.
+
+    def _move(self, source: str, path: str, kind: str) -> None:
+        prev = self.pending.pop(source, None)
+        if prev is not None and prev[0] == CREATED:
+            new = (CREATED, kind, None)
+        elif prev is not None and prev[0] == MOVED:
+            new = (MODIFIED, kind, None) if prev[2] == path else (MOVED, kind, prev[2])
+        else:
+            new = (MOVED, kind, source)
+        old = self.pending.pop(path, None)
+        if new[0] == CREATED and old is not None and old[0] == DELETED and old[1] == kind:
+            new = (MODIFIED, kind, None)
+        self.pending[path] = new  # last: after whatever it depends on
+        if kind == DIRECTORY:
+            self._carry(source, path)
+
+    def _carry(self, source: str, path: str) -> None:
+        """Events under a moved directory, renamed to where it went and put after the move."""
+        prefix = source + "/"
+        below = [(p, e) for p, e in self.pending.items() if p.startswith(prefix)]
+        for p, _ in below:
+            del self.pending[p]
+        for p, (t, k, s) in below:
+            if s is not None and _under(s, source):
+                s = path + s[len(source):]
+            self.pending[path + p[len(source):]] = (t, k, s)
+
+
+class WatchTree:
+    """One client watch over ``real`` (named ``base`` in messages). ``deliver(messages)``
+    sends event messages; ``hold(resume)`` returns True when the client is behind, and then
+    calls ``resume`` once it has caught up; ``ended(tree)`` is called when the watched
+    directory itself goes."""
+
+    def __init__(self, instance: Instance, real: str, base: str, recursive: bool,
+                 deliver: Callable[[list[dict]], None], hold: Callable[[Callable[[], None]], bool],
+                 ended: Callable[["WatchTree"], None]):
+        self.instance = instance
+        self.real = real
+        self.base = base
+        self.recursive = recursive
+        self.dirs: dict[int, str] = {}  # watch descriptor -> directory's path in the tree
+        self.events = Coalescer()
+        self.closed = False
+        self._moves: dict[int, tuple[str, str]] = {}  # cookie -> moved-from (path, kind)
+        self._deliver, self._hold, self._ended = deliver, hold, ended
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._held = False
+        self._limited = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, path: str) -> None:
+        """Watch the tree; FileError (naming the client's ``path``) when it cannot be watched
+        or holds more directories than the server may watch."""
+        try:
+            found = await self.instance.watch(self, "", report=False)
+        except OSError as exc:
+            self.close()
+            if exc.errno == errno.ENOSPC:
+                raise FileError("too_large", path, f"{path}: the kernel's limit of inotify watches is reached (fs.inotify.max_user_watches)") from None
+            if exc.errno == errno.ENOTDIR:
+                raise FileError("not_a_directory", path, f"{path}: not a directory; watch the directory it is in") from None
+            raise os_error(exc, path) from None
+        if found.truncated:
+            self.close()
+            raise FileError(
+                "too_large", path,
+                f"{path}: watching it would take the server past {self.instance.max_dirs} watched directories; "
+                "watch a subdirectory, or without recursive",
+            )
+
+    def close(self) -> None:
+        """Stop watching (idempotent)."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in self._tasks:
+            task.cancel()
+        self.instance.remove(self)
+
+    def grow(self, rel: str, report: bool) -> None:
+        """Watch a directory that appeared in the tree, and below it; with ``report``, tell
+        what it holds already as created (it may have filled before its watch was in place)."""
+        task = asyncio.ensure_future(self._grow(rel, report))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _grow(self, rel: str, report: bool) -> None:
+        try:
+            found = await self.instance.watch(self, rel, report)
+        except OSError:
+            return  # gone again already; its own events say so
+        except Exception:
+            log.exception("watching a new directory failed", extra={"path": self.display(rel)})
+            return
+        if self.closed:
+            return
+        for path, kind in found.entries:
+            self.events.add(CREATED, path, kind)
+        self.arm()
+        if found.truncated and not self._limited:
+            self._limited = True
+            message = f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
+            self._deliver([{"type": "error", "code": "too_large", "path": self.base, "message": message}])
+
+    def display(self, rel: str) -> str:
+        """A path in the tree as replies name it: relative to the workspace root."""
+        if not rel:
+            return self.base
+        return rel if self.base == "." else f"{self.base}/{rel}"
+
+    def on_event(self, rel_dir: str, event: Event) -> None:
+        mask = event.mask
+        if not event.name:
+            if rel_dir == "" and mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
+                self.gone()
+            return
+        if self._moves and not (mask & IN_MOVED_TO and event.cookie in self._moves):
+            # The kernel queues a rename's two halves one after the other: a half alone left
+            # the tree, and is told in its place.
+            self._unpaired()
+        path = _join(rel_dir, os.fsdecode(event.name))
+        kind = DIRECTORY if mask & IN_ISDIR else FILE
+        if mask & IN_CREATE:
+            self.events.add(CREATED, path, kind)
+            if kind == DIRECTORY and self.recursive:
+                self.grow(path, report=True)
+        elif mask & IN_MOVED_FROM:
+            self._moves[event.cookie] = (path, kind)
+        elif mask & IN_MOVED_TO:
+            source = self._moves.pop(event.cookie, None)
+            if source is not None:
+                self.events.add(MOVED, path, kind, source[0])
+                if kind == DIRECTORY:
+                    self._rename(source[0], path)
+            else:
+                self.events.add(CREATED, path, kind)
+                if kind == DIRECTORY and self.recursive:
+                    self.grow(path, report=False)
+        elif mask & IN_DELETE:
+            self.events.add(DELETED, path, kind)
+        elif mask & (IN_MODIFY | IN_ATTRIB):
+            self.events.add(MODIFIED, path, kind)
+
+    def end_batch(self) -> None:
+        """After one read's events: a move whose other half has not come left the tree."""
+        if self.closed:
+            return
+        self._unpaired()
+        self.arm()
+
+    def _unpaired(self) -> None:
+        for path, kind in self._moves.values():
+            self.events.add(DELETED, path, kind)
+            if kind == DIRECTORY:
+                self._drop(path)
+        self._moves.clear()
+
+    def arm(self) -> None:
+        if self.events and self._timer is None and not self._held and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(WINDOW_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self._hold(self.flush):
+            self._held = True
+            return
+        self._held = False
+        events = self.events.take()
+        if events is None:
+            self._deliver([{"type": "overflow"}])
+        elif events:
+            self._deliver([self._message(*e) for e in events])
+
+    def _message(self, type_: str, path: str, kind: str, source: Optional[str]) -> dict:
+        message = {"type": type_, "path": self.display(path), "kind": kind}
+        if type_ == MOVED:
+            message["from"] = self.display(source or "")
+        return message
+
+    def overflow(self) -> None:
+        """The kernel dropped events: the client re-lists, and new directories may have been
+        missed, so the tree is walked again."""
+        self.events.overflow()
+        self.arm()
+        if self.recursive:
+            self.grow("", report=False)
+
+    def forget(self, wd: int) -> None:
+        """The kernel removed watch ``wd`` (its directory went)."""
+        if self.dirs.pop(wd, None) == "":
+            self.gone()
+
+    def gone(self) -> None:
+        """The watched directory itself was deleted or moved away: say so, and end."""
+        if self.closed:
+            return
+        self._unpaired()
+        events = self.events.take()
+        self.close()
+        # Sent now, not held for a slow client: there is no later window.
+        messages = [{"type": "overflow"}] if events is None else [self._message(*e) for e in events]
+        messages.append(self._message(DELETED, "", DIRECTORY, None))
+        self._deliver(messages)
+        self._ended(self)
+
+    def _rename(self, source: str, path: str) -> None:
+        for wd, rel in list(self.dirs.items()):
+            if _under(rel, source):
+                self.dirs[wd] = path + rel[len(source):]
+
+    def _drop(self, path: str) -> None:
+        gone = [wd for wd, rel in self.dirs.items() if _under(rel, path)]
+        for wd in gone:
+            del self.dirs[wd]
+        self.instance.release(self, gone)
