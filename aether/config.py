@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
 
 #: Seed 000: SSH, internal SSH, and aether's own port.
 DEFAULT_IGNORED_PORTS = (22, 2222, 3001)

@@ -178,6 +178,16 @@ def test_text_and_binary_round_trips(server, root):
         assert max(f.sizes) < 1 << 20
 
 
+def test_a_name_that_is_not_utf8_round_trips_through_json(server, root):
+    (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 name")
+    with server.connect() as ws:
+        f = Files(ws)
+        [entry] = f.ok("list", path=".")["entries"]
+        assert entry["name"] == "caf\udce9.txt"  # sent as the JSON escape \udce9
+        assert f.read(entry["name"])[0] == b"latin-1 name"
+        assert f.request("read", path="\ud800")["code"] == "bad_message"  # no file has this name
+
+
 def test_large_file_in_chunks_both_ways(server, root):
     blob = os.urandom(5_000_000)
     piece = 512 << 10

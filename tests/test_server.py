@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -27,7 +27,7 @@ from urllib.parse import unquote_to_bytes
 
 from aether.preview import headers as h
 from aether.preview import pages
-from aether.preview.visibility import PUBLIC, Visibility
+from aether.preview.visibility import Visibility
 
 if TYPE_CHECKING:
     from aether.ports.events import Listener

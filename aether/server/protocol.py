@@ -87,25 +87,33 @@ def _session_id(value: Any) -> bool:
     return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
 
 
+def _os_string(value: Any) -> bool:
+    """A string the OS can take: valid Unicode, or a name whose bytes are not UTF-8 given as
+    lone ``\udc80``-``\udcff`` (Python's surrogateescape, as the server sends such names)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _path(value: Any) -> bool:
-    return _string(value) and 0 < len(value) <= 4096 and "\x00" not in value
+    return 0 < len(value) <= 4096 and _os_string(value) if isinstance(value, str) else False
 
 
 def _encoding(value: Any) -> bool:
     return value in ("utf-8", "base64")
 
 
-def _arg(value: Any) -> bool:
-    return _string(value) and "\x00" not in value
-
-
 def _command(value: Any) -> bool:
     if isinstance(value, str):
-        return bool(value.strip()) and len(value) <= _MAX_COMMAND and _arg(value)
+        return bool(value.strip()) and len(value) <= _MAX_COMMAND and _os_string(value)
     return (
         isinstance(value, list)
         and 0 < len(value) <= _MAX_ARGS
-        and all(map(_arg, value))
+        and all(map(_os_string, value))
         and bool(value[0])
         and sum(map(len, value)) <= _MAX_COMMAND
     )
@@ -115,7 +123,7 @@ def _env(value: Any) -> bool:
     return (
         isinstance(value, dict)
         and len(value) <= _MAX_ARGS
-        and all(_ENV_NAME.fullmatch(k) and _arg(k) and _arg(v) for k, v in value.items())
+        and all(_ENV_NAME.fullmatch(k) and _os_string(k) and _os_string(v) for k, v in value.items())
     )
 
 

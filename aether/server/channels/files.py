@@ -20,14 +20,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import ujson
 
 from aether.files import FileError, ops
 from aether.files.inotify import Instance
 from aether.files.paths import resolve
 from aether.files.watch import WatchTree
-from aether.server.protocol import Message, ProtocolError, encode
-from aether.server.session import text_frame
+from aether.server.protocol import Message, ProtocolError
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -39,6 +37,9 @@ log = logging.getLogger("aether.files")
 #: every other request, few enough to bound what the clients can make the server do at once.
 POOL_THREADS = 4
 MAX_WATCHES_PER_CONNECTION = 64
+#: Requests of one connection started or waiting; past this, ``busy`` (a client that sends
+#: faster than the disk answers would otherwise queue without bound).
+MAX_QUEUED_PER_CONNECTION = 256
 #: Upper bound (estimated high) on one ``list`` message's entries, so each stays under 1 MiB.
 MAX_LIST_BYTES = 800_000
 
@@ -65,6 +66,10 @@ class _Connection:
         self.lock = asyncio.Lock()  # FIFO: requests start in arrival order
         self.watches: dict[str, WatchTree] = {}
         self.next_watch = 1
+        self.queued = 0
+
+    def finished(self) -> None:
+        self.queued -= 1
 
 
 class FilesChannel:
@@ -107,9 +112,15 @@ class FilesChannel:
         connection = self._connections.get(session)
         if connection is None:
             return
+        if connection.queued >= MAX_QUEUED_PER_CONNECTION:
+            raise ProtocolError(
+                "busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies", self.name, message.id
+            )
+        connection.queued += 1
         task = asyncio.ensure_future(self._serve(session, connection, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _task: connection.finished())
 
     async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
         try:
@@ -133,15 +144,7 @@ class FilesChannel:
 
     @staticmethod
     def _send(session: "Session", message: dict) -> None:
-        text = encode(message)
-        try:
-            frame = text_frame(text)
-        except UnicodeEncodeError:
-            # A file name that is not UTF-8 holds its bad bytes as lone surrogates (Python's
-            # surrogateescape); as \udcXX escapes they reach the client, which can send the
-            # same string back to name that file.
-            frame = text_frame(ujson.dumps(message, ensure_ascii=True, escape_forward_slashes=False))
-        session.send_frame(frame)
+        session.send(message)
 
     def _reply(self, session: "Session", message: Message, fields: dict) -> None:
         reply = {"channel": self.name, "type": message.type, **fields}

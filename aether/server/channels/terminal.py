@@ -20,6 +20,8 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Optional
 
+from aether.files import FileError
+from aether.files.paths import resolve
 from aether.server.protocol import Message, ProtocolError
 from aether.terminal.process import PtyProcess, SpawnError, child_env
 from aether.terminal.session import InputRefused, TerminalSession
@@ -114,16 +116,16 @@ class TerminalChannel:
         log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
         terminal.attach(session, self._reply(message, "created"))
 
-    def _cwd(self, message: Message, path: str):
-        """The working directory inside the workspace root, and how to show it."""
-        root = self.server.settings.workspace_root
-        real = os.path.realpath(os.path.join(root, path))
-        if os.path.commonpath([real, root]) != str(root):
-            raise self._error(message, "forbidden", f"cwd {path}: outside the workspace root")
-        if not os.path.isdir(real):
-            code = "not_found" if not os.path.exists(real) else "not_a_directory"
+    def _cwd(self, message: Message, path: str) -> tuple[str, str]:
+        """The working directory inside the workspace root, and how replies name it."""
+        try:
+            target = resolve(str(self.server.settings.workspace_root), path)
+        except FileError as exc:
+            raise self._error(message, exc.code, exc.message) from None
+        if not os.path.isdir(target.path):
+            code = "not_found" if not os.path.exists(target.path) else "not_a_directory"
             raise self._error(message, code, f"cwd {path}: {code.replace('_', ' ')}")
-        return real, os.path.relpath(real, root)
+        return target.path, target.rel
 
     def _attach(self, session: "Session", message: Message) -> None:
         terminal = self._get(message, running=False)
