@@ -1,8 +1,10 @@
 """A client's watch: a directory (and, when recursive, everything below it) over the
 server's inotify instance, its events paired, coalesced and sent at most every 50 ms.
 
-Each watch gathers its events for a window that opens with the first one and is sent
-``WINDOW_SECONDS`` later, at most one event per path (see :class:`Coalescer`). A window with
+A change after a quiet spell is sent at once (after the kernel's batch it came in); what follows
+within ``WINDOW_SECONDS`` is gathered and sent when that window closes, at most one event per
+path (see :class:`Coalescer`). So a lone save is told in about a millisecond, and a storm costs
+at most one message per window. A window with
 more than ``MAX_PENDING_PATHS`` paths, or one in which the kernel dropped events, is sent as one
 ``overflow``, so a save storm or a ``git checkout`` costs a bounded number of messages. While
 the client is behind on reading, the window stays open and keeps merging.
@@ -25,7 +27,7 @@ from aether.files.ops import os_error
 
 log = logging.getLogger("aether.files")
 
-#: A window opens with its first event and is sent this long after.
+#: After one flush, the next comes no sooner than this.
 WINDOW_SECONDS = 0.05
 #: Distinct paths in one window beyond which the window is sent as one ``overflow``.
 MAX_PENDING_PATHS = 1000
@@ -144,6 +146,7 @@ class WatchTree:
         self._moves: dict[int, tuple[str, str]] = {}  # cookie -> moved-from (path, kind)
         self._deliver, self._hold, self._ended = deliver, hold, ended
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._last_flush = float("-inf")
         self._held = False
         self._limited = False
         self._tasks: set[asyncio.Task] = set()
@@ -258,7 +261,12 @@ class WatchTree:
 
     def arm(self) -> None:
         if self.events and self._timer is None and not self._held and not self.closed:
-            self._timer = asyncio.get_running_loop().call_later(WINDOW_SECONDS, self.flush)
+            loop = asyncio.get_running_loop()
+            wait = self._last_flush + WINDOW_SECONDS - loop.time()
+            if wait <= 0:
+                self.flush()  # the leading edge: nothing was sent for a window
+            else:
+                self._timer = loop.call_later(wait, self.flush)
 
     def flush(self) -> None:
         self._timer = None
@@ -268,6 +276,7 @@ class WatchTree:
             self._held = True
             return
         self._held = False
+        self._last_flush = asyncio.get_running_loop().time()
         events = self.events.take()
         if events is None:
             self._deliver([{"type": "overflow"}])
