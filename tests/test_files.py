@@ -222,6 +222,61 @@ def test_a_read_waits_for_a_slow_client(server, root):
     assert not [line for line in server.log if line.get("msg") == "dropping client"]
 
 
+def test_many_reads_at_once_wait_for_a_slow_client(server, root):
+    """20 reads sent together to a client that pauses: every chunk waits its turn, where each
+    read sent its first chunk at once and together they passed the 4 MiB the server holds."""
+    blobs = [os.urandom(1 << 20) for _ in range(20)]
+    for i, blob in enumerate(blobs):
+        (root / f"b{i}").write_bytes(blob)
+    with server.connect(max_size=None) as ws:
+        f = Files(ws)
+        ids = [f.send("read", path=f"b{i}") for i in range(len(blobs))]
+        time.sleep(1)
+        for id_, blob in zip(ids, blobs):
+            chunks = [f.reply(id_)]
+            while chunks[-1]["type"] == "read" and not chunks[-1]["eof"]:
+                chunks.append(f.reply(id_))
+            assert b"".join(base64.b64decode(c["content"]) for c in chunks) == blob
+    assert not [line for line in server.log if line.get("msg") == "dropping client"]
+
+
+def test_directory_renames_in_a_large_watch(server, root):
+    """Another process renames directories inside a recursive watch of 2,000 thousands times,
+    one move with 100 directories in it: other requests are answered meanwhile, and after it
+    every directory is watched where it is."""
+    for i in range(19):
+        for j in range(100):
+            (root / f"d{i}" / f"e{j}").mkdir(parents=True)
+    (root / "spin").mkdir()
+    dirs = 19 * 101 + 2
+    storm = """
+import os
+for k in range(10000):
+    os.rename("spin", "spun"); os.rename("spun", "spin")
+    if k % 10 == 0:
+        os.rename("d0", "d1/x"); os.rename("d1/x", "d0")
+"""
+    with server.connect() as ws, server.connect() as other:
+        f = Files(ws)
+        f.ok("watch", path=".", recursive=True)
+        proc = subprocess.Popen([sys.executable, "-c", storm], cwd=root)
+        worst = 0.0
+        while proc.poll() is None:
+            started = time.monotonic()
+            other.send(json.dumps({"channel": "config", "type": "get", "id": 1}))
+            while json.loads(other.recv(timeout=10))["channel"] != "config":
+                pass
+            worst = max(worst, time.monotonic() - started)
+        assert proc.wait() == 0
+        f.collect(0.3)
+        (root / "d0" / "e5" / "new.txt").write_text("x")
+        assert f.wait_for(lambda e: e["path"] == "d0/e5/new.txt")[-1]["type"] == "created"
+        pid = server.proc.pid
+        held = sum(open(f"/proc/{pid}/fdinfo/{fd}").read().count("inotify wd:") for fd in os.listdir(f"/proc/{pid}/fdinfo"))
+        assert held == dirs
+    assert worst < 0.5, worst  # a rename rewrote every path below the tree: seconds
+
+
 def test_errors_carry_id_path_and_cause(server, root):
     (root / "d").mkdir()
     os.mkfifo(root / "fifo")
@@ -296,7 +351,10 @@ os.mkdir("dir")
 """], cwd=root, check=True)
         events = f.wait_for(lambda e: e["path"] == "dir")
         assert all(e["watchId"] == "w1" and e["channel"] == "files" for e in events)
-        assert brief(events) == [
+        # The first write can come a read after the file's creation, and so a window later
+        # (as documented): a repeated modified is one.
+        told = brief(events)
+        assert [e for i, e in enumerate(told) if i == 0 or e != told[i - 1]] == [
             ("created", "new.txt", "file", None),
             ("modified", "new.txt", "file", None),
             ("moved", "renamed.txt", "file", "new.txt"),

@@ -1,24 +1,25 @@
-"""inotify(7) through ctypes, and the server's one inotify instance that every watch shares.
-
-The standard library has no binding and a dependency would be one more thing to build for
-three system calls; each raises OSError with the kernel's errno.
+"""inotify(7), and the server's one inotify instance that every watch shares.
 
 :class:`Instance` is opened for the first watched directory and closed after the last, and read
-on the event loop. inotify watches directories one at a time, so a recursive watch adds one
-per subdirectory: :func:`scan` walks a tree and adds them, in the thread pool. Events that
-arrive for a descriptor a scan has not handed back yet are kept until it has. Users watching
-the same directory share its descriptor (the kernel gives the same one), counted once against
-the server's limit, and removed when the last lets go.
+on the event loop, at most 64 KiB of events (4,096 at the most) per wake-up so other work
+runs between.
+inotify watches directories one at a time, so a recursive watch adds one per subdirectory:
+:func:`scan` walks a tree and adds them, in the thread pool, one scan at a time so each counts
+what the last added against the server's limit. Events that arrive for a descriptor a scan has
+not handed back yet are kept until it has. Users watching the same directory share its
+descriptor (the kernel gives the same one), counted once against the server's limit, and
+removed when the last lets go.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import struct
 from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, Optional, Union
+
+from aether.files import libc
 
 if TYPE_CHECKING:
     from aether.files.watch import WatchTree
@@ -49,13 +50,19 @@ DIRECTORY_MASK = (
 )
 
 _HEADER = struct.Struct("=iIII")  # wd, mask, cookie, len: struct inotify_event
-#: Room for many events per read; any single event fits (header + NAME_MAX + 1).
+#: Bytes of events read in one wake-up: at 16 bytes the smallest, at most 4,096 events are
+#: handled before the loop runs again; the rest waits in the kernel for the next.
 READ_BYTES = 64 << 10
+#: Room one read needs: any single event fits (header + NAME_MAX + 1, padded).
+_MIN_READ = _HEADER.size + 256 + 16
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_init1.argtypes = [ctypes.c_int]
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+init = libc.inotify_init
+rm_watch = libc.inotify_rm_watch
+
+
+def add_watch(fd: int, path: Union[str, bytes], mask: int = DIRECTORY_MASK) -> int:
+    """The watch descriptor for ``path``; the same one again for a directory already watched."""
+    return libc.inotify_add_watch(fd, path, mask)
 
 
 class Event(NamedTuple):
@@ -63,29 +70,6 @@ class Event(NamedTuple):
     mask: int
     cookie: int
     name: bytes  # b"" for an event on the watched directory itself
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), what)
-    return result
-
-
-def init() -> int:
-    """A new inotify instance: non-blocking, closed on exec."""
-    return _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
-
-
-def add_watch(fd: int, path: Union[str, bytes], mask: int = DIRECTORY_MASK) -> int:
-    """The watch descriptor for ``path``; the same one again for a directory already watched."""
-    return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), os.fsdecode(path))
-
-
-def rm_watch(fd: int, wd: int) -> None:
-    """Remove a watch; one the kernel removed already (its directory went) is no error."""
-    if _libc.inotify_rm_watch(fd, wd) < 0 and ctypes.get_errno() != errno.EINVAL:
-        _check(-1, "inotify_rm_watch")
 
 
 def parse(buffer: bytes) -> list[Event]:
@@ -101,28 +85,13 @@ def parse(buffer: bytes) -> list[Event]:
     return events
 
 
-def read_events(fd: int, max_reads: int = 16) -> list[Event]:
-    """What is queued, up to ``max_reads`` reads, so one wake-up stays short; the rest waits
-    for the next."""
-    events: list[Event] = []
-    for _ in range(max_reads):
-        try:
-            buffer = os.read(fd, READ_BYTES)
-        except BlockingIOError:
-            break
-        if not buffer:
-            break
-        events.extend(parse(buffer))
-    return events
-
-
 #: Directories watched at once by the whole server (each one a kernel watch).
 MAX_WATCHED_DIRS = 10_000
 _MAX_ORPHANS = 10_000
 
 
 class Scan(NamedTuple):
-    dirs: list[tuple[str, int]]  # (path in the tree, watch descriptor)
+    dirs: list[tuple[str, int, int]]  # (path in the tree, watch descriptor, index of its parent here; -1: the top)
     entries: list[tuple[str, str]]  # (path in the tree, kind) of what was found, when asked
     truncated: bool  # stopped at the directory limit
 
@@ -133,14 +102,14 @@ def _join(rel: str, name: str) -> str:
 
 def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget: int, report: bool) -> Scan:
     """Watch ``top`` and, when ``recursive``, every directory below it (links not followed),
-    adding at most ``budget`` descriptors not in ``known``. Blocking: runs in the pool.
-    OSError when ``top`` itself cannot be watched."""
-    dirs: list[tuple[str, int]] = []
+    adding at most ``budget`` descriptors not in ``known``; parents come before their
+    children. Blocking: runs in the pool. OSError when ``top`` itself cannot be watched."""
+    dirs: list[tuple[str, int, int]] = []
     entries: list[tuple[str, str]] = []
     added = 0
-    stack = [(top, rel)]
+    stack = [(top, rel, -1)]
     while stack:
-        path, r = stack.pop()
+        path, r, up = stack.pop()
         try:
             wd = add_watch(fd, path)
         except OSError as exc:
@@ -154,7 +123,8 @@ def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget:
             if added > budget:
                 rm_watch(fd, wd)
                 return Scan(dirs, entries, True)
-        dirs.append((r, wd))
+        here = len(dirs)
+        dirs.append((r, wd, up))
         if not recursive:
             break
         try:
@@ -165,7 +135,7 @@ def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget:
                     if report:
                         entries.append((child, "directory" if is_dir else "file"))
                     if is_dir:
-                        stack.append((item.path, child))
+                        stack.append((item.path, child, here))
         except OSError:
             continue
     return Scan(dirs, entries, False)
@@ -173,7 +143,7 @@ def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget:
 
 class Instance:
     """The server's inotify instance. Its users are :class:`~aether.files.watch.WatchTree`\\ s:
-    each keeps its own descriptor -> path map (``dirs``); this keeps which users each
+    each keeps its own descriptors and where they are (``dirs``); this keeps which users each
     descriptor has. ``run(fn, *args)`` runs blocking work in the thread pool."""
 
     def __init__(self, run: Callable[..., Awaitable], max_dirs: int = MAX_WATCHED_DIRS):
@@ -182,39 +152,41 @@ class Instance:
         self.fd: Optional[int] = None
         self.users: dict[int, set["WatchTree"]] = {}
         self.trees: set["WatchTree"] = set()
-        self._scans = 0
+        self._lock = asyncio.Lock()  # one scan at a time
+        self._scanning = False
         self._dead: set[int] = set()  # removed while a scan was running
         self._orphans: dict[int, list[Event]] = {}
         self._orphan_count = 0
 
-    async def watch(self, tree: "WatchTree", rel: str, report: bool) -> Scan:
-        """Watch ``rel`` in ``tree`` (and below it when the tree is recursive). OSError when
-        that directory cannot be watched."""
-        if self.fd is None:
-            self.fd = init()
-            asyncio.get_running_loop().add_reader(self.fd, self._readable)
-        if not tree.closed:
+    async def watch(self, tree: "WatchTree", rel: str, parent: Optional[int], report: bool) -> Scan:
+        """Watch directory ``rel`` of ``tree``, and below it when the tree is recursive: the
+        top (``""``, ``parent`` None), or an entry of directory ``parent`` (a descriptor of the
+        tree), where it is placed whatever is renamed while the scan runs. OSError when that
+        directory cannot be watched."""
+        async with self._lock:
+            # The budget is taken after the last scan has added its own: scans that ran side
+            # by side would each see all of it.
+            if tree.closed:
+                return Scan([], [], False)
+            if self.fd is None:
+                self.fd = init()
+                asyncio.get_running_loop().add_reader(self.fd, self._readable)
             self.trees.add(tree)
-        top = os.path.join(tree.real, rel) if rel else tree.real
-        budget = self.max_dirs - len(self.users)
-        self._scans += 1
-        try:
-            found = await self._run(scan, self.fd, top, rel, tree.recursive, frozenset(self.users), budget, report)
-        except BaseException:
-            self._scans -= 1
-            self._settle()
-            raise
-        self._scans -= 1
-        if self.fd is None:
-            raise OSError(errno.EBADF, "the inotify instance was closed")
-        if tree.closed:
-            for _rel, wd in found.dirs:
-                if wd not in self.users:
-                    rm_watch(self.fd, wd)
-        else:
-            self._register(tree, found.dirs)
-        self._settle()
-        return found
+            top = os.path.join(tree.real, rel) if rel else tree.real
+            budget = self.max_dirs - len(self.users)
+            self._scanning = True
+            try:
+                found = await self._run(scan, self.fd, top, rel, tree.recursive, frozenset(self.users), budget, report)
+                if self.fd is None:
+                    raise OSError(errno.EBADF, "the inotify instance was closed")
+                self._register(tree, parent, found.dirs)
+            finally:
+                self._scanning = False
+                self._dead.clear()
+                self._orphans.clear()
+                self._orphan_count = 0
+                self._close_if_idle()
+            return found
 
     def release(self, tree: "WatchTree", wds: list[int]) -> None:
         """``tree`` no longer uses ``wds``; those no one uses are removed."""
@@ -225,7 +197,7 @@ class Instance:
             users.discard(tree)
             if not users:
                 del self.users[wd]
-                if self._scans:
+                if self._scanning:
                     self._dead.add(wd)
                 rm_watch(self.fd, wd)
 
@@ -235,25 +207,47 @@ class Instance:
         tree.dirs.clear()
         self._close_if_idle()
 
-    def _register(self, tree: "WatchTree", dirs: list[tuple[str, int]]) -> None:
-        for rel, wd in dirs:
+    def _register(self, tree: "WatchTree", parent: Optional[int], dirs: list[tuple[str, int, int]]) -> None:
+        placed: list[Optional[int]] = []  # each scanned directory's descriptor as registered
+        orphans = False
+        for rel, wd, up in dirs:
+            holder = parent if up < 0 else placed[up]
+            if tree.closed or (up >= 0 and holder is None) or (holder is not None and holder not in tree.dirs):
+                # Ended meanwhile, or its parent is no longer in the tree: not watched here.
+                placed.append(None)
+                if wd not in self.users and wd not in self._dead:
+                    rm_watch(self.fd, wd)
+                continue
             if wd in self._dead:  # removed by another user while this scan ran: watch again
                 try:
                     wd = add_watch(self.fd, os.path.join(tree.real, rel) if rel else tree.real)
                 except OSError:
+                    placed.append(None)
                     continue
+            placed.append(wd)
             self.users.setdefault(wd, set()).add(tree)
-            tree.dirs[wd] = rel
-            orphans = self._orphans.pop(wd, ())
-            for event in orphans:
+            tree.dirs.add(wd, holder, rel.rpartition("/")[2] if holder is not None else "")
+            for event in self._orphans.pop(wd, ()):
+                orphans = True
                 self._dispatch(event)
-            if orphans:
-                tree.end_batch()
+        if orphans:
+            tree.end_batch()
 
     def _readable(self) -> None:
         touched: dict["WatchTree", None] = {}
-        for event in read_events(self.fd):
-            touched.update(dict.fromkeys(self._dispatch(event)))
+        room = READ_BYTES
+        # Read again at once while there is room: what follows a change within microseconds
+        # (a file's first write after its creation) is then told with it.
+        while room >= _MIN_READ and self.fd is not None:
+            try:
+                buffer = os.read(self.fd, room)
+            except BlockingIOError:
+                break
+            if not buffer:
+                break
+            room -= len(buffer)
+            for event in parse(buffer):
+                touched.update(dict.fromkeys(self._dispatch(event)))
         for tree in touched:
             tree.end_batch()
         self._close_if_idle()
@@ -266,7 +260,7 @@ class Instance:
         users = self.users.get(event.wd)
         if users is None:
             # A descriptor a scan has added but not handed back yet (or one just removed).
-            if self._scans and self._orphan_count < _MAX_ORPHANS:
+            if self._scanning and self._orphan_count < _MAX_ORPHANS:
                 self._orphans.setdefault(event.wd, []).append(event)
                 self._orphan_count += 1
             return []
@@ -277,20 +271,12 @@ class Instance:
             return []
         trees = list(users)
         for tree in trees:
-            rel = tree.dirs.get(event.wd)
-            if rel is not None and not tree.closed:  # an earlier one may have ended it
-                tree.on_event(rel, event)
+            if event.wd in tree.dirs and not tree.closed:  # an earlier one may have ended it
+                tree.on_event(event)
         return trees
 
-    def _settle(self) -> None:
-        if not self._scans:
-            self._dead.clear()
-            self._orphans.clear()
-            self._orphan_count = 0
-        self._close_if_idle()
-
     def _close_if_idle(self) -> None:
-        if self.fd is not None and not self.users and not self._scans:
+        if self.fd is not None and not self.users and not self._scanning:
             asyncio.get_running_loop().remove_reader(self.fd)
             os.close(self.fd)
             self.fd = None

@@ -19,6 +19,7 @@ import os
 from typing import Callable, Optional
 
 from aether.files import FileError
+from aether.files.dirs import Directories
 from aether.files.inotify import (
     IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
     IN_MOVED_FROM, IN_MOVED_TO, IN_UNMOUNT, Event, Instance,
@@ -29,8 +30,15 @@ log = logging.getLogger("aether.files")
 
 #: After one flush, the next comes no sooner than this.
 WINDOW_SECONDS = 0.05
+#: How long a rename's first half waits for its second once nothing else has come: the kernel
+#: queues them one after the other, and a read can fall in between.
+PAIR_SECONDS = 0.01
 #: Distinct paths in one window beyond which the window is sent as one ``overflow``.
 MAX_PENDING_PATHS = 1000
+#: Pending paths looked through for directory moves in one window (each move looks through
+#: all), beyond which the window is sent as one ``overflow``: a directory moved back and forth
+#: next to many changes stays cheap.
+MAX_CARRY_WORK = 100 * MAX_PENDING_PATHS
 
 CREATED, MODIFIED, DELETED, MOVED = "created", "modified", "deleted", "moved"
 FILE, DIRECTORY = "file", "directory"
@@ -50,10 +58,12 @@ class Coalescer:
     created then moved is created where it ends up), and what a moved directory held moves
     with it. Paths are relative to the watched directory."""
 
-    def __init__(self, limit: int = MAX_PENDING_PATHS):
+    def __init__(self, limit: int = MAX_PENDING_PATHS, work: int = MAX_CARRY_WORK):
         self.limit = limit
+        self.work = work
         self.pending: dict[str, tuple[str, str, Optional[str]]] = {}  # path -> (type, kind, from)
         self.overflowed = False
+        self._carried = 0
 
     def __bool__(self) -> bool:
         return self.overflowed or bool(self.pending)
@@ -77,6 +87,7 @@ class Coalescer:
         events = None if self.overflowed else [(t, p, k, s) for p, (t, k, s) in self.pending.items()]
         self.pending = {}
         self.overflowed = False
+        self._carried = 0
         return events
 
     def _merge(self, type_: str, path: str, kind: str) -> None:
@@ -112,8 +123,12 @@ class Coalescer:
         if new[0] == CREATED and old is not None and old[0] == DELETED and old[1] == kind:
             new = (MODIFIED, kind, None)
         self.pending[path] = new  # last: after whatever it depends on
-        if kind == DIRECTORY:
-            self._carry(source, path)
+        if kind == DIRECTORY and len(self.pending) > 1:
+            self._carried += len(self.pending)
+            if self._carried > self.work:
+                self.overflow()
+            else:
+                self._carry(source, path)
 
     def _carry(self, source: str, path: str) -> None:
         """Events under a moved directory, renamed to where it went and put after the move."""
@@ -140,22 +155,24 @@ class WatchTree:
         self.real = real
         self.base = base
         self.recursive = recursive
-        self.dirs: dict[int, str] = {}  # watch descriptor -> directory's path in the tree
+        self.dirs = Directories()
         self.events = Coalescer()
         self.closed = False
-        self._moves: dict[int, tuple[str, str]] = {}  # cookie -> moved-from (path, kind)
+        self._moves: dict[int, tuple[int, str, str]] = {}  # cookie -> moved-from (directory's wd, name, kind)
         self._deliver, self._hold, self._ended = deliver, hold, ended
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._pair_timer: Optional[asyncio.TimerHandle] = None
         self._last_flush = float("-inf")
         self._held = False
         self._limited = False
+        self._rescans = 0  # whole-tree scans after an overflow: running, and one more asked for
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self, path: str) -> None:
         """Watch the tree; FileError (naming the client's ``path``) when it cannot be watched
         or holds more directories than the server may watch."""
         try:
-            found = await self.instance.watch(self, "", report=False)
+            found = await self.instance.watch(self, "", None, report=False)
         except OSError as exc:
             self.close()
             if exc.errno == errno.ENOSPC:
@@ -172,30 +189,40 @@ class WatchTree:
             )
 
     def close(self) -> None:
-        """Stop watching (idempotent)."""
+        """Stop watching (idempotent). A scan under way runs to its end, and what it added is
+        removed then."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for task in self._tasks:
-            task.cancel()
+        for timer in (self._timer, self._pair_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._pair_timer = None
         self.instance.remove(self)
 
-    def grow(self, rel: str, report: bool) -> None:
-        """Watch a directory that appeared in the tree, and below it; with ``report``, tell
-        what it holds already as created (it may have filled before its watch was in place)."""
-        task = asyncio.ensure_future(self._grow(rel, report))
+    def grow(self, parent: Optional[int], name: str, report: bool) -> None:
+        """Watch directory ``name`` that appeared in ``parent`` (None: the whole tree again),
+        and below it; with ``report``, tell what it holds already as created (it may have
+        filled before its watch was in place)."""
+        if parent is None:
+            rel: Optional[str] = ""
+        else:
+            rel = self._path(parent, name)
+            if rel is None:
+                return
+        task = asyncio.ensure_future(self._grow(rel, parent, report))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _grow(self, rel: str, report: bool) -> None:
+    async def _grow(self, rel: str, parent: Optional[int], report: bool) -> None:
         try:
-            found = await self.instance.watch(self, rel, report)
+            found = await self.instance.watch(self, rel, parent, report)
         except OSError:
             return  # gone again already; its own events say so
         except Exception:
             log.exception("watching a new directory failed", extra={"path": self.display(rel)})
             return
+        finally:
+            if parent is None:
+                self._rescanned()
         if self.closed:
             return
         for path, kind in found.entries:
@@ -212,52 +239,83 @@ class WatchTree:
             return self.base
         return rel if self.base == "." else f"{self.base}/{rel}"
 
-    def on_event(self, rel_dir: str, event: Event) -> None:
+    def _path(self, wd: int, name: str) -> Optional[str]:
+        """Entry ``name`` of directory ``wd`` as a path in the tree; None if ``wd`` has none."""
+        rel = self.dirs.path(wd)
+        return None if rel is None else _join(rel, name)
+
+    def _add(self, type_: str, wd: int, name: str, kind: str, source: Optional[str] = None) -> None:
+        if not self.events.overflowed:  # an overflowed window keeps nothing: no path needed
+            path = self._path(wd, name)
+            if path is not None:
+                self.events.add(type_, path, kind, source)
+
+    def on_event(self, event: Event) -> None:
+        """One event on a directory of this tree (``event.wd`` is in ``dirs``)."""
         mask = event.mask
         if not event.name:
-            if rel_dir == "" and mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT) and self.dirs.is_top(event.wd):
                 self.gone()
             return
         if self._moves and not (mask & IN_MOVED_TO and event.cookie in self._moves):
             # The kernel queues a rename's two halves one after the other: a half alone left
             # the tree, and is told in its place.
             self._unpaired()
-        path = _join(rel_dir, os.fsdecode(event.name))
-        kind = DIRECTORY if mask & IN_ISDIR else FILE
+        is_dir = bool(mask & IN_ISDIR)
+        if self.events.overflowed and not is_dir:
+            return  # the window is one overflow already, and a file's event changes nothing else
+        name = os.fsdecode(event.name)
+        kind = DIRECTORY if is_dir else FILE
         if mask & IN_CREATE:
-            self.events.add(CREATED, path, kind)
-            if kind == DIRECTORY and self.recursive:
-                self.grow(path, report=True)
+            self._add(CREATED, event.wd, name, kind)
+            if is_dir and self.recursive:
+                self.grow(event.wd, name, report=True)
         elif mask & IN_MOVED_FROM:
-            self._moves[event.cookie] = (path, kind)
+            self._moves[event.cookie] = (event.wd, name, kind)
         elif mask & IN_MOVED_TO:
             source = self._moves.pop(event.cookie, None)
             if source is not None:
-                self.events.add(MOVED, path, kind, source[0])
-                if kind == DIRECTORY:
-                    self._rename(source[0], path)
+                from_wd, from_name, _kind = source
+                if not self.events.overflowed:
+                    was = self._path(from_wd, from_name)
+                    self._add(CREATED if was is None else MOVED, event.wd, name, kind, was)
+                if is_dir:
+                    self.dirs.move(from_wd, from_name, event.wd, name)
             else:
-                self.events.add(CREATED, path, kind)
-                if kind == DIRECTORY and self.recursive:
-                    self.grow(path, report=False)
+                self._add(CREATED, event.wd, name, kind)
+                if is_dir and self.recursive:
+                    self.grow(event.wd, name, report=False)
         elif mask & IN_DELETE:
-            self.events.add(DELETED, path, kind)
+            self._add(DELETED, event.wd, name, kind)
         elif mask & (IN_MODIFY | IN_ATTRIB):
-            self.events.add(MODIFIED, path, kind)
+            self._add(MODIFIED, event.wd, name, kind)
 
     def end_batch(self) -> None:
-        """After one read's events: a move whose other half has not come left the tree."""
+        """After one read's events: a move whose other half has not come by ``PAIR_SECONDS``
+        (or before another event) left the tree."""
         if self.closed:
             return
-        self._unpaired()
+        if self._moves and self._pair_timer is None:
+            self._pair_timer = asyncio.get_running_loop().call_later(PAIR_SECONDS, self._unpaired_late)
         self.arm()
 
+    def _unpaired_late(self) -> None:
+        self._pair_timer = None
+        if not self.closed:
+            self._unpaired()
+            self.arm()
+
     def _unpaired(self) -> None:
-        for path, kind in self._moves.values():
-            self.events.add(DELETED, path, kind)
+        if self._pair_timer is not None:
+            self._pair_timer.cancel()
+            self._pair_timer = None
+        moves, self._moves = self._moves, {}
+        for wd, name, kind in moves.values():
+            self._add(DELETED, wd, name, kind)
             if kind == DIRECTORY:
-                self._drop(path)
-        self._moves.clear()
+                child = self.dirs.child(wd, name)
+                if child is not None:
+                    self.instance.release(self, self.dirs.remove(child))
 
     def arm(self) -> None:
         if self.events and self._timer is None and not self._held and not self.closed:
@@ -291,16 +349,26 @@ class WatchTree:
 
     def overflow(self) -> None:
         """The kernel dropped events: the client re-lists, and new directories may have been
-        missed, so the tree is walked again."""
+        missed, so the tree is walked again: once, and once more after it if the kernel
+        drops more meanwhile."""
         self.events.overflow()
         self.arm()
-        if self.recursive:
-            self.grow("", report=False)
+        if self.recursive and not self.closed:
+            self._rescans = min(self._rescans + 1, 2)
+            if self._rescans == 1:
+                self.grow(None, "", report=False)
+
+    def _rescanned(self) -> None:
+        self._rescans -= 1
+        if self._rescans and not self.closed:
+            self.grow(None, "", report=False)
 
     def forget(self, wd: int) -> None:
         """The kernel removed watch ``wd`` (its directory went)."""
-        if self.dirs.pop(wd, None) == "":
+        if self.dirs.is_top(wd):
             self.gone()
+        else:
+            self.dirs.discard(wd)
 
     def gone(self) -> None:
         """The watched directory itself was deleted or moved away: say so, and end."""
@@ -314,14 +382,3 @@ class WatchTree:
         messages.append(self._message(DELETED, "", DIRECTORY, None))
         self._deliver(messages)
         self._ended(self)
-
-    def _rename(self, source: str, path: str) -> None:
-        for wd, rel in list(self.dirs.items()):
-            if _under(rel, source):
-                self.dirs[wd] = path + rel[len(source):]
-
-    def _drop(self, path: str) -> None:
-        gone = [wd for wd, rel in self.dirs.items() if _under(rel, path)]
-        for wd in gone:
-            del self.dirs[wd]
-        self.instance.release(self, gone)

@@ -5,8 +5,10 @@ reconnect; ``list`` and ``read`` give the current state).
 The operations block, so they run in a small thread pool of the channel's own; the event loop
 only sends. A connection's requests start in the order they came, each once the one before it
 has done its work (a read, once it has opened its file), so a read sent after a write sees
-that write. A read or a long listing then streams its messages apart from that order, waiting
-whenever the client has more than ``session.BACKLOG_BYTES`` unsent, and stopping if it goes.
+that write; those of a connection that has closed are dropped unstarted. A read or a long
+listing then streams its messages apart from that order, each sent only once the client has
+no more than ``session.BACKLOG_BYTES`` unsent (so several streams at once cannot pile up more),
+stopping if it goes. A listing's messages are built in the pool, ready to send.
 
 Every request is answered by a message of its own type with its ``id``, or by an ``error``
 carrying ``code``, ``message`` and the request's ``path``. Nothing of a traceback reaches a
@@ -20,12 +22,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-
-from aether.files import FileError, ops
+from aether.files import FileError, ops, reading, writing
 from aether.files.inotify import Instance
 from aether.files.paths import resolve
 from aether.files.watch import WatchTree
-from aether.server.protocol import Message, ProtocolError
+from aether.server.protocol import Message, ProtocolError, encode
+from aether.server.session import text_frame
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -125,6 +127,8 @@ class FilesChannel:
     async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
         try:
             async with connection.lock:
+                if session.closed or self._connections.get(session) is not connection:
+                    return  # nobody to answer
                 stream = await self._handlers[message.type](session, connection, message)
             if stream is not None:
                 await stream
@@ -161,10 +165,16 @@ class FilesChannel:
         return reply
 
     @staticmethod
-    async def _drained(session: "Session") -> None:
-        drained = asyncio.get_running_loop().create_future()
-        session.when_drained(lambda: drained.done() or drained.set_result(None))
-        await drained
+    async def _room(session: "Session") -> bool:
+        """Wait until the client has caught up; whether it is still there to send to.
+
+        Every stream waiting wakes together when it has, and the first to send may fill it
+        again: so the check is made again after each wait, just before the send."""
+        while session.backlogged and not session.closed:
+            drained = asyncio.get_running_loop().create_future()
+            session.when_drained(lambda: drained.done() or drained.set_result(None))
+            await drained
+        return not session.closed
 
     @staticmethod
     def _hold(session: "Session", resume: Callable[[], None]) -> bool:
@@ -177,18 +187,30 @@ class FilesChannel:
     # -- requests ----------------------------------------------------------------------------
 
     async def _list(self, session: "Session", connection: _Connection, message: Message):
-        rel, entries = await self._blocking(ops.list_dir, self.root, message.body["path"])
-        return self._stream_list(session, message, rel, entries)
+        frames = await self._blocking(self._list_frames, message.body["path"], message.id)
+        return self._stream_list(session, frames)
 
-    async def _stream_list(self, session: "Session", message: Message, rel: str, entries: list[dict]) -> None:
+    def _list_frames(self, path: str, id_: Any) -> list[bytes]:
+        """In the pool: the directory's ``list`` replies, each a whole frame ready to send
+        (as JSON they take a fraction of what the entries take as dicts)."""
+        rel, entries = ops.list_dir(self.root, path)
+        total = len(entries)
         pages = list_pages(entries)
+        entries.clear()  # the pages hold them now
+        frames = []
         for number, page in enumerate(pages, 1):
-            if session.closed:
+            reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
+            if id_ is not None:
+                reply["id"] = id_
+            frames.append(text_frame(encode(reply)))
+            page.clear()  # freed a page at a time (see ops.free)
+        return frames
+
+    async def _stream_list(self, session: "Session", frames: list[bytes]) -> None:
+        for frame in frames:
+            if not await self._room(session):
                 return
-            last = number == len(pages)
-            self._reply(session, message, {"path": rel, "entries": page, "total": len(entries), "eof": last})
-            if not last and session.backlogged:
-                await self._drained(session)
+            session.send_frame(frame)
 
     async def _stat(self, session: "Session", connection: _Connection, message: Message) -> None:
         rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
@@ -196,18 +218,20 @@ class FilesChannel:
 
     async def _read(self, session: "Session", connection: _Connection, message: Message):
         body = message.body
-        reader = await self._blocking(ops.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
+        reader = await self._blocking(reading.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
         return self._stream_read(session, message, reader)
 
-    async def _stream_read(self, session: "Session", message: Message, reader: ops.Reader) -> None:
+    async def _stream_read(self, session: "Session", message: Message, reader: reading.Reader) -> None:
         try:
-            while not session.closed:
+            # Before reading a chunk, so a waiting read holds none; and again before sending
+            # it, as another stream may have filled the client meanwhile.
+            while await self._room(session):
                 chunk = await self._blocking(reader.next)
+                if not await self._room(session):
+                    return
                 self._reply(session, message, {"path": reader.rel, **chunk})
                 if chunk["eof"]:
                     return
-                if session.backlogged:
-                    await self._drained(session)
         finally:
             reader.close()
 
@@ -216,8 +240,8 @@ class FilesChannel:
         path = body["path"]
 
         def write() -> tuple[str, int]:
-            data = ops.decode_content(body["content"], body.get("encoding", "utf-8"), path)
-            return ops.write(self.root, path, data, body.get("offset"), body.get("createParents", False))
+            data = writing.decode_content(body["content"], body.get("encoding", "utf-8"), path)
+            return writing.write(self.root, path, data, body.get("offset"), body.get("createParents", False))
 
         rel, size = await self._blocking(write)
         self._reply(session, message, {"path": rel, "size": size})
