@@ -24,10 +24,14 @@ def start(tmp_path):
     servers = []
     root = tmp_path / "workspace"
     root.mkdir()
+    # A home of its own: login shells read no profile of this machine's user (pyenv's rehash in
+    # root's .bashrc waits up to 60 s on a lock that a shell killed mid-start leaves behind).
+    home = tmp_path / "home"
+    home.mkdir()
 
     def run(*args: str) -> Server:
         server = Server("sockdiag", tmp_path / f"state{len(servers)}", "--workspace-root", str(root),
-                        "--shell", "/bin/bash", *args)
+                        "--shell", "/bin/bash", *args, env={"HOME": str(home)})
         server.root = root
         servers.append(server)
         return server
