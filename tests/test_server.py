@@ -100,7 +100,8 @@ def test_live_open_and_close_in_order(serve, listeners):
         ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
         ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
         ('{"channel": "files", "type": "list"}', "bad_message", "files"),
-        ('{"channel": "agent", "type": "prompt"}', "not_implemented", "agent"),
+        ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
+        ('{"channel": "agent", "type": "prompt", "text": "hi"}', "not_configured", "agent"),
     ],
 )
 def test_bad_messages_get_errors_and_the_connection_stays(serve, frame, code, channel):

@@ -14,10 +14,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+from aether import sqlite
+
 KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 WORD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-#: Writers wait this long for another writer's transaction before giving up.
-BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS = [
     # 1: the entries.
@@ -121,14 +121,10 @@ class Registry:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # With WAL, NORMAL still never corrupts or loses a committed write to a crash of
-            # the process; only a power loss can drop the last commits.
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
+            self._db = sqlite.connect(self.path)
+            sqlite.migrate(self._db, MIGRATIONS)
+        except sqlite.SchemaTooNew as exc:
+            raise RegistryError(f"{self.path}: {exc}", "unavailable") from None
         except sqlite3.DatabaseError as exc:
             raise RegistryError(f"{self.path}: not a readable aether registry ({exc}); move it away to start a new one", "unavailable") from None
         except OSError as exc:
@@ -147,35 +143,10 @@ class Registry:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RegistryError(f"{self.path}: schema version {version} is newer than this aether knows ({len(MIGRATIONS)})", "unavailable")
-        if version == len(MIGRATIONS):
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
     def _write(self, fn):
         """Run ``fn(db)`` in one immediate transaction; SQLite errors become RegistryError."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+            return sqlite.transaction(self._db, fn)
         except sqlite3.OperationalError as exc:
             raise RegistryError(f"{self.path}: {exc}", "unavailable") from None
 

@@ -19,11 +19,13 @@ import tornado.httpserver
 import tornado.web
 
 from aether import config
+from aether.agent.store import AgentStoreError
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
+from aether.server.channels.agent import AgentChannel
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
@@ -103,6 +105,7 @@ class WorkspaceServer:
             "config": ConfigChannel(self),
             "files": FilesChannel(self),
             "terminal": TerminalChannel(self),
+            "agent": AgentChannel(self),
         }
 
     def application(self) -> tornado.web.Application:
@@ -124,7 +127,7 @@ class WorkspaceServer:
         self.registry.watch()
 
     def close_channels(self) -> None:
-        """At shutdown: end what channels keep beside sessions (watches, terminals)."""
+        """At shutdown: end what channels keep beside sessions (watches, terminals, agent turns)."""
         for channel in self.channels.values():
             close = getattr(channel, "close", None)
             if close is not None:
@@ -176,7 +179,7 @@ async def serve(settings: Settings) -> int:
         return 1
     try:
         server = WorkspaceServer(settings, monitor)
-    except RegistryError as exc:
+    except (RegistryError, AgentStoreError) as exc:
         monitor.stop()
         print(f"aether: {exc}", file=sys.stderr)
         return 1

@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Union
 import ujson
 
 CHANNELS = ("terminal", "files", "agent", "ports", "config")
-#: Channels whose messages the server handles today; the others answer ``not_implemented``.
-IMPLEMENTED = frozenset({"ports", "config", "terminal", "files"})
+#: Channels whose messages the server handles (all five now); others would answer ``not_implemented``.
+IMPLEMENTED = frozenset({"ports", "config", "terminal", "files", "agent"})
 #: Seed 001's maximum message size, read as 1 MiB; larger frames close the connection (1009).
 MAX_MESSAGE_BYTES = 1 << 20
 _MAX_ID_LENGTH = 256
@@ -68,8 +68,9 @@ def _object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
-def _string(value: Any) -> bool:
-    """A string that is valid Unicode: JSON lets ``"\ud800"`` through, UTF-8 cannot hold it."""
+def is_text(value: Any) -> bool:
+    """A string that is valid Unicode: JSON lets ``"\ud800"`` through, UTF-8 cannot hold it.
+    (Also what the agent takes from its backend's JSON.)"""
     if not isinstance(value, str):
         return False
     try:
@@ -101,6 +102,10 @@ def _os_string(value: Any) -> bool:
 
 def _path(value: Any) -> bool:
     return 0 < len(value) <= 4096 and _os_string(value) if isinstance(value, str) else False
+
+
+def _prompt_text(value: Any) -> bool:
+    return is_text(value) and bool(value.strip())
 
 
 def _encoding(value: Any) -> bool:
@@ -135,6 +140,7 @@ _PATH: _Field = (_path, "a non-empty path of at most 4096 characters")
 _OFFSET: _Field = (_offset, "an integer 0 or more")
 _BOOL: _Field = (_bool, "true or false")
 _ENCODING: _Field = (_encoding, '"utf-8" or "base64"')
+_CONVERSATION: _Field = (_session_id, "1-64 characters of A-Z a-z 0-9 . _ : -")
 
 #: (channel, type) -> {field: (check, what the field must be)}. A field whose name ends in
 #: ``?`` is optional (the check applies when it is present); fields not listed are ignored.
@@ -151,7 +157,7 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
         "command?": (_command, "a non-empty string (run by the shell) or array of strings (argv), 16 KiB at most"),
         "env?": (_env, "an object of variable names to string values"),
     },
-    ("terminal", "input"): {"sessionId": _SESSION, "data": (_string, "a string"), "encoding?": _ENCODING},
+    ("terminal", "input"): {"sessionId": _SESSION, "data": (is_text, "a string"), "encoding?": _ENCODING},
     ("terminal", "resize"): {"sessionId": _SESSION, "cols": _DIMENSION, "rows": _DIMENSION},
     ("terminal", "close"): {"sessionId": _SESSION},
     ("terminal", "attach"): {"sessionId": _SESSION},
@@ -162,7 +168,7 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("files", "read"): {"path": _PATH, "offset?": _OFFSET, "length?": _OFFSET},
     ("files", "write"): {
         "path": _PATH,
-        "content": (_string, "a string"),
+        "content": (is_text, "a string"),
         "encoding?": _ENCODING,
         "offset?": _OFFSET,
         "createParents?": _BOOL,
@@ -171,7 +177,11 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("files", "delete"): {"path": _PATH, "recursive?": _BOOL},
     ("files", "rename"): {"from": _PATH, "to": _PATH, "overwrite?": _BOOL},
     ("files", "watch"): {"path": _PATH, "recursive?": _BOOL},
-    ("files", "unwatch"): {"watchId": (_string, "a string")},
+    ("files", "unwatch"): {"watchId": (is_text, "a string")},
+    ("agent", "prompt"): {"conversationId?": _CONVERSATION, "text": (_prompt_text, "a string that is not empty or blank")},
+    ("agent", "cancel"): {"conversationId": _CONVERSATION},
+    ("agent", "history"): {"conversationId?": _CONVERSATION},
+    ("agent", "list"): {},
 }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Any, Optional
@@ -44,6 +46,9 @@ class Settings:
     terminal_scrollback_bytes: int
     terminal_idle_timeout: float
     terminal_max_input_bytes: int
+    agent_command: tuple[str, ...]
+    agent_timeout: float
+    agent_max_output_bytes: int
     preview_public_ports: frozenset[int] = frozenset()
 
     @property
@@ -107,6 +112,33 @@ OPTIONS: dict[str, tuple[type, Any]] = {
 }
 
 
+def command_line(raw: Any) -> tuple[str, ...]:
+    """A command's argv: a JSON array of strings (config.json, or a flag or variable starting
+    with ``[``), or one shell-quoted string split as the shell would (``--agent-command``)."""
+    if isinstance(raw, str):
+        raw = json.loads(raw) if raw.lstrip().startswith("[") else shlex.split(raw)
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(arg, str) and "\x00" not in arg for arg in raw):
+        raise ValueError("not a command")
+    if raw and not raw[0]:
+        raise ValueError("an empty program name")
+    return tuple(raw)
+
+
+command_line.what = "command: a JSON array of strings, or one shell-quoted string"  # type: ignore[attr-defined]
+
+OPTIONS.update({
+    # The agent backend (see docs/protocol.md): started once per turn. Unset: prompts get
+    # not_configured. config.json may also nest these as {"agent": {"command": [...], ...}}.
+    "agent_command": (command_line, ()),
+    # Seconds without a byte on the backend's stdout before it is killed.
+    "agent_timeout": (float, 120.0),
+    # Bytes a backend may write in one turn, stdout and stderr together.
+    "agent_max_output_bytes": (int, 4 << 20),
+})
+#: config.json's nested ``agent`` object: its keys and the settings they stand for.
+AGENT_KEYS = {"command": "agent_command", "timeout": "agent_timeout", "max_output_bytes": "agent_max_output_bytes"}
+
+
 def login_shell() -> str:
     """``$SHELL``, else the passwd entry's shell, else ``/bin/sh``."""
     shell = os.environ.get("SHELL")
@@ -123,7 +155,8 @@ def login_shell() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, default) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        shown = {"workspace_id": "the host name", "token_file": "none", "workspace_root": "the home directory", "shell": "the user's login shell"}.get(name, "generated once" if default is None else default)
+        shown = {"workspace_id": "the host name", "token_file": "none", "workspace_root": "the home directory", "shell": "the user's login shell",
+                 "agent_command": "none (the agent channel answers not_configured)"}.get(name, "generated once" if default is None else default)
         parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")
     parser.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default ~/.local/state/aether)")
     parser.add_argument("--ignore", default=None, help="ignored ports (env AETHER_IGNORED_PORTS; default 22,2222,3001)")
@@ -141,13 +174,27 @@ def _pick(name: str, kind: type, args: argparse.Namespace, file: dict) -> Option
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a {kind.__name__}, not {raw!r}") from None
+        raise ValueError(f"{source} must be a {getattr(kind, 'what', kind.__name__)}, not {raw!r}") from None
+
+
+def _flatten_agent(file: dict, path: Path) -> dict:
+    """config.json's ``{"agent": {"command": [...]}}`` read as ``agent_command`` (and so on);
+    a flat key, when both are given, wins."""
+    nested = file.get("agent")
+    if nested is None:
+        return file
+    if not isinstance(nested, dict):
+        raise ValueError(f"{path}: agent must be an object, e.g. {{\"command\": [\"my-agent\", \"--stdio\"]}}")
+    unknown = sorted(set(nested) - set(AGENT_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: agent: unknown key {unknown[0]}; known: {', '.join(AGENT_KEYS)}")
+    return {**{AGENT_KEYS[key]: value for key, value in nested.items()}, **file}
 
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Settings from flags, environment, state dir and defaults; ValueError naming a bad one."""
     state = StateDir(Path(args.state_dir or os.environ.get("AETHER_STATE_DIR") or default_state_dir()))
-    file = state.load_config()
+    file = _flatten_agent(state.load_config(), state.config_path)
     values = {}
     for name, (kind, default) in OPTIONS.items():
         value = _pick(name, kind, args, file)
@@ -172,6 +219,10 @@ def resolve(args: argparse.Namespace) -> Settings:
         if values[name] < low:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} / AETHER_{name.upper()} must be at least {low}")
+    if not values["agent_timeout"] > 0:
+        raise ValueError("--agent-timeout / AETHER_AGENT_TIMEOUT must be positive")
+    if values["agent_max_output_bytes"] < 1:
+        raise ValueError("--agent-max-output-bytes / AETHER_AGENT_MAX_OUTPUT_BYTES must be at least 1")
     if values["terminal_idle_timeout"] < 0:
         raise ValueError("--terminal-idle-timeout / AETHER_TERMINAL_IDLE_TIMEOUT must be 0 (never) or more")
     root = Path(values["workspace_root"] or os.path.expanduser("~")).resolve()

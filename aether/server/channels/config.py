@@ -59,6 +59,12 @@ class ConfigChannel:
                 "idleTimeout": settings.terminal_idle_timeout,
                 "maxInputBytes": settings.terminal_max_input_bytes,
             },
+            "agent": {
+                "configured": bool(settings.agent_command),
+                "command": list(settings.agent_command),
+                "timeout": settings.agent_timeout,
+                "maxOutputBytes": settings.agent_max_output_bytes,
+            },
             "mutable": list(MUTABLE),
         }
 

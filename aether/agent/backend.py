@@ -1,0 +1,226 @@
+"""One turn of the configured backend: a process started for the turn, given the conversation
+on stdin, read as JSON lines on stdout (see ``stdio``), and held to its limits.
+
+The process gets a session and process group of its own, so stopping it stops whatever it
+started as well. It is stopped (SIGTERM to the group, SIGKILL ``KILL_GRACE`` seconds later) and
+the turn fails when:
+
+- nothing comes on its stdout for ``timeout`` seconds (``timeout``);
+- a line breaks the protocol (``bad_output``);
+- it writes more than ``max_output`` bytes, stdout and stderr together, a line over 1 MiB, or a
+  reply over ``stdio.MAX_REPLY_JSON`` (``too_large``);
+- it writes an ``error`` line (``backend_error``, with its message).
+
+A cancelled turn is stopped the same way and ends ``cancelled``. A backend that exits non-zero
+or dies of a signal on its own fails the turn with ``backend_failed`` and the tail of its
+stderr; one that exits 0 having written no reply fails it with ``bad_output``. Whatever is left
+of the process group when the turn ends gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Callable, Optional, Sequence
+
+from aether.agent import stdio
+
+KILL_GRACE = 2.0
+READ_CHUNK = 64 << 10
+STDERR_TAIL = 2048
+#: Once the backend has exited, how long a child of its that inherited stdout may keep the
+#: turn open: then the group is killed and the turn ends.
+EXIT_DRAIN = 1.0
+
+Error = tuple[str, str]
+
+
+class Outcome:
+    """How a turn ended: ``status`` complete, failed or cancelled; ``error`` (code, message)."""
+
+    __slots__ = ("status", "error")
+
+    def __init__(self, status: str, error: Optional[Error] = None):
+        self.status, self.error = status, error
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.status!r}, {self.error!r})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class BackendRun:
+    """Runs ``argv`` for one turn; ``on_event`` hears each delta, tool note and final message
+    once ``reply`` has taken it."""
+
+    def __init__(self, argv: Sequence[str], request: bytes, *, cwd: str, env: dict, timeout: float,
+                 max_output: int, on_event: Callable[[stdio.Event], None]):
+        self.argv, self.request, self.cwd, self.env = list(argv), request, cwd, env
+        self.timeout, self.max_output, self.on_event = timeout, max_output, on_event
+        self.reply = stdio.Reply()
+        self.pid: Optional[int] = None
+        self._proc: Optional[asyncio.subprocess.Process] = None
+        self._cancelled = False
+        self._fault: Optional[Error] = None
+        self._output = 0
+        self._stderr = bytearray()
+        self._lines = 0
+        self._kill_timer: Optional[asyncio.TimerHandle] = None
+
+    async def run(self) -> Outcome:
+        if self._cancelled:
+            return Outcome("cancelled")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=self.cwd, env=self.env, start_new_session=True,
+            )
+        except OSError as exc:
+            return Outcome("failed", ("backend_failed", f"cannot start {self.argv[0]}: {exc.strerror or exc}"))
+        self._proc, self.pid = proc, proc.pid
+        if self._cancelled:
+            self._stop(None)
+        helpers = [asyncio.ensure_future(self._feed()), asyncio.ensure_future(self._read_stderr())]
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await self._read_stdout(exited)
+            await self._wait(exited)
+            # stderr ends with the process (or its group, killed below); its tail may still be in flight.
+            await asyncio.wait([helpers[1]], timeout=0.2)
+        finally:
+            for task in (*helpers, exited):
+                task.cancel()
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            self._signal(signal.SIGKILL)
+        return self._outcome(proc.returncode)
+
+    def cancel(self) -> None:
+        """Stop the backend; the turn ends ``cancelled``."""
+        self._cancelled = True
+        if self._proc is not None:
+            self._stop(None)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (the daemon is stopping)."""
+        self._cancelled = True
+        self._signal(signal.SIGKILL)
+
+    # -- the process --------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        stdin = self._proc.stdin
+        try:
+            stdin.write(self.request)
+            await stdin.drain()
+        except (OSError, RuntimeError):
+            pass  # it exited, or closed stdin, without reading the turn: its own business
+        finally:
+            stdin.close()
+
+    async def _read_stdout(self, exited: asyncio.Future) -> None:
+        splitter = stdio.LineSplitter()
+        read: Optional[asyncio.Future] = None
+        try:
+            while self._fault is None and not self._cancelled:
+                if read is None:
+                    read = asyncio.ensure_future(self._proc.stdout.read(READ_CHUNK))
+                waiting = {read} if exited.done() else {read, exited}
+                done, _ = await asyncio.wait(waiting, timeout=EXIT_DRAIN if exited.done() else self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    if done:
+                        continue  # it exited: what it wrote is read with the shorter wait
+                    if not exited.done():
+                        self._stop(("timeout", f"the backend wrote nothing for {self.timeout:g} s"))
+                    break  # or: it exited, and a child of its holds stdout open
+                chunk, read = read.result(), None
+                if not chunk:
+                    last = splitter.end()
+                    if last is not None:
+                        self._take(last)
+                    break
+                self._count(len(chunk))
+                for line in splitter.feed(chunk):
+                    self._take(line)
+                    if self._fault is not None or self._cancelled:
+                        break
+        except stdio.BackendFault as fault:
+            self._stop((fault.code, fault.message))
+        finally:
+            if read is not None:
+                read.cancel()
+
+    def _take(self, line: bytes) -> None:
+        self._lines += 1
+        event = stdio.parse_line(line, self._lines)
+        if event is None:
+            return
+        if isinstance(event, stdio.Failure):
+            self._stop(("backend_error", event.message))
+            return
+        self.reply.add(event)
+        self.on_event(event)
+
+    async def _read_stderr(self) -> None:
+        while chunk := await self._proc.stderr.read(READ_CHUNK):
+            self._stderr += chunk
+            del self._stderr[:-STDERR_TAIL]
+            try:
+                self._count(len(chunk))
+            except stdio.BackendFault as fault:
+                self._stop((fault.code, fault.message))
+
+    def _count(self, size: int) -> None:
+        self._output += size
+        if self._output > self.max_output:
+            raise stdio.BackendFault("too_large", f"the backend wrote more than {self.max_output} bytes")
+
+    async def _wait(self, exited: asyncio.Future) -> None:
+        """Until it has exited: at most ``timeout`` more after its stdout ended."""
+        if not exited.done() and self._fault is None and not self._cancelled:
+            await asyncio.wait([exited], timeout=self.timeout)
+            if not exited.done():
+                self._stop(("timeout", f"the backend closed its output but did not exit within {self.timeout:g} s"))
+        await exited
+
+    def _stop(self, error: Optional[Error]) -> None:
+        """SIGTERM to the group, SIGKILL after ``KILL_GRACE``; the first error is the turn's."""
+        if error is not None and self._fault is None:
+            self._fault = error
+        if self._kill_timer is None:
+            self._signal(signal.SIGTERM)
+            self._kill_timer = asyncio.get_running_loop().call_later(KILL_GRACE, self._signal, signal.SIGKILL)
+
+    def _signal(self, number: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, number)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- the end ------------------------------------------------------------------------
+
+    def stderr_tail(self) -> str:
+        """The last ``STDERR_TAIL`` bytes the backend wrote to stderr, as text."""
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    def _outcome(self, returncode: Optional[int]) -> Outcome:
+        if self._cancelled:
+            return Outcome("cancelled")
+        if self._fault is not None:
+            return Outcome("failed", self._fault)
+        if returncode:
+            why = f"exited with status {returncode}" if returncode > 0 else f"was killed by {_signal_name(-returncode)}"
+            tail = self.stderr_tail()
+            return Outcome("failed", ("backend_failed", f"the backend {why}" + (f"; its stderr ends: {tail}" if tail else "")))
+        if self.reply.empty:
+            return Outcome("failed", ("bad_output", "the backend exited without writing a reply"))
+        return Outcome("complete")

@@ -1,0 +1,310 @@
+"""Conversations and their running turns: what the ``agent`` channel asks for, apart from any
+connection.
+
+A ``prompt`` is taken or refused at once, on the event loop: the prompt becomes a complete user
+turn and the reply a running assistant turn, both written to the database, and a task runs the
+backend (``backend.BackendRun``). What it produces is announced through ``emit`` as it comes
+and saved at most every ``SAVE_INTERVAL`` seconds, then once more at the end. One turn runs per
+conversation at a time; a second prompt to it is refused (``busy``), not queued, so a client
+never has a prompt in flight that it cannot see or cancel.
+
+Every database read and write runs in one worker thread, in the order queued (see ``store``).
+A read snapshots the running turns' text when it is queued, so what it returns plus the events
+announced after it is exactly the turn; the channel keeps that order per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+from aether.agent import stdio
+from aether.agent.backend import BackendRun, Outcome
+from aether.agent.store import INTERRUPTED, AgentStore, recent
+
+log = logging.getLogger("aether.agent")
+
+MAX_PROMPT_BYTES = 64 << 10
+#: Turns running at once, over all conversations: each is a process.
+MAX_RUNNING = 8
+#: A running turn's text so far is written to the database at most every SAVE_INTERVAL
+#: seconds, and less often as it grows: each save rewrites it whole, so a long reply costs at
+#: most SAVE_RATE bytes a second of writes.
+SAVE_INTERVAL = 0.25
+SAVE_RATE = 256 << 10
+#: A ``history`` message holds the most recent turns that fit in this many bytes.
+HISTORY_BUDGET = 900_000
+MAX_LISTED = 1000
+TITLE_LENGTH = 80
+_PRIVATE_ENV = ("AETHER_TOKEN",)
+
+#: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (session, id) for
+#: the client whose request it answers, whose copy carries that id.
+Emit = Callable[[dict, Optional[tuple[Any, Any]]], None]
+
+
+class Refusal(Exception):
+    """A request the service will not act on: a protocol error ``code`` and a message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def title_of(text: str) -> str:
+    return " ".join(text.split())[:TITLE_LENGTH]
+
+
+class Turn:
+    """An assistant turn while it runs."""
+
+    def __init__(self, conversation_id: str, turn_id: str, seq: int):
+        self.conversation_id, self.id, self.seq = conversation_id, turn_id, seq
+        self.backend: Optional[BackendRun] = None
+        self.task: Optional[asyncio.Future] = None
+        self.save_timer: Optional[asyncio.TimerHandle] = None
+        self.cancelled_by: Optional[tuple[Any, Any]] = None
+        self.cancelled = False
+
+    @property
+    def reply(self) -> stdio.Reply:
+        return self.backend.reply if self.backend is not None else stdio.Reply()
+
+    def snapshot(self) -> dict:
+        reply = self.reply
+        return {"text": reply.text, "tools": list(reply.tools)}
+
+
+class AgentService:
+    def __init__(self, settings, emit: Emit):
+        self.settings = settings
+        self.emit = emit
+        self.store = AgentStore(settings.state_dir / "agent.db")
+        if self.store.interrupted:
+            log.warning("agent turns closed as failed: the daemon stopped while they ran", extra={"turns": self.store.interrupted})
+        #: conversation id -> seq of its last turn; a prompt is checked against it at once.
+        self.sequences = self.store.last_sequences()
+        self.running: dict[str, Turn] = {}
+        self.closed = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="agent-db")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.settings.agent_command)
+
+    # -- the database -------------------------------------------------------------------
+
+    def read(self, work: Callable[[], Any]) -> asyncio.Future:
+        """``work()`` in the worker thread, after every write queued so far."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    def _write(self, fn: Callable, *args) -> None:
+        if self.closed:
+            return
+
+        def write():
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("agent history write failed")
+
+        self._pool.submit(write)
+
+    def history(self, conversation_id: Optional[str]) -> Callable[[], Optional[dict]]:
+        """Work for :meth:`read`: the conversation (default: the one updated last) with its
+        most recent turns, running ones as of now; None if there is no such conversation."""
+        now = self._running_now()
+        return lambda: self._history(conversation_id or self.store.active(), now)
+
+    def replay(self) -> Callable[[], list[dict]]:
+        """Work for :meth:`read`: what a new connection is told, as of now: the conversation
+        updated last, then every other one with a turn running (whose events it will hear)."""
+        now = self._running_now()
+        running = list(self.running)
+
+        def work() -> list[dict]:
+            active = self.store.active()
+            wanted = ([active] if active else []) + [cid for cid in running if cid != active]
+            return [history for cid in wanted if (history := self._history(cid, now)) is not None]
+
+        return work
+
+    def _running_now(self) -> dict[str, dict]:
+        return {turn.id: turn.snapshot() for turn in self.running.values()}
+
+    def _history(self, conversation_id: Optional[str], now: dict[str, dict]) -> Optional[dict]:
+        """In the worker thread: a conversation's history, ``now`` the running turns' text."""
+        conversation = self.store.conversation(conversation_id) if conversation_id else None
+        if conversation is None:
+            return None
+        turns = [{**t, **now[t["turnId"]]} if t["turnId"] in now else t for t in self.store.turns(conversation_id)]
+        for turn in turns:
+            if not turn.get("tools"):
+                turn.pop("tools", None)
+        kept, truncated = recent(turns, HISTORY_BUDGET)
+        answer = {**conversation, "running": any(t["status"] == "running" for t in turns), "turns": kept}
+        if truncated:
+            answer["truncated"] = True
+        return answer
+
+    def listing(self) -> Callable[[], dict]:
+        def work() -> dict:
+            conversations, more = self.store.conversations(MAX_LISTED)
+            answer = {"conversations": conversations}
+            if more:
+                answer["truncated"] = True
+            return answer
+
+        return work
+
+    # -- turns --------------------------------------------------------------------------
+
+    def start(self, conversation_id: Optional[str], text: str, reply_to: Optional[tuple[Any, Any]]) -> None:
+        """Take a prompt (announcing ``started``) or raise Refusal, changing nothing."""
+        if not self.configured:
+            raise Refusal("not_configured", "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see the README)")
+        size = len(text.encode("utf-8"))
+        if size > MAX_PROMPT_BYTES:
+            raise Refusal("too_large", f"a prompt of {size} bytes; at most {MAX_PROMPT_BYTES} (64 KiB)")
+        if conversation_id is not None:
+            if conversation_id not in self.sequences:
+                raise Refusal("not_found", f"no conversation {conversation_id}")
+            if conversation_id in self.running:
+                raise Refusal("busy", f"a turn is already running in conversation {conversation_id}: wait for its done, or cancel it")
+        if len(self.running) >= MAX_RUNNING:
+            raise Refusal("limit", f"{MAX_RUNNING} agent turns are running already; wait for one to finish")
+        now = time.time()
+        title = None
+        if conversation_id is None:
+            conversation_id = f"c-{secrets.token_hex(6)}"
+            while conversation_id in self.sequences:
+                conversation_id = f"c-{secrets.token_hex(6)}"
+            title = title_of(text)
+            self.sequences[conversation_id] = 0
+        seq = self.sequences[conversation_id] + 1
+        self.sequences[conversation_id] = seq + 1
+        user_id, turn_id = f"{conversation_id}.{seq}", f"{conversation_id}.{seq + 1}"
+        self._write(self.store.begin_turn, conversation_id, title, (user_id, seq, text), (turn_id, seq + 1), now)
+        turn = self.running[conversation_id] = Turn(conversation_id, turn_id, seq + 1)
+        prompt = {"turnId": user_id, "seq": seq, "role": "user", "text": text, "status": "complete",
+                  "started": _ms(now), "finished": _ms(now)}
+        started = {"channel": "agent", "type": "started", "conversationId": conversation_id, "turnId": turn_id, "prompt": prompt}
+        if title is not None:
+            started["title"] = title
+        self.emit(started, reply_to)
+        log.info("agent turn started", extra={"conversation": conversation_id, "turn": turn_id})
+        turn.task = asyncio.ensure_future(self._run(turn))
+
+    def cancel(self, conversation_id: str, reply_to: Optional[tuple[Any, Any]]) -> None:
+        """Stop the conversation's running turn; its ``done`` (cancelled) answers the request."""
+        turn = self.running.get(conversation_id)
+        if turn is None:
+            raise Refusal("not_found", f"no turn is running in conversation {conversation_id}")
+        turn.cancelled, turn.cancelled_by = True, reply_to
+        if turn.backend is not None:
+            turn.backend.cancel()
+
+    async def _run(self, turn: Turn) -> None:
+        try:
+            messages = await self.read(lambda: self._backend_messages(turn))
+            settings = self.settings
+            workspace = {"root": str(settings.workspace_root), "serverPort": settings.port,
+                         "workspaceId": settings.workspace_id, "stateDir": str(settings.state_dir)}
+            request = stdio.turn_request(turn.conversation_id, turn.id, messages, workspace)
+            turn.backend = BackendRun(
+                settings.agent_command, request, cwd=str(settings.workspace_root), env=self._env(turn),
+                timeout=settings.agent_timeout, max_output=settings.agent_max_output_bytes,
+                on_event=lambda event: self._event(turn, event),
+            )
+            if turn.cancelled:
+                turn.backend.cancel()
+            outcome = await turn.backend.run()
+        except asyncio.CancelledError:
+            raise  # the daemon is stopping: close() has ended the turn
+        except Exception:
+            log.exception("agent turn failed", extra={"turn": turn.id})
+            if turn.backend is not None:
+                turn.backend.kill()
+            outcome = Outcome("failed", ("internal", "the server failed running this turn; it logged why"))
+        self._finish(turn, outcome)
+
+    def _backend_messages(self, turn: Turn) -> list[dict]:
+        """The conversation up to the prompt, for the backend (runs in the worker thread)."""
+        return [{"role": t["role"], "text": t["text"], "status": t["status"]}
+                for t in self.store.turns(turn.conversation_id) if t["seq"] < turn.seq]
+
+    def _env(self, turn: Turn) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env["AETHER_STATE_DIR"] = str(self.settings.state_dir)
+        env["AETHER_AGENT_CONVERSATION"] = turn.conversation_id
+        return env
+
+    @staticmethod
+    def _message(turn: Turn, kind: str, **fields) -> dict:
+        return {"channel": "agent", "type": kind, "conversationId": turn.conversation_id, "turnId": turn.id, **fields}
+
+    def _event(self, turn: Turn, event: stdio.Event) -> None:
+        if isinstance(event, stdio.Delta):
+            if not event.text:
+                return
+            self.emit(self._message(turn, "delta", text=event.text), None)
+        elif isinstance(event, stdio.Tool):
+            self.emit(self._message(turn, "tool", name=event.name, text=event.text), None)
+        if turn.save_timer is None:
+            delay = max(SAVE_INTERVAL, turn.reply.size / SAVE_RATE)
+            turn.save_timer = asyncio.get_running_loop().call_later(delay, self._save, turn)
+
+    def _save(self, turn: Turn) -> None:
+        turn.save_timer = None
+        if self.running.get(turn.conversation_id) is turn:
+            reply = turn.reply
+            self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools))
+
+    def _finish(self, turn: Turn, outcome: Outcome) -> None:
+        if self.closed:
+            return
+        if turn.save_timer is not None:
+            turn.save_timer.cancel()
+            turn.save_timer = None
+        reply = turn.reply
+        self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools), outcome.status, outcome.error, time.time())
+        del self.running[turn.conversation_id]
+        if outcome.status == "complete":
+            message = self._message(turn, "message", role="assistant", text=reply.text)
+            if reply.tools:
+                message["tools"] = reply.tools
+            self.emit(message, None)
+        if outcome.error is not None:
+            code, text = outcome.error
+            self.emit(self._message(turn, "error", code=code, message=text), None)
+        done = self._message(turn, "done", status=outcome.status)
+        self.emit(done, turn.cancelled_by if outcome.status == "cancelled" else None)
+        extra = {"conversation": turn.conversation_id, "turn": turn.id, "status": outcome.status}
+        if outcome.error is not None:
+            extra["error"] = outcome.error[0]
+        log.info("agent turn ended", extra=extra)
+
+    def close(self) -> None:
+        """At shutdown: kill every running backend, save its turn as failed, close the file."""
+        for turn in list(self.running.values()):
+            if turn.save_timer is not None:
+                turn.save_timer.cancel()
+            if turn.backend is not None:
+                turn.backend.kill()
+            if turn.task is not None:
+                turn.task.cancel()
+            reply = turn.reply
+            self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools), "failed", INTERRUPTED, time.time())
+        self.running.clear()
+        self.closed = True
+        self._pool.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,65 @@
+"""SQLite as aether's stores use it (the port registry, the agent's history): a file in the
+state directory in WAL mode, so readers run beside a writer; writers that queue on SQLite's
+lock (``busy_timeout``) instead of failing; every write one ``BEGIN IMMEDIATE`` transaction; and
+the schema versioned with ``PRAGMA user_version`` and migrated forward on open."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Callable, TypeVar
+
+#: Writers wait this long for another writer's transaction before giving up.
+BUSY_TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
+
+
+class SchemaTooNew(Exception):
+    """The file was written by a newer aether: its ``version`` is past what this one knows."""
+
+    def __init__(self, version: int, known: int):
+        super().__init__(f"schema version {version} is newer than this aether knows ({known})")
+        self.version = version
+
+
+def connect(path: Path, check_same_thread: bool = True) -> sqlite3.Connection:
+    """``path`` opened (created, with its directory, if missing); sqlite3 and OS errors pass."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=check_same_thread)
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db.execute("PRAGMA journal_mode = WAL")
+    # With WAL, NORMAL still never corrupts or loses a committed write to a crash of the
+    # process; only a power loss can drop the last commits.
+    db.execute("PRAGMA synchronous = NORMAL")
+    return db
+
+
+def transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn(db)`` in one immediate transaction, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def migrate(db: sqlite3.Connection, migrations: list[str]) -> None:
+    """Run the scripts of ``migrations`` the file has not had yet; SchemaTooNew if it is ahead."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise SchemaTooNew(version, len(migrations))
+    if version == len(migrations):
+        return
+
+    def run(db: sqlite3.Connection) -> None:
+        current = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
+        for number, script in enumerate(migrations[current:], start=current + 1):
+            for statement in filter(str.strip, script.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+
+    transaction(db, run)

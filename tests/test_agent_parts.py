@@ -1,0 +1,182 @@
+"""The agent's parts without processes or sockets: the backend's line protocol, the reply's
+limits, the SQLite history and the agent settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sqlite3
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from aether.agent import stdio
+from aether.agent.store import AgentStore, AgentStoreError, encoded_size, recent
+from aether.server.settings import add_arguments, resolve
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200) | st.builds(lambda v: json.dumps(v).encode(), st.dictionaries(
+    st.sampled_from(["type", "text", "name", "message", "x"]),
+    st.sampled_from(["delta", "tool", "message", "error", "", "\ud800"]) | st.none() | st.integers() | st.text(max_size=5),
+    max_size=4)))
+def test_any_line_is_an_event_nothing_or_a_fault(line):
+    try:
+        event = stdio.parse_line(line, 1)
+    except stdio.BackendFault as fault:
+        assert fault.code == "bad_output" and fault.message.startswith("line 1 of the backend's output")
+        return
+    if event is None:
+        assert not line.strip()
+        return
+    for name in event.__slots__:
+        getattr(event, name).encode("utf-8")  # what reaches a client is valid Unicode
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b'{"type": "delta", "text": "hi "}', ("Delta", {"text": "hi "})),
+    (b'{"type": "tool", "name": "ports", "extra": 1}', ("Tool", {"name": "ports", "text": ""})),
+    (b'{"type": "message", "text": "all"}\r', ("Final", {"text": "all"})),
+    (b'{"type": "error"}', ("Failure", {"message": "the backend reported an error without a message"})),
+    (b"   ", None),
+])
+def test_lines(line, expected):
+    event = stdio.parse_line(line, 1)
+    if expected is None:
+        assert event is None
+    else:
+        assert (type(event).__name__, {s: getattr(event, s) for s in event.__slots__}) == expected
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"hello", 'line 3 of the backend\'s output is not JSON: "hello"'),
+    (b"[1]", 'line 3 of the backend\'s output is not a JSON object: "[1]"'),
+    (b'{"type": "thinking"}', 'line 3 of the backend\'s output has type "thinking"; expected delta, tool, message or error'),
+    (b'{"text": "x"}', "line 3 of the backend's output has type none; expected delta, tool, message or error"),
+    (b'{"type": "delta", "text": 5}', "line 3 of the backend's output: a delta needs text as a string of valid Unicode"),
+    (b'{"type": "delta", "text": "\\ud800"}', "line 3 of the backend's output: a delta needs text as a string of valid Unicode"),
+    (b'{"type": "tool", "name": ""}', "line 3 of the backend's output: a tool name must be 1-200 characters"),
+    (b"\xff\xfe", 'line 3 of the backend\'s output is not JSON: "\ufffd\ufffd"'),
+])
+def test_bad_lines(line, message):
+    with pytest.raises(stdio.BackendFault) as caught:
+        stdio.parse_line(line, 3)
+    assert (caught.value.code, caught.value.message) == ("bad_output", message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=30).filter(lambda b: b"\n" not in b), max_size=8), st.lists(st.integers(1, 40), max_size=10))
+def test_splitter_gives_the_lines_whatever_the_chunks(lines, cuts):
+    stream = b"".join(line + b"\n" for line in lines)
+    splitter, got, at = stdio.LineSplitter(), [], 0
+    for cut in cuts + [len(stream)]:
+        got += splitter.feed(stream[at:at + cut])
+        at += cut
+    assert got == lines and splitter.end() is None
+
+
+def test_splitter_refuses_a_long_line_before_its_end():
+    splitter = stdio.LineSplitter(10)
+    assert splitter.feed(b"0123456789\nabc") == [b"0123456789"]
+    with pytest.raises(stdio.BackendFault, match="a line of more than 10 bytes"):
+        splitter.feed(b"defghijk")  # no newline yet: 11 bytes held is already too many
+    last = stdio.LineSplitter()
+    assert last.feed(b'{"type": "message"') == [] and last.end() == b'{"type": "message"'
+
+
+def test_reply_text_tools_and_limits():
+    reply = stdio.Reply(limit=100)
+    assert reply.empty and reply.text == ""
+    for part in ("a", "b", "c"):
+        reply.add(stdio.Delta(part))
+    reply.add(stdio.Tool("t", "note"))
+    assert (reply.text, reply.tools, reply.empty) == ("abc", [{"name": "t", "text": "note"}], False)
+    reply.add(stdio.Final("the whole answer"))
+    assert reply.text == "the whole answer"
+    with pytest.raises(stdio.BackendFault, match="more after its message line"):
+        reply.add(stdio.Delta("late"))
+    big = stdio.Reply(limit=100)
+    big.add(stdio.Delta("x" * 90))
+    with pytest.raises(stdio.BackendFault) as caught:
+        big.add(stdio.Delta("\x01" * 2))  # 12 bytes as JSON escapes: past the limit
+    assert (caught.value.code, caught.value.message) == ("too_large", "the reply grew past 0 KiB")
+
+
+def test_turn_request_is_one_line():
+    line = stdio.turn_request("c-1", "c-1.2", [{"role": "user", "text": "two\nlines", "status": "complete"}], {"root": "/w"})
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert json.loads(line) == {"type": "turn", "conversationId": "c-1", "turnId": "c-1.2",
+                                "messages": [{"role": "user", "text": "two\nlines", "status": "complete"}], "workspace": {"root": "/w"}}
+
+
+def test_store_keeps_turns_and_fails_those_left_running(tmp_path):
+    path = tmp_path / "agent.db"
+    store = AgentStore(path)
+    assert store.active() is None and store.last_sequences() == {}
+    store.begin_turn("c-a", "first", ("c-a.1", 1, "hi"), ("c-a.2", 2), 100.0)
+    store.save_turn("c-a.2", "hel", [{"name": "t", "text": ""}])
+    store.begin_turn("c-b", "second", ("c-b.1", 1, "yo"), ("c-b.2", 2), 200.0)
+    store.save_turn("c-b.2", "done", [], "complete", None, 201.0)
+    assert store.active() == "c-b" and store.last_sequences() == {"c-a": 2, "c-b": 2}
+    listed, more = store.conversations(1)
+    assert more and listed == [{"conversationId": "c-b", "title": "second", "created": 200000, "updated": 201000, "turns": 2, "running": False}]
+    store.close()
+    again = AgentStore(path)  # as a new daemon would
+    assert again.interrupted == 1
+    turn = again.turns("c-a")[1]
+    assert (turn["text"], turn["status"], turn["tools"]) == ("hel", "failed", [{"name": "t", "text": ""}])
+    assert turn["error"] == {"code": "interrupted", "message": "the daemon stopped during this turn"}
+    assert again.turns("c-b")[1] == {"turnId": "c-b.2", "seq": 2, "role": "assistant", "text": "done", "status": "complete",
+                                     "started": 200000, "finished": 201000}
+    again.close()
+
+
+def test_store_refuses_a_file_that_is_not_its_own(tmp_path):
+    (tmp_path / "agent.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(AgentStoreError, match="not a readable aether agent database"):
+        AgentStore(tmp_path / "agent.db")
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(AgentStoreError, match="schema version 99 is newer"):
+        AgentStore(newer)
+
+
+def test_recent_keeps_the_newest_turns_that_fit():
+    turns = [{"turnId": str(i), "text": "x" * 100} for i in range(10)]
+    kept, cut = recent(turns, 3 * (encoded_size(turns[0]) + 1) + 5)
+    assert [t["turnId"] for t in kept] == ["7", "8", "9"] and cut
+    assert recent(turns, 10_000) == (turns, False)
+
+
+def _resolve(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return resolve(parser.parse_args(argv))
+
+
+def test_agent_settings_from_flag_env_and_config(tmp_path, monkeypatch):
+    for name in ("AETHER_AGENT_COMMAND", "AETHER_AGENT_TIMEOUT", "AETHER_AGENT_MAX_OUTPUT_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    base = ["--state-dir", str(tmp_path), "--workspace-root", str(tmp_path)]
+    s = _resolve(base)
+    assert (s.agent_command, s.agent_timeout, s.agent_max_output_bytes) == ((), 120.0, 4 << 20)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"agent": {"command": ["my-agent", "--stdio"], "timeout": 30, "max_output_bytes": 1000}}))
+    s = _resolve(base)
+    assert (s.agent_command, s.agent_timeout, s.agent_max_output_bytes) == (("my-agent", "--stdio"), 30.0, 1000)
+    config.write_text(json.dumps({"agent_command": ["flat"], "agent": {"command": ["nested"]}}))
+    assert _resolve(base).agent_command == ("flat",)
+    monkeypatch.setenv("AETHER_AGENT_COMMAND", '["from env", "x"]')
+    assert _resolve(base).agent_command == ("from env", "x")
+    assert _resolve(base + ["--agent-command", "/opt/my agent/run --model 'a b'"]).agent_command == ("/opt/my", "agent/run", "--model", "a b")
+    monkeypatch.delenv("AETHER_AGENT_COMMAND")
+    for bad, why in [({"agent_command": "[1, 2]"}, "config.json key agent_command must be a command"),
+                     ({"agent_command": [1]}, "config.json key agent_command must be a command"),
+                     ({"agent": ["x"]}, "config.json: agent must be an object"),
+                     ({"agent": {"comand": ["x"]}}, "config.json: agent: unknown key comand; known: command, timeout, max_output_bytes"),
+                     ({"agent_timeout": 0}, "--agent-timeout / AETHER_AGENT_TIMEOUT must be positive")]:
+        config.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(why)):
+            _resolve(base)
