@@ -189,7 +189,7 @@ def slow_reader(cycles):
     from websockets.sync.client import connect
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_server import _raw_upgrade
+    from conftest import raw_upgrade
 
     results = {}
     for label in ("alone", "beside a client that never reads"):
@@ -197,7 +197,7 @@ def slow_reader(cycles):
 
         try:
             handle = types.SimpleNamespace(port=sport, token=token, workspace="bench")
-            stalled = _raw_upgrade(handle, rcvbuf=4096) if label != "alone" else None
+            stalled = raw_upgrade(handle, rcvbuf=4096) if label != "alone" else None
             port = free_port()
             with connect(f"ws://127.0.0.1:{sport}/workspaces/bench/ws", subprotocols=["Bearer", token]) as ws:
                 time.sleep(0.3)
