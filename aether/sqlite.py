@@ -23,16 +23,28 @@ class SchemaTooNew(Exception):
         self.version = version
 
 
-def connect(path: Path, check_same_thread: bool = True) -> sqlite3.Connection:
-    """``path`` opened (created, with its directory, if missing); sqlite3 and OS errors pass."""
+def connect(path: Path, check_same_thread: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """``path`` opened (created, with its directory, if missing); sqlite3 and OS errors pass.
+    A statement waits up to ``busy_timeout_ms`` for another process's lock, then fails with
+    an OperationalError that :func:`is_locked` recognises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=check_same_thread)
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=check_same_thread)
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     db.execute("PRAGMA journal_mode = WAL")
     # With WAL, NORMAL still never corrupts or loses a committed write to a crash of the
     # process; only a power loss can drop the last commits.
     db.execute("PRAGMA synchronous = NORMAL")
     return db
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite giving up on another connection's lock (SQLITE_BUSY/LOCKED)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED and their extended codes
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

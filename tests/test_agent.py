@@ -223,6 +223,19 @@ def test_busy_conversation_cancel_and_concurrent_conversations(start):
     assert agent.ask("stream 2 0", conversationId=conversation)["message"]["text"] == "0 1 "
 
 
+def test_every_cancel_of_a_turn_gets_its_done(start):
+    server = start()
+    first, second = Agent(server), Agent(server)
+    first.send(type="prompt", text="stream 100", id="long")
+    conversation = first.until("delta")[0]["conversationId"]
+    second.until("delta")
+    first.send(type="cancel", conversationId=conversation, id="a")
+    second.send(type="cancel", conversationId=conversation, id="b")
+    assert first.until("done")[-1]["id"] == "a"
+    broadcast = second.until("done")[-1]  # every client's copy, then the second's own
+    assert "id" not in broadcast and second.next() == {**broadcast, "id": "b"}
+
+
 def test_broken_backends_fail_their_turn_alone(start):
     server = start("--agent-timeout", "1", "--agent-max-output-bytes", "3000000")
     agent = Agent(server)

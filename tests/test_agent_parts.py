@@ -180,3 +180,114 @@ def test_agent_settings_from_flag_env_and_config(tmp_path, monkeypatch):
         config.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=re.escape(why)):
             _resolve(base)
+
+
+# -- the service without a socket: what happens when the history cannot be written -------------
+
+def _service(tmp_path, answers: list, emitted: list):
+    from types import SimpleNamespace
+
+    from aether.agent.service import AgentService
+    settings = SimpleNamespace(state_dir=tmp_path, agent_command=("true",), workspace_root=tmp_path, port=0,
+                               workspace_id="w", agent_timeout=5.0, agent_max_output_bytes=1 << 20)
+    return AgentService(settings, lambda message, reply_to: emitted.append((message, reply_to)),
+                        lambda reply_to, message: answers.append((reply_to, message)))
+
+
+def test_a_prompt_whose_history_write_fails_is_refused_and_undone(tmp_path):
+    import asyncio
+
+    answers, emitted = [], []
+
+    async def scenario():
+        service = _service(tmp_path, answers, emitted)
+
+        def locked(*args):
+            raise sqlite3.OperationalError("database is locked")
+
+        service.store.begin_turn = locked
+        service.start(None, "hello", ("s", "p"))
+        service.cancel(next(iter(service.running)), ("s", "stop"))  # asked before its write ended
+        await next(iter(service.running.values())).task
+        assert service.running == {} and service.sequences == {}
+        service.close()
+
+    asyncio.run(scenario())
+    assert emitted == []  # no started, no backend run
+    (first, refusal), (second, stop) = answers
+    assert first == ("s", "p") and refusal["code"] == "unavailable" and "database is locked" in refusal["message"]
+    assert "conversationId" not in refusal  # the new conversation never existed
+    assert second == ("s", "stop") and stop["code"] == "not_found"
+
+
+def test_a_locked_agent_db_at_start_leaves_the_channel_unavailable(tmp_path, monkeypatch):
+    from aether.agent import store as store_module
+    from aether.agent.service import Refusal
+
+    store = AgentStore(tmp_path / "agent.db")
+    store.begin_turn("c", "t", ("c.1", 1, "hi"), ("c.2", 2), 1.0)
+    store.close()
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    other = sqlite3.connect(tmp_path / "agent.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(store_module.AgentStoreLocked):
+            AgentStore(tmp_path / "agent.db")  # it has a running turn to close, and cannot
+        service = _service(tmp_path, [], [])
+        assert service.unavailable and "locked by another process" in service.unavailable
+        with pytest.raises(Refusal) as refused:
+            service.start(None, "hello", None)
+        assert refused.value.code == "unavailable"
+        assert service.replay()() == []
+        service.close()
+    finally:
+        other.execute("ROLLBACK")
+
+
+def test_opening_without_running_turns_takes_no_write_lock(tmp_path, monkeypatch):
+    from aether.agent import store as store_module
+
+    AgentStore(tmp_path / "agent.db").close()
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    other = sqlite3.connect(tmp_path / "agent.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer mid-transaction
+    try:
+        store = AgentStore(tmp_path / "agent.db")
+        assert store.interrupted == 0
+        store.close()
+    finally:
+        other.execute("ROLLBACK")
+
+
+def test_an_error_line_is_capped():
+    event = stdio.parse_line(json.dumps({"type": "error", "message": "\u00e9" * 1_000_000}).encode(), 1)
+    assert len(event.message.encode("utf-8")) <= stdio.MAX_ERROR_MESSAGE and event.message.endswith("\u2026")
+
+
+def test_recent_shortens_a_newest_turn_too_big_for_the_budget():
+    turns = [{"turnId": "c.1", "text": "a"}, {"turnId": "c.2", "text": "x" * 10_000 + "end", "tools": [{"name": "n", "text": "t"}]}]
+    kept, truncated = recent(turns, 2_000)
+    assert truncated and [t["turnId"] for t in kept] == ["c.2"]
+    assert kept[0]["truncated"] is True and kept[0]["text"].endswith("end") and encoded_size(kept) <= 2_000
+    assert recent([], 10) == ([], False)
+
+
+def test_deltas_read_together_are_announced_as_one(tmp_path):
+    import asyncio
+    import sys
+
+    from aether.agent.backend import BackendRun
+    script = ("import sys; sys.stdin.read(); "
+              "sys.stdout.write(''.join('{\"type\": \"delta\", \"text\": \"%d \"}\\n' % i for i in range(1000)) "
+              "+ '{\"type\": \"tool\", \"name\": \"t\"}\\n{\"type\": \"delta\", \"text\": \"end\"}\\n')")
+    events = []
+
+    async def scenario():
+        run = BackendRun([sys.executable, "-c", script], b"{}\n", cwd=str(tmp_path), env={}, timeout=10,
+                         max_output=1 << 20, on_event=events.append)
+        return await run.run()
+
+    assert asyncio.run(scenario()).status == "complete"
+    kinds = [type(e).__name__ for e in events]
+    assert len(events) < 20 and kinds[-2:] == ["Tool", "Delta"] and events[-1].text == "end"
+    assert "".join(e.text for e in events if kinds[events.index(e)] == "Delta") == "".join(f"{i} " for i in range(1000)) + "end"

@@ -56,8 +56,9 @@ def _signal_name(number: int) -> str:
 
 
 class BackendRun:
-    """Runs ``argv`` for one turn; ``on_event`` hears each delta, tool note and final message
-    once ``reply`` has taken it."""
+    """Runs ``argv`` for one turn; ``on_event`` hears each tool note and final message once
+    ``reply`` has taken it, and the deltas too, those in a row from one read joined into one:
+    a backend writing many tiny deltas costs the loop one event per read, not one per line."""
 
     def __init__(self, argv: Sequence[str], request: bytes, *, cwd: str, env: dict, timeout: float,
                  max_output: int, on_event: Callable[[stdio.Event], None]):
@@ -71,6 +72,7 @@ class BackendRun:
         self._output = 0
         self._stderr = bytearray()
         self._lines = 0
+        self._deltas: list[str] = []
         self._kill_timer: Optional[asyncio.TimerHandle] = None
 
     async def run(self) -> Outcome:
@@ -151,9 +153,11 @@ class BackendRun:
                     self._take(line)
                     if self._fault is not None or self._cancelled:
                         break
+                self._flush()
         except stdio.BackendFault as fault:
             self._stop((fault.code, fault.message))
         finally:
+            self._flush()  # the reply has them: announce them too
             if read is not None:
                 read.cancel()
 
@@ -166,7 +170,18 @@ class BackendRun:
             self._stop(("backend_error", event.message))
             return
         self.reply.add(event)
+        if isinstance(event, stdio.Delta):
+            self._deltas.append(event.text)
+            return
+        self._flush()
         self.on_event(event)
+
+    def _flush(self) -> None:
+        """Announce the deltas taken since the last event as one."""
+        if self._deltas:
+            text = "".join(self._deltas)
+            self._deltas.clear()
+            self.on_event(stdio.Delta(text))
 
     async def _read_stderr(self) -> None:
         while chunk := await self._proc.stderr.read(READ_CHUNK):

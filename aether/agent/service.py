@@ -1,10 +1,13 @@
 """Conversations and their running turns: what the ``agent`` channel asks for, apart from any
 connection.
 
-A ``prompt`` is taken or refused at once, on the event loop: the prompt becomes a complete user
-turn and the reply a running assistant turn, both written to the database, and a task runs the
-backend (``backend.BackendRun``). What it produces is announced through ``emit`` as it comes
-and saved at most every ``SAVE_INTERVAL`` seconds, then once more at the end. One turn runs per
+A ``prompt`` is checked at once, on the event loop, and its place reserved; then the prompt is
+written as a complete user turn and the reply as a running assistant turn. Only once that write
+has succeeded is ``started`` announced and the backend run (``backend.BackendRun``); if it
+fails (another process holds ``agent.db`` locked, say) the reservation is undone and the
+requester alone is answered ``unavailable``. What the backend produces is announced through
+``emit`` as it comes and saved at most every ``SAVE_INTERVAL`` seconds, then once more at the
+end, which is awaited: a turn whose end cannot be saved ends ``failed`` (``unavailable``). One turn runs per
 conversation at a time; a second prompt to it is refused (``busy``), not queued, so a client
 never has a prompt in flight that it cannot see or cancel.
 
@@ -25,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from aether.agent import stdio
 from aether.agent.backend import BackendRun, Outcome
-from aether.agent.store import INTERRUPTED, AgentStore, recent
+from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, recent
 
 log = logging.getLogger("aether.agent")
 
@@ -46,6 +49,8 @@ _PRIVATE_ENV = ("AETHER_TOKEN",)
 #: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (session, id) for
 #: the client whose request it answers, whose copy carries that id.
 Emit = Callable[[dict, Optional[tuple[Any, Any]]], None]
+#: ``answer(reply_to, message)``: ``message`` to the one client of ``reply_to``, with its id.
+Answer = Callable[[tuple[Any, Any], dict], None]
 
 
 class Refusal(Exception):
@@ -72,8 +77,11 @@ class Turn:
         self.backend: Optional[BackendRun] = None
         self.task: Optional[asyncio.Future] = None
         self.save_timer: Optional[asyncio.TimerHandle] = None
-        self.cancelled_by: Optional[tuple[Any, Any]] = None
+        #: Who asked to cancel it, first first: the first gets ``done`` with its id, the others a copy.
+        self.cancelled_by: list[tuple[Any, Any]] = []
         self.cancelled = False
+        #: Its end is being written: close() leaves it to that write.
+        self.finishing = False
 
     @property
     def reply(self) -> stdio.Reply:
@@ -85,14 +93,25 @@ class Turn:
 
 
 class AgentService:
-    def __init__(self, settings, emit: Emit):
+    def __init__(self, settings, emit: Emit, answer: Answer):
         self.settings = settings
-        self.emit = emit
-        self.store = AgentStore(settings.state_dir / "agent.db")
-        if self.store.interrupted:
-            log.warning("agent turns closed as failed: the daemon stopped while they ran", extra={"turns": self.store.interrupted})
+        self.emit, self.answer = emit, answer
+        #: Why the channel answers ``unavailable`` to everything (the store could not be opened
+        #: for a lock another process held), or None.
+        self.unavailable: Optional[str] = None
+        self.store: Optional[AgentStore] = None
         #: conversation id -> seq of its last turn; a prompt is checked against it at once.
-        self.sequences = self.store.last_sequences()
+        self.sequences: dict[str, int] = {}
+        try:
+            self.store = AgentStore(settings.state_dir / "agent.db")
+        except AgentStoreLocked as exc:
+            # Locked is not broken: the rest of the daemon is still worth serving.
+            self.unavailable = str(exc)
+            log.error("agent channel unavailable: %s", exc)
+        else:
+            if self.store.interrupted:
+                log.warning("agent turns closed as failed: the daemon stopped while they ran", extra={"turns": self.store.interrupted})
+            self.sequences = self.store.last_sequences()
         self.running: dict[str, Turn] = {}
         self.closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="agent-db")
@@ -100,6 +119,10 @@ class AgentService:
     @property
     def configured(self) -> bool:
         return bool(self.settings.agent_command)
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None:
+            raise Refusal("unavailable", self.unavailable)
 
     # -- the database -------------------------------------------------------------------
 
@@ -122,12 +145,15 @@ class AgentService:
     def history(self, conversation_id: Optional[str]) -> Callable[[], Optional[dict]]:
         """Work for :meth:`read`: the conversation (default: the one updated last) with its
         most recent turns, running ones as of now; None if there is no such conversation."""
+        self._check_available()
         now = self._running_now()
         return lambda: self._history(conversation_id or self.store.active(), now)
 
     def replay(self) -> Callable[[], list[dict]]:
         """Work for :meth:`read`: what a new connection is told, as of now: the conversation
         updated last, then every other one with a turn running (whose events it will hear)."""
+        if self.unavailable is not None:
+            return lambda: []
         now = self._running_now()
         running = list(self.running)
 
@@ -157,6 +183,7 @@ class AgentService:
         return answer
 
     def listing(self) -> Callable[[], dict]:
+        self._check_available()
         def work() -> dict:
             conversations, more = self.store.conversations(MAX_LISTED)
             answer = {"conversations": conversations}
@@ -169,9 +196,11 @@ class AgentService:
     # -- turns --------------------------------------------------------------------------
 
     def start(self, conversation_id: Optional[str], text: str, reply_to: Optional[tuple[Any, Any]]) -> None:
-        """Take a prompt (announcing ``started``) or raise Refusal, changing nothing."""
+        """Take a prompt or raise Refusal, changing nothing. Once it is written, ``started`` is
+        announced; if that write fails, the requester is answered ``unavailable`` instead."""
         if not self.configured:
             raise Refusal("not_configured", "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see the README)")
+        self._check_available()
         size = len(text.encode("utf-8"))
         if size > MAX_PROMPT_BYTES:
             raise Refusal("too_large", f"a prompt of {size} bytes; at most {MAX_PROMPT_BYTES} (64 KiB)")
@@ -184,6 +213,8 @@ class AgentService:
             raise Refusal("limit", f"{MAX_RUNNING} agent turns are running already; wait for one to finish")
         now = time.time()
         title = None
+        named = conversation_id
+        previous = self.sequences.get(conversation_id) if conversation_id is not None else None
         if conversation_id is None:
             conversation_id = f"c-{secrets.token_hex(6)}"
             while conversation_id in self.sequences:
@@ -193,23 +224,60 @@ class AgentService:
         seq = self.sequences[conversation_id] + 1
         self.sequences[conversation_id] = seq + 1
         user_id, turn_id = f"{conversation_id}.{seq}", f"{conversation_id}.{seq + 1}"
-        self._write(self.store.begin_turn, conversation_id, title, (user_id, seq, text), (turn_id, seq + 1), now)
+        # Reserved now, so a second prompt to the conversation is ``busy`` while this is written.
         turn = self.running[conversation_id] = Turn(conversation_id, turn_id, seq + 1)
         prompt = {"turnId": user_id, "seq": seq, "role": "user", "text": text, "status": "complete",
                   "started": _ms(now), "finished": _ms(now)}
         started = {"channel": "agent", "type": "started", "conversationId": conversation_id, "turnId": turn_id, "prompt": prompt}
         if title is not None:
             started["title"] = title
+
+        def begin() -> None:
+            self.store.begin_turn(conversation_id, title, (user_id, seq, text), (turn_id, seq + 1), now)
+
+        def undo() -> None:
+            if self.running.get(conversation_id) is turn:
+                del self.running[conversation_id]
+            if previous is None:
+                self.sequences.pop(conversation_id, None)
+            else:
+                self.sequences[conversation_id] = previous
+
+        turn.task = asyncio.ensure_future(self._begin(turn, begin, undo, started, reply_to, named))
+
+    async def _begin(self, turn: Turn, begin: Callable[[], None], undo: Callable[[], None], started: dict,
+                     reply_to: Optional[tuple[Any, Any]], named: Optional[str]) -> None:
+        """Write the turn's start, then announce and run it; or undo the reservation and refuse."""
+        try:
+            await self.read(begin)
+        except asyncio.CancelledError:
+            raise  # the daemon is stopping
+        except Exception as exc:
+            log.exception("agent history write failed; prompt refused", extra={"conversation": turn.conversation_id})
+            undo()
+            refusal = {"channel": "agent", "type": "error", "code": "unavailable",
+                       "message": f"the agent history could not be written ({exc}); the prompt was not taken"}
+            if named is not None:
+                refusal["conversationId"] = named
+            if reply_to is not None:
+                self.answer(reply_to, refusal)
+            for canceller in turn.cancelled_by:  # they asked to stop a turn that never started
+                self.answer(canceller, {"channel": "agent", "type": "error", "code": "not_found", "conversationId": turn.conversation_id,
+                                        "message": f"no turn is running in conversation {turn.conversation_id}"})
+            return
         self.emit(started, reply_to)
-        log.info("agent turn started", extra={"conversation": conversation_id, "turn": turn_id})
-        turn.task = asyncio.ensure_future(self._run(turn))
+        log.info("agent turn started", extra={"conversation": turn.conversation_id, "turn": turn.id})
+        await self._run(turn)
 
     def cancel(self, conversation_id: str, reply_to: Optional[tuple[Any, Any]]) -> None:
-        """Stop the conversation's running turn; its ``done`` (cancelled) answers the request."""
+        """Stop the conversation's running turn; its ``done`` (cancelled) answers the request
+        (every request, when several asked)."""
         turn = self.running.get(conversation_id)
         if turn is None:
             raise Refusal("not_found", f"no turn is running in conversation {conversation_id}")
-        turn.cancelled, turn.cancelled_by = True, reply_to
+        turn.cancelled = True
+        if reply_to is not None:
+            turn.cancelled_by.append(reply_to)
         if turn.backend is not None:
             turn.backend.cancel()
 
@@ -235,7 +303,7 @@ class AgentService:
             if turn.backend is not None:
                 turn.backend.kill()
             outcome = Outcome("failed", ("internal", "the server failed running this turn; it logged why"))
-        self._finish(turn, outcome)
+        await self._finish(turn, outcome)
 
     def _backend_messages(self, turn: Turn) -> list[dict]:
         """The conversation up to the prompt, for the backend (runs in the worker thread)."""
@@ -269,14 +337,26 @@ class AgentService:
             reply = turn.reply
             self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools))
 
-    def _finish(self, turn: Turn, outcome: Outcome) -> None:
+    async def _finish(self, turn: Turn, outcome: Outcome) -> None:
         if self.closed:
             return
         if turn.save_timer is not None:
             turn.save_timer.cancel()
             turn.save_timer = None
         reply = turn.reply
-        self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools), outcome.status, outcome.error, time.time())
+        turn.finishing = True
+        end = (turn.id, reply.text, list(reply.tools), outcome.status, outcome.error, time.time())
+        try:
+            await self.read(lambda: self.store.save_turn(*end))
+        except asyncio.CancelledError:
+            raise  # the daemon is stopping; the write is queued before its thread ends
+        except Exception as exc:
+            # The file still says running: a restart closes it as interrupted. Say so now, and
+            # do not call it complete when the history cannot show that.
+            log.exception("agent history write failed; turn failed", extra={"turn": turn.id})
+            outcome = Outcome("failed", ("unavailable", f"the end of this turn could not be written to the agent history ({exc})"))
+        if self.closed:
+            return
         del self.running[turn.conversation_id]
         if outcome.status == "complete":
             message = self._message(turn, "message", role="assistant", text=reply.text)
@@ -287,7 +367,10 @@ class AgentService:
             code, text = outcome.error
             self.emit(self._message(turn, "error", code=code, message=text), None)
         done = self._message(turn, "done", status=outcome.status)
-        self.emit(done, turn.cancelled_by if outcome.status == "cancelled" else None)
+        requesters = turn.cancelled_by if outcome.status == "cancelled" else []
+        self.emit(done, requesters[0] if requesters else None)
+        for later in requesters[1:]:
+            self.answer(later, done)
         extra = {"conversation": turn.conversation_id, "turn": turn.id, "status": outcome.status}
         if outcome.error is not None:
             extra["error"] = outcome.error[0]
@@ -296,6 +379,8 @@ class AgentService:
     def close(self) -> None:
         """At shutdown: kill every running backend, save its turn as failed, close the file."""
         for turn in list(self.running.values()):
+            if turn.finishing:
+                continue  # its end is queued already
             if turn.save_timer is not None:
                 turn.save_timer.cancel()
             if turn.backend is not None:
@@ -307,4 +392,5 @@ class AgentService:
         self.running.clear()
         self.closed = True
         self._pool.shutdown(wait=True)
-        self.store.close()
+        if self.store is not None:
+            self.store.close()

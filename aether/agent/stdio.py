@@ -33,6 +33,9 @@ MAX_LINE_BYTES = 1 << 20
 #: whole turn then stay under seed 001's 1 MiB, whatever the text holds.
 MAX_REPLY_JSON = 768 << 10
 MAX_TOOL_NAME = 200
+#: An ``error`` line's message is kept to its first this many bytes (as the stderr tail is):
+#: it is stored with the turn and sent to every client.
+MAX_ERROR_MESSAGE = 2048
 _SNIPPET = 120
 
 
@@ -158,9 +161,18 @@ def parse_line(line: bytes, number: int) -> Optional[Event]:
     if kind == "message":
         return Final(field("text"))
     if kind == "error":
-        return Failure(field("message", "") or "the backend reported an error without a message")
+        message = field("message", "") or "the backend reported an error without a message"
+        return Failure(_capped(message, MAX_ERROR_MESSAGE))
     shown = json.dumps(kind, ensure_ascii=False)[:_SNIPPET] if kind is not None else "none"
     raise BackendFault("bad_output", f"{where} has type {shown}; expected delta, tool, message or error")
+
+
+def _capped(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (and an ellipsis) if it is longer."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit - 3].decode("utf-8", "ignore") + "…"
 
 
 class Reply:

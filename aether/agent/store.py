@@ -5,7 +5,8 @@ The server opens one connection and then uses it from one worker thread only, wh
 writes run in the order they were queued: a read sees every write queued before it. WAL,
 ``busy_timeout`` and ``user_version`` migrations as for the registry (``aether.sqlite``).
 A turn that a previous daemon left ``running`` is closed as ``failed`` when the file is opened:
-whatever ran it is gone.
+whatever ran it is gone. Statements wait at most ``BUSY_TIMEOUT_MS`` for another process's lock,
+so a prompt fails in seconds rather than hanging while something else holds the file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from typing import Optional
 import ujson
 
 from aether import sqlite
+
+#: Shorter than the registry's: a prompt waits on this before it is answered.
+BUSY_TIMEOUT_MS = 5_000
+#: A turn longer than the whole history budget is sent with its text cut to this many bytes.
+TRUNCATED_TEXT = 64 << 10
 
 INTERRUPTED = ("interrupted", "the daemon stopped during this turn")
 
@@ -56,6 +62,11 @@ class AgentStoreError(Exception):
     """The database cannot be used; the message names the file and says why."""
 
 
+class AgentStoreLocked(AgentStoreError):
+    """Another process held the database locked past ``BUSY_TIMEOUT_MS``: the file is fine,
+    only not usable right now."""
+
+
 def _ms(seconds: Optional[float]) -> Optional[int]:
     return None if seconds is None else int(seconds * 1000)
 
@@ -77,8 +88,22 @@ def encoded_size(value) -> int:
     return len(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
 
 
+def shortened(turn: dict, limit: int = TRUNCATED_TEXT) -> dict:
+    """``turn`` with its text cut to about its last ``limit`` bytes and its error message to
+    ``limit`` bytes, marked ``"truncated": true``; its tool notes left out."""
+    text = turn.get("text", "").encode("utf-8")[-limit:].decode("utf-8", "ignore")
+    cut = {**turn, "text": text, "truncated": True}
+    cut.pop("tools", None)
+    if "error" in cut:
+        message = cut["error"]["message"] or ""
+        cut["error"] = {**cut["error"], "message": message.encode("utf-8")[:limit].decode("utf-8", "ignore")}
+    return cut
+
+
 def recent(turns: list[dict], budget: int) -> tuple[list[dict], bool]:
-    """The most recent ``turns`` whose JSON fits in ``budget`` bytes, and whether any were cut."""
+    """The most recent ``turns`` whose JSON fits in ``budget`` bytes, and whether any were cut.
+    When the newest alone does not fit, it comes :func:`shortened` (a client is never told a
+    conversation has turns without being shown the last one)."""
     used, start = 0, len(turns)
     while start > 0:
         size = encoded_size(turns[start - 1]) + 1
@@ -86,20 +111,37 @@ def recent(turns: list[dict], budget: int) -> tuple[list[dict], bool]:
             break
         used += size
         start -= 1
+    if start == len(turns) and turns:
+        return [shortened(turns[-1], min(TRUNCATED_TEXT, budget // 2))], True
     return turns[start:], start > 0
 
 
 class AgentStore:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._db: Optional[sqlite3.Connection] = None
         try:
             # Used from one thread at a time: opened here, then only in the server's worker.
-            self._db = sqlite.connect(self.path, check_same_thread=False)
+            self._db = sqlite.connect(self.path, check_same_thread=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
             self._db.execute("PRAGMA foreign_keys = ON")
             sqlite.migrate(self._db, MIGRATIONS)
             self.interrupted = self._close_interrupted()
+        except BaseException:
+            if self._db is not None:
+                self._db.close()  # a server that goes on without it must not keep the file open
+            self._translate_open_error()
+
+    def _translate_open_error(self) -> None:
+        """Re-raise the exception being handled as an AgentStoreError, or as it is."""
+        try:
+            raise
         except sqlite.SchemaTooNew as exc:
             raise AgentStoreError(f"{self.path}: {exc}") from None
+        except sqlite3.OperationalError as exc:
+            if not sqlite.is_locked(exc):
+                raise AgentStoreError(f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one") from None
+            raise AgentStoreLocked(f"{self.path} is locked by another process ({exc}); "
+                                   "the agent channel is unavailable until the daemon is restarted") from None
         except sqlite3.DatabaseError as exc:
             raise AgentStoreError(f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one") from None
         except OSError as exc:
@@ -109,6 +151,9 @@ class AgentStore:
         self._db.close()
 
     def _close_interrupted(self) -> int:
+        # Read first: the usual start, with nothing left running, then takes no write lock.
+        if self._db.execute("SELECT 1 FROM turns WHERE status = 'running' LIMIT 1").fetchone() is None:
+            return 0
         code, message = INTERRUPTED
         return sqlite.transaction(self._db, lambda db: db.execute(
             "UPDATE turns SET status = 'failed', error_code = ?, error = ?, finished = ? WHERE status = 'running'",

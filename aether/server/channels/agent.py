@@ -75,7 +75,7 @@ class AgentChannel:
 
     def __init__(self, server: "WorkspaceServer"):
         self.server = server
-        self.service = AgentService(server.settings, self._emit)
+        self.service = AgentService(server.settings, self._emit, self._answer_one)
         self._outboxes: dict["Session", _Outbox] = {}
         self._handlers = {"prompt": self._prompt, "cancel": self._cancel, "history": self._history, "list": self._list}
 
@@ -117,6 +117,13 @@ class AgentChannel:
                 outbox.send(_frame({**message, "id": id_}))
             else:
                 outbox.send(frame)
+
+    def _answer_one(self, reply_to: tuple[Any, Any], message: dict) -> None:
+        """``message`` to the requester of ``reply_to`` alone, with its request's ``id``."""
+        session, id_ = reply_to
+        outbox = self._outboxes.get(session)
+        if outbox is not None:
+            outbox.send(_frame({**message, "id": id_} if id_ is not None else message))
 
     def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
                 message: Optional[Message] = None) -> None:
