@@ -223,6 +223,23 @@ def test_busy_conversation_cancel_and_concurrent_conversations(start):
     assert agent.ask("stream 2 0", conversationId=conversation)["message"]["text"] == "0 1 "
 
 
+def test_replay_sends_other_running_conversations_as_stubs(start):
+    server = start()
+    agent = Agent(server)
+    agent.send(type="prompt", text="stream 200", id="a")
+    other = agent.until("delta")[0]["conversationId"]
+    agent.send(type="prompt", text="stream 200", id="b")
+    active = agent.until("started")[-1]["conversationId"]
+    late = Agent(server)
+    full, stub = late.next(), late.next()
+    assert full["conversationId"] == active and len(full["turns"]) == 2 and "truncated" not in full
+    assert stub["conversationId"] == other and stub["running"] and stub["truncated"]
+    assert [(t["role"], t["status"], t["truncated"]) for t in stub["turns"]] == [("assistant", "running", True)]
+    assert stub["turns"][0]["text"].startswith("0 ")
+    for conversation in (other, active):
+        agent.send(type="cancel", conversationId=conversation)
+
+
 def test_every_cancel_of_a_turn_gets_its_done(start):
     server = start()
     first, second = Agent(server), Agent(server)
@@ -290,9 +307,9 @@ def test_reconnect_mid_turn_replays_then_streams_on(start):
     active, replay = second.next(), second.next()
     assert active["type"] == replay["type"] == "history" and active["replay"] is replay["replay"] is True
     assert (active["conversationId"], active["running"]) == (quick["started"]["conversationId"], False)
-    assert replay["conversationId"] == conversation and replay["running"] is True
-    user, running = replay["turns"]
-    assert (user["role"], user["text"], running["turnId"], running["status"]) == ("user", "stream 20", turn_id, "running")
+    assert replay["conversationId"] == conversation and replay["running"] is True and replay["truncated"] is True
+    [running] = replay["turns"]  # not the active conversation: a stub of its running turn alone
+    assert (running["turnId"], running["status"], running["truncated"]) == (turn_id, "running", True)
     assert running["text"].startswith("0 1 2 3 ") and "finished" not in running
     rest = turn_of(second.until("done", 5))
     assert rest["done"]["status"] == "complete" and rest["deltas"]

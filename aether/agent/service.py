@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from aether.agent import stdio
 from aether.agent.backend import BackendRun, Outcome
-from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, recent
+from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, recent, shortened
 
 log = logging.getLogger("aether.agent")
 
@@ -42,6 +42,9 @@ SAVE_INTERVAL = 0.25
 SAVE_RATE = 256 << 10
 #: A ``history`` message holds the most recent turns that fit in this many bytes.
 HISTORY_BUDGET = 900_000
+#: On connect, a conversation other than the active one with a turn running is replayed as that
+#: turn alone, with at most the last this many bytes of its text.
+STUB_TEXT = 64 << 10
 MAX_LISTED = 1000
 TITLE_LENGTH = 80
 _PRIVATE_ENV = ("AETHER_TOKEN",)
@@ -151,18 +154,32 @@ class AgentService:
 
     def replay(self) -> Callable[[], list[dict]]:
         """Work for :meth:`read`: what a new connection is told, as of now: the conversation
-        updated last, then every other one with a turn running (whose events it will hear)."""
+        updated last in full, then for every other one with a turn running (whose events it will
+        hear) a stub with that turn alone, its text cut to its last ``STUB_TEXT`` bytes: eight
+        full histories at once would overflow what a session may have pending."""
         if self.unavailable is not None:
             return lambda: []
         now = self._running_now()
-        running = list(self.running)
+        running = {cid: turn.id for cid, turn in self.running.items()}
 
         def work() -> list[dict]:
             active = self.store.active()
-            wanted = ([active] if active else []) + [cid for cid in running if cid != active]
-            return [history for cid in wanted if (history := self._history(cid, now)) is not None]
+            found = [history] if active and (history := self._history(active, now)) is not None else []
+            for cid, turn_id in running.items():
+                if cid != active and (stub := self._stub(cid, turn_id, now)) is not None:
+                    found.append(stub)
+            return found
 
         return work
+
+    def _stub(self, conversation_id: str, turn_id: str, now: dict[str, dict]) -> Optional[dict]:
+        """In the worker thread: the conversation with only its running turn, marked truncated."""
+        conversation = self.store.conversation(conversation_id)
+        turn = next((t for t in self.store.turns(conversation_id) if t["turnId"] == turn_id), None)
+        if conversation is None or turn is None:
+            return None
+        turn = shortened({**turn, **now.get(turn_id, {})}, STUB_TEXT)
+        return {**conversation, "running": True, "turns": [turn], "truncated": True}
 
     def _running_now(self) -> dict[str, dict]:
         return {turn.id: turn.snapshot() for turn in self.running.values()}
