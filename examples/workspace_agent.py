@@ -8,7 +8,7 @@ line in on stdin (the conversation), JSON lines out on stdout: a `tool` note per
 runs, the answer word by word as `delta`s, then the whole answer as `message`. Standard library
 only. Configure it in the state directory's config.json:
 
-    {"agent_command": ["/usr/bin/python3", "/path/to/aether/examples/workspace_agent.py"]}
+    {"agent_command": ["/path/to/aether/.venv/bin/python", "/path/to/aether/examples/workspace_agent.py"]}
 
 It finds `aether` through $AETHER (a path, or a command line), next to the Python running it
 (a venv's bin/), on PATH, or as `python -m aether`. $WORKSPACE_AGENT_DELAY sets the pause
@@ -172,7 +172,10 @@ def main() -> int:
         emit("error", message="workspace_agent: the turn on stdin is not what docs/protocol.md describes")
         return 0
     text = answer(question, turn.get("workspace") or {})
-    delay = float(os.environ.get("WORKSPACE_AGENT_DELAY", "0.01"))
+    try:
+        delay = max(0.0, float(os.environ.get("WORKSPACE_AGENT_DELAY", "0.01")))
+    except ValueError:
+        delay = 0.01  # a bad setting must not cost the answer
     for word in re.findall(r"\S+\s*", text):
         emit("delta", text=word)
         time.sleep(delay)
