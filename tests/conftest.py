@@ -319,6 +319,26 @@ def serve(backend, tmp_path):
         server.stop()
 
 
+@pytest.fixture
+def workspace_server(tmp_path):
+    """``start(*flags, env=None, state=None)``: `aether serve` (sockdiag: the ports backend does
+    not matter to the channels that use this) rooted in one fresh workspace, ``server.root``."""
+    servers = []
+    root = tmp_path / "workspace"
+    root.mkdir()
+
+    def start(*args: str, env: dict | None = None, state: str | None = None) -> Server:
+        server = Server("sockdiag", tmp_path / (state or f"state{len(servers)}"), "--workspace-root", str(root),
+                        *args, env=env)
+        server.root = root
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 def recv_json(ws, timeout: float = 5.0) -> dict:
     return json.loads(ws.recv(timeout=timeout))
 

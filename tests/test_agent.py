@@ -23,22 +23,14 @@ def command(script: Path) -> str:
 
 
 @pytest.fixture
-def start(tmp_path):
+def start(workspace_server):
     """`aether serve` rooted in a fresh workspace, the scripted backend unless told otherwise."""
-    servers = []
-    root = tmp_path / "workspace"
-    root.mkdir()
 
     def run(*args: str, backend: Path | None = SCRIPTED, state: str | None = None) -> Server:
         agent = ("--agent-command", command(backend)) if backend else ()
-        server = Server("sockdiag", tmp_path / (state or f"state{len(servers)}"), "--workspace-root", str(root), *agent, *args)
-        server.root = root
-        servers.append(server)
-        return server
+        return workspace_server(*agent, *args, state=state)
 
-    yield run
-    for server in servers:
-        server.stop()
+    return run
 
 
 def alive(pid: int) -> bool:

@@ -18,27 +18,13 @@ WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
 
 @pytest.fixture
-def start(tmp_path):
-    """`aether serve` (sockdiag: the ports backend does not matter here) rooted in a fresh
-    workspace directory; extra flags per test."""
-    servers = []
-    root = tmp_path / "workspace"
-    root.mkdir()
-    # A home of its own: login shells read no profile of this machine's user (pyenv's rehash in
-    # root's .bashrc waits up to 60 s on a lock that a shell killed mid-start leaves behind).
+def start(workspace_server, tmp_path):
+    """A server whose terminals run bash in a home of their own: login shells read no profile
+    of this machine's user (pyenv's rehash in root's .bashrc waits up to 60 s on a lock that a
+    shell killed mid-start leaves behind)."""
     home = tmp_path / "home"
     home.mkdir()
-
-    def run(*args: str) -> Server:
-        server = Server("sockdiag", tmp_path / f"state{len(servers)}", "--workspace-root", str(root),
-                        "--shell", "/bin/bash", *args, env={"HOME": str(home)})
-        server.root = root
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        server.stop()
+    return lambda *args: workspace_server("--shell", "/bin/bash", *args, env={"HOME": str(home)})
 
 
 class Term:
