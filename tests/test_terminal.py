@@ -229,7 +229,9 @@ def test_close_hangs_up_and_kills_what_ignores_the_hangup(start):
     other.send(type="close", sessionId="bg")
     assert other.reply()["type"] == "closing"
     other.until(lambda: "bg" in other.exits)
-    assert other.exits["bg"]["signal"] == "SIGHUP"
+    # SIGHUP, or SIGKILL after the grace when the hang-up came as bash forked `sleep 4343`: the
+    # new child missed the signal, and bash defers its own death until that child ends.
+    assert other.exits["bg"]["signal"] in ("SIGHUP", "SIGKILL")
     wait_for(lambda: not os.path.exists(f"/proc/{background}") or _zombie(background), 5)
 
 
