@@ -13,6 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from aether.server.protocol import with_id
+
 if TYPE_CHECKING:
     from aether.server.session import Session
 
@@ -47,10 +49,7 @@ class Hub:
     def announce(self, message: dict, sender=None, id=None) -> None:
         """``message`` to every session; ``sender`` gets it with its request's ``id``."""
         for session in list(self.sessions):
-            if session is sender and id is not None:
-                session.send({**message, "id": id})
-            else:
-                session.send(message)
+            session.send(with_id(message, id) if session is sender else message)
 
     def broadcast(self, text: str) -> None:
         from aether.server.session import text_frame

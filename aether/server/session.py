@@ -183,6 +183,17 @@ class Session(tornado.websocket.WebSocketHandler):
         else:
             self._on_drained.append(callback)
 
+    async def caught_up(self) -> bool:
+        """Wait while :attr:`backlogged`; whether the connection is still there to send to.
+
+        Every producer waiting wakes together, and the first to send may fill the backlog
+        again: so the check is made again after each wait, just before the caller sends."""
+        while self.backlogged and not self.closed:
+            drained = asyncio.get_running_loop().create_future()
+            self.when_drained(lambda: drained.done() or drained.set_result(None))
+            await drained
+        return not self.closed
+
     def _call_drained(self) -> None:
         callbacks, self._on_drained = self._on_drained, []
         for callback in callbacks:

@@ -20,7 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from aether.agent.service import AgentService, Refusal
-from aether.server.protocol import Message, ProtocolError, encode
+from aether.server.protocol import Message, ProtocolError, encode, with_id
 from aether.server.session import text_frame
 
 if TYPE_CHECKING:
@@ -113,17 +113,14 @@ class AgentChannel:
         frame = _frame(message)
         sender, id_ = reply_to if reply_to is not None else (None, None)
         for session, outbox in list(self._outboxes.items()):
-            if session is sender and id_ is not None:
-                outbox.send(_frame({**message, "id": id_}))
-            else:
-                outbox.send(frame)
+            outbox.send(_frame(with_id(message, id_)) if session is sender and id_ is not None else frame)
 
     def _answer_one(self, reply_to: tuple[Any, Any], message: dict) -> None:
         """``message`` to the requester of ``reply_to`` alone, with its request's ``id``."""
         session, id_ = reply_to
         outbox = self._outboxes.get(session)
         if outbox is not None:
-            outbox.send(_frame({**message, "id": id_} if id_ is not None else message))
+            outbox.send(_frame(with_id(message, id_)))
 
     def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
                 message: Optional[Message] = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aether.server.protocol import Message, ProtocolError
+from aether.server.protocol import Message, ProtocolError, reply
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -76,10 +76,7 @@ class ConfigChannel:
 
     def handle(self, session: "Session", message: Message) -> None:
         if message.type == "get":
-            reply = {"channel": self.name, "type": "config", "config": self.snapshot()}
-            if message.id is not None:
-                reply["id"] = message.id
-            session.send(reply)
+            session.send(reply(message, "config", config=self.snapshot()))
         elif message.type == "set":
             self._set(session, message)
 

@@ -26,7 +26,7 @@ from aether.files import FileError, ops, reading, writing
 from aether.files.inotify import Instance
 from aether.files.paths import resolve
 from aether.files.watch import WatchTree
-from aether.server.protocol import Message, ProtocolError, encode
+from aether.server.protocol import Message, ProtocolError, encode, reply, with_id
 from aether.server.session import text_frame
 
 if TYPE_CHECKING:
@@ -133,13 +133,13 @@ class FilesChannel:
             if stream is not None:
                 await stream
         except FileError as exc:
-            self._send(session, self._error(exc, message))
+            session.send(self._error(exc, message))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("files request failed", extra={"type": message.type})
             error = ProtocolError("internal", f"the server failed to handle this {message.type}", self.name, message.id)
-            self._send(session, error.to_message())
+            session.send(error.to_message())
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -147,34 +147,16 @@ class FilesChannel:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     @staticmethod
-    def _send(session: "Session", message: dict) -> None:
-        session.send(message)
-
-    def _reply(self, session: "Session", message: Message, fields: dict) -> None:
-        reply = {"channel": self.name, "type": message.type, **fields}
-        if message.id is not None:
-            reply["id"] = message.id
-        self._send(session, reply)
+    def _reply(session: "Session", message: Message, fields: dict) -> None:
+        session.send(reply(message, message.type, **fields))
 
     def _error(self, exc: FileError, message: Message) -> dict:
-        reply = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
+        error = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
         if exc.path is not None:
-            reply["path"] = exc.path
+            error["path"] = exc.path
         if message.type == "unwatch":
-            reply["watchId"] = message.body["watchId"]
-        return reply
-
-    @staticmethod
-    async def _room(session: "Session") -> bool:
-        """Wait until the client has caught up; whether it is still there to send to.
-
-        Every stream waiting wakes together when it has, and the first to send may fill it
-        again: so the check is made again after each wait, just before the send."""
-        while session.backlogged and not session.closed:
-            drained = asyncio.get_running_loop().create_future()
-            session.when_drained(lambda: drained.done() or drained.set_result(None))
-            await drained
-        return not session.closed
+            error["watchId"] = message.body["watchId"]
+        return error
 
     @staticmethod
     def _hold(session: "Session", resume: Callable[[], None]) -> bool:
@@ -199,16 +181,14 @@ class FilesChannel:
         entries.clear()  # the pages hold them now
         frames = []
         for number, page in enumerate(pages, 1):
-            reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
-            if id_ is not None:
-                reply["id"] = id_
-            frames.append(text_frame(encode(reply)))
+            page_reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
+            frames.append(text_frame(encode(with_id(page_reply, id_))))
             page.clear()  # freed a page at a time (see ops.free)
         return frames
 
     async def _stream_list(self, session: "Session", frames: list[bytes]) -> None:
         for frame in frames:
-            if not await self._room(session):
+            if not await session.caught_up():
                 return
             session.send_frame(frame)
 
@@ -225,9 +205,9 @@ class FilesChannel:
         try:
             # Before reading a chunk, so a waiting read holds none; and again before sending
             # it, as another stream may have filled the client meanwhile.
-            while await self._room(session):
+            while await session.caught_up():
                 chunk = await self._blocking(reader.next)
-                if not await self._room(session):
+                if not await session.caught_up():
                     return
                 self._reply(session, message, {"path": reader.rel, **chunk})
                 if chunk["eof"]:
@@ -269,7 +249,7 @@ class FilesChannel:
 
         def deliver(events: list[dict]) -> None:
             for event in events:
-                self._send(session, {"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
+                session.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
 
         tree = WatchTree(
             self._inotify, target.path, target.rel, recursive, deliver,

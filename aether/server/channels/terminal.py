@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 
 from aether.files import FileError
 from aether.files.paths import resolve
-from aether.server.protocol import Message, ProtocolError
+from aether.server.protocol import Message, ProtocolError, reply, with_id
 from aether.terminal.process import PtyProcess, SpawnError, child_env
 from aether.terminal.session import InputRefused, TerminalSession
 
@@ -78,13 +78,6 @@ class TerminalChannel:
             raise self._error(message, "not_found", f"no terminal session {session_id}")
         return terminal
 
-    @staticmethod
-    def _reply(message: Message, kind: str, **fields) -> dict:
-        reply = {"channel": "terminal", "type": kind, **fields}
-        if message.id is not None:
-            reply["id"] = message.id
-        return reply
-
     # -- messages -----------------------------------------------------------------------
 
     def _create(self, session: "Session", message: Message) -> None:
@@ -114,7 +107,7 @@ class TerminalChannel:
         self.sessions.pop(session_id, None)  # an ended session of that id, replaced
         self.sessions[session_id] = terminal
         log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
-        terminal.attach(session, self._reply(message, "created"))
+        terminal.attach(session, reply(message, "created"))
 
     def _cwd(self, message: Message, path: str) -> tuple[str, str]:
         """The working directory inside the workspace root, and how replies name it."""
@@ -131,7 +124,7 @@ class TerminalChannel:
         terminal = self._get(message, running=False)
         if session in terminal.clients:
             raise self._error(message, "attached", f"already attached to terminal session {terminal.id}")
-        terminal.attach(session, self._reply(message, "attached"))
+        terminal.attach(session, reply(message, "attached"))
         if terminal.exit is not None:
             del self.sessions[terminal.id]  # its end has been seen
         self._schedule_sweep()
@@ -141,7 +134,7 @@ class TerminalChannel:
         if session not in terminal.clients:
             raise self._error(message, "not_attached", f"not attached to terminal session {terminal.id}")
         terminal.detach(session)
-        session.send(self._reply(message, "detached", sessionId=terminal.id))
+        session.send(reply(message, "detached", sessionId=terminal.id))
         self._schedule_sweep()
 
     def _input(self, session: "Session", message: Message) -> None:
@@ -168,11 +161,11 @@ class TerminalChannel:
         terminal.resize(cols, rows)
         resized = {"channel": "terminal", "type": "resized", "sessionId": terminal.id, "cols": cols, "rows": rows}
         for client in list(terminal.clients | {session}):
-            client.send({**resized, "id": message.id} if client is session and message.id is not None else resized)
+            client.send(with_id(resized, message.id) if client is session else resized)
 
     def _close(self, session: "Session", message: Message) -> None:
         terminal = self._get(message)
-        session.send(self._reply(message, "closing", sessionId=terminal.id))
+        session.send(reply(message, "closing", sessionId=terminal.id))
         if session not in terminal.clients:
             terminal.closers.add(session)  # it hears the exit, as an attached client does
         terminal.hang_up(self.server.settings.kill_grace)
@@ -180,7 +173,7 @@ class TerminalChannel:
 
     def _list(self, session: "Session", message: Message) -> None:
         sessions = [t.describe() for t in sorted(self.sessions.values(), key=lambda t: t.created)]
-        session.send(self._reply(message, "list", sessions=sessions))
+        session.send(reply(message, "list", sessions=sessions))
 
     # -- ending -------------------------------------------------------------------------
 
