@@ -8,6 +8,13 @@ import os
 DEFAULT_IGNORED_PORTS = (22, 2222, 3001)
 DEFAULT_BACKEND = "auto"
 DEFAULT_SOCKDIAG_INTERVAL = 0.25
+#: Variables no process the daemon starts (terminals, agent backends) may inherit.
+PRIVATE_ENV = ("AETHER_TOKEN",)
+
+
+def child_environment() -> dict[str, str]:
+    """The daemon's environment, as a child it starts gets it: without :data:`PRIVATE_ENV`."""
+    return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
 
 
 def parse_ports(text: str) -> tuple[int, ...]:

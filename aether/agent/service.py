@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 from aether.agent import stdio
+from aether.config import child_environment
 from aether.agent.backend import BackendRun, Outcome
 from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, recent, shortened
 
@@ -47,7 +47,6 @@ HISTORY_BUDGET = 900_000
 STUB_TEXT = 64 << 10
 MAX_LISTED = 1000
 TITLE_LENGTH = 80
-_PRIVATE_ENV = ("AETHER_TOKEN",)
 
 #: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (session, id) for
 #: the client whose request it answers, whose copy carries that id.
@@ -328,7 +327,7 @@ class AgentService:
                 for t in self.store.turns(turn.conversation_id) if t["seq"] < turn.seq]
 
     def _env(self, turn: Turn) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env = child_environment()
         env["AETHER_STATE_DIR"] = str(self.settings.state_dir)
         env["AETHER_AGENT_CONVERSATION"] = turn.conversation_id
         return env

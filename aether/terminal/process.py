@@ -24,9 +24,9 @@ import termios
 from pathlib import Path
 from typing import Optional, Sequence
 
+from aether.config import child_environment
+
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
-#: Variables a child must not inherit from the daemon.
-_PRIVATE_ENV = ("AETHER_TOKEN",)
 
 
 class SpawnError(Exception):
@@ -39,7 +39,7 @@ class SpawnError(Exception):
 
 
 def child_env(extra: Optional[dict], session_id: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    env = child_environment()
     # The client's emulator, not whatever terminal the daemon was started from; ``env`` may
     # say otherwise.
     env["TERM"] = "xterm-256color"
