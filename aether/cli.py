@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("--ignore", default=None, help=ignore_help)
     kill.add_argument("--json", action="store_true")
 
+    doctor = commands.add_parser("doctor", help="will the eBPF backend run here; what to fix if not")
+    doctor.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    doctor.add_argument("--host", default=None, help="the address to test (default: what serve would use)")
+    doctor.add_argument("--port", type=int, default=None, help="the port to test (default: what serve would use)")
+    doctor.add_argument("--state-dir", default=None, help="(default: what serve would use)")
+
     from aether.registry import cli as registry_cli
 
     registry_cli.add_commands(commands)
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(args)
+    if args.command == "doctor":
+        from aether import doctor
+
+        return doctor.command(args)
     if args.command == "port":  # `aether port` itself starts in aether/entry.py, before this module
         from aether.registry import cli as registry_cli
 

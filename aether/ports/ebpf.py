@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
+from aether import caps
+
 TCP_LISTEN = 10
 TCP_CLOSE = 7
 
@@ -108,25 +110,57 @@ def kernel_has_ringbuf() -> bool:
     return (major, minor) >= (5, 8)
 
 
+#: Where tracefs shows the tracepoint: its own mount, or under debugfs on older systems.
+TRACEPOINT_DIRS = (
+    Path("/sys/kernel/tracing/events/sock/inet_sock_set_state"),
+    Path("/sys/kernel/debug/tracing/events/sock/inet_sock_set_state"),
+)
+
+
+def tracepoint_format() -> Path:
+    """The tracepoint's ``format`` file, which bcc reads to compile the probe's arguments;
+    ProbeUnavailable if no tracefs shows it, or this process may not read it."""
+    denied = None
+    for directory in TRACEPOINT_DIRS:
+        path = directory / "format"
+        try:
+            with open(path, "rb"):
+                return path
+        except PermissionError:
+            denied = denied or path
+        except OSError:
+            continue
+    if denied is not None:
+        raise ProbeUnavailable(
+            f"{denied} not readable by uid {os.geteuid()}: tracefs is root's (mode 0700); "
+            "grant CAP_DAC_READ_SEARCH"
+        )
+    raise ProbeUnavailable(
+        "tracepoint sock:inet_sock_set_state not visible: tracefs not mounted "
+        "(mount -t tracefs nodev /sys/kernel/tracing) or the kernel lacks it"
+    )
+
+
 def check_environment() -> None:
     """Raise ProbeUnavailable with the first reason the probe cannot load, if any."""
-    if os.geteuid() != 0:
-        raise ProbeUnavailable("not root: loading an eBPF program needs CAP_BPF and CAP_PERFMON")
-    if not Path("/sys/kernel/tracing/events/sock/inet_sock_set_state").exists() and not Path(
-        "/sys/kernel/debug/tracing/events/sock/inet_sock_set_state"
-    ).exists():
+    lacking = caps.missing_for_probe()
+    if lacking:
         raise ProbeUnavailable(
-            "tracepoint sock:inet_sock_set_state not visible: tracefs not mounted "
-            "(mount -t tracefs nodev /sys/kernel/tracing) or the kernel lacks it"
+            f"lacking {' and '.join(caps.names(lacking))}: loading an eBPF program needs root, "
+            "or CAP_BPF and CAP_PERFMON (with CAP_DAC_READ_SEARCH for tracefs)"
         )
+    tracepoint_format()
     if not Path(f"/lib/modules/{platform.release()}/build").exists():
         raise ProbeUnavailable(
             f"no kernel headers at /lib/modules/{platform.release()}/build (run deploy/setup.sh)"
         )
     try:
-        import bcc  # noqa: F401
+        from bcc import BPF  # noqa: F401
     except ImportError as exc:
-        raise ProbeUnavailable(f"python module bcc not importable ({exc}); install python3-bpfcc") from exc
+        raise ProbeUnavailable(
+            f"python module bcc not importable ({exc}); install python3-bpfcc "
+            "(the PyPI package named bcc is unrelated)"
+        ) from exc
 
 
 class Probe:

@@ -191,9 +191,22 @@ def _flatten_agent(file: dict, path: Path) -> dict:
     return {**{AGENT_KEYS[key]: value for key, value in nested.items()}, **file}
 
 
+def state_path(args: argparse.Namespace) -> Path:
+    """The state directory: ``--state-dir``, ``AETHER_STATE_DIR``, or the default. Creates nothing."""
+    return Path(getattr(args, "state_dir", None) or os.environ.get("AETHER_STATE_DIR") or default_state_dir())
+
+
+def peek(name: str, args: argparse.Namespace, file: dict) -> Any:
+    """One setting as :func:`resolve` picks it, without resolving the rest (which generates the
+    project id and token): ``aether doctor`` reads the host and port this way."""
+    kind, default = OPTIONS[name]
+    value = _pick(name, kind, args, file)
+    return default if value is None else value
+
+
 def resolve(args: argparse.Namespace) -> Settings:
     """Settings from flags, environment, state dir and defaults; ValueError naming a bad one."""
-    state = StateDir(Path(args.state_dir or os.environ.get("AETHER_STATE_DIR") or default_state_dir()))
+    state = StateDir(state_path(args))
     file = _flatten_agent(state.load_config(), state.config_path)
     values = {}
     for name, (kind, default) in OPTIONS.items():

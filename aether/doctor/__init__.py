@@ -1,0 +1,111 @@
+"""``aether doctor``: will the eBPF backend run here, and if not, what to change.
+
+The eBPF verdict is the probe's test load (which the privileges, kernel, tracepoint, bcc and
+headers checks explain when it fails) together with sock_diag, which every backend takes its
+start-up snapshot from. The state directory and the port are checked and reported beside it:
+they decide whether ``aether serve`` starts, not how it watches ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from aether.doctor import checks
+from aether.doctor.checks import FAIL, OK, WARN, Check
+
+#: The checks that explain a failed test load, in the order a fix should go.
+PROBE_DEPENDS = ("privileges", "kernel", "tracepoint", "bcc", "headers")
+
+
+@dataclasses.dataclass
+class Report:
+    checks: list[Check]
+    ebpf: bool
+    summary: str
+
+    def to_json(self) -> dict:
+        return {"checks": [check.to_json() for check in self.checks], "ebpf": self.ebpf, "summary": self.summary}
+
+    def lines(self) -> list[str]:
+        """One line per check, its fix indented under it; the summary last."""
+        out = []
+        for check in self.checks:
+            out.append(f"{check.verdict:<4} {check.name:<11} {check.detail}")
+            if check.fix:
+                out.append(f"{'':<5}{'':<11} fix: {check.fix}")
+        out.append(self.summary)
+        return out
+
+
+def run(host: str, port: int, state_dir: Path, backend: str = "auto", config_error: str | None = None) -> Report:
+    steps: list[Callable[[], Check]] = [
+        checks.check_privileges,
+        checks.check_kernel,
+        checks.check_btf,
+        checks.check_tracepoint,
+        checks.check_kprobes,
+        checks.check_bcc,
+        checks.check_headers,
+        checks.check_probe,
+        checks.check_sockdiag,
+        lambda: checks.check_state_dir(state_dir, config_error),
+        lambda: checks.check_port(host, port),
+    ]
+    found = [step() for step in steps]
+    by_name = {check.name: check for check in found}
+    ebpf = by_name["probe"].verdict == OK and by_name["sock_diag"].verdict == OK
+    return Report(found, ebpf, summary(found, ebpf, backend))
+
+
+def summary(found: list[Check], ebpf: bool, backend: str) -> str:
+    """The last line: the verdict, why when negative, and the count of each verdict, naming the
+    failed checks the verdict does not already name."""
+    by_name = {check.name: check for check in found}
+    why = [] if ebpf else [name for name in (*PROBE_DEPENDS, "probe", "sock_diag") if by_name[name].verdict == FAIL]
+    others = [check.name for check in found if check.verdict == FAIL and check.name not in why]
+    counts = [(sum(check.verdict == verdict for check in found), word)
+              for verdict, word in ((OK, "ok"), (WARN, "warning"), (FAIL, "failed"))]
+    tally = ", ".join(f"{n} {word}{'s' if n > 1 and word == 'warning' else ''}" for n, word in counts if n)
+    tally += f": {', '.join(others)}" if others else ""
+    if ebpf:
+        configured = ", but the configured backend is sockdiag" if backend == "sockdiag" else ""
+        return f"doctor: eBPF backend will run{configured} ({tally})"
+    if by_name["sock_diag"].verdict == FAIL:
+        after = "without sock_diag, aether serve cannot watch ports at all"
+    else:
+        after = "aether serve would use sock_diag"
+    return f"doctor: eBPF backend will NOT run ({', '.join(why)} failed); {after} ({tally})"
+
+
+def command(args) -> int:
+    """``aether doctor``: the report on stdout; 0 iff the eBPF backend will run, 2 for bad
+    settings. Host, port and state directory are found as ``aether serve`` finds them."""
+    import sys
+
+    import ujson
+
+    from aether.server import settings
+    from aether.server.state import StateDir
+
+    state_dir = settings.state_path(args)
+    try:
+        file, config_error = StateDir(state_dir).load_config(), None
+    except ValueError as exc:
+        file, config_error = {}, str(exc)
+    except OSError as exc:
+        file, config_error = {}, f"{exc.filename}: {exc.strerror}"
+    try:
+        host, port, backend = (settings.peek(name, args, file) for name in ("host", "port", "backend"))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"--port / AETHER_PORT must be 1-65535, not {port}")
+    except ValueError as exc:
+        print(f"aether: {exc}", file=sys.stderr)
+        return 2
+    report = run(host, port, state_dir, backend, config_error)
+    if args.json:
+        print(ujson.dumps(report.to_json(), escape_forward_slashes=False))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ebpf else 1
