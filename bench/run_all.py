@@ -23,6 +23,7 @@ BENCHES = [
     ["bench/registry.py", "--runs", "30", "--entries", "1000"],
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],
     ["bench/files.py", "--changes", "50", "--megabytes", "50"],
+    ["bench/dashboard.py", "--samples", "20"],
 ]
 
 

@@ -13,8 +13,9 @@ ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 
 # Debian packages: bcc and its tools, kernel headers for bcc's compiler, the real servers the
 # tests listen with (nginx, node; python's http.server needs nothing), the browser the preview
-# tests drive (chromium) and the load generator of the benchmarks (wrk).
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium wrk)
+# and dashboard tests drive (chromium, and chromium-driver for selenium) and the load generator
+# of the benchmarks (wrk).
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chromium-driver wrk)
 
 missing_debs() {
     local pkg

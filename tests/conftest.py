@@ -259,10 +259,10 @@ def aether(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess
 
 
 class Server:
-    """`aether serve` in a subprocess, on a free port with its own state dir."""
+    """`aether serve` in a subprocess, on a free port (or ``port``) with its own state dir."""
 
-    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.state_dir = state_dir
         cmd = [*AETHER, "--log-level", "debug", "serve", "--port", str(self.port), "--backend", backend,
                "--state-dir", str(state_dir), "--workspace-id", "ws-test", *args]
@@ -285,7 +285,7 @@ class Server:
                     ready.set()
 
         threading.Thread(target=read_stderr, daemon=True).start()
-        for _ in range(6):
+        for _ in range(7):  # the banner's lines (app.banner)
             self.banner.append(self.proc.stdout.readline().rstrip("\n"))
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
         if not ready.wait(20):

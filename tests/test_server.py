@@ -42,6 +42,9 @@ def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
             assert server.token not in str(ws.response.headers)
         current = opens(ws)
     prefix = server.banner[5].split("-", 1)[1].split(".")[0]
+    opened = current[port].pop("opened")
+    assert isinstance(opened, int) and abs(opened - time.time() * 1000) < 60_000
+    assert current[port].pop("seenAtStart") is True  # it listened before the server started
     assert current[port] == {
         "channel": "ports",
         "type": "open",

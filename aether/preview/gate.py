@@ -9,8 +9,8 @@ The checks run in this order, each answering on failure:
    key (404), of this project (404), for a port that is not ignored and not the server's own
    (403);
 3. the request has not been through this proxy already (508);
-4. ``?token=`` equal to the workspace token: a cookie for this preview host and a redirect to
-   the same URL without it;
+4. ``?token=`` equal to the workspace token, or ``?aether_grant=`` a live grant for this host
+   (see ``grant``): a cookie for this preview host and a redirect to the same URL without it;
 5. a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
    cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
 6. the port must be open now (502, a page that reloads itself).
@@ -25,6 +25,7 @@ import secrets
 from typing import TYPE_CHECKING, Callable, Optional, Union
 from urllib.parse import unquote_to_bytes
 
+from aether.preview import grant
 from aether.preview import headers as h
 from aether.preview import pages
 from aether.preview.visibility import Visibility
@@ -85,8 +86,9 @@ def upstream_address(listeners: "list[Listener]") -> Optional[str]:
     return best
 
 
-def _redirect_path(target: bytes, token: bytes) -> Optional[bytes]:
-    """``target`` without ``token=<the workspace token>``, or None when it has no such pair.
+def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool] = lambda value: False) -> Optional[bytes]:
+    """``target`` without ``token=<the workspace token>`` (or ``aether_grant=<a grant that
+    ``granted`` accepts>``), or None when it has no such pair.
 
     Other query pairs keep their exact encoding. Leading slashes and backslashes collapse to
     one slash so the result cannot be read as ``//other-host``.
@@ -97,9 +99,9 @@ def _redirect_path(target: bytes, token: bytes) -> Optional[bytes]:
     kept, found = [], False
     for pair in query.split(b"&"):
         name, _, value = pair.partition(b"=")
-        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token" and hmac.compare_digest(
-            unquote_to_bytes(value.replace(b"+", b" ")), token
-        ):
+        name = unquote_to_bytes(name.replace(b"+", b" "))
+        value = unquote_to_bytes(value.replace(b"+", b" "))
+        if (name == b"token" and hmac.compare_digest(value, token)) or (name == grant.PARAMETER and granted(value)):
             found = True
         else:
             kept.append(pair)
@@ -232,8 +234,8 @@ class Gate:
             text = "This request has already been through this preview proxy: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
 
-        if b"token=" in target:
-            location = _redirect_path(target, self.token)
+        if b"token=" in target or b"aether_grant=" in target:
+            location = _redirect_path(target, self.token, lambda value: grant.valid(self.token, host_name, value))
             if location is not None:
                 status = 302 if method in (b"GET", b"HEAD") else 307
                 cookie = b"%s=%s; Path=/; HttpOnly; SameSite=Lax" % (COOKIE, self.cookie_value(host_name))

@@ -1,9 +1,10 @@
 """The workspace server: one Tornado application for the WebSocket API, the preview proxy
 beside it on the same listener (see ``listener``), and ``serve`` to run them.
 
-``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/healthz`` answers without
-authentication; anything else is a JSON 404. SIGTERM and SIGINT close every WebSocket with
-1001 and every preview connection, stop the probe and return 0 within a second.
+``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/`` is the dashboard (see
+``dashboard``); ``/healthz`` answers without authentication; anything else is a JSON 404.
+SIGTERM and SIGINT close every WebSocket with 1001 and every preview connection, stop the probe
+and return 0 within a second.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from aether.server.channels.config import ConfigChannel
 from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
+from aether.server.dashboard import routes as dashboard_routes
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener
 from aether.registry.store import RegistryError
@@ -114,6 +116,7 @@ class WorkspaceServer:
                 (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
                 (r"/healthz", HealthHandler),
                 *registry_routes(self),
+                *dashboard_routes(self),
             ],
             default_handler_class=NotFoundHandler,
             log_function=log_request,
@@ -156,6 +159,7 @@ def banner(settings: Settings) -> str:
             f"  connect:       wscat -c {url} -s \"Bearer, {settings.token}\"",
             f"  or:            wscat -c \"{url}?token={settings.token}\"",
             f"  previews:      {settings.preview_url_pattern}",
+            f"  dashboard:     http://{host}:{settings.port}/?token={settings.token}",
         ]
     )
 

@@ -143,6 +143,7 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("ports", "visibility"): {"port": _PORT, "visibility": (_visibility, '"private" or "public"')},
     ("config", "get"): {},
     ("config", "set"): {"config": (_object, "an object of keys to new values")},
+    ("config", "registry"): {},
     ("terminal", "create"): {
         "sessionId?": _SESSION,
         "cols": _DIMENSION,

@@ -24,7 +24,7 @@ import tornado.iostream
 import tornado.web
 import tornado.websocket
 
-from aether.server import protocol
+from aether.server import cookie, protocol
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -87,12 +87,19 @@ class Session(tornado.websocket.WebSocketHandler):
     # -- before the upgrade -------------------------------------------------------------
 
     def prepare(self) -> None:
-        # The token first: without it, nothing (not even which workspace ids exist) is told.
+        # The credentials first: without them, nothing (not even which workspace ids exist) is
+        # told. A token given is the one judged; without one, the dashboard's cookie counts,
+        # from a page of this origin only (see ``cookie``).
+        settings = self.server.settings
         token = bearer_token(self.request)
-        expected = self.server.settings.token.encode()
-        if token is None or not hmac.compare_digest(token.encode(), expected):
+        if token is not None:
+            if not hmac.compare_digest(token.encode(), settings.token.encode()):
+                raise tornado.web.HTTPError(401)
+        elif not cookie.present(self.request, settings.token):
             raise tornado.web.HTTPError(401)
-        if self.path_args[0] != self.server.settings.workspace_id:
+        elif not cookie.same_origin(self.request):
+            raise tornado.web.HTTPError(403)
+        if self.path_args[0] != settings.workspace_id:
             raise tornado.web.HTTPError(404)
 
     def select_subprotocol(self, subprotocols: list[str]) -> Optional[str]:
@@ -100,8 +107,9 @@ class Session(tornado.websocket.WebSocketHandler):
         return "Bearer" if "Bearer" in subprotocols else None
 
     def check_origin(self, origin: str) -> bool:
-        # Authentication is by token, never by cookie, so a foreign page cannot ride on a
-        # browser's credentials: any origin that holds the token may connect.
+        # A token proves itself, whatever page sent it: any origin that holds it may connect.
+        # Cookie authentication, which a foreign page could ride on, was held to the same
+        # origin in ``prepare``.
         return True
 
     @property

@@ -1,4 +1,5 @@
-"""The ``config`` channel: ``get`` the workspace configuration, ``set`` its mutable keys.
+"""The ``config`` channel: ``get`` the workspace configuration, ``set`` its mutable keys, and
+``registry``, the port registry now (pushed to every client after each change, see ``app``).
 
 A ``set`` is validated whole, persisted, then applied; every client gets ``changed``. A value
 that fails validation, or a state directory that cannot be written, changes nothing.
@@ -79,6 +80,9 @@ class ConfigChannel:
             session.send(reply(message, "config", config=self.snapshot()))
         elif message.type == "set":
             self._set(session, message)
+        elif message.type == "registry":
+            entries = self.server.registry.reader.entries()
+            session.send(reply(message, "registry", ports=[entry.to_json() for entry in entries]))
 
     def _set(self, session: "Session", message: Message) -> None:
         changes = message.body["config"]

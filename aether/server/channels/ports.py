@@ -1,6 +1,9 @@
 """The ``ports`` channel (seed 000): ``open``/``close`` to every client, ``kill``, and
 ``visibility`` (private or public preview) per port.
 
+Each ``open`` says since when the port listens (``opened``, Unix ms), as this server saw it; a
+port already listening when the server started has the start time and ``seenAtStart``.
+
 Each event is encoded once and the same text is written to every session. A new session first
 gets an ``open`` for every port already listening; both happen synchronously with the event
 loop's other work, so no event can fall between the snapshot and the live stream.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aether.ports.events import OPEN, PortEvent
@@ -23,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("aether.server")
 
 
+def _now_ms() -> int:
+    return round(time.time() * 1000)
+
+
 class PortsChannel:
     name = "ports"
 
@@ -30,6 +38,9 @@ class PortsChannel:
         self.server = server
         self._kills: set[asyncio.Task] = set()
         self._in_flight: set[int] = set()
+        started = _now_ms()
+        #: port -> (when it opened, whether it was open already when the server started)
+        self._opened: dict[int, tuple[int, bool]] = {port: (started, True) for port in server.monitor.table.ports()}
         server.monitor.subscribe(self._on_event)
 
     def message(self, event: PortEvent) -> dict:
@@ -37,9 +48,14 @@ class PortsChannel:
         if event.type == OPEN:
             message["url"] = self.server.settings.preview_url_for(event.port)
             message["visibility"] = self.server.visibility.of(event.port)
+            message["opened"], message["seenAtStart"] = self._opened.get(event.port, (_now_ms(), False))
         return message
 
     def _on_event(self, event: PortEvent) -> None:
+        if event.type == OPEN:
+            self._opened[event.port] = (_now_ms(), False)
+        else:
+            self._opened.pop(event.port, None)
         self.server.hub.broadcast(encode(self.message(event)))
 
     def on_open(self, session: "Session") -> None:

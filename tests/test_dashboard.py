@@ -1,0 +1,270 @@
+"""The dashboard over HTTP and WebSocket, without a browser: the cookie it signs in with, the
+page it serves (never the token), the WebSocket's same-origin rule for that cookie, the
+``/open/{port}`` grants for private previews, and the protocol additions the page uses.
+(The page itself, driven by Chromium, is ``test_dashboard_browser``.)"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from conftest import Server, free_port, recv_until, wait_for
+from aether.preview import grant
+
+PROJECT = "d45b0a4d"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server("sockdiag", tmp_path_factory.mktemp("dashboard"), "--project-id", PROJECT)
+    yield srv
+    srv.stop()
+
+
+def get(server: Server, target: str, headers: dict | None = None, host: str | None = None):
+    """(status, headers as a message, body) of one GET to the server's listener."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", target, headers={"Host": host or f"127.0.0.1:{server.port}", **(headers or {})})
+    reply = conn.getresponse()
+    body = reply.read()
+    conn.close()
+    return reply.status, reply.headers, body
+
+
+def sign_in(server: Server, headers: dict | None = None) -> str:
+    """The ``Cookie`` header value that ``/?token=`` sets."""
+    status, head, _ = get(server, f"/?token={server.token}", headers)
+    assert status == 303, status
+    return head["Set-Cookie"].split(";")[0]
+
+
+def test_token_is_traded_for_a_cookie_and_leaves_the_url(server):
+    status, head, body = get(server, f"/?token={server.token}")
+    assert status == 303 and head["Location"] == "/" and body == b""
+    set_cookie = head.get_all("Set-Cookie")
+    assert len(set_cookie) == 1
+    attributes = [part.strip() for part in set_cookie[0].split(";")]
+    name, _, value = attributes[0].partition("=")
+    assert name == "aether_dashboard" and re.fullmatch(r"[0-9a-f]{64}", value)
+    assert server.token not in value
+    assert set(attributes[1:]) == {"Path=/", "HttpOnly", "SameSite=Strict"}  # no Domain, no Secure over http
+    assert head["Cache-Control"] == "no-store"
+
+    status, head, page = get(server, "/", {"Cookie": f"other=1; {attributes[0]}"})
+    assert status == 200 and head["Content-Type"].startswith("text/html")
+    assert b'data-workspace="ws-test"' in page
+    assert server.token.encode() not in page
+    assert "script-src 'self'" in head["Content-Security-Policy"] and "frame-ancestors 'none'" in head["Content-Security-Policy"]
+    assert head["X-Frame-Options"] == "DENY"
+
+
+def test_the_cookie_is_secure_behind_a_tls_front(server):
+    status, head, _ = get(server, f"/?token={server.token}", {"X-Forwarded-Proto": "https"})
+    assert status == 303 and "; Secure" in head["Set-Cookie"]
+
+
+@pytest.mark.parametrize(
+    "target, headers",
+    [
+        ("/?token=wrong", {}),
+        ("/?token=", {}),
+        ("/", {}),
+        ("/", {"Cookie": "aether_dashboard=" + "0" * 64}),
+        ("/", {"Authorization": "Bearer {token}"}),  # a browser page is opened by cookie only
+        ("/?token={token}&token=wrong", {}),
+    ],
+)
+def test_refused_without_the_token_or_cookie(server, target, headers):
+    headers = {k: v.format(token=server.token) for k, v in headers.items()}
+    status, head, body = get(server, target.format(token=server.token), headers)
+    assert status == 401
+    assert head.get("Set-Cookie") is None
+    assert b"/?token=" in body and b"ws-test" not in body  # says how to open it, not what is inside
+    assert server.token.encode() not in body
+
+
+def test_the_page_escapes_the_workspace_id(tmp_path):
+    srv = Server("sockdiag", tmp_path / "state", "--workspace-id", 'a"<b>&\'x')
+    try:
+        _, _, page = get(srv, "/", {"Cookie": sign_in(srv)})
+        assert b"<b>" not in page and b'a"<' not in page
+        assert b'data-workspace="a&quot;&lt;b&gt;&amp;&#x27;x"' in page
+        assert srv.banner[6] == f"  dashboard:     http://127.0.0.1:{srv.port}/?token={srv.token}"
+    finally:
+        srv.stop()
+
+
+def test_assets_are_static_and_write_no_html(server):
+    status, head, script = get(server, "/dashboard/dashboard.js")
+    assert status == 200 and head["Content-Type"].startswith("text/javascript")
+    assert b"innerHTML" not in script and b"insertAdjacentHTML" not in script and b"document.write" not in script
+    status, head, _ = get(server, "/dashboard/dashboard.css")
+    assert status == 200 and head["Content-Type"].startswith("text/css")
+    assert get(server, "/dashboard/index.html")[0] == 404
+    assert get(server, "/dashboard/../setup.cfg")[0] == 404
+    assert get(server, "/dashboard/session")[0] == 401
+    status, _, body = get(server, "/dashboard/session", {"Cookie": sign_in(server)})
+    assert status == 200 and json.loads(body)["wsPath"] == "/workspaces/ws-test/ws"
+
+
+# -- the WebSocket --------------------------------------------------------------------------
+
+
+def ws_status(server: Server, headers: dict, origin: str | None = None, path: str = "/workspaces/ws-test/ws") -> int:
+    """101 if the upgrade is accepted (the ports snapshot arrives), else the refusal's status."""
+    try:
+        with connect(f"ws://127.0.0.1:{server.port}{path}", additional_headers=headers, origin=origin) as ws:
+            ws.send(json.dumps({"channel": "config", "type": "get", "id": 1}))
+            assert recv_until(ws, lambda m: m.get("id") == 1)["config"]["workspaceId"] == "ws-test"
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def test_websocket_takes_the_cookie_from_its_own_origin_only(server):
+    cookie = sign_in(server)
+    own = f"http://127.0.0.1:{server.port}"
+    assert ws_status(server, {"Cookie": cookie}, own) == 101
+    assert ws_status(server, {"Cookie": cookie}, f"https://127.0.0.1:{server.port}") == 101
+    # Cross-site WebSocket hijacking: another site's page, the browser attaching the cookie.
+    assert ws_status(server, {"Cookie": cookie}, "http://evil.example") == 403
+    assert ws_status(server, {"Cookie": cookie}, f"http://127.0.0.1:{server.port}.evil.example") == 403
+    assert ws_status(server, {"Cookie": cookie}, f"http://{PROJECT[:6]}.preview.localhost:{server.port}") == 403
+    assert ws_status(server, {"Cookie": cookie}, "null") == 403
+    assert ws_status(server, {"Cookie": cookie}) == 403  # every browser sends an Origin
+    assert ws_status(server, {"Cookie": cookie, "Origin": own + ", " + own}) == 403
+    # Behind the TLS front: the browser's origin is the front's host.
+    assert ws_status(server, {"Cookie": cookie, "X-Forwarded-Host": "ws.example.com"}, "https://ws.example.com") == 101
+    # A wrong cookie, or none, is no credential at all.
+    assert ws_status(server, {"Cookie": "aether_dashboard=" + "0" * 64}, own) == 401
+    assert ws_status(server, {"Cookie": "aether_preview=" + "0" * 64}, own) == 401
+    assert ws_status(server, {}, own) == 401
+    # Without credentials, which workspaces exist is not told.
+    assert ws_status(server, {"Cookie": cookie}, own, "/workspaces/other/ws") == 404
+    assert ws_status(server, {"Cookie": "aether_dashboard=x"}, own, "/workspaces/other/ws") == 401
+
+
+def test_token_auth_is_unchanged_and_judged_before_the_cookie(server):
+    cookie = sign_in(server)
+    # A token works from any origin, as before.
+    assert ws_status(server, {}, "http://evil.example", f"/workspaces/ws-test/ws?token={server.token}") == 101
+    # A wrong token is refused even beside a good cookie: the token given is the one judged.
+    assert ws_status(server, {"Cookie": cookie}, f"http://127.0.0.1:{server.port}", "/workspaces/ws-test/ws?token=wrong") == 401
+
+
+# -- /open/{port} ----------------------------------------------------------------------------
+
+
+def preview_get(server: Server, location: str, headers: dict | None = None):
+    url = urlsplit(location)
+    target = url.path + (f"?{url.query}" if url.query else "")
+    return get(server, target, headers, host=url.netloc)
+
+
+def test_open_redirects_to_a_private_preview_with_a_grant(server, listeners):
+    port = free_port()
+    listeners.http_server(port)
+    cookie = sign_in(server)
+    assert get(server, f"/open/{port}")[0] == 401  # no cookie
+    assert get(server, f"/open/{port}", {"Cookie": "aether_dashboard=nope"})[0] == 401
+    assert get(server, "/open/70000", {"Cookie": cookie})[0] == 404
+    assert get(server, "/open/0", {"Cookie": cookie})[0] == 404
+
+    status, head, _ = get(server, f"/open/{port}", {"Cookie": cookie})
+    assert status == 303
+    location = head["Location"]
+    preview = f"http://{port}-{PROJECT[:6]}.preview.localhost:{server.port}/"
+    assert location.startswith(preview + "?aether_grant=") and server.token not in location
+    wait_for(lambda: preview_get(server, preview, {"Authorization": f"Bearer {server.token}"})[0] == 200, 5)
+    # The gate trades the grant for its own cookie and redirects to the URL without it.
+    status, head, _ = preview_get(server, location)
+    assert status == 302 and head["Location"] == "/"
+    preview_cookie = head["Set-Cookie"].split(";")[0]
+    assert preview_cookie.startswith("aether_preview=")
+    assert preview_get(server, preview, {"Cookie": preview_cookie})[0] == 200
+    assert preview_get(server, preview)[0] == 401
+
+    # The grant opens that host only, not another port's.
+    other = location.replace(f"{port}-", f"{port + 1}-", 1)
+    assert preview_get(server, other)[0] == 401
+    # A forged or tampered grant is no grant.
+    assert preview_get(server, location[:-1] + ("0" if location[-1] != "0" else "1"))[0] == 401
+
+
+def test_open_links_a_public_preview_directly(server, listeners):
+    port = free_port()
+    cookie = sign_in(server)
+    with server.connect() as ws:
+        ws.send(json.dumps({"channel": "ports", "type": "visibility", "port": port, "visibility": "public", "id": "v"}))
+        recv_until(ws, lambda m: m.get("id") == "v")
+        status, head, _ = get(server, f"/open/{port}", {"Cookie": cookie})
+        assert status == 303 and head["Location"] == f"http://{port}-{PROJECT[:6]}.preview.localhost:{server.port}/"
+        ws.send(json.dumps({"channel": "ports", "type": "visibility", "port": port, "visibility": "private", "id": "p"}))
+        recv_until(ws, lambda m: m.get("id") == "p")
+
+
+def test_grants_expire_and_are_bound_to_their_host():
+    token, host = b"tok", b"3000-abc123.preview.localhost"
+    now = 1_800_000_000
+    value = grant.mint(token, host, now)
+    assert grant.valid(token, host, value, now)
+    assert grant.valid(token, b"3000-ABC123.Preview.Localhost", value, now)
+    assert grant.valid(token, host, value, now + grant.TTL_SECONDS)
+    assert not grant.valid(token, host, value, now + grant.TTL_SECONDS + 1)
+    assert not grant.valid(token, b"3001-abc123.preview.localhost", value, now)
+    assert not grant.valid(b"other", host, value, now)
+    expiry, mac = value.split(b".")
+    assert not grant.valid(token, host, b"%d.%s" % (int(expiry) + 1, mac), now)
+    far = grant.mint(token, host, now + 3600)  # minted for a later time: an expiry too far ahead
+    assert not grant.valid(token, host, far, now)
+    for bad in (b"", b".", b"x.y", b"-1." + mac, b"99999999999999." + mac, expiry):
+        assert not grant.valid(token, host, bad, now)
+
+
+# -- what the page reads from the protocol -----------------------------------------------------
+
+
+def test_open_messages_say_since_when(tmp_path, listeners):
+    before = free_port()
+    listeners.http_server(before)
+    started = time.time() * 1000
+    srv = Server("sockdiag", tmp_path / "state")
+    try:
+        with srv.connect() as ws:
+            first = recv_until(ws, lambda m: m.get("port") == before)
+            assert first["seenAtStart"] is True and started - 1 <= first["opened"] <= time.time() * 1000 + 1
+            later = free_port()
+            t0 = time.time() * 1000
+            listeners.http_server(later)
+            opened = recv_until(ws, lambda m: m.get("port") == later and m["type"] == "open")
+            assert opened["seenAtStart"] is False and t0 - 1 <= opened["opened"] <= time.time() * 1000 + 1
+        with srv.connect() as ws:  # a later client gets the same times in its snapshot
+            again = recv_until(ws, lambda m: m.get("port") == later)
+            assert (again["opened"], again["seenAtStart"]) == (opened["opened"], False)
+    finally:
+        srv.stop()
+
+
+def test_config_registry_request_answers_the_whole_registry(server):
+    with server.connect() as ws:
+        ws.send(json.dumps({"channel": "config", "type": "registry", "id": "r1"}))
+        empty = recv_until(ws, lambda m: m.get("id") == "r1")
+        assert empty == {"channel": "config", "type": "registry", "ports": [], "id": "r1"}
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        body = json.dumps({"port": 5590, "app": "shop", "label": "api"})
+        conn.request("PUT", "/api/ports/web", body, {"Authorization": f"Bearer {server.token}"})
+        reply = conn.getresponse()
+        assert reply.status == 200, reply.read()
+        reply.read()
+        ws.send(json.dumps({"channel": "config", "type": "registry", "id": "r2"}))
+        entries = recv_until(ws, lambda m: m.get("id") == "r2")["ports"]
+        assert [(e["key"], e["port"], e["app"], e["label"]) for e in entries] == [("web", 5590, "shop", "api")]
+        conn.request("DELETE", "/api/ports/web", headers={"Authorization": f"Bearer {server.token}"})
+        assert conn.getresponse().status == 204
