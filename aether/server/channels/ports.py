@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aether.ports.events import OPEN, PortEvent
@@ -40,7 +41,9 @@ class PortsChannel:
         return message
 
     def _on_event(self, event: PortEvent) -> None:
-        self.server.hub.broadcast(encode(self.message(event)))
+        hub = self.server.hub
+        hub.broadcast(encode(self.message(event)))
+        self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.sessions))
 
     def on_open(self, session: "Session") -> None:
         for event in self.server.monitor.open_events():
