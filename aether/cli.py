@@ -1,7 +1,7 @@
 """The ``aether`` command line.
 
 Results go to stdout in a stable format (``--json`` where a machine reads them); logs go to
-stderr, one JSON object per line. Exit status: 0 success, 1 a refused or failed operation,
+stderr, one record per line (JSON, or logfmt with ``--log-format logfmt``). Exit status: 0 success, 1 a refused or failed operation,
 2 a usage error.
 """
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aether", description="Workspace port monitor and server.")
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("AETHER_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", default=os.environ.get("AETHER_LOG_FORMAT", "json"),
+                        help="json or logfmt, one record a line on stderr (env AETHER_LOG_FORMAT; default json)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ports = commands.add_parser("ports", help="listening TCP ports").add_subparsers(
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        log.setup(args.log_level)
+        log.setup(args.log_level, args.log_format)
         ignored = config.ignored_ports(getattr(args, "ignore", None))
         config.validate()
     except ValueError as exc:

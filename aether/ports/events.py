@@ -33,6 +33,11 @@ class PortEvent:
 
     ``to_message`` gives the wire form of seed 000's ``ports`` channel; the fields beyond the
     seed's (``addresses``) are allowed extras.
+
+    ``seen_ns`` and ``backend`` say when and how the monitor learnt of it (they are not part of
+    the event's identity): the probe record's kernel timestamp (``bpf_ktime_get_ns``) and
+    ``ebpf``; the start of the snapshot that found it and ``sockdiag``; or the moment the
+    ignored ports changed and ``config``. ``seen_ns`` is CLOCK_MONOTONIC, ``time.monotonic_ns``.
     """
 
     type: str
@@ -40,6 +45,8 @@ class PortEvent:
     pid: Optional[int] = None
     process: Optional[str] = None
     addresses: tuple[str, ...] = ()
+    seen_ns: int = dataclasses.field(default=0, compare=False)
+    backend: str = dataclasses.field(default="", compare=False)
 
     def to_message(self) -> dict:
         if self.type == CLOSE:

@@ -59,7 +59,8 @@ class PortMonitor:
         self.ebpf_buffer = ebpf_buffer
         self.ebpf_pages = ebpf_pages
         self.table = PortTable(ignored)
-        self.stats = {"records": 0, "resyncs": 0, "lost": 0, "snapshot_ms": 0.0}
+        # resyncs: snapshots diffed against the table but for sock_diag's polls, start-up's included.
+        self.stats = {"records": 0, "resyncs": 0, "polls": 0, "lost": 0, "snapshot_ms": 0.0}
         self._subscribers: list[Subscriber] = []
         self._closed_waiters: dict[int, list[asyncio.Future]] = {}
         self._probe: Optional[Probe] = None
@@ -174,13 +175,15 @@ class PortMonitor:
 
     def set_ignored(self, ignored: Iterable[int]) -> None:
         """Change the ignored ports; ports newly ignored close, ports no longer ignored open."""
+        now = time.monotonic_ns()
         for event in self.table.set_ignored(ignored):
-            self._publish(event)
+            self._publish(event, now, "config")
         self._resync("ignored ports changed")
 
     # -- internals ----------------------------------------------------------------------
 
-    def _publish(self, event: PortEvent) -> None:
+    def _publish(self, event: PortEvent, seen_ns: int, backend: str) -> None:
+        """Tell every subscriber, the event stamped with when and how it was seen."""
         if event.type == OPEN:
             names = self._batch_names
             if names is None:
@@ -189,11 +192,12 @@ class PortMonitor:
                 name = names[event.pid]
             else:
                 name = names[event.pid] = procs.process_name(event.pid)
-            event = dataclasses.replace(event, process=name)
-        elif event.type == CLOSE:
+            event = dataclasses.replace(event, process=name, seen_ns=seen_ns, backend=backend)
+        else:
             for waiter in self._closed_waiters.pop(event.port, ()):
                 if not waiter.done():
                     waiter.set_result(True)
+            event = PortEvent(CLOSE, event.port, seen_ns=seen_ns, backend=backend)  # all a close holds
         for subscriber in list(self._subscribers):
             try:
                 subscriber(event)
@@ -256,17 +260,17 @@ class PortMonitor:
             # A live address names one socket: this one re-listened after its close was lost.
             _known, event = table.remove(key)
             if event is not None:
-                self._publish(event)
+                self._publish(event, record.ts_ns, "ebpf")
         if table.is_uncertain(port):
             self._schedule_resync("listen on a port known from a snapshot", record.tgid)
         event = table.add(Listener(key, port, record.family, record.address, record.tgid))
         if event is not None:
-            self._publish(event)
+            self._publish(event, record.ts_ns, "ebpf")
 
     def _on_close(self, record) -> None:
         known, event = self.table.remove((SKADDR, record.skaddr))
         if event is not None:
-            self._publish(event)
+            self._publish(event, record.ts_ns, "ebpf")
         if not known:
             self._orphan_closes[record.skaddr] = record.ts_ns
             if len(self._orphan_closes) > _ORPHAN_CLOSES:
@@ -297,6 +301,7 @@ class PortMonitor:
         if self._diag is None:
             return
         started = time.perf_counter()
+        seen_ns = time.monotonic_ns()
         raw = self._diag.raw()
         inodes = {entry[3] for entry in raw}
         unknown = inodes - self._owners.keys()
@@ -307,12 +312,12 @@ class PortMonitor:
         for inode in self._owners.keys() - inodes:
             del self._owners[inode]
         events = self.table.sync(sockdiag.to_listeners(raw, self._owners), trust_probe=trust)
-        self.stats["resyncs"] += 1
+        self.stats["polls" if reason == "poll" else "resyncs"] += 1
         self.stats["snapshot_ms"] = (time.perf_counter() - started) * 1000
         if self.backend == "ebpf" or events:
             log.debug("resync", extra={"reason": reason, "events": len(events), "sockets": len(raw)})
         for event in events:
-            self._publish(event)
+            self._publish(event, seen_ns, "sockdiag")
 
     def _poll(self) -> None:
         started = time.process_time()

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Optional
 
 import httptools
@@ -52,7 +53,7 @@ class Cycle:
     """One request and its response."""
 
     __slots__ = ("forward", "answer", "head_only", "upgrade", "close", "http10", "has_body", "chunked",
-                 "body", "buffered", "complete", "upstream", "retried", "idempotent")
+                 "body", "buffered", "complete", "upstream", "retried", "idempotent", "started")
 
     def __init__(self, method: bytes, upgrade: bool, close: bool, http10: bool, has_body: bool, chunked: bool):
         self.forward: Optional[Forward] = None
@@ -69,6 +70,7 @@ class Cycle:
         self.complete = False
         self.upstream: Optional[Upstream] = None
         self.retried = False
+        self.started = 0.0  # when the proxy began on a forwarded request (time.monotonic)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -260,11 +262,14 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = cycle
         if cycle.answer is not None:
+            self.proxy.responses[cycle.answer.status] += 1
             self.transport.write(cycle.answer.response)
             # Answered from its head: a body still to come would be read as the next request.
             self._done(cycle, cycle.close or (cycle.has_body and not cycle.complete))
             return
         forward = cycle.forward
+        # Not loop.time(): uvloop's counts whole milliseconds.
+        cycle.started = time.monotonic()
         key = (forward.address, forward.port)
         up = self.proxy.pool.take(key)
         if up is not None:
@@ -346,6 +351,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.active is not cycle:
             return
         close = cycle.close or not cycle.complete or cycle.upgrade
+        self.proxy.responses[status] += 1
         body = pages.render(status, title, text, refresh)
         self.transport.write(pages.response(status, body, close=close, head_only=cycle.head_only))
         self._done(cycle, close)
@@ -369,6 +375,7 @@ class ClientConnection(asyncio.Protocol):
         if self.active is not None:
             self.abort()
             return
+        self.proxy.responses[status] += 1
         body = pages.render(status, title, text)
         self.transport.write(pages.response(status, body, close=True))
         self.closed = True

@@ -17,8 +17,11 @@ log = logging.getLogger("aether.preview")
 class PreviewProxy:
     """The preview proxy of one workspace: the gate, the upstream pool and the connections."""
 
-    def __init__(self, settings, monitor, visibility: Visibility, named=lambda key: None):
+    def __init__(self, settings, monitor, visibility: Visibility, named, metrics):
         self.loop = asyncio.get_running_loop()
+        # Counted by the connections, read at scrape time (aether.metrics).
+        self.responses = metrics.preview_responses
+        self.upstream_latency = metrics.preview_upstream_latency
         self.gate = Gate(settings, monitor, visibility, named)
         self.pool = Pool(self.loop)
         self.timeout = settings.preview_timeout

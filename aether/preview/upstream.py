@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Optional
 
 import httptools
@@ -161,10 +162,13 @@ class Upstream(asyncio.Protocol):
         self._want_head = False
         self._raw = b""
         cycle = client.active
+        if status == 101 and not cycle.upgrade:
+            self._fail("the app switched protocols on a request that asked for no upgrade")
+            return
+        proxy = client.proxy
+        proxy.responses[status] += 1
+        proxy.upstream_latency.observe(time.monotonic() - cycle.started)
         if status == 101:
-            if not cycle.upgrade:
-                self._fail("the app switched protocols on a request that asked for no upgrade")
-                return
             self._out.append(head.for_client(upgrade=True))
             self._flush()
             self.started = self.tunnel = True

@@ -21,6 +21,8 @@ import tornado.web
 
 from aether import config
 from aether.agent.store import AgentStoreError
+from aether.metrics import Metrics
+from aether.metrics import routes as metrics_routes
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
@@ -99,6 +101,7 @@ class WorkspaceServer:
         self.monitor = monitor
         self.state = StateDir(settings.state_dir)
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
+        self.metrics = Metrics(self)
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
@@ -117,6 +120,7 @@ class WorkspaceServer:
                 (r"/healthz", HealthHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
+                *metrics_routes(self),
             ],
             default_handler_class=NotFoundHandler,
             log_function=log_request,
@@ -188,7 +192,7 @@ async def serve(settings: Settings) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 1
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry.port_of)
+    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry.port_of, server.metrics)
     listener = SharedListener(
         http,
         previews.protocol,

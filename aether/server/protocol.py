@@ -25,12 +25,13 @@ _MAX_ID_LENGTH = 256
 class ProtocolError(Exception):
     """A message that cannot be acted on; ``to_message`` is the reply the client gets."""
 
-    def __init__(self, code: str, message: str, channel: Optional[str] = None, id: Any = None):
+    def __init__(self, code: str, message: str, channel: Optional[str] = None, id: Any = None, type: Optional[str] = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.channel = channel
         self.id = id
+        self.type = type  # the message's type, when it is one the channel has (for metrics)
 
     def to_message(self) -> dict:
         reply = {"channel": self.channel, "type": "error", "code": self.code, "message": self.message}
@@ -226,9 +227,9 @@ def parse(frame: Union[str, bytes]) -> Message:
             if field not in obj:
                 continue
         elif field not in obj:
-            raise ProtocolError("bad_message", f"field {field} is missing", channel, id_)
+            raise ProtocolError("bad_message", f"field {field} is missing", channel, id_, kind)
         if not check(obj[field]):
-            raise ProtocolError("bad_message", f"field {field} must be {what}", channel, id_)
+            raise ProtocolError("bad_message", f"field {field} must be {what}", channel, id_, kind)
     return Message(channel, kind, obj, id_)
 
 

@@ -144,16 +144,22 @@ class Session(tornado.websocket.WebSocketHandler):
         log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.server.hub.sessions)})
 
     def on_message(self, frame: Union[str, bytes]) -> None:
-        message = None
+        received = self.server.metrics.ws_received
         try:
             message = protocol.parse(frame)
+        except protocol.ProtocolError as exc:
+            # parse names only a channel, and a type, that the protocol has.
+            received[(exc.channel or "unknown", exc.type or "unknown")] += 1
+            self.send(exc.to_message())
+            return
+        received[(message.channel, message.type)] += 1
+        try:
             self.server.dispatch(self, message)
         except protocol.ProtocolError as exc:
             self.send(exc.to_message())
         except Exception:
             log.exception("message handling failed")
-            channel, id_ = (message.channel, message.id) if message else (None, None)
-            error = protocol.ProtocolError("internal", "the server failed to handle this message", channel, id_)
+            error = protocol.ProtocolError("internal", "the server failed to handle this message", message.channel, message.id)
             self.send(error.to_message())
 
     def on_pong(self, data: bytes) -> None:
@@ -211,6 +217,8 @@ class Session(tornado.websocket.WebSocketHandler):
                 log.exception("drain callback failed")
 
     def send(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "error":
+            self.server.metrics.ws_errors[message["code"]] += 1
         self.send_frame(text_frame(protocol.encode(message)))
 
     def send_frame(self, frame: bytes) -> None:
@@ -218,6 +226,9 @@ class Session(tornado.websocket.WebSocketHandler):
         connection = self.ws_connection
         if connection is None or connection.is_closing() or connection.stream.closed():
             return
+        metrics = self.server.metrics
+        metrics.ws_frames_sent += 1
+        metrics.ws_bytes_sent += len(frame)
         stream = connection.stream
         if not stream.writing():
             # Nothing queued: hand the frame to the kernel now. This is the common case, and it

@@ -50,6 +50,7 @@ class Settings:
     agent_timeout: float
     agent_max_output_bytes: int
     preview_public_ports: frozenset[int] = frozenset()
+    metrics_public: bool = False
 
     @property
     def monitor_ignored(self) -> frozenset[int]:
@@ -135,6 +136,25 @@ OPTIONS.update({
     # Bytes a backend may write in one turn, stdout and stderr together.
     "agent_max_output_bytes": (int, 4 << 20),
 })
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def boolean(raw: Any) -> bool:
+    """A yes/no setting: JSON true/false, or true/false, 1/0, yes/no, on/off in any case."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError("not a boolean")
+
+
+boolean.what = "boolean: true or false (1/0, yes/no, on/off)"  # type: ignore[attr-defined]
+
+OPTIONS.update({
+    # GET /metrics without the token, for a scraper that cannot send one.
+    "metrics_public": (boolean, False),
+})
 #: config.json's nested ``agent`` object: its keys and the settings they stand for.
 AGENT_KEYS = {"command": "agent_command", "timeout": "agent_timeout", "max_output_bytes": "agent_max_output_bytes"}
 
@@ -155,6 +175,9 @@ def login_shell() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, default) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
+        if kind is boolean:
+            parser.add_argument(flag, action="store_true", default=None, help=f"(env AETHER_{name.upper()}=1; default off)")
+            continue
         shown = {"workspace_id": "the host name", "token_file": "none", "workspace_root": "the home directory", "shell": "the user's login shell",
                  "agent_command": "none (the agent channel answers not_configured)"}.get(name, "generated once" if default is None else default)
         parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")

@@ -102,7 +102,9 @@ class AgentChannel:
             outbox.send(_frame(self._error(refusal, message)))
 
     def _error(self, refusal: Refusal, message: Optional[Message]) -> dict:
-        """The error reply, naming the request's conversation when it named one."""
+        """The error reply, naming the request's conversation when it named one (and counted:
+        these go out as frames, past ``Session.send``)."""
+        self.server.metrics.ws_errors[refusal.code] += 1
         error = ProtocolError(refusal.code, refusal.message, self.name, message.id if message else None).to_message()
         if message is not None and "conversationId" in message.body:
             error["conversationId"] = message.body["conversationId"]

@@ -56,7 +56,9 @@ class PortsChannel:
             self._opened[event.port] = (_now_ms(), False)
         else:
             self._opened.pop(event.port, None)
-        self.server.hub.broadcast(encode(self.message(event)))
+        hub = self.server.hub
+        hub.broadcast(encode(self.message(event)))
+        self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.sessions))
 
     def on_open(self, session: "Session") -> None:
         for event in self.server.monitor.open_events():
