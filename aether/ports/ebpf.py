@@ -108,13 +108,34 @@ def kernel_has_ringbuf() -> bool:
     return (major, minor) >= (5, 8)
 
 
+#: Capability numbers (linux/capability.h).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set, as a bit mask (``CapEff`` of /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
 def check_environment() -> None:
-    """Raise ProbeUnavailable with the first reason the probe cannot load, if any."""
-    if os.geteuid() != 0:
+    """Raise ProbeUnavailable with the first reason the probe cannot load, if any.
+
+    Root is not needed: CAP_BPF and CAP_PERFMON load and attach the probe (CAP_SYS_ADMIN on
+    kernels before 5.8), CAP_DAC_READ_SEARCH reads tracefs (0700 root). That is how
+    deploy/aether-locked-down.conf runs it, as a system user."""
+    caps = effective_capabilities()
+    bpf_and_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON)
+    if caps & bpf_and_perfmon != bpf_and_perfmon and not caps & (1 << CAP_SYS_ADMIN):
         raise ProbeUnavailable("not root: loading an eBPF program needs CAP_BPF and CAP_PERFMON")
-    if not Path("/sys/kernel/tracing/events/sock/inet_sock_set_state").exists() and not Path(
-        "/sys/kernel/debug/tracing/events/sock/inet_sock_set_state"
-    ).exists():
+    try:
+        visible = any(Path(tracefs, "events/sock/inet_sock_set_state").exists() for tracefs in TRACEFS)
+    except PermissionError:
+        raise ProbeUnavailable(f"tracefs ({TRACEFS[0]}) is not readable: it needs root or CAP_DAC_READ_SEARCH") from None
+    if not visible:
         raise ProbeUnavailable(
             "tracepoint sock:inet_sock_set_state not visible: tracefs not mounted "
             "(mount -t tracefs nodev /sys/kernel/tracing) or the kernel lacks it"
