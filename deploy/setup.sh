@@ -15,6 +15,9 @@ ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 # tests listen with (nginx, node; python's http.server needs nothing), the browser the preview
 # tests drive (chromium) and the load generator of the benchmarks (wrk).
 DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium wrk)
+# What the deploy tests check deploy/ with: systemd-analyze (no running systemd needed), and
+# openssl for the TLS front's test certificates. Both are there on most hosts already.
+DEB_PACKAGES+=(systemd openssl)
 
 missing_debs() {
     local pkg
