@@ -16,6 +16,9 @@ ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 # and dashboard tests drive (chromium, and chromium-driver for selenium) and the load generator
 # of the benchmarks (wrk).
 DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chromium-driver wrk)
+# What the deploy tests check deploy/ with: systemd-analyze (no running systemd needed), and
+# openssl for the TLS front's test certificates. Both are there on most hosts already.
+DEB_PACKAGES+=(systemd openssl)
 
 missing_debs() {
     local pkg

@@ -259,12 +259,14 @@ def aether(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess
 
 
 class Server:
-    """`aether serve` in a subprocess, on a free port (or ``port``) with its own state dir."""
+    """`aether serve` in a subprocess, on a free port (or ``port``) with its own state dir;
+    ``wrap`` is a command that runs it (a sandbox), ending with its argv."""
 
-    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None, port: int | None = None):
+    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None, port: int | None = None,
+                 wrap: tuple = ()):
         self.port = port or free_port()
         self.state_dir = state_dir
-        cmd = [*AETHER, "--log-level", "debug", "serve", "--port", str(self.port), "--backend", backend,
+        cmd = [*wrap, *AETHER, "--log-level", "debug", "serve", "--port", str(self.port), "--backend", backend,
                "--state-dir", str(state_dir), "--workspace-id", "ws-test", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})}, cwd=ROOT)
