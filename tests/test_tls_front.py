@@ -86,7 +86,8 @@ def front(tmp_path_factory):
     listeners.spawn([node, WS_APP, str(hmr)], hmr, stdout=hmr_out.open("w"),
                     env={**os.environ, "NODE_PATH": str(ROOT / ".tools" / "node_modules")})
     server = Server("sockdiag", tmp / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN,
-                    "--preview-url", f"https://{{port}}-{{prefix}}.{{domain}}:{https}")
+                    "--preview-url", f"https://{{port}}-{{prefix}}.{{domain}}:{https}",
+                    "--trusted-proxies", "127.0.0.1,::1")
     rendered = render(tmp, server.port, https, plain)
     assert rendered.returncode == 0, rendered.stderr
     (tmp / "aether.conf").write_text(rendered.stdout)
@@ -173,6 +174,8 @@ def test_preview_token_redirect_and_cookie_behind_tls(front):
     response.read()
     # Relative: the browser stays on https://HOST:PORT, which aether never sees.
     assert (response.status, response.headers["Location"]) == (302, "/")
+    # The front is trusted (--trusted-proxies): it says the browser is on https.
+    assert "; Secure" in response.headers["Set-Cookie"]
     cookie = response.headers["Set-Cookie"].split(";")[0]
     page = https_request(front, host, "/", {"Cookie": cookie})
     assert page.status == 200 and b"Directory listing" in page.read()
@@ -220,7 +223,29 @@ def test_preview_echo_sees_the_forwarded_chain(front):
     assert headers["host"] == f"localhost:{front.sse}"  # aether's default for dev servers
     assert headers["x-forwarded-host"] == f"{host}:{front.https}"
     assert headers["x-forwarded-for"] == "127.0.0.1, 127.0.0.1"  # the client, then nginx
+    # What the browser's connection was, from the trusted front: https on the front's port.
+    assert (headers["x-forwarded-proto"], headers["x-forwarded-port"]) == ("https", str(front.https))
     assert "authorization" not in headers
+
+
+def test_forwarded_proto_from_an_untrusted_client_is_replaced(front, tmp_path):
+    """Straight to an aether that trusts no front, a client's X-Forwarded-Proto is not passed
+    on: the app hears what aether saw, and the preview cookie is not Secure."""
+    untrusted = Server("sockdiag", tmp_path / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN)
+    try:
+        host = f"{front.sse}-abc123.{DOMAIN}:{untrusted.port}"
+        forged = {"Authorization": f"Bearer {untrusted.token}", "X-Forwarded-Proto": "https",
+                  "X-Forwarded-Port": "443", "Host": host}
+        conn = http.client.HTTPConnection("127.0.0.1", untrusted.port, timeout=5)
+        conn.request("GET", "/echo", headers=forged)
+        headers = {k.lower(): v for k, v in json.loads(conn.getresponse().read())["headers"]}
+        assert (headers["x-forwarded-proto"], headers["x-forwarded-port"]) == ("http", str(untrusted.port))
+        conn.request("GET", f"/?token={untrusted.token}", headers={"Host": host, "X-Forwarded-Proto": "https"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 302 and "Secure" not in response.headers["Set-Cookie"]
+    finally:
+        untrusted.stop()
 
 
 def test_preview_websocket_through_tls_with_the_cookie(front):

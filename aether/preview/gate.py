@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from typing import TYPE_CHECKING, Callable, Optional, Union
@@ -129,6 +130,8 @@ class Gate:
         #: Marks requests this process forwarded, so one that comes back is a loop.
         self.via = b"1.1 aether-" + secrets.token_hex(6).encode()
         self._original_host = settings.preview_upstream_host == "original"
+        self._trusted_networks = tuple(getattr(settings, "trusted_proxies", ()))
+        self._trusted: dict[str, bool] = {}  # client address -> is it a trusted front
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -175,6 +178,32 @@ class Gate:
 
     def _is_ours(self, authorization: bytes) -> bool:
         return authorization[:7].lower() == b"bearer " and hmac.compare_digest(authorization[7:].strip(), self.token)
+
+    def is_trusted(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` is a TLS front named by ``--trusted-proxies``."""
+        known = self._trusted.get(client_ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(client_ip)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._trusted_networks)
+            if len(self._trusted) >= _MAX_CACHED_HOSTS:
+                self._trusted.clear()
+            self._trusted[client_ip] = known
+        return known
+
+    def scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes) -> tuple[bytes, bytes]:
+        """(proto, port) of the browser's own connection: what a trusted front says it saw,
+        else what this listener saw (plain http on the Host's port)."""
+        if not head.forwarded_proto or not self._trusted_networks or not self.is_trusted(client_ip):
+            return b"http", port_part
+        proto = b"https" if head.forwarded_proto == b"https" else b"http"
+        port = head.forwarded_port if head.forwarded_port.isdigit() else None
+        if port is None:
+            port = port_part if port_part != b"80" else (b"443" if proto == b"https" else b"80")
+        return proto, port
 
     def forget(self, port: int) -> None:
         """The port opened, closed or refused: look its upstream address up again."""
@@ -234,11 +263,13 @@ class Gate:
             text = "This request has already been through this preview proxy: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
 
+        proto, forwarded_port = self.scheme(head, client_ip, port_part)
         if b"token=" in target or b"aether_grant=" in target:
             location = _redirect_path(target, self.token, lambda value: grant.valid(self.token, host_name, value))
             if location is not None:
                 status = 302 if method in (b"GET", b"HEAD") else 307
-                cookie = b"%s=%s; Path=/; HttpOnly; SameSite=Lax" % (COOKIE, self.cookie_value(host_name))
+                secure = b"; Secure" if proto == b"https" else b""
+                cookie = b"%s=%s; Path=/; HttpOnly; SameSite=Lax%s" % (COOKIE, self.cookie_value(host_name), secure)
                 extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie.decode())]
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
@@ -275,8 +306,8 @@ class Gate:
             host=host if self._original_host else b"localhost:%d" % port,
             client_ip=client_ip,
             forwarded_host=host,
-            forwarded_port=port_part,
-            proto=b"http",
+            forwarded_port=forwarded_port,
+            proto=proto,
             via=self.via,
             upgrade=upgrade,
             authorization=authorization,

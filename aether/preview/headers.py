@@ -46,7 +46,7 @@ class RequestHead:
     """
 
     __slots__ = ("lines", "hosts", "authorization", "cookie", "origin", "via", "forwarded_for",
-                 "chunked", "has_body", "tokens", "upgrade", "bad_framing")
+                 "forwarded_proto", "forwarded_port", "chunked", "has_body", "tokens", "upgrade", "bad_framing")
 
     def __init__(self, headers: Headers):
         lines = []
@@ -55,7 +55,7 @@ class RequestHead:
         self.cookie: list[bytes] = []
         self.origin: list[bytes] = []
         self.upgrade: list[bytes] = []
-        self.via = self.forwarded_for = b""
+        self.via = self.forwarded_for = self.forwarded_proto = self.forwarded_port = b""
         self.chunked = self.has_body = self.bad_framing = False
         self.tokens: Optional[set[bytes]] = None
         for name, value in headers:
@@ -87,6 +87,11 @@ class RequestHead:
             elif lower == b"x-forwarded-for":
                 value = value.strip()
                 self.forwarded_for = value if not self.forwarded_for else self.forwarded_for + b", " + value
+            elif lower == b"x-forwarded-proto":
+                # The first hop's word (nearest the browser); believed only from a trusted front.
+                self.forwarded_proto = self.forwarded_proto or value.split(b",")[0].strip().lower()
+            elif lower == b"x-forwarded-port":
+                self.forwarded_port = self.forwarded_port or value.split(b",")[0].strip()
         if self.tokens:
             listed = self.tokens - _NEVER_LISTED
             if listed:

@@ -51,6 +51,7 @@ class Settings:
     agent_max_output_bytes: int
     preview_public_ports: frozenset[int] = frozenset()
     metrics_public: bool = False
+    trusted_proxies: tuple = ()
 
     @property
     def monitor_ignored(self) -> frozenset[int]:
@@ -155,6 +156,26 @@ OPTIONS.update({
     # GET /metrics without the token, for a scraper that cannot send one.
     "metrics_public": (boolean, False),
 })
+
+
+def networks(raw: Any) -> tuple:
+    """Addresses or networks: ``127.0.0.1,::1,10.0.0.0/8`` (a flag or variable), or a JSON
+    array of them (config.json)."""
+    import ipaddress
+
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError("not a list")
+    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items if item.strip())
+
+
+networks.what = "list of addresses or networks, e.g. 127.0.0.1,::1"  # type: ignore[attr-defined]
+
+OPTIONS.update({
+    # The TLS front(s) whose X-Forwarded-Proto and X-Forwarded-Port previews believe (and pass
+    # on to the app); from anyone else those headers are replaced by what aether itself saw.
+    "trusted_proxies": (networks, ()),
+})
 #: config.json's nested ``agent`` object: its keys and the settings they stand for.
 AGENT_KEYS = {"command": "agent_command", "timeout": "agent_timeout", "max_output_bytes": "agent_max_output_bytes"}
 
@@ -179,7 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="store_true", default=None, help=f"(env AETHER_{name.upper()}=1; default off)")
             continue
         shown = {"workspace_id": "the host name", "token_file": "none", "workspace_root": "the home directory", "shell": "the user's login shell",
-                 "agent_command": "none (the agent channel answers not_configured)"}.get(name, "generated once" if default is None else default)
+                 "agent_command": "none (the agent channel answers not_configured)",
+                 "trusted_proxies": "none"}.get(name, "generated once" if default is None else default)
         parser.add_argument(flag, type=kind, default=None, help=f"(env AETHER_{name.upper()}; default {shown})")
     parser.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default ~/.local/state/aether)")
     parser.add_argument("--ignore", default=None, help="ignored ports (env AETHER_IGNORED_PORTS; default 22,2222,3001)")
