@@ -163,7 +163,13 @@ for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
     case $mp in /proc|/proc/*|/dev|/dev/*) continue ;; esac
     mount -n -o remount,bind,ro "$mp" || { echo "sandbox: cannot make $mp read-only" >&2; exit 1; }
 done
+# The checkout itself may live under /tmp (a CI clone): keep it visible, read-only, through
+# the private /tmp, by way of /var/lib's own tmpfs (the state directory's, below).
+mount -n -t tmpfs -o mode=755 tmpfs /var/lib
+case $CHECKOUT in /tmp/*) mkdir /var/lib/.checkout && mount -n --bind "$CHECKOUT" /var/lib/.checkout ;; esac
 mount -n -t tmpfs -o mode=1777 tmpfs /tmp                                  # PrivateTmp=
+case $CHECKOUT in /tmp/*) mkdir -p "$CHECKOUT" && mount -n --move /var/lib/.checkout "$CHECKOUT" &&
+    rmdir /var/lib/.checkout ;; esac
 # ProtectKernelTunables=: /proc/sys read-only, kallsyms and kcore inaccessible; ProtectKernelLogs=:
 # kmsg inaccessible. systemd binds an empty mode-0 file over them, as here.
 : > /tmp/.inaccessible && chmod 0 /tmp/.inaccessible
@@ -175,7 +181,6 @@ for d in null zero full random urandom tty ptmx; do : > /tmp/.dev/$d && mount -n
 mkdir /tmp/.dev/pts /tmp/.dev/shm && mount -n --bind /dev/pts /tmp/.dev/pts && mount -n -t tmpfs tmpfs /tmp/.dev/shm
 mount -n --move /tmp/.dev /dev
 # StateDirectory=aether aether/workspace, owned by the user, 0700; UMask=.
-mount -n -t tmpfs -o mode=755 tmpfs /var/lib
 mkdir -p -m 0700 /var/lib/aether/workspace && chown -R "$uid:$uid" /var/lib/aether
 umask "$UMASK"
 exec setpriv --reuid="$uid" --regid="$uid" --clear-groups --inh-caps=-all,"$caps" \
@@ -200,7 +205,8 @@ def locked_server():
     env = dict(line.split("=", 1) for line in values["Environment"])
     wrap = (tool("unshare"), "--mount", "--propagation", "private", "sh", "-ec", SANDBOX, "sandbox", str(NOBODY), caps, nnp)
     server = Server("ebpf", Path("/var/lib/aether"), "--project-id", "abc123def456", wrap=wrap,
-                    env={**env, "UMASK": values["UMask"][0], "HOME": "/var/lib/aether", "SHELL": "/usr/sbin/nologin"})
+                    env={**env, "UMASK": values["UMask"][0], "HOME": "/var/lib/aether", "SHELL": "/usr/sbin/nologin",
+                         "CHECKOUT": str(ROOT)})
     server.caps = values["AmbientCapabilities"][0].split()
     yield server
     server.stop()
