@@ -54,7 +54,9 @@ def test_token_is_traded_for_a_cookie_and_leaves_the_url(server):
     name, _, value = attributes[0].partition("=")
     assert name == "aether_dashboard" and re.fullmatch(r"[0-9a-f]{64}", value)
     assert server.token not in value
-    assert set(attributes[1:]) == {"Path=/", "HttpOnly", "SameSite=Strict"}  # no Domain, no Secure over http
+    # Lax, not Strict: a link from another site (a chat, a web IDE) to /?token= must land signed
+    # in, and Strict cookies are not sent on the redirect of a cross-site navigation.
+    assert set(attributes[1:]) == {"Path=/", "HttpOnly", "SameSite=Lax"}  # no Domain, no Secure over http
     assert head["Cache-Control"] == "no-store"
 
     status, head, page = get(server, "/", {"Cookie": f"other=1; {attributes[0]}"})
@@ -140,8 +142,8 @@ def test_websocket_takes_the_cookie_from_its_own_origin_only(server):
     assert ws_status(server, {"Cookie": cookie}, "null") == 403
     assert ws_status(server, {"Cookie": cookie}) == 403  # every browser sends an Origin
     assert ws_status(server, {"Cookie": cookie, "Origin": own + ", " + own}) == 403
-    # Behind the TLS front: the browser's origin is the front's host.
-    assert ws_status(server, {"Cookie": cookie, "X-Forwarded-Host": "ws.example.com"}, "https://ws.example.com") == 101
+    # X-Forwarded-Host is not a second chance: only Host is compared.
+    assert ws_status(server, {"Cookie": cookie, "X-Forwarded-Host": "evil.example"}, "http://evil.example") == 403
     # A wrong cookie, or none, is no credential at all.
     assert ws_status(server, {"Cookie": "aether_dashboard=" + "0" * 64}, own) == 401
     assert ws_status(server, {"Cookie": "aether_preview=" + "0" * 64}, own) == 401
@@ -149,6 +151,35 @@ def test_websocket_takes_the_cookie_from_its_own_origin_only(server):
     # Without credentials, which workspaces exist is not told.
     assert ws_status(server, {"Cookie": cookie}, own, "/workspaces/other/ws") == 404
     assert ws_status(server, {"Cookie": "aether_dashboard=x"}, own, "/workspaces/other/ws") == 401
+
+
+def test_the_cookie_opens_only_what_the_page_uses(server):
+    """Browsers send a host's cookies to every port of it, so a dev server beside aether on the
+    same host gets the dashboard cookie and could replay it with a forged Origin: it must not
+    open a shell, files, the agent or config set."""
+    cookie = sign_in(server)
+    own = f"http://127.0.0.1:{server.port}"
+    with connect(f"ws://127.0.0.1:{server.port}/workspaces/ws-test/ws", additional_headers={"Cookie": cookie},
+                 origin=own) as ws:
+        refused = [
+            {"channel": "terminal", "type": "create", "cols": 80, "rows": 24, "command": "touch /tmp/x"},
+            {"channel": "terminal", "type": "list"},
+            {"channel": "files", "type": "read", "path": "/etc/hostname"},
+            {"channel": "agent", "type": "list"},
+            {"channel": "config", "type": "set", "config": {"ignoredPorts": [22]}},
+        ]
+        for n, message in enumerate(refused):
+            ws.send(json.dumps({**message, "id": n}))
+            answer = recv_until(ws, lambda m: m.get("id") == n)
+            assert (answer["type"], answer["code"], answer["channel"]) == ("error", "forbidden", message["channel"]), answer
+            assert "token" in answer["message"]
+        ws.send(json.dumps({"channel": "config", "type": "get", "id": "g"}))
+        assert recv_until(ws, lambda m: m.get("id") == "g")["config"]["ignoredPorts"] == [22, 2222, 3001]
+        ws.send(json.dumps({"channel": "ports", "type": "kill", "port": 1, "id": "k"}))
+        assert recv_until(ws, lambda m: m.get("id") == "k")["code"] != "forbidden"
+    with server.connect() as ws:  # the token still opens everything
+        ws.send(json.dumps({"channel": "terminal", "type": "list", "id": 1}))
+        assert recv_until(ws, lambda m: m.get("id") == 1)["type"] == "list"
 
 
 def test_token_auth_is_unchanged_and_judged_before_the_cookie(server):

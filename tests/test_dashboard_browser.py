@@ -118,7 +118,7 @@ def test_dashboard_in_chromium(driver, tmp_path):
         assert driver.execute_script("return document.cookie") == ""
         assert server.token not in driver.page_source
         (cookie,) = driver.get_cookies()
-        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["domain"] == "127.0.0.1"
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["domain"] == "127.0.0.1"
         driver.execute_script(ROW_TIMES_JS)
 
         # A server started now appears in the table, with its process, pid and address.

@@ -37,7 +37,8 @@ from aether.server.dashboard import routes as dashboard_routes
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener
 from aether.registry.store import RegistryError
-from aether.server.protocol import Message, encode
+from aether.server.cookie import DASHBOARD_CHANNELS
+from aether.server.protocol import Message, ProtocolError, encode
 from aether.server.registry import RegistryService
 from aether.server.registry import routes as registry_routes
 from aether.server.session import Session
@@ -129,8 +130,10 @@ class WorkspaceServer:
         return app
 
     def on_open(self, session: Session) -> None:
-        for channel in self.channels.values():
-            channel.on_open(session)
+        heard = self.channels if session.allowed is None else DASHBOARD_CHANNELS
+        for name, channel in self.channels.items():
+            if name in heard:
+                channel.on_open(session)
         self.registry.watch()
 
     def close_channels(self) -> None:
@@ -149,6 +152,15 @@ class WorkspaceServer:
         self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))
 
     def dispatch(self, session: Session, message: Message) -> None:
+        if session.allowed is not None and (message.channel, message.type) not in session.allowed:
+            raise ProtocolError(
+                "forbidden",
+                "the dashboard's cookie opens the ports channel and config get/registry only: "
+                "connect with the workspace token for this",
+                message.channel,
+                message.id,
+                message.type,
+            )
         self.channels[message.channel].handle(session, message)
 
 

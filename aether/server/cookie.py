@@ -1,15 +1,20 @@
-"""The dashboard's login cookie, and the same-origin rule for what it authenticates.
+"""The dashboard's login cookie, and what it may open.
 
 ``GET /?token=TOKEN`` sets ``aether_dashboard``: HttpOnly (the page's scripts never see it),
-``SameSite=Strict`` (no other site's page or link sends it), host-only (no ``Domain``, so preview
-hosts never get it), ``Secure`` when the request came over TLS. Its value is HMAC-SHA256 of a
-fixed label keyed with the workspace token: it proves the token was shown, cannot be turned back
-into it, and stops working when the token changes.
+``SameSite=Lax`` (another site's page never sends it along, though a link from one may open the
+page), host-only (no ``Domain``, so preview hosts never get it), ``Secure`` when the request came
+over TLS. Its value is HMAC-SHA256 of a fixed label keyed with the workspace token: it proves
+the token was shown, cannot be turned back into it, and stops working when the token changes.
+
+Browsers scope cookies by host, not port: every other server the browser visits on the same
+host (a dev server on ``127.0.0.1:5173`` beside aether on ``127.0.0.1:3001``) is sent this
+cookie too, and could replay it with any ``Origin`` it likes. So the cookie opens less than the
+token: the ``ports`` channel and ``config`` ``get``/``registry`` (``DASHBOARD``), what the page
+uses, and never terminals, files, the agent or ``config set``.
 
 The WebSocket accepts the cookie in place of the token only from a page of the same origin:
-a browser attaches cookies to a WebSocket opened by any site (SameSite aside, which older
-browsers ignore), and WebSockets are not bound by CORS, so the ``Origin`` is the only defence
-against cross-site WebSocket hijacking.
+a browser attaches cookies to a WebSocket opened by any site, and WebSockets are not bound by
+CORS, so the ``Origin`` is the only defence against cross-site WebSocket hijacking.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Optional
 from tornado.httputil import HTTPServerRequest
 
 NAME = "aether_dashboard"
+#: What a session opened by the cookie may send (channel, type); it hears only these channels.
+DASHBOARD = frozenset({("ports", "kill"), ("ports", "visibility"), ("config", "get"), ("config", "registry")})
+DASHBOARD_CHANNELS = frozenset(channel for channel, _ in DASHBOARD)
 
 
 def value(token: str) -> str:
@@ -36,7 +44,7 @@ def is_tls(request: HTTPServerRequest) -> bool:
 
 def header(token: str, secure: bool) -> str:
     """The ``Set-Cookie`` value. A session cookie: it goes when the browser's session does."""
-    attributes = "Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if secure else "")
+    attributes = "Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
     return f"{NAME}={value(token)}; {attributes}"
 
 
@@ -59,17 +67,12 @@ def _authority(origin: str) -> Optional[str]:
 
 
 def same_origin(request: HTTPServerRequest) -> bool:
-    """Whether the request's one ``Origin`` names the host it was sent to: its ``Host``, or the
-    TLS front's ``X-Forwarded-Host`` (a page cannot set either on a WebSocket). A missing
-    ``Origin`` is refused: every browser sends one on a WebSocket."""
+    """Whether the request's one ``Origin`` names the host it was sent to, its ``Host`` (which the
+    TLS front passes on unchanged, and a page cannot set on a WebSocket). A missing ``Origin`` is
+    refused: every browser sends one on a WebSocket."""
     origins = request.headers.get_list("Origin")
     if len(origins) != 1:
         return False
     authority = _authority(origins[0].strip())
-    if authority is None:
-        return False
-    hosts = [request.headers.get("Host", "")]
-    forwarded = request.headers.get("X-Forwarded-Host")
-    if forwarded:
-        hosts.append(forwarded.split(",")[0])
-    return any(authority == host.strip().lower() for host in hosts if host.strip())
+    host = request.headers.get("Host", "").strip().lower()
+    return authority is not None and bool(host) and authority == host

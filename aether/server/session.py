@@ -83,6 +83,8 @@ class Session(tornado.websocket.WebSocketHandler):
         self._pending_bytes = 0
         self._write_timer: Optional[asyncio.TimerHandle] = None
         self._on_drained: list = []
+        #: (channel, type) pairs this client may send; None for all (it showed the token).
+        self.allowed: Optional[frozenset] = None
 
     # -- before the upgrade -------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class Session(tornado.websocket.WebSocketHandler):
             raise tornado.web.HTTPError(401)
         elif not cookie.same_origin(self.request):
             raise tornado.web.HTTPError(403)
+        else:
+            self.allowed = cookie.DASHBOARD
         if self.path_args[0] != settings.workspace_id:
             raise tornado.web.HTTPError(404)
 
