@@ -12,10 +12,10 @@ die() { echo "render-nginx: $*" >&2; exit 2; }
 usage() {
     die "usage: render-nginx.sh --api-host HOST --preview-domain DOMAIN --cert FILE --key FILE
        [--upstream ADDR:PORT (127.0.0.1:3001)] [--https-listen ADDR]... (443, [::]:443)
-       [--http-listen ADDR]... (80, [::]:80)"
+       [--http-listen ADDR]... (80, [::]:80) [--access-log FILE (/var/log/nginx/access.log)]"
 }
 
-API_HOST="" DOMAIN="" CERT="" KEY="" UPSTREAM=127.0.0.1:3001
+API_HOST="" DOMAIN="" CERT="" KEY="" UPSTREAM=127.0.0.1:3001 ACCESS_LOG=/var/log/nginx/access.log
 HTTPS=() HTTP=()
 while [ $# -gt 0 ]; do
     [ $# -ge 2 ] || usage
@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
         --upstream) UPSTREAM=$2 ;;
         --https-listen) HTTPS+=("$2") ;;
         --http-listen) HTTP+=("$2") ;;
+        --access-log) ACCESS_LOG=$2 ;;
         *) usage ;;
     esac
     shift 2
@@ -38,7 +39,7 @@ done
 host_re='^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$'
 [[ $API_HOST =~ $host_re ]] || die "--api-host $API_HOST: not a lower-case host name"
 [[ $DOMAIN =~ $host_re ]] || die "--preview-domain $DOMAIN: not a lower-case domain"
-for file in "$CERT" "$KEY"; do
+for file in "$CERT" "$KEY" "$ACCESS_LOG"; do
     [[ $file =~ ^/[A-Za-z0-9._/+-]+$ ]] || die "$file: give an absolute path without spaces or quotes"
 done
 listen_re='^(([0-9.]+|\[[0-9a-f:]+\]):)?[0-9]{1,5}$'
@@ -53,11 +54,12 @@ suffix=$([ "$port" = 443 ] || echo ":$port")
 
 # One `listen` line per address; every other placeholder is a plain substitution.
 awk -v https="${HTTPS[*]}" -v http="${HTTP[*]}" -v api="$API_HOST" -v domain="$DOMAIN" \
-    -v cert="$CERT" -v key="$KEY" -v upstream="$UPSTREAM" -v suffix="$suffix" '
+    -v cert="$CERT" -v key="$KEY" -v upstream="$UPSTREAM" -v suffix="$suffix" -v access_log="$ACCESS_LOG" '
     function fill(line) {
         gsub(/@API_HOST@/, api, line); gsub(/@PREVIEW_DOMAIN@/, domain, line)
         gsub(/@CERT@/, cert, line); gsub(/@KEY@/, key, line)
         gsub(/@UPSTREAM@/, upstream, line); gsub(/@HTTPS_PORT_SUFFIX@/, suffix, line)
+        gsub(/@ACCESS_LOG@/, access_log, line)
         return line
     }
     function each(line, placeholder, addresses,   n, list, i, copy) {

@@ -115,3 +115,20 @@ def test_serve_logs_logfmt_without_the_token(tmp_path):
     assert any(r["msg"] == "request" and r["path"] == "/healthz" and r["status"] == "200" for r in records)
     assert any(r["logger"] == "tornado.general" and "Bearer [redacted]" in r["msg"] for r in records)
     assert token not in "\n".join(lines)
+
+
+def test_under_systemd_the_banner_names_the_token_file_only(tmp_path):
+    """stdout is the journal under systemd ($JOURNAL_STREAM): the banner must not carry the token."""
+    port = free_port()
+    env = {**os.environ, "JOURNAL_STREAM": "8:12345"}
+    proc = subprocess.Popen([*AETHER, "serve", "--port", str(port), "--backend", "sockdiag",
+                             "--state-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    try:
+        banner = [proc.stdout.readline() for _ in range(7)]
+    finally:
+        assert terminate(proc) == 0
+    token = (tmp_path / "token").read_text().strip()
+    assert token and not any(token in line for line in banner), banner
+    assert banner[2].split() == ["token:", "in", str(tmp_path / "token")]
+    assert banner[6].rstrip().endswith("/?token=TOKEN")

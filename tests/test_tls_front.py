@@ -53,7 +53,8 @@ def render(tmp: Path, upstream: int, https: int, http: int) -> subprocess.Comple
     return subprocess.run(
         ["bash", str(RENDER), "--api-host", API_HOST, "--preview-domain", DOMAIN, "--cert", str(tmp / "server.pem"),
          "--key", str(tmp / "server.key"), "--upstream", f"127.0.0.1:{upstream}",
-         "--https-listen", f"127.0.0.1:{https}", "--http-listen", f"127.0.0.1:{http}"],
+         "--https-listen", f"127.0.0.1:{https}", "--http-listen", f"127.0.0.1:{http}",
+         "--access-log", str(tmp / "access.log")],
         capture_output=True, text=True, timeout=30)
 
 
@@ -266,3 +267,19 @@ def test_preview_websocket_through_tls_with_the_cookie(front):
         assert ws.subprotocol == "hmr"
         ws.send("hot update")
         assert ws.recv(timeout=5) == "echo:hot update"
+
+
+def test_access_log_keeps_no_token_or_grant(front):
+    """`?token=` and `?aether_grant=` open the API and previews: nginx's log must not keep them."""
+    host = preview_host(front, front.web)
+    https_request(front, host, f"/?token={front.server.token}&keep=1").read()
+    https_request(front, host, "/?aether_grant=123.abc").read()
+    https_request(front, API_HOST, f"/?token={front.server.token}").read()
+
+    def logged():
+        text = (front.tmp / "access.log").read_text()
+        return text.count("GET / HTTP") >= 3 and text
+
+    text = wait_for(logged, 5)
+    assert front.server.token not in text and "aether_grant" not in text and "keep=1" not in text
+    assert host.split(":")[0] in text and API_HOST in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import sys
 import time
@@ -164,18 +165,23 @@ class WorkspaceServer:
         self.channels[message.channel].handle(session, message)
 
 
-def banner(settings: Settings) -> str:
+def banner(settings: Settings, show_token: bool = True) -> str:
+    """What ``serve`` prints on stdout once listening. Under systemd (``$JOURNAL_STREAM``) stdout
+    is the journal, which more than root may read and shippers copy: the token is then named by
+    its source, never printed."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"ws://{host}:{settings.port}{settings.ws_path}"
+    token = settings.token if show_token else "TOKEN"
+    shown = f"{settings.token}   (from {settings.token_source})" if show_token else f"in {settings.token_source}"
     return "\n".join(
         [
             f"aether serving workspace {settings.workspace_id} on http://{host}:{settings.port}",
             f"  WebSocket URL: {url}",
-            f"  token:         {settings.token}   (from {settings.token_source})",
-            f"  connect:       wscat -c {url} -s \"Bearer, {settings.token}\"",
-            f"  or:            wscat -c \"{url}?token={settings.token}\"",
+            f"  token:         {shown}",
+            f"  connect:       wscat -c {url} -s \"Bearer, {token}\"",
+            f"  or:            wscat -c \"{url}?token={token}\"",
             f"  previews:      {settings.preview_url_pattern}",
-            f"  dashboard:     http://{host}:{settings.port}/?token={settings.token}",
+            f"  dashboard:     http://{host}:{settings.port}/?token={token}",
         ]
     )
 
@@ -219,7 +225,7 @@ async def serve(settings: Settings) -> int:
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
         return 1
-    print(banner(settings), flush=True)
+    print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
         extra={"host": settings.host, "port": settings.port, "workspace": settings.workspace_id, "backend": monitor.backend},
