@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import time
 from typing import TYPE_CHECKING, Callable, Optional, Union
 from urllib.parse import unquote_to_bytes
 
@@ -132,6 +133,7 @@ class Gate:
         self._original_host = settings.preview_upstream_host == "original"
         self._trusted_networks = tuple(getattr(settings, "trusted_proxies", ()))
         self._trusted: dict[str, bool] = {}  # client address -> is it a trusted front
+        self._redeemed: dict[bytes, int] = {}  # grants used, until they expire
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -205,6 +207,17 @@ class Gate:
             port = port_part if port_part != b"80" else (b"443" if proto == b"https" else b"80")
         return proto, port
 
+    def _redeem(self, host_name: bytes, value: bytes) -> bool:
+        """Whether ``value`` is a live grant for ``host_name`` not used before; it is used now.
+        Single use: a grant left in a history or a log after it opened its host opens nothing."""
+        if value in self._redeemed or not grant.valid(self.token, host_name, value):
+            return False
+        if len(self._redeemed) >= 64:
+            now = time.time()
+            self._redeemed = {used: expiry for used, expiry in self._redeemed.items() if expiry >= now}
+        self._redeemed[value] = int(value.partition(b".")[0])
+        return True
+
     def forget(self, port: int) -> None:
         """The port opened, closed or refused: look its upstream address up again."""
         self._addresses.pop(port, None)
@@ -265,7 +278,7 @@ class Gate:
 
         proto, forwarded_port = self.scheme(head, client_ip, port_part)
         if b"token=" in target or b"aether_grant=" in target:
-            location = _redirect_path(target, self.token, lambda value: grant.valid(self.token, host_name, value))
+            location = _redirect_path(target, self.token, lambda value: self._redeem(host_name, value))
             if location is not None:
                 status = 302 if method in (b"GET", b"HEAD") else 307
                 secure = b"; Secure" if proto == b"https" else b""

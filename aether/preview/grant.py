@@ -5,7 +5,9 @@ A grant is ``EXPIRY.MAC``: ``EXPIRY`` in Unix seconds, ``MAC`` the HMAC-SHA256 o
 host name and the expiry, keyed with the workspace token. The gate takes it as
 ``?aether_grant=`` exactly like ``?token=``: it sets that host's cookie and redirects to the
 URL without it. Unlike the token, a grant that leaks (browser history, a proxy's log) opens one
-preview host for at most ``TTL_SECONDS``, and never the API.
+preview host, and never the API: the gate takes each grant once (a grant seen again opens nothing), and
+none after ``TTL_SECONDS``. What it opens is the host's cookie, which lasts as the ``?token=``
+one does.
 """
 
 from __future__ import annotations
