@@ -39,7 +39,13 @@ if [ -n "$SERVICE_USER" ] && ! [[ $SERVICE_USER =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; 
 fi
 for setting in ${SETTINGS[@]+"${SETTINGS[@]}"}; do
     [[ $setting =~ ^AETHER_[A-Z0-9_]+=[^$'\n']*$ ]] || die "--set $setting: expected AETHER_NAME=VALUE on one line"
+    # systemd's EnvironmentFile= parser unquotes, unescapes and expands these; written plainly
+    # they would not reach aether as given (a JSON agent command belongs in config.json).
+    case ${setting#*=} in *[\\\"\'\$\`]*)
+        die "--set ${setting%%=*}: a value may not hold \\, quotes, \$ or \` (systemd would rewrite it): put it in the state directory's config.json" ;;
+    esac
 done
+[[ ${AETHER_VENV:-.venv} =~ ^[A-Za-z0-9._/+-]+$ ]] || die "AETHER_VENV=$AETHER_VENV: characters a unit file cannot take unquoted"
 # The path goes into ExecStart as it is: systemd would split it at a space and expand a %.
 [[ $ROOT =~ ^/[A-Za-z0-9._/+-]*$ ]] || die "the checkout path $ROOT has characters a unit file cannot take unquoted; move it (e.g. to /opt/aether)"
 if [ -n "$DESTDIR" ]; then

@@ -126,6 +126,9 @@ def test_exposure_scores(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--user", "Not A Name"), "not a valid user name"),
     (("--set", "HOST=0.0.0.0"), "expected AETHER_NAME=VALUE"),
+    (("--set", "AETHER_AGENT_COMMAND=run a\\ b"), "may not hold"),
+    (("--set", "AETHER_AGENT_COMMAND='run'"), "may not hold"),
+    (("--set", "AETHER_SHELL=$HOME/sh"), "may not hold"),
     (("--frobnicate",), "unknown argument"),
 ])
 def test_install_refuses_bad_arguments_and_writes_nothing(tmp_path, args, message):
