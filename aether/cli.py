@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--host", default=None, help="the address to test (default: what serve would use)")
     doctor.add_argument("--port", type=int, default=None, help="the port to test (default: what serve would use)")
     doctor.add_argument("--state-dir", default=None, help="(default: what serve would use)")
+    doctor.add_argument("--service", action="store_true",
+                        help="check what the installed aether.service runs with: /etc/aether/aether.env's "
+                             "settings and the state in /var/lib/aether")
 
     from aether.registry import cli as registry_cli
 

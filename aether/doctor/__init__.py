@@ -40,23 +40,33 @@ class Report:
 
 
 def run(host: str, port: int, state_dir: Path, backend: str = "auto", config_error: str | None = None) -> Report:
-    steps: list[Callable[[], Check]] = [
-        checks.check_privileges,
-        checks.check_kernel,
-        checks.check_btf,
-        checks.check_tracepoint,
-        checks.check_kprobes,
-        checks.check_bcc,
-        checks.check_headers,
-        checks.check_probe,
-        checks.check_sockdiag,
-        lambda: checks.check_state_dir(state_dir, config_error),
-        lambda: checks.check_port(host, port),
+    steps: list[tuple[str, Callable[[], Check]]] = [
+        ("privileges", checks.check_privileges),
+        ("kernel", checks.check_kernel),
+        ("btf", checks.check_btf),
+        ("tracepoint", checks.check_tracepoint),
+        ("kprobes", checks.check_kprobes),
+        ("bcc", checks.check_bcc),
+        ("headers", checks.check_headers),
+        ("probe", checks.check_probe),
+        ("sock_diag", checks.check_sockdiag),
+        ("state-dir", lambda: checks.check_state_dir(state_dir, config_error)),
+        ("port", lambda: checks.check_port(host, port)),
     ]
-    found = [step() for step in steps]
+    found = [_checked(name, step) for name, step in steps]
     by_name = {check.name: check for check in found}
     ebpf = by_name["probe"].verdict == OK and by_name["sock_diag"].verdict == OK
     return Report(found, ebpf, summary(found, ebpf, backend))
+
+
+def _checked(name: str, step: Callable[[], Check]) -> Check:
+    """The step's verdict; a check that breaks on something this machine does (a kernel without
+    IPv6, a truncated /proc/config.gz) fails with what broke, and the others still run."""
+    try:
+        return step()
+    except Exception as exc:
+        return Check(name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}",
+                     "report this; the other checks still hold")
 
 
 def summary(found: list[Check], ebpf: bool, backend: str) -> str:
@@ -79,6 +89,26 @@ def summary(found: list[Check], ebpf: bool, backend: str) -> str:
     return f"doctor: eBPF backend will NOT run ({', '.join(why)} failed); {after} ({tally})"
 
 
+#: What deploy/aether.service reads (EnvironmentFile=) and where it keeps its state.
+SERVICE_ENV_FILE = Path("/etc/aether/aether.env")
+SERVICE_STATE_DIR = "/var/lib/aether"
+
+
+def service_environment(path: Path) -> None:
+    """Take the ``AETHER_*`` settings of the unit's environment file, as systemd would (install.sh
+    writes plain ``NAME=VALUE`` lines); a missing file is fine, as for ``EnvironmentFile=-``."""
+    import os
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name.startswith("AETHER_") and not line.lstrip().startswith("#"):
+            os.environ[name] = value
+
+
 def command(args) -> int:
     """``aether doctor``: the report on stdout; 0 iff the eBPF backend will run, 2 for bad
     settings. Host, port and state directory are found as ``aether serve`` finds them."""
@@ -89,6 +119,13 @@ def command(args) -> int:
     from aether.server import settings
     from aether.server.state import StateDir
 
+    if args.service:
+        try:
+            service_environment(SERVICE_ENV_FILE)
+        except OSError as exc:
+            print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
+            return 2
+        args.state_dir = args.state_dir or SERVICE_STATE_DIR
     state_dir = settings.state_path(args)
     try:
         file, config_error = StateDir(state_dir).load_config(), None

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from aether import caps, config
+from aether.ports.ebpf import find_tracepoint_format
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 UNIT = "deploy/aether.service"
@@ -61,22 +62,6 @@ def _user() -> str:
     return f"uid {os.geteuid()} ({_user_name()})"
 
 
-def _tracepoint() -> tuple[Optional[Path], Optional[Path]]:
-    """(the tracepoint's format file, readable), or (None, the one this user may not read)."""
-    from aether.ports.ebpf import TRACEPOINT_DIRS
-
-    denied = None
-    for directory in TRACEPOINT_DIRS:
-        try:
-            with open(directory / "format", "rb"):
-                return directory / "format", None
-        except PermissionError:
-            denied = denied or directory / "format"
-        except OSError:
-            continue
-    return None, denied
-
-
 def check_privileges() -> Check:
     mask = caps.effective()
     dac = caps.has(caps.CAP_DAC_READ_SEARCH, mask) or caps.has(caps.CAP_DAC_OVERRIDE, mask)
@@ -84,7 +69,7 @@ def check_privileges() -> Check:
     for_probe = caps.missing_for_probe(mask)
     if old_kernel and for_probe:
         for_probe = [caps.CAP_SYS_ADMIN]  # before 5.8 there is no CAP_BPF or CAP_PERFMON
-    if not dac and _tracepoint()[1]:
+    if not dac and find_tracepoint_format()[1]:
         for_probe.append(caps.CAP_DAC_READ_SEARCH)
     # Other users' sockets: their /proc/<pid>/fd and ns/net need both; their processes, CAP_KILL.
     others = [cap for cap in (caps.CAP_SYS_PTRACE, caps.CAP_KILL) if not caps.has(cap, mask)]
@@ -129,7 +114,7 @@ def check_btf() -> Check:
 
 
 def check_tracepoint() -> Check:
-    found, denied = _tracepoint()
+    found, denied = find_tracepoint_format()
     if found:
         return Check("tracepoint", OK, f"sock:inet_sock_set_state at {found.parent}")
     if denied:
@@ -273,7 +258,8 @@ def check_sockdiag() -> Check:
                      "a kernel with CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG (modprobe tcp_diag)")
     ports = len({row[1] for row in raw})
     took = (time.monotonic() - started) * 1000
-    return Check("sock_diag", OK, f"{len(raw)} listening sockets on {ports} ports, dumped in {took:.1f} ms")
+    sockets = f"{len(raw)} listening socket{'' if len(raw) == 1 else 's'}"
+    return Check("sock_diag", OK, f"{sockets} on {ports} port{'' if ports == 1 else 's'}, dumped in {took:.1f} ms")
 
 
 def check_state_dir(path: Path, config_error: Optional[str] = None) -> Check:
@@ -342,7 +328,7 @@ def check_port(host: str, port: int) -> Check:
                                    socket.AI_PASSIVE | socket.AI_ADDRCONFIG)
     except socket.gaierror as exc:
         return Check("port", FAIL, f"host {host!r} does not resolve: {exc.strerror}", "--host / AETHER_HOST")
-    where = f"{host}:{port}"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     for family, kind, proto, _name, address in dict.fromkeys(infos):
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

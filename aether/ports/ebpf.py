@@ -117,19 +117,28 @@ TRACEPOINT_DIRS = (
 )
 
 
-def tracepoint_format() -> Path:
-    """The tracepoint's ``format`` file, which bcc reads to compile the probe's arguments;
-    ProbeUnavailable if no tracefs shows it, or this process may not read it."""
+def find_tracepoint_format() -> tuple[Optional[Path], Optional[Path]]:
+    """(the tracepoint's ``format`` file, which bcc reads to compile the probe's arguments, None)
+    when this process can read it; else (None, the one it may not read, or None if none shows)."""
     denied = None
     for directory in TRACEPOINT_DIRS:
         path = directory / "format"
         try:
             with open(path, "rb"):
-                return path
+                return path, None
         except PermissionError:
             denied = denied or path
         except OSError:
             continue
+    return None, denied
+
+
+def tracepoint_format() -> Path:
+    """The tracepoint's ``format`` file; ProbeUnavailable if no tracefs shows it, or this
+    process may not read it."""
+    path, denied = find_tracepoint_format()
+    if path is not None:
+        return path
     if denied is not None:
         raise ProbeUnavailable(
             f"{denied} not readable by uid {os.geteuid()}: tracefs is root's (mode 0700); "
