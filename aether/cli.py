@@ -232,6 +232,9 @@ def _serve(args) -> int:
         print(f"aether: state directory: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     log.redact(settings.token)
+    from aether.server import cookie
+
+    log.redact(cookie.value(settings.token))  # the dashboard's cookie opens the ports channel
     # uvloop moves bytes ~10% faster than asyncio's own loop: it shows in the preview proxy.
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve(settings))

@@ -68,19 +68,26 @@ class _Formatter(logging.Formatter):
         raise NotImplementedError
 
 
+#: Characters some line splitters take for a line break (NEL, LINE and PARAGRAPH SEPARATOR) and
+#: the other C1 controls: escaped in both formats, so a record stays one line for every reader.
+_BREAKERS = {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x2028, 0x2029)}
+
+
 class JsonFormatter(_Formatter):
     def line(self, fields: dict[str, Any]) -> str:
-        return ujson.dumps(fields, ensure_ascii=False, default=str)
+        # Raw, they can only stand inside a JSON string, where \uXXXX means the same.
+        return ujson.dumps(fields, ensure_ascii=False, default=str).translate(_BREAKERS)
 
     def escaped(self, text: str) -> str:
-        return ujson.dumps(text, ensure_ascii=False)[1:-1]
+        return ujson.dumps(text, ensure_ascii=False)[1:-1].translate(_BREAKERS)
 
 
 #: What makes a logfmt value need quotes: a space, ``=``, a quote, a backslash, a control
 #: character, or nothing at all.
-_NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f]|^$')
+_NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f-\x9f\u2028\u2029]|^$')
 _ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 _ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F) if c not in _ESCAPES})
+_ESCAPES.update(_BREAKERS)
 _BAD_KEY = re.compile(r'[^\w.\-]')
 
 

@@ -44,7 +44,7 @@ from aether import log
 log.setup("debug", sys.argv[1])
 log.redact("s3cret-token")
 logger = logging.getLogger("aether.test")
-logger.info('two\nlines "quoted" a=b \x1b[31mred\x1b[0m s3cret-token', extra={"port": 8080, "empty": "", "none": None,
+logger.info('two\nlines "quoted" a=b \x1b[31mred\x1b[0m s3cret-token \x85\u2028\u2029', extra={"port": 8080, "empty": "", "none": None,
             "flag": True, "path": "/a b", "pids": [1, 2]})
 try:
     raise ValueError("bad\nvalue")
@@ -57,11 +57,11 @@ except ValueError:
 def test_every_record_is_one_line_with_everything_escaped(fmt):
     result = subprocess.run([sys.executable, "-c", LOGGING, fmt], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
+    lines = result.stderr.splitlines()  # str.splitlines breaks at NEL, U+2028 and U+2029 too
     assert len(lines) == 2, lines
     assert "\x1b" not in result.stderr, "control characters are escaped, never written"
     first, second = map(PARSE[fmt], lines)
-    assert first["msg"] == 'two\nlines "quoted" a=b \x1b[31mred\x1b[0m [redacted]'
+    assert first["msg"] == 'two\nlines "quoted" a=b \x1b[31mred\x1b[0m [redacted] \x85\u2028\u2029'
     assert (first["ts"][-1], first["level"], first["logger"]) == ("Z", "info", "aether.test")
     if fmt == "json":
         assert (first["port"], first["empty"], first["none"], first["flag"], first["pids"]) == (8080, "", None, True, [1, 2])
