@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aether import caps
 from conftest import ROOT, Server, free_port, need_ebpf, proc_comm, recv_until, wait_for
 
 INSTALL = ROOT / "deploy" / "install.sh"
@@ -215,16 +216,13 @@ def locked_server():
     server.stop()
 
 
-def cap_mask(names: list[str]) -> int:
-    numbers = {"CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
-    return sum(1 << numbers[name] for name in names)
-
-
 def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked_server, listeners):
     server = locked_server
+    # The drop-in grants what aether.caps says a dedicated user needs, no more.
+    assert sorted(server.caps) == sorted(caps.names(caps.DAEMON))
     status = dict(line.split(":\t", 1) for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines())
     assert status["Uid"].split()[0] == str(NOBODY) and status["NoNewPrivs"] == "1"
-    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == cap_mask(server.caps)
+    assert caps.effective(f"/proc/{server.proc.pid}/status") == int(status["CapBnd"], 16) == sum(1 << cap for cap in caps.DAEMON)
     root_mount = [line.split() for line in Path(f"/proc/{server.proc.pid}/mountinfo").read_text().splitlines()
                   if line.split()[4] == "/"]
     assert "ro" in root_mount[-1][5].split(","), root_mount
