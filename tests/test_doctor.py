@@ -252,18 +252,17 @@ def test_capabilities_the_probe_needs():
     assert caps.missing_for_probe(bit(caps.CAP_SYS_ADMIN)) == []
 
 
-def test_service_reads_the_units_environment_file(tmp_path, monkeypatch):
+def test_service_reads_the_units_environment_file(tmp_path):
     """--service checks what aether.service runs with: its env file's settings, /var/lib/aether."""
     from aether.doctor import service_environment
 
     env_file = tmp_path / "aether.env"
     env_file.write_text("# comment\n#AETHER_PORT=1\nAETHER_PORT=4123\nAETHER_HOST=::1\nOTHER=x\n")
-    monkeypatch.delenv("AETHER_PORT", raising=False)
-    monkeypatch.delenv("AETHER_HOST", raising=False)
-    service_environment(env_file)
-    assert (os.environ["AETHER_PORT"], os.environ["AETHER_HOST"]) == ("4123", "::1")
-    assert "OTHER" not in os.environ
-    service_environment(tmp_path / "missing.env")  # EnvironmentFile=-: a missing file is fine
+    environ = {"AETHER_PORT": "9"}
+    service_environment(env_file, environ)
+    assert environ == {"AETHER_PORT": "4123", "AETHER_HOST": "::1"}
+    service_environment(tmp_path / "missing.env", environ)  # EnvironmentFile=-: a missing file is fine
+    assert environ == {"AETHER_PORT": "4123", "AETHER_HOST": "::1"}
 
     result = aether("doctor", "--json", "--service", "--port", str(free_port()))
     assert result.returncode in (0, 1), result.stderr

@@ -120,7 +120,9 @@ def test_valid_messages_and_id_echo():
 
 
 class Recorder:
-    """Stands in for a session: the channels only call ``send``."""
+    """Stands in for a session that showed the token: the channels only call ``send``."""
+
+    allowed = None  # every channel and type (a dashboard cookie's session has a set)
 
     def __init__(self):
         self.sent: list[dict] = []

@@ -94,11 +94,13 @@ SERVICE_ENV_FILE = Path("/etc/aether/aether.env")
 SERVICE_STATE_DIR = "/var/lib/aether"
 
 
-def service_environment(path: Path) -> None:
-    """Take the ``AETHER_*`` settings of the unit's environment file, as systemd would (install.sh
-    writes plain ``NAME=VALUE`` lines); a missing file is fine, as for ``EnvironmentFile=-``."""
+def service_environment(path: Path, environ=None) -> None:
+    """Put the ``AETHER_*`` settings of the unit's environment file into ``environ`` (this
+    process's by default), as systemd would (install.sh writes plain ``NAME=VALUE`` lines); a
+    missing file is fine, as for ``EnvironmentFile=-``."""
     import os
 
+    environ = os.environ if environ is None else environ
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -106,7 +108,7 @@ def service_environment(path: Path) -> None:
     for line in text.splitlines():
         name, sep, value = line.strip().partition("=")
         if sep and name.startswith("AETHER_") and not line.lstrip().startswith("#"):
-            os.environ[name] = value
+            environ[name] = value
 
 
 def command(args) -> int:
