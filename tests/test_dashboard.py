@@ -223,6 +223,8 @@ def test_open_redirects_to_a_private_preview_with_a_grant(server, listeners):
     assert preview_get(server, preview)[0] == 401
     # Single use: the same grant again (from the history, a log) opens nothing.
     assert preview_get(server, location)[0] == 401
+    # Nor does the same grant spelt another way (a leading zero on its expiry).
+    assert preview_get(server, location.replace("aether_grant=", "aether_grant=0"))[0] == 401
 
     # The grant opens that host only, not another port's.
     other = location.replace(f"{port}-", f"{port + 1}-", 1)

@@ -36,7 +36,8 @@ def valid(token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = N
     """Whether ``grant`` was minted with ``token`` for ``host_name`` and has not expired. An
     expiry further ahead than a grant is ever minted for is refused too."""
     expiry, dot, mac = grant.partition(b".")
-    if not dot or not expiry.isdigit() or len(expiry) > 12:
+    # One spelling per grant (no leading zero): the gate takes each grant once, by its bytes.
+    if not dot or not expiry.isdigit() or len(expiry) > 12 or expiry.startswith(b"0"):
         return False
     expiry_at = int(expiry)
     now = now if now is not None else time.time()
