@@ -28,7 +28,7 @@ def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000
         table.add(Listener(("sk", i), port, family, address))
     settings = types.SimpleNamespace(
         token=TOKEN, project_prefix="abc123", preview_domain="preview.localhost",
-        preview_upstream_host="localhost", port=3001,
+        preview_upstream_host="localhost", port=3001, trusted_proxies=(),
     )
     return Gate(settings, types.SimpleNamespace(table=table), Visibility(public))
 

@@ -18,7 +18,6 @@ The checks run in this order, each answering on failure:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import re
@@ -27,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional, Union
 from urllib.parse import unquote_to_bytes
 
+from aether import credentials
 from aether.preview import grant
 from aether.preview import headers as h
 from aether.preview import pages
@@ -131,7 +131,7 @@ class Gate:
         #: Marks requests this process forwarded, so one that comes back is a loop.
         self.via = b"1.1 aether-" + secrets.token_hex(6).encode()
         self._original_host = settings.preview_upstream_host == "original"
-        self._trusted_networks = tuple(getattr(settings, "trusted_proxies", ()))
+        self._trusted_networks = settings.trusted_proxies
         self._trusted: dict[str, bool] = {}  # client address -> is it a trusted front
         self._redeemed: dict[bytes, int] = {}  # grants used, until they expire
 
@@ -163,23 +163,12 @@ class Gate:
         previews and nothing else (not the WebSocket API, not another port)."""
         value = self._cookies.get(host_name)
         if value is None:
-            value = hmac.new(self.token, b"aether-preview:" + host_name, hashlib.sha256).hexdigest().encode()
+            value = credentials.derive(self.token, b"aether-preview:" + host_name)
             if len(self._cookies) >= _MAX_CACHED_HOSTS:
                 self._cookies.clear()
             self._cookies[host_name] = value
         return value
 
-    def _has_cookie(self, cookie_headers: list[bytes], host_name: bytes) -> bool:
-        expected = self.cookie_value(host_name)
-        for header in cookie_headers:
-            for pair in header.split(b";"):
-                name, _, value = pair.strip().partition(b"=")
-                if name == COOKIE and hmac.compare_digest(value, expected):
-                    return True
-        return False
-
-    def _is_ours(self, authorization: bytes) -> bool:
-        return authorization[:7].lower() == b"bearer " and hmac.compare_digest(authorization[7:].strip(), self.token)
 
     def is_trusted(self, client_ip: str) -> bool:
         """Whether ``client_ip`` is a TLS front named by ``--trusted-proxies``."""
@@ -287,12 +276,12 @@ class Gate:
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.
-        authorization = [value for value in head.authorization if not self._is_ours(value)]
+        authorization = [value for value in head.authorization if not credentials.bearer(value, self.token)]
         bearer = len(authorization) != len(head.authorization)
         cookie = head.cookie
         if cookie and any(COOKIE in value for value in cookie):
             cookie = [c for c in (h.without_cookie(value, COOKIE) for value in cookie) if c]
-            has_cookie = self._has_cookie(head.cookie, host_name)
+            has_cookie = credentials.has_cookie(head.cookie, COOKIE, self.cookie_value(host_name))
         else:
             has_cookie = False
         if port not in self.visibility.public and not bearer:
@@ -304,7 +293,7 @@ class Gate:
                 )
                 extra = [("WWW-Authenticate", 'Bearer realm="aether preview"')]
                 return self._answer(401, "This preview is private", text, head_only, close, extra)
-            if upgrade and not self._same_origin(head.origin, host):
+            if upgrade and not credentials.same_origin(head.origin, host):
                 text = "A WebSocket authenticated by the preview cookie must come from a page of the same preview host."
                 return self._answer(403, "Cross-origin WebSocket refused", text, head_only, close)
 
@@ -327,10 +316,3 @@ class Gate:
             cookie=cookie,
         )
         return Forward(port, address, upstream_head)
-
-    @staticmethod
-    def _same_origin(origins: list[bytes], host: bytes) -> bool:
-        if len(origins) != 1:
-            return False
-        scheme, sep, rest = origins[0].partition(b"://")
-        return bool(sep) and scheme.lower() in (b"http", b"https") and rest.lower() == host.lower()

@@ -12,18 +12,18 @@ one does.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from typing import Optional
+
+from aether import credentials
 
 PARAMETER = b"aether_grant"
 TTL_SECONDS = 60
 
 
 def _mac(token: bytes, host_name: bytes, expiry: int) -> bytes:
-    message = b"aether-grant:%s:%d" % (host_name.lower(), expiry)
-    return hmac.new(token, message, hashlib.sha256).hexdigest().encode()
+    return credentials.derive(token, b"aether-grant:%s:%d" % (host_name.lower(), expiry))
 
 
 def mint(token: bytes, host_name: bytes, now: Optional[float] = None) -> bytes:

@@ -19,11 +19,9 @@ CORS, so the ``Origin`` is the only defence against cross-site WebSocket hijacki
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from typing import Optional
-
 from tornado.httputil import HTTPServerRequest
+
+from aether import credentials
 
 NAME = "aether_dashboard"
 #: What a session opened by the cookie may send (channel, type); it hears only these channels.
@@ -32,7 +30,7 @@ DASHBOARD_CHANNELS = frozenset(channel for channel, _ in DASHBOARD)
 
 
 def value(token: str) -> str:
-    return hmac.new(token.encode(), b"aether-dashboard", hashlib.sha256).hexdigest()
+    return credentials.derive(token.encode(), b"aether-dashboard").decode()
 
 
 def is_tls(request: HTTPServerRequest) -> bool:
@@ -50,29 +48,18 @@ def header(token: str, secure: bool) -> str:
 
 def present(request: HTTPServerRequest, token: str) -> bool:
     """Whether ``request`` carries a valid dashboard cookie."""
-    expected = value(token).encode()
-    for raw in request.headers.get_list("Cookie"):
-        for pair in raw.split(";"):
-            name, _, got = pair.strip().partition("=")
-            if name == NAME and hmac.compare_digest(got.strip().encode("utf-8", "replace"), expected):
-                return True
-    return False
+    headers = [_bytes(raw) for raw in request.headers.get_list("Cookie")]
+    return credentials.has_cookie(headers, NAME.encode(), value(token).encode())
 
 
-def _authority(origin: str) -> Optional[str]:
-    scheme, sep, rest = origin.partition("://")
-    if not sep or scheme.lower() not in ("http", "https") or not rest or "/" in rest:
-        return None
-    return rest.lower()
+def _bytes(text: str) -> bytes:
+    # Tornado decoded the header as latin-1: this gives its bytes back.
+    return text.encode("latin-1", "replace")
 
 
 def same_origin(request: HTTPServerRequest) -> bool:
     """Whether the request's one ``Origin`` names the host it was sent to, its ``Host`` (which the
     TLS front passes on unchanged, and a page cannot set on a WebSocket). A missing ``Origin`` is
     refused: every browser sends one on a WebSocket."""
-    origins = request.headers.get_list("Origin")
-    if len(origins) != 1:
-        return False
-    authority = _authority(origins[0].strip())
-    host = request.headers.get("Host", "").strip().lower()
-    return authority is not None and bool(host) and authority == host
+    origins = [_bytes(origin) for origin in request.headers.get_list("Origin")]
+    return credentials.same_origin(origins, _bytes(request.headers.get("Host", "")))

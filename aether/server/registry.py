@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import tornado.web
 import ujson
 
+from aether import credentials
 from aether.registry import rules
 from aether.registry.store import Entry, Registry, RegistryError
 
@@ -100,9 +100,8 @@ class ApiHandler(tornado.web.RequestHandler):
         self.server = server
 
     def prepare(self) -> None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.server.settings.token.encode()):
+        header = self.request.headers.get("Authorization", "").encode("latin-1", "replace")
+        if not credentials.bearer(header, self.server.settings.token.encode()):
             self.set_header("WWW-Authenticate", 'Bearer realm="aether"')
             self.fail(401, "unauthorized", "send Authorization: Bearer with the workspace token")
 
