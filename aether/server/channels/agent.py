@@ -122,6 +122,8 @@ class AgentChannel:
         session, id_ = reply_to
         outbox = self._outboxes.get(session)
         if outbox is not None:
+            if message.get("type") == "error":  # the service's own refusals, past ``_error``
+                self.server.metrics.ws_errors[message["code"]] += 1
             outbox.send(_frame(with_id(message, id_)))
 
     def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
@@ -141,7 +143,7 @@ class AgentChannel:
                 reply = self._error(refusal, message)
             except Exception as exc:
                 log.exception("agent history read failed")
-                reply = ProtocolError("unavailable", f"the agent history could not be read: {exc}", self.name).to_message()
+                reply = self._error(Refusal("unavailable", f"the agent history could not be read: {exc}"), None)
             if isinstance(reply, dict) and message is not None and message.id is not None:
                 reply["id"] = message.id  # last, as in every other reply
             outbox.fill(slot, [_frame(m) for m in (reply if isinstance(reply, list) else [reply])])
