@@ -15,8 +15,6 @@ from typing import Any, Callable, Optional, Union
 import ujson
 
 CHANNELS = ("terminal", "files", "agent", "ports", "config")
-#: Channels whose messages the server handles (all five now); others would answer ``not_implemented``.
-IMPLEMENTED = frozenset({"ports", "config", "terminal", "files", "agent"})
 #: Seed 001's maximum message size, read as 1 MiB; larger frames close the connection (1009).
 MAX_MESSAGE_BYTES = 1 << 20
 _MAX_ID_LENGTH = 256
@@ -135,7 +133,7 @@ _PATH: _Field = (_path, "a non-empty path of at most 4096 characters")
 _OFFSET: _Field = (_offset, "an integer 0 or more")
 _BOOL: _Field = (_bool, "true or false")
 _ENCODING: _Field = (_encoding, '"utf-8" or "base64"')
-_CONVERSATION: _Field = (_session_id, "1-64 characters of A-Z a-z 0-9 . _ : -")
+_CONVERSATION = _SESSION
 
 #: (channel, type) -> {field: (check, what the field must be)}. A field whose name ends in
 #: ``?`` is optional (the check applies when it is present); fields not listed are ignored.
@@ -179,6 +177,11 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("agent", "history"): {"conversationId?": _CONVERSATION},
     ("agent", "list"): {},
 }
+#: SCHEMAS as ``parse`` walks them: (name, optional, check, what), the ``?`` read once here.
+_FIELDS: dict[tuple[str, str], tuple[tuple[str, bool, Callable[[Any], bool], str], ...]] = {
+    key: tuple((name.rstrip("?"), name.endswith("?"), check, what) for name, (check, what) in schema.items())
+    for key, schema in SCHEMAS.items()
+}
 
 
 def _client_id(obj: dict) -> Any:
@@ -213,20 +216,16 @@ def parse(frame: Union[str, bytes]) -> Message:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "field type is missing or not a string", channel, id_)
-    if channel not in IMPLEMENTED:
-        raise ProtocolError("not_implemented", f"channel {channel} is not implemented yet", channel, id_)
-    schema = SCHEMAS.get((channel, kind))
-    if schema is None:
+    fields = _FIELDS.get((channel, kind))
+    if fields is None:
         types = sorted(t for c, t in SCHEMAS if c == channel)
         raise ProtocolError(
             "unknown_type", f"unknown type for channel {channel}; one of {', '.join(types)}", channel, id_
         )
-    for field, (check, what) in schema.items():
-        if field.endswith("?"):
-            field = field[:-1]
-            if field not in obj:
+    for field, optional, check, what in fields:
+        if field not in obj:
+            if optional:
                 continue
-        elif field not in obj:
             raise ProtocolError("bad_message", f"field {field} is missing", channel, id_, kind)
         if not check(obj[field]):
             raise ProtocolError("bad_message", f"field {field} must be {what}", channel, id_, kind)
