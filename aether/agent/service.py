@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from aether.agent import stdio
 from aether.config import child_environment
 from aether.agent.backend import BackendRun, Outcome
-from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, recent, shortened
+from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
 
 log = logging.getLogger("aether.agent")
 
@@ -61,10 +61,6 @@ class Refusal(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def title_of(text: str) -> str:
@@ -243,7 +239,7 @@ class AgentService:
         # Reserved now, so a second prompt to the conversation is ``busy`` while this is written.
         turn = self.running[conversation_id] = Turn(conversation_id, turn_id, seq + 1)
         prompt = {"turnId": user_id, "seq": seq, "role": "user", "text": text, "status": "complete",
-                  "started": _ms(now), "finished": _ms(now)}
+                  "started": millis(now), "finished": millis(now)}
         started = {"channel": "agent", "type": "started", "conversationId": conversation_id, "turnId": turn_id, "prompt": prompt}
         if title is not None:
             started["title"] = title

@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 from typing import Optional, Union
 
-import ujson
-
-from aether.server.protocol import is_text
+from aether.server.protocol import encoded_size, is_text
 
 #: One line of backend output, newline excluded.
 MAX_LINE_BYTES = 1 << 20
@@ -83,11 +81,6 @@ def turn_request(conversation_id: str, turn_id: str, messages: list[dict], works
     """The one line written to the backend's stdin."""
     line = {"type": "turn", "conversationId": conversation_id, "turnId": turn_id, "messages": messages, "workspace": workspace}
     return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def json_size(text: str) -> int:
-    """Bytes ``text`` takes as a JSON string in a frame the server sends."""
-    return len(ujson.dumps(text, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
 
 
 class LineSplitter:
@@ -198,7 +191,7 @@ class Reply:
     @property
     def size(self) -> int:
         """About the bytes the reply takes as JSON (without joining the text)."""
-        text = json_size(self.final) if self.final is not None else self._deltas_size
+        text = encoded_size(self.final) if self.final is not None else self._deltas_size
         return text + self._tools_size
 
     @property
@@ -210,16 +203,16 @@ class Reply:
         if self.final is not None:
             raise BackendFault("bad_output", "the backend wrote more after its message line, which must be its last")
         if isinstance(event, Delta):
-            self._deltas_size += json_size(event.text)
+            self._deltas_size += encoded_size(event.text)
             self._check(self._deltas_size)
             if event.text:
                 self._parts.append(event.text)
         elif isinstance(event, Tool):
-            self._tools_size += json_size(event.name) + json_size(event.text) + 20
+            self._tools_size += encoded_size(event.name) + encoded_size(event.text) + 20
             self._check(self._deltas_size)
             self.tools.append({"name": event.name, "text": event.text})
         elif isinstance(event, Final):
-            self._check(json_size(event.text))
+            self._check(encoded_size(event.text))
             self.final = event.text
 
     def _check(self, text_size: int) -> None:

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import ujson
-
 from aether import sqlite
+from aether.server.protocol import encoded_size
 
 #: Shorter than the registry's: a prompt waits on this before it is answered.
 BUSY_TIMEOUT_MS = 5_000
@@ -67,25 +66,21 @@ class AgentStoreLocked(AgentStoreError):
     only not usable right now."""
 
 
-def _ms(seconds: Optional[float]) -> Optional[int]:
+def millis(seconds: Optional[float]) -> Optional[int]:
     return None if seconds is None else int(seconds * 1000)
 
 
 def turn_json(row: tuple) -> dict:
     """A turn as the protocol sends it (times in milliseconds since the epoch)."""
     turn_id, seq, role, text, tools, status, error_code, error, started, finished = row
-    turn = {"turnId": turn_id, "seq": seq, "role": role, "text": text, "status": status, "started": _ms(started)}
+    turn = {"turnId": turn_id, "seq": seq, "role": role, "text": text, "status": status, "started": millis(started)}
     if finished is not None:
-        turn["finished"] = _ms(finished)
+        turn["finished"] = millis(finished)
     if tools:
         turn["tools"] = json.loads(tools)
     if error_code:
         turn["error"] = {"code": error_code, "message": error}
     return turn
-
-
-def encoded_size(value) -> int:
-    return len(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
 
 
 def shortened(turn: dict, limit: int = TRUNCATED_TEXT) -> dict:
@@ -178,7 +173,7 @@ class AgentStore:
         row = self._db.execute("SELECT id, title, created, updated FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         if row is None:
             return None
-        return {"conversationId": row[0], "title": row[1], "created": _ms(row[2]), "updated": _ms(row[3])}
+        return {"conversationId": row[0], "title": row[1], "created": millis(row[2]), "updated": millis(row[3])}
 
     def turns(self, conversation_id: str) -> list[dict]:
         rows = self._db.execute(f"SELECT {_TURN_COLUMNS} FROM turns WHERE conversation_id = ? ORDER BY seq", (conversation_id,))
@@ -193,7 +188,7 @@ class AgentStore:
             (limit + 1,),
         ).fetchall()
         found = [
-            {"conversationId": r[0], "title": r[1], "created": _ms(r[2]), "updated": _ms(r[3]), "turns": r[4], "running": bool(r[5])}
+            {"conversationId": r[0], "title": r[1], "created": millis(r[2]), "updated": millis(r[3]), "turns": r[4], "running": bool(r[5])}
             for r in rows[:limit]
         ]
         return found, len(rows) > limit

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from aether import caps, config
-from aether.ports.ebpf import find_tracepoint_format
+from aether.ports.ebpf import find_tracepoint_format, kernel_version
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 UNIT = "deploy/aether.service"
@@ -42,12 +42,6 @@ class Check:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def kernel_version(release: Optional[str] = None) -> Optional[tuple[int, int]]:
-    """``"6.18.44-fc-v782"`` -> ``(6, 18)``; None if the release does not start with one."""
-    match = re.match(r"(\d+)\.(\d+)", release or platform.release())
-    return (int(match[1]), int(match[2])) if match else None
 
 
 def _user_name() -> str:

@@ -96,7 +96,8 @@ class Scan(NamedTuple):
     truncated: bool  # stopped at the directory limit
 
 
-def _join(rel: str, name: str) -> str:
+def join_rel(rel: str, name: str) -> str:
+    """``name`` inside ``rel``, a path relative to a watch's top ("" for the top itself)."""
     return f"{rel}/{name}" if rel else name
 
 
@@ -130,7 +131,7 @@ def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget:
         try:
             with os.scandir(path) as it:
                 for item in it:
-                    child = _join(r, item.name)
+                    child = join_rel(r, item.name)
                     is_dir = item.is_dir(follow_symlinks=False)
                     if report:
                         entries.append((child, "directory" if is_dir else "file"))

@@ -22,7 +22,7 @@ from aether.files import FileError
 from aether.files.dirs import Directories
 from aether.files.inotify import (
     IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
-    IN_MOVED_FROM, IN_MOVED_TO, IN_UNMOUNT, Event, Instance,
+    IN_MOVED_FROM, IN_MOVED_TO, IN_UNMOUNT, Event, Instance, join_rel,
 )
 from aether.files.ops import os_error
 
@@ -42,10 +42,6 @@ MAX_CARRY_WORK = 100 * MAX_PENDING_PATHS
 
 CREATED, MODIFIED, DELETED, MOVED = "created", "modified", "deleted", "moved"
 FILE, DIRECTORY = "file", "directory"
-
-
-def _join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
 
 
 def _under(path: str, top: str) -> bool:
@@ -242,7 +238,7 @@ class WatchTree:
     def _path(self, wd: int, name: str) -> Optional[str]:
         """Entry ``name`` of directory ``wd`` as a path in the tree; None if ``wd`` has none."""
         rel = self.dirs.path(wd)
-        return None if rel is None else _join(rel, name)
+        return None if rel is None else join_rel(rel, name)
 
     def _add(self, type_: str, wd: int, name: str, kind: str, source: Optional[str] = None) -> None:
         if not self.events.overflowed:  # an overflowed window keeps nothing: no path needed

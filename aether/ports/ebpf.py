@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import re
 import socket
 import struct
 import sys
@@ -100,14 +101,15 @@ def program_path() -> Path:
     raise ProbeUnavailable("bpf/listen_events.c not found (set AETHER_BPF_DIR)")
 
 
+def kernel_version(release: Optional[str] = None) -> Optional[tuple[int, int]]:
+    """``"6.18.44-fc-v782"`` -> ``(6, 18)``; None if the release does not start with one."""
+    match = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def kernel_has_ringbuf() -> bool:
-    """BPF ring buffers arrived in Linux 5.8."""
-    release = platform.release().split("-")[0].split(".")
-    try:
-        major, minor = int(release[0]), int(release[1])
-    except (IndexError, ValueError):
-        return True
-    return (major, minor) >= (5, 8)
+    """BPF ring buffers arrived in Linux 5.8 (an unreadable release is taken for a new one)."""
+    return (kernel_version() or (99, 0)) >= (5, 8)
 
 
 #: Where tracefs shows the tracepoint: its own mount, or under debugfs on older systems.

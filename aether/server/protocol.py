@@ -244,3 +244,8 @@ def reply(request: Message, kind: str, **fields: Any) -> dict:
 
 def encode(message: dict) -> str:
     return ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False)
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes ``value`` takes in a frame the server sends (as ``encode`` writes it)."""
+    return len(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))

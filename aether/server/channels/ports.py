@@ -48,7 +48,7 @@ class PortsChannel:
         if event.type == OPEN:
             message["url"] = self.server.settings.preview_url_for(event.port)
             message["visibility"] = self.server.visibility.of(event.port)
-            message["opened"], message["seenAtStart"] = self._opened.get(event.port, (_now_ms(), False))
+            message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
         return message
 
     def _on_event(self, event: PortEvent) -> None:
