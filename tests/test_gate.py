@@ -21,7 +21,7 @@ TOKEN = "s3cret-token"
 HOST = b"3000-abc123.preview.localhost:3001"
 
 
-def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),)) -> Gate:
+def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),), named=lambda key: None) -> Gate:
     table = PortTable(ignored)
     for i, (address, port) in enumerate(listeners):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -30,7 +30,7 @@ def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000
         token=TOKEN, project_prefix="abc123", preview_domain="preview.localhost",
         preview_upstream_host="localhost", port=3001, trusted_proxies=(),
     )
-    return Gate(settings, types.SimpleNamespace(table=table), Visibility(public))
+    return Gate(settings, types.SimpleNamespace(table=table), Visibility(public), named)
 
 
 def decide(gate, target=b"/", headers=None, method=b"GET", upgrade=False):
@@ -57,6 +57,23 @@ def test_routing_decisions():
     assert status(decide(gate, b"http://127.0.0.1:22/", [(b"Host", HOST), BEARER])) == 400
     forward = decide(gate, headers=[(b"Host", b"3000-ABC123.Preview.Localhost:3001"), BEARER])
     assert isinstance(forward, Forward) and (forward.address, forward.port) == ("127.0.0.1", 3000)
+
+
+def test_a_port_has_one_spelling():
+    gate = make_gate(listeners=(("127.0.0.1", 20100), ("127.0.0.1", 3000)), named={"web": 20100, "0web": 3000}.get)
+
+    def to(name):
+        return decide(gate, headers=[(b"Host", name + b"-abc123.preview.localhost:3001"), BEARER])
+
+    for spelling in (b"020100", b"0020100", b"00", b"03000"):
+        answer = to(spelling)
+        assert status(answer) == 404, spelling
+        assert b"without leading zeros" in answer.response
+    assert (to(b"20100").address, to(b"20100").port) == ("127.0.0.1", 20100)
+    assert status(to(b"0")) == 403  # port 0's one spelling, and never previewable
+    # Registry keys are never all digits, so a leading zero in one is just a letter of it.
+    assert to(b"web").port == 20100 and to(b"0web").port == 3000
+    assert gate.preview_host(b"020100-abc123.preview.localhost")[0] is None
 
 
 def test_private_public_and_credentials():

@@ -542,3 +542,12 @@ def test_framing_cannot_be_stripped_or_confused(server, app):
     assert reply.startswith(b"HTTP/1.1 200") and b'{"received": 204800}' in reply
     reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Transfer-Encoding: gzip\r\n\r\n").encode())
     assert reply.startswith(b"HTTP/1.1 400")
+
+
+def test_a_port_with_leading_zeros_is_no_preview(server, app):
+    port = app()
+    wait_open(server, port)
+    for spelling in (f"0{port}", f"00{port}"):
+        status, _, body = request(server, port, path="/echo", headers={"Host": f"{spelling}-{PREFIX}.preview.localhost:{server.port}"})
+        assert status == 404 and b"without leading zeros" in body, spelling
+    assert echo(server, port)["target"] == "/echo"

@@ -5,9 +5,9 @@ The checks run in this order, each answering on failure:
 
 1. exactly one ``Host``, an origin-form target (400);
 2. the Host is a preview host, ``{port}-{prefix}.{previewDomain}[:port]`` or
-   ``{registry key}-{prefix}...`` (421: this connection only serves previews), of a registered
-   key (404), of this project (404), for a port that is not ignored and not the server's own
-   (403);
+   ``{registry key}-{prefix}...`` (421: this connection only serves previews), with the port
+   in its one spelling, decimal without leading zeros (404), of a registered key (404), of this
+   project (404), for a port that is not ignored and not the server's own (403);
 3. the request has not been through this proxy already (508);
 4. ``?token=`` equal to the workspace token, or ``?aether_grant=`` a live grant for this host
    (see ``grant``): a cookie for this preview host and a redirect to the same URL without it;
@@ -140,7 +140,9 @@ class Gate:
     def preview_host(self, host: bytes) -> Optional[tuple]:
         """(port number or registry key, prefix matches, host name, port part) for a preview
         Host value, else None. The key before the last ``-`` of the first label is a port when
-        it is all digits (registry keys never are), else a registry key."""
+        it is all digits (registry keys never are), else a registry key; None in its place
+        for a port with leading zeros, so that each port has one host (one origin, one
+        cookie)."""
         try:
             return self._hosts[host]
         except KeyError:
@@ -151,7 +153,12 @@ class Gate:
         else:
             target, prefix, _, port_part = match.groups()
             name = host.rpartition(b":")[0] if port_part else host
-            target = int(target) if target.isdigit() else target.decode().lower()
+            if not target.isdigit():
+                target = target.decode().lower()
+            elif target[0] == 48 and len(target) > 1:  # b"0"
+                target = None
+            else:
+                target = int(target)
             parsed = (target, prefix.lower() == self._prefix, name.lower(), port_part or b"80")
         if len(self._hosts) >= _MAX_CACHED_HOSTS:
             self._hosts.clear()
@@ -247,6 +254,9 @@ class Gate:
             text = f"This connection serves previews; {pages.escape(host)} is not one."
             return self._answer(421, "Misdirected request", text, head_only, True)
         port, prefix_ok, host_name, port_part = parsed
+        if port is None:
+            text = f"{pages.escape(host)} is no preview: a port is written in decimal, without leading zeros."
+            return self._answer(404, "No such preview", text, head_only, close)
         if isinstance(port, str):
             key, port = port, self.named(port)
             if port is None:
