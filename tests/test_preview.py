@@ -544,6 +544,37 @@ def test_framing_cannot_be_stripped_or_confused(server, app):
     assert reply.startswith(b"HTTP/1.1 400")
 
 
+def read_to_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything until the peer closes: (bytes, closed cleanly rather than reset)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), False
+    return b"".join(chunks), True
+
+
+def test_a_valid_request_pipelined_with_a_malformed_one(server, app):
+    port = app()
+    wait_open(server, port)
+    valid = f"GET /echo?first HTTP/1.1\r\nHost: {host(server, port)}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(valid.encode() + b"garbage\r\n\r\n")  # one packet
+        reply, clean = read_to_close(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and b'"target": "/echo?first"' in reply
+    assert reply.count(b"HTTP/1.1 ") == 2
+    second = reply[reply.rindex(b"HTTP/1.1 "):]
+    assert second.startswith(b"HTTP/1.1 400") and b"Connection: close\r\n" in second and clean
+    # Two ahead of the garbage: both answered, in order, then the 400.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(valid.replace("?first", "?a").encode() + valid.replace("?first", "?b").encode() + b"\x00\r\n\r\n")
+        reply, clean = read_to_close(sock)
+    assert re.findall(rb'"target": "([^"]+)"', reply) == [b"/echo?a", b"/echo?b"]
+    assert reply.count(b"HTTP/1.1 200") == 2 and reply.count(b"HTTP/1.1 400") == 1 and clean
+
+
 def test_a_port_with_leading_zeros_is_no_preview(server, app):
     port = app()
     wait_open(server, port)
