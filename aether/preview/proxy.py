@@ -273,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
         # Not loop.time(): uvloop's counts whole milliseconds.
         cycle.started = time.monotonic()
         key = (forward.address, forward.port)
+        if not self._local(cycle, key):
+            return
         up = self.proxy.pool.take(key)
         if up is not None:
             self._attach(cycle, up)
@@ -284,6 +286,8 @@ class ClientConnection(asyncio.Protocol):
         table = self.proxy.gate.monitor.table
         started = self.loop.time()
         while True:
+            if not self._local(cycle, key):
+                return
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     _, up = await self.loop.create_connection(lambda: Upstream(self.proxy.pool, key), address, port)
@@ -306,11 +310,20 @@ class ClientConnection(asyncio.Protocol):
             except OSError as exc:
                 self._fail(cycle, 502, "Bad gateway", f"Could not connect to port {port}: {pages.escape(exc.strerror or str(exc))}.")
                 return
-        if self.closed or self.active is not cycle:
+        if self.closed or self.active is not cycle or not self._local(cycle, key):
             up.closed = True
             up.transport.close()
             return
         self._attach(cycle, up)
+
+    def _local(self, cycle: Cycle, key: tuple[str, int]) -> bool:
+        """Whether ``key``'s address is still this host's, checked again as the connection is
+        taken or made: an address removed since the decision may belong to another host now."""
+        if self.proxy.gate.is_local(key[0]):
+            return True
+        self.proxy.log_failure(key[1], f"{key[0]} is not an address of this host")
+        self._fail(cycle, 502, pages.NOT_LOCAL_TITLE, pages.not_local_text(key[1], key[0]))
+        return False
 
     def _attach(self, cycle: Cycle, up: Upstream) -> None:
         cycle.upstream = up
