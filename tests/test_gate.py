@@ -4,6 +4,7 @@ a Forward or an Answer, never an exception, and nothing but a local listener is 
 from __future__ import annotations
 
 import socket
+import struct
 import types
 
 import httptools
@@ -13,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 from aether.ports.events import Listener
 from aether.ports.table import PortTable
 from aether.preview import headers as h
+from aether.preview import local as netlink
 from aether.preview.gate import Answer, Forward, Gate, _redirect_path, upstream_address
+from aether.preview.local import LOOPBACK
 from aether.preview.visibility import Visibility
 from aether.server.listener import first_host
 
@@ -21,7 +24,7 @@ TOKEN = "s3cret-token"
 HOST = b"3000-abc123.preview.localhost:3001"
 
 
-def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),)) -> Gate:
+def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),), local=LOOPBACK, named=lambda key: None) -> Gate:
     table = PortTable(ignored)
     for i, (address, port) in enumerate(listeners):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -30,7 +33,7 @@ def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000
         token=TOKEN, project_prefix="abc123", preview_domain="preview.localhost",
         preview_upstream_host="localhost", port=3001, trusted_proxies=(),
     )
-    return Gate(settings, types.SimpleNamespace(table=table), Visibility(public))
+    return Gate(settings, types.SimpleNamespace(table=table), Visibility(public), named, local)
 
 
 def decide(gate, target=b"/", headers=None, method=b"GET", upgrade=False):
@@ -57,6 +60,85 @@ def test_routing_decisions():
     assert status(decide(gate, b"http://127.0.0.1:22/", [(b"Host", HOST), BEARER])) == 400
     forward = decide(gate, headers=[(b"Host", b"3000-ABC123.Preview.Localhost:3001"), BEARER])
     assert isinstance(forward, Forward) and (forward.address, forward.port) == ("127.0.0.1", 3000)
+
+
+def test_a_port_has_one_spelling():
+    gate = make_gate(listeners=(("127.0.0.1", 20100), ("127.0.0.1", 3000)), named={"web": 20100, "0web": 3000}.get)
+
+    def to(name):
+        return decide(gate, headers=[(b"Host", name + b"-abc123.preview.localhost:3001"), BEARER])
+
+    for spelling in (b"020100", b"0020100", b"00", b"03000"):
+        answer = to(spelling)
+        assert status(answer) == 404, spelling
+        assert b"without leading zeros" in answer.response
+    assert (to(b"20100").address, to(b"20100").port) == ("127.0.0.1", 20100)
+    assert status(to(b"0")) == 403  # port 0's one spelling, and never previewable
+    # Registry keys are never all digits, so a leading zero in one is just a letter of it.
+    assert to(b"web").port == 20100 and to(b"0web").port == 3000
+    assert gate.preview_host(b"020100-abc123.preview.localhost")[0] is None
+
+
+def test_only_addresses_of_this_host_are_upstreams():
+    local = {*LOOPBACK, "10.0.2.15", "fd00::2"}
+    for address in ("10.9.9.9", "fd00::99", "::ffff:10.9.9.9"):
+        answer = decide(make_gate(listeners=((address, 3000),), local=local), headers=[(b"Host", HOST), BEARER])
+        assert status(answer) == 502, address
+        shown = address.removeprefix("::ffff:").encode()
+        assert b"Port 3000 listens on " + shown + b", which is not an address of this workspace" in answer.response
+        assert b"refresh" not in answer.response  # it will not start working by itself
+    for address in ("10.0.2.15", "fd00::2", "127.0.0.2", "::ffff:10.0.2.15"):
+        forward = decide(make_gate(listeners=((address, 3000),), local=local), headers=[(b"Host", HOST), BEARER])
+        assert forward.address == address.removeprefix("::ffff:"), address
+    # A local listener is chosen over a foreign one, whatever the order.
+    gate = make_gate(listeners=(("10.9.9.9", 3000), ("10.0.2.15", 3000)), local=local)
+    assert decide(gate, headers=[(b"Host", HOST), BEARER]).address == "10.0.2.15"
+    # An address that goes away is refused from the next request on; one that arrives is used.
+    live = set(local)
+    gate = make_gate(listeners=(("10.0.2.15", 3000),), local=live)
+    assert isinstance(decide(gate, headers=[(b"Host", HOST), BEARER]), Forward)
+    live.discard("10.0.2.15")
+    assert status(decide(gate, headers=[(b"Host", HOST), BEARER])) == 502
+    live.add("10.0.2.15")
+    gate.forget_all()
+    assert isinstance(decide(gate, headers=[(b"Host", HOST), BEARER]), Forward)
+
+
+def rtnl(kind, family, address, index=3, flags=0, local=None, flags32=None):
+    """One RTM_NEWADDR/RTM_DELADDR message as the kernel sends it."""
+    attrs = b""
+    for attr, value in ((netlink.IFA_ADDRESS, address), (netlink.IFA_LOCAL, local)):
+        if value is not None:
+            raw = socket.inet_pton(family, value)
+            attrs += struct.pack("=HH", 4 + len(raw), attr) + raw
+    if flags32 is not None:
+        attrs += struct.pack("=HHI", 8, netlink.IFA_FLAGS, flags32)
+    body = struct.pack("=BBBBI", family, 24, flags, 0, index) + attrs
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+
+def test_netlink_address_messages():
+    new, gone = netlink.RTM_NEWADDR, netlink.RTM_DELADDR
+    data = (
+        rtnl(new, socket.AF_INET, "10.0.2.15")
+        + rtnl(new, socket.AF_INET, "10.8.0.1", local="10.8.0.2")  # point-to-point: ours is IFA_LOCAL
+        + rtnl(new, socket.AF_INET6, "fd00::2", flags32=netlink.IFA_F_TENTATIVE)  # still in DAD
+        + rtnl(new, socket.AF_INET6, "fd00::3", flags=netlink.IFA_F_DADFAILED)
+        + rtnl(gone, socket.AF_INET6, "fe80::1", index=7)
+        + struct.pack("=IHHII", 16, 3, 2, 1, 0)  # NLMSG_DONE
+    )
+    assert netlink.parse(data) == [
+        (new, (True, 3, "10.0.2.15")),
+        (new, (True, 3, "10.8.0.2")),
+        (new, (False, 3, "fd00::2")),
+        (new, (False, 3, "fd00::3")),
+        (gone, (False, 7, "fe80::1")),
+        (3, None),
+    ]
+    with pytest.raises(OSError):
+        netlink.parse(rtnl(new, socket.AF_INET, "10.0.2.15")[:-2])
+    with pytest.raises(OSError):
+        netlink.parse(struct.pack("=IHHIIi", 20, 2, 0, 1, 0, -1))  # NLMSG_ERROR, EPERM
 
 
 def test_private_public_and_credentials():

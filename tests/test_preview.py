@@ -4,6 +4,7 @@ real clients (http.client, raw sockets, the websockets library, Chromium)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -542,3 +544,220 @@ def test_framing_cannot_be_stripped_or_confused(server, app):
     assert reply.startswith(b"HTTP/1.1 200") and b'{"received": 204800}' in reply
     reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Transfer-Encoding: gzip\r\n\r\n").encode())
     assert reply.startswith(b"HTTP/1.1 400")
+
+
+def read_to_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything until the peer closes: (bytes, closed cleanly rather than reset)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), False
+    return b"".join(chunks), True
+
+
+def test_a_valid_request_pipelined_with_a_malformed_one(server, app):
+    port = app()
+    wait_open(server, port)
+    valid = f"GET /echo?first HTTP/1.1\r\nHost: {host(server, port)}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(valid.encode() + b"garbage\r\n\r\n")  # one packet
+        reply, clean = read_to_close(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and b'"target": "/echo?first"' in reply
+    assert reply.count(b"HTTP/1.1 ") == 2
+    second = reply[reply.rindex(b"HTTP/1.1 "):]
+    assert second.startswith(b"HTTP/1.1 400") and b"Connection: close\r\n" in second and clean
+    # Two ahead of the garbage: both answered, in order, then the 400.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(valid.replace("?first", "?a").encode() + valid.replace("?first", "?b").encode() + b"\x00\r\n\r\n")
+        reply, clean = read_to_close(sock)
+    assert re.findall(rb'"target": "([^"]+)"', reply) == [b"/echo?a", b"/echo?b"]
+    assert reply.count(b"HTTP/1.1 200") == 2 and reply.count(b"HTTP/1.1 400") == 1 and clean
+
+
+def test_a_port_with_leading_zeros_is_no_preview(server, app):
+    port = app()
+    wait_open(server, port)
+    for spelling in (f"0{port}", f"00{port}"):
+        status, _, body = request(server, port, path="/echo", headers={"Host": f"{spelling}-{PREFIX}.preview.localhost:{server.port}"})
+        assert status == 404 and b"without leading zeros" in body, spelling
+    assert echo(server, port)["target"] == "/echo"
+
+
+# -- upstreams off this host ----------------------------------------------------------------
+#
+# A second network namespace joined by a veth pair stands in for another host on the
+# workspace's network: its end of the pair has an address that this namespace reaches by route.
+
+#: Listens on ADDRESS:PORT, prints each accepted connection's peer port, answers 200 "peer".
+PEER_SERVER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print("listening", flush=True)
+while True:
+    conn, peer = s.accept()
+    print("accepted", peer[1], flush=True)
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npeer")
+    conn.close()
+"""
+
+#: Listens on ADDRESS:PORT whether or not the address is this host's (IP_FREEBIND).
+FREEBIND_LISTENER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+sys.stdin.read()
+"""
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True)
+
+
+@pytest.fixture
+def other_host():
+    """A namespace NS and a veth pair: HERE (this namespace, NET.1/24) and THERE (in NS,
+    NET.2/24); names and subnet unique to the test, all removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    tag = os.urandom(4).hex()
+    n = int(tag, 16) % 512  # a /24 in 198.18.0.0/15, the range set aside for tests of networks
+    net = f"198.{18 + n // 256}.{n % 256}"
+    ns, here, there = f"aether-{tag}", f"ae{tag}h", f"ae{tag}t"
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
+        ip("addr", "add", f"{net}.1/24", "dev", here)
+        ip("link", "set", here, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", there)
+        ip("-n", ns, "link", "set", there, "up")
+        yield types.SimpleNamespace(ns=ns, here=here, there=there, net=net, tag=tag)
+    finally:
+        ip("link", "del", here, check=False)
+        ip("netns", "del", ns, check=False)
+
+
+def peer_server(listeners, other_host, address: str, port: int):
+    """PEER_SERVER in the other namespace; returns a function giving the next accepted peer port."""
+    proc = listeners.spawn(
+        ["nsenter", f"--net=/run/netns/{other_host.ns}", sys.executable, "-c", PEER_SERVER, address, str(port)],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"listening\n"
+    return lambda: proc.stdout.readline().split()
+
+
+def recv_until_bytes(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def assert_never_reached(accepted, address: str, port: int) -> None:
+    """The other host's server accepted nothing before a connection of ours made now, directly."""
+    with socket.create_connection((address, port), timeout=5) as sock:
+        ours = sock.getsockname()[1]
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(100).endswith(b"peer")  # the test would have seen a proxied connection
+    assert accepted() == [b"accepted", str(ours).encode()]
+
+
+def preview_status(server, port) -> tuple[int, bytes]:
+    status, _, body = request(server, port, path="/echo")
+    return status, body
+
+
+def test_a_listener_on_another_hosts_address_is_not_reached(server, listeners, other_host):
+    port = free_port()
+    remote = f"{other_host.net}.2"
+    accepted = peer_server(listeners, other_host, remote, port)
+    # Here, a listener on the other host's address: the kernel lets anyone bind it.
+    listeners.spawn([sys.executable, "-c", FREEBIND_LISTENER, remote, str(port)], port, stdin=subprocess.PIPE)
+    wait_for(lambda: preview_status(server, port)[1].find(b"Nothing listens") < 0, 5)
+    status, body = preview_status(server, port)
+    assert status == 502
+    assert f"Port {port} listens on {remote}, which is not an address of this workspace".encode() in body
+    assert b"refresh" not in body
+    assert_never_reached(accepted, remote, port)
+
+
+def test_an_address_taken_from_this_host_is_no_longer_reached(server, app, listeners, other_host, tmp_path):
+    """A listener on an address of this host, then the address moves to the other host: the
+    listener stays, the preview stops at once, and so do the connections in flight to it."""
+    moved = f"{other_host.net}.3"
+    ip("addr", "add", f"{moved}/32", "dev", other_host.here)
+    port = app(bind=moved)
+    wait_open(server, port)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    assert echo(server, port, conn=conn)["method"] == "GET"  # a specific local address is reached
+    streaming = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    streaming.sendall(f"GET /sse?flag={tmp_path / 'never'} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
+                      f"Authorization: Bearer {server.token}\r\n\r\n".encode())
+    assert b"data: first" in recv_until_bytes(streaming, b"data: first")
+    ip("addr", "del", f"{moved}/32", "dev", other_host.here)
+    read_to_close(streaming, timeout=5)  # closed by the proxy, not left to time out
+    streaming.close()
+    ip("-n", other_host.ns, "addr", "add", f"{moved}/32", "dev", other_host.there)
+    accepted = peer_server(listeners, other_host, moved, port)
+    wait_for(lambda: preview_status(server, port)[0] == 502, 5)
+    status, _, body = request(server, port, path="/echo", conn=conn)
+    assert status == 502 and f"listens on {moved}, which is not an address".encode() in body
+    assert_never_reached(accepted, moved, port)
+    # Given back, it is reached again.
+    ip("-n", other_host.ns, "addr", "del", f"{moved}/32", "dev", other_host.there)
+    ip("addr", "add", f"{moved}/32", "dev", other_host.here)
+    wait_for(lambda: preview_status(server, port)[0] == 200, 5)
+
+
+def test_local_addresses_follow_the_kernel(other_host):
+    """The set as netlink keeps it: changes as they happen, and a full read again after
+    notifications were lost (more of them than the socket buffers while the loop is busy)."""
+    from aether.preview.local import LocalAddresses
+
+    prefix = f"fd00:ae:{other_host.tag[:4]}:{other_host.tag[4:]}::"
+    many = [f"{prefix}{i:x}" for i in range(1, 3001)]
+
+    def batch(verb: str) -> None:
+        lines = "".join(f"addr {verb} {a}/128 dev {other_host.here} nodad\n" for a in many)
+        subprocess.run(["ip", "-batch", "-"], input=lines.encode(), check=True, capture_output=True)
+
+    async def until(predicate) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        changes = []
+        local = LocalAddresses(asyncio.get_running_loop(), lambda added, removed: changes.append((added, removed)))
+        local.start()
+        try:
+            assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
+            assert f"{other_host.net}.2" not in local.addresses  # the other end's
+            ip("addr", "add", f"{prefix}ffff/128", "dev", other_host.here, "nodad")
+            await until(lambda: f"{prefix}ffff" in local.addresses)
+            assert ({f"{prefix}ffff"}, set()) in changes
+            ip("addr", "del", f"{prefix}ffff/128", "dev", other_host.here)
+            await until(lambda: f"{prefix}ffff" not in local.addresses)
+            batch("add")  # the loop is held up meanwhile: nothing reads the notifications
+            await until(lambda: set(many) <= local.addresses)
+            assert local.resyncs >= 1
+            batch("del")
+            await until(lambda: not set(many) & local.addresses)
+            assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
+        finally:
+            local.close()
+
+    asyncio.run(main())

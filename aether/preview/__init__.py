@@ -2,6 +2,6 @@
 
 :mod:`.gate` decides what to do with a request head (pure, no I/O); :mod:`.headers` rewrites
 heads both ways; :mod:`.proxy` and :mod:`.upstream` move the bytes; :mod:`.pages` are the
-error pages a browser sees; :mod:`.visibility` keeps which ports are public; :mod:`.service`
-holds what the connections share.
+error pages a browser sees; :mod:`.visibility` keeps which ports are public; :mod:`.local`
+knows the addresses an upstream may have; :mod:`.service` holds what the connections share.
 """

@@ -5,15 +5,16 @@ The checks run in this order, each answering on failure:
 
 1. exactly one ``Host``, an origin-form target (400);
 2. the Host is a preview host, ``{port}-{prefix}.{previewDomain}[:port]`` or
-   ``{registry key}-{prefix}...`` (421: this connection only serves previews), of a registered
-   key (404), of this project (404), for a port that is not ignored and not the server's own
-   (403);
+   ``{registry key}-{prefix}...`` (421: this connection only serves previews), with the port
+   in its one spelling, decimal without leading zeros (404), of a registered key (404), of this
+   project (404), for a port that is not ignored and not the server's own (403);
 3. the request has not been through this proxy already (508);
 4. ``?token=`` equal to the workspace token, or ``?aether_grant=`` a live grant for this host
    (see ``grant``): a cookie for this preview host and a redirect to the same URL without it;
 5. a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
    cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
-6. the port must be open now (502, a page that reloads itself).
+6. the port must be open now (502, a page that reloads itself), on loopback or an address of
+   this host's own interfaces (502: see ``local``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import ipaddress
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Collection, Optional, Union
 from urllib.parse import unquote_to_bytes
 
 from aether import credentials
 from aether.preview import grant
 from aether.preview import headers as h
 from aether.preview import pages
+from aether.preview.local import LOOPBACK, is_local
 from aether.preview.visibility import Visibility
 
 if TYPE_CHECKING:
@@ -69,9 +71,10 @@ class Answer:
         self.close = close
 
 
-def upstream_address(listeners: "list[Listener]") -> Optional[str]:
+def upstream_address(listeners: "list[Listener]", local: Collection[str] = LOOPBACK) -> Optional[str]:
     """Where to connect for a port: a loopback address when a listener accepts on one (a
-    wildcard does), else the specific local address a listener is bound to."""
+    wildcard does), else the specific address a listener is bound to, one in ``local`` if
+    any is (the caller refuses one that is not)."""
     best, best_rank = None, 9
     for listener in listeners:
         address = listener.address
@@ -83,6 +86,8 @@ def upstream_address(listeners: "list[Listener]") -> Optional[str]:
             rank, target = 2, address[7:]
         else:
             rank, target = 2, address
+        if rank == 2 and not is_local(target, local):
+            rank = 3
         if rank < best_rank:
             best, best_rank = target, rank
     return best
@@ -117,8 +122,16 @@ class Gate:
     """Decides for one workspace; ``settings`` and ``monitor`` are read live, so a change of
     ignored ports or a port opening applies to the next request."""
 
-    def __init__(self, settings, monitor, visibility: Visibility, named: Callable[[str], Optional[int]] = lambda key: None):
+    def __init__(
+        self,
+        settings,
+        monitor,
+        visibility: Visibility,
+        named: Callable[[str], Optional[int]] = lambda key: None,
+        local: Collection[str] = LOOPBACK,
+    ):
         self.settings = settings
+        self.local = local  # this host's addresses, kept current by the caller (local.LocalAddresses)
         self.named = named  # registry key -> port, for {key}-{prefix} hosts
         self.monitor = monitor
         self.visibility = visibility
@@ -140,7 +153,9 @@ class Gate:
     def preview_host(self, host: bytes) -> Optional[tuple]:
         """(port number or registry key, prefix matches, host name, port part) for a preview
         Host value, else None. The key before the last ``-`` of the first label is a port when
-        it is all digits (registry keys never are), else a registry key."""
+        it is all digits (registry keys never are), else a registry key; None in its place
+        for a port with leading zeros, so that each port has one host (one origin, one
+        cookie)."""
         try:
             return self._hosts[host]
         except KeyError:
@@ -151,7 +166,12 @@ class Gate:
         else:
             target, prefix, _, port_part = match.groups()
             name = host.rpartition(b":")[0] if port_part else host
-            target = int(target) if target.isdigit() else target.decode().lower()
+            if not target.isdigit():
+                target = target.decode().lower()
+            elif target[0] == 48 and len(target) > 1:  # b"0"
+                target = None
+            else:
+                target = int(target)
             parsed = (target, prefix.lower() == self._prefix, name.lower(), port_part or b"80")
         if len(self._hosts) >= _MAX_CACHED_HOSTS:
             self._hosts.clear()
@@ -211,6 +231,13 @@ class Gate:
         """The port opened, closed or refused: look its upstream address up again."""
         self._addresses.pop(port, None)
 
+    def forget_all(self) -> None:
+        """This host's addresses changed: choose every port's upstream address again."""
+        self._addresses.clear()
+
+    def is_local(self, address: str) -> bool:
+        return is_local(address, self.local)
+
     # -- the decision -----------------------------------------------------------------------
 
     def _answer(self, status: int, title: str, text: str, head_only: bool, close: bool, extra=(), refresh=None) -> Answer:
@@ -247,6 +274,9 @@ class Gate:
             text = f"This connection serves previews; {pages.escape(host)} is not one."
             return self._answer(421, "Misdirected request", text, head_only, True)
         port, prefix_ok, host_name, port_part = parsed
+        if port is None:
+            text = f"{pages.escape(host)} is no preview: a port is written in decimal, without leading zeros."
+            return self._answer(404, "No such preview", text, head_only, close)
         if isinstance(port, str):
             key, port = port, self.named(port)
             if port is None:
@@ -299,9 +329,11 @@ class Gate:
 
         address = self._addresses.get(port)
         if address is None and port in self.monitor.table:
-            address = self._addresses[port] = upstream_address(self.monitor.table.listeners(port))
+            address = self._addresses[port] = upstream_address(self.monitor.table.listeners(port), self.local)
         if address is None:
             return self._answer(502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close, refresh=pages.REFRESH_SECONDS)
+        if not is_local(address, self.local):
+            return self._answer(502, pages.NOT_LOCAL_TITLE, pages.not_local_text(port, address), head_only, close)
         upstream_head = head.upstream(
             method,
             target,

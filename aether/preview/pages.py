@@ -76,3 +76,14 @@ def not_listening_text(port: int) -> str:
         f"Nothing listens on port {int(port)} in this workspace yet. This page reloads itself "
         f"every {REFRESH_SECONDS} s and shows the app as soon as it starts."
     )
+
+
+NOT_LOCAL_TITLE = "Not an address of this workspace"
+
+
+def not_local_text(port: int, address: str) -> str:
+    return (
+        f"Port {int(port)} listens on {escape(address)}, which is not an address of this workspace: "
+        "the preview proxy connects only to the workspace itself (loopback, or an address of its "
+        "own network interfaces)."
+    )

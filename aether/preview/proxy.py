@@ -4,7 +4,8 @@
 Bodies are never gathered: each piece goes on as it arrives, and a side whose socket buffer
 fills pauses reading on the other (asyncio's flow control), so a 1 GB upload or download
 holds a few hundred KB at most. Requests on one connection are answered in order; a
-pipelined request waits (with at most ``MAX_BUFFERED`` bytes of it held) for the one before.
+pipelined request waits (with at most ``MAX_BUFFERED`` bytes of it held) for the one before,
+and bytes that do not parse after whole requests get their 400 once those are answered.
 
 One timer per connection enforces, lazily, three limits: ``header_timeout`` to send a request
 head, ``keepalive_timeout`` between requests, and ``timeout`` without a byte either way while
@@ -90,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.finished = False  # a request closing the connection was read: ignore the rest
         self.early: list[bytes] = []  # tunnel bytes sent before the app's 101
         self.close_after = False
+        self.refusal: Optional[tuple[int, bytes]] = None  # (status, response) due after the requests ahead
         self.closed = False
         self.writing_paused = False
         self._paused: set[str] = set()
@@ -271,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
         # Not loop.time(): uvloop's counts whole milliseconds.
         cycle.started = time.monotonic()
         key = (forward.address, forward.port)
+        if not self._local(cycle, key):
+            return
         up = self.proxy.pool.take(key)
         if up is not None:
             self._attach(cycle, up)
@@ -282,6 +286,8 @@ class ClientConnection(asyncio.Protocol):
         table = self.proxy.gate.monitor.table
         started = self.loop.time()
         while True:
+            if not self._local(cycle, key):
+                return
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     _, up = await self.loop.create_connection(lambda: Upstream(self.proxy.pool, key), address, port)
@@ -304,11 +310,20 @@ class ClientConnection(asyncio.Protocol):
             except OSError as exc:
                 self._fail(cycle, 502, "Bad gateway", f"Could not connect to port {port}: {pages.escape(exc.strerror or str(exc))}.")
                 return
-        if self.closed or self.active is not cycle:
+        if self.closed or self.active is not cycle or not self._local(cycle, key):
             up.closed = True
             up.transport.close()
             return
         self._attach(cycle, up)
+
+    def _local(self, cycle: Cycle, key: tuple[str, int]) -> bool:
+        """Whether ``key``'s address is still this host's, checked again as the connection is
+        taken or made: an address removed since the decision may belong to another host now."""
+        if self.proxy.gate.is_local(key[0]):
+            return True
+        self.proxy.log_failure(key[1], f"{key[0]} is not an address of this host")
+        self._fail(cycle, 502, pages.NOT_LOCAL_TITLE, pages.not_local_text(key[1], key[0]))
+        return False
 
     def _attach(self, cycle: Cycle, up: Upstream) -> None:
         cycle.upstream = up
@@ -367,17 +382,33 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             self._start(self.queue[0])
+        elif self.refusal is not None:
+            self._send_refusal(*self.refusal)
+            return
         if len(self.queue) <= MAX_QUEUED:
             self.resume_reading("pipeline")
 
     def _refuse(self, status: int, title: str, text: str) -> None:
-        """Answer a request that cannot be parsed or is too large, and close."""
-        if self.active is not None:
+        """Answer a request that cannot be parsed or is too large, and close: at once, or after
+        the requests read before it when they are whole (pipelined ahead of it); a request
+        whose body was being read when the bytes went wrong cannot be finished, and the
+        connection is reset."""
+        if self.closed:
+            return  # answered already (a request refused from its head, its body unread)
+        if self.parsing is not None:
             self.abort()
             return
+        response = pages.response(status, pages.render(status, title, text), close=True)
+        self.finished = True
+        if self.active is not None:
+            self.refusal = (status, response)
+            self.pause_reading("closing")
+            return
+        self._send_refusal(status, response)
+
+    def _send_refusal(self, status: int, response: bytes) -> None:
         self.proxy.responses[status] += 1
-        body = pages.render(status, title, text)
-        self.transport.write(pages.response(status, body, close=True))
+        self.transport.write(response)
         self.closed = True
         self.transport.close()
 

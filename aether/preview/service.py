@@ -7,6 +7,7 @@ import logging
 
 from aether.ports.events import CLOSE, PortEvent
 from aether.preview.gate import Gate
+from aether.preview.local import LocalAddresses
 from aether.preview.proxy import HEADER_TIMEOUT, ClientConnection
 from aether.preview.upstream import Pool
 from aether.preview.visibility import Visibility
@@ -22,7 +23,8 @@ class PreviewProxy:
         # Counted by the connections, read at scrape time (aether.metrics).
         self.responses = metrics.preview_responses
         self.upstream_latency = metrics.preview_upstream_latency
-        self.gate = Gate(settings, monitor, visibility, named)
+        self.local = LocalAddresses(self.loop, self._on_addresses)
+        self.gate = Gate(settings, monitor, visibility, named, self.local.addresses)
         self.pool = Pool(self.loop)
         self.timeout = settings.preview_timeout
         self.tick = min(HEADER_TIMEOUT, self.timeout)
@@ -30,6 +32,10 @@ class PreviewProxy:
         self._tasks: set[asyncio.Task] = set()
         self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)
         self._unsubscribe = monitor.subscribe(self._on_event)
+        try:
+            self.local.start()
+        except OSError as exc:
+            log.error("local addresses unavailable; previews reach loopback only", extra={"error": str(exc)})
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
@@ -55,8 +61,21 @@ class PreviewProxy:
         if event.type == CLOSE:
             self.pool.close_port(event.port)
 
+    def _on_addresses(self, added: set[str], removed: set[str]) -> None:
+        """This host's addresses changed: choose upstreams again, and drop every connection to
+        an address it no longer has (its packets would now leave for whoever has it)."""
+        self.gate.forget_all()
+        if not removed:
+            return
+        self.pool.close_addresses(removed)
+        for conn in list(self.connections):
+            up = conn.tunnel or (conn.active.upstream if conn.active is not None else None)
+            if up is not None and up.key[0] in removed:
+                conn.abort()
+
     def close_all(self) -> None:
         self._unsubscribe()
+        self.local.close()
         for conn in list(self.connections):
             conn.abort()
         for task in list(self._tasks):

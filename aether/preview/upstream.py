@@ -291,6 +291,13 @@ class Pool:
                 conn.closed = True
                 conn.transport.close()
 
+    def close_addresses(self, addresses: set[str]) -> None:
+        """Close every idle connection to one of ``addresses`` (no longer this host's)."""
+        for key in [k for k in self.idle if k[0] in addresses]:
+            for conn in self.idle.pop(key):
+                conn.closed = True
+                conn.transport.close()
+
     def close_all(self) -> None:
         for conns in self.idle.values():
             for conn in conns:
