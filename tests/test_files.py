@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from aether.files.watch import WINDOW_SECONDS
 from conftest import Server
 
 CHUNK = 256 << 10
@@ -414,8 +415,9 @@ for n in range(2000):
         subprocess.run([sys.executable, "-c", storm], cwd=root, check=True)
         elapsed = time.monotonic() - started
         events = f.collect(0.5)
-    assert elapsed < 5
-    assert 1 <= len(events) <= 50, len(events)  # about one per 50 ms window
+    # At most one per window while the storm lasted (2,000 writes: 1 to 2.5 s, more under
+    # load), and the last one after it.
+    assert 1 <= len(events) <= elapsed / WINDOW_SECONDS + 2, (len(events), elapsed)
     assert events[0]["type"] == "created" and {e["path"] for e in events} == {"storm.txt"}
 
 

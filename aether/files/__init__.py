@@ -1,8 +1,9 @@
-"""The workspace's files, for the ``files`` channel: confinement to the workspace root
-(``paths``), the blocking operations on names (``ops``), reading and writing content
-(``reading``, ``writing``), the C library calls Python lacks (``libc``), and watching through
-inotify (``inotify``; ``dirs``, a watch's directories; ``watch``). Only ``inotify``'s instance
-and ``watch`` know of an event loop.
+"""The workspace's files, for the ``files`` channel: confinement to the workspace root (what
+a client's path says, ``paths``; resolving it beneath the root by the kernel, ``beneath``),
+the blocking operations on names (``ops``), reading and writing content (``reading``,
+``writing``), the C library calls Python lacks (``libc``), and watching through inotify
+(``inotify``; ``dirs``, a watch's directories; ``watch``). Only ``inotify``'s instance and
+``watch`` know of an event loop.
 """
 
 from __future__ import annotations

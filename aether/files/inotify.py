@@ -9,6 +9,12 @@ what the last added against the server's limit. Events that arrive for a descrip
 not handed back yet are kept until it has. Users watching the same directory share its
 descriptor (the kernel gives the same one), counted once against the server's limit, and
 removed when the last lets go.
+
+inotify takes a path. Each directory is opened first, below the watch's top with no symbolic
+link followed, and watched through its descriptor (``/proc/self/fd/N``): what is watched is
+the directory that was opened there, whatever is renamed meanwhile. The top is the directory
+:func:`locate` resolved beneath the workspace root, checked by device and inode each time it is
+opened again.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import asyncio
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, Optional
 
-from aether.files import libc
+from aether.files import FileError, libc
+from aether.files.beneath import Root, below, fd_path
+from aether.files.paths import os_error
 
 if TYPE_CHECKING:
     from aether.files.watch import WatchTree
@@ -37,17 +45,18 @@ IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
-IN_DONT_FOLLOW = 0x02000000
 IN_EXCL_UNLINK = 0x04000000
 IN_ISDIR = 0x40000000
 
 #: What a directory watch asks for: its entries' changes and its own end. Only directories
-#: (IN_ONLYDIR), never through a link (IN_DONT_FOLLOW), and nothing about files already
-#: unlinked but still open (IN_EXCL_UNLINK).
+#: (IN_ONLYDIR), and nothing about files already unlinked but still open (IN_EXCL_UNLINK).
+#: The path given is /proc/self/fd/N, a link the kernel follows to the directory open there
+#: (so not IN_DONT_FOLLOW).
 DIRECTORY_MASK = (
     IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK
 )
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 _HEADER = struct.Struct("=iIII")  # wd, mask, cookie, len: struct inotify_event
 #: Bytes of events read in one wake-up: at 16 bytes the smallest, at most 4,096 events are
@@ -60,9 +69,63 @@ init = libc.inotify_init
 rm_watch = libc.inotify_rm_watch
 
 
-def add_watch(fd: int, path: Union[str, bytes], mask: int = DIRECTORY_MASK) -> int:
-    """The watch descriptor for ``path``; the same one again for a directory already watched."""
-    return libc.inotify_add_watch(fd, path, mask)
+def add_watch(fd: int, dir_fd: int) -> int:
+    """The watch descriptor for the directory open as ``dir_fd``; the same one again for a
+    directory already watched."""
+    return libc.inotify_add_watch(fd, b"/proc/self/fd/%d" % dir_fd, DIRECTORY_MASK)
+
+
+class Top(NamedTuple):
+    """The directory a watch watches: its path when the watch began, its path as replies name
+    it, and its (device, inode)."""
+
+    real: str
+    rel: str
+    ident: tuple[int, int]
+
+
+def locate(root: str, path: str) -> Top:
+    """The directory ``path`` leads to beneath ``root`` (a link followed, and staying
+    inside), for a watch; FileError when there is none. Blocking."""
+    try:
+        with Root(root) as beneath:
+            fd, rel = beneath.open(path, _DIRECTORY)
+        try:
+            st = os.fstat(fd)
+            real = fd_path(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise FileError("not_a_directory", path, f"{path}: not a directory; watch the directory it is in") from None
+        raise os_error(exc, path) from None
+    return Top(real, rel, (st.st_dev, st.st_ino))
+
+
+def open_top(real: str, ident: Optional[tuple[int, int]]) -> tuple[int, tuple[int, int]]:
+    """The watch's top directory opened again, and its identity; OSError ENOENT when what is
+    at ``real`` now is another directory than ``ident`` (None: any, and it becomes the one)."""
+    fd = os.open(real, _DIRECTORY)
+    st = os.fstat(fd)
+    if ident is not None and (st.st_dev, st.st_ino) != ident:
+        os.close(fd)
+        raise OSError(errno.ENOENT, "the watched directory is no longer there", real)
+    return fd, (st.st_dev, st.st_ino)
+
+
+def add_watch_below(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str) -> int:
+    """Watch directory ``rel`` of the watch whose top is ``real`` (``""``: the top)."""
+    top, _ident = open_top(real, ident)
+    try:
+        if not rel:
+            return add_watch(fd, top)
+        directory = below(top, rel, _DIRECTORY)
+        try:
+            return add_watch(fd, directory)
+        finally:
+            os.close(directory)
+    finally:
+        os.close(top)
 
 
 class Event(NamedTuple):
@@ -94,6 +157,7 @@ class Scan(NamedTuple):
     dirs: list[tuple[str, int, int]]  # (path in the tree, watch descriptor, index of its parent here; -1: the top)
     entries: list[tuple[str, str]]  # (path in the tree, kind) of what was found, when asked
     truncated: bool  # stopped at the directory limit
+    ident: Optional[tuple[int, int]]  # the top's (device, inode)
 
 
 def join_rel(rel: str, name: str) -> str:
@@ -101,45 +165,61 @@ def join_rel(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def scan(fd: int, top: str, rel: str, recursive: bool, known: frozenset, budget: int, report: bool) -> Scan:
-    """Watch ``top`` and, when ``recursive``, every directory below it (links not followed),
-    adding at most ``budget`` descriptors not in ``known``; parents come before their
-    children. Blocking: runs in the pool. OSError when ``top`` itself cannot be watched."""
+def scan(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str, recursive: bool, known: frozenset,
+         budget: int, report: bool) -> Scan:
+    """Watch directory ``rel`` of the watch whose top is ``real`` (``""``: the top) and, when
+    ``recursive``, every directory below it (links not followed), adding at most ``budget``
+    descriptors not in ``known``; parents come before their children. Blocking: runs in the
+    pool. OSError when ``rel`` itself cannot be watched."""
     dirs: list[tuple[str, int, int]] = []
     entries: list[tuple[str, str]] = []
     added = 0
-    stack = [(top, rel, -1)]
-    while stack:
-        path, r, up = stack.pop()
-        try:
-            wd = add_watch(fd, path)
-        except OSError as exc:
-            if path == top and not dirs:
-                raise
-            if exc.errno == errno.ENOSPC:
-                return Scan(dirs, entries, True)
-            continue  # gone or unreadable since it was listed
-        if wd not in known:
-            added += 1
-            if added > budget:
-                rm_watch(fd, wd)
-                return Scan(dirs, entries, True)
-        here = len(dirs)
-        dirs.append((r, wd, up))
-        if not recursive:
-            break
-        try:
-            with os.scandir(path) as it:
-                for item in it:
-                    child = join_rel(r, item.name)
-                    is_dir = item.is_dir(follow_symlinks=False)
-                    if report:
-                        entries.append((child, "directory" if is_dir else "file"))
-                    if is_dir:
-                        stack.append((item.path, child, here))
-        except OSError:
-            continue
-    return Scan(dirs, entries, False)
+    top, ident = open_top(real, ident)
+    try:
+        stack = [(rel, -1)]
+        while stack:
+            r, up = stack.pop()
+            try:
+                directory = below(top, r, _DIRECTORY) if r else top
+            except OSError:
+                if not dirs:
+                    raise
+                continue  # gone, or a link now, since it was listed
+            try:
+                try:
+                    wd = add_watch(fd, directory)
+                except OSError as exc:
+                    if not dirs:
+                        raise
+                    if exc.errno == errno.ENOSPC:
+                        return Scan(dirs, entries, True, ident)
+                    continue
+                if wd not in known:
+                    added += 1
+                    if added > budget:
+                        rm_watch(fd, wd)
+                        return Scan(dirs, entries, True, ident)
+                here = len(dirs)
+                dirs.append((r, wd, up))
+                if not recursive:
+                    break
+                try:
+                    with os.scandir(directory) as it:
+                        for item in it:
+                            child = join_rel(r, item.name)
+                            is_dir = item.is_dir(follow_symlinks=False)
+                            if report:
+                                entries.append((child, "directory" if is_dir else "file"))
+                            if is_dir:
+                                stack.append((child, here))
+                except OSError:
+                    continue
+            finally:
+                if directory != top:
+                    os.close(directory)
+    finally:
+        os.close(top)
+    return Scan(dirs, entries, False, ident)
 
 
 class Instance:
@@ -168,18 +248,21 @@ class Instance:
             # The budget is taken after the last scan has added its own: scans that ran side
             # by side would each see all of it.
             if tree.closed:
-                return Scan([], [], False)
+                return Scan([], [], False, tree.ident)
             if self.fd is None:
                 self.fd = init()
                 asyncio.get_running_loop().add_reader(self.fd, self._readable)
             self.trees.add(tree)
-            top = os.path.join(tree.real, rel) if rel else tree.real
             budget = self.max_dirs - len(self.users)
             self._scanning = True
             try:
-                found = await self._run(scan, self.fd, top, rel, tree.recursive, frozenset(self.users), budget, report)
+                found = await self._run(
+                    scan, self.fd, tree.real, tree.ident, rel, tree.recursive, frozenset(self.users), budget, report,
+                )
                 if self.fd is None:
                     raise OSError(errno.EBADF, "the inotify instance was closed")
+                if tree.ident is None:
+                    tree.ident = found.ident
                 self._register(tree, parent, found.dirs)
             finally:
                 self._scanning = False
@@ -221,7 +304,7 @@ class Instance:
                 continue
             if wd in self._dead:  # removed by another user while this scan ran: watch again
                 try:
-                    wd = add_watch(self.fd, os.path.join(tree.real, rel) if rel else tree.real)
+                    wd = add_watch_below(self.fd, tree.real, tree.ident, rel)
                 except OSError:
                     placed.append(None)
                     continue

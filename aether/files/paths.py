@@ -1,9 +1,12 @@
-"""Confinement: a client's path becomes a path inside the workspace root, or is refused.
+"""Confinement: a client's path, and where it leads beneath the workspace root.
 
-A client path is relative to the root, or absolute. It is joined to the root and resolved with
-:func:`os.path.realpath`, so ``..`` and every symbolic link along the way are followed as the
-kernel would follow them, and the result must be the root or below it. ``a/../b`` is fine;
-``../x``, ``/etc/passwd`` and ``link/x`` where ``link`` points outside are ``forbidden``.
+A client path is relative to the root, or absolute. It is resolved beneath the root as the
+kernel resolves a path, ``..`` and symbolic links followed, and must stay at the root or below
+it at every step. ``a/../b`` is fine; ``../x``, ``/etc/passwd``, ``link/x`` where ``link``
+points outside, and a ``..`` that climbs above the root (even to come back) are
+``forbidden``. An absolute path names the root by its resolved path; one that reaches it some
+other way (through a link elsewhere) is resolved from ``/`` first, and what it names below the
+root is then resolved beneath it like a relative one.
 
 Operations on a name itself (``stat``, ``delete``, ``rename``, ``mkdir``) resolve only the
 parent directory and keep the last component as it is (``follow=False``): a link is stat'ed,
@@ -11,36 +14,68 @@ deleted or renamed as a link, wherever it points, so such a path must end in a n
 or ``..``). Everything that reads or writes content, or lists or watches a directory, follows
 the last component too, so a link leading out is refused there.
 
+The kernel holds the boundary (``beneath``): every operation starts from a descriptor of the
+root and resolves the path with ``openat2(RESOLVE_BENEATH)``, or one component at a time with
+``O_NOFOLLOW``, and acts on what that opened, so a directory swapped for a link to the outside
+between two steps can no longer lead an operation there. This module is the part without
+descriptors: what the client's path says, and the error for an OSError on it.
+
 A hard link cannot be told from any other file: one to a file outside the root is read like
 any file. An atomic write replaces the name with a new file, leaving the other one alone;
-``writing`` refuses in-place writes to a file with more than one link.
-
-The check and the use are two steps: a process that swaps a directory for a link between them
-can still lead an operation outside (opening with ``O_NOFOLLOW`` narrows that to the parent
-directories). The client holding the token also has the ``terminal`` channel, a shell that can
-go anywhere, so this guards against mistakes and hostile links in the tree, not against the
-token's holder.
+``writing`` refuses in-place writes to a file with more than one link. The client holding the
+token also has the ``terminal`` channel, a shell that can go anywhere, so this guards against
+mistakes and hostile links and processes in the tree, not against the token's holder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
-import stat
+from typing import Optional
 
 from aether.files import FileError
+
+_CODES = {
+    errno.ENOENT: "not_found", errno.ENOTDIR: "not_a_directory", errno.EISDIR: "is_a_directory",
+    errno.EEXIST: "exists", errno.ENOTEMPTY: "not_empty", errno.EINVAL: "invalid",
+    errno.ENAMETOOLONG: "invalid", errno.ELOOP: "invalid", errno.ENXIO: "invalid",
+    errno.EACCES: "forbidden", errno.EPERM: "forbidden", errno.EROFS: "forbidden",
+    errno.EXDEV: "forbidden", errno.EFBIG: "too_large",
+}
+
+
+def os_error(exc: OSError, path: str, what: Optional[str] = None) -> FileError:
+    """The FileError for an OSError on the client's ``path`` (``what`` names it in the
+    message, when not the path alone)."""
+    return FileError(_CODES.get(exc.errno, "io"), path, f"{what or path}: {exc.strerror or exc}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """``path``: the absolute path to act on. ``rel``: the path as replies name it."""
+    """``path``: the absolute path it led to when resolved. ``rel``: the path as replies name it."""
 
     path: str
     rel: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """What a client's path asks for, before anything is opened.
+
+    ``parts``: the components below the root (``.`` and empty ones dropped; ``..`` kept, and
+    then ``dotdot``). ``rel``: the path as replies name it, normalised; None when it holds
+    ``..``, whose meaning the links before it decide: the walk names where it led.
+    ``directory``: it ends in ``/``, so what is there must be a directory."""
+
+    parts: tuple[str, ...]
+    rel: Optional[str]
+    dotdot: bool
+    directory: bool
+
+
 def inside(root: str, path: str) -> bool:
-    """Whether absolute, resolved ``path`` is ``root`` or below it."""
+    """Whether absolute ``path`` is ``root`` or below it, by name."""
     if path == root:
         return True
     return path.startswith(root if root.endswith("/") else root + "/")
@@ -51,62 +86,55 @@ def relative(root: str, path: str) -> str:
     return os.path.relpath(path, root)
 
 
-def resolve(root: str, path: str, follow: bool = True) -> Target:
-    """Where ``path`` leads inside ``root`` (resolved by :func:`os.path.realpath`), or
-    FileError: ``forbidden`` when that is outside. Nothing is created or changed.
+def escape(path: str, by_link: bool) -> FileError:
+    why = "a symbolic link on the way leads outside the workspace root" if by_link else "outside the workspace root"
+    return FileError("forbidden", path, f"{path}: {why}")
 
-    With ``follow`` a symbolic link in the last place is followed and must stay inside too.
-    With ``follow=False`` the last component is the name acted on, a link stays a link, and
-    so it must be a name: a path ending in ``.`` or ``..`` (``link/.`` would be the link's
-    target under the link's name) is ``invalid``, except the root itself written as ``.``.
-    A path ending in ``/`` names a directory: if something else is there (a link, with
-    ``follow=False``), ``not_a_directory``.
 
-    ``rel`` is the path as the client named it, normalised (``.`` and repeated ``/`` dropped,
-    an absolute path made relative); when it holds ``..``, which a link before it changes the
-    meaning of, ``rel`` is where it resolved to instead.
-    """
+def parse(root: str, path: str, follow: bool) -> Parsed:
+    """The client's ``path`` below ``root``, or FileError: ``invalid`` for a name that is no
+    file name (a lone surrogate, a NUL) or, with ``follow=False``, a path ending in ``.`` or ``..``
+    (``link/.`` would be the link's target under the link's name) other than the root itself
+    written as ``.``; ``forbidden`` for an absolute path that is not in the root."""
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
         raise FileError("invalid", path, f"{path!r}: not a valid file name (a lone surrogate)") from None
+    if "\0" in path:  # no name holds one; the C calls would stop at it
+        raise FileError("invalid", path, f"{path!r}: not a valid file name (a NUL character)")
     joined = os.path.join(root, path)
     head, name = os.path.split(joined.rstrip("/") or "/")
     special = name in ("", ".", "..")
-    if special:
-        located = os.path.realpath(joined)
-    else:
-        located = os.path.join(os.path.realpath(head), name)
-    lexical = os.path.normpath(joined)
     dotdot = ".." in path.split("/")
-    if not inside(root, located):
-        if inside(root, lexical) and not dotdot:
-            why = "a symbolic link on the way leads outside the workspace root"
-        else:
-            why = "outside the workspace root"
-        raise FileError("forbidden", path, f"{path}: {why}")
+    lexical = os.path.normpath(joined)
+    if not inside(root, joined):
+        # An absolute path elsewhere: it may reach the root through a link (an alias of
+        # it), which the kernel follows from /. Only what it names below the root is used,
+        # and that is resolved beneath the root like any path.
+        located = os.path.realpath(joined) if special else os.path.join(os.path.realpath(head), name)
+        if not inside(root, located):
+            raise escape(path, inside(root, lexical) and not dotdot)
+        parts = tuple(relative(root, located).split("/")) if located != root else ()
+        dotdot, rel = False, "/".join(parts) or "."
+    else:
+        parts = tuple(part for part in joined[len(root):].split("/") if part not in ("", "."))
+        rel = None if dotdot else "/".join(parts) or "."
     if not follow and name in (".", "..") and (dotdot or lexical != root):
         raise FileError("invalid", path, f"{path}: ends in {name!r}, which is no name of its own; name the directory itself")
-    real = located
-    if follow and not special:
-        real = os.path.realpath(located)
-        if not inside(root, real):
-            raise FileError("forbidden", path, f"{path}: a symbolic link leads outside the workspace root")
-    if path.endswith("/") and not special:
-        _directory(real, path, follow)
-    if dotdot or not inside(root, lexical):
-        rel = relative(root, located)
-    else:
-        rel = relative(root, lexical)
-    return Target(real, rel)
+    return Parsed(parts, rel, dotdot, path.endswith("/") and not special)
 
 
-def _directory(real: str, path: str, follow: bool) -> None:
-    """A path ending in ``/`` must be a directory where something is there (as the kernel
-    has it); a missing one is left to the operation."""
+def resolve(root: str, path: str, follow: bool = True) -> Target:
+    """Where ``path`` leads beneath ``root`` now, as a path, for what must be given one (a
+    terminal's working directory); FileError as the operations raise it (``forbidden``
+    outside, ``not_found`` for a directory on the way that does not exist, ...). The last
+    component need not exist. With ``follow`` a link there is followed, and must stay inside."""
+    from aether.files.beneath import Root, fd_path  # beneath builds on this module
+
     try:
-        st = os.stat(real) if follow else os.lstat(real)
-    except OSError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise FileError("not_a_directory", path, f"{path}: not a directory (a path ending in / names one)")
+        with Root(root) as beneath:
+            place = beneath.place(path, follow)
+            where = fd_path(place.dirfd) if place.dirfd != beneath.fd else root
+            return Target(where if place.name == "." else os.path.join(where, place.name), place.rel)
+    except OSError as exc:
+        raise os_error(exc, path) from None

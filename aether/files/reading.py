@@ -10,8 +10,8 @@ import stat as stat_
 from typing import Optional
 
 from aether.files import FileError
-from aether.files.ops import os_error
-from aether.files.paths import resolve
+from aether.files.beneath import Root
+from aether.files.paths import os_error
 
 #: Raw bytes per ``read`` message: 256 KiB is ~350 KB as base64, well under the 1 MiB limit.
 CHUNK_BYTES = 256 << 10
@@ -64,12 +64,10 @@ class Reader:
     def __init__(self, root: str, path: str, offset: int = 0, length: Optional[int] = None):
         if length is not None and length > MAX_READ_BYTES:
             raise FileError("too_large", path, f"{path}: a read returns at most {MAX_READ_BYTES >> 20} MiB; ask for less")
-        target = resolve(root, path)
-        self.rel = target.rel
         try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOFOLLOW: the path is
-            # resolved, so a link there now was put there since.
-            self.fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer.
+            with Root(root) as beneath:
+                self.fd, self.rel = beneath.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise os_error(exc, path) from None
         try:

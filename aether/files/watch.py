@@ -139,16 +139,18 @@ class Coalescer:
 
 
 class WatchTree:
-    """One client watch over ``real`` (named ``base`` in messages). ``deliver(messages)``
-    sends event messages; ``hold(resume)`` returns True when the client is behind, and then
-    calls ``resume`` once it has caught up; ``ended(tree)`` is called when the watched
-    directory itself goes."""
+    """One client watch over ``real`` (named ``base`` in messages): the directory of
+    (device, inode) ``ident`` that was there (None: the one there when it starts).
+    ``deliver(messages)`` sends event messages; ``hold(resume)`` returns True when the client
+    is behind, and then calls ``resume`` once it has caught up; ``ended(tree)`` is called
+    when the watched directory itself goes."""
 
     def __init__(self, instance: Instance, real: str, base: str, recursive: bool,
                  deliver: Callable[[list[dict]], None], hold: Callable[[Callable[[], None]], bool],
-                 ended: Callable[["WatchTree"], None]):
+                 ended: Callable[["WatchTree"], None], ident: Optional[tuple[int, int]] = None):
         self.instance = instance
         self.real = real
+        self.ident = ident
         self.base = base
         self.recursive = recursive
         self.dirs = Directories()
@@ -211,8 +213,8 @@ class WatchTree:
     async def _grow(self, rel: str, parent: Optional[int], report: bool) -> None:
         try:
             found = await self.instance.watch(self, rel, parent, report)
-        except OSError:
-            return  # gone again already; its own events say so
+        except (OSError, FileError):
+            return  # gone again already (or a link now): its own events say so
         except Exception:
             log.exception("watching a new directory failed", extra={"path": self.display(rel)})
             return

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import os
+import secrets
 import stat as stat_
-import tempfile
 from typing import Optional
 
 from aether.files import FileError
-from aether.files.ops import os_error
-from aether.files.paths import Target, resolve
+from aether.files.beneath import Place, Root
+from aether.files.paths import os_error
+
+#: Names tried for a temporary file before giving up (each random: another taken is rare).
+_TEMP_TRIES = 100
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,61 +62,74 @@ def write(root: str, path: str, data: bytes, offset: Optional[int] = None, creat
     file gets 0644 less the umask). With ``offset`` the bytes go into the existing file in
     place, for uploads in several messages; an offset past the end is refused, and so is a file
     with other hard links (they may be outside the root, and would change too).
+
+    The temporary file is made, renamed and (on failure) removed in the directory's
+    descriptor, so it stays in the directory the path was resolved to, whatever is renamed.
     """
-    target = resolve(root, path)  # a link inside the root is written through
     try:
-        st: Optional[os.stat_result] = os.stat(target.path)
+        with Root(root) as beneath:
+            try:
+                place = beneath.place(path, follow=True)  # a link inside the root is written through
+            except FileNotFoundError:
+                if not create_parents:
+                    raise FileError("not_found", path, f"{path}: the parent directory does not exist (createParents makes it)") from None
+                beneath.makedirs(path, parents_only=True)
+                place = beneath.place(path, follow=True)
+            try:
+                st: Optional[os.stat_result] = place.lstat()
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat_.S_ISDIR(st.st_mode):
+                raise FileError("is_a_directory", path, f"{path}: is a directory")
+            if st is not None and not stat_.S_ISREG(st.st_mode):
+                raise FileError("invalid", path, f"{path}: not a regular file")
+            if st is None and path.endswith("/"):
+                raise FileError("invalid", path, f"{path}: a path ending in / names a directory, not a file")
+            if offset is not None and (offset > 0 or st is not None):
+                return place.rel, _write_at(place, path, data, offset)
+            _replace(place, data, st)
+            return place.rel, len(data)
+    except OSError as exc:
+        raise os_error(exc, path) from None
+
+
+def _write_at(place: Place, path: str, data: bytes, offset: int) -> int:
+    try:
+        # O_NONBLOCK: what is there now may be a FIFO put in its place, not to be waited on.
+        fd = os.open(place.name, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=place.dirfd)
     except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise os_error(exc, path) from None
-    if st is not None and stat_.S_ISDIR(st.st_mode):
-        raise FileError("is_a_directory", path, f"{path}: is a directory")
-    if st is not None and not stat_.S_ISREG(st.st_mode):
-        raise FileError("invalid", path, f"{path}: not a regular file")
-    if st is None and path.endswith("/"):
-        raise FileError("invalid", path, f"{path}: a path ending in / names a directory, not a file")
-    if offset is not None and (offset > 0 or st is not None):
-        return target.rel, _write_at(target, path, data, offset, st)
-    parent = os.path.dirname(target.path)
-    if not os.path.isdir(parent):
-        if not create_parents:
-            raise FileError("not_found", path, f"{path}: the parent directory does not exist (createParents makes it)")
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, path) from None
-    _replace(target.path, path, data, st)
-    return target.rel, len(data)
-
-
-def _write_at(target: Target, path: str, data: bytes, offset: int, st: Optional[os.stat_result]) -> int:
-    if st is None:
-        raise FileError("not_found", path, f"{path}: no such file (a write with offset goes into an existing file)")
-    if offset > st.st_size:
-        raise FileError("invalid", path, f"{path}: offset {offset} is past the end of the file ({st.st_size} bytes)")
+        raise FileError("not_found", path, f"{path}: no such file (a write with offset goes into an existing file)") from None
     try:
-        fd = os.open(target.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            if os.fstat(fd).st_nlink > 1:  # of the file opened, not the one stat'ed before
-                raise FileError(
-                    "forbidden", path,
-                    f"{path}: has other hard links, which may be outside the workspace root; write it whole (without offset) instead",
-                )
-            _write_all(fd, data, offset)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise os_error(exc, path) from None
+        st = os.fstat(fd)  # of the file opened, not the one stat'ed before
+        if not stat_.S_ISREG(st.st_mode):
+            raise FileError("invalid", path, f"{path}: not a regular file")
+        if st.st_nlink > 1:
+            raise FileError(
+                "forbidden", path,
+                f"{path}: has other hard links, which may be outside the workspace root; write it whole (without offset) instead",
+            )
+        if offset > st.st_size:
+            raise FileError("invalid", path, f"{path}: offset {offset} is past the end of the file ({st.st_size} bytes)")
+        _write_all(fd, data, offset)
+    finally:
+        os.close(fd)
     return len(data)
 
 
-def _replace(real: str, path: str, data: bytes, old: Optional[os.stat_result]) -> None:
-    parent = os.path.dirname(real)
-    try:
-        fd, temp = tempfile.mkstemp(prefix=".aether-write-", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise os_error(exc, path) from None
+def _temporary(dir_fd: int) -> tuple[int, str]:
+    """A new file, open for writing (mode 0600), in directory ``dir_fd``, and its name."""
+    for _ in range(_TEMP_TRIES):
+        name = f".aether-write-{secrets.token_hex(6)}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(name, flags, 0o600, dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", ".aether-write-*.tmp")
+
+
+def _replace(place: Place, data: bytes, old: Optional[os.stat_result]) -> None:
+    fd, temp = _temporary(place.dirfd)
     try:
         try:
             _write_all(fd, data)
@@ -126,20 +143,20 @@ def _replace(real: str, path: str, data: bytes, old: Optional[os.stat_result]) -
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temp, real)
-    except OSError as exc:
+        os.replace(temp, place.name, src_dir_fd=place.dirfd, dst_dir_fd=place.dirfd)
+    except BaseException:
         try:
-            os.unlink(temp)
+            os.unlink(temp, dir_fd=place.dirfd)
         except OSError:
             pass
-        raise os_error(exc, path) from None
-    _fsync_dir(parent)
+        raise
+    _fsync_dir(place.dirfd)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_dir(dir_fd: int) -> None:
     # So the rename survives a crash too; a file system that cannot do it is no error.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return
     try:

@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from aether.files import FileError, ops, reading, writing
-from aether.files.inotify import Instance
-from aether.files.paths import resolve
+from aether.files.inotify import Instance, locate
 from aether.files.watch import WatchTree
 from aether.server.protocol import Message, ProtocolError, encode, reply, with_id
 from aether.server.session import text_frame
@@ -243,7 +242,7 @@ class FilesChannel:
         path, recursive = message.body["path"], message.body.get("recursive", False)
         if len(connection.watches) >= MAX_WATCHES_PER_CONNECTION:
             raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
-        target = await self._blocking(resolve, self.root, path)
+        top = await self._blocking(locate, self.root, path)
         watch_id = f"w{connection.next_watch}"
         connection.next_watch += 1
 
@@ -252,16 +251,17 @@ class FilesChannel:
                 session.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
 
         tree = WatchTree(
-            self._inotify, target.path, target.rel, recursive, deliver,
+            self._inotify, top.real, top.rel, recursive, deliver,
             lambda resume: self._hold(session, resume),
             lambda _tree: connection.watches.pop(watch_id, None),
+            top.ident,
         )
         await tree.start(path)
         if self._connections.get(session) is not connection:
             tree.close()  # the connection closed meanwhile
             return
         connection.watches[watch_id] = tree
-        self._reply(session, message, {"watchId": watch_id, "path": target.rel, "recursive": recursive})
+        self._reply(session, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
 
     async def _unwatch(self, session: "Session", connection: _Connection, message: Message) -> None:
         watch_id = message.body["watchId"]
