@@ -379,7 +379,7 @@ def _trees(server: Server) -> dict:
     return line
 
 
-def test_a_turn_ends_its_whole_tree_and_a_crash_is_cleaned_up_at_the_next_start(start):
+def test_a_turn_cancel_exit_and_a_crash_end_the_whole_tree(start):
     server = start(state="kept")
     assert _trees(server)["msg"] == "process trees: cgroup", f"these tests need cgroup v2 with cgroup.kill: {_trees(server)}"
     agent = Agent(server)
@@ -395,6 +395,14 @@ def test_a_turn_ends_its_whole_tree_and_a_crash_is_cleaned_up_at_the_next_start(
     assert agent.until("done")[-1]["status"] == "cancelled"
     wait_for(lambda: all(map(gone, cancelled)), 10)
 
+    agent.send(type="prompt", text="escape wait")
+    agent.until("delta")
+    stopped = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    assert server.stop() == 0
+    wait_for(lambda: all(map(gone, stopped)), 10)
+
+    server = start(state="kept")
+    agent = Agent(server)
     agent.send(type="prompt", text="escape wait")
     agent.until("delta")
     crashed = [int(p) for p in (server.root / "agent.pid").read_text().split()]
