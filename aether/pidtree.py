@@ -5,8 +5,9 @@ found by a scan of /proc when signalled and signalled through pidfds.
 That misses a process that left the session (``setsid``, a daemonizing server) and whose parent
 exited before the scan: init adopts it and nothing links it to the tree any more. A terminal
 takes a scan at its hang-up (:meth:`ScanTree.hold`), so children orphaned by the hang-up itself
-are still ended; one that left and was orphaned before that is not. After the daemon is
-SIGKILLed, nothing ends what its sessions left.
+are still ended; one that left and was orphaned before that is not. Nothing ends what a
+SIGKILLed daemon's sessions left, nor, at daemon exit, what a session that ended by itself left
+(its leader reaped, its ids name nothing any more).
 """
 
 from __future__ import annotations

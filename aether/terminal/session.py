@@ -16,10 +16,10 @@ import os
 import time
 from typing import Callable, Optional, Protocol
 
+from aether.cgroup import Tree
 from aether.server.protocol import encode
 from aether.server.session import text_frame
 from aether.terminal.output import OutputEncoder, Scrollback
-from aether.cgroup import Tree
 from aether.terminal.process import PtyProcess
 
 log = logging.getLogger("aether.terminal")

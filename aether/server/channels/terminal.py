@@ -5,9 +5,10 @@ replays the scrollback and then streams live output; any number of clients may b
 A WebSocket closing detaches it and nothing more. A session ends when its process does, on
 ``close`` (hang-up, then SIGKILL to its whole process tree after the kill grace), or after
 ``terminal_idle_timeout`` seconds with nobody attached. Each session's processes are one
-:class:`aether.cgroup.Tree`; daemon exit kills every one, those of ended sessions too. An ended session nobody saw end is kept, with its scrollback and
-exit status, until a client attaches or ``EXITED_KEEP`` seconds pass (at most
-``terminal_max_sessions`` of them; a new session may take an ended one's id).
+:class:`aether.cgroup.Tree`; daemon exit kills every one, those of ended sessions too. An
+ended session nobody saw end is kept, with its scrollback and exit status, until a client
+attaches or ``EXITED_KEEP`` seconds pass (at most ``terminal_max_sessions`` of them; a new
+session may take an ended one's id).
 """
 
 from __future__ import annotations
