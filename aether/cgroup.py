@@ -15,6 +15,7 @@ Layout, under the cgroup2 mount (found in /proc/self/mountinfo: ``/sys/fs/cgroup
 ``<daemon>`` is ``<pid>.<start time>`` of the daemon that made it. At start a daemon kills
 and removes every ``<daemon>`` beside its own whose daemon is gone (the leftovers of a crash);
 one whose daemon still runs is never touched, so two daemons never end each other's sessions.
+Of other state directories it removes only the empty cgroups of daemons that are gone.
 
 Where cgroup v2, ``cgroup.kill`` or the right to write there is missing (not root, a
 container), or ``AETHER_CGROUPS=off``, a tree is what a scan of /proc finds
@@ -179,6 +180,12 @@ def wait_empty(path: str, timeout: float) -> bool:
         os.close(fd)
 
 
+def _daemon_runs(name: str) -> bool:
+    """Whether the daemon a ``<pid>.<start time>`` cgroup is named after still runs."""
+    pid, _, started = name.partition(".")
+    return pid.isdigit() and start_time(int(pid)) == started
+
+
 def _rmdir_tree(path: str) -> bool:
     """rmdir the cgroup and those below it, deepest first; False while any has processes."""
     try:
@@ -245,10 +252,16 @@ class Trees:
         state = os.path.join(mount, "aether", hashlib.sha256(state_dir.encode()).hexdigest()[:16])
         me = f"{os.getpid()}.{start_time(os.getpid())}"
         base = os.path.join(state, me)
-        try:
-            os.makedirs(base, exist_ok=True)
-        except OSError as exc:
-            return None, f"cannot make {base}: {exc.strerror}"
+        for _ in range(2):
+            try:
+                os.makedirs(base, exist_ok=True)
+                break
+            except FileNotFoundError:
+                continue  # another daemon's start removed the empty <state> between our mkdirs
+            except OSError as exc:
+                return None, f"cannot make {base}: {exc.strerror}"
+        else:
+            return None, f"cannot make {base}: it kept being removed"
         if not os.path.exists(os.path.join(base, "cgroup.kill")):
             os.rmdir(base)
             return None, "the kernel has no cgroup.kill (Linux 5.14+)"
@@ -264,16 +277,34 @@ class Trees:
         return base, ""
 
     def _sweep(self, state: str, me: str) -> None:
-        """Kill and remove what daemons of this state directory that are gone left behind."""
-        for entry in os.scandir(state):
-            if entry.name == me or not entry.is_dir(follow_symlinks=False):
+        """Kill and remove what daemons of this state directory that are gone left behind; of
+        other state directories', remove the empty cgroups only (rmdir refuses one with a
+        process in it: what another state directory's daemon left is its next start's)."""
+        for directory in os.scandir(os.path.dirname(state)):
+            if not directory.is_dir(follow_symlinks=False):
                 continue
-            pid, _, started = entry.name.partition(".")
-            if pid.isdigit() and start_time(int(pid)) == started:
-                continue  # that daemon still runs
-            left = sum(len(CgroupTree(sub.path).pids()) for sub in os.scandir(entry.path) if sub.is_dir())
-            removed = _kill_and_remove(entry.path)
-            log.warning("killed what a stopped daemon left", extra={"cgroup": entry.path, "processes": left, "removed": removed})
+            try:
+                entries = [e for e in os.scandir(directory.path) if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                continue  # another daemon's start removed it meanwhile
+            for entry in entries:
+                if entry.name == me or _daemon_runs(entry.name):
+                    continue
+                try:
+                    if directory.path != state:
+                        _rmdir_tree(entry.path)
+                        continue
+                    left = len(CgroupTree(entry.path).pids())
+                    removed = _kill_and_remove(entry.path)
+                except OSError as exc:
+                    log.warning("cannot clear what a stopped daemon left", extra={"cgroup": entry.path, "error": exc.strerror})
+                    continue
+                log.warning("killed what a stopped daemon left", extra={"cgroup": entry.path, "processes": left, "removed": removed})
+            if directory.path != state:
+                try:
+                    os.rmdir(directory.path)
+                except OSError:
+                    pass  # a daemon's cgroups are still there
 
     def new(self) -> Tree:
         """A tree for the next child, before it is spawned."""

@@ -117,8 +117,13 @@ def test_a_daemon_that_is_gone_has_its_leftovers_killed_and_one_that_runs_does_n
     parent = os.getppid()
     running = os.path.join(state, f"{parent}.{cgroup.start_time(parent)}")
     dead = os.path.join(state, f"{(1 << 22) + 1}.0")  # above any pid_max: that daemon is gone
+    # Of another state directory, a daemon that is gone: its processes are that directory's
+    # next daemon's to end; its empty cgroups go.
+    elsewhere = os.path.join(os.path.dirname(state), "0" * 16, f"{(1 << 22) + 1}.0")
+    empty = os.path.join(os.path.dirname(state), "1" * 16, f"{(1 << 22) + 1}.0", "agent-1")
+    os.makedirs(empty)
     left = {}
-    for instance in (running, dead):
+    for instance in (running, dead, elsewhere):
         os.makedirs(os.path.join(instance, "terminal-1"))
         _run(["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 &"], cgroup.CgroupTree(os.path.join(instance, "terminal-1")))
         [left[instance]] = cgroup.CgroupTree(os.path.join(instance, "terminal-1")).pids()
@@ -127,10 +132,13 @@ def test_a_daemon_that_is_gone_has_its_leftovers_killed_and_one_that_runs_does_n
         wait_for(lambda: gone(left[dead]), 5)
         assert not os.path.exists(dead)
         assert not gone(left[running]) and os.path.isdir(running)
+        assert not gone(left[elsewhere]) and os.path.isdir(elsewhere)
+        assert not os.path.exists(os.path.dirname(os.path.dirname(empty)))
     finally:
-        cgroup.CgroupTree(running).kill()
-        wait_for(lambda: gone(left[running]), 5)
-        cgroup.CgroupTree(running).remove(2.0)
+        for instance in (running, elsewhere):
+            cgroup.CgroupTree(instance).kill()
+            wait_for(lambda: gone(left[instance]), 5)
+            cgroup.CgroupTree(os.path.dirname(instance)).remove(2.0)
         trees.close()
 
 
