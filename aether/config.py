@@ -67,10 +67,20 @@ def ebpf_pages() -> int | None:
     return int(text)
 
 
+def cgroups() -> str:
+    """``auto`` (a cgroup per terminal session and agent turn where the kernel allows) or
+    ``off`` (the fallback, which tests force)."""
+    value = os.environ.get("AETHER_CGROUPS", "auto")
+    if value not in ("auto", "off"):
+        raise ValueError(f"AETHER_CGROUPS must be auto or off, not {value!r}")
+    return value
+
+
 def validate() -> None:
     """Raise ValueError, naming the variable, for any malformed AETHER_* setting."""
     if backend() not in ("auto", "ebpf", "sockdiag"):
         raise ValueError(f"AETHER_BACKEND must be auto, ebpf or sockdiag, not {backend()!r}")
+    cgroups()
     sockdiag_interval()
     ebpf_buffer()
     ebpf_pages()

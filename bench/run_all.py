@@ -22,6 +22,7 @@ BENCHES = [
     ["bench/preview.py", "--seconds", "5", "--rounds", "3", "--trips", "2000", "--opens", "20"],
     ["bench/registry.py", "--runs", "30", "--entries", "1000"],
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],
+    ["bench/spawn.py", "--runs", "300"],
     ["bench/files.py", "--changes", "50", "--megabytes", "50"],
     ["bench/dashboard.py", "--samples", "20"],
 ]

@@ -323,15 +323,16 @@ def serve(backend, tmp_path):
 
 @pytest.fixture
 def workspace_server(tmp_path):
-    """``start(*flags, env=None, state=None)``: `aether serve` (sockdiag: the ports backend does
-    not matter to the channels that use this) rooted in one fresh workspace, ``server.root``."""
+    """``start(*flags, env=None, state=None, wrap=())``: `aether serve` (sockdiag: the ports
+    backend does not matter to the channels that use this) rooted in one fresh workspace,
+    ``server.root``."""
     servers = []
     root = tmp_path / "workspace"
     root.mkdir()
 
-    def start(*args: str, env: dict | None = None, state: str | None = None) -> Server:
+    def start(*args: str, env: dict | None = None, state: str | None = None, wrap: tuple = ()) -> Server:
         server = Server("sockdiag", tmp_path / (state or f"state{len(servers)}"), "--workspace-root", str(root),
-                        *args, env=env)
+                        *args, env=env, wrap=wrap)
         server.root = root
         servers.append(server)
         return server
@@ -339,6 +340,26 @@ def workspace_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+#: Runs a command as ``nohup`` leaves it, and more: SIGHUP and SIGQUIT ignored, SIGUSR2 blocked.
+NOHUP = (sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+         "signal.signal(signal.SIGQUIT, signal.SIG_IGN); signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
+         "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def signal_state(pid: int | str = "self") -> tuple[int, int]:
+    """(ignored, blocked) signal masks of a process, from /proc/PID/status."""
+    fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs nothing and holds nothing)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def recv_json(ws, timeout: float = 5.0) -> dict:

@@ -5,14 +5,16 @@ crashes, hangs, floods or writes garbage as its prompt says."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Server, free_port, recv_json, wait_for
+from conftest import NOHUP, ROOT, Server, free_port, gone, recv_json, wait_for
 
 SCRIPTED = ROOT / "tests" / "agents" / "scripted.py"
 EXAMPLE = ROOT / "examples" / "workspace_agent.py"
@@ -26,9 +28,9 @@ def command(script: Path) -> str:
 def start(workspace_server):
     """`aether serve` rooted in a fresh workspace, the scripted backend unless told otherwise."""
 
-    def run(*args: str, backend: Path | None = SCRIPTED, state: str | None = None) -> Server:
+    def run(*args: str, backend: Path | None = SCRIPTED, **kw) -> Server:
         agent = ("--agent-command", command(backend)) if backend else ()
-        return workspace_server(*agent, *args, state=state)
+        return workspace_server(*agent, *args, **kw)
 
     return run
 
@@ -361,3 +363,75 @@ def test_a_backend_that_cannot_start(start):
     assert [(e["code"], e["message"]) for e in turn["errors"]] == [
         ("backend_failed", "cannot start /nonexistent/agent: No such file or directory")]
     assert turn["done"]["status"] == "failed"
+
+
+def test_a_nohup_daemon_starts_backends_with_default_signals(start):
+    # A shell, as Python ignores SIGPIPE and SIGXFSZ itself when it starts.
+    server = start("--agent-command", f"/bin/sh {ROOT / 'tests' / 'agents' / 'signals.sh'}", backend=None, wrap=NOHUP)
+    text = Agent(server).ask("signals")["message"]["text"]
+    fields = dict(part.split("=") for part in text.split())
+    assert int(fields["SigIgn"], 16) & ((1 << 31) - 1) == 0, text  # glibc keeps 32 and 33 (see test_terminal)
+    assert int(fields["SigBlk"], 16) == 0, text
+
+
+def _trees(server: Server) -> dict:
+    [line] = [l for l in server.log if l.get("msg", "").startswith("process trees") and l.get("kind") == "agent"]
+    return line
+
+
+def test_a_turn_cancel_exit_and_a_crash_end_the_whole_tree(start):
+    server = start(state="kept")
+    assert _trees(server)["msg"] == "process trees: cgroup", f"these tests need cgroup v2 with cgroup.kill: {_trees(server)}"
+    agent = Agent(server)
+    assert agent.ask("escape")["done"]["status"] == "complete"
+    finished = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    assert len(finished) == 3
+    wait_for(lambda: all(map(gone, finished)), 10)
+
+    agent.send(type="prompt", text="escape wait", id="w")
+    started = agent.until("delta")[0]
+    cancelled = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    agent.send(type="cancel", conversationId=started["conversationId"])
+    assert agent.until("done")[-1]["status"] == "cancelled"
+    wait_for(lambda: all(map(gone, cancelled)), 10)
+
+    agent.send(type="prompt", text="escape wait")
+    agent.until("delta")
+    stopped = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    assert server.stop() == 0
+    wait_for(lambda: all(map(gone, stopped)), 10)
+
+    server = start(state="kept")
+    agent = Agent(server)
+    agent.send(type="prompt", text="escape wait")
+    agent.until("delta")
+    crashed = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    server.proc.kill()
+    server.proc.wait()
+    assert not any(map(gone, crashed))
+    start(state="kept")
+    wait_for(lambda: all(map(gone, crashed)), 10)
+
+
+def test_without_cgroups_a_turn_still_ends_its_session_and_children(start):
+    """The fallback: what is in the backend's session or process group, or descends from it
+    while the backend lives (held by pidfd from the SIGTERM on)."""
+    server = start("--agent-timeout", "1", env={"AETHER_CGROUPS": "off"})
+    assert _trees(server)["why"] == "AETHER_CGROUPS=off"
+    agent = Agent(server)
+    agent.send(type="prompt", text="escape wait no-orphan")
+    started = agent.until("delta")[0]
+    pids = [int(p) for p in (server.root / "agent.pid").read_text().split()]
+    agent.send(type="cancel", conversationId=started["conversationId"])
+    assert agent.until("done")[-1]["status"] == "cancelled"
+    wait_for(lambda: all(map(gone, pids)), 10)
+    assert agent.ask("escape no-orphan")["done"]["status"] == "complete"
+    left, nohup = map(int, (server.root / "agent.pid").read_text().split())
+    try:
+        wait_for(lambda: gone(nohup), 10)  # still in the backend's session when the turn ended
+    finally:
+        # Left the session, and init adopted it when the backend exited: what the fallback misses.
+        pidfd = os.pidfd_open(left)
+        if (Path(f"/proc/{left}/cmdline").read_bytes() == b"sleep\x001000\x00"):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)

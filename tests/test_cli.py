@@ -191,3 +191,28 @@ print(r.stdout, end=""); print(r.stderr, end="")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert "exit=1" in result.stdout
     assert "the caller's own process" in result.stdout
+
+
+def test_kill_signals_only_pids_that_still_hold_the_socket(listeners, monkeypatch):
+    """A holder found, then gone and its pid reused before the signal: the process that has
+    the pid now is never signalled (a stranger stands in for it), nor is a pid that is free."""
+    import asyncio
+
+    from aether.ports import kill, procs
+
+    port = free_port()
+    server = listeners.http_server(port)
+    stranger = listeners.spawn(["sleep", "60"])
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    found = procs.port_holders
+
+    def stale(raw, ports=None):
+        held = found(raw, ports)
+        return {p: sorted([*pids, stranger.pid, exited.pid]) for p, pids in held.items()}
+
+    monkeypatch.setattr(procs, "port_holders", stale)
+    result = asyncio.run(kill.kill_port(port, grace=5))
+    assert (result.pids, result.closed, result.escalated) == ([server.pid], True, False)
+    assert server.wait(2) is not None
+    assert stranger.poll() is None

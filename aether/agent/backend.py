@@ -1,9 +1,10 @@
 """One turn of the configured backend: a process started for the turn, given the conversation
 on stdin, read as JSON lines on stdout (see ``stdio``), and held to its limits.
 
-The process gets a session and process group of its own, so stopping it stops whatever it
-started as well. It is stopped (SIGTERM to the group, SIGKILL ``KILL_GRACE`` seconds later) and
-the turn fails when:
+The process gets a session and process group of its own, every signal at its default, and a
+process tree of its own (:mod:`aether.cgroup`: a cgroup where there is one), so stopping it
+stops whatever it started as well, ``setsid`` and ``nohup`` children included. It is stopped
+(SIGTERM to the tree, SIGKILL ``KILL_GRACE`` seconds later) and the turn fails when:
 
 - nothing comes on its stdout for ``timeout`` seconds (``timeout``);
 - a line breaks the protocol (``bad_output``);
@@ -14,7 +15,7 @@ the turn fails when:
 A cancelled turn is stopped the same way and ends ``cancelled``. A backend that exits non-zero
 or dies of a signal on its own fails the turn with ``backend_failed`` and the tail of its
 stderr; one that exits 0 having written no reply fails it with ``bad_output``. Whatever is left
-of the process group when the turn ends gets SIGKILL.
+of the tree when the turn ends gets SIGKILL.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import os
 import signal
 from typing import Callable, Optional, Sequence
 
+from aether import spawn
 from aether.agent import stdio
+from aether.cgroup import Tree, Trees
+from aether.pidtree import ScanTree
 
 KILL_GRACE = 2.0
 READ_CHUNK = 64 << 10
@@ -55,18 +59,106 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+class Child:
+    """The backend's process: its stdout and stderr as asyncio streams, its stdin a
+    non-blocking pipe, its exit seen through a pidfd. It is reaped only by :meth:`close`,
+    after the tree has been killed (so the fallback's session id names it until then)."""
+
+    def __init__(self, argv: Sequence[str], cwd: str, env: dict, tree: Tree):
+        spawn.check_program(argv[0], cwd, env)
+        pipes = [os.pipe() for _ in range(3)]
+        ours, theirs = (pipes[0][1], pipes[1][0], pipes[2][0]), (pipes[0][0], pipes[1][1], pipes[2][1])
+        try:
+            self.pid = spawn.spawn(argv, cwd=cwd, env=env, stdio=theirs, cgroup_procs=tree.procs, new_session=True)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        tree.started(self.pid)
+        self.stdin: Optional[int] = ours[0]
+        os.set_blocking(self.stdin, False)
+        self._pipes = [os.fdopen(ours[1], "rb", buffering=0), os.fdopen(ours[2], "rb", buffering=0)]
+        self.stdout, self.stderr = asyncio.StreamReader(), asyncio.StreamReader()
+        self._transports: list[asyncio.BaseTransport] = []
+        self.pidfd = os.pidfd_open(self.pid)
+        self.returncode: Optional[int] = None
+        self._loop = asyncio.get_running_loop()
+        self._exited = self._loop.create_future()
+        self._loop.add_reader(self.pidfd, self._exit_seen)
+
+    async def connect(self) -> None:
+        for pipe, reader in zip(self._pipes, (self.stdout, self.stderr)):
+            transport, _ = await self._loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+            self._transports.append(transport)
+
+    def _exit_seen(self) -> None:
+        self._loop.remove_reader(self.pidfd)
+        self.returncode = spawn.exited(self.pid)
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+
+    async def wait(self) -> Optional[int]:
+        return await asyncio.shield(self._exited)
+
+    async def write(self, data: bytes) -> None:
+        """All of ``data`` to its stdin; OSError (EPIPE) if it closed it."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.stdin, view):]
+            except BlockingIOError:
+                ready = self._loop.create_future()
+                self._loop.add_writer(self.stdin, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_writer(self.stdin)
+
+    def close_stdin(self) -> None:
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
+
+    def close(self) -> None:
+        """Close our ends; reap it now if it has exited, else when it does."""
+        self.close_stdin()
+        for i, pipe in enumerate(self._pipes):
+            if i < len(self._transports):
+                self._transports[i].close()  # and the pipe with it
+            else:
+                pipe.close()
+        if self._exited.done():
+            self._reap()
+        else:
+            self._loop.remove_reader(self.pidfd)
+            self._loop.add_reader(self.pidfd, self._reap)
+
+    def _reap(self) -> None:
+        self._loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
 class BackendRun:
     """Runs ``argv`` for one turn; ``on_event`` hears each tool note and final message once
     ``reply`` has taken it, and the deltas too, those in a row from one read joined into one:
     a backend writing many tiny deltas costs the loop one event per read, not one per line."""
 
     def __init__(self, argv: Sequence[str], request: bytes, *, cwd: str, env: dict, timeout: float,
-                 max_output: int, on_event: Callable[[stdio.Event], None]):
+                 max_output: int, on_event: Callable[[stdio.Event], None], trees: Optional[Trees] = None):
         self.argv, self.request, self.cwd, self.env = list(argv), request, cwd, env
         self.timeout, self.max_output, self.on_event = timeout, max_output, on_event
         self.reply = stdio.Reply()
         self.pid: Optional[int] = None
-        self._proc: Optional[asyncio.subprocess.Process] = None
+        self._trees = trees
+        self.tree: Optional[Tree] = None
+        self._proc: Optional[Child] = None
         self._cancelled = False
         self._fault: Optional[Error] = None
         self._output = 0
@@ -78,22 +170,23 @@ class BackendRun:
     async def run(self) -> Outcome:
         if self._cancelled:
             return Outcome("cancelled")
+        tree = self.tree = self._trees.new() if self._trees is not None else ScanTree()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=self.cwd, env=self.env, start_new_session=True,
-            )
-        except OSError as exc:
+            proc = Child(self.argv, self.cwd, self.env, tree)
+        except (OSError, spawn.NotFound) as exc:
+            self._done(tree)
             return Outcome("failed", ("backend_failed", f"cannot start {self.argv[0]}: {exc.strerror or exc}"))
         self._proc, self.pid = proc, proc.pid
-        if self._cancelled:
-            self._stop(None)
-        helpers = [asyncio.ensure_future(self._feed()), asyncio.ensure_future(self._read_stderr())]
         exited = asyncio.ensure_future(proc.wait())
+        helpers: list[asyncio.Future] = []
         try:
+            await proc.connect()
+            if self._cancelled:
+                self._stop(None)
+            helpers = [asyncio.ensure_future(self._feed()), asyncio.ensure_future(self._read_stderr())]
             await self._read_stdout(exited)
             await self._wait(exited)
-            # stderr ends with the process (or its group, killed below); its tail may still be in flight.
+            # stderr ends with the process (or its tree, killed below); its tail may still be in flight.
             await asyncio.wait([helpers[1]], timeout=0.2)
         finally:
             for task in (*helpers, exited):
@@ -101,7 +194,16 @@ class BackendRun:
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
             self._signal(signal.SIGKILL)
+            proc.close()
+            self.tree = None  # its leader reaped: the fallback's ids may name another's soon
+            self._done(tree)
         return self._outcome(proc.returncode)
+
+    def _done(self, tree: Tree) -> None:
+        if self._trees is not None:
+            self._trees.done(tree)
+        else:
+            tree.release()
 
     def cancel(self) -> None:
         """Stop the backend; the turn ends ``cancelled``."""
@@ -110,21 +212,19 @@ class BackendRun:
             self._stop(None)
 
     def kill(self) -> None:
-        """SIGKILL the whole group now (the daemon is stopping)."""
+        """SIGKILL the whole tree now (the daemon is stopping)."""
         self._cancelled = True
         self._signal(signal.SIGKILL)
 
     # -- the process --------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        stdin = self._proc.stdin
         try:
-            stdin.write(self.request)
-            await stdin.drain()
-        except (OSError, RuntimeError):
+            await self._proc.write(self.request)
+        except OSError:
             pass  # it exited, or closed stdin, without reading the turn: its own business
         finally:
-            stdin.close()
+            self._proc.close_stdin()
 
     async def _read_stdout(self, exited: asyncio.Future) -> None:
         splitter = stdio.LineSplitter()
@@ -206,7 +306,7 @@ class BackendRun:
         await exited
 
     def _stop(self, error: Optional[Error]) -> None:
-        """SIGTERM to the group, SIGKILL after ``KILL_GRACE``; the first error is the turn's."""
+        """SIGTERM to the tree, SIGKILL after ``KILL_GRACE``; the first error is the turn's."""
         if error is not None and self._fault is None:
             self._fault = error
         if self._kill_timer is None:
@@ -214,12 +314,11 @@ class BackendRun:
             self._kill_timer = asyncio.get_running_loop().call_later(KILL_GRACE, self._signal, signal.SIGKILL)
 
     def _signal(self, number: int) -> None:
-        if self.pid is None:
+        if self.pid is None or self.tree is None:
             return
-        try:
-            os.killpg(self.pid, number)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if number == signal.SIGTERM:
+            self.tree.hold()  # the fallback's: what SIGTERM orphans is still SIGKILLed
+        self.tree.signal(number)
 
     # -- the end ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from aether.agent import stdio
 from aether.config import child_environment
 from aether.agent.backend import BackendRun, Outcome
+from aether.cgroup import Trees
 from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
 
 log = logging.getLogger("aether.agent")
@@ -100,6 +101,7 @@ class AgentService:
         self.store: Optional[AgentStore] = None
         #: conversation id -> seq of its last turn; a prompt is checked against it at once.
         self.sequences: dict[str, int] = {}
+        self.trees = Trees(str(settings.state_dir), "agent")
         try:
             self.store = AgentStore(settings.state_dir / "agent.db")
         except AgentStoreLocked as exc:
@@ -303,7 +305,7 @@ class AgentService:
             turn.backend = BackendRun(
                 settings.agent_command, request, cwd=str(settings.workspace_root), env=self._env(turn),
                 timeout=settings.agent_timeout, max_output=settings.agent_max_output_bytes,
-                on_event=lambda event: self._event(turn, event),
+                on_event=lambda event: self._event(turn, event), trees=self.trees,
             )
             if turn.cancelled:
                 turn.backend.cancel()
@@ -402,6 +404,7 @@ class AgentService:
             reply = turn.reply
             self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools), "failed", INTERRUPTED, time.time())
         self.running.clear()
+        self.trees.close()
         self.closed = True
         self._pool.shutdown(wait=True)
         if self.store is not None:

@@ -1,5 +1,10 @@
 """Stop whatever listens on a port: SIGTERM (or another signal), SIGKILL after a grace period.
 
+Each holder is signalled through a pidfd, opened before checking that the process still holds
+one of the port's sockets (its /proc/PID/fd links the socket's inode) and is alive after that
+check: a process that released the port and exited, its pid reused by another, is never
+signalled, and neither is the process that got the pid.
+
 Refusals are :class:`KillRefused` with a stable ``code``: ``not_open``, ``ignored``,
 ``forbidden`` (pid 1, or a protected process such as the caller's own), ``no_owner`` (the
 listener's process is not visible here), ``invalid``.
@@ -48,12 +53,14 @@ def _raw() -> list[tuple[int, int, str, int]]:
         return diag.raw()
 
 
-def holders(port: int) -> tuple[bool, list[int]]:
-    """(whether the port is listening, the pids of every living process holding its sockets)."""
+def holders(port: int) -> tuple[bool, list[int], set[int]]:
+    """(whether the port is listening, the pids of every living process holding its sockets,
+    the sockets' inodes)."""
     raw = _raw()
-    if not any(row[1] == port for row in raw):
-        return False, []
-    return True, procs.port_holders(raw, [port]).get(port, [])
+    inodes = {row[3] for row in raw if row[1] == port}
+    if not inodes:
+        return False, [], set()
+    return True, procs.port_holders(raw, [port]).get(port, []), inodes
 
 
 def is_listening(port: int) -> bool:
@@ -71,13 +78,48 @@ async def poll_closed(port: int, timeout: float) -> bool:
     return True
 
 
-def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> list[int]:
-    """The pids to signal for ``port``, or KillRefused saying why not."""
+def open_holders(pids: Iterable[int], inodes: set[int]) -> dict[int, int]:
+    """``{pid: pidfd}`` of those of ``pids`` that hold one of the ``inodes``: the pidfd first,
+    then the check, then proof the process outlived the check (so what was read was its own).
+    PermissionError, every pidfd closed, for one we may not signal."""
+    held: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # exited since it was found
+            try:
+                holds = bool(procs.socket_holders(inodes, [pid]))
+                if holds:
+                    signal.pidfd_send_signal(pidfd, 0)
+            except ProcessLookupError:
+                holds = False
+            except BaseException:
+                os.close(pidfd)
+                raise
+            if holds:
+                held[pid] = pidfd
+            else:
+                os.close(pidfd)
+    except BaseException:
+        close_all(held)
+        raise
+    return held
+
+
+def close_all(held: dict[int, int]) -> None:
+    for pidfd in held.values():
+        os.close(pidfd)
+
+
+def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> dict[int, int]:
+    """``{pid: pidfd}`` of the processes to signal for ``port``, or KillRefused saying why not."""
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise KillRefused("invalid", f"not a port number (1-65535): {port!r}")
     if port in set(ignored):
         raise KillRefused("ignored", f"port {port} is ignored")
-    listening, pids = holders(port)
+    listening, pids, inodes = holders(port)
     if not listening:
         raise KillRefused("not_open", f"port {port} is not open")
     if not pids:
@@ -87,15 +129,31 @@ def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> list[i
     mine = set(protected) & set(pids)
     if mine:
         raise KillRefused("forbidden", f"port {port} is held by pid {min(mine)}, the caller's own process")
-    for pid in pids:
-        # Before any signal: a refusal must not leave some holders already signalled.
-        try:
-            os.kill(pid, 0)
-        except PermissionError:
-            raise KillRefused("forbidden", f"port {port} is held by pid {pid}, which we may not signal") from None
-        except ProcessLookupError:
-            pass
-    return pids
+    # Before any signal: a refusal must not leave some holders already signalled.
+    try:
+        held = open_holders(pids, inodes)
+    except PermissionError:
+        who = next((pid for pid in pids if not _may_signal(pid)), None)
+        raise KillRefused("forbidden", f"port {port} is held by pid {who}, which we may not signal") from None
+    if not held:
+        raise KillRefused("no_owner", f"no visible process holds port {port}")
+    return held
+
+
+def _may_signal(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return False
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _remaining(port: int, protected: set[int]) -> tuple[bool, dict[int, int]]:
+    listening, pids, inodes = holders(port)
+    pids = [pid for pid in pids if pid != 1 and pid not in protected]
+    return listening, open_holders(pids, inodes) if pids else {}
 
 
 async def kill_port(
@@ -112,21 +170,30 @@ async def kill_port(
     wait_closed = wait_closed or poll_closed
     loop = asyncio.get_running_loop()
     # Finding holders walks every process's file descriptors: off the event loop.
-    pids = await loop.run_in_executor(None, check, port, tuple(ignored), protected)
-    _signal_all(pids, sig)
+    held = await loop.run_in_executor(None, check, port, tuple(ignored), protected)
+    pids = sorted(held)
+    try:
+        _signal_all(held, sig)
+    finally:
+        close_all(held)
     if await wait_closed(port, grace):
         return KillResult(port, pids, sig.name, False, True)
-    listening, remaining = await loop.run_in_executor(None, holders, port)
-    remaining = [pid for pid in remaining if pid != 1 and pid not in protected]
-    _signal_all(remaining, signal.SIGKILL)
+    try:
+        listening, remaining = await loop.run_in_executor(None, _remaining, port, protected)
+    except PermissionError:
+        raise KillRefused("forbidden", f"not permitted to signal a holder of port {port}") from None
+    try:
+        _signal_all(remaining, signal.SIGKILL)
+    finally:
+        close_all(remaining)
     closed = not listening or await wait_closed(port, 2.0)
     return KillResult(port, sorted(set(pids) | set(remaining)), sig.name, bool(remaining), closed)
 
 
-def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
-    for pid in pids:
+def _signal_all(held: dict[int, int], sig: signal.Signals) -> None:
+    for pid, pidfd in held.items():
         try:
-            os.kill(pid, sig)
+            signal.pidfd_send_signal(pidfd, sig)
         except ProcessLookupError:
             pass
         except PermissionError:

@@ -3,27 +3,31 @@
 The child runs through util-linux ``setsid --ctty``: it starts a new session and makes the PTY
 its controlling terminal, so Ctrl-C typed as input reaches the foreground job and a hang-up
 reaches the shell, as in a real terminal. Doing that in Python would need ``preexec_fn``, which
-is not safe in a process with threads (the registry has one). ``setsid`` execs the command in
-place only because the child Popen makes is not a process-group leader (so no
-``start_new_session``); then the pid we hold is the command's, and the session id too.
+is not safe in a process with threads (the registry has one). It is started by
+:func:`aether.spawn.spawn` (signals reset, inside the session's cgroup from the start); ``setsid``
+execs the command in place only because that child is not a process-group leader; then the pid
+we hold is the command's, and the session id too.
 
 Exit is seen through a pidfd, with no SIGCHLD handler and no thread. The child is reaped only by
 :meth:`PtyProcess.reap`: while it is a zombie its pid, hence the session id, cannot be reused,
-so :meth:`PtyProcess.kill_session` can still find what is left of the session safely.
+so the fallback :class:`aether.pidtree.ScanTree` can still find what is left of the session.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import select
 import shutil
 import signal
 import struct
-import subprocess
 import termios
 from pathlib import Path
 from typing import Optional, Sequence
 
+from aether import spawn
+from aether.cgroup import Tree
+from aether.pidtree import ScanTree
 from aether.config import child_environment
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
@@ -65,24 +69,21 @@ def _status(returncode: int) -> tuple[int, Optional[str]]:
 
 
 class PtyProcess:
-    """The child and the master side of its PTY (non-blocking)."""
+    """The child and the master side of its PTY (non-blocking); ``tree`` is every process it
+    starts, which :meth:`kill_tree` ends."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int):
-        program = argv[0] if "/" not in argv[0] else os.path.join(cwd, argv[0])
-        if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-            raise SpawnError("not_found", f"command not found: {argv[0]}")
+    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int,
+                 tree: Optional[Tree] = None):
+        try:
+            spawn.check_program(argv[0], str(cwd), env)
+        except spawn.NotFound as exc:
+            raise SpawnError("not_found", f"command not found: {exc.program}") from None
+        self.tree = tree if tree is not None else ScanTree()
         master, slave = os.openpty()
         try:
             set_size(master, cols, rows)
-            self.proc = subprocess.Popen(
-                [SETSID, "--ctty", *argv],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-            )
+            self.pid = spawn.spawn([SETSID, "--ctty", *argv], cwd=str(cwd), env=env, stdio=(slave, slave, slave),
+                                   cgroup_procs=self.tree.procs)
         except BaseException as exc:
             os.close(master)
             if isinstance(exc, OSError):
@@ -90,10 +91,11 @@ class PtyProcess:
             raise
         finally:
             os.close(slave)
+        self.tree.started(self.pid)
         os.set_blocking(master, False)
         self.fd: Optional[int] = master
-        self.pid = self.proc.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        self.pidfd: Optional[int] = os.pidfd_open(self.pid)
+        self.returncode: Optional[int] = None  # once reaped: as subprocess has it
         self.cols, self.rows = cols, rows
 
     def resize(self, cols: int, rows: int) -> None:
@@ -108,38 +110,35 @@ class PtyProcess:
             os.close(self.fd)
             self.fd = None
 
-    def kill_session(self) -> None:
-        """SIGKILL every process still in the child's session: what ignored the hang-up."""
-        sid = self.pid
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                if os.getsid(pid) == sid:
-                    os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                continue
+    def kill_tree(self) -> None:
+        """SIGKILL every process the session started, wherever it went: what ignored the
+        hang-up, background and ``setsid`` jobs included."""
+        self.tree.kill()
 
     def exit_status(self) -> Optional[tuple[int, Optional[str]]]:
         """``(code, signal name)`` once the child has exited, else None; it is not reaped.
         A death by signal N has code 128+N, as a shell reports it."""
-        if self.proc.returncode is not None:
-            return _status(self.proc.returncode)
-        try:
-            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return None
-        if info is None:
-            return None
-        if info.si_code == os.CLD_EXITED:
-            return info.si_status, None
-        return _status(-info.si_status)
+        returncode = self.returncode if self.returncode is not None else spawn.exited(self.pid)
+        return None if returncode is None else _status(returncode)
 
     def reap(self) -> None:
         """Collect the exited child (after which its pid may be reused)."""
-        if self.proc.returncode is None:
-            self.proc.wait()
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+
+    def wait(self, timeout: float) -> bool:
+        """Reap the child once it exits, waiting at most ``timeout`` seconds; False if it has not."""
+        if self.returncode is None and self.exit_status() is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+            if self.exit_status() is None:
+                return False
+        self.reap()
+        return True
 
     def release(self) -> None:
         self.close_master()

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Callable, Optional, Protocol
 
+from aether.cgroup import Tree
 from aether.server.protocol import encode
 from aether.server.session import text_frame
 from aether.terminal.output import OutputEncoder, Scrollback
@@ -44,7 +45,8 @@ class InputRefused(Exception):
 
 class TerminalSession:
     def __init__(self, session_id: str, process: PtyProcess, command: list[str], cwd: str,
-                 scrollback: int, on_exit: Callable[["TerminalSession"], None]):
+                 scrollback: int, on_exit: Callable[["TerminalSession"], None],
+                 on_reaped: Callable[[Tree], None] = lambda tree: None):
         self.id = session_id
         self.process = process
         self.command = command
@@ -60,6 +62,7 @@ class TerminalSession:
         self.scrollback = Scrollback(scrollback)
         self._encoder = OutputEncoder()
         self._on_exit = on_exit
+        self._on_reaped = on_reaped
         self._waiting_for: set[Client] = set()
         self._input = bytearray()
         self._loop = asyncio.get_running_loop()
@@ -206,22 +209,28 @@ class TerminalSession:
 
     def hang_up(self, grace: float) -> None:
         """Hang up the terminal now (SIGHUP to the shell and its foreground job); SIGKILL
-        whatever is left of the session after ``grace``, background jobs included."""
+        whatever is left of the session's tree after ``grace``, background and ``setsid``
+        jobs included."""
         if self.closing or self.exit is not None:
             return
         self.closing = True
         self._kill_pending = True
         self._stop_io()
+        self.process.tree.hold()  # the fallback's: before the hang-up orphans anything
         self.process.close_master()
         self._loop.call_later(grace, self._kill_rest)
 
     def _kill_rest(self) -> None:
         # The leader is not reaped before this runs (see _process_exited), so the session id
-        # still names this session and no other.
+        # still names this session and no other (what the fallback's scan goes by).
         self._kill_pending = False
-        self.process.kill_session()
+        self.process.kill_tree()
         if self.exit is not None:
-            self.process.reap()
+            self._reap()
+
+    def _reap(self) -> None:
+        self.process.reap()
+        self._on_reaped(self.process.tree)
 
     def _stop_io(self) -> None:
         self._pause_reading()
@@ -248,7 +257,7 @@ class TerminalSession:
         self.exit = status
         self.process.release()
         if not self._kill_pending:
-            self.process.reap()  # else _kill_rest reaps, after its kill
+            self._reap()  # else _kill_rest reaps, after its kill
         log.info("terminal exited", extra={"session": self.id, "pid": self.process.pid, "code": status[0]})
         self.clients |= self.closers
         self.closers.clear()
@@ -264,14 +273,15 @@ class TerminalSession:
         if self.exit is None:
             self._loop.remove_reader(self.process.pidfd)
             self._stop_io()
+            self.process.tree.hold()
         self.process.release()
 
     def finish_shutdown(self) -> None:
-        """SIGKILL what is left of the session, then reap its leader."""
-        self.process.kill_session()
-        try:
-            self.process.proc.wait(1)
-        except Exception:
+        """SIGKILL what is left of the session's tree, then reap its leader."""
+        self.process.kill_tree()
+        if self.process.wait(1):
+            self._on_reaped(self.process.tree)
+        else:
             log.warning("terminal leader did not exit", extra={"session": self.id, "pid": self.process.pid})
 
 

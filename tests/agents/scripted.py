@@ -12,6 +12,10 @@ protocol it speaks, or breaks):
     longline            one line of 2 MiB
     silent              exits 0 having written nothing
     error               an error line
+    escape [wait] [no-orphan]
+                        starts children that leave its session (setsid), ignore SIGHUP (nohup)
+                        and (unless no-orphan) one orphaned at once; writes their pids to
+                        agent.pid, then answers (or waits)
     anything else       echoes the prompt
 
 It writes its pid (and a child's, for hang) to agent.pid in its working directory, the
@@ -78,6 +82,18 @@ elif mode == "silent":
 elif mode == "error":
     emit("error", message="scripted refusal")
     time.sleep(30)
+elif mode == "escape":
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    pids = [subprocess.Popen(["setsid", "sleep", "1000"], **quiet).pid,
+            subprocess.Popen(["nohup", "sleep", "1000"], **quiet).pid]
+    if "no-orphan" not in words:
+        orphan = subprocess.run(["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+        pids.append(int(orphan.stdout))
+    with open("agent.pid", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    emit("delta", text="started")
+    if "wait" in words:
+        time.sleep(300)
 else:
     emit("delta", text="you said: ")
     emit("delta", text=messages[-1]["text"])

@@ -3,10 +3,12 @@
 A client ``create``s a session (and is attached to it) or ``attach``es to one by id, which
 replays the scrollback and then streams live output; any number of clients may be attached.
 A WebSocket closing detaches it and nothing more. A session ends when its process does, on
-``close`` (hang-up, then SIGKILL after the kill grace), or after ``terminal_idle_timeout``
-seconds with nobody attached. An ended session nobody saw end is kept, with its scrollback and
-exit status, until a client attaches or ``EXITED_KEEP`` seconds pass (at most
-``terminal_max_sessions`` of them; a new session may take an ended one's id).
+``close`` (hang-up, then SIGKILL to its whole process tree after the kill grace), or after
+``terminal_idle_timeout`` seconds with nobody attached. Each session's processes are one
+:class:`aether.cgroup.Tree`; daemon exit kills every one, those of ended sessions too. An
+ended session nobody saw end is kept, with its scrollback and exit status, until a client
+attaches or ``EXITED_KEEP`` seconds pass (at most ``terminal_max_sessions`` of them; a new
+session may take an ended one's id).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Optional
 
+from aether.cgroup import Trees
 from aether.files import FileError
 from aether.files.paths import resolve
 from aether.server.protocol import Message, ProtocolError, reply, with_id
@@ -43,6 +46,7 @@ class TerminalChannel:
     def __init__(self, server: "WorkspaceServer"):
         self.server = server
         self.sessions: dict[str, TerminalSession] = {}
+        self.trees = Trees(str(server.settings.state_dir), "terminal")
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self._handlers = {
             "create": self._create,
@@ -99,11 +103,14 @@ class TerminalChannel:
         else:
             argv = list(command)
         env = child_env(body.get("env"), session_id)
+        tree = self.trees.new()
         try:
-            process = PtyProcess(argv, cwd, env, body["cols"], body["rows"])
+            process = PtyProcess(argv, cwd, env, body["cols"], body["rows"], tree)
         except SpawnError as exc:
+            self.trees.done(tree)
             raise self._error(message, exc.code, exc.message) from None
-        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended)
+        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended,
+                                   self.trees.done)
         self.sessions.pop(session_id, None)  # an ended session of that id, replaced
         self.sessions[session_id] = terminal
         log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
@@ -236,4 +243,5 @@ class TerminalChannel:
                 time.sleep(0.02)
         for terminal in running:
             terminal.finish_shutdown()
+        self.trees.close()  # every tree: those of ended sessions may have processes left
         self.sessions.clear()
