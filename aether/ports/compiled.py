@@ -183,7 +183,7 @@ def read_cache(key: str) -> tuple[Optional[CompiledProbe], str]:
         if not _private(os.stat(path.parent)):
             return None, f"{path.parent} is not private to uid {os.geteuid()}"
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None, "missing"
     except OSError as exc:
         return None, f"{path}: {exc.strerror}"

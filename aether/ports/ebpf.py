@@ -26,9 +26,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 from aether import caps
-from aether.ports import compiled
-from aether.ports.bpfsys import BpfError, map_lookup
-from aether.ports.ringbuf import RingReader
 
 log = logging.getLogger("aether.ports")
 
@@ -223,7 +220,7 @@ class Probe:
         self._perf = None
         self._loaded = None
         self._ring = None
-        self._lost_fd = -1
+        self._lost = None
         cflags = [f"-DAETHER_RING_PAGES={self.pages}"]
         source = program_path().read_bytes()
         if self.buffer == "perf":
@@ -235,6 +232,10 @@ class Probe:
             self._load_ring(source, cflags, cache)
 
     def _load_ring(self, source: bytes, cflags: list[str], cache: bool) -> None:
+        # Imported here: a daemon on sock_diag, or on perf buffers, has no use for them.
+        from aether.ports import compiled
+        from aether.ports.bpfsys import BpfError, Lookup
+
         format_path = tracepoint_format()
         tp_id = tracepoint_id(format_path)
         key = compiled.cache_key(source, cflags, format_path.read_bytes())
@@ -242,6 +243,8 @@ class Probe:
         loaded = None
         if cache:
             program, why = compiled.read_cache(key)
+            if program is not None and not _usable(program):
+                program, why = None, f"{self.cache_file}: not this probe's maps"
             if program is not None:
                 try:
                     loaded = program.load(tp_id)
@@ -257,6 +260,8 @@ class Probe:
             started = time.monotonic()
             program = compile_in_helper(source, cflags)
             self.compile_seconds = time.monotonic() - started
+            if not _usable(program):
+                raise ProbeUnavailable("the probe must have a ring buffer map named events and an array named lost")
             try:
                 loaded = program.load(tp_id)
             except BpfError as exc:
@@ -269,9 +274,9 @@ class Probe:
                 if error:
                     log.info("compiled probe not cached", extra={"reason": error})
         self._loaded = loaded
-        self._ring_map = loaded.maps["events"]
-        self._ring_size = program.maps[program.map_named("events")].max_entries
-        self._lost_fd = loaded.maps["lost"]
+        self.ring_fd = loaded.maps["events"]
+        self.ring_size = program.maps[program.map_named("events")].max_entries
+        self._lost = Lookup(loaded.maps["lost"], bytes(4), 8)
         log.debug("probe loaded", extra={"origin": self.origin, "compile_s": self.compile_seconds})
 
     def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list[ListenRecord]], None]) -> None:
@@ -280,8 +285,10 @@ class Probe:
         if self._perf is not None:
             self._perf.start(loop, self.pages, self.drain)
             return
-        self._ring = RingReader(self._ring_map, self._ring_size)
-        loop.add_reader(self._ring_map, self.drain)
+        from aether.ports.ringbuf import RingReader
+
+        self._ring = RingReader(self.ring_fd, self.ring_size)
+        loop.add_reader(self.ring_fd, self.drain)
 
     def drain(self) -> None:
         """Deliver what the buffers hold now. Called with an empty batch too: a wake-up that
@@ -299,9 +306,9 @@ class Probe:
         """Records the probe could not deliver so far (a counter in the probe's own map)."""
         if self._perf is not None:
             return self._perf.lost
-        if self._lost_fd < 0:
+        if self._lost is None:
             return 0
-        return int.from_bytes(map_lookup(self._lost_fd, _ZERO_KEY, 8), sys.byteorder)
+        return int.from_bytes(self._lost(), sys.byteorder)
 
     def stop(self) -> None:
         if self._perf is not None:
@@ -309,17 +316,23 @@ class Probe:
             self._perf = None
         if self._ring is not None:
             if self._loop is not None:
-                self._loop.remove_reader(self._ring_map)
+                self._loop.remove_reader(self.ring_fd)
             self._ring.close()
             self._ring = None
         self._loop = None
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
-            self._lost_fd = -1
+            self._lost = None
 
 
-_ZERO_KEY = bytes(4)
+def _usable(program) -> bool:
+    """The maps this class reads are there, of the kinds it reads them as."""
+    from aether.ports.bpfsys import BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF
+
+    kinds = {spec.name: (spec.type, spec.value_size) for spec in program.maps}
+    return (kinds.get("events", (None,))[0] == BPF_MAP_TYPE_RINGBUF
+            and kinds.get("lost") == (BPF_MAP_TYPE_ARRAY, 8))
 
 
 def _decode_ring(data, offset: int, length: int) -> Optional[ListenRecord]:

@@ -54,7 +54,7 @@ class _Atomics:
 
     def __init__(self):
         lib = ctypes.CDLL("libatomic.so.1")
-        self.load4, self.load8, self.store8 = lib.__atomic_load_4, lib.__atomic_load_8, lib.__atomic_store_8
+        self.load4, self.load8, self.store8 = (getattr(lib, f"__atomic_{name}") for name in ("load_4", "load_8", "store_8"))
         self.load4.restype, self.load4.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_int]
         self.load8.restype, self.load8.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_int]
         self.store8.restype, self.store8.argtypes = None, [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
