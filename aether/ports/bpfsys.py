@@ -1,7 +1,7 @@
 """The few bpf(2) and perf_event_open(2) calls the daemon makes itself, through ctypes.
 
-Enough to create a program's maps, load its instructions, attach it to a tracepoint and read
-an array map: what ``bcc`` would otherwise do in-process, at the price of LLVM's ~120 MB
+Enough to create a program's maps, load its instructions, attach it to a tracepoint and map
+its maps' memory: what ``bcc`` would otherwise do in-process, at the price of LLVM's ~120 MB
 mapped for the life of the daemon. The attribute layouts are kernel ABI (``union bpf_attr``
 and ``struct perf_event_attr`` in include/uapi/linux/{bpf,perf_event}.h); each struct below is
 a prefix of the kernel's, which it accepts from older callers.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
 import struct
@@ -18,11 +19,11 @@ from typing import NamedTuple, Optional
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
-BPF_MAP_LOOKUP_ELEM = 1
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10  # an array whose values user space maps (5.5+)
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_TRACEPOINT = 5
 
@@ -46,6 +47,10 @@ _SYSCALLS = {
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class BpfError(OSError):
@@ -80,15 +85,6 @@ class _MapCreate(ctypes.Structure):
         ("inner_map_fd", ctypes.c_uint32),
         ("numa_node", ctypes.c_uint32),
         ("map_name", ctypes.c_char * 16),
-    ]
-
-
-class _MapElem(ctypes.Structure):
-    _fields_ = [
-        ("map_fd", ctypes.c_uint32),
-        ("key", ctypes.c_uint64),
-        ("value", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
     ]
 
 
@@ -156,23 +152,6 @@ def map_create(spec: MapSpec) -> int:
     return _bpf(BPF_MAP_CREATE, attr, f"creating map {spec.name}")
 
 
-class Lookup:
-    """One element of a map, read again and again: the buffers and attributes made once, as
-    the monitor reads the lost counter after every batch (~1.5 us a read)."""
-
-    def __init__(self, fd: int, key: bytes, value_size: int):
-        self._key = ctypes.create_string_buffer(key, len(key))
-        self._value = ctypes.create_string_buffer(value_size)
-        self._attr = _MapElem(fd, ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
-        self._args = (_numbers()[0], BPF_MAP_LOOKUP_ELEM, ctypes.byref(self._attr), ctypes.sizeof(self._attr))
-        self.fd = fd
-
-    def __call__(self) -> bytes:
-        if _libc.syscall(*self._args) < 0:
-            raise BpfError(ctypes.get_errno(), f"lookup in map fd {self.fd}")
-        return self._value.raw
-
-
 def prog_load(prog_type: int, insns: bytes, license: bytes, name: str, kern_version: int = 0) -> int:
     """Load a program; on refusal, load it again with a log so the error says why."""
     code = ctypes.create_string_buffer(insns, len(insns))
@@ -212,6 +191,43 @@ def attach_tracepoint(prog_fd: int, tracepoint_id: int) -> int:
             os.close(fd)
             raise BpfError(errnum, what)
     return fd
+
+
+def map_memory(fd: int, length: int, prot: int, offset: int = 0) -> int:
+    """The address of a shared mapping of a map's fd. libc's mmap, not the mmap module's: that
+    refuses lengths past a regular file's size, and gives no address for atomic access."""
+    address = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+    if address in (None, _MAP_FAILED):
+        errnum = ctypes.get_errno()
+        raise BpfError(errnum, f"mmap of map fd {fd}")
+    return address
+
+
+def memory_view(address: int, length: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * length).from_address(address)).cast("B")
+
+
+def unmap_memory(address: int, length: int) -> None:
+    _libc.munmap(address, length)
+
+
+class Counter:
+    """A u64 in a BPF_F_MMAPABLE array map, read from memory: no syscall (a lookup costs
+    ~2.8 us through ctypes, this ~0.1 us)."""
+
+    def __init__(self, fd: int, index: int = 0):
+        self._address = map_memory(fd, mmap.PAGESIZE, mmap.PROT_READ)
+        self._view = memory_view(self._address, mmap.PAGESIZE).cast("Q")
+        self._index = index
+
+    def __call__(self) -> int:
+        return self._view[self._index]
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+            unmap_memory(self._address, mmap.PAGESIZE)
 
 
 def close_all(fds: list[Optional[int]]) -> None:

@@ -234,7 +234,7 @@ class Probe:
     def _load_ring(self, source: bytes, cflags: list[str], cache: bool) -> None:
         # Imported here: a daemon on sock_diag, or on perf buffers, has no use for them.
         from aether.ports import compiled
-        from aether.ports.bpfsys import BpfError, Lookup
+        from aether.ports.bpfsys import BpfError, Counter
 
         format_path = tracepoint_format()
         tp_id = tracepoint_id(format_path)
@@ -243,11 +243,11 @@ class Probe:
         loaded = None
         if cache:
             program, why = compiled.read_cache(key)
-            if program is not None and not _usable(program):
+            if program is not None and _prepared(program) is None:
                 program, why = None, f"{self.cache_file}: not this probe's maps"
             if program is not None:
                 try:
-                    loaded = program.load(tp_id)
+                    loaded = _prepared(program).load(tp_id)
                     self.origin = "cache"
                 except BpfError as exc:
                     log.warning("cached probe did not load; compiling it again",
@@ -260,10 +260,10 @@ class Probe:
             started = time.monotonic()
             program = compile_in_helper(source, cflags)
             self.compile_seconds = time.monotonic() - started
-            if not _usable(program):
+            if _prepared(program) is None:
                 raise ProbeUnavailable("the probe must have a ring buffer map named events and an array named lost")
             try:
-                loaded = program.load(tp_id)
+                loaded = _prepared(program).load(tp_id)
             except BpfError as exc:
                 detail = next((line for line in reversed(exc.log.splitlines()) if line.strip()), "")
                 raise ProbeUnavailable(f"could not load the compiled probe: {exc}" +
@@ -276,7 +276,11 @@ class Probe:
         self._loaded = loaded
         self.ring_fd = loaded.maps["events"]
         self.ring_size = program.maps[program.map_named("events")].max_entries
-        self._lost = Lookup(loaded.maps["lost"], bytes(4), 8)
+        try:
+            self._lost = Counter(loaded.maps["lost"])
+        except BpfError as exc:
+            loaded.close()
+            raise ProbeUnavailable(f"could not map the probe's lost counter: {exc}") from exc
         log.debug("probe loaded", extra={"origin": self.origin, "compile_s": self.compile_seconds})
 
     def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list[ListenRecord]], None]) -> None:
@@ -306,9 +310,7 @@ class Probe:
         """Records the probe could not deliver so far (a counter in the probe's own map)."""
         if self._perf is not None:
             return self._perf.lost
-        if self._lost is None:
-            return 0
-        return int.from_bytes(self._lost(), sys.byteorder)
+        return self._lost() if self._lost is not None else 0
 
     def stop(self) -> None:
         if self._perf is not None:
@@ -323,16 +325,24 @@ class Probe:
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
+        if self._lost is not None:
+            self._lost.close()
             self._lost = None
 
 
-def _usable(program) -> bool:
-    """The maps this class reads are there, of the kinds it reads them as."""
-    from aether.ports.bpfsys import BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF
+def _prepared(program):
+    """The program with ``lost`` made mappable, so reading it after every batch is a memory
+    load; None unless the maps this class reads are there, of the kinds it reads them as."""
+    import dataclasses
+
+    from aether.ports.bpfsys import BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF
 
     kinds = {spec.name: (spec.type, spec.value_size) for spec in program.maps}
-    return (kinds.get("events", (None,))[0] == BPF_MAP_TYPE_RINGBUF
-            and kinds.get("lost") == (BPF_MAP_TYPE_ARRAY, 8))
+    if kinds.get("events", (None,))[0] != BPF_MAP_TYPE_RINGBUF or kinds.get("lost") != (BPF_MAP_TYPE_ARRAY, 8):
+        return None
+    maps = tuple(spec._replace(flags=spec.flags | BPF_F_MMAPABLE) if spec.name == "lost" else spec
+                 for spec in program.maps)
+    return dataclasses.replace(program, maps=maps)
 
 
 def _decode_ring(data, offset: int, length: int) -> Optional[ListenRecord]:

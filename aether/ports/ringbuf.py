@@ -17,36 +17,19 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import platform
 from typing import Callable, Optional
+
+from aether.ports.bpfsys import map_memory, memory_view, unmap_memory
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER = 8
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
 #: x86 orders memory for us (TSO: every load acquires, every store releases), so plain
 #: loads and stores of aligned words are what libbpf's smp_load_acquire/smp_store_release
 #: compile to there. Elsewhere the reader goes through libatomic's acquire and release.
 PLAIN_ORDER_MACHINES = ("x86_64", "i686", "i386")
-
-
-def _map(fd: int, length: int, prot: int, offset: int) -> int:
-    address = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
-    if address in (None, _MAP_FAILED):
-        errnum = ctypes.get_errno()
-        raise OSError(errnum, f"mmap of ring buffer fd {fd}: {os.strerror(errnum)}")
-    return address
-
-
-def _view(address: int, length: int) -> memoryview:
-    return memoryview((ctypes.c_ubyte * length).from_address(address)).cast("B")
 
 
 class _Atomics:
@@ -74,15 +57,15 @@ class RingReader:
         self.fd, self.size = map_fd, size
         self._mask = size - 1
         self._regions: list[tuple[int, int]] = []
-        consumer = _map(map_fd, page, mmap.PROT_READ | mmap.PROT_WRITE, 0)
+        consumer = map_memory(map_fd, page, mmap.PROT_READ | mmap.PROT_WRITE, 0)
         self._regions.append((consumer, page))
-        producer = _map(map_fd, page + 2 * size, mmap.PROT_READ, page)
+        producer = map_memory(map_fd, page + 2 * size, mmap.PROT_READ, page)
         self._regions.append((producer, page + 2 * size))
         #: The data area twice over: a record is one slice however it sits.
-        self.data = _view(producer + page, 2 * size)
+        self.data = memory_view(producer + page, 2 * size)
         words = self.data[: size].cast("I")
-        consumer_word = _view(consumer, 8).cast("Q")
-        producer_word = _view(producer, 8).cast("Q")
+        consumer_word = memory_view(consumer, 8).cast("Q")
+        producer_word = memory_view(producer, 8).cast("Q")
         if ordered is None:
             ordered = platform.machine() not in PLAIN_ORDER_MACHINES
         self.ordered = ordered
@@ -149,5 +132,5 @@ class RingReader:
         self._load_header = self._load_producer = self._load_consumer = None
         self._store_consumer = None
         for address, length in self._regions:
-            _libc.munmap(address, length)
+            unmap_memory(address, length)
         self._regions = []
