@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Server, Watcher, aether, free_port, kernel_listening_ports, need_ebpf, wait_for
+from conftest import ROOT, Server, Watcher, aether, free_port, kernel_listening_ports, need_ebpf
 
 BURST = """
 import socket, sys

@@ -15,24 +15,14 @@ import asyncio
 import ctypes
 from typing import Callable
 
-from aether.ports.ebpf import ProbeUnavailable, decode
+from aether.ports.ebpf import bcc_compile, decode
 
 
 class PerfProbe:
     """``events`` as a perf event array, ``lost`` as an array map, both bcc's."""
 
     def __init__(self, source: bytes, cflags: list[str]):
-        from bcc import BPF
-
-        # bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed".
-        try:
-            self._bpf = BPF(text=source, cflags=cflags)
-        except Exception as exc:
-            # bcc reports compile, load and attach failures as a bare Exception; anything more
-            # specific is a bug of ours, not "the kernel cannot do it".
-            if type(exc) is not Exception:
-                raise
-            raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
+        self._bpf = bcc_compile(source, cflags)
         self._lost_map = self._bpf[b"lost"]
         self._pending: list[bytes] = []
         self._fds: list[int] = []

@@ -191,6 +191,22 @@ def check_compiler() -> None:
         ) from exc
 
 
+def bcc_compile(source: bytes, cflags: list[str]):
+    """bcc's BPF object for ``source``: compiled, loaded and attached; ProbeUnavailable if not.
+    bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed"."""
+    from bcc import BPF
+
+    try:
+        return BPF(text=source, cflags=cflags)
+    except Exception as exc:
+        # bcc reports compile, load and attach failures as a bare Exception. Anything more
+        # specific (TypeError, AttributeError...) is a bug of ours and must not pass for
+        # "the kernel cannot do it", which would turn failing tests into skipped ones.
+        if type(exc) is not Exception:
+            raise
+        raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
+
+
 class Probe:
     """The loaded probe. ``start`` attaches its buffers to a loop; ``stop`` detaches and unloads.
 

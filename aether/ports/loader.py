@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from aether.ports.ebpf import ProbeUnavailable, check_compiler
+from aether.ports.ebpf import ProbeUnavailable, bcc_compile, check_compiler
 
 #: Seconds a compile may take: ~0.3 s alone, several on a loaded 2-core machine.
 TIMEOUT = 120
@@ -75,21 +75,12 @@ def compile_in_helper(source: bytes, cflags: list[str]):
 def compile_probe(source: bytes, cflags: list[str]):
     """Compile, load and attach with bcc; the program as data. ProbeUnavailable if it fails."""
     check_compiler()
-    from bcc import BPF, lib
+    from bcc import lib
 
     from aether.ports import bpfsys
     from aether.ports.compiled import CompiledProbe, map_fd_slots
 
-    # bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed".
-    try:
-        bpf = BPF(text=source, cflags=cflags)
-    except Exception as exc:
-        # bcc reports compile, load and attach failures as a bare Exception. Anything more
-        # specific (TypeError, AttributeError...) is a bug of ours and must not pass for
-        # "the kernel cannot do it", which would turn failing tests into skipped ones.
-        if type(exc) is not Exception:
-            raise
-        raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
+    bpf = bcc_compile(source, cflags)
     names = [lib.bpf_function_name(bpf.module, i) for i in range(lib.bpf_num_functions(bpf.module))]
     programs = [name for name in names if name.startswith(b"tracepoint__")]
     if len(programs) != 1:
