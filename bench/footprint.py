@@ -27,7 +27,33 @@ from pathlib import Path
 
 from burst import BURST
 from common import PY, ROOT, stop
-from server import FANOUT_CLIENT, free_port
+from server import free_port
+
+#: n WebSocket clients that upgrade and then only read, in one process: raw sockets, 100 at a
+#: time (a full client each would measure Python, and 1,000 at once overflow the backlog).
+IDLE_CLIENTS = r"""
+import base64, os, select, socket, sys, time
+path, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks, deadline = [], time.monotonic() + 120
+while len(socks) < n:
+    batch = []
+    for _ in range(min(100, n - len(socks))):
+        s = socket.create_connection(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        batch.append(s)
+    waiting = {s.fileno(): s for s in batch}
+    while waiting:
+        if time.monotonic() > deadline:
+            sys.exit(f"{len(waiting)} upgrades unanswered")
+        for fd in select.select(list(waiting), [], [], 1)[0]:
+            if b" 101 " not in waiting.pop(fd).recv(65536):
+                sys.exit("upgrade refused")
+    socks += batch
+print("ready", flush=True)
+sys.stdin.readline()
+"""
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -120,10 +146,11 @@ def with_clients(clients: int, cache_env: dict) -> None:
         settle()
         before = memory_kib(server.proc.pid)
         client = subprocess.Popen(
-            [PY, "-c", FANOUT_CLIENT, f"/workspaces/bench/ws?token={server.token}", str(server.port), str(clients)],
+            [PY, "-c", IDLE_CLIENTS, f"/workspaces/bench/ws?token={server.token}", str(server.port), str(clients)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
-        assert client.stdout.readline().strip() == "ready"
+        if client.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the clients did not connect (exit status {client.wait()})")
         settle(1.0)
         during = memory_kib(server.proc.pid)
         client.kill()

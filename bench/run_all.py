@@ -24,6 +24,7 @@ BENCHES = [
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],
     ["bench/files.py", "--changes", "50", "--megabytes", "50"],
     ["bench/dashboard.py", "--samples", "20"],
+    ["bench/footprint.py", "--clients", "1000", "--pairs", "10000", "--starts", "5"],
 ]
 
 
