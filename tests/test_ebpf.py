@@ -260,15 +260,19 @@ def _bad_instruction(probe: dict) -> None:
     probe["insns"] = base64.b64encode(bytes(insns)).decode()
 
 
-@pytest.mark.parametrize("damage, warning", [
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), "cached probe ignored; compiling it again"),
-    (lambda p: p.write_text(p.read_text().replace('"insns": "', '"insns": "AAAA', 1)),
-     "cached probe ignored; compiling it again"),
-    (lambda p: _rewrite(p, lambda probe: probe.update(relocations=[])), "cached probe ignored; compiling it again"),
-    (lambda p: _rewrite(p, _bad_instruction), "cached probe did not load; compiling it again"),
-    (lambda p: p.chmod(0o666), "cached probe ignored; compiling it again"),
-], ids=["truncated", "checksum", "relocations", "refused-by-verifier", "writable-by-others"])
-def test_damaged_cache_falls_back_to_compiling(cache, caplog, damage, warning):
+IGNORED, REFUSED = "cached probe ignored; compiling it again", "cached probe did not load; compiling it again"
+
+
+@pytest.mark.parametrize("damage, warning, rewritten", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), IGNORED, True),
+    (lambda p: p.write_text(p.read_text().replace('"insns": "', '"insns": "AAAA', 1)), IGNORED, True),
+    (lambda p: _rewrite(p, lambda probe: probe.update(relocations=[])), IGNORED, True),
+    (lambda p: _rewrite(p, _bad_instruction), REFUSED, True),
+    (lambda p: p.chmod(0o666), IGNORED, False),
+    (lambda p: p.parent.chmod(0o777), IGNORED, False),
+], ids=["truncated", "checksum", "relocations", "refused-by-verifier", "file-writable-by-others",
+        "directory-writable-by-others"])
+def test_damaged_cache_falls_back_to_compiling(cache, caplog, damage, warning, rewritten):
     from aether.ports.ebpf import Probe
 
     Probe("ring").stop()
@@ -280,8 +284,9 @@ def test_damaged_cache_falls_back_to_compiling(cache, caplog, damage, warning):
     assert [r.getMessage() for r in caplog.records] == [warning]
     records, port = _events_flow(probe)
     assert records == [(port, True, False), (port, False, True)]
-    if "writable" not in warning:  # rewritten whole
-        assert Probe("ring").origin == "cache"
+    again = Probe("ring")
+    again.stop()
+    assert again.origin == ("cache" if rewritten else "compiled")
 
 
 def test_unwritable_cache_still_loads(tmp_path, monkeypatch, caplog):

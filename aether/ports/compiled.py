@@ -179,14 +179,20 @@ def _private(st: os.stat_result) -> bool:
 def read_cache(key: str) -> tuple[Optional[CompiledProbe], str]:
     """(the cached probe, "") or (None, why not: missing, or what was wrong with the file)."""
     path = cache_path(key)
+    directory = None
     try:
-        if not _private(os.stat(path.parent)):
+        # The file is opened in the directory just checked, not by its path again.
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not _private(os.fstat(directory)):
             return None, f"{path.parent} is not private to uid {os.geteuid()}"
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     except (FileNotFoundError, NotADirectoryError):
         return None, "missing"
     except OSError as exc:
         return None, f"{path}: {exc.strerror}"
+    finally:
+        if directory is not None:
+            os.close(directory)
     try:
         with os.fdopen(fd, "rb") as file:
             if not _private(os.fstat(file.fileno())):
@@ -211,6 +217,8 @@ def write_cache(key: str, probe: CompiledProbe) -> Optional[str]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(os.stat(path.parent)):
+            return f"{path.parent} is not private to uid {os.geteuid()}: nothing written there would be read"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as file:
             json.dump(entry, file)

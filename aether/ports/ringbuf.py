@@ -57,6 +57,16 @@ class RingReader:
         self.fd, self.size = map_fd, size
         self._mask = size - 1
         self._regions: list[tuple[int, int]] = []
+        self._views: list[memoryview] = []
+        self.data: Optional[memoryview] = None
+        try:
+            self._map(page, ordered)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, page: int, ordered: Optional[bool]) -> None:
+        map_fd, size = self.fd, self.size
         consumer = map_memory(map_fd, page, mmap.PROT_READ | mmap.PROT_WRITE, 0)
         self._regions.append((consumer, page))
         producer = map_memory(map_fd, page + 2 * size, mmap.PROT_READ, page)
@@ -82,10 +92,6 @@ class RingReader:
             self._load_consumer = consumer_word.__getitem__
             self._store_consumer = consumer_word.__setitem__
         self._views = [words, consumer_word, producer_word]
-
-    def pending(self) -> int:
-        """Bytes reserved by the producer and not yet consumed."""
-        return self._load_producer(0) - self._load_consumer(0)
 
     def drain(self, decode: Callable[[memoryview, int, int], object], limit: Optional[int] = None) -> list:
         """``decode(data, offset, length)`` for each committed record, oldest first, until the
