@@ -114,9 +114,9 @@ class HostRecords:
 
 
 def _assert_never_woken(pid: int, seconds: float = 2.0, windows: int = 5) -> None:
-    """No wake-up but those the host's own LISTEN records cause (each at most three: the
-    ring's, a coalesced resync's timer, a preemption meanwhile), in one of ``windows`` windows:
-    a timer of any period under ``seconds`` fails every quiet one."""
+    """No wake-up but those the host's own LISTEN records cause (one each, give or take one at
+    either end of the window), in one of ``windows`` windows: a 4 Hz timer measured 6-13 more
+    in every window of a host making 14-24 records a window."""
     time.sleep(0.5)
     seen = []
     with HostRecords() as host:
@@ -126,7 +126,7 @@ def _assert_never_woken(pid: int, seconds: float = 2.0, windows: int = 5) -> Non
             time.sleep(seconds)
             woken = _context_switches(pid) - before
             records = host.count()
-            if woken <= 1 + 3 * records:
+            if woken <= 2 + records:
                 return
             seen.append((woken, records))
     raise AssertionError(f"(wake-ups, host LISTEN records) in each {seconds:g} s of idling: {seen}")
