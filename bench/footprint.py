@@ -8,6 +8,7 @@ to import (`python -X importtime`, and resident memory over `import asyncio`).
 RSS is VmRSS; PSS (/proc/PID/smaps_rollup) shares each library page among its users.
 
     .venv/bin/python bench/footprint.py [--clients 1000] [--pairs 10000] [--starts 5]
+                                        [--only memory|start|baselines|imports]
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def fmt_memory(kib: tuple[int, int]) -> str:
     return f"RSS {kib[0] / 1024:6.1f} MiB  PSS {kib[1] / 1024:6.1f} MiB"
 
 
+def rss_parts(pid: int) -> str:
+    """Anonymous (the heap), file-backed and shared (the ring buffer's pages) resident KiB."""
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in open(f"/proc/{pid}/status")
+              if line.startswith(("RssAnon", "RssFile", "RssShmem"))}
+    return ", ".join(f"{name[3:].lower()} {kib / 1024:.1f}" for name, kib in fields.items())
+
+
 def maps_of(pid: int, *names: str) -> list[str]:
     """Libraries mapped into ``pid`` whose path contains one of ``names``."""
     found = set()
@@ -111,6 +119,10 @@ class Serve:
                 raise RuntimeError(f"aether serve --backend {backend} did not serve: {b''.join(self.log[-5:])!r}")
             time.sleep(0.002)
         self.started = time.perf_counter() - started
+        # CPU seconds spent until then, its helper's included (a waited-for child's count):
+        # unlike the wall-clock time, barely moved by whatever else the machine runs.
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        self.cpu = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         self.token = Path(self.state, "token").read_text().strip()
 
     def backend(self) -> str:
@@ -189,10 +201,10 @@ def after_burst(pairs: int, cache_env: dict) -> None:
                     messages += 1
                 except TimeoutError:
                     break
-            mem = memory_kib(server.proc.pid)
+            mem, parts = memory_kib(server.proc.pid), rss_parts(server.proc.pid)
         print(f"aether serve --backend ebpf, after {pairs} listen/close pairs ({elapsed:.2f} s, "
-              f"{messages} messages to one client): {fmt_memory(mem)}  (idle before {before[0] / 1024:.1f} MiB)",
-              flush=True)
+              f"{messages} messages to one client): {fmt_memory(mem)}  (idle before {before[0] / 1024:.1f} MiB; "
+              f"now {parts} MiB)", flush=True)
     finally:
         if burst is not None:
             burst.kill()
@@ -207,6 +219,7 @@ def start_times(starts: int, cache_dir: str) -> None:
         "sockdiag": ("sockdiag", {"AETHER_CACHE_DIR": cache_dir}),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(starts):  # interleaved, so a busy moment of the machine hits each alike
         for name, (backend, env) in runs.items():
             empty = None
@@ -215,12 +228,14 @@ def start_times(starts: int, cache_dir: str) -> None:
                 env = {"AETHER_CACHE_DIR": empty}
             server = Serve(backend, env)
             times[name].append(server.started)
+            cpu[name].append(server.cpu)
             server.close()
             if empty:
                 shutil.rmtree(empty, ignore_errors=True)
     for name, values in times.items():
         print(f"start -> first /healthz 200, {name:<32} median {statistics.median(values) * 1000:6.0f} ms  "
-              f"max {max(values) * 1000:6.0f} ms  (n={len(values)})", flush=True)
+              f"max {max(values) * 1000:6.0f} ms  CPU median {statistics.median(cpu[name]) * 1000:4.0f} ms  "
+              f"(n={len(values)})", flush=True)
 
 
 def attached(proc: subprocess.Popen) -> bool:
@@ -290,25 +305,30 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=10000)
     parser.add_argument("--starts", type=int, default=5)
-    parser.add_argument("--no-imports", action="store_true", help="skip the import-cost table")
+    parser.add_argument("--only", choices=("memory", "start", "baselines", "imports"), default=None)
     args = parser.parse_args()
+    parts = {args.only} if args.only else {"memory", "start", "baselines", "imports"}
     cache_dir = tempfile.mkdtemp(prefix="aether-cache-")
     cache_env = {"AETHER_CACHE_DIR": cache_dir}
     try:
         Serve("ebpf", cache_env).close()  # compiles the probe once, into this run's cache
-        for backend in ("ebpf", "sockdiag"):
-            idle(backend, cache_env)
-        with_clients(args.clients, cache_env)
-        after_burst(args.pairs, cache_env)
-        start_times(args.starts, cache_dir)
+        if "memory" in parts:
+            for backend in ("ebpf", "sockdiag"):
+                idle(backend, cache_env)
+            with_clients(args.clients, cache_env)
+            after_burst(args.pairs, cache_env)
+        if "start" in parts:
+            start_times(args.starts, cache_dir)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    print("baselines, each idle 2 s after attaching (or importing):")
-    baseline("  libbpf-tools tcpstates (C, CO-RE)", ["tcpstates"])
-    baseline("  bcc tcpstates-bpfcc", ["tcpstates-bpfcc"])
-    baseline("  python -c 'import aether.server.app'", [PY, "-c", IMPORTED.format("aether.server.app")], ready=said_ready)
-    baseline("  python -c 'import time' (the interpreter)", [PY, "-c", IMPORTED.format("time")], ready=said_ready)
-    if not args.no_imports:
+    if "baselines" in parts:
+        print("baselines, each idle 2 s after attaching (or importing):")
+        baseline("  libbpf-tools tcpstates (C, CO-RE)", ["tcpstates"])
+        baseline("  bcc tcpstates-bpfcc", ["tcpstates-bpfcc"])
+        baseline("  python -c 'import aether.server.app'", [PY, "-c", IMPORTED.format("aether.server.app")],
+                 ready=said_ready)
+        baseline("  python -c 'import time' (the interpreter)", [PY, "-c", IMPORTED.format("time")], ready=said_ready)
+    if "imports" in parts:
         imports()
 
 
