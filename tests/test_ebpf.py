@@ -224,8 +224,12 @@ def cache(tmp_path, monkeypatch):
 def test_compiled_probe_is_cached_and_reused(cache):
     from aether.ports.ebpf import Probe
 
+    cache.mkdir(mode=0o700)
+    stale = cache / "probe-0123456789abcdef0123456789abcdef.json"
+    stale.write_text(json.dumps({"kernel": "2.6.32-other", "probe": {}}))
     first = Probe("ring")
     assert first.origin == "compiled" and first.compile_seconds is not None
+    assert not stale.exists(), "an entry for another kernel is removed when one is written"
     records, port = _events_flow(first)
     assert records == [(port, True, False), (port, False, True)]
     entries = list(cache.glob("probe-*.json"))
