@@ -25,6 +25,7 @@ BENCHES = [
     ["bench/spawn.py", "--runs", "300"],
     ["bench/files.py", "--changes", "50", "--megabytes", "50"],
     ["bench/dashboard.py", "--samples", "20"],
+    ["bench/footprint.py", "--clients", "1000", "--pairs", "10000", "--starts", "5"],
 ]
 
 

@@ -13,9 +13,9 @@ ARCH=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 
 # Debian packages: bcc and its tools, kernel headers for bcc's compiler, the real servers the
 # tests listen with (nginx, node; python's http.server needs nothing), the browser the preview
-# and dashboard tests drive (chromium, and chromium-driver for selenium) and the load generator
-# of the benchmarks (wrk).
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chromium-driver wrk)
+# and dashboard tests drive (chromium, and chromium-driver for selenium), the load generator
+# of the benchmarks (wrk) and the footprint benchmark's C baseline (libbpf-tools' tcpstates).
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chromium-driver wrk libbpf-tools)
 # What the deploy tests check deploy/ with: systemd-analyze (no running systemd needed), and
 # openssl for the TLS front's test certificates. Both are there on most hosts already.
 DEB_PACKAGES+=(systemd openssl)

@@ -192,16 +192,19 @@ def _compile_error(text: str) -> str:
 
 
 def _load_and_unload() -> tuple[Optional[str], str]:
-    """Load the probe, attach its buffers to a loop, detach and unload it, as the monitor does:
-    (why it failed or None, what bcc printed meanwhile)."""
+    """Compile the probe as a first start on this kernel would (the cache neither read nor
+    written), load it, attach its buffers to a loop, detach and unload it, as the monitor
+    does: (why it failed or None, what bcc printed meanwhile, or on success how it went)."""
     from aether.ports.ebpf import Probe, ProbeUnavailable
+    from aether.ports.loader import describe
 
-    # bcc prints compiler diagnostics on fd 2 itself: keep them for the detail, off the terminal.
+    # bcc prints compiler diagnostics on fd 2 itself, in this process or in the helper, which
+    # inherits it: keep them for the detail, off the terminal.
     with tempfile.TemporaryFile() as captured:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
-            probe = Probe(config.ebpf_buffer(), config.ebpf_pages())
+            probe = Probe(config.ebpf_buffer(), config.ebpf_pages(), cache=False)
             loop = asyncio.new_event_loop()
             try:
                 probe.start(loop, lambda batch: None)
@@ -213,7 +216,13 @@ def _load_and_unload() -> tuple[Optional[str], str]:
         except ProbeUnavailable as exc:
             error = str(exc).replace(" <text>", "")
         else:
-            return None, f"{probe.buffer} buffer of {probe.pages} pages"
+            if probe.compile_seconds is None:
+                how = "compiled by bcc in this process"
+            else:
+                how = f"compiled by the helper `{describe()}` in {probe.compile_seconds:.2f} s"
+                cached = "cached" if os.path.exists(probe.cache_file) else "to be cached"
+                how += f"; {cached} at {probe.cache_file} for restarts"
+            return None, f"{probe.buffer} buffer of {probe.pages} pages, {how}"
         finally:
             os.dup2(saved, 2)
             os.close(saved)

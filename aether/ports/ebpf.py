@@ -1,30 +1,33 @@
 """The eBPF probe: LISTEN transitions from the kernel, delivered into an asyncio loop.
 
-bcc compiles ``bpf/listen_events.c`` and attaches it to ``sock:inet_sock_set_state``. Records
-arrive through a BPF ring buffer (kernel 5.8+) or per-CPU perf buffers, whose file descriptors
-are registered with the event loop: nothing wakes the process while no port changes, and no
-thread or timer sits between the kernel and the consumer.
+``bpf/listen_events.c`` is attached to ``sock:inet_sock_set_state``. Records arrive through a
+BPF ring buffer (kernel 5.8+) or per-CPU perf buffers, whose file descriptors are registered
+with the event loop: nothing wakes the process while no port changes, and no thread or timer
+sits between the kernel and the consumer.
 
-The ctypes callbacks only copy each record's bytes into a list; decoding and everything after
-happen in ordinary Python once the buffers are drained, so an exception can never be swallowed
-inside a C callback.
+With a ring buffer, bcc and its LLVM never enter this process: a helper process compiles the
+probe (:mod:`aether.ports.loader`), this one loads the result with bpf(2) itself
+(:mod:`aether.ports.compiled`, cached so a restart skips the compile) and reads the ring from
+its mapping (:mod:`aether.ports.ringbuf`). Perf buffers are bcc's (:mod:`aether.ports.bccperf`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
+import logging
 import os
 import platform
 import re
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 from aether import caps
+
+log = logging.getLogger("aether.ports")
 
 TCP_LISTEN = 10
 TCP_CLOSE = 7
@@ -67,8 +70,9 @@ class ListenRecord(NamedTuple):
         return self.oldstate == TCP_LISTEN and self.newstate == TCP_CLOSE
 
 
-def decode(raw: bytes) -> ListenRecord:
-    skaddr, pid_tgid, ts_ns, family, port, old, new, addr, comm = _RECORD.unpack_from(raw)
+def decode(raw, offset: int = 0) -> ListenRecord:
+    """The record at ``offset`` of ``raw`` (bytes, or the ring buffer's mapping)."""
+    skaddr, pid_tgid, ts_ns, family, port, old, new, addr, comm = _RECORD.unpack_from(raw, offset)
     if family == socket.AF_INET:
         address = socket.inet_ntop(socket.AF_INET, addr[:4])
     else:
@@ -135,6 +139,14 @@ def find_tracepoint_format() -> tuple[Optional[Path], Optional[Path]]:
     return None, denied
 
 
+def tracepoint_id(format_path: Path) -> int:
+    """The tracepoint's id, which a perf event names it by (beside its ``format``)."""
+    try:
+        return int((format_path.parent / "id").read_text())
+    except (OSError, ValueError) as exc:
+        raise ProbeUnavailable(f"tracepoint id unreadable: {exc}") from exc
+
+
 def tracepoint_format() -> Path:
     """The tracepoint's ``format`` file; ProbeUnavailable if no tracefs shows it, or this
     process may not read it."""
@@ -161,6 +173,11 @@ def check_environment() -> None:
             "or CAP_BPF and CAP_PERFMON (with CAP_DAC_READ_SEARCH for tracefs)"
         )
     tracepoint_format()
+
+
+def check_compiler() -> None:
+    """Raise ProbeUnavailable if bcc cannot compile the probe here: what only compiling
+    needs (the ring buffer's daemon loads a cached probe without either)."""
     if not Path(f"/lib/modules/{platform.release()}/build").exists():
         raise ProbeUnavailable(
             f"no kernel headers at /lib/modules/{platform.release()}/build (run deploy/setup.sh)"
@@ -174,6 +191,22 @@ def check_environment() -> None:
         ) from exc
 
 
+def bcc_compile(source: bytes, cflags: list[str]):
+    """bcc's BPF object for ``source``: compiled, loaded and attached; ProbeUnavailable if not.
+    bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed"."""
+    from bcc import BPF
+
+    try:
+        return BPF(text=source, cflags=cflags)
+    except Exception as exc:
+        # bcc reports compile, load and attach failures as a bare Exception. Anything more
+        # specific (TypeError, AttributeError...) is a bug of ours and must not pass for
+        # "the kernel cannot do it", which would turn failing tests into skipped ones.
+        if type(exc) is not Exception:
+            raise
+        raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
+
+
 class Probe:
     """The loaded probe. ``start`` attaches its buffers to a loop; ``stop`` detaches and unloads.
 
@@ -182,109 +215,151 @@ class Probe:
     failed), which only grows. Ring records arrive in the order they happened; perf records
     are ordered within a batch, and a consumer must expect a socket's close to come one batch
     before its listen.
+
+    ``cache=False`` neither reads nor writes the compiled-probe cache (``aether doctor``
+    compiles, as a first start on a new kernel would, and changes nothing). ``origin`` says
+    where the ring buffer's program came from: ``cache`` or ``compiled``.
     """
 
-    def __init__(self, buffer: str = "auto", pages: Optional[int] = None):
+    def __init__(self, buffer: str = "auto", pages: Optional[int] = None, cache: bool = True):
         if buffer not in ("auto", "ring", "perf"):
             raise ValueError(f"buffer must be auto, ring or perf, not {buffer!r}")
         check_environment()
         self.buffer = ("ring" if kernel_has_ringbuf() else "perf") if buffer == "auto" else buffer
         self.pages = pages or (DEFAULT_RING_PAGES if self.buffer == "ring" else DEFAULT_PERF_PAGES)
-        self._bpf = None
+        self.origin = ""
+        #: Where the ring buffer's compiled program is cached (whether or not it is yet).
+        self.cache_file: Optional[Path] = None
+        self.compile_seconds: Optional[float] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._fds: list[int] = []
-        self._pending: list[bytes] = []
-        self.perf_lost_reported = 0
         self._on_batch: Optional[Callable[[list[ListenRecord]], None]] = None
-        self._load()
-
-    def _load(self) -> None:
-        from bcc import BPF
-
+        self._perf = None
+        self._loaded = None
+        self._ring = None
+        self._lost = None
         cflags = [f"-DAETHER_RING_PAGES={self.pages}"]
-        if self.buffer == "perf":
-            cflags.append("-DAETHER_PERF_BUFFER=1")
         source = program_path().read_bytes()
-        # bcc prints compiler diagnostics on fd 2 itself; its exception says only "failed".
+        if self.buffer == "perf":
+            check_compiler()
+            from aether.ports.bccperf import PerfProbe
+
+            self._perf = PerfProbe(source, [*cflags, "-DAETHER_PERF_BUFFER=1"])
+        else:
+            self._load_ring(source, cflags, cache)
+
+    def _load_ring(self, source: bytes, cflags: list[str], cache: bool) -> None:
+        # Imported here: a daemon on sock_diag, or on perf buffers, has no use for them.
+        from aether.ports import compiled
+        from aether.ports.bpfsys import BpfError, Counter
+
+        format_path = tracepoint_format()
+        tp_id = tracepoint_id(format_path)
+        key = compiled.cache_key(source, cflags, format_path.read_bytes())
+        self.cache_file = compiled.cache_path(key)
+        loaded = None
+        if cache:
+            program, why = compiled.read_cache(key)
+            if program is not None and _prepared(program) is None:
+                program, why = None, f"{self.cache_file}: not this probe's maps"
+            if program is not None:
+                try:
+                    loaded = _prepared(program).load(tp_id)
+                    self.origin = "cache"
+                except BpfError as exc:
+                    log.warning("cached probe did not load; compiling it again",
+                                extra={"path": str(self.cache_file), "error": str(exc)})
+            elif why != "missing":
+                log.warning("cached probe ignored; compiling it again", extra={"reason": why})
+        if loaded is None:
+            from aether.ports.loader import compile_in_helper
+
+            started = time.monotonic()
+            program = compile_in_helper(source, cflags)
+            self.compile_seconds = time.monotonic() - started
+            if _prepared(program) is None:
+                raise ProbeUnavailable("the probe must have a ring buffer map named events and an array named lost")
+            try:
+                loaded = _prepared(program).load(tp_id)
+            except BpfError as exc:
+                detail = next((line for line in reversed(exc.log.splitlines()) if line.strip()), "")
+                raise ProbeUnavailable(f"could not load the compiled probe: {exc}" +
+                                       (f" ({detail})" if detail else "")) from exc
+            self.origin = "compiled"
+            if cache:
+                error = compiled.write_cache(key, program)
+                if error:
+                    log.info("compiled probe not cached", extra={"reason": error})
+        self._loaded = loaded
+        self.ring_fd = loaded.maps["events"]
+        self.ring_size = program.maps[program.map_named("events")].max_entries
         try:
-            self._bpf = BPF(text=source, cflags=cflags)
-        except Exception as exc:
-            # bcc reports compile, load and attach failures as a bare Exception. Anything more
-            # specific (TypeError, AttributeError...) is a bug of ours and must not pass for
-            # "the kernel cannot do it", which would turn failing tests into skipped ones.
-            if type(exc) is not Exception:
-                raise
-            raise ProbeUnavailable(f"bcc could not load the probe: {exc}") from exc
-        self._lost_map = self._bpf[b"lost"]
+            self._lost = Counter(loaded.maps["lost"])
+        except BpfError as exc:
+            loaded.close()
+            raise ProbeUnavailable(f"could not map the probe's lost counter: {exc}") from exc
+        log.debug("probe loaded", extra={"origin": self.origin, "compile_s": self.compile_seconds})
 
     def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list[ListenRecord]], None]) -> None:
         self._loop = loop
         self._on_batch = on_batch
-        events = self._bpf[b"events"]
-        pending = self._pending
-        if self.buffer == "ring":
+        if self._perf is not None:
+            self._perf.start(loop, self.pages, self.drain)
+            return
+        from aether.ports.ringbuf import RingReader
 
-            def ring_cb(_ctx, data, size):
-                pending.append(ctypes.string_at(data, size))
-                return 0
-
-            events.open_ring_buffer(ring_cb)
-            # bcc keeps libbpf's ring_buffer behind _ringbuf_manager and offers no epoll fd.
-            # Debian's libbcc links libbpf.so.1 dynamically, so this CDLL is the very library
-            # that made the ring_buffer, and ring_buffer__epoll_fd (libbpf 0.3+) applies to it.
-            libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1")
-            libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
-            libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
-            fd = libbpf.ring_buffer__epoll_fd(self._bpf._ringbuf_manager)
-            if fd < 0:
-                raise ProbeUnavailable("libbpf gave no epoll fd for the ring buffer")
-            self._fds = [fd]
-            consume = self._bpf.ring_buffer_consume
-        else:
-
-            def perf_cb(_cpu, data, size):
-                pending.append(ctypes.string_at(data, size))
-
-            def lost_cb(count):
-                # Diagnostics only: the probe's own counter already has these, and sooner.
-                self.perf_lost_reported += count
-
-            events.open_perf_buffer(perf_cb, page_cnt=self.pages, lost_cb=lost_cb)
-            from bcc.libbcc import lib
-
-            self._fds = [lib.perf_reader_fd(reader) for reader in self._bpf.perf_buffers.values()]
-            consume = self._bpf.perf_buffer_consume
-
-        self._consume = consume
-        for fd in self._fds:
-            loop.add_reader(fd, self.drain)
+        self._ring = RingReader(self.ring_fd, self.ring_size)
+        loop.add_reader(self.ring_fd, self.drain)
 
     def drain(self) -> None:
         """Deliver what the buffers hold now. Called with an empty batch too: a wake-up that
         brought only loss notifications must still reach the consumer, which checks ``lost``."""
-        if self._bpf is None:
+        if self._perf is not None:
+            batch = self._perf.drain()
+        elif self._ring is not None:
+            batch = self._ring.drain(_decode_ring)
+        else:
             return
-        self._consume()
-        batch = [decode(raw) for raw in self._pending]
-        self._pending.clear()
-        if self.buffer == "perf":
-            # Per-CPU buffers: records of different CPUs are drained in CPU order, not in
-            # the order they happened. A socket's close and the listen of the socket that
-            # reuses its address may sit on two CPUs.
-            batch.sort(key=lambda record: record.ts_ns)
         self._on_batch(batch)
 
     @property
     def lost(self) -> int:
         """Records the probe could not deliver so far (a counter in the probe's own map)."""
-        return int(self._lost_map[ctypes.c_int(0)].value)
+        if self._perf is not None:
+            return self._perf.lost
+        return self._lost() if self._lost is not None else 0
 
     def stop(self) -> None:
-        if self._loop is not None:
-            for fd in self._fds:
-                self._loop.remove_reader(fd)
-            self._fds = []
-            self._loop = None
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        if self._perf is not None:
+            self._perf.stop()
+            self._perf = None
+        if self._ring is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self.ring_fd)
+            self._ring.close()
+            self._ring = None
+        self._loop = None
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
+        if self._lost is not None:
+            self._lost.close()
+            self._lost = None
+
+
+def _prepared(program):
+    """The program with ``lost`` made mappable, so reading it after every batch is a memory
+    load; None unless the maps this class reads are there, of the kinds it reads them as."""
+    import dataclasses
+
+    from aether.ports.bpfsys import BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF
+
+    kinds = {spec.name: (spec.type, spec.value_size) for spec in program.maps}
+    if kinds.get("events", (None,))[0] != BPF_MAP_TYPE_RINGBUF or kinds.get("lost") != (BPF_MAP_TYPE_ARRAY, 8):
+        return None
+    maps = tuple(spec._replace(flags=spec.flags | BPF_F_MMAPABLE) if spec.name == "lost" else spec
+                 for spec in program.maps)
+    return dataclasses.replace(program, maps=maps)
+
+
+def _decode_ring(data, offset: int, length: int) -> Optional[ListenRecord]:
+    return decode(data, offset) if length >= _RECORD.size else None

@@ -89,7 +89,8 @@ class PortMonitor:
         self._diag = sockdiag.DiagSocket()
         if self.requested_backend in ("auto", "ebpf"):
             try:
-                # bcc compiles for ~0.5 s: keep the loop free meanwhile.
+                # A compile (in a helper process, or by bcc in this one for perf buffers) takes
+                # ~0.3-0.5 s, a cached probe ~3 ms: keep the loop free meanwhile.
                 probe = await self._loop.run_in_executor(None, Probe, self.ebpf_buffer, self.ebpf_pages)
                 try:
                     # Attach before the snapshot: a socket changing in between is then seen

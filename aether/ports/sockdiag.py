@@ -1,10 +1,11 @@
 """One snapshot of this network namespace's listening TCP sockets, through NETLINK_SOCK_DIAG.
 
-The request is encoded with pyroute2's ``inet_diag_req`` and asks the kernel for LISTEN
-sockets only, so established connections cost nothing however many there are. Replies are
-decoded with one precompiled ``struct`` over the fixed ``inet_diag_msg`` header: pyroute2's
-message classes decode every attribute and cost ~34 us a socket here (0.34 s for 10,000
-listeners) where this costs ~2 us.
+The request (``inet_diag_req_v2``, linux/inet_diag.h) asks the kernel for LISTEN sockets
+only, so established connections cost nothing however many there are. Replies are decoded
+with one precompiled ``struct`` over the fixed ``inet_diag_msg`` header: pyroute2's message
+classes decode every attribute and cost ~34 us a socket here (0.34 s for 10,000 listeners)
+where this costs ~2 us. Nor does it encode the request with pyroute2: importing it costs the
+daemon 78 ms and ~20 MB of resident memory for these 72 bytes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import socket
 import struct
 from typing import Iterator
 
-from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST
-from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_LISTEN, inet_diag_req
-
 from aether.ports.events import INODE, Listener
 
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+_TCP_LISTEN = 10
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _NLMSG_HEADER = struct.Struct("=IHHII")
@@ -28,17 +31,14 @@ _DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")
 _RECV_BUFFER = 1 << 20
 
 
+# nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, and a zeroed
+# inet_diag_sockid (48 bytes: no filter on ports, addresses, interface or cookie).
+_REQUEST = struct.Struct("=IHHIIBBBxI48x")
+
+
 def _request(family: int, sequence: int) -> bytes:
-    req = inet_diag_req()
-    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
-    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-    req["header"]["sequence_number"] = sequence
-    req["sdiag_family"] = family
-    req["sdiag_protocol"] = socket.IPPROTO_TCP
-    req["idiag_states"] = 1 << SS_LISTEN
-    req["idiag_ext"] = 0
-    req.encode()
-    return bytes(req.data)
+    return _REQUEST.pack(_REQUEST.size, SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, sequence, 0,
+                         family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
 
 
 _REQUESTS = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
