@@ -119,6 +119,22 @@ def test_bad_messages_get_errors_and_the_connection_stays(serve, frame, code, ch
         assert recv_until(ws, lambda m: m["channel"] == "config")["id"] == "after"
 
 
+def test_deeply_nested_values_are_bad_messages_not_internal(serve):
+    server = serve()
+    with server.connect() as ws:
+        opens(ws)
+        deep = "[" * 1000 + "]" * 1000
+        ws.send('{"channel": "config", "type": "set", "id": "deep", "config": {"ignoredPorts": %s}}' % deep)
+        reply = recv_until(ws, lambda m: m.get("id") == "deep")
+        assert (reply["type"], reply["code"]) == ("error", "bad_message") and "32 deep" in reply["message"]
+        ws.send('{"channel": "config", "type": "set", "id": "some", "config": {"ignoredPorts": [%s]}}' % ("[" * 20 + "]" * 20))
+        reply = recv_until(ws, lambda m: m.get("id") == "some")
+        assert (reply["type"], reply["code"]) == ("error", "invalid") and "[[[[…]]]]" in reply["message"]
+        ws.send('{"channel": "config", "type": "get", "id": "after"}')
+        assert recv_until(ws, lambda m: m.get("id") == "after")["config"]["ignoredPorts"] == [22, 2222, 3001]
+    assert not [line for line in server.log if line.get("level") == "error"]
+
+
 def test_oversized_message_closes_1009(serve):
     server = serve("--max-message-bytes", "4096")
     with server.connect() as ws:

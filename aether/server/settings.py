@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aether import config
+from aether.excerpt import excerpt
 from aether.preview import visibility
 from aether.server.state import StateDir, default_state_dir
 
@@ -219,7 +220,7 @@ def _pick(name: str, kind: type, args: argparse.Namespace, file: dict) -> Option
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a {getattr(kind, 'what', kind.__name__)}, not {raw!r}") from None
+        raise ValueError(f"{source} must be a {getattr(kind, 'what', kind.__name__)}, not {excerpt(raw)}") from None
 
 
 def _flatten_agent(file: dict, path: Path) -> dict:
