@@ -367,3 +367,102 @@ def test_connection_cap_counts_websockets(serve):
     with server.connect() as ws:  # room again once they are gone
         ws.send('{"channel": "config", "type": "get"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"
+
+
+@pytest.mark.parametrize("name, holds", [("token", "the workspace token"), ("project-id", "the project id")])
+def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path, name, holds):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / name).write_text("" if name == "token" else "\n")
+    result = subprocess.run(
+        [*__import__("conftest").AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"aether: state directory: {state / name}: the file is empty; it holds {holds}")
+    assert (state / name).read_text().strip() == ""  # nothing generated over it
+    if name == "project-id":
+        assert not (state / "token").exists()  # refused before anything else was made
+
+
+def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
+    from conftest import Server
+
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("registry.db", "agent.db"):
+        (state / name).write_bytes(b"")
+    server = Server("sockdiag", state)
+    try:
+        warned = {line.get("path") for line in server.log if line.get("msg") == "empty database file: starting with no data"}
+        assert warned == {str(state / "registry.db"), str(state / "agent.db")}
+        with server.connect() as ws:
+            ws.send('{"channel": "config", "type": "registry", "id": "r"}')
+            assert recv_until(ws, lambda m: m.get("id") == "r")["ports"] == []
+    finally:
+        server.stop()
+    # Migrated now, they are no longer empty, and the next start says nothing.
+    again = Server("sockdiag", state)
+    try:
+        assert not [line for line in again.log if line.get("msg") == "empty database file: starting with no data"]
+    finally:
+        again.stop()
+
+
+def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
+    import os
+    import stat
+
+    from conftest import Server
+
+    state = tmp_path / "state"
+    first = Server("sockdiag", state)
+    first.stop()
+    outside = tmp_path / "outside"
+    outside.write_text("not ours")
+    outside.chmod(0o644)
+    (state / "link").symlink_to(outside)
+    (state / "sub").mkdir(mode=0o755)
+    os.mkfifo(state / "fifo")
+    (state / "fifo").chmod(0o666)
+    state.chmod(0o755)
+    for name in ("token", "project-id", "registry.db", "agent.db"):
+        (state / name).chmod(0o644)
+    server = Server("sockdiag", state)
+    try:
+        [line] = [line for line in server.log if line.get("msg") == "state directory tightened"]
+        assert line["path"] == str(state)
+        assert set(line["changed"]) >= {". 0755 -> 0700", "token 0644 -> 0600", "agent.db 0644 -> 0600", "sub 0755 -> 0700"}
+        mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)
+        assert mode(state) == 0o700 and mode(state / "sub") == 0o700
+        files = [p for p in state.iterdir() if p.is_file() and not p.is_symlink()]
+        assert {p.name for p in files} >= {"token", "project-id", "registry.db", "agent.db"}
+        assert all(mode(p) & 0o077 == 0 for p in files), {p.name: oct(mode(p)) for p in files}
+        assert mode(outside) == 0o644 and mode(state / "fifo") == 0o666  # a link's target, a FIFO: untouched
+    finally:
+        server.stop()
+    again = Server("sockdiag", state)
+    try:
+        assert not [line for line in again.log if line.get("msg") == "state directory tightened"]
+    finally:
+        again.stop()
+
+
+def test_a_new_state_directory_is_private_from_the_start(tmp_path):
+    import os
+    import stat
+
+    from conftest import Server
+
+    state = tmp_path / "new" / "state"
+    server = Server("sockdiag", state)
+    try:
+        with server.connect() as ws:
+            ws.send('{"channel": "config", "type": "set", "id": "s", "config": {"ignoredPorts": [22]}}')
+            recv_until(ws, lambda m: m.get("id") == "s")
+        modes = {p.name: stat.S_IMODE(os.lstat(p).st_mode) for p in [state, *state.iterdir()]}
+        assert modes["state"] == 0o700 and "config.json" in modes and "registry.db" in modes
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    finally:
+        server.stop()

@@ -102,6 +102,13 @@ class WorkspaceServer:
         self.settings = settings
         self.monitor = monitor
         self.state = StateDir(settings.state_dir)
+        # Before the stores open their files: a directory made by hand or by an older aether
+        # may let others read the token and the agent's history.
+        changed, failed = self.state.tighten()
+        if changed:
+            log.warning("state directory tightened", extra={"path": str(self.state.path), "changed": changed})
+        if failed:
+            log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
         self.metrics = Metrics(self)
         self.visibility = Visibility(settings.preview_public_ports)
