@@ -466,3 +466,90 @@ def test_a_new_state_directory_is_private_from_the_start(tmp_path):
         assert all(mode & 0o077 == 0 for mode in modes.values()), modes
     finally:
         server.stop()
+
+
+def _from(source: str, port: int, data: bytes = b"") -> socket.socket:
+    """A TCP connection to the server from ``source`` (loopback is all of 127/8)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _config_round_trip(server, sock: socket.socket | None = None) -> None:
+    from websockets.sync.client import connect
+
+    with connect(server.url, subprotocols=["Bearer", server.token], sock=sock, open_timeout=5) as ws:
+        ws.send('{"channel": "config", "type": "get", "id": "c"}')
+        assert recv_until(ws, lambda m: m.get("id") == "c")["type"] == "config"
+
+
+def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(serve):
+    cap = 8
+    server = serve("--max-unauthenticated-per-address", str(cap))
+    with contextlib.ExitStack() as held:
+        idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
+        extra = held.enter_context(_from("127.0.0.1", server.port))
+        assert _closed_by_server(extra)
+        assert all(map(_still_open, idle))
+        # Another address is not held back: a client there connects and is answered.
+        _config_round_trip(server, _from("127.0.0.2", server.port))
+        # A preview head not yet whole counts; a request answered does not (see the listener).
+        part = held.enter_context(_from("127.0.0.3", server.port, b"GET / HTTP/1.1\r\nHost: 1-abc.preview.localhost\r\n"))
+        for _ in range(cap - 1):
+            held.enter_context(_from("127.0.0.3", server.port))
+        assert _closed_by_server(held.enter_context(_from("127.0.0.3", server.port)))
+        assert _still_open(part)
+        # Once the idle ones are gone, 127.0.0.1 gets in again.
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: _try_config(server), 5)
+        # Authenticated sessions and answered requests leave the count.
+        sessions = [held.enter_context(server.connect()) for _ in range(cap)]
+        for _ in range(cap):
+            conn = held.enter_context(_from("127.0.0.1", server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+            conn.settimeout(5)
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
+        assert _closed_by_server(held.enter_context(_from("127.0.0.1", server.port)))
+        assert all(map(_still_open, idle)) and len(sessions) == cap
+    refusals = [line for line in server.log if line.get("msg") == "connection refused: too many unauthenticated from one address"]
+    assert refusals and refusals[0]["cap"] == cap
+
+
+def _try_config(server) -> bool:
+    try:
+        _config_round_trip(server)
+    except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError):
+        return False
+    return True
+
+
+def test_the_per_address_cap_spares_trusted_fronts(serve):
+    server = serve("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
+    with contextlib.ExitStack() as held:
+        for _ in range(6):
+            held.enter_context(_from("127.0.0.5", server.port))
+        _config_round_trip(server, _from("127.0.0.5", server.port))
