@@ -562,3 +562,42 @@ def test_the_per_address_cap_spares_trusted_fronts(serve):
         for _ in range(6):
             held.enter_context(_from("127.0.0.5", server.port))
         _config_round_trip(server, _from("127.0.0.5", server.port))
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    import os
+
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _close_frame_received(sock: socket.socket) -> bytes:
+    """The payload of the server's close frame, read until the server closes."""
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    at = data.rfind(b"\x88")
+    assert at >= 0, data[-100:]
+    return data[at + 2:at + 2 + data[at + 1]]
+
+
+@pytest.mark.parametrize(
+    "opcode, payload, code, reason",
+    [
+        (0x1, b'{"channel": "config", "type": "get", "x": "\xff"}', 1007, b"text frames must be UTF-8"),
+        (0x8, b"\x03\xe8\xff\xfe", 1007, b"a close reason must be UTF-8"),
+        (0x8, b"\x03\xe7", 1002, b"no such close code"),
+        (0x8, b"\x03", 1002, b"no such close code"),
+        (0x8, b"\x03\xe8bye", 1000, b""),
+    ],
+)
+def test_a_broken_frame_is_answered_with_its_close_code(serve, opcode, payload, code, reason):
+    server = serve()
+    with raw_upgrade(server) as sock:
+        sock.sendall(_client_frame(opcode, payload))
+        assert _close_frame_received(sock) == code.to_bytes(2, "big") + reason
+    with server.connect() as ws:
+        ws.send('{"channel": "config", "type": "get", "id": "after"}')
+        assert recv_until(ws, lambda m: m.get("id") == "after")["type"] == "config"
+    assert "Traceback" not in "".join(server.raw_stderr)
