@@ -4,7 +4,8 @@ One row per key; a port belongs to one key at most (a UNIQUE constraint, so two 
 never both win it). Every write is one ``BEGIN IMMEDIATE`` transaction: writers queue on
 SQLite's lock (``busy_timeout``) instead of failing, and WAL lets readers run beside them.
 The schema is versioned with ``PRAGMA user_version`` and migrated forward on open. A file that
-is not a readable registry is an error naming it, never replaced by a fresh database.
+is not a readable registry is an error naming it, never replaced by a fresh database; an
+empty file (0 bytes) is an empty database to SQLite, and starts anew with a warning naming it.
 """
 
 from __future__ import annotations
