@@ -255,12 +255,63 @@ def test_grants_expire_and_are_bound_to_their_host():
     assert not grant.valid(token, host, value, now + grant.TTL_SECONDS + 1)
     assert not grant.valid(token, b"3001-abc123.preview.localhost", value, now)
     assert not grant.valid(b"other", host, value, now)
-    expiry, mac = value.split(b".")
-    assert not grant.valid(token, host, b"%d.%s" % (int(expiry) + 1, mac), now)
+    expiry, nonce, mac = value.split(b".")
+    assert not grant.valid(token, host, b"%d.%s.%s" % (int(expiry) + 1, nonce, mac), now)
+    assert not grant.valid(token, host, b"%s.%s.%s" % (expiry, nonce[:-1] + (b"0" if nonce[-1:] != b"0" else b"1"), mac), now)
     far = grant.mint(token, host, now + 3600)  # minted for a later time: an expiry too far ahead
     assert not grant.valid(token, host, far, now)
-    for bad in (b"", b".", b"x.y", b"-1." + mac, b"99999999999999." + mac, expiry):
+    for bad in (b"", b".", b"x.y", b"-1.%s.%s" % (nonce, mac), b"99999999999999.%s.%s" % (nonce, mac), expiry,
+                b"%s.%s" % (expiry, mac), b"0%s.%s.%s" % (expiry, nonce, mac), b"%s.%s.%s" % (expiry, nonce.upper(), mac),
+                b"%s.%s.%s" % (expiry, nonce, mac.upper())):
         assert not grant.valid(token, host, bad, now)
+
+
+def test_grants_of_one_second_differ_and_each_is_good_once():
+    token, host = b"tok", b"3000-abc123.preview.localhost"
+    now = 1_800_000_000
+    first, second = grant.mint(token, host, now), grant.mint(token, host, now)
+    assert first != second and first.split(b".")[0] == second.split(b".")[0]
+    used: dict[bytes, int] = {}
+    assert grant.redeem(used, token, host, first, now) and grant.redeem(used, token, host, second, now)
+    assert not grant.redeem(used, token, host, first, now) and not grant.redeem(used, token, host, second, now)
+    assert not grant.redeem(used, token, b"3001-abc123.preview.localhost", grant.mint(token, host, now), now)
+
+
+def test_the_used_grants_are_bounded_and_never_forget_a_live_one():
+    token, host, now = b"tok", b"3000-abc123.preview.localhost", 1_800_000_000
+    used: dict[bytes, int] = {}
+    early = [grant.mint(token, host, now) for _ in range(3)]
+    assert all(grant.redeem(used, token, host, value, now, limit=4) for value in early)
+    late = grant.mint(token, host, now + 30)
+    assert grant.redeem(used, token, host, late, now + 30, limit=4)
+    # Full of live grants: a new one opens nothing, and no used one is forgotten.
+    assert not grant.redeem(used, token, host, grant.mint(token, host, now + 30), now + 30, limit=4)
+    assert not any(grant.redeem(used, token, host, value, now + 30, limit=4) for value in [*early, late])
+    # Once the early ones have expired, their room is taken back.
+    later = now + grant.TTL_SECONDS + 1
+    assert grant.redeem(used, token, host, grant.mint(token, host, later), later, limit=4)
+    assert len(used) == 2 and not grant.redeem(used, token, host, late, later, limit=4)
+
+
+def test_two_browsers_opening_a_preview_in_the_same_second_both_get_in_once(server, listeners):
+    port = free_port()
+    listeners.http_server(port)
+    cookie = sign_in(server)
+    preview = f"http://{port}-{PROJECT[:6]}.preview.localhost:{server.port}/"
+    wait_for(lambda: preview_get(server, preview, {"Authorization": f"Bearer {server.token}"})[0] == 200, 5)
+
+    def two_in_one_second():
+        first, second = (get(server, f"/open/{port}", {"Cookie": cookie})[1]["Location"] for _ in range(2))
+        expiry = lambda location: location.partition("aether_grant=")[2].partition(".")[0]
+        return (first, second) if expiry(first) == expiry(second) else None
+
+    first, second = wait_for(two_in_one_second, 10)
+    assert first != second
+    for location in (first, second):
+        status, head, _ = preview_get(server, location)
+        assert status == 302 and head["Set-Cookie"].startswith("aether_preview=")
+    for location in (first, second):
+        assert preview_get(server, location)[0] == 401
 
 
 # -- what the page reads from the protocol -----------------------------------------------------

@@ -95,6 +95,8 @@ def test_any_object_is_a_message_or_a_protocol_error(obj):
         ('{"channel": "files", "type": "read", "path": "a", "offset": -1}', "bad_message"),
         ('{"channel": "files", "type": "write", "path": "a", "content": "x", "encoding": "latin-1"}', "bad_message"),
         ('{"channel": "config", "type": "set", "config": [1]}', "bad_message"),
+        ('{"channel": "config", "type": "set", "config": {"ignoredPorts": ' + "[" * 1000 + "]" * 1000 + "}}", "bad_message"),
+        ('{"channel": "config", "type": "set", "config": {"ignoredPorts": ' + "[" * 32 + "]" * 32 + "}}", "bad_message"),
         (b'{"channel": "config", "type": "get"}', "bad_message"),
         ('{"channel": "ports", "type": "kill", "port": 1' + "0" * 30 + "}", "bad_message"),
     ],
@@ -157,6 +159,43 @@ def test_refused_config_set_changes_nothing(server, changes):
         assert list(changes) == ["ignoredPorts"]
         assert server.monitor.table.ignored == frozenset(ports) | {server.settings.port}
         assert server.state.load_config()["ignored_ports"] == sorted(set(ports))
+
+
+@pytest.mark.parametrize("levels", [1, 5, 30])
+def test_a_nested_bad_value_is_named_briefly(server, levels):
+    """Nesting the limit lets through reaches validation, whose message shows the value cut
+    short: a repr would recurse through all of it (and past 1,000 levels raise)."""
+    value = json.loads("[" * levels + "70000" + "]" * levels)
+    frame = json.dumps({"channel": "config", "type": "set", "config": {"ignoredPorts": [value, 22]}, "id": 5})
+    before = server.state.load_config()
+    with pytest.raises(protocol.ProtocolError) as caught:
+        server.dispatch(Recorder(), protocol.parse(frame))
+    check_error(caught.value)
+    assert caught.value.code == "invalid" and caught.value.id == 5
+    assert len(caught.value.message) < 120 and server.state.load_config() == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=200)
+       | st.text(min_size=1000) | st.integers(min_value=1 << 80))
+def test_an_excerpt_is_short_and_json_like(value):
+    from aether.excerpt import LIMIT, excerpt
+
+    shown = excerpt(value)
+    assert 0 < len(shown) <= LIMIT
+    shown.encode("utf-8")  # never a lone surrogate: it must go into a frame and a log line
+
+
+def test_an_excerpt_of_a_thousand_levels_or_a_huge_number():
+    from aether.excerpt import excerpt
+
+    import ujson
+
+    assert excerpt(ujson.loads("[" * 1000 + "]" * 1000)) == "[[[[…]]]]"
+    assert excerpt(10**5000) == "<an integer of 16610 bits>"
+    assert excerpt({"a": [1, "\ud800"]}) == '{"a": [1, "\\ud800"]}'
+    assert excerpt("x" * 10**6) == '"' + "x" * 58 + "…"
 
 
 def test_config_get_describes_the_workspace(server):

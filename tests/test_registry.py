@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import multiprocessing
 import socket
@@ -213,6 +214,13 @@ def test_rest_api(server, listeners):
     assert api(server, "PUT", "/api/ports/other", {"port": port})[0] == 409
     assert api(server, "PUT", "/api/ports/Bad", {"port": 5590})[0] == 400
     assert api(server, "PUT", "/api/ports/x", {"port": "nope"})[0] == 400
+    # A deep or infinite value is refused as any bad one is, named briefly (no repr of it all).
+    deep = "[" * 1000 + "]" * 1000
+    for body in ('{"port": %s}' % deep, '{"port": 1e400}', '{"port": 5591, "app": %s}' % deep):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("PUT", "/api/ports/x", body=body, headers={"Authorization": f"Bearer {server.token}"})
+        reply = conn.getresponse()
+        assert reply.status == 400 and len(json.loads(reply.read())["message"]) < 120
     listeners.http_server(port)
     from conftest import wait_for
 

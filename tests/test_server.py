@@ -119,14 +119,39 @@ def test_bad_messages_get_errors_and_the_connection_stays(serve, frame, code, ch
         assert recv_until(ws, lambda m: m["channel"] == "config")["id"] == "after"
 
 
-def test_oversized_message_closes_1009(serve):
-    server = serve("--max-message-bytes", "4096")
+def test_deeply_nested_values_are_bad_messages_not_internal(serve):
+    server = serve()
     with server.connect() as ws:
         opens(ws)
-        ws.send('{"channel": "config", "type": "get", "pad": "' + "x" * 5000 + '"}')
-        with pytest.raises(ConnectionClosed) as caught:
-            ws.recv(timeout=5)
-        assert caught.value.rcvd.code == 1009
+        deep = "[" * 1000 + "]" * 1000
+        ws.send('{"channel": "config", "type": "set", "id": "deep", "config": {"ignoredPorts": %s}}' % deep)
+        reply = recv_until(ws, lambda m: m.get("id") == "deep")
+        assert (reply["type"], reply["code"]) == ("error", "bad_message") and "32 deep" in reply["message"]
+        ws.send('{"channel": "config", "type": "set", "id": "some", "config": {"ignoredPorts": [%s]}}' % ("[" * 20 + "]" * 20))
+        reply = recv_until(ws, lambda m: m.get("id") == "some")
+        assert (reply["type"], reply["code"]) == ("error", "invalid") and "[[[[…]]]]" in reply["message"]
+        ws.send('{"channel": "config", "type": "get", "id": "after"}')
+        assert recv_until(ws, lambda m: m.get("id") == "after")["config"]["ignoredPorts"] == [22, 2222, 3001]
+    assert not [line for line in server.log if line.get("level") == "error"]
+
+
+def test_oversized_message_closes_1009_for_every_client(serve):
+    """The close frame must beat the reset that closing with the message unread would send:
+    before the drain, 9 clients of 10 saw the connection reset and no 1009."""
+    server = serve("--max-message-bytes", "4096")
+    codes = []
+    for _ in range(10):
+        with server.connect(close_timeout=5) as ws:
+            try:  # at once, while the server's snapshot is arriving: as a client that has a lot to say
+                ws.send('{"channel": "config", "type": "get", "pad": "' + "x" * (256 << 10) + '"}')
+                while True:
+                    ws.recv(timeout=5)
+            except ConnectionClosed as exc:
+                codes.append(exc.rcvd.code if exc.rcvd is not None else None)
+    assert codes == [1009] * 10
+    with server.connect() as ws:  # and the server is none the worse
+        ws.send('{"channel": "config", "type": "get", "id": "after"}')
+        assert recv_until(ws, lambda m: m.get("id") == "after")["type"] == "config"
 
 
 def test_kill_python_and_node_servers(serve, listeners):
@@ -351,3 +376,218 @@ def test_connection_cap_counts_websockets(serve):
     with server.connect() as ws:  # room again once they are gone
         ws.send('{"channel": "config", "type": "get"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"
+
+
+@pytest.mark.parametrize("name, holds", [("token", "the workspace token"), ("project-id", "the project id")])
+def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path, name, holds):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / name).write_text("" if name == "token" else "\n")
+    result = subprocess.run(
+        [*__import__("conftest").AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"aether: state directory: {state / name}: the file is empty; it holds {holds}")
+    assert (state / name).read_text().strip() == ""  # nothing generated over it
+    if name == "project-id":
+        assert not (state / "token").exists()  # refused before anything else was made
+
+
+def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
+    from conftest import Server
+
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("registry.db", "agent.db"):
+        (state / name).write_bytes(b"")
+    server = Server("sockdiag", state)
+    try:
+        warned = {line.get("path") for line in server.log if line.get("msg") == "empty database file: starting with no data"}
+        assert warned == {str(state / "registry.db"), str(state / "agent.db")}
+        with server.connect() as ws:
+            ws.send('{"channel": "config", "type": "registry", "id": "r"}')
+            assert recv_until(ws, lambda m: m.get("id") == "r")["ports"] == []
+    finally:
+        server.stop()
+    # Migrated now, they are no longer empty, and the next start says nothing.
+    again = Server("sockdiag", state)
+    try:
+        assert not [line for line in again.log if line.get("msg") == "empty database file: starting with no data"]
+    finally:
+        again.stop()
+
+
+def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
+    import os
+    import stat
+
+    from conftest import Server
+
+    state = tmp_path / "state"
+    first = Server("sockdiag", state)
+    first.stop()
+    outside = tmp_path / "outside"
+    outside.write_text("not ours")
+    outside.chmod(0o644)
+    (state / "link").symlink_to(outside)
+    (state / "sub").mkdir(mode=0o755)
+    os.mkfifo(state / "fifo")
+    (state / "fifo").chmod(0o666)
+    state.chmod(0o755)
+    for name in ("token", "project-id", "registry.db", "agent.db"):
+        (state / name).chmod(0o644)
+    server = Server("sockdiag", state)
+    try:
+        [line] = [line for line in server.log if line.get("msg") == "state directory tightened"]
+        assert line["path"] == str(state)
+        assert set(line["changed"]) >= {". 0755 -> 0700", "token 0644 -> 0600", "agent.db 0644 -> 0600", "sub 0755 -> 0700"}
+        mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)
+        assert mode(state) == 0o700 and mode(state / "sub") == 0o700
+        files = [p for p in state.iterdir() if p.is_file() and not p.is_symlink()]
+        assert {p.name for p in files} >= {"token", "project-id", "registry.db", "agent.db"}
+        assert all(mode(p) & 0o077 == 0 for p in files), {p.name: oct(mode(p)) for p in files}
+        assert mode(outside) == 0o644 and mode(state / "fifo") == 0o666  # a link's target, a FIFO: untouched
+    finally:
+        server.stop()
+    again = Server("sockdiag", state)
+    try:
+        assert not [line for line in again.log if line.get("msg") == "state directory tightened"]
+    finally:
+        again.stop()
+
+
+def test_a_new_state_directory_is_private_from_the_start(tmp_path):
+    import os
+    import stat
+
+    from conftest import Server
+
+    state = tmp_path / "new" / "state"
+    server = Server("sockdiag", state)
+    try:
+        with server.connect() as ws:
+            ws.send('{"channel": "config", "type": "set", "id": "s", "config": {"ignoredPorts": [22]}}')
+            recv_until(ws, lambda m: m.get("id") == "s")
+        modes = {p.name: stat.S_IMODE(os.lstat(p).st_mode) for p in [state, *state.iterdir()]}
+        assert modes["state"] == 0o700 and "config.json" in modes and "registry.db" in modes
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    finally:
+        server.stop()
+
+
+def _from(source: str, port: int, data: bytes = b"") -> socket.socket:
+    """A TCP connection to the server from ``source`` (loopback is all of 127/8)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _config_round_trip(server, sock: socket.socket | None = None) -> None:
+    from websockets.sync.client import connect
+
+    with connect(server.url, subprotocols=["Bearer", server.token], sock=sock, open_timeout=5) as ws:
+        ws.send('{"channel": "config", "type": "get", "id": "c"}')
+        assert recv_until(ws, lambda m: m.get("id") == "c")["type"] == "config"
+
+
+def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(serve):
+    cap = 8
+    server = serve("--max-unauthenticated-per-address", str(cap))
+    with contextlib.ExitStack() as held:
+        idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
+        extra = held.enter_context(_from("127.0.0.1", server.port))
+        assert _closed_by_server(extra, within=5.0)
+        assert all(map(_still_open, idle))
+        # Another address is not held back: a client there connects and is answered.
+        _config_round_trip(server, _from("127.0.0.2", server.port))
+        # A preview head not yet whole counts; a request answered does not (see the listener).
+        part = held.enter_context(_from("127.0.0.3", server.port, b"GET / HTTP/1.1\r\nHost: 1-abc.preview.localhost\r\n"))
+        for _ in range(cap - 1):
+            held.enter_context(_from("127.0.0.3", server.port))
+        assert _closed_by_server(held.enter_context(_from("127.0.0.3", server.port)), within=5.0)
+        assert _still_open(part)
+        # Once the idle ones are gone, 127.0.0.1 gets in again.
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: _try_config(server), 5)
+        # Authenticated sessions and answered requests leave the count.
+        sessions = [held.enter_context(server.connect()) for _ in range(cap)]
+        for _ in range(cap):
+            conn = held.enter_context(_from("127.0.0.1", server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+            conn.settimeout(5)
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
+        assert _closed_by_server(held.enter_context(_from("127.0.0.1", server.port)), within=5.0)
+        assert all(map(_still_open, idle)) and len(sessions) == cap
+    refusals = [line for line in server.log if line.get("msg") == "connection refused: too many unauthenticated from one address"]
+    assert refusals and refusals[0]["cap"] == cap
+
+
+def _try_config(server) -> bool:
+    try:
+        _config_round_trip(server)
+    except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError):
+        return False
+    return True
+
+
+def test_the_per_address_cap_spares_trusted_fronts(serve):
+    server = serve("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
+    with contextlib.ExitStack() as held:
+        for _ in range(6):
+            held.enter_context(_from("127.0.0.5", server.port))
+        _config_round_trip(server, _from("127.0.0.5", server.port))
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    import os
+
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _close_frame_received(sock: socket.socket) -> bytes:
+    """The payload of the server's close frame, read until the server closes."""
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    at = data.rfind(b"\x88")
+    assert at >= 0, data[-100:]
+    return data[at + 2:at + 2 + data[at + 1]]
+
+
+@pytest.mark.parametrize(
+    "opcode, payload, code, reason",
+    [
+        (0x1, b'{"channel": "config", "type": "get", "x": "\xff"}', 1007, b"text frames must be UTF-8"),
+        (0x8, b"\x03\xe8\xff\xfe", 1007, b"a close reason must be UTF-8"),
+        (0x8, b"\x03\xe7", 1002, b"no such close code"),
+        (0x8, b"\x03", 1002, b"no such close code"),
+        (0x8, b"\x03\xe8bye", 1000, b""),
+    ],
+)
+def test_a_broken_frame_is_answered_with_its_close_code(serve, opcode, payload, code, reason):
+    server = serve()
+    with raw_upgrade(server) as sock:
+        sock.sendall(_client_frame(opcode, payload))
+        assert _close_frame_received(sock) == code.to_bytes(2, "big") + reason
+    with server.connect() as ws:
+        ws.send('{"channel": "config", "type": "get", "id": "after"}')
+        assert recv_until(ws, lambda m: m.get("id") == "after")["type"] == "config"
+    assert "Traceback" not in "".join(server.raw_stderr)

@@ -219,13 +219,7 @@ class Gate:
     def _redeem(self, host_name: bytes, value: bytes) -> bool:
         """Whether ``value`` is a live grant for ``host_name`` not used before; it is used now.
         Single use: a grant left in a history or a log after it opened its host opens nothing."""
-        if value in self._redeemed or not grant.valid(self.token, host_name, value):
-            return False
-        if len(self._redeemed) >= 64:
-            now = time.time()
-            self._redeemed = {used: expiry for used, expiry in self._redeemed.items() if expiry >= now}
-        self._redeemed[value] = int(value.partition(b".")[0])
-        return True
+        return grant.redeem(self._redeemed, self.token, host_name, value)
 
     def forget(self, port: int) -> None:
         """The port opened, closed or refused: look its upstream address up again."""

@@ -4,7 +4,8 @@ One row per key; a port belongs to one key at most (a UNIQUE constraint, so two 
 never both win it). Every write is one ``BEGIN IMMEDIATE`` transaction: writers queue on
 SQLite's lock (``busy_timeout``) instead of failing, and WAL lets readers run beside them.
 The schema is versioned with ``PRAGMA user_version`` and migrated forward on open. A file that
-is not a readable registry is an error naming it, never replaced by a fresh database.
+is not a readable registry is an error naming it, never replaced by a fresh database; an
+empty file (0 bytes) is an empty database to SQLite, and starts anew with a warning naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from aether import sqlite
+from aether.excerpt import excerpt
 
 KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 WORD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
@@ -91,19 +93,19 @@ def _iso(ts: float) -> str:
 
 def check_key(key: str) -> str:
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
-        raise RegistryError(f"invalid key {key!r}: lower-case letters, digits and '-', 1-63 characters, not starting with '-'")
+        raise RegistryError(f"invalid key {excerpt(key)}: lower-case letters, digits and '-', 1-63 characters, not starting with '-'")
     if key.isdigit():
-        raise RegistryError(f"invalid key {key!r}: all digits would clash with {{port}}- preview URLs")
+        raise RegistryError(f"invalid key {excerpt(key)}: all digits would clash with {{port}}- preview URLs")
     return key
 
 
 def check_port(port) -> int:
     try:
         value = int(port)
-    except (TypeError, ValueError):
-        raise RegistryError(f"invalid port {port!r}: a number 1-65535") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e400 is infinite
+        raise RegistryError(f"invalid port {excerpt(port)}: a number 1-65535") from None
     if isinstance(port, bool) or not 1 <= value <= 65535:
-        raise RegistryError(f"invalid port {port!r}: a number 1-65535")
+        raise RegistryError(f"invalid port {excerpt(port)}: a number 1-65535")
     return value
 
 
@@ -111,7 +113,7 @@ def check_word(what: str, value: str | None) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or not WORD_PATTERN.match(value):
-        raise RegistryError(f"invalid {what} {value!r}: one word of letters, digits, '_', '.', '-'")
+        raise RegistryError(f"invalid {what} {excerpt(value)}: one word of letters, digits, '_', '.', '-'")
     return value
 
 

@@ -36,7 +36,7 @@ from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
 from aether.server.dashboard import routes as dashboard_routes
 from aether.server.hub import Hub
-from aether.server.listener import SharedListener
+from aether.server.listener import SharedListener, answered
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.protocol import Message, ProtocolError, encode
@@ -61,8 +61,11 @@ HTTP_LIMITS = {
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without the query string: ``?token=`` must never reach a log line."""
+    """Access log without the query string: ``?token=`` must never reach a log line. Tornado
+    calls it as each response completes, so it also marks the connection answered (see
+    ``listener``)."""
     request = handler.request
+    answered(request)
     access.info(
         "request",
         extra={
@@ -102,6 +105,13 @@ class WorkspaceServer:
         self.settings = settings
         self.monitor = monitor
         self.state = StateDir(settings.state_dir)
+        # Before the stores open their files: a directory made by hand or by an older aether
+        # may let others read the token and the agent's history.
+        changed, failed = self.state.tighten()
+        if changed:
+            log.warning("state directory tightened", extra={"path": str(self.state.path), "changed": changed})
+        if failed:
+            log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
         self.metrics = Metrics(self)
         self.visibility = Visibility(settings.preview_public_ports)
@@ -217,6 +227,8 @@ async def serve(settings: Settings) -> int:
         lambda host: previews.gate.preview_host(host) is not None,
         settings.max_connections,
         lambda: len(previews.connections),
+        settings.max_unauthenticated_per_address,
+        previews.gate.is_trusted if settings.trusted_proxies else None,
     )
     try:
         listener.listen(settings.port, settings.host)

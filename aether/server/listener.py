@@ -10,6 +10,15 @@ its own origin, so a connection keeps its kind; a request that changes kind on t
 The connection cap counts everything: connections being classified, the proxy's, and every
 stream handed to Tornado until it closes, upgraded WebSockets included (Tornado's own count
 forgets those, and counts an upgrading one twice for a moment).
+
+A second cap holds each client address to ``per_address`` connections that have not yet shown
+who they are, so one address cannot take every slot with connections that never send a
+request (or never finish one). A connection counts from its accept until the first response
+on it is complete (:func:`answered`: a WebSocket's 101 comes after its token was checked), or,
+for a preview host, until its first request head is whole: the proxy then answers it or
+forwards it at once (a public port's preview takes no credentials, so there is nothing else to
+wait for). An IPv6 client is counted by its /64, which one host is usually given whole; the
+trusted TLS fronts (``exempt``) carry every browser's connections and are not counted.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import tornado.httpserver
 import tornado.iostream
@@ -27,9 +36,53 @@ log = logging.getLogger("aether.server")
 
 #: A first request head longer than this goes to Tornado, which refuses it.
 MAX_PEEK_BYTES = 64 << 10
-#: Time allowed for the first request's Host line to arrive.
+#: Time allowed for the first request's Host line (a preview's whole head) to arrive.
 CLASSIFY_TIMEOUT = 10.0
 _UPPER = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def address_key(ip: str) -> Union[str, bytes]:
+    """What the per-address cap counts ``ip`` under: an IPv4 address (IPv4-mapped ones too),
+    or the first 64 bits of an IPv6 one."""
+    if ":" not in ip:
+        return ip
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])[:8]
+    except OSError:
+        return ip
+
+
+def head_complete(data: bytes) -> bool:
+    """Whether the request head at the start of ``data`` has ended (or is past the peek)."""
+    return b"\n\r\n" in data or b"\n\n" in data or len(data) >= MAX_PEEK_BYTES
+
+
+def answered(request) -> None:
+    """A response to ``request`` is complete: its connection stops counting as unauthenticated."""
+    stream = getattr(request.connection, "stream", None)
+    if isinstance(stream, _CountedStream):
+        stream.answered()
+
+
+class _Unauthenticated:
+    """One connection's place in its address's count of unauthenticated ones, given back once."""
+
+    __slots__ = ("counts", "key")
+
+    def __init__(self, counts: dict, key):
+        self.counts = counts
+        self.key = key
+
+    def release(self) -> None:
+        key, self.key = self.key, None
+        if key is not None:
+            left = self.counts[key] - 1
+            if left:
+                self.counts[key] = left
+            else:
+                del self.counts[key]
 
 
 def first_host(data: bytes) -> tuple[bool, Optional[bytes]]:
@@ -56,13 +109,16 @@ def first_host(data: bytes) -> tuple[bool, Optional[bytes]]:
 
 
 class _CountedStream(tornado.iostream.IOStream):
-    """An IOStream that tells the listener when it closes, however that happens."""
+    """An IOStream that tells the listener when it closes, however that happens, and gives its
+    place among its address's unauthenticated connections back on its first answer."""
 
-    def __init__(self, sock: socket.socket, on_close: Callable[[], None]):
+    def __init__(self, sock: socket.socket, on_close: Callable[[], None], pending: _Unauthenticated):
         super().__init__(sock)
         self._on_close: Optional[Callable[[], None]] = on_close
+        self.answered = pending.release
 
     def close(self, exc_info=False) -> None:
+        self.answered()
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close()
@@ -79,17 +135,24 @@ class SharedListener:
         is_preview: Callable[[bytes], bool],
         limit: int,
         preview_connections: Callable[[], int],
+        per_address: int = 0,
+        exempt: Optional[Callable[[str], bool]] = None,
     ):
         self.http = http
         self.preview_factory = preview_factory
         self.is_preview = is_preview
         self.limit = limit
         self.preview_connections = preview_connections
+        self.per_address = per_address  # 0: no cap
+        self.exempt = exempt
+        #: address key -> connections from it not yet authenticated (see the module docstring)
+        self.unauthenticated: dict = {}
+        self._refusals = (0.0, 0)  # (when one was last logged, refused since)
         self.api_streams = 0
         self.loop = asyncio.get_running_loop()
         self._sockets: list[socket.socket] = []
         self._stop_accepting: list[Callable[[], None]] = []
-        self._classifying: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._classifying: dict[socket.socket, tuple[asyncio.TimerHandle, _Unauthenticated]] = {}
         self._handovers: set[asyncio.Task] = set()
 
     def listen(self, port: int, host: str) -> None:
@@ -115,15 +178,46 @@ class SharedListener:
         if self.connections() >= self.limit:
             conn.close()
             return
+        pending = self._count(address[0])
+        if pending is None:
+            conn.close()
+            return
         conn.setblocking(False)
         deadline = self.loop.call_later(CLASSIFY_TIMEOUT, self._drop, conn)
-        self._classifying[conn] = deadline
+        self._classifying[conn] = (deadline, pending)
         self.loop.add_reader(conn.fileno(), self._classify, conn, address, 0)
 
+    def _count(self, ip: str) -> Optional[_Unauthenticated]:
+        """The new connection's place in its address's count; None when that is full."""
+        if not self.per_address or (self.exempt is not None and self.exempt(ip)):
+            return _Unauthenticated(self.unauthenticated, None)
+        key = address_key(ip)
+        held = self.unauthenticated.get(key, 0)
+        if held >= self.per_address:
+            self._refused(ip)
+            return None
+        self.unauthenticated[key] = held + 1
+        return _Unauthenticated(self.unauthenticated, key)
+
+    def _refused(self, ip: str) -> None:
+        # One line a second at most: the refusals are what a flood is made of.
+        last, since = self._refusals
+        now = self.loop.time()
+        if now - last < 1.0:
+            self._refusals = (last, since + 1)
+            return
+        self._refusals = (now, 0)
+        log.warning(
+            "connection refused: too many unauthenticated from one address",
+            extra={"client": ip, "cap": self.per_address, "suppressed": since},
+        )
+
     def _drop(self, conn: socket.socket) -> None:
-        handle = self._classifying.pop(conn, None)
-        if handle is not None:
+        held = self._classifying.pop(conn, None)
+        if held is not None:
+            handle, pending = held
             handle.cancel()
+            pending.release()
             try:
                 self.loop.remove_reader(conn.fileno())
             except (ValueError, OSError):
@@ -142,20 +236,23 @@ class SharedListener:
             self._drop(conn)
             return
         decided, host = first_host(data)
+        preview = decided and host is not None and self.is_preview(host)
         self.loop.remove_reader(conn.fileno())
-        if not decided:
+        if not decided or (preview and not head_complete(data)):
             # Peeked bytes stay readable, so the socket would wake us at once: look again a
             # little later. Heads nearly always arrive whole, so this path is rare.
             self.loop.call_later(min(0.001 * 2**attempt, 0.1), self._reclassify, conn, address, attempt + 1)
             return
-        self._classifying.pop(conn).cancel()
-        if host is not None and self.is_preview(host):
+        handle, pending = self._classifying.pop(conn)
+        handle.cancel()
+        if preview:
+            pending.release()
             task = self.loop.create_task(self._to_preview(conn))
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
         else:
             self.api_streams += 1
-            self.http.handle_stream(_CountedStream(conn, self._api_stream_closed), address)
+            self.http.handle_stream(_CountedStream(conn, self._api_stream_closed, pending), address)
 
     def _api_stream_closed(self) -> None:
         self.api_streams -= 1

@@ -18,6 +18,10 @@ CHANNELS = ("terminal", "files", "agent", "ports", "config")
 #: Seed 001's maximum message size, read as 1 MiB; larger frames close the connection (1009).
 MAX_MESSAGE_BYTES = 1 << 20
 _MAX_ID_LENGTH = 256
+#: Arrays and objects nest at most this deep in a field that takes any shape (``config``; a
+#: field's other checks admit one level, or none). ``config`` needs 2 (``ignoredPorts`` > a
+#: port); Python's own recursion (``repr``, ``json``: ~1,000 frames) is never approached.
+MAX_DEPTH = 32
 
 
 class ProtocolError(Exception):
@@ -63,8 +67,24 @@ def _visibility(value: Any) -> bool:
     return value in ("private", "public")
 
 
+def depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (0 for a scalar); a walk, not recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
+
+
 def _object(value: Any) -> bool:
-    return isinstance(value, dict)
+    # ujson reads 1,024 levels; a handler that walked or rendered them would recurse past
+    # Python's limit. Fields not in a schema are never read, so they are not walked.
+    return isinstance(value, dict) and depth(value) <= MAX_DEPTH
 
 
 #: Lone surrogates: JSON lets ``"\ud800"`` through, UTF-8 cannot hold it. A scan, not an
@@ -136,12 +156,13 @@ _ENCODING: _Field = (_encoding, '"utf-8" or "base64"')
 _CONVERSATION = _SESSION
 
 #: (channel, type) -> {field: (check, what the field must be)}. A field whose name ends in
-#: ``?`` is optional (the check applies when it is present); fields not listed are ignored.
+#: ``?`` is optional (the check applies when it is present); fields not listed are ignored. A
+#: check that takes arrays or objects of any shape bounds their depth (``MAX_DEPTH``).
 SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("ports", "kill"): {"port": _PORT},
     ("ports", "visibility"): {"port": _PORT, "visibility": (_visibility, '"private" or "public"')},
     ("config", "get"): {},
-    ("config", "set"): {"config": (_object, "an object of keys to new values")},
+    ("config", "set"): {"config": (_object, f"an object of keys to new values, nested at most {MAX_DEPTH} deep")},
     ("config", "registry"): {},
     ("terminal", "create"): {
         "sessionId?": _SESSION,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aether import config
+from aether.excerpt import excerpt
 from aether.preview import visibility
 from aether.server.state import StateDir, default_state_dir
 
@@ -37,6 +38,7 @@ class Settings:
     max_message_bytes: int
     send_buffer_bytes: int
     max_connections: int
+    max_unauthenticated_per_address: int
     kill_grace: float
     preview_timeout: float
     preview_upstream_host: str
@@ -97,6 +99,12 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
     "send_buffer_bytes": (int, 256 << 10),
     "max_connections": (int, 10000),
+    # Connections one client address may hold before the first answer on them (0: no cap). A
+    # browser opens at most 6 per host, and each preview is its own host: the dashboard and
+    # ten previews restored at once, each with its 6, is ~66 before one is answered; 128
+    # leaves as much again for tools beside it (curl loops, wscat, a test runner). One address
+    # then holds at most 128 of the 10,000 connections.
+    "max_unauthenticated_per_address": (int, 128),
     "kill_grace": (float, 5.0),
     # Without a byte either way for this long, a proxied request ends (504 before the response).
     "preview_timeout": (float, 60.0),
@@ -219,7 +227,7 @@ def _pick(name: str, kind: type, args: argparse.Namespace, file: dict) -> Option
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a {getattr(kind, 'what', kind.__name__)}, not {raw!r}") from None
+        raise ValueError(f"{source} must be a {getattr(kind, 'what', kind.__name__)}, not {excerpt(raw)}") from None
 
 
 def _flatten_agent(file: dict, path: Path) -> dict:
@@ -267,6 +275,8 @@ def resolve(args: argparse.Namespace) -> Settings:
             raise ValueError(f"{flag} / AETHER_{name.upper()} must be positive, not {values[name]}")
     if values["max_connections"] < 1:
         raise ValueError("--max-connections / AETHER_MAX_CONNECTIONS must be at least 1")
+    if values["max_unauthenticated_per_address"] < 0:
+        raise ValueError("--max-unauthenticated-per-address / AETHER_MAX_UNAUTHENTICATED_PER_ADDRESS must be 0 (no cap) or more")
     if not values["preview_timeout"] > 0:
         raise ValueError("--preview-timeout / AETHER_PREVIEW_TIMEOUT must be positive")
     if values["preview_upstream_host"] not in ("localhost", "original"):

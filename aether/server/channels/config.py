@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from aether.excerpt import excerpt
 from aether.server.protocol import Message, ProtocolError, reply
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def validate_ignored_ports(value: Any) -> tuple[int, ...]:
         raise ValueError(f"ignoredPorts holds at most {_MAX_IGNORED} ports")
     for port in value:
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ValueError(f"ignoredPorts: not a port number (1-65535): {port!r}")
+            raise ValueError(f"ignoredPorts: not a port number (1-65535): {excerpt(port)}")
     return tuple(sorted(set(value)))
 
 
