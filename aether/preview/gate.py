@@ -23,7 +23,6 @@ import hmac
 import ipaddress
 import re
 import secrets
-import time
 from typing import TYPE_CHECKING, Callable, Collection, Optional, Union
 from urllib.parse import unquote_to_bytes
 
