@@ -177,12 +177,12 @@ def test_exit_watch_tells_each_exit_once_with_the_start_time():
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()  # reaped: its pid names nothing
         try:
-            watch.watch([living.pid, zombie.pid, gone.pid])
+            watch.track({living.pid, zombie.pid, gone.pid})
             await until(lambda: told)
             # Exited before it was watched: told at once, with no start time (it may be another's).
             assert told == [{zombie.pid: None, gone.pid: None}]
             assert living.pid in watch
-            watch.watch([living.pid])  # watched already: nothing new
+            watch.track({living.pid})  # watched already: nothing new
             started = procs.start_time(living.pid)
             living.stdin.close()
             await until(lambda: len(told) == 2)
@@ -208,3 +208,28 @@ def test_younger_processes_include_a_child_and_not_init():
     finally:
         child.stdin.close()
         child.wait()
+
+
+def test_exit_watch_lets_go_of_a_process_that_owns_nothing_after_a_grace(monkeypatch):
+    """Not at once (a server that listens and closes again and again keeps its pidfd), but
+    soon: its exit, whenever it comes, must not wake the loop."""
+    from aether.ports import exits
+
+    monkeypatch.setattr(exits, "IDLE_GRACE", 0.2)
+
+    async def main():
+        watch = exits.ExitWatch(asyncio.get_running_loop(), lambda exited: None)
+        me = os.getpid()
+        try:
+            watch.track({me})
+            watch.track(set())  # it closed its port
+            assert me in watch and me in pidfd_targets()
+            watch.track({me})  # and listened again: still the one pidfd
+            assert pidfd_targets().count(me) == 1
+            watch.track(set())
+            await until(lambda: me not in watch, timeout=2)
+            assert me not in pidfd_targets()
+        finally:
+            watch.close()
+
+    asyncio.run(main())

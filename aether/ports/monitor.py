@@ -392,7 +392,7 @@ class PortMonitor:
             return
         pids = self.table.pids()
         self._gone &= pids
-        self._exits.watch(pids - self._gone, keep=pids)
+        self._exits.track(pids - self._gone)
 
     def _on_exits(self, exited: Exited) -> None:
         """Owners exited: their sockets that live on (shared with a child) get the owner
