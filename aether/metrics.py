@@ -104,8 +104,9 @@ class _Collector:
             "version": __version__, "python": platform.python_version(), "backend": monitor.backend or "none"})
 
         yield _gauge("aether_ports_open", "TCP ports listening now, ignored ports left out.", len(monitor.table))
-        events = CounterMetricFamily("aether_port_events", "Port open and close events, by how they were seen "
-                                     "(ebpf: a probe record; sockdiag: a snapshot; config: ignored ports changed).",
+        events = CounterMetricFamily("aether_port_events", "Port open, update and close events, by how they were seen "
+                                     "(ebpf: a probe record; sockdiag: a snapshot; config: ignored ports changed; "
+                                     "pidfd: a recorded owner exited).",
                                      labels=("type", "backend"))
         for (kind, backend), count in sorted(m.port_events.items()):
             events.add_metric((kind, backend), count)

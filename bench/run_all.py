@@ -19,6 +19,7 @@ BENCHES = [
     ["bench/idle.py", "--seconds", "60"],
     ["bench/snapshot.py", "--listeners", "10000", "--connections", "20000"],
     ["bench/server.py", "--cycles", "500", "--clients", "1000", "--rounds", "20"],
+    ["bench/daemonize.py", "--cycles", "50"],
     ["bench/preview.py", "--seconds", "5", "--rounds", "3", "--trips", "2000", "--opens", "20"],
     ["bench/registry.py", "--runs", "30", "--entries", "1000"],
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],

@@ -56,7 +56,8 @@ for line in sys.stdin:  # one round per line: report when every client got its f
 """
 
 
-def start_server(backend="ebpf", *args):
+def start_server(backend="ebpf", *args, tree=ROOT):
+    """`aether serve` of the checkout at ``tree``: (process, port, token)."""
     state = tempfile.mkdtemp(prefix="aether-bench-")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +65,7 @@ def start_server(backend="ebpf", *args):
     proc = subprocess.Popen(
         [PY, "-m", "aether", "serve", "--port", str(port), "--state-dir", state, "--workspace-id", "bench",
          "--backend", backend, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tree,
     )
     for raw in proc.stderr:
         if '"serving"' in raw:

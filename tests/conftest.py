@@ -89,6 +89,40 @@ def terminate(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+#: ``python -c`` code for ``.format(port=N)``: listens on 127.0.0.1:N, forks a child that holds
+#: the socket (for a minute), prints the child's pid, and exits once its stdin closes: a
+#: daemonizing server's parent, exiting on cue.
+FORKING_OWNER = """
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+pid = os.fork()
+if pid == 0:
+    time.sleep(60); os._exit(0)
+print(pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def stop_daemon(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM a process that is not our child (nginx's fast shutdown: after a SIGKILL its
+    workers would wait out open connections), and wait for its exit through a pidfd."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        if not select.select([fd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], timeout)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class Watcher:
     """`aether ports watch` in a subprocess; its JSON lines collected by a thread."""
 
@@ -187,6 +221,7 @@ class Listeners:
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.procs: list[subprocess.Popen] = []
+        self.daemons: list[int] = []  # pids of processes that are not our children
 
     def spawn(self, cmd: list[str], ready_port: int | None = None, **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)
@@ -214,15 +249,18 @@ class Listeners:
         code = f"require('http').createServer((q, s) => s.end('ok')).listen({port}, '127.0.0.1')"
         return self.spawn([node, "-e", code], port)
 
-    def nginx(self, port: int) -> subprocess.Popen:
+    def nginx(self, port: int, daemon: bool = False):
+        """nginx (a master, two workers) on 127.0.0.1 and [::1]; its Popen. With ``daemon``,
+        in nginx's default mode instead: the process started listens, forks the master and
+        exits; the master's pid (from nginx's pid file) once it has settled."""
         nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
         if not nginx:
             pytest.fail("nginx is not installed (deploy/setup.sh installs it)")
-        conf = self.tmp / "nginx.conf"
+        conf, pid_file = self.tmp / f"nginx-{port}.conf", self.tmp / f"nginx-{port}.pid"
         conf.write_text(
             f"""
-daemon off; master_process on; worker_processes 2; user root;
-pid {self.tmp}/nginx.pid; error_log stderr error;
+{"" if daemon else "daemon off;"} master_process on; worker_processes 2; user root;
+pid {pid_file}; error_log stderr error;
 events {{ worker_connections 64; }}
 http {{
   access_log off;
@@ -232,13 +270,21 @@ http {{
 }}
 """
         )
-        return self.spawn([nginx, "-c", str(conf), "-p", str(self.tmp)], port)
+        if not daemon:
+            return self.spawn([nginx, "-c", str(conf), "-p", str(self.tmp)], port)
+        subprocess.run([nginx, "-c", str(conf), "-p", str(self.tmp)], check=True, timeout=20)
+        # The master writes its pid file after the parent has exited.
+        master = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10))
+        self.daemons.append(master)
+        return master
 
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+        for pid in self.daemons:
+            stop_daemon(pid)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -23,6 +25,20 @@ from conftest import ROOT, Server, free_port, proc_comm
 
 ARTIFACTS = ROOT / "test-artifacts"
 PROJECT = "b0a4d45e"
+
+#: Listens on 127.0.0.1, then (a line in) on ::1 too and forks a child that holds both and
+#: prints its pid; (stdin closed) exits, as a daemonizing server's parent does.
+DAEMONIZING = """
+import os, socket, sys, time
+v4 = socket.socket(); v4.bind(("127.0.0.1", {port})); v4.listen()
+sys.stdin.readline()
+v6 = socket.socket(socket.AF_INET6); v6.bind(("::1", {port})); v6.listen()
+pid = os.fork()
+if pid == 0:
+    time.sleep(60); os._exit(0)
+print(pid, flush=True)
+sys.stdin.readline()
+"""
 
 
 @pytest.fixture
@@ -182,6 +198,25 @@ def test_dashboard_in_chromium(driver, tmp_path):
         wait(driver, lambda d: row(d, port) is None, what="the killed port's row to go")
         wait(driver, lambda d: "not listening" in d.find_element(By.CSS_SELECTOR, '#registry tr[data-key="site"]').text,
              what="the registry entry to say not listening")
+
+        # A server that daemonizes: its row follows the `update`s in place, without a reload:
+        # the second address, then the child that holds the sockets once the parent exits.
+        forker_port = free_port()
+        forker = subprocess.Popen([sys.executable, "-c", DAEMONIZING.format(port=forker_port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(forker)
+        wait(driver, lambda d: cells(d, forker_port)[2:4] == [str(forker.pid), "127.0.0.1"], what="the forker's row")
+        shown = row(driver, forker_port)
+        forker.stdin.write(b"\n")
+        forker.stdin.flush()
+        child = int(forker.stdout.readline())
+        wait(driver, lambda d: cells(d, forker_port)[3] == "127.0.0.1, ::1", what="the row's second address")
+        forker.stdin.close()  # the parent exits; the child holds both sockets
+        try:
+            wait(driver, lambda d: cells(d, forker_port)[1:3] == [proc_comm(child), str(child)], what="the row's new owner")
+            assert row(driver, forker_port) == shown
+        finally:
+            os.kill(child, 9)
 
         # More samples of the open-to-row latency, and of close-to-row-gone.
         gone = []

@@ -1,4 +1,5 @@
-"""PortMonitor in-process: subscribers, wait_closed, ignored-port changes, living holders."""
+"""PortMonitor in-process: subscribers, wait_closed, ignored-port changes, living holders, and
+`update` when an open port's addresses or owner change."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from aether.ports.monitor import PortMonitor
-from conftest import free_port
+from conftest import FORKING_OWNER, free_port, proc_comm
 
 
 async def until(predicate, timeout=5.0):
@@ -86,27 +87,149 @@ def test_changing_ignored_ports_closes_and_reopens(backend):
     run(backend, scenario)
 
 
-def test_ports_names_a_living_holder_after_the_owner_exits(backend):
-    async def scenario(monitor):
-        port = free_port()
-        code = f"""
-import os, socket, sys, time
-s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
-pid = os.fork()
-if pid == 0:
-    time.sleep(30); os._exit(0)
-print(pid, flush=True)
-"""
-        owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-        child = int(owner.stdout.readline())
+def pidfd_targets() -> list[int]:
+    """The pids this process holds a pidfd of (-1 for a process gone)."""
+    pids = []
+    for fd in os.listdir("/proc/self/fd"):
         try:
-            await until(lambda: port in monitor.table)
-            owner.wait()
-            state = next(s for s in monitor.ports() if s.port == port)
-            assert state.pid == child
-            assert [e.pid for e in monitor.open_events() if e.port == port] == [child]
-        finally:
-            os.kill(child, 9)
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[pidfd]":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                pids += [int(line.split()[1]) for line in info if line.startswith("Pid:")]
+        except OSError:
+            pass
+    return pids
+
+
+def test_another_address_and_its_going_are_updates(backend):
+    async def scenario(monitor):
+        seen = []
+        monitor.subscribe(seen.append)
+        port = free_port()
+        v4 = listening(port)
+        await until(lambda: any(e.port == port for e in seen))
+        v6 = socket.socket(socket.AF_INET6)
+        v6.bind(("::1", port))
+        v6.listen()
+        await until(lambda: [e.type for e in seen if e.port == port][-1] == "update")
+        v4.close()
+        await until(lambda: [e.addresses for e in seen if e.port == port][-1] == ("::1",))
+        v6.close()
         assert await monitor.wait_closed(port, 5)
+        name = open("/proc/self/comm").read().strip()
+        mine = [(e.type, e.pid, e.process, e.addresses) for e in seen if e.port == port]
+        assert mine == [
+            ("open", os.getpid(), name, ("127.0.0.1",)),
+            ("update", os.getpid(), name, ("127.0.0.1", "::1")),
+            ("update", os.getpid(), name, ("::1",)),
+            ("close", None, None, ()),
+        ]
 
     run(backend, scenario)
+
+
+def test_owner_exiting_while_a_child_holds_the_socket_is_an_update(backend):
+    """A daemonizing server: listen(), fork(), the parent exits. The probe sees no transition;
+    the parent's pidfd says it exited, and the port passes to the child at once."""
+
+    async def scenario(monitor):
+        seen = []
+        monitor.subscribe(seen.append)
+        port = free_port()
+        code = FORKING_OWNER.format(port=port)
+        owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        child = int(owner.stdout.readline())
+        try:
+            await until(lambda: any(e.port == port for e in seen))
+            assert [(e.type, e.pid) for e in seen if e.port == port] == [("open", owner.pid)]
+            await until(lambda: owner.pid in pidfd_targets())  # the owner is watched
+            owner.stdin.close()  # the parent exits
+            await until(lambda: [e.type for e in seen if e.port == port][-1] == "update")
+            update = [e for e in seen if e.port == port][-1]
+            assert (update.pid, update.process, update.addresses) == (child, proc_comm(child), ("127.0.0.1",))
+            assert update.backend == "pidfd"
+            assert [e.pid for e in monitor.open_events() if e.port == port] == [child]
+            assert next(s for s in monitor.ports() if s.port == port).pid == child
+            await until(lambda: child in pidfd_targets())  # the heir is watched now
+            assert owner.pid not in pidfd_targets() and -1 not in pidfd_targets()
+        finally:
+            os.kill(child, 9)
+            owner.kill()
+            owner.wait()
+        assert await monitor.wait_closed(port, 5)
+        await until(lambda: child not in pidfd_targets())
+        assert [e.type for e in seen if e.port == port] == ["open", "update", "close"]
+
+    run(backend, scenario)
+
+
+def test_exit_watch_tells_each_exit_once_with_the_start_time():
+    from aether.ports import procs
+    from aether.ports.exits import ExitWatch
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        told = []
+        watch = ExitWatch(loop, told.append)
+        living = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE)
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        await until(lambda: procs.is_alive(zombie.pid) is False)  # exited, not reaped
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()  # reaped: its pid names nothing
+        try:
+            watch.track({living.pid, zombie.pid, gone.pid})
+            await until(lambda: told)
+            # Exited before it was watched: told at once, with no start time (it may be another's).
+            assert told == [{zombie.pid: None, gone.pid: None}]
+            assert living.pid in watch
+            watch.track({living.pid})  # watched already: nothing new
+            started = procs.start_time(living.pid)
+            living.stdin.close()
+            await until(lambda: len(told) == 2)
+            assert told[1] == {living.pid: started}
+            assert living.pid not in watch and living.pid not in pidfd_targets()
+        finally:
+            for proc in (living, zombie):
+                proc.kill()
+                proc.wait()
+            watch.close()
+
+    asyncio.run(main())
+
+
+def test_younger_processes_include_a_child_and_not_init():
+    from aether.ports import procs
+
+    since = procs.start_time(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE)
+    try:
+        younger = procs.younger(since)
+        assert child.pid in younger and os.getpid() in younger and 1 not in younger
+    finally:
+        child.stdin.close()
+        child.wait()
+
+
+def test_exit_watch_lets_go_of_a_process_that_owns_nothing_after_a_grace(monkeypatch):
+    """Not at once (a server that listens and closes again and again keeps its pidfd), but
+    soon: its exit, whenever it comes, must not wake the loop."""
+    from aether.ports import exits
+
+    monkeypatch.setattr(exits, "IDLE_GRACE", 0.2)
+
+    async def main():
+        watch = exits.ExitWatch(asyncio.get_running_loop(), lambda exited: None)
+        me = os.getpid()
+        try:
+            watch.track({me})
+            watch.track(set())  # it closed its port
+            assert me in watch and me in pidfd_targets()
+            watch.track({me})  # and listened again: still the one pidfd
+            assert pidfd_targets().count(me) == 1
+            watch.track(set())
+            await until(lambda: me not in watch, timeout=2)
+            assert me not in pidfd_targets()
+        finally:
+            watch.close()
+
+    asyncio.run(main())

@@ -17,17 +17,19 @@ from conftest import ROOT, free_port, proc_comm, raw_upgrade, recv_json, recv_un
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
 
-def opens(ws, settle: float = 0.3) -> dict[int, dict]:
-    """The initial open messages, by port."""
-    seen = {}
-    deadline = time.monotonic() + settle
-    while (remaining := deadline - time.monotonic()) > 0:
-        try:
-            msg = recv_json(ws, remaining)
-        except TimeoutError:
-            break
+def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
+    """The initial open messages, by port. The server sends them on connect, before it reads
+    anything: the answer to a request sent now ends them (no waiting for a quiet moment).
+    Then, for the ports in ``expect`` (listening, but perhaps not seen yet: the sock_diag
+    backend finds a port with its next snapshot), the live opens until each has come."""
+    ws.send(json.dumps({"channel": "config", "type": "get", "id": "opens-end"}))
+    seen, ended = {}, False
+    deadline = time.monotonic() + timeout
+    while not ended or not set(expect) <= seen.keys():
+        msg = recv_json(ws, max(0.0, deadline - time.monotonic()))
         if msg["channel"] == "ports" and msg["type"] == "open":
             seen[msg["port"]] = msg
+        ended = ended or msg.get("id") == "opens-end"
     return seen
 
 
@@ -160,7 +162,7 @@ def test_kill_python_and_node_servers(serve, listeners):
     http = listeners.http_server(http_port)
     node = listeners.node(node_port)
     with server.connect() as ws:
-        opens(ws)
+        opens(ws, expect=(http_port, node_port))
         for port, proc in ((http_port, http), (node_port, node)):
             ws.send(json.dumps({"channel": "ports", "type": "kill", "port": port, "id": f"k{port}"}))
             assert recv_until(ws, lambda m: m.get("port") == port) == {"channel": "ports", "type": "close", "port": port}
@@ -189,7 +191,7 @@ def test_config_get_set_changed_and_persisted(serve, listeners):
     port = free_port()
     listeners.http_server(port)
     with server.connect() as a, server.connect("query") as b:
-        assert port in opens(a) and port in opens(b)
+        assert port in opens(a, expect=[port]) and port in opens(b, expect=[port])
         a.send('{"channel": "config", "type": "get", "id": 1}')
         config = recv_until(a, lambda m: m["channel"] == "config")["config"]
         assert config["ignoredPorts"] == [22, 2222, 3001] and config["backend"] in ("ebpf", "sockdiag")

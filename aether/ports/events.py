@@ -7,6 +7,8 @@ from typing import Hashable, Optional
 
 OPEN = "open"
 CLOSE = "close"
+#: An open port's owner, process or address set changed; the event holds the whole new state.
+UPDATE = "update"
 
 #: Key kinds. A socket seen by the eBPF probe is keyed by its kernel address; one seen in a
 #: sock_diag snapshot by its inode. The two cannot be matched to each other (sock_diag does not
@@ -29,15 +31,18 @@ class Listener:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PortEvent:
-    """A port starting (``open``) or stopping (``close``) to listen.
+    """A port starting (``open``) or stopping (``close``) to listen, or an open port whose
+    state changed (``update``: another owner, say once a daemonizing server's parent exits, or
+    a listener on another address); ``open`` and ``update`` carry the port's whole state.
 
     ``to_message`` gives the wire form of seed 000's ``ports`` channel; the fields beyond the
-    seed's (``addresses``) are allowed extras.
+    seed's (``addresses``) and the ``update`` type are allowed extras.
 
     ``seen_ns`` and ``backend`` say when and how the monitor learnt of it (they are not part of
     the event's identity): the probe record's kernel timestamp (``bpf_ktime_get_ns``) and
-    ``ebpf``; the start of the snapshot that found it and ``sockdiag``; or the moment the
-    ignored ports changed and ``config``. ``seen_ns`` is CLOCK_MONOTONIC, ``time.monotonic_ns``.
+    ``ebpf``; the start of the snapshot that found it and ``sockdiag``; the moment the
+    ignored ports changed and ``config``; or, for an ``update`` after a recorded owner exited,
+    the moment its exit was handled and ``pidfd``. ``seen_ns`` is CLOCK_MONOTONIC, ``time.monotonic_ns``.
     """
 
     type: str
@@ -53,7 +58,7 @@ class PortEvent:
             return {"channel": "ports", "type": CLOSE, "port": self.port}
         return {
             "channel": "ports",
-            "type": OPEN,
+            "type": self.type,
             "port": self.port,
             "pid": self.pid,
             "process": self.process,

@@ -12,6 +12,14 @@ Two backends feed one :class:`~aether.ports.table.PortTable`:
     A snapshot every ``interval`` seconds, stretched so that snapshots take at most
     ``cpu_budget`` of a core however many sockets there are.
 
+Both keep each open port's state current, not only its opening: a socket on another address
+is an ``update`` (from the probe's record, or the next snapshot), and so is a new owner. The
+process recorded as a socket's owner can exit while another holds the socket (a daemonizing
+server's parent, after listen() and fork()); the probe sees no transition then, so each
+recorded owner's pidfd is registered with the loop, and when it polls readable (the process
+exited) the holders of its ports' sockets are read again: no polling, and nothing runs while
+no owner exits.
+
 Subscribers are plain callables taking a :class:`~aether.ports.events.PortEvent`; they run
 on the loop's thread, in the order the events happened.
 """
@@ -26,7 +34,8 @@ from typing import Callable, Iterable, Optional
 
 from aether.ports import procs, sockdiag
 from aether.ports.ebpf import Probe, ProbeUnavailable
-from aether.ports.events import CLOSE, OPEN, SKADDR, Listener, PortEvent, PortState
+from aether.ports.exits import Exited, ExitWatch
+from aether.ports.events import CLOSE, INODE, SKADDR, Listener, PortEvent, PortState
 from aether.ports.table import PortTable
 
 log = logging.getLogger("aether.ports")
@@ -70,6 +79,7 @@ class PortMonitor:
         self._owners: dict[int, Optional[int]] = {}  # inode -> pid, for snapshot sockets
         self._resync_pending = False
         self._resync_hints: set[int] = set()
+        self._resync_ports: set[int] = set()  # the ports whose records asked for it, for the log
         self._resync_trust = True
         self._batch_netns: Optional[dict] = None
         self._batch_names: Optional[dict] = None
@@ -80,6 +90,9 @@ class PortMonitor:
         self._poll_handle: Optional[asyncio.TimerHandle] = None
         self._poll_cost: Optional[float] = None  # smoothed CPU seconds of one poll
         self._lost_seen = 0
+        self._exits: Optional[ExitWatch] = None  # the recorded owners' pidfds
+        self._watch_pending = False
+        self._gone: set[int] = set()  # owners whose exit is handled, still recorded (closing)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -87,6 +100,7 @@ class PortMonitor:
         """Choose and start the backend, then take the start-up snapshot."""
         self._loop = asyncio.get_running_loop()
         self._diag = sockdiag.DiagSocket()
+        self._exits = ExitWatch(self._loop, self._on_exits)
         if self.requested_backend in ("auto", "ebpf"):
             try:
                 # A compile (in a helper process, or by bcc in this one for perf buffers) takes
@@ -127,6 +141,9 @@ class PortMonitor:
             if handle is not None:
                 handle.cancel()
         self._poll_handle = self._settle_handle = None
+        if self._exits is not None:
+            self._exits.close()
+            self._exits = None
         if self._diag is not None:
             self._diag.close()
             self._diag = None
@@ -185,7 +202,7 @@ class PortMonitor:
 
     def _publish(self, event: PortEvent, seen_ns: int, backend: str) -> None:
         """Tell every subscriber, the event stamped with when and how it was seen."""
-        if event.type == OPEN:
+        if event.type != CLOSE:
             names = self._batch_names
             if names is None:
                 name = procs.process_name(event.pid)
@@ -222,6 +239,7 @@ class PortMonitor:
             self._schedule_resync("record not applied", trust_probe=False)
         finally:
             self._batch_netns = self._batch_names = None
+        self._schedule_watch()
         lost = self._probe.lost if self._probe else 0
         now = self._loop.time()
         if lost != self._lost_seen:
@@ -250,7 +268,7 @@ class PortMonitor:
         if netns is None:
             netns = self._batch_netns[task] = procs.net_namespace(record.tgid, record.tid)
         if netns is None:
-            self._schedule_resync("listener exited before its namespace was read", delay=0.002)
+            self._schedule_resync("listener exited before its namespace was read", delay=0.002, port=port)
             return
         if netns != self._netns:
             return
@@ -263,7 +281,7 @@ class PortMonitor:
             if event is not None:
                 self._publish(event, record.ts_ns, "ebpf")
         if table.is_uncertain(port):
-            self._schedule_resync("listen on a port known from a snapshot", record.tgid)
+            self._schedule_resync("listen on a port known from a snapshot", record.tgid, port=port)
         event = table.add(Listener(key, port, record.family, record.address, record.tgid))
         if event is not None:
             self._publish(event, record.ts_ns, "ebpf")
@@ -278,17 +296,24 @@ class PortMonitor:
                 del self._orphan_closes[next(iter(self._orphan_closes))]
         if self.table.is_uncertain(record.port) or (not known and record.port in self.table):
             # Either a socket known only by inode closed, or one of another namespace did.
-            self._schedule_resync("close on a port not fully known to the probe")
+            self._schedule_resync("close on a port not fully known to the probe", port=record.port)
 
     def _settle(self) -> None:
         self._settle_handle = None
         self._schedule_resync("settling after lost records", trust_probe=False)
 
     def _schedule_resync(
-        self, reason: str, hint_pid: Optional[int] = None, trust_probe: bool = True, delay: float = 0.0
+        self,
+        reason: str,
+        hint_pid: Optional[int] = None,
+        trust_probe: bool = True,
+        delay: float = 0.0,
+        port: Optional[int] = None,
     ) -> None:
         if hint_pid:
             self._resync_hints.add(hint_pid)
+        if port is not None:
+            self._resync_ports.add(port)
         self._resync_trust = self._resync_trust and trust_probe
         if not self._resync_pending and self._loop is not None:
             self._resync_pending = True
@@ -298,6 +323,7 @@ class PortMonitor:
         """Diff the table against a fresh snapshot and publish what differs."""
         self._resync_pending = False
         hints, self._resync_hints = self._resync_hints, set()
+        ports, self._resync_ports = self._resync_ports, set()
         trust, self._resync_trust = self._resync_trust, True
         if self._diag is None:
             return
@@ -316,9 +342,13 @@ class PortMonitor:
         self.stats["polls" if reason == "poll" else "resyncs"] += 1
         self.stats["snapshot_ms"] = (time.perf_counter() - started) * 1000
         if self.backend == "ebpf" or events:
-            log.debug("resync", extra={"reason": reason, "events": len(events), "sockets": len(raw)})
+            extra = {"reason": reason, "events": len(events), "sockets": len(raw)}
+            if ports:
+                extra["ports"] = sorted(ports)[:16]  # bounded: a burst can name thousands
+            log.debug("resync", extra=extra)
         for event in events:
             self._publish(event, seen_ns, "sockdiag")
+        self._schedule_watch()
 
     def _poll(self) -> None:
         started = time.process_time()
@@ -346,3 +376,62 @@ class PortMonitor:
         if self._diag is None:
             return None
         return procs.owner(procs.port_holders(self._diag.raw(), [port]).get(port, []))
+
+    # -- owners' exits ------------------------------------------------------------------
+
+    def _schedule_watch(self) -> None:
+        # After the current batch, not inside it: an event is never held back by pidfd
+        # bookkeeping, and a burst from one process costs one look at the table's owners.
+        if not self._watch_pending and self._loop is not None:
+            self._watch_pending = True
+            self._loop.call_soon(self._sync_watches)
+
+    def _sync_watches(self) -> None:
+        """Watch every owner the table records, but those whose exit is handled already."""
+        self._watch_pending = False
+        if self._exits is None:
+            return
+        pids = self.table.pids()
+        self._gone &= pids
+        self._exits.track(pids - self._gone)
+
+    def _on_exits(self, exited: Exited) -> None:
+        """Owners exited: their sockets that live on (shared with a child) get the owner
+        among their living holders, and their ports an ``update``. A socket that closed with
+        its owner is left to its close record or the next snapshot."""
+        dead = exited.keys()
+        self._gone |= dead
+        for inode in [inode for inode, pid in self._owners.items() if pid in dead]:
+            del self._owners[inode]  # unknown again; found below if its port is open
+        ports = self.table.ports_of(dead)
+        if not ports or self._diag is None:
+            return
+        self._schedule_watch()  # to watch the heirs
+        seen_ns = time.monotonic_ns()
+        raw = [row for row in self._diag.raw() if row[1] in ports]
+        since = None if None in exited.values() else min(exited.values())
+        holders = procs.inherited_holders({row[3] for row in raw}, since)
+        living = {inode: [pid for pid in pids if procs.is_alive(pid)] for inode, pids in holders.items()}
+        by_port: dict[int, set[int]] = {}
+        for _family, port, _address, inode in raw:
+            by_port.setdefault(port, set()).update(living.get(inode, ()))
+        for port in sorted(by_port):
+            listeners = self.table.listeners(port)
+            # As open_events names it: another recorded owner still alive, else the owner
+            # among the port's living holders.
+            heir = next((l.pid for l in listeners if l.pid not in dead and procs.is_alive(l.pid)), None)
+            heir = heir or procs.owner(by_port[port])
+            pids = {}
+            for listener in listeners:
+                if listener.pid not in dead:
+                    continue
+                if listener.key[0] == INODE:
+                    # A snapshot's socket: its own holders decide, as the next snapshot will.
+                    pid = self._owners[listener.inode] = procs.owner(living.get(listener.inode, ())) or heir
+                else:
+                    pid = heir
+                pids[listener.key] = pid
+            event = self.table.set_pids(port, pids)
+            if event is not None:
+                self._publish(event, seen_ns, "pidfd")
+        log.debug("owners exited", extra={"pids": sorted(dead), "ports": len(ports)})

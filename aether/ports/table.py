@@ -1,15 +1,20 @@
-"""The port table: listening sockets in, port ``open``/``close`` out.
+"""The port table: listening sockets in, port ``open``/``update``/``close`` out.
 
 A port is open from the moment its first listening socket appears until its last one goes,
 so IPv4 and IPv6 listeners, SO_REUSEPORT groups and sockets shared by forked workers are one
-port. The table is pure bookkeeping: no I/O, no clock, so it can be tested exhaustively.
+port. While it is open, a change of its state (its owner: the first socket's pid; its set of
+bound addresses) is an ``update``. The table is pure bookkeeping: no I/O, no clock, so it can
+be tested exhaustively.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Hashable, Iterable, Optional
 
-from aether.ports.events import CLOSE, INODE, OPEN, SKADDR, Listener, PortEvent
+from aether.ports.events import CLOSE, INODE, OPEN, SKADDR, UPDATE, Listener, PortEvent
+
+State = tuple[Optional[int], tuple[str, ...]]  # (pid, addresses)
 
 
 class PortTable:
@@ -19,6 +24,10 @@ class PortTable:
         self._ignored = frozenset(ignored)
         self._sockets: dict[Hashable, Listener] = {}
         self._ports: dict[int, dict[Hashable, Listener]] = {}
+        self._by_pid: dict[int, set[Hashable]] = {}  # recorded pid -> its sockets' keys
+        # port -> bound address -> sockets on it: a port's state costs its few distinct
+        # addresses, not its sockets (an SO_REUSEPORT group can be hundreds).
+        self._addresses: dict[int, dict[str, int]] = {}
 
     @property
     def ignored(self) -> frozenset[int]:
@@ -36,6 +45,14 @@ class PortTable:
     def listeners(self, port: int) -> list[Listener]:
         return list(self._ports.get(port, {}).values())
 
+    def pids(self) -> set[int]:
+        """Every pid recorded as a socket's owner."""
+        return set(self._by_pid)
+
+    def ports_of(self, pids: Iterable[int]) -> set[int]:
+        """The ports with a socket recorded as owned by one of ``pids``."""
+        return {self._sockets[key].port for pid in pids for key in self._by_pid.get(pid, ())}
+
     def is_uncertain(self, port: int) -> bool:
         """True when some of the port's sockets came from a snapshot, not from the probe.
 
@@ -45,36 +62,51 @@ class PortTable:
         return any(key[0] == INODE for key in self._ports.get(port, ()))
 
     def add(self, listener: Listener) -> Optional[PortEvent]:
-        """Record a listening socket; an ``open`` event when it is its port's first."""
+        """Record a listening socket: ``open`` when it is its port's first, ``update`` when it
+        changes the open port's state (a new address)."""
         if listener.port in self._ignored or listener.key in self._sockets:
             return None
-        self._sockets[listener.key] = listener
-        group = self._ports.setdefault(listener.port, {})
-        group[listener.key] = listener
-        if len(group) == 1:
-            return _open_event(listener.port, group)
-        return None
+        if listener.port not in self._ports:
+            self._put(listener)
+            return self._event(OPEN, listener.port)
+        before = self._state(listener.port)
+        self._put(listener)
+        return self._changed(listener.port, before)
 
     def remove(self, key: Hashable) -> tuple[bool, Optional[PortEvent]]:
-        """Forget a socket: (whether it was known, a ``close`` event if its port emptied)."""
-        listener = self._sockets.pop(key, None)
+        """Forget a socket: (whether it was known, ``close`` if its port emptied, ``update`` if
+        the port stays open in another state)."""
+        listener = self._sockets.get(key)
         if listener is None:
             return False, None
-        group = self._ports[listener.port]
-        del group[key]
-        if group:
-            return True, None
-        del self._ports[listener.port]
-        return True, PortEvent(CLOSE, listener.port)
+        before = self._state(listener.port)
+        self._drop(key)
+        if listener.port not in self._ports:
+            return True, PortEvent(CLOSE, listener.port)
+        return True, self._changed(listener.port, before)
+
+    def set_pids(self, port: int, pids: dict[Hashable, Optional[int]]) -> Optional[PortEvent]:
+        """Give the port's sockets named by key new owners (a recorded owner exited and
+        another process holds the socket): ``update`` if the port's state changed."""
+        group = self._ports.get(port)
+        if not group:
+            return None
+        before = self._state(port)
+        for key, pid in pids.items():
+            listener = group.get(key)
+            if listener is not None and listener.pid != pid:
+                self._put(dataclasses.replace(listener, pid=pid))
+        return self._changed(port, before)
 
     def sync(self, snapshot: Iterable[Listener], trust_probe: bool = True) -> list[PortEvent]:
         """Make the table agree with a complete snapshot; the events that brings.
 
-        Ports are compared as a whole. Where the snapshot and the table name the same sockets,
+        Ports are compared as a whole. Where the snapshot and the table hold the same sockets,
         nothing changes. Where the table holds probe-keyed sockets, the counts agree and
         ``trust_probe`` holds (no probe record was lost), the table is kept: its keys will
         match the probe's later events. Otherwise the port's sockets are replaced by the
-        snapshot's, without an event while the port stays open, and the port is uncertain.
+        snapshot's (an ``update`` if that changes the port's state), and the port is uncertain.
+        A port new to the table opens with all of the snapshot's sockets.
         """
         wanted: dict[int, dict[Hashable, Listener]] = {}
         for listener in snapshot:
@@ -83,26 +115,30 @@ class PortTable:
         events = []
         for port in sorted(self._ports.keys() - wanted.keys()):
             for key in list(self._ports[port]):
-                known, event = self.remove(key)
-                if event:
-                    events.append(event)
+                self._drop(key)
+            events.append(PortEvent(CLOSE, port))
         for port in sorted(wanted):
             have = self._ports.get(port)
             want = wanted[port]
             if have is None:
                 for listener in want.values():
-                    event = self.add(listener)
-                    if event:
-                        events.append(event)
+                    self._put(listener)
+                events.append(self._event(OPEN, port))
                 continue
-            if have.keys() == want.keys():
+            if have == want:
                 continue
             if trust_probe and len(have) == len(want) and any(key[0] == SKADDR for key in have):
                 continue
+            before = self._state(port)
+            # Sockets kept keep their places (the first is the owner), new ones go last.
+            order = [key for key in have if key in want] + [key for key in want if key not in have]
             for key in list(have):
-                del self._sockets[key]
-            self._ports[port] = dict(want)
-            self._sockets.update(want)
+                self._drop(key)
+            for key in order:
+                self._put(want[key])
+            event = self._changed(port, before)
+            if event is not None:
+                events.append(event)
         return events
 
     def set_ignored(self, ignored: Iterable[int]) -> list[PortEvent]:
@@ -115,18 +151,57 @@ class PortTable:
         events = []
         for port in sorted(self._ports.keys() & self._ignored):
             for key in list(self._ports[port]):
-                known, event = self.remove(key)
-                if event:
-                    events.append(event)
+                self._drop(key)
+            events.append(PortEvent(CLOSE, port))
         return events
 
     def open_event(self, port: int) -> Optional[PortEvent]:
         """The ``open`` event that describes a port as it is now (for new subscribers)."""
-        group = self._ports.get(port)
-        return _open_event(port, group) if group else None
+        return self._event(OPEN, port) if port in self._ports else None
 
+    # -- internals ----------------------------------------------------------------------
 
-def _open_event(port: int, group: dict[Hashable, Listener]) -> PortEvent:
-    first = next(iter(group.values()))
-    addresses = tuple(sorted({listener.address for listener in group.values()}))
-    return PortEvent(OPEN, port, first.pid, None, addresses)
+    def _put(self, listener: Listener) -> None:
+        """Record ``listener``, replacing (in place: the port's order is kept) any socket of its key."""
+        old = self._sockets.get(listener.key)
+        if old is not None:
+            self._unindex(old)
+        self._sockets[listener.key] = listener
+        self._ports.setdefault(listener.port, {})[listener.key] = listener
+        counts = self._addresses.setdefault(listener.port, {})
+        counts[listener.address] = counts.get(listener.address, 0) + 1
+        if listener.pid is not None:
+            self._by_pid.setdefault(listener.pid, set()).add(listener.key)
+
+    def _drop(self, key: Hashable) -> None:
+        """Forget a known socket, and its port when it was the last."""
+        listener = self._sockets.pop(key)
+        self._unindex(listener)
+        group = self._ports[listener.port]
+        del group[key]
+        if not group:
+            del self._ports[listener.port]
+
+    def _unindex(self, listener: Listener) -> None:
+        counts = self._addresses[listener.port]
+        counts[listener.address] -= 1
+        if not counts[listener.address]:
+            del counts[listener.address]
+            if not counts:
+                del self._addresses[listener.port]
+        keys = self._by_pid.get(listener.pid)
+        if keys is not None:
+            keys.discard(listener.key)
+            if not keys:
+                del self._by_pid[listener.pid]
+
+    def _state(self, port: int) -> State:
+        """What a client is told of a port: the owner (its first socket's) and the bound addresses."""
+        return next(iter(self._ports[port].values())).pid, tuple(sorted(self._addresses[port]))
+
+    def _event(self, kind: str, port: int) -> PortEvent:
+        pid, addresses = self._state(port)
+        return PortEvent(kind, port, pid, None, addresses)
+
+    def _changed(self, port: int, before: State) -> Optional[PortEvent]:
+        return self._event(UPDATE, port) if self._state(port) != before else None

@@ -1,8 +1,10 @@
-"""The ``ports`` channel (seed 000): ``open``/``close`` to every client, ``kill``, and
-``visibility`` (private or public preview) per port.
+"""The ``ports`` channel (seed 000): ``open``/``update``/``close`` to every client, ``kill``,
+and ``visibility`` (private or public preview) per port.
 
-Each ``open`` says since when the port listens (``opened``, Unix ms), as this server saw it; a
-port already listening when the server started has the start time and ``seenAtStart``.
+An ``update`` is an open port's whole state again, as an ``open`` gives it, once its owner,
+process or addresses changed. Each ``open`` says since when the port listens (``opened``, Unix
+ms), as this server saw it; a port already listening when the server started has the start
+time and ``seenAtStart``.
 
 Each event is encoded once and the same text is written to every session. A new session first
 gets an ``open`` for every port already listening; both happen synchronously with the event
@@ -16,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aether.ports.events import OPEN, PortEvent
+from aether.ports.events import CLOSE, OPEN, PortEvent
 from aether.ports.kill import KillRefused, kill_port
 from aether.server.protocol import Message, ProtocolError, encode
 
@@ -45,7 +47,7 @@ class PortsChannel:
 
     def message(self, event: PortEvent) -> dict:
         message = event.to_message()
-        if event.type == OPEN:
+        if event.type != CLOSE:
             message["url"] = self.server.settings.preview_url_for(event.port)
             message["visibility"] = self.server.visibility.of(event.port)
             message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
@@ -54,7 +56,7 @@ class PortsChannel:
     def _on_event(self, event: PortEvent) -> None:
         if event.type == OPEN:
             self._opened[event.port] = (_now_ms(), False)
-        else:
+        elif event.type == CLOSE:
             self._opened.pop(event.port, None)
         hub = self.server.hub
         hub.broadcast(encode(self.message(event)))

@@ -10,7 +10,7 @@
     `/workspaces/${encodeURIComponent(workspace)}/ws`;
   const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 
-  let ports = new Map();        // port -> its latest `open` message, plus our own state
+  let ports = new Map();        // port -> its latest `open` or `update`, plus our own state
   let snapshot = null;          // while (re)connecting: the server's snapshot, gathered here
   let snapshotEnd = null;       // the id of the request whose answer ends the snapshot
   let registry = [];            // the registry's entries
@@ -117,6 +117,10 @@
     if (message.channel === "ports") {
       if (message.type === "open") {
         table.set(message.port, {...message});
+      } else if (message.type === "update") {
+        // The port's whole state again (a new owner, another address): replace the server's
+        // fields, keep ours (a kill or a toggle in flight).
+        table.set(message.port, {...table.get(message.port), ...message});
       } else if (message.type === "close") {
         table.delete(message.port);
       } else if (message.type === "visibility") {
