@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -185,13 +186,7 @@ def test_redis_restarted_empty(redis_server):
         await follower.start()
         boot = routes.boot
         seen = set()
-
-        async def sample():  # what a request to the open port would have found, all along
-            while True:
-                seen.add(kind(routes, "abc123", 3000))
-                await asyncio.sleep(0.001)
-
-        sampler = asyncio.ensure_future(sample())
+        sampler = asyncio.ensure_future(always_open(routes, "abc123", 3000, seen))
         redis_server.kill()
         await until(lambda: not follower.redis_up, what="the follower to see Redis down")
         assert follower.health()["status"] == "degraded" and "since" in follower.health()
@@ -239,44 +234,52 @@ asyncio.run(main())
 
 
 def spawn_publisher(url):
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER_PROCESS, url], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout.readline().strip() == "published"
+    """A publisher in a process of its own (a VM's aether, as far as Redis can tell), once published."""
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER_PROCESS, url], stdout=subprocess.PIPE, cwd=ROOT)
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = os.read(proc.stdout.fileno(), 100) if ready else b""
+    if line.strip() != b"published":
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the publisher process did not start: {line!r}")
     return proc
 
 
 def test_liveness_of_a_killed_vm(redis_server):
-    """A publisher process SIGKILLed stops heartbeating: dead at every follower once its deadline
-    passes; a new start of it revives the workspace."""
+    """A publisher process SIGKILLed stops heartbeating: dead at the follower once its deadline
+    passes (by the liveness checks: no entry says so); a new start of it revives the workspace."""
 
     async def scenario():
         routes = r.Routes()
         follower = Follower(redis_server.url, routes, liveness_interval=0.05)
         await follower.start()
-
-        proc = await asyncio.to_thread(spawn_publisher, redis_server.url)
-        await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN)
-        # Alive while it heartbeats, over several deadlines.
-        sync = redis_server.client()
-        first = sync.zscore(keys.ALIVE, "vm0001")
-        await until(lambda: sync.zscore(keys.ALIVE, "vm0001") > first + 1000, what="deadlines moving on")
-        assert kind(routes, "vm0001", 3000) == r.OPEN
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed = time.monotonic()
-        await until(lambda: kind(routes, "vm0001", 3000) == r.UNAVAILABLE, timeout=3, what="dead after dead_after")
-        assert time.monotonic() - killed > 0.5  # by its deadline, not by anything faster
-        proc = await asyncio.to_thread(spawn_publisher, redis_server.url)
-        await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN, what="revived by the new claim")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        procs = [await asyncio.to_thread(spawn_publisher, redis_server.url)]
+        try:
+            await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN)
+            # Alive while it heartbeats, over several deadlines.
+            sync = redis_server.client()
+            first = sync.zscore(keys.ALIVE, "vm0001")
+            await until(lambda: sync.zscore(keys.ALIVE, "vm0001") > first + 1000, what="deadlines moving on")
+            assert kind(routes, "vm0001", 3000) == r.OPEN
+            seq = routes.seq
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+            await until(lambda: kind(routes, "vm0001", 3000) == r.UNAVAILABLE, timeout=3, what="dead after dead_after")
+            assert routes.seq == seq and "vm0001" in routes.dead
+            procs.append(await asyncio.to_thread(spawn_publisher, redis_server.url))
+            await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN, what="revived by the new claim")
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
         await follower.stop()
 
     run(scenario())
 
 
-def test_revival_by_deadline_alone(redis_server):
-    """A VM paused past its deadline (SIGSTOP) is dead; its heartbeats resuming revive it with no
-    stream entry and no reload."""
+def test_a_paused_vm_is_dead_then_back(redis_server):
+    """A VM paused past its deadline (SIGSTOP) is dead; its first heartbeat after says it is back
+    through the stream (no reload). A deadline that moves ahead without an entry revives too."""
 
     async def scenario():
         routes = r.Routes()
@@ -289,14 +292,87 @@ def test_revival_by_deadline_alone(redis_server):
             proc.send_signal(signal.SIGSTOP)
             await until(lambda: kind(routes, "vm0001", 3000) == r.UNAVAILABLE, what="dead while paused")
             proc.send_signal(signal.SIGCONT)
-            await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN, what="revived by its next heartbeat")
-            assert routes.seq == seq and sum(follower.reloads.values()) == 1
+            await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN, what="back with its next heartbeat")
+            assert routes.seq == seq + 1 and sum(follower.reloads.values()) == 1
+            # The backstop: a deadline ahead again, with no entry, is found by the checks.
+            proc.send_signal(signal.SIGSTOP)
+            await until(lambda: kind(routes, "vm0001", 3000) == r.UNAVAILABLE, what="dead while paused")
+            sync = redis_server.client()
+            sync.zadd(keys.ALIVE, {"vm0001": (time.time() + 60) * 1000})
+            await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN, what="revived by its deadline")
+            assert routes.seq == seq + 1
         finally:
             proc.kill()
             proc.wait()
         await follower.stop()
 
     run(scenario())
+
+
+async def always_open(routes, prefix, port, seen):
+    """What a request to an open port would have found, sampled every millisecond."""
+    while True:
+        seen.add(kind(routes, prefix, port))
+        await asyncio.sleep(0.001)
+
+
+def test_a_redis_stall_kills_nobody(redis_server):
+    """Redis paused longer than the deadlines: nobody could heartbeat, so nobody is judged."""
+
+    async def scenario():
+        pub = Publisher(redis_server.url, identity(), State({3000: "public"}), heartbeat=0.2, dead_after=1.0)
+        await pub.start()
+        routes = r.Routes()
+        follower = Follower(redis_server.url, routes, liveness_interval=0.05, quiet=2.0)
+        await follower.start()
+        await until(lambda: follower.checks >= 3, what="a few liveness checks")
+        seen = set()
+        sampler = asyncio.ensure_future(always_open(routes, "abc123", 3000, seen))
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(1.5)  # the fault itself lasts this long; nothing is awaited by it
+        redis_server.proc.send_signal(signal.SIGCONT)
+        await until(lambda: follower.stalls >= 1, what="the stall noticed")
+        await until(lambda: pub.heartbeats >= 3)
+        sampler.cancel()
+        assert seen == {r.OPEN}
+        await pub.stop()
+        await follower.stop()
+
+    run(scenario())
+
+
+def test_redis_restarted_with_its_data():
+    """Redis SIGKILLed and restarted with its data (AOF): deadlines passed meanwhile say nothing
+    (no VM could heartbeat), so the reload judges none of them."""
+    server = RedisServer(extra=("--appendonly", "yes", "--appendfsync", "always")).start()
+    try:
+        async def scenario():
+            routes = r.Routes()
+            follower = Follower(server.url, routes, liveness_interval=0.05, quiet=3.0)
+            await follower.start()
+            proc = await asyncio.to_thread(spawn_publisher, server.url)
+            try:
+                await until(lambda: kind(routes, "vm0001", 3000) == r.OPEN)
+                seen = set()
+                sampler = asyncio.ensure_future(always_open(routes, "vm0001", 3000, seen))
+                server.kill()
+                await until(lambda: not follower.redis_up)
+                proc.send_signal(signal.SIGSTOP)  # so it cannot claim before the gateway reloads
+                await asyncio.sleep(1.2)  # the outage lasts longer than the VM's deadline
+                await asyncio.to_thread(server.start)
+                await until(lambda: follower.redis_up and follower.reloads["reconnect"] >= 1, timeout=10)
+                proc.send_signal(signal.SIGCONT)
+                await until(lambda: routes.seq >= 2, what="the VM's claim after reconnecting")
+                sampler.cancel()
+                assert seen == {r.OPEN} and follower.merges == 0
+            finally:
+                proc.kill()
+                proc.wait()
+            await follower.stop()
+
+        run(scenario())
+    finally:
+        server.close()
 
 
 def test_prefix_collision_and_supersession(redis_server, caplog):

@@ -13,8 +13,9 @@ counts as down, like one that refuses.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 from urllib.parse import parse_qs, unquote
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -107,6 +108,24 @@ def client(url: str, *, socket_timeout: float = 2.0, connect_timeout: float = 1.
     if parts["ssl"]:
         master["ssl"] = True
     return Sentinel(parts["sentinels"], sentinel_kwargs=sentinel_kwargs).master_for(parts["service"], **master)
+
+
+T = TypeVar("T")
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a command finished after its caller left is no error
+
+
+async def call(command: Awaitable[T]) -> T:
+    """Await a Redis command without letting a cancellation reach it: the caller is cancelled
+    at once, the command finishes (or times out) on its own. redis-py (8.2, seen with XREAD
+    BLOCK) can swallow a CancelledError that arrives mid-read and go on reading, so the
+    cancelled task hangs until the read ends."""
+    task = asyncio.ensure_future(command)
+    task.add_done_callback(_consume)
+    return await asyncio.shield(task)
 
 
 def is_down(exc: BaseException) -> bool:

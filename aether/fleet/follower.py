@@ -4,13 +4,17 @@
   ``SET boot NX GET`` (a boot id is made if there is none), ``TIME``, every deadline. The
   table is built aside and swapped in whole.
 - **Follow**: ``XREAD BLOCK`` from the load's position, on a connection of its own, each entry
-  applied as it comes; an entry out of sequence (a gap) asks for a full load.
+  applied as it comes; an entry out of sequence (a gap) asks for a full load. The block is 1 s,
+  so a reload asked for by another part (the timer, a changed boot id) waits 1 s at most; an
+  idle gateway costs Redis one XREAD a second.
 - **Reload** also after any reconnect, when the boot id changed (Redis lost its data: the load
   merges, see :mod:`.routes`), and every ``reload_interval`` s (±10 %), so nothing drifts.
 - **Liveness**, every ``liveness_interval`` s: one script reads Redis's clock, the deadlines
   passed since the last check (dead), the boot id, and the deadlines of a batch of dead
-  workspaces (revived when ahead again). After Redis was away nobody could heartbeat, so for
-  ``quiet`` s after a reconnect no deadline marks anyone dead; then all of them are judged.
+  workspaces (revived when ahead again: a backstop, as a heartbeat that finds its deadline
+  passed also writes an entry). After Redis was away nobody could heartbeat, so for ``quiet`` s
+  after a reconnect, or after a check that took over ``stall`` s to answer (Redis stalled for
+  everyone), no deadline marks anyone dead; then all of them are judged.
 - **While Redis is down** the table stands as it was and keeps serving; :attr:`redis_up` and
   :meth:`health` say so; both connections retry with a backoff of 0.25 s doubling to 1 s.
 
@@ -38,6 +42,8 @@ BACKOFF_MAX = 1.0
 #: Seconds. Entries are applied within a millisecond of their write on a LAN; a gateway that
 #: falls behind shows in the upper buckets.
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: A check answered within this many ms measures the clocks' offset well enough.
+_CLEAN_RTT_MS = 20.0
 REASONS = ("start", "reconnect", "gap", "boot", "interval")
 
 
@@ -56,8 +62,8 @@ class Histogram:
 
 class Follower:
     def __init__(self, url: str, routes: r.Routes, *, liveness_interval: float = 0.1,
-                 reload_interval: float = 300.0, block_ms: int = 5000, count: int = 1000,
-                 revive_batch: int = 256, quiet: float = 6.0, reap_interval: float = 3600.0,
+                 reload_interval: float = 300.0, block_ms: int = 1000, count: int = 1000,
+                 revive_batch: int = 256, quiet: float = 6.0, stall: float = 0.5, reap_interval: float = 3600.0,
                  retain: float = 7 * 86400.0, reap_batch: int = 1000):
         self.url = connection.check(url)
         self.routes = routes
@@ -65,6 +71,12 @@ class Follower:
         self.reload_interval = reload_interval
         self.block_ms, self.count, self.revive_batch = block_ms, count, revive_batch
         self.quiet = quiet
+        # A check answers in well under a millisecond on a LAN, tens under load: one that takes
+        # half a second means Redis stopped answering everyone, heartbeats too. (VMs heartbeat
+        # every 1 s with a 3 s deadline: only a stall of over 2 s can make a deadline pass.)
+        self.stall = stall
+        self.stalls = 0
+        self.checks = 0  # liveness checks answered
         self.reap_interval, self.retain, self.reap_batch = reap_interval, retain, reap_batch
         # -- what the gateway shows on /healthz and /metrics --------------------------------
         self.redis_up = False
@@ -76,8 +88,9 @@ class Follower:
         self.reaped = 0
         self.lag = Histogram()
         self.last_load_seconds = 0.0
-        #: Redis's clock minus this host's, in ms, from the last liveness check.
+        #: Redis's clock minus this host's, in ms, from the last check answered quickly.
         self.offset_ms = 0.0
+        self._offset_known = False
         # -- the machinery ------------------------------------------------------------------
         self._main = None     # loads, liveness, reaping
         self._stream = None   # XREAD BLOCK only
@@ -86,9 +99,9 @@ class Follower:
         self._reason: Optional[str] = "start"
         self._prev: Optional[int] = None
         self._quiet_until = 0.0
-        self._xread: Optional[asyncio.Task] = None
         self._tasks: list[asyncio.Task] = []
         self._loading = False
+        self._loads = 0
 
     # -- clients --------------------------------------------------------------------------
 
@@ -121,12 +134,10 @@ class Follower:
         if self._reason is None:
             self._reason = "reconnect"
 
-    def _interrupt(self, reason: str) -> None:
-        """Reload as soon as the follow loop can: now, cancelling an XREAD that blocks."""
+    def _reload_soon(self, reason: str) -> None:
+        """Reload when the follow loop's XREAD returns (``block_ms`` at most)."""
         if self._reason is None:
             self._reason = reason
-        if self._xread is not None and not self._xread.done():
-            self._xread.cancel()
 
     # -- full loads -----------------------------------------------------------------------
 
@@ -140,7 +151,7 @@ class Follower:
         pipe.set(keys.BOOT, candidate, nx=True, get=True)
         pipe.time()
         pipe.zrange(keys.ALIVE, 0, -1, withscores=True)
-        seq, state, last, boot, (seconds, micros), alive = await pipe.execute()
+        seq, state, last, boot, (seconds, micros), alive = await connection.call(pipe.execute())
         return r.Snapshot(
             seq=int(seq or 0),
             position=last[0][0] if last else b"0-0",
@@ -153,6 +164,9 @@ class Follower:
     async def _reload(self, reason: str) -> None:
         started = time.perf_counter()
         snapshot = await self._snapshot()
+        if not self.redis_up and self.loaded:
+            # Back after Redis was away: no VM could heartbeat meanwhile.
+            self._quiet_until = max(self._quiet_until, time.monotonic() + self.quiet)
         quiet = time.monotonic() < self._quiet_until
         merged = self.routes.load(snapshot, judge=not quiet)
         self.last_load_seconds = time.perf_counter() - started
@@ -160,6 +174,7 @@ class Follower:
         self.merges += merged
         self._prev = None if quiet else snapshot.now_ms
         self.loaded = True
+        self._loads += 1
         if not self.redis_up:
             self.redis_up, self.down_since = True, None
         count, ports, alive = self.routes.counts()
@@ -189,23 +204,15 @@ class Follower:
                     self._reason = None
                 backoff = BACKOFF_FIRST
             _, stream = self._clients()
-            self._xread = asyncio.ensure_future(
-                stream.xread({keys.CHANGES: self.routes.position}, count=self.count, block=self.block_ms))
             try:
-                reply = await self._xread
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
-                    raise
-                await self._close("_stream")  # interrupted mid-command: that connection is unusable
-                continue
+                reply = await connection.call(
+                    stream.xread({keys.CHANGES: self.routes.position}, count=self.count, block=self.block_ms))
             except Exception as exc:  # noqa: BLE001
                 self._down(exc, "stream")
                 await self._close("_stream")
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
-            finally:
-                self._xread = None
             self._apply(reply)
 
     def _apply(self, reply) -> None:
@@ -239,27 +246,41 @@ class Follower:
             judging = time.monotonic() >= self._quiet_until
             # Not judging: ask for no deadlines ("(+inf" is an empty range).
             since = ("" if self._prev is None else self._prev) if judging else "+inf"
+            loads = self._loads
             sent = time.time() * 1000
             try:
-                now_ms, boot, expired, deadlines = await self._liveness(keys=keys.LIVENESS_KEYS, args=[since, *batch])
+                now_ms, boot, expired, deadlines = await connection.call(
+                    self._liveness(keys=keys.LIVENESS_KEYS, args=[since, *batch]))
             except Exception as exc:  # noqa: BLE001
                 self._down(exc, "liveness")
                 await self._close("_main")
                 continue
             received = time.time() * 1000
-            self.offset_ms = now_ms - (sent + received) / 2
+            self.checks += 1
+            if self._offset_known and now_ms - (sent + self.offset_ms) > self.stall * 1000:
+                # Redis ran the check long after it was sent (this gateway's own loop being slow
+                # to read the answer does not count).
+                self.stalls += 1
+                self._quiet_until = time.monotonic() + self.quiet
+                judging = False
+                log.warning("fleet redis stalled: no deadline judged for a while", extra={
+                    "seconds": round((now_ms - sent - self.offset_ms) / 1000, 3), "quiet": self.quiet})
+            elif received - sent <= _CLEAN_RTT_MS or not self._offset_known:
+                self.offset_ms = now_ms - (sent + received) / 2
+                self._offset_known = received - sent <= _CLEAN_RTT_MS
             if not self.redis_up:
                 if self.loaded:
                     # Back: reload, and judge no deadline until the VMs had time to heartbeat.
                     self._quiet_until = time.monotonic() + self.quiet
-                    self._interrupt("reconnect")
+                    self._reload_soon("reconnect")
                 continue  # (not loaded yet: the follow loop is at its first load)
             if self._loading or self._reason is not None:
                 continue
             if boot != self.routes.boot:
-                self._interrupt("boot")
+                self._reload_soon("boot")
                 continue
-            if judging:
+            # A load that ended meanwhile judged for itself (or began a quiet time).
+            if judging and loads == self._loads and time.monotonic() >= self._quiet_until:
                 # Without a previous check, every deadline up to now (the script's range).
                 self.routes.expire((prefix.decode(), float(deadline)) for prefix, deadline in zip(expired[::2], expired[1::2]))
                 self._prev = now_ms
@@ -288,7 +309,8 @@ class Follower:
         if self._main is None or not self.redis_up:
             return 0
         try:
-            count = await self._reap(keys=keys.CHANGE_KEYS, args=[int(self.retain * 1000), self.reap_batch, keys.STREAM_MAXLEN])
+            count = await connection.call(
+                self._reap(keys=keys.CHANGE_KEYS, args=[int(self.retain * 1000), self.reap_batch, keys.STREAM_MAXLEN]))
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.warning("fleet reap failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             return 0
@@ -312,11 +334,7 @@ class Follower:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await asyncio.gather(*tasks, return_exceptions=True)  # each ends at once: see connection.call
         await self._close("_main")
         await self._close("_stream")
 

@@ -94,11 +94,18 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return {'ok', change(ARGV[1], ARGV[3])}
 """
 
-#: heartbeat(prefix, epoch, dead_after_ms): a new deadline; no stream entry.
-HEARTBEAT = _NOW + _OWNED + """
+#: heartbeat(prefix, epoch, dead_after_ms, maxlen): a new deadline. No stream entry, except
+#: when the old deadline had passed: every gateway holds the workspace dead, and the entry (its
+#: blob, unchanged) tells them at once that it is back.
+HEARTBEAT = _NOW + _OWNED + _CHANGE + """
 local refused = owned(ARGV[1], ARGV[2])
 if refused then return {refused} end
+local deadline = redis.call('ZSCORE', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[5], string.format('%d', now + tonumber(ARGV[3])), ARGV[1])
+if not deadline or tonumber(deadline) <= now then
+  local state = redis.call('HGET', KEYS[2], ARGV[1])
+  if state then return {'ok', now, change(ARGV[1], state)} end
+end
 return {'ok', now}
 """
 

@@ -142,7 +142,7 @@ class Publisher:
 
     async def _run_script(self, name: str, *args) -> list:
         self._connect()
-        reply = await self._scripts[name](keys=keys.CHANGE_KEYS, args=args)
+        reply = await connection.call(self._scripts[name](keys=keys.CHANGE_KEYS, args=args))
         return [item.decode() if isinstance(item, bytes) else item for item in reply]
 
     async def _claim(self) -> None:
@@ -168,10 +168,14 @@ class Publisher:
         self.seq = reply[1]
 
     async def _heartbeat(self) -> None:
-        reply = await self._run_script("heartbeat", self.identity.prefix, self.epoch, int(self.dead_after * 1000))
+        reply = await self._run_script("heartbeat", self.identity.prefix, self.epoch, int(self.dead_after * 1000),
+                                       self.stream_maxlen)
         if reply[0] != "ok":
             raise _Refused(reply[0])
         self.heartbeats += 1
+        if len(reply) > 2:
+            self.seq = reply[2]
+            log.info("fleet workspace alive again: its deadline had passed", extra={"prefix": self.identity.prefix})
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -253,10 +257,7 @@ class Publisher:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            await asyncio.gather(task, return_exceptions=True)  # ends at once: see connection.call
         if self.status in (PUBLISHED, DOWN):
             try:
                 await asyncio.wait_for(
