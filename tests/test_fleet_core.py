@@ -504,3 +504,35 @@ def test_redis_is_not_imported_without_fleet_mode():
                           "import aether.fleet.gate, aether.fleet.routes; print('redis' in sys.modules)"],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_identity_no_gateway_would_route_is_refused_at_once():
+    with pytest.raises(ValueError, match="prefix"):
+        Identity("ABC", "p", "w", "127.0.0.1:3001", "v" * 43)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        Identity("abc123", "p", "w", "127.0.0.1", "v" * 43)
+    with pytest.raises(ValueError, match="verifier"):
+        Publisher("redis://127.0.0.1:1/0", Identity("abc123", "p", "w", "127.0.0.1:3001", "short"), State())
+    with pytest.raises(ValueError, match="names"):
+        Publisher("redis://127.0.0.1:1/0", identity(), State(names={"8000": 8000}))
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        Publisher("http://127.0.0.1/", identity(), State())
+
+
+def test_redis_urls():
+    from aether.fleet import connection
+
+    assert connection.describe("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
+    assert connection.describe("rediss://user:p%40ss@h:6380/1") == "rediss://user:***@h:6380/1"
+    assert connection.describe("redis://h:6379/0") == "redis://h:6379/0"
+    assert connection.describe("redis+sentinel://:pw@a:1,b:2/m/0?sentinel_password=x") == \
+        "redis+sentinel://:***@a:1,b:2/m/0?sentinel_password=***"
+    parts = connection.parse_sentinel("redis+sentinel://u:pw@a:1,[::1]:2,c/mymaster/3?sentinel_password=s")
+    assert parts == {"sentinels": [("a", 1), ("::1", 2), ("c", 26379)], "service": "mymaster", "db": 3,
+                     "username": "u", "password": "pw", "sentinel_password": "s", "ssl": False}
+    assert connection.parse_sentinel("rediss+sentinel://a/m")["ssl"] is True
+    for bad in ("redis+sentinel://a:1", "redis+sentinel:///m", "redis+sentinel://a:x/m", "redis+sentinel://a/m/x"):
+        with pytest.raises(ValueError):
+            connection.check(bad)
+    for good in ("redis://h:1/0", "rediss://h", "unix:///run/redis.sock?db=2"):
+        assert connection.check(good) == good

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from aether.fleet import auth, blob
 from aether.fleet import routes as r
 from aether.fleet.gate import FleetForward, Gate, _without_token
+from aether.preview import headers as h
 from aether.preview.gate import Answer
 
 KEYS = auth.FleetKeys([b"k" * 32])
@@ -132,6 +133,24 @@ def test_forward_to_the_advertised_address_signed():
     assert (v6.address, v6.port) == ("fd00::7", 3001)
     named = decide(gate, headers=[host(b"web-aaa111.preview.example.com"), bearer(TOKEN_A)])
     assert isinstance(named, FleetForward) and named.app_port == 3000
+
+
+def test_the_vm_verifies_what_a_gateway_forwarded():
+    gate = make_gate(trusted=("192.0.2.0/24",))
+    forward = decide(gate, b"/p?q=1", [host(HOST), cookie_for(HOST), (b"X-Forwarded-Proto", b"https"),
+                                       (b"X-Forwarded-For", b"198.51.100.7")])
+    method, target, headers = parse_head(forward.head)
+    head = h.RequestHead(headers)
+    assert auth.verify_head(KEYS, method, target, head, NOW) == b"cookie"
+    assert not any(line.lower().startswith(b"x-aether-fleet") for line in head.lines)  # never to the app
+    assert auth.verify_head(KEYS, method, target, h.RequestHead(headers), NOW + auth.WINDOW + 1) is None
+    assert auth.verify_head(KEYS, method, target + b"&x", h.RequestHead(headers), NOW) is None
+    assert auth.verify_head(KEYS, b"POST", target, h.RequestHead(headers), NOW) is None
+    twice = headers + [(b"X-Aether-Fleet", dict(headers)[b"X-Aether-Fleet"])]
+    assert auth.verify_head(KEYS, method, target, h.RequestHead(twice), NOW) is None
+    moved = [(n, b"3000-bbb222.preview.example.com" if n == b"Host" else v) for n, v in headers]
+    assert auth.verify_head(KEYS, method, target, h.RequestHead(moved), NOW) is None  # replayed at another host
+    assert auth.verify_head(KEYS, method, target, h.RequestHead([(b"Host", HOST)]), NOW) is None  # unsigned
 
 
 def test_clients_cannot_steer_what_the_vm_believes():

@@ -190,3 +190,19 @@ def verify(keys: FleetKeys, value: bytes, method: bytes, host: bytes, target: by
     if not keys.valid(_request_message(t, access, method, host, target, forwarded_for, proto, port), mac):
         return None
     return access
+
+
+def verify_head(keys: FleetKeys, method: bytes, target: bytes, head, now: Optional[float] = None) -> Optional[bytes]:
+    """For a VM: what admitted a request whose head (an :class:`aether.preview.headers.RequestHead`)
+    a gateway signed, or None. The ``X-Aether-Fleet`` lines are taken out of ``head.lines`` either
+    way, so they never reach the app; more than one is no signature."""
+    prefix = HEADER.lower() + b":"
+    found = [line for line in head.lines if line[:len(prefix)].lower() == prefix]
+    if not found:
+        return None
+    head.lines = [line for line in head.lines if line[:len(prefix)].lower() != prefix]
+    if len(found) != 1 or len(head.hosts) != 1:
+        return None
+    value = found[0][len(prefix):].strip()
+    return verify(keys, value, method, head.hosts[0], target, head.forwarded_for, head.forwarded_proto,
+                  head.forwarded_port, now)

@@ -13,8 +13,8 @@
   passed since the last check (dead), the boot id, and the deadlines of a batch of dead
   workspaces (revived when ahead again: a backstop, as a heartbeat that finds its deadline
   passed also writes an entry). After Redis was away nobody could heartbeat, so for ``quiet`` s
-  after a reconnect, or after a check that took over ``stall`` s to answer (Redis stalled for
-  everyone), no deadline marks anyone dead; then all of them are judged.
+  after a reconnect, or after a check that Redis ran over ``stall`` s after it was sent (it
+  stalled for everyone), no deadline marks anyone dead; then all of them are judged.
 - **While Redis is down** the table stands as it was and keeps serving; :attr:`redis_up` and
   :meth:`health` say so; both connections retry with a backoff of 0.25 s doubling to 1 s.
 

@@ -107,17 +107,22 @@ class Publisher:
         self._dirty = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
         self._claimed = False
+        self.blob()  # BlobError (a ValueError) now, for an identity no gateway would route
 
     # -- the blob -------------------------------------------------------------------------
 
     def blob(self, alive: bool = True) -> bytes:
+        """The record as it is now; :class:`~aether.fleet.blob.BlobError` if a gateway would
+        refuse it (a fault here shows here, not as a 404 at every gateway)."""
         ident = self.identity
-        return blob.encode(
+        raw = blob.encode(
             prefix=ident.prefix, project=ident.project, workspace=ident.workspace, address=ident.address,
             epoch=self.epoch, started=self.started, dead_after=int(self.dead_after * 1000),
             verifier=ident.verifier, alive=alive, ports=dict(self.state.ports()),
             public=frozenset(self.state.public()), names=dict(self.state.names()),
         )
+        blob.decode(raw, ident.prefix)
+        return raw
 
     # -- Redis ----------------------------------------------------------------------------
 
@@ -242,6 +247,10 @@ class Publisher:
                 log.error("fleet prefix taken: not publishing", extra={"prefix": exc.prefix, "error": str(exc)})
                 await self._drop()
                 return
+            except blob.BlobError as exc:
+                log.error("fleet record not published: a gateway would refuse it",
+                          extra={"prefix": self.identity.prefix, "reason": str(exc)})
+                await asyncio.sleep(BACKOFF_MAX)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - down, or refusing (OOM, a wrong key type): retry

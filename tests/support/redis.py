@@ -3,7 +3,6 @@ its own, persisting nothing: each test starts its own and stops it afterwards.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -30,6 +29,17 @@ def ping(port: int, timeout: float = 0.5) -> bool:
             return s.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _terminate(proc: Optional[subprocess.Popen]) -> None:
+    """SIGTERM, then SIGKILL after 5 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class RedisServer:
@@ -67,13 +77,7 @@ class RedisServer:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
 
     def close(self) -> None:
         self.stop()
@@ -132,11 +136,5 @@ class Sentinel:
             return False
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
