@@ -164,7 +164,8 @@ def read_config(config: Optional[Mapping], file: str = formats.CONFIG) -> tuple[
 def load(root_path: Optional[Path], config: Optional[Mapping] = None,
          config_file: str = formats.CONFIG) -> tuple[Ruleset, list[Problem]]:
     """Every file's rules, most important first (config.json, devcontainer.json,
-    .gitpod.yml), and every problem found. ``root_path`` None reads no workspace file."""
+    .gitpod.yml), and every problem found. ``root_path`` is the workspace root as the settings
+    resolved it (no symbolic link on its path); None reads no workspace file."""
     layers: list[Layer] = []
     problems: list[Problem] = []
     readers = [lambda: read_config(config, config_file)]
