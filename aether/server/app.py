@@ -20,7 +20,6 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from aether import config
 from aether.agent.store import AgentStoreError
 from aether.metrics import Metrics
 from aether.metrics import routes as metrics_routes
@@ -43,8 +42,9 @@ from aether.server.protocol import Message, ProtocolError, encode
 from aether.server.registry import RegistryService
 from aether.server.registry import routes as registry_routes
 from aether.server.session import Session
-from aether.server.settings import Settings
-from aether.server.state import StateDir
+from aether.settings import sources
+from aether.settings.serve import Settings
+from aether.state import StateDir
 
 log = logging.getLogger("aether.server")
 access = logging.getLogger("aether.access")
@@ -204,9 +204,9 @@ async def serve(settings: Settings) -> int:
     monitor = PortMonitor(
         backend=settings.backend,
         ignored=settings.monitor_ignored,
-        interval=config.sockdiag_interval(),
-        ebpf_buffer=config.ebpf_buffer(),
-        ebpf_pages=config.ebpf_pages(),
+        interval=sources.value("sockdiag_interval"),
+        ebpf_buffer=sources.value("ebpf_buffer"),
+        ebpf_pages=sources.value("ebpf_pages"),
     )
     try:
         await monitor.start()
