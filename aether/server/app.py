@@ -21,8 +21,6 @@ import tornado.httpserver
 import tornado.web
 
 from aether.agent.store import AgentStoreError
-from aether.metrics import Metrics
-from aether.metrics import routes as metrics_routes
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
@@ -36,6 +34,8 @@ from aether.server.channels.terminal import TerminalChannel
 from aether.server.dashboard import routes as dashboard_routes
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
+from aether.server.metrics import Metrics, Readings
+from aether.server.metrics import routes as metrics_routes
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.protocol import Message, ProtocolError, encode
@@ -113,7 +113,13 @@ class WorkspaceServer:
         if failed:
             log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(Readings(
+            backend=lambda: monitor.backend,
+            ports_open=lambda: len(monitor.table),
+            monitor_stats=lambda: monitor.stats,
+            clients=lambda: len(self.hub.sessions),
+            preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
+        ))
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
