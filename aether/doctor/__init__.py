@@ -119,7 +119,7 @@ def command(args) -> int:
     import ujson
 
     from aether.settings import serve, sources
-    from aether.state import StateDir
+    from aether.state import StateDir, locate
 
     if args.service:
         try:
@@ -130,7 +130,7 @@ def command(args) -> int:
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
     try:
         sources.check_environment()  # again: --service may have read more of it
-        state = StateDir(sources.state_dir(args.state_dir))
+        state = StateDir(locate(args.state_dir))
         try:
             file, config_error = state.load_config(), None
         except ValueError as exc:

@@ -18,13 +18,12 @@ APP_ENV = "AETHER_APP"
 
 
 def add_commands(commands) -> None:
-    from aether.settings import sources
-
     port = commands.add_parser("port", help="the registry of named ports").add_subparsers(dest="port_command", required=True)
 
     def command(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sub = port.add_parser(name, help=help)
-        sources.add_flags(sub, "port")
+        # Not from the settings table, which ``aether port`` does not load (see aether.state).
+        sub.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default as aether serve)")
         if json_flag:
             sub.add_argument("--json", action="store_true")
         return sub
@@ -50,9 +49,9 @@ def add_commands(commands) -> None:
 
 
 def _state_dir(args) -> Path:
-    from aether.settings import sources
+    from aether.state import locate
 
-    return sources.state_dir(args.state_dir)
+    return locate(args.state_dir)
 
 
 def _registry(args):

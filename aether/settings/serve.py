@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aether.settings import sources
 from aether.settings.table import BY_NAME, SERVE, of
-from aether.state import StateDir
+from aether.state import StateDir, locate
 
 if TYPE_CHECKING:
     import argparse
@@ -130,7 +130,7 @@ def peek(name: str, args: "argparse.Namespace", file: dict, path: Path | str = "
 
 def resolve(args: "argparse.Namespace") -> Settings:
     """Settings from flags, environment, state dir and defaults; ValueError naming a bad one."""
-    state = StateDir(sources.state_dir(args.state_dir))
+    state = StateDir(locate(args.state_dir))
     file = config_file(state)
     values = {setting.name: sources.pick(setting, getattr(args, setting.name, None), file)
               for setting in of(SERVE) if setting.name != "state_dir"}

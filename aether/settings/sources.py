@@ -8,9 +8,7 @@ ValueError naming where it was: ``--port must be 1-65535, not 0``, ``AETHER_PORT
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, Setting
@@ -22,14 +20,14 @@ if TYPE_CHECKING:
 PRIVATE_ENV = tuple(setting.env for setting in SETTINGS if setting.secret)
 
 
-@dataclasses.dataclass
 class ConfigFile:
     """The settings of a ``config.json``: its values by key, its path, and where a key was
     read from a nested object, the key as it is written there (``agent.timeout``)."""
 
-    values: dict[str, Any]
-    path: str = "config.json"
-    origins: dict[str, str] = dataclasses.field(default_factory=dict)
+    def __init__(self, values: dict[str, Any], path: str = "config.json", origins: Optional[dict[str, str]] = None):
+        self.values = values
+        self.path = path
+        self.origins = origins or {}
 
 
 def pick(setting: Setting, given: Any = None, file: Optional[ConfigFile] = None) -> Any:
@@ -56,14 +54,6 @@ def value(name: str, given: Any = None) -> Any:
     """One setting from its flag's value (``given``), its variable or its default: what every
     command but ``serve`` reads (none of them reads ``config.json``)."""
     return pick(BY_NAME[name], given)
-
-
-def state_dir(given: Optional[str] = None) -> Path:
-    """The state directory: ``--state-dir`` (``given``), ``AETHER_STATE_DIR``, or the default
-    (see ``aether.state``). Creates nothing."""
-    from aether.state import default_state_dir
-
-    return Path(value("state_dir", given) or default_state_dir())
 
 
 def check_environment() -> None:

@@ -15,7 +15,6 @@ A setting applies to one of three places:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from aether.log import FORMATS, LEVELS
@@ -25,28 +24,37 @@ from aether.settings.kinds import Boolean, Command, Directory, Integer, Kind, Ne
 SERVE, GLOBAL, ENV = "serve", "global", "env"
 
 
-@dataclasses.dataclass(frozen=True)
 class Setting:
-    name: str
-    kind: Kind
-    default: Any
-    #: Markdown, as the docs' "what it is" column; ``--help`` shows it plain.
-    help: str
-    scope: str = SERVE
-    #: ``None``: no flag (the variable alone).
-    flag: Optional[str] = None
-    #: Its key in ``config.json``; ``None``: not read from there.
-    key: Optional[str] = None
-    #: The default as the docs say it (Markdown), where the value alone would not say it.
-    shown: str = ""
-    #: Commands other than ``serve`` that take the flag: ``"ports watch"``.
-    commands: tuple[str, ...] = ()
-    #: Never passed on to a process aether starts (a terminal, an agent backend).
-    secret: bool = False
+    """One row of the table. (A plain class: ``aether port`` reads the table at each start, and a
+    dataclass would bring in ``inspect`` and ``ast``, a named tuple compile its annotations.)"""
+
+    __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret")
+
+    def __init__(self, name: str, kind: Kind, default: Any, help: str, scope: str = SERVE, flag: Optional[str] = None,
+                 key: Optional[str] = None, shown: str = "", commands: tuple[str, ...] = (), secret: bool = False):
+        self.name = name
+        self.kind = kind
+        self.default = default
+        #: Markdown, as the docs' "what it is" column; ``--help`` shows it plain.
+        self.help = help
+        self.scope = scope
+        #: ``None``: no flag (the variable alone).
+        self.flag = flag
+        #: Its key in ``config.json``; ``None``: not read from there.
+        self.key = key
+        #: The default as the docs say it (Markdown), where the value alone would not say it.
+        self.shown = shown
+        #: Commands other than ``serve`` that take the flag: ``"ports watch"``.
+        self.commands = commands
+        #: Never passed on to a process aether starts (a terminal, an agent backend).
+        self.secret = secret
 
     @property
     def env(self) -> str:
         return "AETHER_" + self.name.upper()
+
+    def __repr__(self) -> str:
+        return f"Setting({self.name!r})"
 
 
 def _serve(name: str, kind: Kind, default: Any, help: str, *, flag: str = "", key: bool = True, **more) -> Setting:
@@ -138,7 +146,7 @@ SETTINGS: tuple[Setting, ...] = (
            "`X-Forwarded-Proto` and `-Port` previews believe and pass on"),
     _serve("state_dir", Text(), None, "the state directory", key=False,
            shown="`~/.local/state/aether`, or systemd's (see [the state directory](#the-state-directory))",
-           commands=("doctor", "port")),
+           commands=("doctor",)),
 
     _global("log_format", Text(tuple(FORMATS)), "json",
             "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))"),
