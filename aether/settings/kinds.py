@@ -54,9 +54,10 @@ class Kind:
 class Text(Kind):
     """A string; with ``choices``, one of them (``lower``: in any case, kept lower case)."""
 
-    def __init__(self, choices: Iterable[str] = (), lower: bool = False):
+    def __init__(self, choices: Iterable[str] = (), lower: bool = False, metavar: Optional[str] = None):
         self.choices = tuple(choices)
         self.lower = lower
+        self.metavar = metavar
         self.what = _either(self.choices) if self.choices else "a string"
 
     def __call__(self, raw: Any) -> str:

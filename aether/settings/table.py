@@ -168,6 +168,11 @@ SETTINGS: tuple[Setting, ...] = (
     _env("cgroups", Text(("auto", "off")), "auto",
          "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
          "trees found in /proc: see [the protocol](protocol.md#terminal-channel))"),
+    # A URL may carry the password: kept from the processes aether starts, as the token is.
+    _env("fleet_redis", Text(metavar="URL"), None,
+         "the fleet's Redis, for `aether fleet status` (its `--redis`): `redis://HOST:PORT/DB`, `rediss://...` "
+         "or `redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md))",
+         flag="--redis", commands=("fleet status",), secret=True),
     _env("files_no_openat2", Boolean(), False,
          "`1`: paths of the `files` channel are walked one component at a time even where the kernel has "
          "`openat2`, as on kernels without it (for testing that fallback)", shown="off"),
