@@ -1,8 +1,8 @@
 """aether.ports.who on real processes (command lines cut, not UTF-8, rewritten titles,
 zombies, reused pids, another user's working directory), and aether.ports.containers: a real
 process whose command line is docker-proxy's, and a real HTTP server on a Unix socket
-answering the Docker Engine API's documented ``/containers/json``. dockerd cannot run on
-these machines (Docker's client only, no engine), so that server stands in for it."""
+answering the Docker Engine API's documented ``/containers/json``. The suite runs without a
+Docker engine (its client is installed, not dockerd), so that server stands in for dockerd."""
 
 from __future__ import annotations
 

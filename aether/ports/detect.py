@@ -14,7 +14,9 @@ One look at a port:
    not tried first because plain HTTP dev servers far outnumber TLS ones, and several print
    every bad request to the developer's terminal: Python's http.server and Flask's the
    ClientHello's bytes, Django's ``runserver`` "You're accessing the development server over
-   HTTPS". TLS servers take a plain request quietly (nginx logs a 400 in its access log).
+   HTTPS". TLS servers take a plain request more quietly: nginx logs a 400 in its access log,
+   Go's a handshake error. (A plain nginx answers ``OPTIONS *`` with a 400 too, and so gets
+   the ClientHello as well, and answers it with another 400.)
 4. Anything else in reply is ``tcp``: the port answers, but not with HTTP.
 
 A port that does not answer is not ready yet: a dev server still compiling holds the
@@ -25,7 +27,8 @@ with backoff. :data:`DEADLINE` after the open it gives up: ``tcp``, never answer
 
 Each look holds one of a bounded number of connections (:data:`MAX_CONNECTIONS`); a burst
 of opens waits its turn. Everything runs on the loop: a look is a few small reads and writes
-and one TLS handshake of a millisecond.
+and at most one TLS handshake. During 1,000 looks at once no loop callback took 2 ms of CPU
+(bench/detect.py).
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ BANNER_WAIT = 0.05
 #: Seconds for a connection to be accepted by the kernel (the listener's backlog answers it,
 #: busy application or not; a full backlog drops it, and the look is tried again).
 CONNECT_TIMEOUT = 2.0
-#: Seconds for a TLS server to answer a ClientHello. It does as soon as it reads it (~1 ms
-#: here), and this look comes after the server has shown it reads (it answered or closed).
+#: Seconds for a TLS server to answer a ClientHello. It does as soon as it reads it (the
+#: whole handshake, connection included, took 8 to 15 ms for Python's ssl, nginx and node on
+#: a loaded 2-vCPU VM: bench/detect.py), and this look comes after the server has shown that
+#: it reads (it answered the plain request, or closed).
 TLS_TIMEOUT = 2.0
 #: Seconds one connection waits for its answer before a fresh one is tried in its place: a
 #: server that accepted it in a bad state may still answer a new one.
@@ -120,7 +125,7 @@ class Detection:
 
 
 def client_context() -> ssl.SSLContext:
-    """TLS to one of this machine's own listeners: a dev server's certificate is self-signed,
+    """TLS to one of the workspace's own listeners: a dev server's certificate is self-signed,
     or for another name, so nothing is verified. No CA store is loaded (that is ~10 ms)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False

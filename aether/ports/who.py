@@ -120,19 +120,14 @@ def parse_cmdline(raw: bytes, max_args: int = MAX_ARGS, max_bytes: int = MAX_BYT
 
 
 def _read(dir_fd: int, name: str, size: int) -> Optional[bytes]:
+    """Up to ``size`` bytes in one read: the kernel fills a read of ``stat`` or ``cmdline``
+    whole, so a second read for the end of file would be one more system call for nothing."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
-        chunks, left = [], size
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        return os.read(fd, size)
     except OSError:
         return None
     finally:
