@@ -128,7 +128,8 @@ def servers(tmp: Path, cert) -> list[tuple[str, int, subprocess.Popen]]:
     started = []
     for name, argv in plans:
         port = free_port()
-        proc = subprocess.Popen(argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         wait_listening(port, proc)
         started.append((name, port, proc))
     return started

@@ -219,8 +219,8 @@ def test_server_that_closes_on_every_probe_is_tcp_at_the_deadline_bounded(pool, 
     # Backoff from 0.1 s doubling: 0.1 + 0.2 + 0.4 + 0.8 > 1.5, so at most 5 looks of two
     # connections each (the plain request, then a ClientHello).
     assert 2 <= found.attempts <= 5
-    connections = wait_for(lambda: log.exists() and len(log.read_text().split()) >= 2 * found.attempts and log.read_text().split())
-    assert len(connections) == 2 * found.attempts
+    connections = wait_for(lambda: log.exists() and len(log.read_text().split()) >= 2 * found.attempts, 10)
+    assert connections and len(log.read_text().split()) == 2 * found.attempts
 
 
 def test_server_that_speaks_first_is_tcp_and_is_sent_nothing(pool, tmp_path):
@@ -342,3 +342,36 @@ def test_detection_json():
     found = detect.Detection(8443, HTTPS, 1.2346, "tls", 1)
     assert found.to_json() == {"port": 8443, "protocol": "https", "ready": 1235, "reason": "tls"}
     assert detect.Detection(5432, TCP, 0.1, "answer", 1).to_json()["ready"] is None
+
+
+_LOOKS = {
+    "http 200": detect.Look(HTTP, "http", 200), "http 400": detect.Look(HTTP, "http", 400),
+    "tls record": detect.Look(None, "tls", sample=b"\x15\x03"), "closed": detect.Look(None, "closed"),
+    "silent": detect.Look(None, "silent"), "refused": detect.Look(None, "refused"),
+    "answer": detect.Look(TCP, "answer", sample=b"N"), "banner": detect.Look(TCP, "banner", sample=b"SSH-2.0"),
+}
+
+
+@pytest.mark.parametrize("plain, needed", [("http 200", False), ("http 400", True), ("tls record", True),
+                                           ("closed", True), ("silent", False), ("refused", False),
+                                           ("answer", False), ("banner", False)])
+def test_needs_tls(plain, needed):
+    assert detect.needs_tls(_LOOKS[plain]) is needed
+
+
+@pytest.mark.parametrize("plain, tls, verdict", [
+    ("http 400", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # nginx on a TLS port
+    ("http 400", detect.Look(HTTP, "http", 400), (HTTP, "http")),  # a plain nginx: 400s both ways
+    ("http 400", detect.Look(None, "closed"), (HTTP, "http")),
+    ("closed", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # node's https closes on plain HTTP
+    ("closed", detect.Look(HTTPS, "tls-alert"), (HTTPS, "tls-alert")),
+    ("closed", detect.Look(None, "closed"), (None, "closed")),  # PostgreSQL, or not ready: try again
+    ("closed", detect.Look(None, "silent"), (None, "closed")),
+    ("closed", detect.Look(TCP, "answer", sample=b"N"), (TCP, "answer")),
+    ("closed", detect.Look(HTTP, "http", 400), (HTTP, "http")),
+    ("tls record", detect.Look(None, "closed"), (TCP, "answer")),
+    ("tls record", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),
+])
+def test_combine(plain, tls, verdict):
+    found = detect.combine(_LOOKS[plain], tls)
+    assert (found.protocol, found.reason) == verdict

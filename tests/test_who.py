@@ -28,7 +28,8 @@ from aether.ports.who import MARKER, MAX_ARGS, MAX_BYTES, parse_cmdline, who
 from conftest import ROOT, free_port, terminate, wait_for
 
 PY = sys.executable
-LISTEN = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(600)"
+LISTEN = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); "
+          "time.sleep(600)")
 
 
 def spawn(argv, **kw) -> subprocess.Popen:
@@ -83,7 +84,9 @@ def test_arguments_not_utf8_are_escaped_as_file_names_are(procs_started, tmp_pat
     found = who(proc.pid)
     assert found.argv[3:] == ("café", "", "\udcff\udcfe")
     assert found.argv[3].encode("utf-8", "surrogateescape") == b"caf\xc3\xa9"
-    assert json.dumps(found.command, ensure_ascii=False).encode("utf-8", "backslashreplace").endswith(b'\\udcff\\udcfe"')
+    # As the server writes a frame: the escaped bytes become JSON's \udcXX.
+    frame = json.dumps(found.command, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    assert frame.endswith(b'\\udcff\\udcfe"')
 
 
 def test_long_command_lines_are_cut_with_a_marker(procs_started):
@@ -108,7 +111,8 @@ def test_rewritten_title(procs_started, tmp_path):
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin") or pytest.fail("nginx is not installed")
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    temps = " ".join(f"{kind}_temp_path {tmp_path}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temps = " ".join(f"{kind}_temp_path {tmp_path}/{kind};" for kind in kinds)
     conf.write_text(f"daemon off; master_process on; worker_processes 1; user root; pid {tmp_path}/nginx.pid;\n"
                     f"error_log stderr error; events {{ worker_connections 16; }}\n"
                     f"http {{ access_log off; {temps} server {{ listen 127.0.0.1:{port}; return 200; }} }}\n")
@@ -407,8 +411,9 @@ def test_socket_nobody_answers(tmp_path):
 
 
 def test_publishers_pass_over_what_is_not_documented():
-    weird = [None, 3, {"Ports": "x"}, {"Ports": [{"PublicPort": "80"}]}, {"Ports": [None, {"PublicPort": 80}], "Names": [7],
-             "Id": "0123456789abcdef", "Image": None, "NetworkSettings": []}]
+    weird = [None, 3, {"Ports": "x"}, {"Ports": [{"PublicPort": "80"}]},
+             {"Ports": [None, {"PublicPort": 80}], "Names": [7], "Id": "0123456789abcdef", "Image": None,
+              "NetworkSettings": []}]
     assert publishers(weird, 80) == [Container("0123456789abcdef", "0123456789ab", "")]
     assert publishers({"message": "page not found"}, 80) == []
     assert publishers(None, 80) == []
@@ -432,3 +437,59 @@ def test_parse_answer(raw, expected):
 def test_parse_answer_refuses(raw):
     with pytest.raises(containers.AnswerError):
         containers.parse_answer(raw)
+
+
+# -- the pure parts, fuzzed ----------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                         st.sampled_from(["Id", "Names", "Image", "Ports", "PublicPort", "Type", "NetworkSettings",
+                                          "Networks", "IPAddress", "x"]), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.integers(1, 80), st.integers(1, 1500))
+def test_parse_cmdline_any_bytes(raw, max_args, max_bytes):
+    argv, cut = parse_cmdline(raw, max_args, max_bytes)
+    if argv is None:  # nothing but NULs, and perhaps the start of a character that was cut
+        kept = raw[:max_bytes].strip(b"\0")
+        assert not kept or (cut and len(kept) <= 3)
+        return
+    assert len(argv) <= max_args
+    encoded = b"\0".join(arg.encode("utf-8", "surrogateescape") for arg in argv)
+    assert len(encoded) <= max_bytes
+    if not cut:
+        assert encoded == raw.rstrip(b"\0")
+    else:
+        assert raw.startswith(encoded)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["-proto", "-host-ip", "-host-port", "-container-ip", "-container-port",
+                                 "--host-port=1", "-container-port=80", "80", "0", "70000", "x", "-", "--", ""])
+                | st.text(max_size=6), max_size=12))
+def test_proxy_target_any_argv(argv):
+    target = proxy_target(argv)
+    if target is not None:
+        assert target.container_ip is not None or target.container_port is not None
+        for port in (target.host_port, target.container_port):
+            assert port is None or 0 < port < 65536
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, st.integers(0, 70000))
+def test_publishers_any_json(listing, port):
+    for found in publishers(listing, port, ProxyTarget("tcp", None, port, "172.17.0.2", 80)):
+        assert isinstance(found, Container) and len(found.name) <= containers.MAX_NAME
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parse_answer_any_bytes(raw):
+    try:
+        status, body = containers.parse_answer(raw)
+    except containers.AnswerError:
+        return
+    assert 0 <= status and isinstance(body, bytes)

@@ -138,10 +138,11 @@ def _publishes(ports: object, port: int) -> bool:
 
 
 def _addresses(entry: dict) -> set[str]:
-    networks = (entry.get("NetworkSettings") or {}).get("Networks") if isinstance(entry.get("NetworkSettings"), dict) else None
+    settings = entry.get("NetworkSettings")
+    networks = settings.get("Networks") if isinstance(settings, dict) else None
     if not isinstance(networks, dict):
         return set()
-    return {n.get("IPAddress") for n in networks.values() if isinstance(n, dict) and isinstance(n.get("IPAddress"), str)}
+    return {n["IPAddress"] for n in networks.values() if isinstance(n, dict) and isinstance(n.get("IPAddress"), str)}
 
 
 class AnswerError(Exception):
@@ -232,7 +233,8 @@ class Containers:
             try:
                 listing = await asyncio.wait_for(self._get("/containers/json"), self.timeout)
             except (OSError, asyncio.TimeoutError, AnswerError, ValueError) as exc:
-                log.debug("dockerd did not answer", extra={"socket": self.path, "error": str(exc) or type(exc).__name__})
+                error = str(exc) or type(exc).__name__
+                log.debug("dockerd did not answer", extra={"socket": self.path, "error": error})
         self._listing, self._fetched = listing, time.monotonic()
         return listing
 

@@ -145,6 +145,24 @@ def classify_answer(data: bytes) -> tuple[str, Optional[int]]:
     return "answer", None
 
 
+def needs_tls(plain: Look) -> bool:
+    """Whether the answer to the plain request could have come from a TLS server: a ``400``,
+    a TLS record, or the connection closed without a word."""
+    return plain.reason in ("tls", "closed") or (plain.reason == "http" and plain.status == 400)
+
+
+def combine(plain: Look, tls: Look) -> Look:
+    """One look's verdict from the plain request's answer and the ClientHello's."""
+    if tls.protocol == HTTPS:
+        return tls
+    if plain.reason == "http":  # a 400 from a plain HTTP server
+        return plain
+    if plain.reason == "tls":  # a TLS record to plain HTTP, and then no handshake
+        return Look(TCP, "answer", sample=plain.sample)
+    # Closed on the plain request: whatever answered the ClientHello, if anything.
+    return tls if tls.protocol is not None else Look(None, "closed")
+
+
 class Detector:
     """Finds each open port's protocol once; ``on_result(detection)`` when found.
 
@@ -241,19 +259,9 @@ class Detector:
     async def look(self, host: str, port: int, wait: float = REFRESH) -> Look:
         """One look (see the module docstring), waiting up to ``wait`` seconds for an answer."""
         plain = await self._plain(host, port, wait)
-        if plain.reason in ("refused", "silent", "banner") or (plain.reason == "http" and plain.status != 400):
+        if not needs_tls(plain):
             return plain
-        if plain.reason == "answer":  # bytes that are neither HTTP nor TLS
-            return plain
-        tls = await self._tls(host, port)
-        if tls.protocol == HTTPS:
-            return tls
-        if plain.reason == "http":
-            return plain
-        if plain.reason == "tls":  # a TLS record to plain HTTP, and then no handshake
-            return Look(TCP, "answer", sample=plain.sample)
-        # Closed on the plain request: whatever answered the ClientHello, if anything.
-        return tls if tls.protocol is not None else Look(None, "closed")
+        return combine(plain, await self._tls(host, port))
 
     async def _open(self, host: str, port: int):
         try:

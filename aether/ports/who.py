@@ -95,7 +95,9 @@ def who(pid: Optional[int], started: Optional[int] = None) -> Optional[Who]:
         os.close(fd)
 
 
-def parse_cmdline(raw: bytes, max_args: int = MAX_ARGS, max_bytes: int = MAX_BYTES) -> tuple[Optional[tuple[str, ...]], bool]:
+def parse_cmdline(
+    raw: bytes, max_args: int = MAX_ARGS, max_bytes: int = MAX_BYTES
+) -> tuple[Optional[tuple[str, ...]], bool]:
     """``/proc/<pid>/cmdline`` (arguments each ended by a NUL) as (arguments, cut). None for
     an empty one (a kernel thread, a zombie). A process that rewrote its title (nginx's
     ``nginx: master process ...``) has one argument padded with NULs: the padding goes.
