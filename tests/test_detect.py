@@ -168,6 +168,13 @@ def test_python_http_server_is_http(pool, loop):
     assert found.ready is not None and found.attempts == 1
 
 
+def test_ipv6_loopback(pool):
+    port = free_port(socket.AF_INET6)
+    pool.http_server(port, bind="::1")
+    found = run(Detector().detect("::1", port))
+    assert (found.protocol, found.status) == (HTTP, 501)
+
+
 def test_python_ssl_server_is_https(pool, cert, loop):
     port = free_port()
     pool.spawn([PY, "-c", PYTHON_SSL, str(port), *cert], port, stderr=subprocess.DEVNULL)
