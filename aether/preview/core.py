@@ -55,15 +55,16 @@ class Proxy:
         if forward.tag is not None:
             self._tunnels.setdefault(forward.tag, set()).add(conn)
 
+    def untunneled(self, conn: ClientConnection, forward: Forward) -> None:
+        """``conn``, a tunnel to ``forward``'s upstream, closed."""
+        tunnels = self._tunnels.get(forward.tag)
+        if tunnels is not None:
+            tunnels.discard(conn)
+            if not tunnels:
+                del self._tunnels[forward.tag]
+
     def closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        forward = conn.tunnel_forward
-        if forward is not None and forward.tag is not None:
-            tunnels = self._tunnels.get(forward.tag)
-            if tunnels is not None:
-                tunnels.discard(conn)
-                if not tunnels:
-                    del self._tunnels[forward.tag]
 
     # -- what the owner calls ---------------------------------------------------------------
 

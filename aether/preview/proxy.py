@@ -175,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
             self._connecting.cancel()  # nobody is left to answer
             self._connecting = None
         if self.tunnel is not None:
+            self.proxy.untunneled(self, self.tunnel_forward)
             self.tunnel.close()
             return
         cycle = self.active

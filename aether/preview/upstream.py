@@ -297,7 +297,9 @@ class Upstream(asyncio.Protocol):
 
     # -- idle expiry in the pool ------------------------------------------------------------
 
-    def arm_idle_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+    def idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put in the pool now: closed once idle for ``POOL_IDLE_SECONDS``."""
+        self.idle_since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self.idle_since + POOL_IDLE_SECONDS, self._idle_check, loop)
 
@@ -333,9 +335,8 @@ class Pool:
         if len(conns) >= POOL_SIZE:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
         conns.append(conn)
-        conn.arm_idle_timer(self.loop)
+        conn.idle(self.loop)
 
     def discard(self, conn: Upstream) -> None:
         conns = self.idle.get(conn.key)
