@@ -35,7 +35,7 @@ class PreviewProxy:
     def __init__(self, settings, monitor, visibility: Visibility, named, metrics):
         self.loop = asyncio.get_running_loop()
         self.monitor = monitor
-        # Counted by the connections, read at scrape time (aether.metrics).
+        # Counted by the connections, read at scrape time (aether.server.metrics).
         self._responses = metrics.preview_responses
         self._latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)
