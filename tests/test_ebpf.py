@@ -41,7 +41,7 @@ def _ebpf():
 def open_ports(messages) -> set[int]:
     state: set[int] = set()
     for msg in messages:
-        (state.add if msg["type"] == "open" else state.discard)(msg["port"])
+        (state.discard if msg["type"] == "close" else state.add)(msg["port"])  # an update: still open
     return state
 
 

@@ -145,25 +145,31 @@ def test_cli_run_sets_the_ports_from_the_registry(tmp_path):
 
 
 def test_cli_allocate_skips_listening_bad_and_registered_ports(tmp_path, listeners):
+    # 6664-6680 holds the browsers' bad ports 6665-6669 and 6679.
+    result = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
+    ports = [e["port"] for e in json.loads(result.stdout)]
+    assert ports == [6670, 6671]
+    again = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
+    assert [e["port"] for e in json.loads(again.stdout)] == ports
+    full = port_cli(tmp_path, "allocate", "other", "--labels", "a,b,c,d,e,f,g,h", "--range", "6664-6680")
+    assert full.returncode == 1 and "no 8 contiguous free ports" in full.stderr  # 6672-6678 are 7
+    # A port bound for UDP, or listening, is skipped: each a free port of its own, alone in its range
+    # (a fixed one can be another's, a concurrent run's of this test included).
     busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    busy.bind(("127.0.0.1", 6670))  # UDP counts too
+    busy.bind(("127.0.0.1", 0))
+    listening = free_port()
+    listeners.http_server(listening)
     try:
-        listeners.http_server(6671)
-        # 6664-6680 holds the browsers' bad ports 6665-6669 and 6679.
-        result = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
-        ports = [e["port"] for e in json.loads(result.stdout)]
-        assert ports == [6672, 6673]
-        again = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
-        assert [e["port"] for e in json.loads(again.stdout)] == ports
-        full = port_cli(tmp_path, "allocate", "other", "--labels", "a,b,c,d,e,f,g,h", "--range", "6664-6680")
-        assert full.returncode == 1 and "no 8 contiguous free ports" in full.stderr
-        default = port_cli(tmp_path, "allocate", "portos", "--labels", "api,health")
-        assert default.stdout.startswith("portos (api:55") and default.returncode == 0
-        (tmp_path / "config.json").write_text(json.dumps({"port_ranges": {"ml": [7100, 7199, "notebooks"]}}))
-        named = port_cli(tmp_path, "allocate", "nb", "--labels", "kernel", "--range", "ml", "--json")
-        assert json.loads(named.stdout)[0]["port"] == 7100
+        for port in (busy.getsockname()[1], listening):
+            taken = port_cli(tmp_path, "allocate", f"x{port}", "--labels", "api", "--range", f"{port}-{port}")
+            assert taken.returncode == 1 and f"no 1 contiguous free ports in {port}-{port}" in taken.stderr, port
     finally:
         busy.close()
+    default = port_cli(tmp_path, "allocate", "portos", "--labels", "api,health")
+    assert default.stdout.startswith("portos (api:55") and default.returncode == 0
+    (tmp_path / "config.json").write_text(json.dumps({"port_ranges": {"ml": [7100, 7199, "notebooks"]}}))
+    named = port_cli(tmp_path, "allocate", "nb", "--labels", "kernel", "--range", "ml", "--json")
+    assert json.loads(named.stdout)[0]["port"] == 7100
 
 
 def test_cli_check_reports_conflicts(tmp_path, listeners):

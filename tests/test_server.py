@@ -265,7 +265,9 @@ def test_pings_come_at_the_ping_interval(serve):
 def test_keepalive_pings_and_drops_silent_clients(serve):
     server = serve("--ping-interval", "0.2", "--pong-timeout", "0.6")
     silent = raw_upgrade(server)  # never answers a ping
-    with server.connect() as ws:  # answers pings by itself
+    # Answers pings by itself, while its reader runs: unbounded, as it reads nothing until the end
+    # (16 messages, the default, stop it while other processes' ports come and go).
+    with server.connect(max_queue=None) as ws:
         assert _closed_by_server(silent, within=3.0), "a client that never pongs must be dropped"
         time.sleep(1.0)  # well past the pong timeout
         ws.send('{"channel": "config", "type": "get"}')

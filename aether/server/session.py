@@ -235,6 +235,11 @@ class Session(tornado.websocket.WebSocketHandler):
         stream_socket = self.ws_connection.stream.socket
         if stream_socket is not None:
             stream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.settings.send_buffer_bytes)
+            # Every frame goes out at once. With Nagle's algorithm an answer waits behind an
+            # event not yet acknowledged, and clients delay their ACKs up to 40 ms: an idle
+            # server's `config get` round trip had a p99 of 45 ms beside other ports' events,
+            # 4-12 ms without.
+            stream_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.on_open(self)
         self.server.hub.add(self)
         log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.server.hub.sessions)})
