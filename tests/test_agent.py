@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOHUP, ROOT, Server, free_port, gone, recv_json, wait_for
+from support import ROOT
+from support.clients import recv_json
+from support.ports import free_port
+from support.processes import NOHUP, gone
+from support.servers import Server
+from support.waiting import wait_for
 
 SCRIPTED = ROOT / "tests" / "agents" / "scripted.py"
 EXAMPLE = ROOT / "examples" / "workspace_agent.py"
@@ -95,8 +100,8 @@ def turn_of(messages: list[dict]) -> dict:
 
 def test_example_backend_answers_about_a_real_listener(start, listeners):
     server = start(backend=EXAMPLE)
-    port = free_port()
-    http = listeners.http_server(port)
+    http = listeners.http_server()
+    port = http.port
     agent, watcher = Agent(server), Agent(server)
     turn = agent.ask(f"What listens on port {port}?", timeout=30)
     started, message = turn["started"], turn["message"]

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Server, Watcher, aether, free_port, kernel_listening_ports, need_ebpf
+from support import ROOT
+from support.ebpf import need_ebpf
+from support.ports import free_port, kernel_listening_ports
+from support.processes import aether
+from support.servers import Server, Watcher
 
 BURST = """
 import socket, sys
@@ -31,6 +35,9 @@ for i in range(n):
 print(" ".join(str(s.getsockname()[1]) for s in kept), flush=True)
 sys.stdin.readline()
 """
+
+
+pytestmark = pytest.mark.ebpf
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +150,7 @@ def test_idle_watcher_is_never_woken():
 
 def test_idle_server_without_clients_is_never_woken(tmp_path):
     """No keepalive timer without sessions, no polling: `aether serve` sleeps until needed."""
-    from conftest import Server
+    from support.servers import Server
 
     server = Server("ebpf", tmp_path / "state")
     try:

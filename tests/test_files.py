@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aether.files.watch import WINDOW_SECONDS
-from conftest import Server
+from support.servers import Server
 
 CHUNK = 256 << 10
 

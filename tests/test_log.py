@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from conftest import AETHER, ROOT, aether, free_port, terminate
+from support import AETHER, ROOT
+from support.ports import free_port
+from support.processes import aether, terminate
 
 # A logfmt value: bare, or quoted with backslash escapes inside.
 _PAIR = re.compile(r'([^\s="]+)=(?:"((?:[^"\\]|\\.)*)"|([^\s"]*))(?:\s|$)')

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from aether.ports.monitor import PortMonitor
-from conftest import FORKING_OWNER, free_port, proc_comm
+from support.ports import free_port
+from support.processes import FORKING_OWNER, proc_comm
 
 
 async def until(predicate, timeout=5.0):

@@ -21,13 +21,21 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import ROOT, Server, free_port, need_ebpf, recv_until, wait_for
+from support import ROOT
+from support.clients import recv_until
+from support.ebpf import need_ebpf
+from support.ports import free_port
+from support.servers import Server
+from support.waiting import wait_for
 
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
 WS_APP = str(ROOT / "tests" / "upstreams" / "ws_app.js")
 NODE_PATH = str(ROOT / ".tools" / "node_modules")
 PREFIX = "abc123"
 PROJECT = "abc123def456"
+
+#: Fixtures that start `aether serve` on the probe (see conftest).
+PROBE_FIXTURES = ("server", "own_server")
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +107,8 @@ def raw_exchange(server: Server, data: bytes, timeout: float = 5.0) -> bytes:
 @pytest.fixture
 def app(listeners):
     def start(port=None, bind="127.0.0.1"):
-        port = port or free_port(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-        listeners.spawn([sys.executable, APP, str(port), bind], port)
-        return port
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        return listeners.spawn_on(lambda p: [sys.executable, APP, str(p), bind], port, family).port
 
     return start
 
@@ -115,8 +122,7 @@ def wait_open(server: Server, port: int) -> None:
 
 
 def test_routes_by_host_and_the_api_shares_the_listener(server, listeners):
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     wait_open(server, port)
     status, headers, body = request(server, port)
     assert status == 200 and b"Directory listing" in body

@@ -12,7 +12,11 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from conftest import ROOT, free_port, proc_comm, raw_upgrade, recv_json, recv_until, wait_for
+from support import AETHER, ROOT
+from support.clients import raw_upgrade, recv_json, recv_until
+from support.ports import free_port
+from support.processes import proc_comm
+from support.waiting import wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -35,8 +39,8 @@ def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
 
 @pytest.mark.parametrize("how", ["header", "query"])
 def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
-    port = free_port()
-    http = listeners.http_server(port)
+    http = listeners.http_server()
+    port = http.port
     server = serve()
     with server.connect(how) as ws:
         if how == "header":
@@ -85,8 +89,8 @@ def test_live_open_and_close_in_order(serve, listeners):
     server = serve()
     with server.connect() as ws:
         opens(ws)
-        port = free_port()
-        node = listeners.node(port)
+        node = listeners.node()
+        port = node.port
         msg = recv_until(ws, lambda m: m.get("port") == port)
         assert (msg["type"], msg["pid"], msg["process"]) == ("open", node.pid, "node")
         node.kill()
@@ -158,9 +162,8 @@ def test_oversized_message_closes_1009_for_every_client(serve):
 
 def test_kill_python_and_node_servers(serve, listeners):
     server = serve()
-    http_port, node_port = free_port(), free_port()
-    http = listeners.http_server(http_port)
-    node = listeners.node(node_port)
+    http, node = listeners.http_server(), listeners.node()
+    http_port, node_port = http.port, node.port
     with server.connect() as ws:
         opens(ws, expect=(http_port, node_port))
         for port, proc in ((http_port, http), (node_port, node)):
@@ -188,8 +191,7 @@ def test_kill_refusals(serve, case):
 
 def test_config_get_set_changed_and_persisted(serve, listeners):
     server = serve()
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     with server.connect() as a, server.connect("query") as b:
         assert port in opens(a, expect=[port]) and port in opens(b, expect=[port])
         a.send('{"channel": "config", "type": "get", "id": 1}')
@@ -287,8 +289,7 @@ def test_stalled_reader_is_dropped_alone(serve, listeners):
         wait_for(lambda: any(line.get("msg") == "dropping client" for line in server.log), 5)
         # Meanwhile the reading client was answered at once, every time.
         assert time.monotonic() - started < 10
-        port = free_port()
-        listeners.http_server(port)
+        port = listeners.http_server().port
         recv_until(ws, lambda m: m.get("port") == port and m["type"] == "open")
     assert any("did not complete in 0.5 s" in line.get("reason", "") for line in server.log)
     assert _closed_by_server(stalled, within=5.0)
@@ -334,7 +335,7 @@ def test_token_never_logged(serve):
 def test_port_in_use_is_one_clear_line(serve):
     server = serve()
     result = subprocess.run(
-        [*__import__("conftest").AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
+        [*AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
     assert result.returncode == 1
@@ -386,7 +387,7 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
     state.mkdir()
     (state / name).write_text("" if name == "token" else "\n")
     result = subprocess.run(
-        [*__import__("conftest").AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
+        [*AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
     assert result.returncode == 1 and result.stdout == ""
@@ -398,7 +399,7 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
 
 
 def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
-    from conftest import Server
+    from support.servers import Server
 
     state = tmp_path / "state"
     state.mkdir()
@@ -425,7 +426,7 @@ def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
     import os
     import stat
 
-    from conftest import Server
+    from support.servers import Server
 
     state = tmp_path / "state"
     first = Server("sockdiag", state)
@@ -464,7 +465,7 @@ def test_a_new_state_directory_is_private_from_the_start(tmp_path):
     import os
     import stat
 
-    from conftest import Server
+    from support.servers import Server
 
     state = tmp_path / "new" / "state"
     server = Server("sockdiag", state)

@@ -13,8 +13,12 @@ import time
 
 import pytest
 
-from conftest import (NOHUP, ROOT, Server, free_port, gone, masked_text_frame, raw_upgrade, recv_json, recv_until,
-                      signal_state, wait_for)
+from support import ROOT
+from support.clients import masked_text_frame, raw_upgrade, recv_json, recv_until
+from support.ports import free_port
+from support.processes import NOHUP, gone, signal_state
+from support.servers import Server
+from support.waiting import wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -395,8 +399,7 @@ def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path
     time.sleep(0.5)
     hwm = _vm_hwm(server.proc.pid)
     # The output waits for the stalled client; port events reach the other client at once.
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     started = time.monotonic()
     recv_until(watcher.ws, lambda m: m["channel"] == "ports" and m["type"] == "open" and m["port"] == port)
     assert time.monotonic() - started < 2
