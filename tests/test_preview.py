@@ -399,13 +399,13 @@ def test_crashing_partial_and_slow_upstreams(own_server, app, tmp_path):
 def test_client_going_away_closes_the_upstream(server, app, tmp_path):
     port = app()
     wait_open(server, port)
-    flag = tmp_path / "closed"
+    reached, flag = tmp_path / "reached", tmp_path / "closed"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(
-            f"GET /slow?flag={flag} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
+            f"GET /slow?reached={reached}&flag={flag} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
             f"Authorization: Bearer {server.token}\r\n\r\n".encode()
         )
-        time.sleep(0.2)
+        wait_for(reached.exists, 5)  # the proxy has passed the request on
     wait_for(flag.exists, 5)
 
 
