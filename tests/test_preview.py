@@ -26,7 +26,7 @@ from support.clients import recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port
 from support.servers import Server
-from support.waiting import wait_for
+from support.waiting import until, wait_for
 
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
 WS_APP = str(ROOT / "tests" / "upstreams" / "ws_app.js")
@@ -739,12 +739,6 @@ def test_local_addresses_follow_the_kernel(other_host):
         lines = "".join(f"addr {verb} {a}/128 dev {other_host.here} nodad\n" for a in many)
         subprocess.run(["ip", "-batch", "-"], input=lines.encode(), check=True, capture_output=True)
 
-    async def until(predicate) -> None:
-        deadline = time.monotonic() + 10
-        while not predicate():
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.01)
-
     async def main() -> None:
         changes = []
         local = LocalAddresses(asyncio.get_running_loop(), lambda added, removed: changes.append((added, removed)))
@@ -753,15 +747,15 @@ def test_local_addresses_follow_the_kernel(other_host):
             assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
             assert f"{other_host.net}.2" not in local.addresses  # the other end's
             ip("addr", "add", f"{prefix}ffff/128", "dev", other_host.here, "nodad")
-            await until(lambda: f"{prefix}ffff" in local.addresses)
+            await until(lambda: f"{prefix}ffff" in local.addresses, 10)
             assert ({f"{prefix}ffff"}, set()) in changes
             ip("addr", "del", f"{prefix}ffff/128", "dev", other_host.here)
-            await until(lambda: f"{prefix}ffff" not in local.addresses)
+            await until(lambda: f"{prefix}ffff" not in local.addresses, 10)
             batch("add")  # the loop is held up meanwhile: nothing reads the notifications
-            await until(lambda: set(many) <= local.addresses)
+            await until(lambda: set(many) <= local.addresses, 10)
             assert local.resyncs >= 1
             batch("del")
-            await until(lambda: not set(many) & local.addresses)
+            await until(lambda: not set(many) & local.addresses, 10)
             assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
         finally:
             local.close()
