@@ -16,9 +16,19 @@ from support import AETHER, ROOT
 from support.clients import masked_frame, raw_upgrade, read_frames, recv_json, recv_until
 from support.ports import free_port
 from support.processes import proc_comm
+from support.servers import Server
 from support.waiting import wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One `aether serve` for the tests that change nothing in it and do not depend on its ports
+    backend: refusals, broken frames, clients of every kind."""
+    server = Server("sockdiag", tmp_path_factory.mktemp("shared"))
+    yield server
+    server.stop()
 
 
 def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
@@ -74,10 +84,10 @@ def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
         ("/workspaces/other/ws?token=wrong", {}, 401),  # no token, no hint of which ids exist
     ],
 )
-def test_refused_upgrades(serve, path, headers, status):
+def test_refused_upgrades(shared, path, headers, status):
     from websockets.sync.client import connect
 
-    server = serve()
+    server = shared
     url = f"ws://127.0.0.1:{server.port}{path.format(token=server.token)}"
     protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     with pytest.raises(InvalidStatus) as caught:
@@ -97,36 +107,37 @@ def test_live_open_and_close_in_order(serve, listeners):
         assert recv_until(ws, lambda m: m.get("port") == port) == {"channel": "ports", "type": "close", "port": port}
 
 
-@pytest.mark.parametrize(
-    "frame, code, channel",
-    [
-        ("not json", "bad_json", None),
-        ('["a"]', "bad_message", None),
-        ('{"type": "get"}', "bad_message", None),
-        ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
-        ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
-        ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
-        ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
-        ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
-        ('{"channel": "files", "type": "list"}', "bad_message", "files"),
-        ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
-        ('{"channel": "agent", "type": "prompt", "text": "hi"}', "not_configured", "agent"),
-    ],
-)
-def test_bad_messages_get_errors_and_the_connection_stays(serve, frame, code, channel):
-    server = serve()
-    with server.connect() as ws:
+#: Bad messages, each with the error's code and channel: the protocol layer's refusals (its
+#: decisions are tested without sockets, in test_protocol.py) and the channels'.
+BAD_MESSAGES = [
+    ("not json", "bad_json", None),
+    ('["a"]', "bad_message", None),
+    ('{"type": "get"}', "bad_message", None),
+    ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
+    ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
+    ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
+    ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
+    ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
+    ('{"channel": "files", "type": "list"}', "bad_message", "files"),
+    ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
+    ('{"channel": "agent", "type": "prompt", "text": "hi"}', "not_configured", "agent"),
+]
+
+
+def test_bad_messages_get_errors_and_the_connection_stays(shared):
+    with shared.connect() as ws:
         opens(ws)
-        ws.send(frame)
-        reply = recv_until(ws, lambda m: m["type"] == "error")
-        assert (reply["channel"], reply["type"], reply["code"]) == (channel, "error", code)
-        assert reply["message"]
+        for frame, code, channel in BAD_MESSAGES:
+            ws.send(frame)
+            reply = recv_until(ws, lambda m: m["type"] == "error")
+            assert (reply["channel"], reply["type"], reply["code"]) == (channel, "error", code), frame
+            assert reply["message"]
         ws.send('{"channel": "config", "type": "get", "id": "after"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["id"] == "after"
 
 
-def test_deeply_nested_values_are_bad_messages_not_internal(serve):
-    server = serve()
+def test_deeply_nested_values_are_bad_messages_not_internal(shared):
+    server, logged = shared, len(shared.log)
     with server.connect() as ws:
         opens(ws)
         deep = "[" * 1000 + "]" * 1000
@@ -138,7 +149,7 @@ def test_deeply_nested_values_are_bad_messages_not_internal(serve):
         assert (reply["type"], reply["code"]) == ("error", "invalid") and "[[[[…]]]]" in reply["message"]
         ws.send('{"channel": "config", "type": "get", "id": "after"}')
         assert recv_until(ws, lambda m: m.get("id") == "after")["config"]["ignoredPorts"] == [22, 2222, 3001]
-    assert not [line for line in server.log if line.get("level") == "error"]
+    assert not [line for line in server.log[logged:] if line.get("level") == "error"]
 
 
 def test_oversized_message_closes_1009_for_every_client(serve):
@@ -172,19 +183,19 @@ def test_kill_python_and_node_servers(serve, listeners):
             assert proc.wait(5) is not None
 
 
-@pytest.mark.parametrize("case", ["not_open", "ignored", "own_port", "ancestor"])
-def test_kill_refusals(serve, case):
+def test_kill_refusals(serve):
     server = serve()
     mine = socket.socket()  # held by this test process, an ancestor of the server
     mine.bind(("127.0.0.1", 0))
     mine.listen()
-    port = {"not_open": free_port(), "ignored": 22, "own_port": server.port, "ancestor": mine.getsockname()[1]}[case]
-    case = "forbidden" if case in ("own_port", "ancestor") else case
+    cases = {"not_open": free_port(), "ignored": 22, "own_port": server.port, "ancestor": mine.getsockname()[1]}
     with server.connect() as ws:
-        opens(ws)
-        ws.send(json.dumps({"channel": "ports", "type": "kill", "port": port, "id": "k"}))
-        reply = recv_until(ws, lambda m: m["type"] == "error")
-        assert (reply["type"], reply["code"], reply["id"], reply["port"]) == ("error", case, "k", port)
+        opens(ws, expect=[mine.getsockname()[1]])
+        for case, port in cases.items():
+            ws.send(json.dumps({"channel": "ports", "type": "kill", "port": port, "id": case}))
+            reply = recv_until(ws, lambda m: m["type"] == "error")
+            code = "forbidden" if case in ("own_port", "ancestor") else case
+            assert (reply["type"], reply["code"], reply["id"], reply["port"]) == ("error", code, case, port)
     assert server.proc.poll() is None
     mine.close()
 
@@ -246,6 +257,13 @@ def _pings(sock: socket.socket, count: int, answer: bool = False, timeout: float
     return seen
 
 
+def _read_waiting(ws) -> None:
+    """Read the messages that have arrived, without waiting for more."""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            ws.recv(timeout=0)
+
+
 def test_pings_come_at_the_ping_interval(serve):
     interval = 0.3
     server = serve("--ping-interval", str(interval), "--pong-timeout", "30")
@@ -262,11 +280,14 @@ def test_keepalive_pings_and_drops_silent_clients(serve):
     server = serve("--ping-interval", "0.2", "--pong-timeout", "0.6")
     silent = raw_upgrade(server)  # never answers a ping
     answering = raw_upgrade(server)  # answers each
-    with server.connect() as ws:  # answers pings by itself
+    with server.connect() as ws:  # answers pings by itself, while it reads its messages
+        opens(ws)
         assert _closed_by_server(silent, within=3.0), "a client that never pongs must be dropped"
         # Pinged on, well past the pong timeout: without its pongs counted it would be dropped
         # at the third or fourth.
-        _pings(answering, 8, answer=True)
+        for _ in range(8):
+            _pings(answering, 1, answer=True)
+            _read_waiting(ws)  # websockets reads no ping behind 16 unread messages
         ws.send('{"channel": "config", "type": "get"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"
     assert any(line.get("reason") == "no pong for 0.6 s" for line in server.log)
@@ -342,10 +363,10 @@ def test_port_in_use_is_one_clear_line(serve):
 
 
 @pytest.mark.parametrize("how", ["header", "query"])
-def test_wscat_connects_both_ways(serve, how):
+def test_wscat_connects_both_ways(shared, how):
     if not WSCAT.exists():
         pytest.fail("wscat is missing: deploy/setup.sh installs it into .tools/")
-    server = serve()
+    server = shared
     if how == "header":
         args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # seed 001's command, as given
     else:
@@ -404,7 +425,6 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
 
 
 def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
-    from support.servers import Server
 
     state = tmp_path / "state"
     state.mkdir()
@@ -431,7 +451,6 @@ def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
     import os
     import stat
 
-    from support.servers import Server
 
     state = tmp_path / "state"
     first = Server("sockdiag", state)
@@ -470,7 +489,6 @@ def test_a_new_state_directory_is_private_from_the_start(tmp_path):
     import os
     import stat
 
-    from support.servers import Server
 
     state = tmp_path / "new" / "state"
     server = Server("sockdiag", state)
@@ -590,8 +608,8 @@ def _close_frame_received(sock: socket.socket) -> bytes:
         (0x8, b"\x03\xe8bye", 1000, b""),
     ],
 )
-def test_a_broken_frame_is_answered_with_its_close_code(serve, opcode, payload, code, reason):
-    server = serve()
+def test_a_broken_frame_is_answered_with_its_close_code(shared, opcode, payload, code, reason):
+    server = shared
     with raw_upgrade(server) as sock:
         sock.sendall(_client_frame(opcode, payload))
         assert _close_frame_received(sock) == code.to_bytes(2, "big") + reason
