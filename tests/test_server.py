@@ -25,7 +25,8 @@ WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One `aether serve` for the tests that change nothing in it and do not depend on its ports
-    backend: refusals, broken frames, clients of every kind."""
+    backend: refusals, broken frames, clients of every kind. (Those that need a server of their
+    own but not a backend's take ``workspace_server``'s, on sock_diag.)"""
     server = Server("sockdiag", tmp_path_factory.mktemp("shared"))
     yield server
     server.stop()
@@ -264,9 +265,9 @@ def _read_waiting(ws) -> None:
             ws.recv(timeout=0)
 
 
-def test_pings_come_at_the_ping_interval(serve):
+def test_pings_come_at_the_ping_interval(workspace_server):
     interval = 0.3
-    server = serve("--ping-interval", str(interval), "--pong-timeout", "30")
+    server = workspace_server("--ping-interval", str(interval), "--pong-timeout", "30")
     connecting = time.monotonic()
     sock = raw_upgrade(server)
     # They keep coming (within the deadline), and never sooner than the interval: the first an
@@ -276,8 +277,8 @@ def test_pings_come_at_the_ping_interval(serve):
     assert time.monotonic() - connecting >= 6 * (interval - 0.001)
 
 
-def test_keepalive_pings_and_drops_silent_clients(serve):
-    server = serve("--ping-interval", "0.2", "--pong-timeout", "0.6")
+def test_keepalive_pings_and_drops_silent_clients(workspace_server):
+    server = workspace_server("--ping-interval", "0.2", "--pong-timeout", "0.6")
     silent = raw_upgrade(server)  # never answers a ping
     answering = raw_upgrade(server)  # answers each
     with server.connect() as ws:  # answers pings by itself, while it reads its messages
@@ -385,8 +386,8 @@ def test_wscat_connects_both_ways(shared, how):
     assert any(r.get("type") == "open" and "url" in r for r in replies)
 
 
-def test_connection_cap_counts_websockets(serve):
-    server = serve("--max-connections", "3")
+def test_connection_cap_counts_websockets(workspace_server):
+    server = workspace_server("--max-connections", "3")
     with contextlib.ExitStack() as held:
         for _ in range(3):
             held.enter_context(server.connect())
@@ -531,9 +532,9 @@ def _config_round_trip(server, sock: socket.socket | None = None) -> None:
         assert recv_until(ws, lambda m: m.get("id") == "c")["type"] == "config"
 
 
-def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(serve):
+def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(workspace_server):
     cap = 8
-    server = serve("--max-unauthenticated-per-address", str(cap))
+    server = workspace_server("--max-unauthenticated-per-address", str(cap))
     with contextlib.ExitStack() as held:
         idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
         extra = held.enter_context(_from("127.0.0.1", server.port))
@@ -572,8 +573,8 @@ def _try_config(server) -> bool:
     return True
 
 
-def test_the_per_address_cap_spares_trusted_fronts(serve):
-    server = serve("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
+def test_the_per_address_cap_spares_trusted_fronts(workspace_server):
+    server = workspace_server("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
     with contextlib.ExitStack() as held:
         for _ in range(6):
             held.enter_context(_from("127.0.0.5", server.port))
