@@ -390,7 +390,9 @@ def test_connection_cap_counts_websockets(workspace_server):
     server = workspace_server("--max-connections", "3")
     with contextlib.ExitStack() as held:
         for _ in range(3):
-            held.enter_context(server.connect())
+            # Raw: a websockets client behind 16 unread messages (the port snapshot of a busy
+            # host) reads no more, and waits out its close timeout for the server's close frame.
+            held.enter_context(raw_upgrade(server))
         # Closed at once: the client notices while reading the response or still writing.
         with pytest.raises((InvalidHandshake, ConnectionClosed)):
             with server.connect(open_timeout=3):

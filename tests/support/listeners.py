@@ -30,9 +30,9 @@ class Listeners:
         self.procs: list[subprocess.Popen] = []
         self.daemons: list[int] = []  # pids of processes that are not our children
 
-    def spawn(self, cmd: list[str], ready_port: int | None = None, **kw) -> subprocess.Popen:
-        """``cmd``, once it (or a process it started) listens on ``ready_port``; PortTaken
-        when another process listens there instead."""
+    def spawn(self, cmd: list[str], ready_port: int | None = None, sockets: int = 1, **kw) -> subprocess.Popen:
+        """``cmd``, once it (or a process it started) listens on ``ready_port`` (with
+        ``sockets`` sockets); PortTaken when it exits and another process listens there."""
         kw.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen(cmd, **kw)
         self.procs.append(proc)
@@ -40,8 +40,8 @@ class Listeners:
             def ready() -> bool:
                 if proc.poll() is not None:
                     return True
-                # Its own socket: the port listening is not enough, another process may hold it.
-                return bool(listening_inodes(ready_port) & held_sockets(proc.pid))
+                # Its own sockets: the port listening is not enough, another process may hold it.
+                return len(listening_inodes(ready_port) & held_sockets(proc.pid)) >= sockets
 
             wait_for(ready, READY_TIMEOUT)
             if proc.poll() is not None:
@@ -110,7 +110,8 @@ http {{
 """
             )
             if not daemon:
-                return self.spawn([nginx, "-c", str(conf), "-p", str(self.tmp)], p)
+                # Both families: with one address taken, nginx listens on the other, then exits.
+                return self.spawn([nginx, "-c", str(conf), "-p", str(self.tmp)], p, sockets=2)
             # Not a pipe: the master inherits it and would hold it open.
             errors = self.tmp / f"nginx-{p}.stderr"
             with errors.open("w") as stderr:
