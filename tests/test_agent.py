@@ -262,6 +262,7 @@ def test_every_cancel_of_a_turn_gets_its_done(start):
     assert "id" not in broadcast and second.next() == {**broadcast, "id": "b"}
 
 
+@pytest.mark.slow
 def test_broken_backends_fail_their_turn_alone(start):
     server = start("--agent-timeout", "1", "--agent-max-output-bytes", "3000000")
     agent = Agent(server)

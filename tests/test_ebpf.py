@@ -183,6 +183,7 @@ def _assert_never_woken(pid: int, seconds: float = 2.0, windows: int = 5) -> Non
     raise AssertionError(f"(wake-ups, host LISTEN records) in each {seconds:g} s of idling: {seen}")
 
 
+@pytest.mark.slow
 def test_idle_watcher_is_never_woken(own_netns):
     """No timer: with no port changing, the process does not run at all."""
     w = Watcher("ebpf", wrap=own_netns)
@@ -192,6 +193,7 @@ def test_idle_watcher_is_never_woken(own_netns):
         w.stop()
 
 
+@pytest.mark.slow
 def test_idle_server_without_clients_is_never_woken(tmp_path, own_netns):
     """No keepalive timer without sessions, no polling: `aether serve` sleeps until needed."""
     server = Server("ebpf", tmp_path / "state", wrap=own_netns)

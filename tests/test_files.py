@@ -402,6 +402,7 @@ os.rename("in", "again"); os.rename("again", "renamed"); open("renamed/inner/y",
         f.error("unwatch", "not_found", watchId="w1")
 
 
+@pytest.mark.slow
 def test_a_save_storm_is_a_few_events(server, root):
     with server.connect() as ws:
         f = Files(ws)
@@ -423,6 +424,7 @@ for n in range(2000):
     assert events[0]["type"] == "created" and {e["path"] for e in events} == {"storm.txt"}
 
 
+@pytest.mark.slow
 def test_thousands_of_files_at_once_overflow(server, root):
     for i in range(5000):
         (root / f"f{i}").touch()

@@ -201,20 +201,21 @@ def test_steering_attempts_reach_nothing_else(server, app):
     wait_open(server, port)
     auth = f"Authorization: Bearer {server.token}\r\n".encode()
     h = host(server, port).encode()
-    # An absolute-form target naming another port.
-    reply = raw_exchange(server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"\r\n")
+    # An absolute-form target naming another port. (Connection: close, here and below, where
+    # the connection stays open after the answer: the exchange ends when it closes.)
+    reply = raw_exchange(server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
     # A Host with userinfo-like junk is no preview host: the API side refuses it.
     reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"@evil\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")) and b"peer_port" not in reply
     # Two Host headers.
-    reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\nHost: 22-" + PREFIX.encode() + b".preview.localhost\r\n" + auth + b"\r\n")
+    reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\nHost: 22-" + PREFIX.encode() + b".preview.localhost\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
     # A second request on a preview connection naming a non-preview host, reflected escaped.
     reply = raw_exchange(
         server,
         b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"\r\n"
-        b"GET /echo HTTP/1.1\r\nHost: <script>x</script>\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: <script>x</script>\r\nConnection: close\r\n\r\n",
     )
     assert b"HTTP/1.1 200" in reply and b"HTTP/1.1 421" in reply
     assert b"<script>" not in reply and b"&lt;script&gt;" in reply
@@ -354,6 +355,7 @@ def rss(pid: int) -> int:
 GIB = 1 << 30
 
 
+@pytest.mark.slow
 def test_one_gigabyte_each_way_in_bounded_memory(server, app):
     port = app()
     wait_open(server, port)
@@ -727,6 +729,7 @@ def test_an_address_taken_from_this_host_is_no_longer_reached(server, app, liste
     wait_for(lambda: preview_status(server, port)[0] == 200, 5)
 
 
+@pytest.mark.slow
 def test_local_addresses_follow_the_kernel(other_host):
     """The set as netlink keeps it: changes as they happen, and a full read again after
     notifications were lost (more of them than the socket buffers while the loop is busy)."""

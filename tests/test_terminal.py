@@ -439,6 +439,7 @@ def test_a_flood_of_output_is_delivered_whole_in_bounded_memory(start, tmp_path)
     assert _vm_hwm(server.proc.pid) - hwm_before < 64 << 20
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path):
     server = start("--write-timeout", "2")
     big = tmp_path / "big"
