@@ -20,10 +20,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from aether import config
 from aether.agent.store import AgentStoreError
-from aether.metrics import Metrics
-from aether.metrics import routes as metrics_routes
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
@@ -37,14 +34,17 @@ from aether.server.channels.terminal import TerminalChannel
 from aether.server.dashboard import routes as dashboard_routes
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
+from aether.server.metrics import Metrics, Readings
+from aether.server.metrics import routes as metrics_routes
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.protocol import Message, ProtocolError, encode
 from aether.server.registry import RegistryService
 from aether.server.registry import routes as registry_routes
 from aether.server.session import Session
-from aether.server.settings import Settings
-from aether.server.state import StateDir
+from aether.settings import sources
+from aether.settings.serve import Settings
+from aether.state import StateDir
 
 log = logging.getLogger("aether.server")
 access = logging.getLogger("aether.access")
@@ -113,7 +113,13 @@ class WorkspaceServer:
         if failed:
             log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(Readings(
+            backend=lambda: monitor.backend,
+            ports_open=lambda: len(monitor.table),
+            monitor_stats=lambda: monitor.stats,
+            clients=lambda: len(self.hub.sessions),
+            preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
+        ))
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
@@ -204,9 +210,9 @@ async def serve(settings: Settings) -> int:
     monitor = PortMonitor(
         backend=settings.backend,
         ignored=settings.monitor_ignored,
-        interval=config.sockdiag_interval(),
-        ebpf_buffer=config.ebpf_buffer(),
-        ebpf_pages=config.ebpf_pages(),
+        interval=sources.value("sockdiag_interval"),
+        ebpf_buffer=sources.value("ebpf_buffer"),
+        ebpf_pages=sources.value("ebpf_pages"),
     )
     try:
         await monitor.start()

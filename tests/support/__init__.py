@@ -1,6 +1,6 @@
-"""What the tests share besides fixtures: starting and stopping real servers and listeners,
-waiting for events with a deadline, and talking to `aether serve` over a raw WebSocket.
-``tests/conftest.py`` holds the fixtures only, built from these.
+"""What the tests (and benchmarks) share besides fixtures: starting and stopping real servers
+and listeners, waiting for events with a deadline, and talking to `aether serve` over a raw
+WebSocket. ``tests/conftest.py`` holds the fixtures only, built from these.
 
 - :mod:`support.waiting`: ``wait_for`` (and ``until`` for a running event loop)
 - :mod:`support.ports`: free ports, the kernel's listening ports, retrying a start whose port was taken
@@ -10,6 +10,7 @@ waiting for events with a deadline, and talking to `aether serve` over a raw Web
 - :mod:`support.listeners`: real listening processes (http.server, node, nginx)
 - :mod:`support.clients`: WebSocket messages, raw upgrades and frames
 - :mod:`support.browser`: Debian's Chromium under selenium
+- :mod:`support.redis`: a real ``redis-server``, and a Sentinel watching it
 """
 
 from __future__ import annotations
