@@ -24,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 from support import ROOT
 from support.clients import recv_until
 from support.ebpf import need_ebpf
-from support.ports import free_port
+from support.ports import free_port, on_a_free_port
 from support.servers import Server
 from support.waiting import until, wait_for
 
@@ -181,11 +181,15 @@ def test_wrong_prefix_ignored_own_and_closed_ports(server):
     assert dict(headers)["Cache-Control"] == "no-store"
 
 
-def test_502_page_turns_into_the_app_once_it_listens(server, app):
-    port = free_port()
+def test_502_page_turns_into_the_app_once_it_listens(server, listeners):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    assert request(server, port, conn=conn)[0] == 502
-    app(port)
+
+    def refused_then_listening(port: int) -> int:
+        assert request(server, port, conn=conn)[0] == 502
+        listeners.spawn([sys.executable, APP, str(port)], port)  # PortTaken: again, on another
+        return port
+
+    port = on_a_free_port(refused_then_listening)
     # The browser's reload comes on the same keep-alive connection.
     wait_for(lambda: request(server, port, path="/echo", conn=conn)[0] == 200, 5)
 
