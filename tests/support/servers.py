@@ -84,8 +84,13 @@ class Server:
         raise AssertionError(f"server did not start: {self.banner} {self.raw_stderr}")
 
     def connect(self, how: str = "header", **kw):
+        """A ``websockets`` client. It reads whatever comes, however much (``max_queue=None``):
+        by default websockets stops reading behind 16 unread messages, and then answers no
+        ping and hears no close frame, so a test's outcome would hang on how many ports the
+        host's snapshot holds. A test of a client that pauses passes ``max_queue=16``."""
         from websockets.sync.client import connect
 
+        kw.setdefault("max_queue", None)
         if how == "header":
             return connect(self.url, subprotocols=["Bearer", self.token], **kw)
         return connect(f"{self.url}?token={self.token}", **kw)
