@@ -231,6 +231,28 @@ class WatchTree:
             message = f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
             self._deliver([{"type": "error", "code": "too_large", "path": self.base, "message": message}])
 
+    # -- what the inotify instance calls ----------------------------------------------------
+
+    def identify(self, ident: Optional[tuple[int, int]]) -> None:
+        """The scan of the top found directory (device, inode) ``ident``: when the tree was
+        not given one, that directory is the one it watches from now on."""
+        if self.ident is None:
+            self.ident = ident
+
+    def watches(self, wd: int) -> bool:
+        """Whether descriptor ``wd`` is one of this tree's directories."""
+        return wd in self.dirs
+
+    def place(self, wd: int, parent: Optional[int], name: str) -> None:
+        """Descriptor ``wd`` is directory ``name`` in ``parent`` (None and ``""``: the top)."""
+        self.dirs.add(wd, parent, name)
+
+    def take_descriptors(self) -> list[int]:
+        """Every descriptor of the tree, forgotten here (the instance releases them)."""
+        wds = list(self.dirs)
+        self.dirs.clear()
+        return wds
+
     def display(self, rel: str) -> str:
         """A path in the tree as replies name it: relative to the workspace root."""
         if not rel:
