@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server
+from support.servers import Server
 
 #: How long the swap loop runs against the clients.
 RACE_SECONDS = 20.0

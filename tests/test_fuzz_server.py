@@ -39,7 +39,9 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import ROOT, Server, raw_upgrade, recv_until
+from support import ROOT
+from support.clients import raw_upgrade, recv_until
+from support.servers import Server
 from aether.server import protocol
 
 #: Seconds of fuzzing: a few in the suite. The hostile run that found the faults this guards

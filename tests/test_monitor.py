@@ -13,16 +13,9 @@ import threading
 import pytest
 
 from aether.ports.monitor import PortMonitor
-from conftest import FORKING_OWNER, free_port, proc_comm
-
-
-async def until(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.01)
+from support.ports import free_port
+from support.processes import FORKING_OWNER, proc_comm
+from support.waiting import until
 
 
 def listening(port: int) -> socket.socket:

@@ -107,6 +107,27 @@ def test_error_codes(frame, code):
     assert caught.value.code == code
 
 
+@pytest.mark.parametrize(
+    "frame, code, channel",
+    [
+        ("not json", "bad_json", None),
+        ('["a"]', "bad_message", None),
+        ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
+        ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
+        ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
+        ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
+        ('{"channel": "files", "type": "list"}', "bad_message", "files"),
+        ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
+    ],
+)
+def test_a_refusal_names_the_channel_once_it_is_known(frame, code, channel):
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.parse(frame)
+    check_error(caught.value)
+    reply = caught.value.to_message()
+    assert (reply.get("channel"), reply["code"]) == (channel, code)
+
+
 def test_valid_messages_and_id_echo():
     message = protocol.parse('{"channel": "ports", "type": "kill", "port": 3000, "id": "k1"}')
     assert (message.channel, message.type, message.body["port"], message.id) == ("ports", "kill", 3000, "k1")

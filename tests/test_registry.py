@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from aether.registry.store import Registry, RegistryError
-from conftest import AETHER, ROOT, free_port
+from support import AETHER, ROOT
+from support.ports import free_port
 
 
 def port_cli(state, *args, **kw) -> subprocess.CompletedProcess:
@@ -179,8 +180,7 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
     # App a's process, started through the registry, listens on app b's port.
     code = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {theirs})); s.listen(); time.sleep(60)"
     listeners.spawn([*AETHER, "port", "run", "--state-dir", str(tmp_path), "a-api", "--", sys.executable, "-c", code], theirs, cwd=ROOT)
-    stray = free_port()
-    listeners.http_server(stray)
+    stray = listeners.http_server().port
     result = port_cli(tmp_path, "check", "--json")
     found = json.loads(result.stdout)
     kinds = {(f["kind"], f["port"]) for f in found}
@@ -191,9 +191,14 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
 # -- through the server -----------------------------------------------------------------------
 
 
+#: Fixtures that start `aether serve` on the probe (see conftest).
+PROBE_FIXTURES = ("server",)
+
+
 @pytest.fixture
 def server(tmp_path):
-    from conftest import Server, need_ebpf
+    from support.ebpf import need_ebpf
+    from support.servers import Server
 
     need_ebpf()
     srv = Server("ebpf", tmp_path / "state", "--project-id", "abc123def")
@@ -228,7 +233,7 @@ def test_rest_api(server, listeners):
         reply = conn.getresponse()
         assert reply.status == 400 and len(json.loads(reply.read())["message"]) < 120
     listeners.http_server(port)
-    from conftest import wait_for
+    from support.waiting import wait_for
 
     rows = wait_for(lambda: [r for r in api(server, "GET", "/api/ports")[1] if r["listening"]], 5)
     assert rows[0]["key"] == "web" and rows[0]["pid"]
@@ -245,11 +250,10 @@ def test_rest_api(server, listeners):
 def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners):
     import http.client
 
-    from conftest import recv_until, wait_for
+    from support.clients import recv_until
+    from support.waiting import wait_for
 
-    first, second = free_port(), free_port()
-    listeners.http_server(first)
-    listeners.http_server(second)
+    first, second = listeners.http_server().port, listeners.http_server().port
     with server.connect() as ws:
         # A write by the CLI, another process, reaches connected clients.
         assert port_cli(server.state_dir, "set", "docs", str(first)).returncode == 0
@@ -275,8 +279,7 @@ def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners)
 def test_named_preview_sees_a_cli_write_with_no_client_connected(server, listeners):
     import http.client
 
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     assert port_cli(server.state_dir, "set", "site", str(port)).returncode == 0
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request("GET", "/", headers={"Host": f"site-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"})
