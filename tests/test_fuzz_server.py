@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from conftest import ROOT, Server, raw_upgrade, recv_until
-from aether.server import protocol
+from aether import protocol
 
 #: Seconds of fuzzing: a few in the suite. The hostile run that found the faults this guards
 #: against ran ~1,000 messages a second; so does this.

@@ -21,6 +21,7 @@ import tornado.httpserver
 import tornado.web
 
 from aether import config
+from aether.wire import encode
 from aether.agent.store import AgentStoreError
 from aether.metrics import Metrics
 from aether.metrics import routes as metrics_routes
@@ -35,11 +36,11 @@ from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
 from aether.server.dashboard import routes as dashboard_routes
+from aether.server.dispatch import Dispatcher
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
-from aether.server.protocol import Message, ProtocolError, encode
 from aether.server.registry import RegistryService
 from aether.server.registry import routes as registry_routes
 from aether.server.session import Session
@@ -124,6 +125,7 @@ class WorkspaceServer:
             "terminal": TerminalChannel(self),
             "agent": AgentChannel(self),
         }
+        self.dispatcher = Dispatcher(self.channels, self.metrics.ws_received)
 
     def application(self) -> tornado.web.Application:
         app = tornado.web.Application(
@@ -161,18 +163,6 @@ class WorkspaceServer:
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))
-
-    def dispatch(self, session: Session, message: Message) -> None:
-        if session.allowed is not None and (message.channel, message.type) not in session.allowed:
-            raise ProtocolError(
-                "forbidden",
-                "the dashboard's cookie opens the ports channel and config get/registry only: "
-                "connect with the workspace token for this",
-                message.channel,
-                message.id,
-                message.type,
-            )
-        self.channels[message.channel].handle(session, message)
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:

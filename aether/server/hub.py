@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aether.server.protocol import with_id
+from aether.wire import text_frame, with_id
 
 if TYPE_CHECKING:
     from aether.server.session import Session
@@ -52,8 +52,6 @@ class Hub:
             session.send(with_id(message, id) if session is sender else message)
 
     def broadcast(self, text: str) -> None:
-        from aether.server.session import text_frame
-
         frame = text_frame(text)
         for session in list(self.sessions):
             session.send_frame(frame)

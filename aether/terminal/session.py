@@ -17,8 +17,8 @@ import time
 from typing import Callable, Optional, Protocol
 
 from aether.cgroup import Tree
-from aether.server.protocol import encode
-from aether.server.session import text_frame
+from aether.errors import Refusal
+from aether.wire import encode, frame
 from aether.terminal.output import OutputEncoder, Scrollback
 from aether.terminal.process import PtyProcess
 
@@ -37,10 +37,6 @@ class Client(Protocol):
     def send(self, message: dict) -> None: ...
     def send_frame(self, frame: bytes) -> None: ...
     def when_drained(self, callback: Callable[[], None]) -> None: ...
-
-
-class InputRefused(Exception):
-    pass
 
 
 class TerminalSession:
@@ -110,9 +106,9 @@ class TerminalSession:
             self.detached_since = time.monotonic()
 
     def _broadcast(self, message: dict) -> None:
-        frame = text_frame(encode(message))
+        built = frame(message)
         for client in list(self.clients):
-            client.send_frame(frame)
+            client.send_frame(built)
 
     # -- output -------------------------------------------------------------------------
 
@@ -173,11 +169,11 @@ class TerminalSession:
     # -- input and size -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` for the PTY; InputRefused when too much is still waiting."""
+        """Queue ``data`` for the PTY; Refusal ``busy`` when too much is still waiting."""
         if self.process.fd is None or self.exit is not None:
-            raise InputRefused("the session has ended")
+            raise Refusal("busy", "the session has ended")
         if len(self._input) + len(data) > MAX_PENDING_INPUT:
-            raise InputRefused(f"more than {MAX_PENDING_INPUT >> 10} KiB of input is waiting for the program to read it")
+            raise Refusal("busy", f"more than {MAX_PENDING_INPUT >> 10} KiB of input is waiting for the program to read it")
         idle = not self._input
         self._input += data
         if idle:

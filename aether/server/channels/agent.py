@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from aether.agent.service import AgentService, Refusal
-from aether.server.protocol import Message, ProtocolError, encode, with_id
-from aether.server.session import text_frame
+from aether.agent.service import AgentService
+from aether.errors import Refusal
+from aether.protocol import Message
+from aether.wire import frame, refused, with_id
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -66,10 +67,6 @@ class _Outbox:
                 self.session.send_frame(frame)
 
 
-def _frame(message: dict) -> bytes:
-    return text_frame(encode(message))
-
-
 class AgentChannel:
     name = "agent"
 
@@ -99,32 +96,29 @@ class AgentChannel:
         try:
             self._handlers[message.type](session, outbox, message)
         except Refusal as refusal:
-            outbox.send(_frame(self._error(refusal, message)))
+            outbox.send(self._error(refusal, message))
 
-    def _error(self, refusal: Refusal, message: Optional[Message]) -> dict:
-        """The error reply, naming the request's conversation when it named one (and counted:
-        these go out as frames, past ``Session.send``)."""
+    def _error(self, refusal: Refusal, message: Optional[Message]) -> bytes:
+        """The error reply (counted: these go out as frames, past ``Session.send``)."""
         self.server.metrics.ws_errors[refusal.code] += 1
-        error = ProtocolError(refusal.code, refusal.message, self.name, message.id if message else None).to_message()
-        if message is not None and "conversationId" in message.body:
-            error["conversationId"] = message.body["conversationId"]
-        return error
+        return frame(refused(refusal, message, channel=self.name))
 
-    def _emit(self, message: dict, reply_to: Optional[tuple[Any, Any]]) -> None:
+    def _emit(self, message: dict, reply_to: Optional[tuple[Any, Message]]) -> None:
         """``message`` to every connection; the requester's copy carries its ``id``."""
-        frame = _frame(message)
-        sender, id_ = reply_to if reply_to is not None else (None, None)
+        built = frame(message)
+        sender, id_ = (reply_to[0], reply_to[1].id) if reply_to is not None else (None, None)
         for session, outbox in list(self._outboxes.items()):
-            outbox.send(_frame(with_id(message, id_)) if session is sender and id_ is not None else frame)
+            outbox.send(frame(with_id(message, id_)) if session is sender and id_ is not None else built)
 
-    def _answer_one(self, reply_to: tuple[Any, Any], message: dict) -> None:
-        """``message`` to the requester of ``reply_to`` alone, with its request's ``id``."""
-        session, id_ = reply_to
+    def _answer_one(self, reply_to: tuple[Any, Message], message: Union[dict, Refusal]) -> None:
+        """``message`` to the requester of ``reply_to`` alone, as the answer to its request."""
+        session, request = reply_to
         outbox = self._outboxes.get(session)
         if outbox is not None:
-            if message.get("type") == "error":  # the service's own refusals, past ``_error``
-                self.server.metrics.ws_errors[message["code"]] += 1
-            outbox.send(_frame(with_id(message, id_)))
+            if isinstance(message, Refusal):
+                outbox.send(self._error(message, request))
+            else:
+                outbox.send(frame(with_id(message, request.id)))
 
     def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
                 message: Optional[Message] = None) -> None:
@@ -143,10 +137,11 @@ class AgentChannel:
                 reply = self._error(refusal, message)
             except Exception as exc:
                 log.exception("agent history read failed")
-                reply = self._error(Refusal("unavailable", f"the agent history could not be read: {exc}"), None)
+                reply = self._error(Refusal("unavailable", f"the agent history could not be read: {exc}"), message)
             if isinstance(reply, dict) and message is not None and message.id is not None:
                 reply["id"] = message.id  # last, as in every other reply
-            outbox.fill(slot, [_frame(m) for m in (reply if isinstance(reply, list) else [reply])])
+            replies = reply if isinstance(reply, list) else [reply]
+            outbox.fill(slot, [m if isinstance(m, bytes) else frame(m) for m in replies])
 
         try:
             self.service.read(work).add_done_callback(done)
@@ -156,10 +151,10 @@ class AgentChannel:
     # -- messages -----------------------------------------------------------------------
 
     def _prompt(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.start(message.body.get("conversationId"), message.body["text"], (session, message.id))
+        self.service.start(message.body.get("conversationId"), message.body["text"], (session, message))
 
     def _cancel(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.cancel(message.body["conversationId"], (session, message.id))
+        self.service.cancel(message.body["conversationId"], (session, message))
 
     def _history(self, session: "Session", outbox: _Outbox, message: Message) -> None:
         wanted = message.body.get("conversationId")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aether.excerpt import excerpt
-from aether.server.protocol import Message, ProtocolError, reply
+from aether.errors import Refusal
+from aether.protocol import Message
+from aether.wire import reply
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -88,20 +90,20 @@ class ConfigChannel:
     def _set(self, session: "Session", message: Message) -> None:
         changes = message.body["config"]
         if not changes:
-            raise ProtocolError("invalid", "config holds no key to change", self.name, message.id)
+            raise Refusal("invalid", "config holds no key to change")
         for key in changes:
             if key not in MUTABLE:
                 known = key in self.snapshot()
                 why = f"{key} cannot be changed" if known else f"unknown key {key}"
-                raise ProtocolError("invalid", f"{why}; mutable: {', '.join(MUTABLE)}", self.name, message.id)
+                raise Refusal("invalid", f"{why}; mutable: {', '.join(MUTABLE)}")
         try:
             ignored = validate_ignored_ports(changes["ignoredPorts"])
         except ValueError as exc:
-            raise ProtocolError("invalid", str(exc), self.name, message.id) from None
+            raise Refusal("invalid", str(exc)) from None
         try:
             self.server.state.save_config({"ignored_ports": list(ignored)})
         except OSError as exc:
-            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
+            raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
         self.server.settings.ignored_ports = ignored
         self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
         changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}

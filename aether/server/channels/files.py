@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from aether.files import FileError, ops, reading, writing
 from aether.files.inotify import Instance, locate
 from aether.files.watch import WatchTree
-from aether.server.protocol import Message, ProtocolError, encode, reply, with_id
-from aether.server.session import text_frame
+from aether.errors import Refusal
+from aether.protocol import Message
+from aether.server.dispatch import Jobs
+from aether.wire import frame, reply, with_id
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -82,7 +84,7 @@ class FilesChannel:
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
         self._inotify = Instance(self._blocking)
         self._connections: dict["Session", _Connection] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._jobs = Jobs()
         self._handlers = {
             "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
             "mkdir": self._mkdir, "delete": self._delete, "rename": self._rename,
@@ -105,8 +107,7 @@ class FilesChannel:
         for session in list(self._connections):
             self.on_close(session)
         self._inotify.close()
-        for task in self._tasks:
-            task.cancel()
+        self._jobs.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def handle(self, session: "Session", message: Message) -> None:
@@ -114,31 +115,18 @@ class FilesChannel:
         if connection is None:
             return
         if connection.queued >= MAX_QUEUED_PER_CONNECTION:
-            raise ProtocolError(
-                "busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies", self.name, message.id
-            )
+            raise Refusal("busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies")
         connection.queued += 1
-        task = asyncio.ensure_future(self._serve(session, connection, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._jobs.start(self._serve(session, connection, message), message, session.send)
         task.add_done_callback(lambda _task: connection.finished())
 
     async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
-        try:
-            async with connection.lock:
-                if session.closed or self._connections.get(session) is not connection:
-                    return  # nobody to answer
-                stream = await self._handlers[message.type](session, connection, message)
-            if stream is not None:
-                await stream
-        except FileError as exc:
-            session.send(self._error(exc, message))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("files request failed", extra={"type": message.type})
-            error = ProtocolError("internal", f"the server failed to handle this {message.type}", self.name, message.id)
-            session.send(error.to_message())
+        async with connection.lock:
+            if session.closed or self._connections.get(session) is not connection:
+                return  # nobody to answer
+            stream = await self._handlers[message.type](session, connection, message)
+        if stream is not None:
+            await stream
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -148,14 +136,6 @@ class FilesChannel:
     @staticmethod
     def _reply(session: "Session", message: Message, fields: dict) -> None:
         session.send(reply(message, message.type, **fields))
-
-    def _error(self, exc: FileError, message: Message) -> dict:
-        error = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
-        if exc.path is not None:
-            error["path"] = exc.path
-        if message.type == "unwatch":
-            error["watchId"] = message.body["watchId"]
-        return error
 
     @staticmethod
     def _hold(session: "Session", resume: Callable[[], None]) -> bool:
@@ -181,7 +161,7 @@ class FilesChannel:
         frames = []
         for number, page in enumerate(pages, 1):
             page_reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
-            frames.append(text_frame(encode(with_id(page_reply, id_))))
+            frames.append(frame(with_id(page_reply, id_)))
             page.clear()  # freed a page at a time (see ops.free)
         return frames
 

@@ -13,14 +13,16 @@ loop's other work, so no event can fall between the snapshot and the live stream
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from aether.ports.events import CLOSE, OPEN, PortEvent
-from aether.ports.kill import KillRefused, kill_port
-from aether.server.protocol import Message, ProtocolError, encode
+from aether.ports.kill import kill_port
+from aether import wire
+from aether.errors import Refusal
+from aether.protocol import Message
+from aether.server.dispatch import Jobs
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -38,7 +40,7 @@ class PortsChannel:
 
     def __init__(self, server: "WorkspaceServer"):
         self.server = server
-        self._kills: set[asyncio.Task] = set()
+        self._jobs = Jobs()
         self._in_flight: set[int] = set()
         started = _now_ms()
         #: port -> (when it opened, whether it was open already when the server started)
@@ -59,7 +61,7 @@ class PortsChannel:
         elif event.type == CLOSE:
             self._opened.pop(event.port, None)
         hub = self.server.hub
-        hub.broadcast(encode(self.message(event)))
+        hub.broadcast(wire.encode(self.message(event)))
         self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.sessions))
 
     def on_open(self, session: "Session") -> None:
@@ -71,9 +73,7 @@ class PortsChannel:
 
     def handle(self, session: "Session", message: Message) -> None:
         if message.type == "kill":
-            task = asyncio.ensure_future(self._kill(session, message))
-            self._kills.add(task)
-            task.add_done_callback(self._kills.discard)
+            self._jobs.start(self._kill(session, message), message, session.send)
         elif message.type == "visibility":
             self._set_visibility(session, message)
 
@@ -86,25 +86,19 @@ class PortsChannel:
         try:
             self.server.state.save_config({"preview_public_ports": sorted(public)})
         except OSError as exc:
-            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
+            raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
         visibility.public = public
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
         self.server.hub.announce(changed, session, message.id)
 
-    def _refuse(self, session: "Session", message: Message, code: str, text: str) -> None:
-        error = ProtocolError(code, text, self.name, message.id).to_message()
-        session.send({**error, "port": message.body["port"]})
-
     async def _kill(self, session: "Session", message: Message) -> None:
         port = message.body["port"]
         monitor = self.server.monitor
         if port == self.server.settings.port:
-            self._refuse(session, message, "forbidden", f"port {port} is the server's own")
-            return
+            raise Refusal("forbidden", f"port {port} is the server's own")
         if port in self._in_flight:
-            self._refuse(session, message, "busy", f"port {port} is being killed already")
-            return
+            raise Refusal("busy", f"port {port} is being killed already")
         self._in_flight.add(port)
         try:
             result = await kill_port(
@@ -113,15 +107,8 @@ class PortsChannel:
                 ignored=monitor.table.ignored,
                 wait_closed=monitor.wait_closed,
             )
-        except KillRefused as exc:
-            self._refuse(session, message, exc.code, exc.message)
-            return
-        except Exception:
-            log.exception("kill failed", extra={"port": port})
-            self._refuse(session, message, "internal", f"the server failed to kill port {port}")
-            return
         finally:
             self._in_flight.discard(port)
         log.info("killed port", extra={"port": port, "pids": result.pids, "escalated": result.escalated})
         if not result.closed:
-            self._refuse(session, message, "still_open", f"port {port} is still open after SIGKILL")
+            raise Refusal("still_open", f"port {port} is still open after SIGKILL")

@@ -23,11 +23,13 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from aether.cgroup import Trees
+from aether.errors import Refusal
 from aether.files import FileError
 from aether.files.paths import resolve
-from aether.server.protocol import Message, ProtocolError, reply, with_id
-from aether.terminal.process import PtyProcess, SpawnError, child_env
-from aether.terminal.session import InputRefused, TerminalSession
+from aether.protocol import Message
+from aether.terminal.process import PtyProcess, child_env
+from aether.terminal.session import TerminalSession
+from aether.wire import reply, with_id
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -72,8 +74,8 @@ class TerminalChannel:
     def handle(self, session: "Session", message: Message) -> None:
         self._handlers[message.type](session, message)
 
-    def _error(self, message: Message, code: str, text: str) -> ProtocolError:
-        return ProtocolError(code, text, self.name, message.id)
+    def _error(self, message: Message, code: str, text: str) -> Refusal:
+        return Refusal(code, text)
 
     def _get(self, message: Message, running: bool = True) -> TerminalSession:
         session_id = message.body["sessionId"]
@@ -106,9 +108,9 @@ class TerminalChannel:
         tree = self.trees.new()
         try:
             process = PtyProcess(argv, cwd, env, body["cols"], body["rows"], tree)
-        except SpawnError as exc:
+        except Refusal:
             self.trees.done(tree)
-            raise self._error(message, exc.code, exc.message) from None
+            raise
         terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended,
                                    self.trees.done)
         self.sessions.pop(session_id, None)  # an ended session of that id, replaced
@@ -157,10 +159,7 @@ class TerminalChannel:
         limit = self.server.settings.terminal_max_input_bytes
         if len(raw) > limit:
             raise self._error(message, "too_large", f"input of {len(raw)} bytes; at most {limit} per message")
-        try:
-            terminal.write(raw)
-        except InputRefused as exc:
-            raise self._error(message, "busy", str(exc)) from None
+        terminal.write(raw)
 
     def _resize(self, session: "Session", message: Message) -> None:
         terminal = self._get(message)
