@@ -124,7 +124,7 @@ class _Collector:
         yield CounterMetricFamily("aether_port_events_lost", "Probe records the kernel could not deliver "
                                   "(each loss is followed by a resync).", value=monitor.stats["lost"])
 
-        yield _gauge("aether_websocket_clients", "WebSocket clients connected now.", len(server.hub.sessions))
+        yield _gauge("aether_websocket_clients", "WebSocket clients connected now.", len(server.hub.clients))
         received = CounterMetricFamily("aether_ws_messages_received", "Client messages, by channel and type "
                                        "(unknown: not one the protocol has).", labels=("channel", "type"))
         for (channel, kind), count in sorted(m.ws_received.items()):

@@ -21,7 +21,6 @@ import tornado.httpserver
 import tornado.web
 
 from aether import config
-from aether.wire import encode
 from aether.agent.store import AgentStoreError
 from aether.metrics import Metrics
 from aether.metrics import routes as metrics_routes
@@ -37,13 +36,13 @@ from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
 from aether.server.dashboard import routes as dashboard_routes
 from aether.server.dispatch import Dispatcher
+from aether.server.client import Client, Endpoint
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.registry import RegistryService
 from aether.server.registry import routes as registry_routes
-from aether.server.session import Session
 from aether.server.settings import Settings
 from aether.server.state import StateDir
 
@@ -100,7 +99,7 @@ class NotFoundHandler(tornado.web.RequestHandler):
 
 
 class WorkspaceServer:
-    """The monitor, the sessions and the channels, wired together."""
+    """The monitor, the clients and the channels, wired together."""
 
     def __init__(self, settings: Settings, monitor: PortMonitor):
         self.settings = settings
@@ -117,7 +116,7 @@ class WorkspaceServer:
         self.metrics = Metrics(self)
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
-        self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
+        self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
         self.channels = {
             "ports": PortsChannel(self),
             "config": ConfigChannel(self),
@@ -126,11 +125,23 @@ class WorkspaceServer:
             "agent": AgentChannel(self),
         }
         self.dispatcher = Dispatcher(self.channels, self.metrics.ws_received)
+        self.endpoint = Endpoint(
+            token=settings.token,
+            workspace_id=settings.workspace_id,
+            max_message_bytes=settings.max_message_bytes,
+            send_buffer_bytes=settings.send_buffer_bytes,
+            write_timeout=settings.write_timeout,
+            hub=self.hub,
+            receive=self.dispatcher.receive,
+            opened=self.on_open,
+            closed=self.on_close,
+            counts=self.metrics,
+        )
 
     def application(self) -> tornado.web.Application:
         app = tornado.web.Application(
             [
-                (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
+                (r"/workspaces/([^/]+)/ws", Client, {"endpoint": self.endpoint}),
                 (r"/healthz", HealthHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
@@ -142,27 +153,27 @@ class WorkspaceServer:
         app.add_handlers(f"(?i){host_pattern(self.settings.preview_domain)}$", [(r".*", MisdirectedHandler)])
         return app
 
-    def on_open(self, session: Session) -> None:
-        heard = self.channels if session.allowed is None else DASHBOARD_CHANNELS
+    def on_open(self, client: Client) -> None:
+        heard = self.channels if client.allowed is None else DASHBOARD_CHANNELS
         for name, channel in self.channels.items():
             if name in heard:
-                channel.on_open(session)
+                channel.on_open(client)
         self.registry.watch()
 
     def close_channels(self) -> None:
-        """At shutdown: end what channels keep beside sessions (watches, terminals, agent turns)."""
+        """At shutdown: end what channels keep beside clients (watches, terminals, agent turns)."""
         for channel in self.channels.values():
             close = getattr(channel, "close", None)
             if close is not None:
                 close()
 
-    def on_close(self, session: Session) -> None:
+    def on_close(self, client: Client) -> None:
         for channel in self.channels.values():
-            channel.on_close(session)
+            channel.on_close(client)
 
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
-        self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))
+        self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:

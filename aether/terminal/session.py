@@ -1,7 +1,8 @@
-"""One terminal session: its process, its output to every attached client, its scrollback.
+"""One terminal session (a :class:`Terminal`): its process, its output to every attached
+client, its scrollback.
 
 Output is read from the PTY only while every attached client keeps up: once one has more than
-``BACKLOG_BYTES`` unsent (see ``aether.server.session``), reading stops until it has drained,
+``BACKLOG_BYTES`` unsent (see ``aether.server.client``), reading stops until it has drained,
 the PTY's buffer fills, and the program writing blocks, as it would on a slow real terminal.
 So a ``cat`` of a huge file costs bounded memory, and a client that stops reading altogether is
 dropped by its write deadline like any slow client, after which the others go on.
@@ -14,7 +15,7 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Union
 
 from aether.cgroup import Tree
 from aether.errors import Refusal
@@ -32,16 +33,19 @@ MAX_PENDING_INPUT = 1 << 20
 
 
 class Client(Protocol):
+    """What a terminal needs of a client attached to it."""
+
     backlogged: bool
 
-    def send(self, message: dict) -> None: ...
-    def send_frame(self, frame: bytes) -> None: ...
+    def send(self, message: Union[dict, bytes]) -> None: ...
     def when_drained(self, callback: Callable[[], None]) -> None: ...
 
 
-class TerminalSession:
+class Terminal:
+    """A terminal session: ``session_id`` names it on the wire (``sessionId``)."""
+
     def __init__(self, session_id: str, process: PtyProcess, command: list[str], cwd: str,
-                 scrollback: int, on_exit: Callable[["TerminalSession"], None],
+                 scrollback: int, on_exit: Callable[["Terminal"], None],
                  on_reaped: Callable[[Tree], None] = lambda tree: None):
         self.id = session_id
         self.process = process
@@ -108,7 +112,7 @@ class TerminalSession:
     def _broadcast(self, message: dict) -> None:
         built = frame(message)
         for client in list(self.clients):
-            client.send_frame(built)
+            client.send(built)
 
     # -- output -------------------------------------------------------------------------
 

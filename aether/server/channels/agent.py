@@ -26,7 +26,7 @@ from aether.wire import frame, refused, with_id
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.agent")
 
@@ -36,19 +36,20 @@ MAX_WAITING = 32
 
 
 class _Outbox:
-    """One connection's agent messages, in order: a reply still being read from the database
-    holds back the messages after it."""
+    """One client's agent messages (dicts, or frames built once for every client), in order: a
+    reply still being read from the database holds back the messages after it."""
 
-    def __init__(self, session: "Session"):
-        self.session = session
+    def __init__(self, client: "Client"):
+        self.client = client
         self.waiting = 0
+        #: Places in line: [None] while a reply is read, then [its messages].
         self._queue: collections.deque[list] = collections.deque()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, message: Union[dict, bytes]) -> None:
         if self._queue:
-            self._queue.append([frame])
+            self._queue.append([[message]])
         else:
-            self.session.send_frame(frame)
+            self.client.send(message)
 
     def hold(self) -> list:
         """A place in line for a reply to come (see :meth:`fill`)."""
@@ -57,14 +58,13 @@ class _Outbox:
         self.waiting += 1
         return slot
 
-    def fill(self, slot: list, frames: list[bytes]) -> None:
-        """Put the reply's frames (maybe none) in its place; send what is ready."""
-        slot[0] = frames
+    def fill(self, slot: list, messages: list[Union[dict, bytes]]) -> None:
+        """Put the reply's messages (maybe none) in its place; send what is ready."""
+        slot[0] = messages
         self.waiting -= 1
         while self._queue and self._queue[0][0] is not None:
-            ready = self._queue.popleft()[0]
-            for frame in ready if isinstance(ready, list) else [ready]:
-                self.session.send_frame(frame)
+            for message in self._queue.popleft()[0]:
+                self.client.send(message)
 
 
 class AgentChannel:
@@ -73,52 +73,47 @@ class AgentChannel:
     def __init__(self, server: "WorkspaceServer"):
         self.server = server
         self.service = AgentService(server.settings, self._emit, self._answer_one)
-        self._outboxes: dict["Session", _Outbox] = {}
+        self._outboxes: dict["Client", _Outbox] = {}
         self._handlers = {"prompt": self._prompt, "cancel": self._cancel, "history": self._history, "list": self._list}
 
     # -- connections --------------------------------------------------------------------
 
-    def on_open(self, session: "Session") -> None:
-        outbox = self._outboxes[session] = _Outbox(session)
+    def on_open(self, client: "Client") -> None:
+        outbox = self._outboxes[client] = _Outbox(client)
 
         def replay(histories: list[dict]) -> list[dict]:
             return [{"channel": self.name, "type": "history", "replay": True, **history} for history in histories]
 
         self._answer(outbox, self.service.replay(), replay)
 
-    def on_close(self, session: "Session") -> None:
-        self._outboxes.pop(session, None)
+    def on_close(self, client: "Client") -> None:
+        self._outboxes.pop(client, None)
 
-    def handle(self, session: "Session", message: Message) -> None:
-        outbox = self._outboxes.get(session)
+    def handle(self, client: "Client", message: Message) -> None:
+        outbox = self._outboxes.get(client)
         if outbox is None:  # not open yet or already closed: nothing to answer into
             return
         try:
-            self._handlers[message.type](session, outbox, message)
+            self._handlers[message.type](client, outbox, message)
         except Refusal as refusal:
             outbox.send(self._error(refusal, message))
 
-    def _error(self, refusal: Refusal, message: Optional[Message]) -> bytes:
-        """The error reply (counted: these go out as frames, past ``Session.send``)."""
-        self.server.metrics.ws_errors[refusal.code] += 1
-        return frame(refused(refusal, message, channel=self.name))
+    def _error(self, refusal: Refusal, message: Optional[Message]) -> dict:
+        return refused(refusal, message, channel=self.name)
 
     def _emit(self, message: dict, reply_to: Optional[tuple[Any, Message]]) -> None:
         """``message`` to every connection; the requester's copy carries its ``id``."""
         built = frame(message)
         sender, id_ = (reply_to[0], reply_to[1].id) if reply_to is not None else (None, None)
-        for session, outbox in list(self._outboxes.items()):
-            outbox.send(frame(with_id(message, id_)) if session is sender and id_ is not None else built)
+        for client, outbox in list(self._outboxes.items()):
+            outbox.send(frame(with_id(message, id_)) if client is sender and id_ is not None else built)
 
     def _answer_one(self, reply_to: tuple[Any, Message], message: Union[dict, Refusal]) -> None:
         """``message`` to the requester of ``reply_to`` alone, as the answer to its request."""
-        session, request = reply_to
-        outbox = self._outboxes.get(session)
+        client, request = reply_to
+        outbox = self._outboxes.get(client)
         if outbox is not None:
-            if isinstance(message, Refusal):
-                outbox.send(self._error(message, request))
-            else:
-                outbox.send(frame(with_id(message, request.id)))
+            outbox.send(self._error(message, request) if isinstance(message, Refusal) else with_id(message, request.id))
 
     def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
                 message: Optional[Message] = None) -> None:
@@ -129,7 +124,7 @@ class AgentChannel:
         slot = outbox.hold()
 
         def done(future) -> None:
-            if self._outboxes.get(outbox.session) is not outbox:
+            if self._outboxes.get(outbox.client) is not outbox:
                 return  # the connection closed meanwhile
             try:
                 reply = render(future.result())
@@ -140,8 +135,7 @@ class AgentChannel:
                 reply = self._error(Refusal("unavailable", f"the agent history could not be read: {exc}"), message)
             if isinstance(reply, dict) and message is not None and message.id is not None:
                 reply["id"] = message.id  # last, as in every other reply
-            replies = reply if isinstance(reply, list) else [reply]
-            outbox.fill(slot, [m if isinstance(m, bytes) else frame(m) for m in replies])
+            outbox.fill(slot, reply if isinstance(reply, list) else [reply])
 
         try:
             self.service.read(work).add_done_callback(done)
@@ -150,13 +144,13 @@ class AgentChannel:
 
     # -- messages -----------------------------------------------------------------------
 
-    def _prompt(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.start(message.body.get("conversationId"), message.body["text"], (session, message))
+    def _prompt(self, client: "Client", outbox: _Outbox, message: Message) -> None:
+        self.service.start(message.body.get("conversationId"), message.body["text"], (client, message))
 
-    def _cancel(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.cancel(message.body["conversationId"], (session, message))
+    def _cancel(self, client: "Client", outbox: _Outbox, message: Message) -> None:
+        self.service.cancel(message.body["conversationId"], (client, message))
 
-    def _history(self, session: "Session", outbox: _Outbox, message: Message) -> None:
+    def _history(self, client: "Client", outbox: _Outbox, message: Message) -> None:
         wanted = message.body.get("conversationId")
 
         def render(history: Optional[dict]) -> dict:
@@ -168,7 +162,7 @@ class AgentChannel:
 
         self._answer(outbox, self.service.history(wanted), render, message)
 
-    def _list(self, session: "Session", outbox: _Outbox, message: Message) -> None:
+    def _list(self, client: "Client", outbox: _Outbox, message: Message) -> None:
         self._answer(outbox, self.service.listing(), lambda found: {"channel": self.name, "type": "list", **found}, message)
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from aether.wire import reply
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 MUTABLE = ("ignoredPorts",)
 _MAX_IGNORED = 1024
@@ -72,22 +72,22 @@ class ConfigChannel:
             "mutable": list(MUTABLE),
         }
 
-    def on_open(self, session: "Session") -> None:
+    def on_open(self, client: "Client") -> None:
         pass
 
-    def on_close(self, session: "Session") -> None:
+    def on_close(self, client: "Client") -> None:
         pass
 
-    def handle(self, session: "Session", message: Message) -> None:
+    def handle(self, client: "Client", message: Message) -> None:
         if message.type == "get":
-            session.send(reply(message, "config", config=self.snapshot()))
+            client.send(reply(message, "config", config=self.snapshot()))
         elif message.type == "set":
-            self._set(session, message)
+            self._set(client, message)
         elif message.type == "registry":
             entries = self.server.registry.reader.entries()
-            session.send(reply(message, "registry", ports=[entry.to_json() for entry in entries]))
+            client.send(reply(message, "registry", ports=[entry.to_json() for entry in entries]))
 
-    def _set(self, session: "Session", message: Message) -> None:
+    def _set(self, client: "Client", message: Message) -> None:
         changes = message.body["config"]
         if not changes:
             raise Refusal("invalid", "config holds no key to change")
@@ -107,4 +107,4 @@ class ConfigChannel:
         self.server.settings.ignored_ports = ignored
         self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
         changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}
-        self.server.hub.announce(changed, session, message.id)
+        self.server.hub.announce(changed, client, message.id)

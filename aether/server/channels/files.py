@@ -32,7 +32,7 @@ from aether.wire import frame, reply, with_id
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.files")
 
@@ -83,7 +83,7 @@ class FilesChannel:
         self.root = str(server.settings.workspace_root.resolve())
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
         self._inotify = Instance(self._blocking)
-        self._connections: dict["Session", _Connection] = {}
+        self._connections: dict["Client", _Connection] = {}
         self._jobs = Jobs()
         self._handlers = {
             "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
@@ -93,38 +93,38 @@ class FilesChannel:
 
     # -- the channel's life ---------------------------------------------------------------
 
-    def on_open(self, session: "Session") -> None:
-        self._connections[session] = _Connection()
+    def on_open(self, client: "Client") -> None:
+        self._connections[client] = _Connection()
 
-    def on_close(self, session: "Session") -> None:
-        connection = self._connections.pop(session, None)
+    def on_close(self, client: "Client") -> None:
+        connection = self._connections.pop(client, None)
         if connection is not None:
             for tree in connection.watches.values():
                 tree.close()
             connection.watches.clear()
 
     def close(self) -> None:
-        for session in list(self._connections):
-            self.on_close(session)
+        for client in list(self._connections):
+            self.on_close(client)
         self._inotify.close()
         self._jobs.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def handle(self, session: "Session", message: Message) -> None:
-        connection = self._connections.get(session)
+    def handle(self, client: "Client", message: Message) -> None:
+        connection = self._connections.get(client)
         if connection is None:
             return
         if connection.queued >= MAX_QUEUED_PER_CONNECTION:
             raise Refusal("busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies")
         connection.queued += 1
-        task = self._jobs.start(self._serve(session, connection, message), message, session.send)
+        task = self._jobs.start(self._serve(client, connection, message), message, client.send)
         task.add_done_callback(lambda _task: connection.finished())
 
-    async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _serve(self, client: "Client", connection: _Connection, message: Message) -> None:
         async with connection.lock:
-            if session.closed or self._connections.get(session) is not connection:
+            if client.closed or self._connections.get(client) is not connection:
                 return  # nobody to answer
-            stream = await self._handlers[message.type](session, connection, message)
+            stream = await self._handlers[message.type](client, connection, message)
         if stream is not None:
             await stream
 
@@ -134,22 +134,22 @@ class FilesChannel:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     @staticmethod
-    def _reply(session: "Session", message: Message, fields: dict) -> None:
-        session.send(reply(message, message.type, **fields))
+    def _reply(client: "Client", message: Message, fields: dict) -> None:
+        client.send(reply(message, message.type, **fields))
 
     @staticmethod
-    def _hold(session: "Session", resume: Callable[[], None]) -> bool:
+    def _hold(client: "Client", resume: Callable[[], None]) -> bool:
         """For a watch: whether to keep its events back until the client has caught up."""
-        if session.closed or not session.backlogged:
+        if client.closed or not client.backlogged:
             return False
-        session.when_drained(resume)
+        client.when_drained(resume)
         return True
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _list(self, session: "Session", connection: _Connection, message: Message):
+    async def _list(self, client: "Client", connection: _Connection, message: Message):
         frames = await self._blocking(self._list_frames, message.body["path"], message.id)
-        return self._stream_list(session, frames)
+        return self._stream_list(client, frames)
 
     def _list_frames(self, path: str, id_: Any) -> list[bytes]:
         """In the pool: the directory's ``list`` replies, each a whole frame ready to send
@@ -165,36 +165,36 @@ class FilesChannel:
             page.clear()  # freed a page at a time (see ops.free)
         return frames
 
-    async def _stream_list(self, session: "Session", frames: list[bytes]) -> None:
-        for frame in frames:
-            if not await session.caught_up():
+    async def _stream_list(self, client: "Client", frames: list[bytes]) -> None:
+        for built in frames:
+            if not await client.caught_up():
                 return
-            session.send_frame(frame)
+            client.send(built)
 
-    async def _stat(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _stat(self, client: "Client", connection: _Connection, message: Message) -> None:
         rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
-        self._reply(session, message, {"path": rel, "stat": info})
+        self._reply(client, message, {"path": rel, "stat": info})
 
-    async def _read(self, session: "Session", connection: _Connection, message: Message):
+    async def _read(self, client: "Client", connection: _Connection, message: Message):
         body = message.body
         reader = await self._blocking(reading.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
-        return self._stream_read(session, message, reader)
+        return self._stream_read(client, message, reader)
 
-    async def _stream_read(self, session: "Session", message: Message, reader: reading.Reader) -> None:
+    async def _stream_read(self, client: "Client", message: Message, reader: reading.Reader) -> None:
         try:
             # Before reading a chunk, so a waiting read holds none; and again before sending
             # it, as another stream may have filled the client meanwhile.
-            while await session.caught_up():
+            while await client.caught_up():
                 chunk = await self._blocking(reader.next)
-                if not await session.caught_up():
+                if not await client.caught_up():
                     return
-                self._reply(session, message, {"path": reader.rel, **chunk})
+                self._reply(client, message, {"path": reader.rel, **chunk})
                 if chunk["eof"]:
                     return
         finally:
             reader.close()
 
-    async def _write(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _write(self, client: "Client", connection: _Connection, message: Message) -> None:
         body = message.body
         path = body["path"]
 
@@ -203,22 +203,22 @@ class FilesChannel:
             return writing.write(self.root, path, data, body.get("offset"), body.get("createParents", False))
 
         rel, size = await self._blocking(write)
-        self._reply(session, message, {"path": rel, "size": size})
+        self._reply(client, message, {"path": rel, "size": size})
 
-    async def _mkdir(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _mkdir(self, client: "Client", connection: _Connection, message: Message) -> None:
         rel = await self._blocking(ops.mkdir, self.root, message.body["path"], message.body.get("parents", False))
-        self._reply(session, message, {"path": rel})
+        self._reply(client, message, {"path": rel})
 
-    async def _delete(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _delete(self, client: "Client", connection: _Connection, message: Message) -> None:
         rel = await self._blocking(ops.delete, self.root, message.body["path"], message.body.get("recursive", False))
-        self._reply(session, message, {"path": rel})
+        self._reply(client, message, {"path": rel})
 
-    async def _rename(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _rename(self, client: "Client", connection: _Connection, message: Message) -> None:
         body = message.body
         source, dest = await self._blocking(ops.rename, self.root, body["from"], body["to"], body.get("overwrite", False))
-        self._reply(session, message, {"from": source, "to": dest})
+        self._reply(client, message, {"from": source, "to": dest})
 
-    async def _watch(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _watch(self, client: "Client", connection: _Connection, message: Message) -> None:
         path, recursive = message.body["path"], message.body.get("recursive", False)
         if len(connection.watches) >= MAX_WATCHES_PER_CONNECTION:
             raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
@@ -228,25 +228,25 @@ class FilesChannel:
 
         def deliver(events: list[dict]) -> None:
             for event in events:
-                session.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
+                client.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
 
         tree = WatchTree(
             self._inotify, top.real, top.rel, recursive, deliver,
-            lambda resume: self._hold(session, resume),
+            lambda resume: self._hold(client, resume),
             lambda _tree: connection.watches.pop(watch_id, None),
             top.ident,
         )
         await tree.start(path)
-        if self._connections.get(session) is not connection:
+        if self._connections.get(client) is not connection:
             tree.close()  # the connection closed meanwhile
             return
         connection.watches[watch_id] = tree
-        self._reply(session, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
+        self._reply(client, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
 
-    async def _unwatch(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _unwatch(self, client: "Client", connection: _Connection, message: Message) -> None:
         watch_id = message.body["watchId"]
         tree: Optional[WatchTree] = connection.watches.pop(watch_id, None)
         if tree is None:
             raise FileError("not_found", None, f"no watch {watch_id} on this connection")
         tree.close()
-        self._reply(session, message, {"watchId": watch_id})
+        self._reply(client, message, {"watchId": watch_id})

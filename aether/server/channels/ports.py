@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING
 
 from aether.ports.events import CLOSE, OPEN, PortEvent
 from aether.ports.kill import kill_port
-from aether import wire
 from aether.errors import Refusal
 from aether.protocol import Message
 from aether.server.dispatch import Jobs
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.server")
 
@@ -61,23 +60,23 @@ class PortsChannel:
         elif event.type == CLOSE:
             self._opened.pop(event.port, None)
         hub = self.server.hub
-        hub.broadcast(wire.encode(self.message(event)))
-        self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.sessions))
+        hub.broadcast(self.message(event))
+        self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.clients))
 
-    def on_open(self, session: "Session") -> None:
+    def on_open(self, client: "Client") -> None:
         for event in self.server.monitor.open_events():
-            session.send(self.message(event))
+            client.send(self.message(event))
 
-    def on_close(self, session: "Session") -> None:
+    def on_close(self, client: "Client") -> None:
         pass
 
-    def handle(self, session: "Session", message: Message) -> None:
+    def handle(self, client: "Client", message: Message) -> None:
         if message.type == "kill":
-            self._jobs.start(self._kill(session, message), message, session.send)
+            self._jobs.start(self._kill(client, message), message, client.send)
         elif message.type == "visibility":
-            self._set_visibility(session, message)
+            self._set_visibility(client, message)
 
-    def _set_visibility(self, session: "Session", message: Message) -> None:
+    def _set_visibility(self, client: "Client", message: Message) -> None:
         """Persist, apply, then tell every client; a state dir that cannot be written
         changes nothing."""
         port, value = message.body["port"], message.body["visibility"]
@@ -90,9 +89,9 @@ class PortsChannel:
         visibility.public = public
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
-        self.server.hub.announce(changed, session, message.id)
+        self.server.hub.announce(changed, client, message.id)
 
-    async def _kill(self, session: "Session", message: Message) -> None:
+    async def _kill(self, client: "Client", message: Message) -> None:
         port = message.body["port"]
         monitor = self.server.monitor
         if port == self.server.settings.port:

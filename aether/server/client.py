@@ -1,9 +1,12 @@
-"""One client's WebSocket: authentication, frames to the protocol layer, and sending with a
-write deadline so a client that stops reading is dropped alone.
+"""One client: its WebSocket's authentication, its frames to the dispatcher, and the one way
+out to it, :meth:`Client.send`, with a write deadline so a client that stops reading is dropped
+alone.
 
-A frame goes straight to the socket when nothing is queued before it (see
-:meth:`Session.send_frame`); otherwise Tornado's stream buffers it, and its future resolves once
-its bytes reach the socket. A session keeps those unfinished writes in order and arms one timer
+Everything a client is sent goes through ``send``: a message (a dict, encoded there) or a frame
+built once for many (``aether.wire.frame``); messages, bytes and error replies are counted
+there. A frame goes straight to the socket when nothing is queued before it
+(``websocket.send_now``); otherwise Tornado's stream buffers it, and its future resolves once
+its bytes reach the socket. A client keeps those unfinished writes in order and arms one timer
 for the oldest: if it has not completed after ``write_timeout`` seconds, or the pending charge
 exceeds ``MAX_PENDING_BYTES``, the connection is aborted. Nothing is armed while nothing is
 pending.
@@ -13,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hmac
 import logging
 import socket
-import struct
 import time
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Callable, MutableMapping, Optional, Protocol, Union
 
 import tornado.iostream
 import tornado.web
@@ -26,9 +29,10 @@ import tornado.websocket
 
 from aether import wire
 from aether.server import cookie
+from aether.server.websocket import Protocol13, send_now
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
+    from aether.server.hub import Hub
 
 log = logging.getLogger("aether.server")
 
@@ -41,12 +45,31 @@ PENDING_OVERHEAD = 512
 #: unsent and resumes once it has drained to ``DRAINED_BYTES``: well before the cap above.
 BACKLOG_BYTES = 512 << 10
 DRAINED_BYTES = 128 << 10
-#: After the close frame that fails a connection (1009 for an oversized message, 1007, 1002),
-#: what the client still sends is read and dropped for at most this long before the socket
-#: closes. Closing with it unread sends a reset, and a reset discards the close frame waiting
-#: in the client's receive queue (9 clients of 10 saw no 1009). A 16 MiB message is sent and
-#: drained over loopback in ~0.12 s; 2 s is what a client on a slower link gets to stop sending.
-LINGER_SECONDS = 2.0
+
+
+class Counts(Protocol):
+    """What is counted of what clients are sent (the metrics)."""
+
+    ws_frames_sent: int
+    ws_bytes_sent: int
+    ws_errors: MutableMapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """What every client of the WebSocket endpoint shares: the settings it checks, the hub it
+    joins, where its messages go, and what it tells the channels."""
+
+    token: str
+    workspace_id: str
+    max_message_bytes: int
+    send_buffer_bytes: int
+    write_timeout: float
+    hub: "Hub"
+    receive: Callable[["Client", Union[str, bytes]], None]
+    opened: Callable[["Client"], None]
+    closed: Callable[["Client"], None]
+    counts: Counts
 
 
 def bearer_token(request) -> Optional[str]:
@@ -58,89 +81,9 @@ def bearer_token(request) -> Optional[str]:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-#: Close codes a client may send (RFC 6455 7.4, and 1012-1014 as IANA registers them); 1004 is
-#: reserved, 1005, 1006 and 1015 only ever stand for a missing close frame.
-_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
-
-
-class _Protocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol, but a client that breaks it is told why, and hears it.
-
-    Tornado drops a text frame that is not UTF-8 by closing the socket without a word, echoes
-    any close code, and raises on a close reason that is not UTF-8 (a traceback in the log,
-    no close frame). Here those fail the connection with 1007 (not UTF-8) or 1002 (a close
-    code no one may send). Failing, like the 1009 of an oversized message, is: the close frame,
-    then ``shutdown(SHUT_WR)``, then everything the client still sends read and dropped until
-    it closes or ``LINGER_SECONDS`` pass, then the close (Tornado closes at once, and the reset
-    that closing with bytes unread sends discards the close frame at the client). The session
-    ends at once; only the socket lingers (and counts as a connection)."""
-
-    _lingering = False
-    _linger_task: Optional[asyncio.Task] = None
-
-    def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
-        if code == 1009 and not self.server_terminated and not self.stream.closed():
-            self._lingering = True  # Tornado calls _abort right after
-        super().close(code, reason)
-
-    def _fail(self, code: int, reason: str) -> None:
-        if not self.server_terminated and not self.stream.closed():
-            self._lingering = True
-        super().close(code, reason)
-        self._abort()
-
-    def _handle_message(self, opcode: int, data: bytes):
-        if self.client_terminated or self._frame_compressed:
-            return super()._handle_message(opcode, data)
-        if opcode == 0x1:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                self._fail(1007, "text frames must be UTF-8")
-                return None
-            self._message_bytes_in += len(data)
-            return self._run_callback(self.handler.on_message, text)
-        if opcode == 0x8 and data:
-            code = struct.unpack(">H", data[:2])[0] if len(data) >= 2 else None
-            if code not in _CLOSE_CODES:
-                self._fail(1002, "no such close code")
-                return None
-            try:
-                data[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                self._fail(1007, "a close reason must be UTF-8")
-                return None
-        return super()._handle_message(opcode, data)
-
-    def _abort(self) -> None:
-        if not self._lingering:
-            super()._abort()
-            return
-        if self._linger_task is not None:
-            return  # the linger closes the stream
-        self.client_terminated = self.server_terminated = True
-        if self._waiting is not None:
-            self.stream.io_loop.remove_timeout(self._waiting)
-            self._waiting = None
-        self._linger_task = asyncio.ensure_future(self._linger(self.stream))
-
-    @staticmethod
-    async def _linger(stream: tornado.iostream.IOStream) -> None:
-        try:
-            async with asyncio.timeout(LINGER_SECONDS):
-                await stream.write(b"")  # resolves once the close frame is in the kernel
-                stream.socket.shutdown(socket.SHUT_WR)
-                while True:
-                    await stream.read_bytes(1 << 16, partial=True)
-        except (tornado.iostream.StreamClosedError, TimeoutError, OSError):
-            pass
-        finally:
-            stream.close()
-
-
-class Session(tornado.websocket.WebSocketHandler):
-    def initialize(self, server: "WorkspaceServer") -> None:
-        self.server = server
+class Client(tornado.websocket.WebSocketHandler):
+    def initialize(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
         self.last_pong = time.monotonic()
         self._pending: collections.deque = collections.deque()
         self._pending_bytes = 0
@@ -155,18 +98,18 @@ class Session(tornado.websocket.WebSocketHandler):
         # The credentials first: without them, nothing (not even which workspace ids exist) is
         # told. A token given is the one judged; without one, the dashboard's cookie counts,
         # from a page of this origin only (see ``cookie``).
-        settings = self.server.settings
+        endpoint = self.endpoint
         token = bearer_token(self.request)
         if token is not None:
-            if not hmac.compare_digest(token.encode(), settings.token.encode()):
+            if not hmac.compare_digest(token.encode(), endpoint.token.encode()):
                 raise tornado.web.HTTPError(401)
-        elif not cookie.present(self.request, settings.token):
+        elif not cookie.present(self.request, endpoint.token):
             raise tornado.web.HTTPError(401)
         elif not cookie.same_origin(self.request):
             raise tornado.web.HTTPError(403)
         else:
             self.allowed = cookie.DASHBOARD
-        if self.path_args[0] != settings.workspace_id:
+        if self.path_args[0] != endpoint.workspace_id:
             raise tornado.web.HTTPError(404)
 
     def select_subprotocol(self, subprotocols: list[str]) -> Optional[str]:
@@ -181,7 +124,7 @@ class Session(tornado.websocket.WebSocketHandler):
 
     @property
     def max_message_size(self) -> int:
-        return self.server.settings.max_message_bytes
+        return self.endpoint.max_message_bytes
 
     def get_compression_options(self) -> None:
         return None
@@ -190,7 +133,7 @@ class Session(tornado.websocket.WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if protocol is None:
             return None
-        return _Protocol(self, False, protocol.params)
+        return Protocol13(self, False, protocol.params)
 
     def _request_summary(self) -> str:
         # Tornado's version prints the full URI, ?token= included.
@@ -211,27 +154,27 @@ class Session(tornado.websocket.WebSocketHandler):
         self.last_pong = time.monotonic()
         stream_socket = self.ws_connection.stream.socket
         if stream_socket is not None:
-            stream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.settings.send_buffer_bytes)
-        self.server.on_open(self)
-        self.server.hub.add(self)
-        log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.server.hub.sessions)})
+            stream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.endpoint.send_buffer_bytes)
+        self.endpoint.opened(self)
+        self.endpoint.hub.add(self)
+        log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.endpoint.hub.clients)})
 
     def on_message(self, frame: Union[str, bytes]) -> None:
-        self.server.dispatcher.receive(self, frame)
+        self.endpoint.receive(self, frame)
 
     def on_pong(self, data: bytes) -> None:
         self.last_pong = time.monotonic()
 
     def on_close(self) -> None:
-        self.server.hub.remove(self)
-        self.server.on_close(self)
+        self.endpoint.hub.remove(self)
+        self.endpoint.closed(self)
         self._call_drained()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
         log.info(
             "client disconnected",
-            extra={"client": self.request.remote_ip, "code": self.close_code, "clients": len(self.server.hub.sessions)},
+            extra={"client": self.request.remote_ip, "code": self.close_code, "clients": len(self.endpoint.hub.clients)},
         )
 
     # -- sending ------------------------------------------------------------------------
@@ -273,39 +216,29 @@ class Session(tornado.websocket.WebSocketHandler):
             except Exception:
                 log.exception("drain callback failed")
 
-    def send(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "error":
-            self.server.metrics.ws_errors[message["code"]] += 1
-        self.send_frame(wire.frame(message))
-
-    def send_frame(self, frame: bytes) -> None:
-        """Queue one complete frame (see :func:`aether.wire.text_frame`) on the connection's stream."""
+    def send(self, message: Union[dict, bytes]) -> None:
+        """The one way out to this client: ``message``, or a whole frame built once for many
+        (``aether.wire.frame``), queued on the connection's stream. What is sent, and every
+        error reply, is counted here."""
         connection = self.ws_connection
         if connection is None or connection.is_closing() or connection.stream.closed():
             return
-        metrics = self.server.metrics
-        metrics.ws_frames_sent += 1
-        metrics.ws_bytes_sent += len(frame)
+        counts = self.endpoint.counts
+        if not isinstance(message, bytes):
+            if message.get("type") == "error":
+                counts.ws_errors[message["code"]] += 1
+            message = wire.frame(message)
+        counts.ws_frames_sent += 1
+        counts.ws_bytes_sent += len(message)
         stream = connection.stream
-        if not stream.writing():
-            # Nothing queued: hand the frame to the kernel now. This is the common case, and it
-            # costs one send(), no Future: 1,000 clients get a port event in a fraction of the
-            # time IOStream.write takes. What the kernel does not take goes through the stream,
-            # which keeps the order.
-            try:
-                sent = stream.socket.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return  # the stream notices the dead socket on its own
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
+        rest = send_now(stream, message)
+        if not rest:
+            return
         try:
-            future = stream.write(frame)
+            future = stream.write(rest)
         except tornado.iostream.StreamClosedError:
             return
-        size = len(frame) + PENDING_OVERHEAD
+        size = len(rest) + PENDING_OVERHEAD
         self._pending.append((time.monotonic(), size, future))
         self._pending_bytes += size
         future.add_done_callback(self._written)
@@ -332,7 +265,7 @@ class Session(tornado.websocket.WebSocketHandler):
 
     def _arm_write_timer(self) -> None:
         oldest = self._pending[0][0]
-        delay = max(0.0, oldest + self.server.settings.write_timeout - time.monotonic())
+        delay = max(0.0, oldest + self.endpoint.write_timeout - time.monotonic())
         self._write_timer = asyncio.get_running_loop().call_later(delay, self._check_writes)
 
     def _check_writes(self) -> None:
@@ -340,8 +273,8 @@ class Session(tornado.websocket.WebSocketHandler):
         self._written()
         if not self._pending:
             return
-        if time.monotonic() - self._pending[0][0] >= self.server.settings.write_timeout:
-            self.abort(f"a write did not complete in {self.server.settings.write_timeout:g} s")
+        if time.monotonic() - self._pending[0][0] >= self.endpoint.write_timeout:
+            self.abort(f"a write did not complete in {self.endpoint.write_timeout:g} s")
         else:
             self._arm_write_timer()
 
