@@ -24,7 +24,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from aether import __version__
-from aether.server.registry import ApiHandler
+from aether.server.registry_api import ApiHandler
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -72,9 +72,10 @@ class Metrics:
         self.ws_bytes_sent = 0
         self.preview_responses: collections.defaultdict[int, int] = collections.defaultdict(int)  # status ->
         self.preview_upstream_latency = Histogram(UPSTREAM_LATENCY_BUCKETS)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
-        ProcessCollector(registry=self.registry)
+        #: Prometheus's CollectorRegistry (not the port registry).
+        self.collectors = CollectorRegistry(auto_describe=False)
+        self.collectors.register(_Collector(self))
+        ProcessCollector(registry=self.collectors)
 
     def port_event(self, event, now_ns: int, sent: bool) -> None:
         """Count a port event; when clients got it, the time from when it was seen."""
@@ -88,7 +89,7 @@ class Metrics:
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (text by default), and its type."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return encoder(self.collectors), content_type
 
 
 class _Collector:

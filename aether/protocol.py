@@ -196,11 +196,12 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("agent", "list"): {},
 }
 #: (channel, type) -> the request's fields that its error reply repeats (when the request has
-#: them), so that a client sees which port, watch or conversation was refused.
+#: them), so that a client sees which port, watch or conversation was refused. Only fields of
+#: the schema: their values have been checked.
 ECHOED: dict[tuple[str, str], tuple[str, ...]] = {
     ("ports", "kill"): ("port",),
     ("files", "unwatch"): ("watchId",),
-    **{key: ("conversationId",) for key in SCHEMAS if key[0] == "agent"},
+    **{key: ("conversationId",) for key, schema in SCHEMAS.items() if key[0] == "agent" and schema.keys() & {"conversationId", "conversationId?"}},
 }
 #: SCHEMAS as ``parse`` walks them: (name, optional, check, what), the ``?`` read once here.
 _FIELDS: dict[tuple[str, str], tuple[tuple[str, bool, Callable[[Any], bool], str], ...]] = {

@@ -29,6 +29,7 @@ from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
+from aether.server.channels import Channel
 from aether.server.channels.agent import AgentChannel
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.files import FilesChannel
@@ -41,8 +42,8 @@ from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
 from aether.registry.store import RegistryError
 from aether.server.cookie import DASHBOARD_CHANNELS
-from aether.server.registry import RegistryService
-from aether.server.registry import routes as registry_routes
+from aether.server.registry_api import RegistryApi
+from aether.server.registry_api import routes as registry_routes
 from aether.server.settings import Settings
 from aether.server.state import StateDir
 
@@ -116,15 +117,18 @@ class WorkspaceServer:
         self.metrics = Metrics(self)
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
-        self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
-        self.channels = {
-            "ports": PortsChannel(self),
-            "config": ConfigChannel(self),
-            "files": FilesChannel(self),
-            "terminal": TerminalChannel(self),
-            "agent": AgentChannel(self),
+        self.registry_api = RegistryApi(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
+        self.channels: dict[str, Channel] = {
+            "ports": PortsChannel(
+                monitor, monitor.table, self.hub, self.visibility, settings.preview_url_for, self.state.save_config,
+                own_port=settings.port, kill_grace=settings.kill_grace, sent=self.metrics.port_event,
+            ),
+            "config": ConfigChannel(settings, monitor, self.hub, self.state.save_config, self._registry_entries),
+            "files": FilesChannel(settings.workspace_root),
+            "terminal": TerminalChannel(settings),
+            "agent": AgentChannel(settings),
         }
-        self.dispatcher = Dispatcher(self.channels, self.metrics.ws_received)
+        self.dispatcher = Dispatcher(self.channels, self.metrics.ws_received, DASHBOARD_CHANNELS)
         self.endpoint = Endpoint(
             token=settings.token,
             workspace_id=settings.workspace_id,
@@ -134,7 +138,7 @@ class WorkspaceServer:
             hub=self.hub,
             receive=self.dispatcher.receive,
             opened=self.on_open,
-            closed=self.on_close,
+            closed=self.dispatcher.close,
             counts=self.metrics,
         )
 
@@ -154,22 +158,16 @@ class WorkspaceServer:
         return app
 
     def on_open(self, client: Client) -> None:
-        heard = self.channels if client.allowed is None else DASHBOARD_CHANNELS
-        for name, channel in self.channels.items():
-            if name in heard:
-                channel.on_open(client)
-        self.registry.watch()
+        self.dispatcher.open(client)
+        self.registry_api.watch()
 
     def close_channels(self) -> None:
         """At shutdown: end what channels keep beside clients (watches, terminals, agent turns)."""
         for channel in self.channels.values():
-            close = getattr(channel, "close", None)
-            if close is not None:
-                close()
+            channel.close()
 
-    def on_close(self, client: Client) -> None:
-        for channel in self.channels.values():
-            channel.on_close(client)
+    def _registry_entries(self) -> list[dict]:
+        return [entry.to_json() for entry in self.registry_api.reader.entries()]
 
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
@@ -221,7 +219,7 @@ async def serve(settings: Settings) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 1
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry.port_of, server.metrics)
+    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
     listener = SharedListener(
         http,
         previews.protocol,
@@ -249,7 +247,7 @@ async def serve(settings: Settings) -> int:
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
-    server.registry.close()
+    server.registry_api.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
     return 0

@@ -1,8 +1,8 @@
 """From a client's frame to the handler of its message, and every refusal to its error reply.
 
 A frame is parsed (``aether.protocol``), checked against what the client may send (a dashboard
-cookie opens less than the token), and handed to its channel. Whatever a handler raises ends
-here: a :class:`~aether.errors.Refusal` becomes the error reply (``aether.wire.refused``), any
+cookie opens less than the token), and handed to the handler its channel's table names for its
+type. Whatever a handler raises ends here: a :class:`~aether.errors.Refusal` becomes the error reply (``aether.wire.refused``), any
 other exception ``internal``, logged with its traceback. Work a handler starts for later (a
 kill, a file operation in the pool, a database read) runs through :class:`Jobs`, which does the
 same for what that work raises. No channel builds an error reply of its own.
@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Callable, Coroutine, Mapping, MutableMapping, Optional, Protocol, Union
+from typing import Callable, Collection, Coroutine, Mapping, MutableMapping, Optional, Protocol, Union
 
 from aether import protocol, wire
 from aether.errors import Refusal
 from aether.protocol import Message
+from aether.server.channels import Channel
 
 log = logging.getLogger("aether.server")
 
@@ -32,12 +33,6 @@ class Client(Protocol):
     def send(self, message: Union[dict, bytes]) -> None: ...
 
 
-class Channel(Protocol):
-    name: str
-
-    def handle(self, client: Any, message: Message) -> None: ...
-
-
 FORBIDDEN = (
     "the dashboard's cookie opens the ports channel and config get/registry only: "
     "connect with the workspace token for this"
@@ -45,11 +40,23 @@ FORBIDDEN = (
 
 
 class Dispatcher:
-    """The channels by name; ``received`` counts messages by (channel, type)."""
+    """The channels by name, each with its table of handlers; ``received`` counts messages by
+    (channel, type). A client that holds the dashboard's cookie hears ``heard`` channels only."""
 
-    def __init__(self, channels: Mapping[str, Channel], received: MutableMapping[tuple[str, str], int]):
+    def __init__(self, channels: Mapping[str, Channel], received: MutableMapping[tuple[str, str], int],
+                 heard: Collection[str] = ()):
         self.channels = channels
         self.received = received
+        self.heard = heard
+
+    def open(self, client: Client) -> None:
+        for name, channel in self.channels.items():
+            if client.allowed is None or name in self.heard:
+                channel.on_open(client)
+
+    def close(self, client: Client) -> None:
+        for channel in self.channels.values():
+            channel.on_close(client)
 
     def receive(self, client: Client, frame: Union[str, bytes]) -> None:
         try:
@@ -60,18 +67,21 @@ class Dispatcher:
             client.send(wire.refused(exc, channel=exc.channel, id=exc.id))
             return
         self.received[(message.channel, message.type)] += 1
+        if client.allowed is not None and (message.channel, message.type) not in client.allowed:
+            client.send(wire.refused(Refusal("forbidden", FORBIDDEN), message))
+            return
         self.dispatch(client, message)
 
     def dispatch(self, client: Client, message: Message) -> None:
+        """``message`` to its handler; what it raises to the channel's reply."""
+        channel = self.channels[message.channel]
         try:
-            if client.allowed is not None and (message.channel, message.type) not in client.allowed:
-                raise Refusal("forbidden", FORBIDDEN)
-            self.channels[message.channel].handle(client, message)
+            channel.handlers[message.type](client, message)
         except Refusal as refusal:
-            client.send(wire.refused(refusal, message))
+            channel.reply(client, wire.refused(refusal, message))
         except Exception:
             log.exception("message handling failed", extra={"channel": message.channel, "type": message.type})
-            client.send(wire.refused(wire.INTERNAL, message))
+            channel.reply(client, wire.refused(wire.INTERNAL, message))
 
 
 class Jobs:

@@ -7,16 +7,26 @@ that fails validation, or a state directory that cannot be written, changes noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
 
-from aether.excerpt import excerpt
 from aether.errors import Refusal
+from aether.excerpt import excerpt
 from aether.protocol import Message
+from aether.server.channels import Audience, Channel, SaveConfig
 from aether.wire import reply
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
     from aether.server.client import Client
+    from aether.server.settings import Settings
+
+
+class Monitor(Protocol):
+    """What the channel uses of the port monitor."""
+
+    backend: Optional[str]
+
+    def set_ignored(self, ignored: Iterable[int]) -> None: ...
+
 
 MUTABLE = ("ignoredPorts",)
 _MAX_IGNORED = 1024
@@ -34,14 +44,20 @@ def validate_ignored_ports(value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
-class ConfigChannel:
+class ConfigChannel(Channel):
+    """``settings`` are read for ``get`` and changed by ``set``; ``registry()`` is the port
+    registry's entries now, as JSON."""
+
     name = "config"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
+    def __init__(self, settings: "Settings", monitor: Monitor, clients: Audience, save_config: SaveConfig,
+                 registry: Callable[[], list[dict]]):
+        self.settings, self.monitor, self.clients = settings, monitor, clients
+        self.save_config, self.registry_entries = save_config, registry
+        self.handlers = {"get": self._get, "set": self._set, "registry": self._registry}
 
     def snapshot(self) -> dict:
-        settings, monitor = self.server.settings, self.server.monitor
+        settings, monitor = self.settings, self.monitor
         return {
             "workspaceId": settings.workspace_id,
             "projectIdPrefix": settings.project_prefix,
@@ -72,20 +88,11 @@ class ConfigChannel:
             "mutable": list(MUTABLE),
         }
 
-    def on_open(self, client: "Client") -> None:
-        pass
+    def _get(self, client: "Client", message: Message) -> None:
+        client.send(reply(message, "config", config=self.snapshot()))
 
-    def on_close(self, client: "Client") -> None:
-        pass
-
-    def handle(self, client: "Client", message: Message) -> None:
-        if message.type == "get":
-            client.send(reply(message, "config", config=self.snapshot()))
-        elif message.type == "set":
-            self._set(client, message)
-        elif message.type == "registry":
-            entries = self.server.registry.reader.entries()
-            client.send(reply(message, "registry", ports=[entry.to_json() for entry in entries]))
+    def _registry(self, client: "Client", message: Message) -> None:
+        client.send(reply(message, "registry", ports=self.registry_entries()))
 
     def _set(self, client: "Client", message: Message) -> None:
         changes = message.body["config"]
@@ -101,10 +108,10 @@ class ConfigChannel:
         except ValueError as exc:
             raise Refusal("invalid", str(exc)) from None
         try:
-            self.server.state.save_config({"ignored_ports": list(ignored)})
+            self.save_config({"ignored_ports": list(ignored)})
         except OSError as exc:
             raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
-        self.server.settings.ignored_ports = ignored
-        self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
+        self.settings.ignored_ports = ignored
+        self.monitor.set_ignored(self.settings.monitor_ignored)
         changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}
-        self.server.hub.announce(changed, client, message.id)
+        self.clients.announce(changed, client, message.id)

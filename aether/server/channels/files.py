@@ -1,13 +1,13 @@
 """The ``files`` channel: list, stat, read, write, mkdir, delete and rename under the workspace
-root, and watches that belong to the connection (seed 001: nothing is replayed after a
+root, and watches that belong to the client's connection (nothing is replayed after a
 reconnect; ``list`` and ``read`` give the current state).
 
 The operations block, so they run in a small thread pool of the channel's own; the event loop
-only sends. A connection's requests start in the order they came, each once the one before it
+only sends. A client's requests start in the order they came, each once the one before it
 has done its work (a read, once it has opened its file), so a read sent after a write sees
-that write; those of a connection that has closed are dropped unstarted. A read or a long
-listing then streams its messages apart from that order, each sent only once the client has
-no more than ``session.BACKLOG_BYTES`` unsent (so several streams at once cannot pile up more),
+that write; those of a client that has gone are dropped unstarted. A read or a long listing
+then streams its messages apart from that order, each sent only once the client has no more
+than ``client.BACKLOG_BYTES`` unsent (so several streams at once cannot pile up more),
 stopping if it goes. A listing's messages are built in the pool, ready to send.
 
 Every request is answered by a message of its own type with its ``id``, or by an ``error``
@@ -18,20 +18,22 @@ client: an unexpected failure is logged and answered ``internal``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
+from aether.errors import Refusal
 from aether.files import FileError, ops, reading, writing
 from aether.files.inotify import Instance, locate
 from aether.files.watch import WatchTree
-from aether.errors import Refusal
 from aether.protocol import Message
+from aether.server.channels import Channel
 from aether.server.dispatch import Jobs
 from aether.wire import frame, reply, with_id
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
     from aether.server.client import Client
 
 log = logging.getLogger("aether.files")
@@ -62,8 +64,8 @@ def list_pages(entries: list[dict], budget: int = MAX_LIST_BYTES) -> list[list[d
     return runs
 
 
-class _Connection:
-    """What the channel keeps per WebSocket."""
+class _ClientState:
+    """What the channel keeps per client."""
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # FIFO: requests start in arrival order
@@ -75,56 +77,63 @@ class _Connection:
         self.queued -= 1
 
 
-class FilesChannel:
+#: One request's work, in its client's order: it returns the stream to send after (a read's
+#: chunks, a listing's pages), or None.
+Operation = Callable[["Client", _ClientState, Message], Awaitable[Optional[Awaitable[None]]]]
+
+
+class FilesChannel(Channel):
+    """Files under ``root``, the workspace root."""
+
     name = "files"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
-        self.root = str(server.settings.workspace_root.resolve())
+    def __init__(self, root: Path):
+        self.root = str(root.resolve())
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
         self._inotify = Instance(self._blocking)
-        self._connections: dict["Client", _Connection] = {}
+        self._states: dict["Client", _ClientState] = {}
         self._jobs = Jobs()
-        self._handlers = {
+        operations: dict[str, Operation] = {
             "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
             "mkdir": self._mkdir, "delete": self._delete, "rename": self._rename,
             "watch": self._watch, "unwatch": self._unwatch,
         }
+        self.handlers = {kind: functools.partial(self._request, operation) for kind, operation in operations.items()}
 
     # -- the channel's life ---------------------------------------------------------------
 
     def on_open(self, client: "Client") -> None:
-        self._connections[client] = _Connection()
+        self._states[client] = _ClientState()
 
     def on_close(self, client: "Client") -> None:
-        connection = self._connections.pop(client, None)
-        if connection is not None:
-            for tree in connection.watches.values():
+        state = self._states.pop(client, None)
+        if state is not None:
+            for tree in state.watches.values():
                 tree.close()
-            connection.watches.clear()
+            state.watches.clear()
 
     def close(self) -> None:
-        for client in list(self._connections):
+        for client in list(self._states):
             self.on_close(client)
         self._inotify.close()
         self._jobs.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def handle(self, client: "Client", message: Message) -> None:
-        connection = self._connections.get(client)
-        if connection is None:
+    def _request(self, operation: "Operation", client: "Client", message: Message) -> None:
+        state = self._states.get(client)
+        if state is None:
             return
-        if connection.queued >= MAX_QUEUED_PER_CONNECTION:
+        if state.queued >= MAX_QUEUED_PER_CONNECTION:
             raise Refusal("busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies")
-        connection.queued += 1
-        task = self._jobs.start(self._serve(client, connection, message), message, client.send)
-        task.add_done_callback(lambda _task: connection.finished())
+        state.queued += 1
+        task = self._jobs.start(self._serve(operation, client, state, message), message, client.send)
+        task.add_done_callback(lambda _task: state.finished())
 
-    async def _serve(self, client: "Client", connection: _Connection, message: Message) -> None:
-        async with connection.lock:
-            if client.closed or self._connections.get(client) is not connection:
+    async def _serve(self, operation: "Operation", client: "Client", state: _ClientState, message: Message) -> None:
+        async with state.lock:
+            if client.closed or self._states.get(client) is not state:
                 return  # nobody to answer
-            stream = await self._handlers[message.type](client, connection, message)
+            stream = await operation(client, state, message)
         if stream is not None:
             await stream
 
@@ -147,7 +156,7 @@ class FilesChannel:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _list(self, client: "Client", connection: _Connection, message: Message):
+    async def _list(self, client: "Client", state: _ClientState, message: Message):
         frames = await self._blocking(self._list_frames, message.body["path"], message.id)
         return self._stream_list(client, frames)
 
@@ -171,11 +180,11 @@ class FilesChannel:
                 return
             client.send(built)
 
-    async def _stat(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _stat(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
         self._reply(client, message, {"path": rel, "stat": info})
 
-    async def _read(self, client: "Client", connection: _Connection, message: Message):
+    async def _read(self, client: "Client", state: _ClientState, message: Message):
         body = message.body
         reader = await self._blocking(reading.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
         return self._stream_read(client, message, reader)
@@ -194,7 +203,7 @@ class FilesChannel:
         finally:
             reader.close()
 
-    async def _write(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _write(self, client: "Client", state: _ClientState, message: Message) -> None:
         body = message.body
         path = body["path"]
 
@@ -205,26 +214,26 @@ class FilesChannel:
         rel, size = await self._blocking(write)
         self._reply(client, message, {"path": rel, "size": size})
 
-    async def _mkdir(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _mkdir(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.mkdir, self.root, message.body["path"], message.body.get("parents", False))
         self._reply(client, message, {"path": rel})
 
-    async def _delete(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _delete(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.delete, self.root, message.body["path"], message.body.get("recursive", False))
         self._reply(client, message, {"path": rel})
 
-    async def _rename(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _rename(self, client: "Client", state: _ClientState, message: Message) -> None:
         body = message.body
         source, dest = await self._blocking(ops.rename, self.root, body["from"], body["to"], body.get("overwrite", False))
         self._reply(client, message, {"from": source, "to": dest})
 
-    async def _watch(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _watch(self, client: "Client", state: _ClientState, message: Message) -> None:
         path, recursive = message.body["path"], message.body.get("recursive", False)
-        if len(connection.watches) >= MAX_WATCHES_PER_CONNECTION:
+        if len(state.watches) >= MAX_WATCHES_PER_CONNECTION:
             raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
         top = await self._blocking(locate, self.root, path)
-        watch_id = f"w{connection.next_watch}"
-        connection.next_watch += 1
+        watch_id = f"w{state.next_watch}"
+        state.next_watch += 1
 
         def deliver(events: list[dict]) -> None:
             for event in events:
@@ -233,19 +242,19 @@ class FilesChannel:
         tree = WatchTree(
             self._inotify, top.real, top.rel, recursive, deliver,
             lambda resume: self._hold(client, resume),
-            lambda _tree: connection.watches.pop(watch_id, None),
+            lambda _tree: state.watches.pop(watch_id, None),
             top.ident,
         )
         await tree.start(path)
-        if self._connections.get(client) is not connection:
+        if self._states.get(client) is not state:
             tree.close()  # the connection closed meanwhile
             return
-        connection.watches[watch_id] = tree
+        state.watches[watch_id] = tree
         self._reply(client, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
 
-    async def _unwatch(self, client: "Client", connection: _Connection, message: Message) -> None:
+    async def _unwatch(self, client: "Client", state: _ClientState, message: Message) -> None:
         watch_id = message.body["watchId"]
-        tree: Optional[WatchTree] = connection.watches.pop(watch_id, None)
+        tree: Optional[WatchTree] = state.watches.pop(watch_id, None)
         if tree is None:
             raise FileError("not_found", None, f"no watch {watch_id} on this connection")
         tree.close()

@@ -1,5 +1,6 @@
-"""The port registry inside the server: the REST API under ``/api/``, the ``registry`` push on the
-``config`` channel, and the key -> port map that named previews route by.
+"""The port registry as the server serves it (:class:`RegistryApi`): the REST API under ``/api/``,
+the ``registry`` push on the ``config`` channel, and the key -> port map that named previews
+route by.
 
 Reads run on the event loop (SQLite answers them from its page cache in microseconds); writes run
 in one worker thread, since a writer may wait on another process's lock. A write by anyone (this
@@ -32,7 +33,7 @@ WATCH_SECONDS = 1.0
 _STATUS = {"invalid": 400, "conflict": 409, "not_found": 404, "unavailable": 503}
 
 
-class RegistryService:
+class RegistryApi:
     def __init__(self, path: Path, on_change: Callable[[list[Entry]], None], watching: Callable[[], bool]):
         self.path = path
         self.reader = Registry(path)
@@ -133,14 +134,14 @@ class ApiHandler(tornado.web.RequestHandler):
             super().log_exception(typ, value, tb)
 
     @property
-    def registry(self) -> RegistryService:
-        return self.server.registry
+    def api(self) -> RegistryApi:
+        return self.server.registry_api
 
 
 def joined(server: "WorkspaceServer") -> list[dict]:
     """The registry joined with what listens now (from the monitor, no /proc walk)."""
     live = {event.port: (event.pid, event.process) for event in server.monitor.open_events()}
-    return [entry.with_live(live.get(entry.port)) for entry in server.registry.reader.entries()]
+    return [entry.with_live(live.get(entry.port)) for entry in server.registry_api.reader.entries()]
 
 
 class PortsHandler(ApiHandler):
@@ -150,18 +151,18 @@ class PortsHandler(ApiHandler):
 
 class PortHandler(ApiHandler):
     def get(self, key: str) -> None:
-        entry = self.registry.reader.get(key)
+        entry = self.api.reader.get(key)
         if entry is None:
             return self.fail(404, "not_found", f"no port registered as {key}")
         self.finish(entry.to_json())
 
     async def put(self, key: str) -> None:
         body = self.body()
-        entry = await self.registry.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
+        entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
         self.finish(entry.to_json())
 
     async def delete(self, key: str) -> None:
-        deleted = await self.registry.write("delete", key)
+        deleted = await self.api.write("delete", key)
         if not deleted:
             return self.fail(404, "not_found", f"no port registered as {key}")
         self.set_status(204)
@@ -176,7 +177,7 @@ class AllocateHandler(ApiHandler):
             raise RegistryError('labels must be an array of words, e.g. ["api", "ui"]')
         first, last = rules.parse_range(str(body.get("range", "apps")), rules.ranges(self.server.settings.state_dir))
         avoid = set(self.server.monitor.table.ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
-        entries = await self.registry.write("allocate", app, labels, first, last, avoid)
+        entries = await self.api.write("allocate", app, labels, first, last, avoid)
         self.finish(ujson.dumps([entry.to_json() for entry in entries]))
 
 
