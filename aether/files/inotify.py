@@ -224,7 +224,8 @@ def scan(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str, recursi
 
 class Instance:
     """The server's inotify instance. Its users are :class:`~aether.files.watch.WatchTree`\\ s:
-    each keeps its own descriptors and where they are (``dirs``); this keeps which users each
+    each keeps its own descriptors and where they are (this places them there through
+    ``place``, asks ``has`` and takes them back with ``take_all``); this keeps which users each
     descriptor has. ``run(fn, *args)`` runs blocking work in the thread pool."""
 
     def __init__(self, run: Callable[..., Awaitable], max_dirs: int = MAX_WATCHED_DIRS):
@@ -261,8 +262,7 @@ class Instance:
                 )
                 if self.fd is None:
                     raise OSError(errno.EBADF, "the inotify instance was closed")
-                if tree.ident is None:
-                    tree.ident = found.ident
+                tree.identify(found.ident)
                 self._register(tree, parent, found.dirs)
             finally:
                 self._scanning = False
@@ -287,8 +287,7 @@ class Instance:
 
     def remove(self, tree: "WatchTree") -> None:
         self.trees.discard(tree)
-        self.release(tree, list(tree.dirs))
-        tree.dirs.clear()
+        self.release(tree, tree.take_all())
         self._close_if_idle()
 
     def _register(self, tree: "WatchTree", parent: Optional[int], dirs: list[tuple[str, int, int]]) -> None:
@@ -296,7 +295,7 @@ class Instance:
         orphans = False
         for rel, wd, up in dirs:
             holder = parent if up < 0 else placed[up]
-            if tree.closed or (up >= 0 and holder is None) or (holder is not None and holder not in tree.dirs):
+            if tree.closed or (up >= 0 and holder is None) or (holder is not None and not tree.has(holder)):
                 # Ended meanwhile, or its parent is no longer in the tree: not watched here.
                 placed.append(None)
                 if wd not in self.users and wd not in self._dead:
@@ -310,7 +309,7 @@ class Instance:
                     continue
             placed.append(wd)
             self.users.setdefault(wd, set()).add(tree)
-            tree.dirs.add(wd, holder, rel.rpartition("/")[2] if holder is not None else "")
+            tree.place(wd, holder, rel.rpartition("/")[2] if holder is not None else "")
             for event in self._orphans.pop(wd, ()):
                 orphans = True
                 self._dispatch(event)
@@ -355,7 +354,7 @@ class Instance:
             return []
         trees = list(users)
         for tree in trees:
-            if event.wd in tree.dirs and not tree.closed:  # an earlier one may have ended it
+            if tree.has(event.wd) and not tree.closed:  # an earlier one may have ended it
                 tree.on_event(event)
         return trees
 

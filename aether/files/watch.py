@@ -231,6 +231,26 @@ class WatchTree:
             message = f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
             self._deliver([{"type": "error", "code": "too_large", "path": self.base, "message": message}])
 
+    # -- the descriptors the inotify instance places here ---------------------------------
+
+    def identify(self, ident: tuple[int, int]) -> None:
+        """The top's (device, inode), as the first scan found it: the one to watch from now on."""
+        if self.ident is None:
+            self.ident = ident
+
+    def has(self, wd: int) -> bool:
+        return wd in self.dirs
+
+    def place(self, wd: int, parent: Optional[int], name: str) -> None:
+        """Directory ``wd`` is entry ``name`` of directory ``parent`` (None: the top)."""
+        self.dirs.add(wd, parent, name)
+
+    def take_all(self) -> list[int]:
+        """Every descriptor of the tree, which no longer has any."""
+        wds = list(self.dirs)
+        self.dirs.clear()
+        return wds
+
     def display(self, rel: str) -> str:
         """A path in the tree as replies name it: relative to the workspace root."""
         if not rel:
