@@ -79,3 +79,40 @@ print(sorted(n for n in sys.modules if n == "aether.server" or n.startswith(("ae
 def test_lower_layers_never_import_the_server(package):
     found = subprocess.run([sys.executable, "-c", IMPORT_ALL, *package.split()], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]", f"{package} pulls in {found.stdout.strip()}"
+
+
+def test_frames_go_to_the_socket_at_once_but_never_past_tls():
+    """The fast path hands a frame to the kernel when nothing is queued; on a TLS stream it
+    leaves everything to the stream (a send() there would put plaintext on the wire)."""
+    import asyncio
+    import socket
+    import ssl
+
+    import tornado.iostream
+
+    from aether.server.websocket import send_now
+
+    async def main() -> None:
+        plain, peer = socket.socketpair()
+        stream = tornado.iostream.IOStream(plain)
+        assert send_now(stream, b"frame") == b""
+        assert peer.recv(16) == b"frame"
+        stream.close()
+        peer.close()
+
+        raw, peer = socket.socketpair()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        wrapped = context.wrap_socket(raw, do_handshake_on_connect=False)
+        stream = tornado.iostream.SSLIOStream(wrapped, ssl_options=context)
+        assert send_now(stream, b"frame") == b"frame"
+        peer.setblocking(False)
+        try:
+            got = peer.recv(16)
+        except BlockingIOError:
+            got = b""
+        assert b"frame" not in got
+        stream.close()
+        peer.close()
+
+    asyncio.run(main())

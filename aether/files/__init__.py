@@ -2,8 +2,8 @@
 a client's path says, ``paths``; resolving it beneath the root by the kernel, ``beneath``),
 the blocking operations on names (``ops``), reading and writing content (``reading``,
 ``writing``), the C library calls Python lacks (``libc``), and watching through inotify
-(``inotify``; ``dirs``, a watch's directories; ``watch``). Only ``inotify``'s instance and
-``watch`` know of an event loop.
+(``inotify``; ``dirs``, a watch's directories; ``coalescer``, a window's events; ``watch``).
+Only ``inotify``'s instance and ``watch`` know of an event loop.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The workspace server: one Tornado application for the WebSocket API, the preview proxy
 beside it on the same listener (see ``listener``), and ``serve`` to run them.
 
-``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/`` is the dashboard (see
-``dashboard``); ``/healthz`` answers without authentication; anything else is a JSON 404.
+``/workspaces/{workspaceId}/ws`` is the protocol's endpoint (docs/protocol.md); ``/`` is the
+dashboard (see ``dashboard``); ``/healthz`` answers without authentication; anything else is a
+JSON 404.
 SIGTERM and SIGINT close every WebSocket with 1001 and every preview connection, stop the probe
 and return 0 within a second.
 """
