@@ -30,19 +30,19 @@ from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
+from aether.registry.store import RegistryError
 from aether.server.channels import Channel
 from aether.server.channels.agent import AgentChannel
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
+from aether.server.client import Client, Endpoint
+from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.dashboard import routes as dashboard_routes
 from aether.server.dispatch import Dispatcher
-from aether.server.client import Client, Endpoint
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
-from aether.registry.store import RegistryError
-from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.registry_api import RegistryApi
 from aether.server.registry_api import routes as registry_routes
 from aether.server.settings import Settings

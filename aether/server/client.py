@@ -82,6 +82,8 @@ def bearer_token(request) -> Optional[str]:
 
 
 class Client(tornado.websocket.WebSocketHandler):
+    """One WebSocket client of the endpoint; :meth:`send` is the one way out to it."""
+
     def initialize(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.last_pong = time.monotonic()
