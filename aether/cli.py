@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aether.registry import cli as registry_cli
 
     registry_cli.add_commands(commands)
+
+    from aether.fleet import status as fleet_status  # redis itself is imported only when it runs
+
+    fleet_status.add_commands(commands)
     return parser
 
 
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from aether.registry import cli as registry_cli
 
         return registry_cli.run(args)
+    if args.command == "fleet":
+        from aether.fleet import status as fleet_status
+
+        return fleet_status.run(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
         return handler(args, ignored)

@@ -19,6 +19,8 @@ DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chr
 # What the deploy tests check deploy/ with: systemd-analyze (no running systemd needed), and
 # openssl for the TLS front's test certificates. Both are there on most hosts already.
 DEB_PACKAGES+=(systemd openssl)
+# Fleet mode's engine: the tests and the benchmarks start their own redis-server (and a sentinel).
+DEB_PACKAGES+=(redis-server)
 
 missing_debs() {
     local pkg

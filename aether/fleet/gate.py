@@ -1,0 +1,261 @@
+"""What a gateway does with one request, decided from its head and the route table alone (no
+lookup, no I/O): forward it to the workspace's VM, signed, or answer it here. The answers are
+the VM proxy's pages.
+
+The checks run in this order, each answering on failure:
+
+1. exactly one ``Host``, an origin-form target, a framing the proxy can pass on (400);
+2. a preview host of the domain, ``{port}-{prefix}.{D}[:port]`` or ``{key}-{prefix}.{D}``
+   (404 "not a preview host"), its port in its one spelling, decimal without leading zeros and
+   1-65535 (404);
+3. a prefix in the table (404 "no such workspace"), a key its workspace registers (404);
+4. the workspace is available: not stopped, not past its deadline, not unconfirmed past its
+   grace (503 "workspace unavailable", a page that reloads itself, ``Retry-After``);
+5. not through this gateway before (508);
+6. ``?token=`` matching the workspace's verifier: a cookie for this host and a redirect to the
+   same URL without it; a private port needs ``Authorization: Bearer`` with the token or the
+   cookie (401); a cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
+7. the port is open (502, the self-refreshing page);
+8. forward to the workspace's advertised address: ``Host`` unchanged (the VM routes by it),
+   ``X-Forwarded-*`` set here (a client's believed only from ``--trusted-proxies``), every
+   ``X-Aether-*`` header of the client dropped, the fleet's own credentials (token, cookie)
+   taken out, and ``X-Aether-Fleet`` signing what the VM relies on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import time
+from typing import Callable, Optional, Union
+from urllib.parse import unquote_to_bytes
+
+from aether import credentials
+from aether.fleet import auth
+from aether.fleet import routes as r
+from aether.preview import headers as h
+from aether.preview import pages
+from aether.preview.gate import COOKIE as VM_COOKIE
+from aether.preview.gate import Answer, Forward, host_pattern
+
+_MAX_CACHED = 4096
+#: Seconds a browser waits before asking again for an unavailable workspace: a VM that restarts
+#: is back within a heartbeat or two.
+RETRY_AFTER = 2
+
+
+class FleetForward(Forward):
+    """A :class:`Forward` to a VM (``address``:``port`` is its advertised address), with what
+    the gateway's connection bookkeeping needs: the workspace, the app's port, and what admitted
+    the request (a ``public`` tunnel closes when its port turns private)."""
+
+    __slots__ = ("prefix", "app_port", "access")
+
+    def __init__(self, port: int, address: str, head: bytes, prefix: str, app_port: int, access: bytes):
+        super().__init__(port, address, head)
+        self.prefix, self.app_port, self.access = prefix, app_port, access
+
+
+def _without_token(target: bytes, accepts: Callable[[bytes], bool]) -> Optional[bytes]:
+    """``target`` without its ``token=T`` pairs when one of them ``accepts``, else None. Other
+    pairs keep their exact encoding; leading slashes and backslashes collapse to one, so the
+    result cannot be read as ``//other-host``."""
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return None
+    kept, found = [], False
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"token" and accepts(unquote_to_bytes(value.replace(b"+", b" "))):
+            found = True
+        else:
+            kept.append(pair)
+    if not found:
+        return None
+    path = b"/" + path.lstrip(b"/\\")
+    return path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+def _fleet_headers(lines: list[bytes]) -> list[bytes]:
+    return [line for line in lines if line[:9].lower() != b"x-aether-"]
+
+
+class Gate:
+    """Decides for every workspace of ``routes``; the table is read live, so a change applies
+    to the next request."""
+
+    def __init__(self, routes: r.Routes, keys: auth.FleetKeys, domain: str, trusted_proxies=(),
+                 clock: Callable[[], float] = time.time):
+        self.routes = routes
+        self.keys = keys
+        self.domain = domain
+        self.clock = clock
+        self._host = re.compile(host_pattern(domain).encode() + rb"(?::(\d{1,5}))?", re.IGNORECASE)
+        self._hosts: dict[bytes, Optional[tuple]] = {}
+        self._trusted_networks = tuple(trusted_proxies)
+        self._trusted: dict[str, bool] = {}
+        #: Marks requests this gateway forwarded, so one that comes back is a loop.
+        self.via = b"1.1 aether-gateway-" + secrets.token_hex(6).encode()
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def preview_host(self, host: bytes) -> Optional[tuple]:
+        """(port, or registry key, or None for a port not in its one spelling; prefix; host
+        name; port part) for a preview host of the domain, else None."""
+        try:
+            return self._hosts[host]
+        except KeyError:
+            pass
+        match = self._host.fullmatch(host)
+        if match is None:
+            parsed = None
+        else:
+            target, prefix, _, port_part = match.groups()
+            if not target.isdigit():
+                target = target.decode().lower()
+            elif target[:1] == b"0" or int(target) > 65535:
+                target = None
+            else:
+                target = int(target)
+            name = host.rpartition(b":")[0] if port_part else host
+            parsed = (target, prefix.lower().decode(), name.lower(), port_part or b"80")
+        if len(self._hosts) >= _MAX_CACHED:
+            self._hosts.clear()
+        self._hosts[host] = parsed
+        return parsed
+
+    def is_preview_host(self, host: bytes) -> bool:
+        """Whether ``host`` is of the preview domain: other hosts get the gateway's own
+        endpoints (``/healthz``, ``/metrics``)."""
+        return self.preview_host(host) is not None
+
+    def is_trusted(self, client_ip: str) -> bool:
+        known = self._trusted.get(client_ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(client_ip)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._trusted_networks)
+            if len(self._trusted) >= _MAX_CACHED:
+                self._trusted.clear()
+            self._trusted[client_ip] = known
+        return known
+
+    def _answer(self, status, title, text, head_only, close, extra=(), refresh=None) -> Answer:
+        body = pages.render(status, title, text, refresh)
+        return Answer(status, pages.response(status, body, extra, close, head_only=head_only), close)
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def decide(self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool) -> Union[Forward, Answer]:
+        head = h.RequestHead(headers)
+        head_only = method == b"HEAD"
+        decision = self._decide(method, target, head, client_ip, upgrade, head_only, head.has_body or upgrade)
+        decision.has_body = head.has_body
+        decision.chunked = head.chunked
+        return decision
+
+    def _decide(self, method, target, head: h.RequestHead, client_ip, upgrade, head_only, close):
+        if head.bad_framing:
+            return self._answer(400, "Bad request", "Transfer-Encoding must end with chunked.", head_only, True)
+        if len(head.hosts) != 1:
+            return self._answer(400, "Bad request", "A request needs exactly one Host header.", head_only, close)
+        host = head.hosts[0]
+        if not target.startswith(b"/") and not (method == b"OPTIONS" and target == b"*"):
+            return self._answer(400, "Bad request", "The gateway takes origin-form request targets only (a path, not a URL).", head_only, close)
+        parsed = self.preview_host(host)
+        if parsed is None:
+            text = f"{pages.escape(host)} is not a preview host of <code>{pages.escape(self.domain)}</code>."
+            return self._answer(404, "Not a preview host", text, head_only, close)
+        wanted, prefix, host_name, port_part = parsed
+        if wanted is None:
+            text = f"{pages.escape(host)} is no preview: a port is written in decimal, 1-65535, without leading zeros."
+            return self._answer(404, "No such preview", text, head_only, close)
+
+        ws, port, kind = self.routes.route(prefix, wanted)
+        if kind == r.UNKNOWN:
+            text = f"No workspace of this fleet has the prefix <code>{pages.escape(prefix)}</code>."
+            return self._answer(404, "No such workspace", text, head_only, close)
+        if kind == r.NO_KEY:
+            text = f"No port is registered as <code>{pages.escape(wanted)}</code> in this workspace."
+            return self._answer(404, "No such preview", text, head_only, close)
+        if kind == r.UNAVAILABLE:
+            text = ("This workspace is stopped or not answering. This page reloads itself and shows the "
+                    "preview as soon as the workspace is back.")
+            return self._answer(503, "Workspace unavailable", text, head_only, close,
+                                [("Retry-After", str(RETRY_AFTER))], refresh=RETRY_AFTER)
+        if head.via and self.via in head.via:
+            text = "This request has already been through this gateway: the app forwards it back here."
+            return self._answer(508, "Loop detected", text, head_only, close)
+
+        proto, forwarded_port = self._scheme(head, client_ip, port_part)
+        verifier = ws.verifier
+        prefix_bytes = prefix.encode()
+        if b"token=" in target:
+            location = _without_token(target, lambda token: auth.token_matches(self.keys, token, prefix_bytes, verifier))
+            if location is not None:
+                status = 302 if method in (b"GET", b"HEAD") else 307
+                secure = "; Secure" if proto == b"https" else ""
+                value = auth.mint_cookie(self.keys, host_name, verifier, self.clock()).decode()
+                cookie = f"{auth.COOKIE.decode()}={value}; Path=/; Max-Age={auth.COOKIE_TTL}; HttpOnly; SameSite=Lax{secure}"
+                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie)]
+                return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
+
+        # The app's own credentials go on; the fleet's never do.
+        authorization = [value for value in head.authorization if not self._bearer(value, prefix_bytes, verifier)]
+        bearer = len(authorization) != len(head.authorization)
+        cookie, has_cookie = head.cookie, False
+        if cookie and any(auth.COOKIE in value or VM_COOKIE in value for value in cookie):
+            has_cookie = auth.cookie_of(cookie, host_name, verifier, self.keys, self.clock())
+            cookie = [c for c in (h.without_cookie(h.without_cookie(value, auth.COOKIE), VM_COOKIE) for value in cookie) if c]
+        cross_origin = has_cookie and upgrade and not credentials.same_origin(head.origin, host)
+        if bearer:
+            access = b"token"
+        elif has_cookie and not cross_origin:
+            access = b"cookie"
+        else:
+            access = b"public"
+        if access == b"public" and not ws.is_public(port):
+            if cross_origin:
+                text = "A WebSocket authenticated by the preview cookie must come from a page of the same preview host."
+                return self._answer(403, "Cross-origin WebSocket refused", text, head_only, close)
+            text = ("Open it once with <code>?token=</code> and the workspace token, or send "
+                    "<code>Authorization: Bearer</code> with it. The owner can make the port "
+                    "public through the ports channel.")
+            return self._answer(401, "This preview is private", text, head_only, close,
+                                [("WWW-Authenticate", 'Bearer realm="aether preview"')])
+        if kind == r.CLOSED:
+            return self._answer(502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close,
+                                refresh=pages.REFRESH_SECONDS)
+
+        if not self._trusted_networks or not self.is_trusted(client_ip):
+            head.forwarded_for = b""  # a client's own chain is not believed
+        ip = client_ip.encode()
+        forwarded_for = head.forwarded_for + b", " + ip if head.forwarded_for else ip
+        lines = _fleet_headers(head.lines)
+        signature = auth.sign(self.keys, access, method, host, target, forwarded_for, proto, forwarded_port, self.clock())
+        lines.append(auth.HEADER + b": " + signature)
+        head.lines = lines
+        upstream_head = head.upstream(
+            method, target, host=host, client_ip=client_ip, forwarded_host=host, forwarded_port=forwarded_port,
+            proto=proto, via=self.via, upgrade=upgrade, authorization=authorization, cookie=cookie,
+        )
+        return FleetForward(ws.port, ws.host, upstream_head, prefix, port, access)
+
+    def _bearer(self, value: bytes, prefix: bytes, verifier: bytes) -> bool:
+        scheme, _, given = value.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and auth.token_matches(self.keys, given.strip(), prefix, verifier)
+
+    def _scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes) -> tuple[bytes, bytes]:
+        """(proto, port) of the browser's own connection: what a trusted front says it saw,
+        else what this listener saw (plain http on the Host's port)."""
+        if not head.forwarded_proto or not self._trusted_networks or not self.is_trusted(client_ip):
+            return b"http", port_part
+        proto = b"https" if head.forwarded_proto == b"https" else b"http"
+        port = head.forwarded_port if head.forwarded_port.isdigit() else None
+        if port is None:
+            port = port_part if port_part != b"80" else (b"443" if proto == b"https" else b"80")
+        return proto, port
