@@ -52,7 +52,9 @@ class Counts(Protocol):
 
     ws_frames_sent: int
     ws_bytes_sent: int
-    ws_errors: MutableMapping[str, int]
+
+    @property
+    def ws_errors(self) -> MutableMapping[str, int]: ...
 
 
 @dataclasses.dataclass(frozen=True)

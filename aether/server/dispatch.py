@@ -13,24 +13,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Callable, Collection, Coroutine, Mapping, MutableMapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Collection, Coroutine, Mapping, MutableMapping, Union
 
 from aether import protocol, wire
 from aether.errors import Refusal
 from aether.protocol import Message
 from aether.server.channels import Channel
 
+if TYPE_CHECKING:
+    from aether.server.client import Client
+
 log = logging.getLogger("aether.server")
 
 #: Where a reply goes: a client's ``send``, or a place a channel keeps in line for it.
 Reply = Callable[[dict], None]
-
-
-class Client(Protocol):
-    #: (channel, type) pairs the client may send; None for all (it showed the token).
-    allowed: Optional[frozenset]
-
-    def send(self, message: Union[dict, bytes]) -> None: ...
 
 
 FORBIDDEN = (
@@ -49,16 +45,16 @@ class Dispatcher:
         self.received = received
         self.heard = heard
 
-    def open(self, client: Client) -> None:
+    def open(self, client: "Client") -> None:
         for name, channel in self.channels.items():
             if client.allowed is None or name in self.heard:
                 channel.on_open(client)
 
-    def close(self, client: Client) -> None:
+    def close(self, client: "Client") -> None:
         for channel in self.channels.values():
             channel.on_close(client)
 
-    def receive(self, client: Client, frame: Union[str, bytes]) -> None:
+    def receive(self, client: "Client", frame: Union[str, bytes]) -> None:
         try:
             message = protocol.parse(frame)
         except protocol.ProtocolError as exc:
@@ -72,7 +68,7 @@ class Dispatcher:
             return
         self.dispatch(client, message)
 
-    def dispatch(self, client: Client, message: Message) -> None:
+    def dispatch(self, client: "Client", message: Message) -> None:
         """``message`` to its handler; what it raises to the channel's reply."""
         channel = self.channels[message.channel]
         try:

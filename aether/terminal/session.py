@@ -35,7 +35,8 @@ MAX_PENDING_INPUT = 1 << 20
 class Client(Protocol):
     """What a terminal needs of a client attached to it."""
 
-    backlogged: bool
+    @property
+    def backlogged(self) -> bool: ...
 
     def send(self, message: Union[dict, bytes]) -> None: ...
     def when_drained(self, callback: Callable[[], None]) -> None: ...

@@ -39,7 +39,8 @@ class Channel:
 class Audience(Protocol):
     """Every connected client at once (the hub)."""
 
-    clients: Collection[Any]
+    @property
+    def clients(self) -> Collection[Any]: ...
 
     def broadcast(self, message: dict) -> None: ...
 

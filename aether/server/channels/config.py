@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 class Monitor(Protocol):
     """What the channel uses of the port monitor."""
 
-    backend: Optional[str]
+    @property
+    def backend(self) -> Optional[str]: ...
 
     def set_ignored(self, ignored: Iterable[int]) -> None: ...
 

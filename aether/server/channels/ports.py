@@ -45,7 +45,8 @@ class Monitor(Protocol):
 class OpenPorts(Protocol):
     """What the channel reads of the monitor's table: the ports open now, the ports ignored."""
 
-    ignored: Collection[int]
+    @property
+    def ignored(self) -> Collection[int]: ...
 
     def ports(self) -> Iterable[int]: ...
 
