@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench docs clean
 
 setup:
 	@bash deploy/setup.sh
@@ -16,6 +16,10 @@ test: setup
 
 bench: setup
 	@$(PY) bench/run_all.py
+
+# The settings tables of docs/settings.md, from aether/settings/table.py.
+docs: setup
+	@$(PY) -m aether.settings --write docs/settings.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,8 +34,8 @@ import signal
 import time
 from typing import Optional
 
-from aether import config
 from aether.pidtree import ScanTree, pidfd_of, signal_pidfds
+from aether.settings import sources
 
 log = logging.getLogger("aether.cgroup")
 
@@ -227,7 +227,7 @@ class Trees:
         self.base: Optional[str] = None
         self.mount = ("/", "/")
         self.why = ""
-        if (mode or config.cgroups()) == "off":
+        if (mode or sources.value("cgroups")) == "off":
             self.why = "AETHER_CGROUPS=off"
         else:
             self.base, self.why = self._setup(os.path.realpath(state_dir))

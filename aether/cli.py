@@ -16,53 +16,46 @@ import sys
 
 import ujson
 
-from aether import __version__, config, log
-
-
-def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--backend", choices=("auto", "ebpf", "sockdiag"), default=None, help=help)
+from aether import __version__, log
+from aether.settings import sources
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aether", description="Workspace port monitor and server.")
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("AETHER_LOG_LEVEL", "info"))
-    parser.add_argument("--log-format", default=os.environ.get("AETHER_LOG_FORMAT", "json"),
-                        help="json or logfmt, one record a line on stderr (env AETHER_LOG_FORMAT; default json)")
+    sources.add_flags(parser, "")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ports = commands.add_parser("ports", help="listening TCP ports").add_subparsers(
         dest="ports_command", required=True
     )
-    ignore_help = "ports never reported (default: AETHER_IGNORED_PORTS or 22,2222,3001)"
+
+    ignore_help = {"ignored_ports": "ports never reported, comma-separated"}
 
     listing = ports.add_parser("list", help="the ports open now")
     listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-    listing.add_argument("--ignore", default=None, help=ignore_help)
-    _add_backend(listing, "accepted for symmetry with watch: a listing is always one sock_diag snapshot")
+    sources.add_flags(listing, "ports list", help={
+        "backend": "accepted for symmetry with watch: a listing is always one sock_diag snapshot", **ignore_help})
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
-    watch.add_argument("--ignore", default=None, help=ignore_help)
-    watch.add_argument("--interval", type=float, default=None, help="sock_diag re-read interval, seconds")
-    _add_backend(watch, "how ports are watched (default: AETHER_BACKEND or auto: eBPF, else sock_diag)")
-
-    from aether.server import settings as server_settings
+    sources.add_flags(watch, "ports watch", help={
+        "sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help})
 
     serve = commands.add_parser("serve", help="run the workspace server (WebSocket API)")
-    server_settings.add_arguments(serve)
+    sources.add_flags(serve, "serve")
 
     kill = ports.add_parser("kill", help="stop what listens on a port")
     kill.add_argument("port", type=int)
     kill.add_argument("--signal", default="TERM", help="first signal (default TERM)")
     kill.add_argument("--grace", type=float, default=5.0, help="seconds before SIGKILL (default 5)")
-    kill.add_argument("--ignore", default=None, help=ignore_help)
     kill.add_argument("--json", action="store_true")
+    sources.add_flags(kill, "ports kill", help=ignore_help)
 
     doctor = commands.add_parser("doctor", help="will the eBPF backend run here; what to fix if not")
     doctor.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    doctor.add_argument("--host", default=None, help="the address to test (default: what serve would use)")
-    doctor.add_argument("--port", type=int, default=None, help="the port to test (default: what serve would use)")
-    doctor.add_argument("--state-dir", default=None, help="(default: what serve would use)")
+    sources.add_flags(doctor, "doctor", help={
+        "host": "the address to test, as serve would find it", "port": "the port to test, as serve would find it",
+        "state_dir": "the state directory to check, as serve would find it"})
     doctor.add_argument("--service", action="store_true",
                         help="check what the installed aether.service runs with: /etc/aether/aether.env's "
                              "settings and the state in /var/lib/aether")
@@ -80,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        log.setup(args.log_level, args.log_format)
-        ignored = config.ignored_ports(getattr(args, "ignore", None))
-        config.validate()
+        log.setup(sources.value("log_level", args.log_level), sources.value("log_format", args.log_format))
+        sources.check_environment()
+        if args.command == "ports":  # what its flags set, from them or the environment
+            values = {setting.name: sources.pick(setting, getattr(args, setting.name))
+                      for setting in sources.flags_of(f"ports {args.ports_command}")}
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
@@ -102,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         return fleet_status.run(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
-        return handler(args, ignored)
+        return handler(args, values)
     return 2
 
 
-def _ports_list(args, ignored) -> int:
+def _ports_list(args, values: dict) -> int:
     # A listing is one snapshot of the kernel's truth: sock_diag answers it in a few ms, with
     # no probe to compile, whichever backend a watcher would use.
     from aether.ports import procs, sockdiag
 
     with sockdiag.DiagSocket() as diag:
-        raw = [row for row in diag.raw() if row[1] not in ignored]
+        raw = [row for row in diag.raw() if row[1] not in values["ignored_ports"]]
     result = [state.to_json() for state in procs.port_states(raw)]
     if args.json:
         print(ujson.dumps(result))
@@ -125,7 +120,7 @@ def _ports_list(args, ignored) -> int:
     return 0
 
 
-def _ports_watch(args, ignored) -> int:
+def _ports_watch(args, values: dict) -> int:
     from aether.ports.ebpf import ProbeUnavailable
     from aether.ports.monitor import PortMonitor
 
@@ -160,11 +155,11 @@ def _ports_watch(args, ignored) -> int:
 
 
         monitor = PortMonitor(
-            backend=config.backend(args.backend),
-            ignored=ignored,
-            interval=config.sockdiag_interval(args.interval),
-            ebpf_buffer=config.ebpf_buffer(),
-            ebpf_pages=config.ebpf_pages(),
+            backend=values["backend"],
+            ignored=values["ignored_ports"],
+            interval=values["sockdiag_interval"],
+            ebpf_buffer=sources.value("ebpf_buffer"),
+            ebpf_pages=sources.value("ebpf_pages"),
         )
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
@@ -195,7 +190,7 @@ def _ports_watch(args, ignored) -> int:
     return code
 
 
-def _ports_kill(args, ignored) -> int:
+def _ports_kill(args, values: dict) -> int:
     from aether.ports.kill import KillRefused, kill_port, parse_signal
 
     try:
@@ -203,7 +198,7 @@ def _ports_kill(args, ignored) -> int:
         if args.grace < 0:
             raise KillRefused("invalid", "--grace must not be negative")
         result = asyncio.run(
-            kill_port(args.port, sig, args.grace, ignored=ignored)
+            kill_port(args.port, sig, args.grace, ignored=values["ignored_ports"])
         )
     except KillRefused as exc:
         if args.json:
@@ -229,7 +224,7 @@ def _loop_factory():
 
 def _serve(args) -> int:
     from aether.server.app import serve
-    from aether.server.settings import resolve
+    from aether.settings.serve import resolve
 
     try:
         settings = resolve(args)

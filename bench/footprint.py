@@ -290,7 +290,7 @@ def imports() -> None:
     print(f"import cost over `import asyncio` ({base / 1024:.1f} MiB RSS), each in a fresh process, median of 3:")
     for modules in (["tornado.web", "tornado.httpserver", "tornado.websocket"], ["prometheus_client"], ["uvloop"],
                     ["ujson"], ["httptools"], ["psutil"], ["sqlite3"], ["pyroute2"], ["bcc"],
-                    ["aether.ports.monitor"], ["aether.metrics"], ["aether.agent.store"],
+                    ["aether.ports.monitor"], ["aether.server.metrics"], ["aether.agent.store"],
                     ["aether.server.channels.files"], ["aether.server.channels.agent"],
                     ["aether.server.channels.terminal"], ["aether.preview.service"], ["aether.doctor"],
                     ["aether.server.app"]):

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from aether.agent import stdio
 from aether.errors import Refusal
 from aether.agent.store import AgentStore, AgentStoreError, encoded_size, recent
-from aether.server.settings import add_arguments, resolve
+from aether.settings.serve import add_arguments, resolve
 
 
 @settings(max_examples=500, deadline=None)
@@ -177,7 +177,8 @@ def test_agent_settings_from_flag_env_and_config(tmp_path, monkeypatch):
                      ({"agent_command": [1]}, "config.json key agent_command must be a command"),
                      ({"agent": ["x"]}, "config.json: agent must be an object"),
                      ({"agent": {"comand": ["x"]}}, "config.json: agent: unknown key comand; known: command, timeout, max_output_bytes"),
-                     ({"agent_timeout": 0}, "--agent-timeout / AETHER_AGENT_TIMEOUT must be positive")]:
+                     ({"agent_timeout": 0}, "config.json key agent_timeout must be a positive number of seconds, not 0"),
+                     ({"agent": {"timeout": -1}}, "config.json key agent.timeout must be a positive number of seconds, not -1")]:
         config.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=re.escape(why)):
             _resolve(base)

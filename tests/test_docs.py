@@ -1,8 +1,9 @@
 """The documentation stays true to the tree: every relative link in README.md, CONTRIBUTING.md
 and docs/ points to a file that exists (and to a heading that exists, for an ``#anchor``), the
 code layout of CONTRIBUTING.md names every module, every setting of ``aether serve --help`` is
-in docs/settings.md, and no document speaks of the project's internal history. No server, no
-network: files and one ``--help``."""
+in docs/settings.md, whose tables are the ones the code's settings table writes, and no
+document speaks of the project's internal history. No server, no network: files and one
+``--help``."""
 
 from __future__ import annotations
 
@@ -154,6 +155,16 @@ def test_every_setting_of_serve_is_documented():
     names -= {"--help", "--version"}
     assert names, "no flags found in --help"
     assert sorted(name for name in names if f"`{name}" not in settings) == []
+
+
+def test_the_settings_tables_are_the_codes():
+    """docs/settings.md holds the tables ``python -m aether.settings --write`` (``make docs``)
+    writes from aether/settings/table.py, each between its markers."""
+    from aether.settings import markdown
+
+    text = (ROOT / "docs" / "settings.md").read_text()
+    assert sorted(markdown.blocks(text)) == sorted(markdown.BLOCKS)
+    assert markdown.rewrite(text) == text, "run `make docs`: docs/settings.md differs from aether/settings/table.py"
 
 
 #: The project's own history and one machine are no reader's business: name the protocol, the

@@ -79,7 +79,8 @@ def test_every_record_is_one_line_with_everything_escaped(fmt):
 def test_bad_log_format_is_a_usage_error(args, env):
     result = aether(*args, "ports", "list", env={**os.environ, **env})
     assert result.returncode == 2
-    assert result.stderr.startswith("aether: --log-format / AETHER_LOG_FORMAT must be one of json, logfmt, not ")
+    source = "--log-format" if args else "AETHER_LOG_FORMAT"
+    assert result.stderr.startswith(f"aether: {source} must be json or logfmt, not ")
     assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
 
 

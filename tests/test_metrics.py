@@ -12,6 +12,8 @@ import http.client
 import json
 import platform
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aether import __version__
 from aether.ports.monitor import PortMonitor
-from conftest import Server, free_port, kernel_listening_ports, need_ebpf, recv_until, wait_for
+from conftest import ROOT, Server, free_port, kernel_listening_ports, need_ebpf, recv_until, wait_for
 
 PROJECT = "feed42beef"
 
@@ -201,3 +203,30 @@ def test_preview_requests_by_status_and_upstream_latency(workspace_server, liste
     assert value(samples, "aether_preview_upstream_latency_seconds_count") == 3
     assert 0 < value(samples, "aether_preview_upstream_latency_seconds_sum") < 3
     assert value(samples, "aether_preview_upstream_latency_seconds_bucket", le="+Inf") == 3
+
+
+def test_prometheus_client_waits_for_the_first_scrape():
+    """The server with its metrics made imports no prometheus_client until something scrapes;
+    the scrape reads what the readings say at that moment."""
+    code = """
+import sys
+import aether.server.app
+from aether.server.metrics import Metrics, Readings
+now = {"ports": 3}
+metrics = Metrics(Readings(backend=lambda: "ebpf", ports_open=lambda: now["ports"],
+                           monitor_stats=lambda: {"resyncs": 2, "lost": 1}, clients=lambda: 4,
+                           preview_connections=lambda: 5))
+print("prometheus_client" in sys.modules)
+now["ports"] = 7
+sys.stdout.write(metrics.render()[0].decode())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    imported, body = done.stdout.split("\n", 1)
+    assert imported == "False"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples}
+    assert value(samples, "aether_ports_open") == 7
+    assert value(samples, "aether_websocket_clients") == 4
+    assert value(samples, "aether_preview_connections") == 5
+    assert (value(samples, "aether_port_resyncs_total"), value(samples, "aether_port_events_lost_total")) == (2, 1)
+    assert value(samples, "aether_build_info", backend="ebpf", python=platform.python_version(), version=__version__) == 1

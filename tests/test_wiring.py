@@ -13,7 +13,7 @@ import pytest
 from aether import protocol
 from aether.ports.monitor import PortMonitor
 from aether.server.app import WorkspaceServer
-from aether.server.settings import add_arguments, resolve
+from aether.settings.serve import add_arguments, resolve
 
 
 @pytest.fixture

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Union
 
 from aether.agent import stdio
-from aether.config import child_environment
 from aether.agent.backend import BackendRun, Outcome
 from aether.cgroup import Trees
 from aether.errors import Refusal
 from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
+from aether.settings.sources import child_environment
 
 log = logging.getLogger("aether.agent")
 

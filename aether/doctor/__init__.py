@@ -118,8 +118,8 @@ def command(args) -> int:
 
     import ujson
 
-    from aether.server import settings
-    from aether.server.state import StateDir
+    from aether.settings import serve, sources
+    from aether.state import StateDir, locate
 
     if args.service:
         try:
@@ -128,21 +128,20 @@ def command(args) -> int:
             print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
             return 2
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
-    state_dir = settings.state_path(args)
     try:
-        file, config_error = StateDir(state_dir).load_config(), None
-    except ValueError as exc:
-        file, config_error = {}, str(exc)
-    except OSError as exc:
-        file, config_error = {}, f"{exc.filename}: {exc.strerror}"
-    try:
-        host, port, backend = (settings.peek(name, args, file) for name in ("host", "port", "backend"))
-        if not 1 <= port <= 65535:
-            raise ValueError(f"--port / AETHER_PORT must be 1-65535, not {port}")
+        sources.check_environment()  # again: --service may have read more of it
+        state = StateDir(locate(args.state_dir))
+        try:
+            file, config_error = state.load_config(), None
+        except ValueError as exc:
+            file, config_error = {}, str(exc)
+        except OSError as exc:
+            file, config_error = {}, f"{exc.filename}: {exc.strerror}"
+        host, port, backend = (serve.peek(name, args, file, state.config_path) for name in ("host", "port", "backend"))
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
-    report = run(host, port, state_dir, backend, config_error)
+    report = run(host, port, state.path, backend, config_error)
     if args.json:
         print(ujson.dumps(report.to_json(), escape_forward_slashes=False))
     else:

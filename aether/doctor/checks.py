@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from aether import caps, config
+from aether import caps
 from aether.ports.ebpf import find_tracepoint_format, kernel_version
+from aether.settings import sources
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 UNIT = "deploy/aether.service"
@@ -204,7 +205,7 @@ def _load_and_unload() -> tuple[Optional[str], str]:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
-            probe = Probe(config.ebpf_buffer(), config.ebpf_pages(), cache=False)
+            probe = Probe(sources.value("ebpf_buffer"), sources.value("ebpf_pages"), cache=False)
             loop = asyncio.new_event_loop()
             try:
                 probe.start(loop, lambda batch: None)

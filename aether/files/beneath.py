@@ -53,7 +53,9 @@ def has_openat2() -> bool:
     global OPENAT2
     if OPENAT2 is None:
         why = None
-        if os.environ.get("AETHER_FILES_NO_OPENAT2") == "1":
+        from aether.settings import sources
+
+        if sources.value("files_no_openat2"):
             why = "AETHER_FILES_NO_OPENAT2=1"
         else:
             try:

@@ -48,7 +48,7 @@ REASONS = ("start", "reconnect", "gap", "boot", "interval")
 
 
 class Histogram:
-    """Bucket counts (``counts[-1]`` is +Inf), as :class:`aether.metrics.Histogram` keeps them."""
+    """Bucket counts (``counts[-1]`` is +Inf), as :class:`aether.server.metrics.Histogram` keeps them."""
 
     __slots__ = ("bounds", "counts", "total")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
 import ujson
@@ -19,12 +18,12 @@ log = logging.getLogger("aether.fleet")
 
 
 def add_commands(commands) -> None:
+    from aether.settings import sources
+
     fleet = commands.add_parser("fleet", help="fleet mode: the workspaces published in Redis").add_subparsers(
         dest="fleet_command", required=True)
     status = fleet.add_parser("status", help="every workspace of the fleet, its address, liveness and ports")
-    status.add_argument("--redis", default=os.environ.get("AETHER_FLEET_REDIS"),
-                        help="redis://HOST:PORT/DB, rediss://..., or redis+sentinel://H1:P1,H2:P2/MASTER/DB "
-                             "(env AETHER_FLEET_REDIS)")
+    sources.add_flags(status, "fleet status")
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
@@ -105,20 +104,22 @@ def table(doc: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from aether.fleet import connection
+    from aether.settings import sources
 
-    if not args.redis:
+    url = sources.value("fleet_redis", args.fleet_redis)
+    if not url:
         print("aether: fleet status needs --redis URL (or AETHER_FLEET_REDIS)", file=sys.stderr)
         return 2
     try:
-        connection.check(args.redis)
+        connection.check(url)
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
     try:
-        doc = asyncio.run(read(args.redis))
+        doc = asyncio.run(read(url))
     except Exception as exc:  # noqa: BLE001 - one line, whatever the client raised
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"aether: redis {connection.describe(args.redis)} unreachable: {reason}", file=sys.stderr)
+        print(f"aether: redis {connection.describe(url)} unreachable: {reason}", file=sys.stderr)
         return 1
     print(ujson.dumps(doc, escape_forward_slashes=False) if args.json else table(doc))
     return 0

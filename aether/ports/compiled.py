@@ -149,9 +149,12 @@ class LoadedProbe:
 def cache_dir() -> Path:
     """``AETHER_CACHE_DIR``; systemd's ``CACHE_DIRECTORY`` (``CacheDirectory=`` in the unit);
     /var/cache/aether for root; else ``$XDG_CACHE_HOME/aether`` (~/.cache/aether)."""
-    for name in ("AETHER_CACHE_DIR", "CACHE_DIRECTORY"):
-        if os.environ.get(name):
-            return Path(os.environ[name].split(":")[0])
+    from aether.settings import sources
+
+    if sources.value("cache_dir"):
+        return Path(sources.value("cache_dir"))
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
         return Path("/var/cache/aether")
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aether"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 from aether import caps
+from aether.ports import EBPF_BUFFERS
 
 log = logging.getLogger("aether.ports")
 
@@ -93,9 +94,11 @@ def decode(raw, offset: int = 0) -> ListenRecord:
 
 def program_path() -> Path:
     """Where ``listen_events.c`` is: ``AETHER_BPF_DIR``, the source tree, or the install prefix."""
+    from aether.settings import sources
+
     candidates = []
-    if os.environ.get("AETHER_BPF_DIR"):
-        candidates.append(Path(os.environ["AETHER_BPF_DIR"]))
+    if sources.value("bpf_dir"):
+        candidates.append(Path(sources.value("bpf_dir")))
     candidates.append(Path(__file__).resolve().parents[2] / "bpf")
     candidates.append(Path(sys.prefix) / "share" / "aether" / "bpf")
     for directory in candidates:
@@ -222,8 +225,8 @@ class Probe:
     """
 
     def __init__(self, buffer: str = "auto", pages: Optional[int] = None, cache: bool = True):
-        if buffer not in ("auto", "ring", "perf"):
-            raise ValueError(f"buffer must be auto, ring or perf, not {buffer!r}")
+        if buffer not in EBPF_BUFFERS:
+            raise ValueError(f"buffer must be one of {', '.join(EBPF_BUFFERS)}, not {buffer!r}")
         check_environment()
         self.buffer = ("ring" if kernel_has_ringbuf() else "perf") if buffer == "auto" else buffer
         self.pages = pages or (DEFAULT_RING_PAGES if self.buffer == "ring" else DEFAULT_PERF_PAGES)

@@ -32,7 +32,7 @@ import logging
 import time
 from typing import Callable, Iterable, Optional
 
-from aether.ports import procs, sockdiag
+from aether.ports import BACKENDS, procs, sockdiag
 from aether.ports.ebpf import Probe, ProbeUnavailable
 from aether.ports.exits import Exited, ExitWatch
 from aether.ports.events import CLOSE, INODE, SKADDR, Listener, PortEvent, PortState
@@ -40,7 +40,6 @@ from aether.ports.table import PortTable
 
 log = logging.getLogger("aether.ports")
 
-BACKENDS = ("auto", "ebpf", "sockdiag")
 _ORPHAN_CLOSES = 4096
 _SETTLE = 0.05  # seconds of quiet after lost records before a final resync
 Subscriber = Callable[[PortEvent], None]

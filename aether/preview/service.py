@@ -20,7 +20,7 @@ class PreviewProxy:
 
     def __init__(self, settings, monitor, visibility: Visibility, named, metrics):
         self.loop = asyncio.get_running_loop()
-        # Counted by the connections, read at scrape time (aether.metrics).
+        # Counted by the connections, read at scrape time (aether.server.metrics).
         self.responses = metrics.preview_responses
         self.upstream_latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)

@@ -22,6 +22,7 @@ def add_commands(commands) -> None:
 
     def command(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sub = port.add_parser(name, help=help)
+        # Not from the settings table, which ``aether port`` does not load (see aether.state).
         sub.add_argument("--state-dir", default=None, help="(env AETHER_STATE_DIR; default as aether serve)")
         if json_flag:
             sub.add_argument("--json", action="store_true")
@@ -43,17 +44,14 @@ def add_commands(commands) -> None:
     allocate = command("allocate", "register a contiguous block of ports for an app")
     allocate.add_argument("app")
     allocate.add_argument("--labels", required=True, help="comma-separated, e.g. api,ui,health")
-    allocate.add_argument("--range", default="apps", help="FIRST-LAST or a range's name: core, extensions, apps (seed 002's; default apps: 5570-5599) or one from config.json's port_ranges")
+    allocate.add_argument("--range", default="apps", help="FIRST-LAST or a range's name: core, extensions, apps (default apps: 5570-5599) or one from config.json's port_ranges")
     command("check", "conflicts between the registry and what listens")
 
 
 def _state_dir(args) -> Path:
-    state = args.state_dir or os.environ.get("AETHER_STATE_DIR")
-    if not state:
-        from aether.server.state import default_state_dir
+    from aether.state import locate
 
-        state = default_state_dir()
-    return Path(state)
+    return locate(args.state_dir)
 
 
 def _registry(args):
@@ -130,7 +128,7 @@ def _list(registry, args) -> int:
     for row in rows:
         groups.setdefault(row["app"] or "-", []).append(row)
     for app, members in groups.items():
-        # Seed 002's form: process-name:5554, or process-name (cdp:5556,health:5557).
+        # The form of the port registry: process-name:5554, or process-name (cdp:5556,health:5557).
         if len(members) == 1 and not members[0]["label"]:
             print(f"{app}:{members[0]['port']}")
         else:
@@ -200,8 +198,8 @@ def _app_of(pid) -> str | None:
 
 
 def conflicts(registry) -> list[dict]:
-    from aether import config
     from aether.ports import procs
+    from aether.settings.table import BY_NAME
 
     live = live_ports()
     found = []
@@ -219,7 +217,7 @@ def conflicts(registry) -> list[dict]:
                 found.append({"kind": "other_app", "port": port, "key": entry.key, "pid": state["pid"],
                               "message": f"port {port} ({entry.key}) belongs to app {entry.app} but pid {state['pid']} runs for app {app}"})
     for port, state in sorted(live.items()):
-        if port not in registered and port not in config.DEFAULT_IGNORED_PORTS:
+        if port not in registered and port not in BY_NAME["ignored_ports"].default:
             found.append({"kind": "unregistered", "port": port, "pid": state["pid"],
                           "message": f"port {port} listens ({state['process'] or 'unknown process'}) with no registry entry"})
     return found

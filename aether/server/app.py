@@ -21,10 +21,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from aether import config
 from aether.agent.store import AgentStoreError
-from aether.metrics import Metrics
-from aether.metrics import routes as metrics_routes
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
@@ -43,10 +40,13 @@ from aether.server.dashboard import routes as dashboard_routes
 from aether.server.dispatch import Dispatcher
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
+from aether.server.metrics import Metrics, Readings
+from aether.server.metrics import routes as metrics_routes
 from aether.server.registry_api import RegistryApi
 from aether.server.registry_api import routes as registry_routes
-from aether.server.settings import Settings
-from aether.server.state import StateDir
+from aether.settings import sources
+from aether.settings.serve import Settings
+from aether.state import StateDir
 
 log = logging.getLogger("aether.server")
 access = logging.getLogger("aether.access")
@@ -115,7 +115,13 @@ class WorkspaceServer:
         if failed:
             log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(Readings(
+            backend=lambda: monitor.backend,
+            ports_open=lambda: len(monitor.table),
+            monitor_stats=lambda: monitor.stats,
+            clients=lambda: len(self.hub.clients),
+            preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
+        ))
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
         self.registry_api = RegistryApi(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
@@ -204,9 +210,9 @@ async def serve(settings: Settings) -> int:
     monitor = PortMonitor(
         backend=settings.backend,
         ignored=settings.monitor_ignored,
-        interval=config.sockdiag_interval(),
-        ebpf_buffer=config.ebpf_buffer(),
-        ebpf_pages=config.ebpf_pages(),
+        interval=sources.value("sockdiag_interval"),
+        ebpf_buffer=sources.value("ebpf_buffer"),
+        ebpf_pages=sources.value("ebpf_pages"),
     )
     try:
         await monitor.start()

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 from aether import spawn
 from aether.cgroup import Tree
 from aether.pidtree import ScanTree
-from aether.config import child_environment
 from aether.errors import Refusal
+from aether.settings.sources import child_environment
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 

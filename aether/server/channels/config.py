@@ -17,7 +17,7 @@ from aether.wire import reply
 
 if TYPE_CHECKING:
     from aether.server.client import Client
-    from aether.server.settings import Settings
+    from aether.settings.serve import Settings
 
 
 class Monitor(Protocol):

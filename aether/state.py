@@ -32,6 +32,17 @@ class EmptyStateFile(OSError):
         )
 
 
+#: The ``state_dir`` setting's variable, read here rather than through the settings table so
+#: that ``aether port`` finds its registry without loading the table (~3 ms of its ~55 ms).
+ENV = "AETHER_STATE_DIR"
+
+
+def locate(given: str | None = None) -> Path:
+    """The state directory: ``given`` (``--state-dir``), ``$AETHER_STATE_DIR``, or the default.
+    Creates nothing."""
+    return Path(given or os.environ.get(ENV) or default_state_dir())
+
+
 def default_state_dir() -> Path:
     """systemd's ``StateDirectory=`` when set; ``/var/lib/aether`` for root under systemd;
     else ``$XDG_STATE_HOME/aether`` (``~/.local/state/aether``)."""

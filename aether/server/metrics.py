@@ -4,8 +4,14 @@ The hot paths (a port event, a WebSocket message, a proxied request) never call
 prometheus_client: they add to plain counts kept here (a dict increment, ~0.2 us; a labelled
 prometheus_client Counter costs 0.5-1.7 us and a Histogram 1 us). At scrape time one collector
 turns those counts, and what the server knows anyway (open ports, connected clients, the
-monitor's resync and loss counters), into metric families, rendered by prometheus_client from
-a registry of this server's own: two servers in one process never share a metric.
+monitor's resync and loss counters: :class:`Readings`, callables the server gives), into metric
+families, rendered by prometheus_client from a registry of this server's own: two servers in
+one process never share a metric.
+
+prometheus_client is imported at the first scrape, not at start: beside what the server
+imports anyway it adds ~1.4 MiB to the daemon's resident memory (bench/footprint.py, idle
+`aether serve`: 39.1 MiB with it imported at start, 37.5 MiB without), which a workspace
+nobody scrapes never pays.
 
 Label values come from closed sets: event types and backends, the protocol's channels and
 types (anything else is ``unknown``), error codes and HTTP statuses the code can produce.
@@ -15,13 +21,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import platform
-from typing import TYPE_CHECKING, Iterator
-
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 from aether import __version__
 from aether.server.registry_api import ApiHandler
@@ -52,6 +54,8 @@ class Histogram:
 
     def buckets(self) -> list[tuple[str, int]]:
         """Cumulative (le, count) pairs, ``+Inf`` last, as the exposition wants them."""
+        from prometheus_client.utils import floatToGoString
+
         out, running = [], 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts):
             running += count
@@ -59,11 +63,28 @@ class Histogram:
         return out
 
 
-class Metrics:
-    """What one server counts; ``render`` gives the exposition with what it knows."""
+@dataclasses.dataclass(frozen=True)
+class Readings:
+    """What the server knows anyway, read at each scrape."""
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
+    #: The backend watching ports (``ebpf``, ``sockdiag``), None before the monitor started.
+    backend: Callable[[], Optional[str]]
+    #: TCP ports listening now, ignored ports left out.
+    ports_open: Callable[[], int]
+    #: The monitor's counters: ``resyncs`` and ``lost``.
+    monitor_stats: Callable[[], Mapping[str, int]]
+    #: WebSocket clients connected now.
+    clients: Callable[[], int]
+    #: Browser connections to previews open now.
+    preview_connections: Callable[[], int]
+
+
+class Metrics:
+    """What one server counts; ``render`` gives the exposition with what it counted and what
+    ``readings`` say."""
+
+    def __init__(self, readings: Readings):
+        self.readings = readings
         self.port_events: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)  # (type, backend)
         self.port_latency: dict[str, Histogram] = {}  # backend ->
         self.ws_received: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)  # (channel, type)
@@ -72,10 +93,7 @@ class Metrics:
         self.ws_bytes_sent = 0
         self.preview_responses: collections.defaultdict[int, int] = collections.defaultdict(int)  # status ->
         self.preview_upstream_latency = Histogram(UPSTREAM_LATENCY_BUCKETS)
-        #: Prometheus's CollectorRegistry (not the port registry).
-        self.collectors = CollectorRegistry(auto_describe=False)
-        self.collectors.register(_Collector(self))
-        ProcessCollector(registry=self.collectors)
+        self._exposition: Any = None  # prometheus_client's registry, made at the first scrape
 
     def port_event(self, event, now_ns: int, sent: bool) -> None:
         """Count a port event; when clients got it, the time from when it was seen."""
@@ -88,8 +106,15 @@ class Metrics:
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (text by default), and its type."""
+        from prometheus_client import CollectorRegistry, ProcessCollector
+        from prometheus_client.exposition import choose_encoder
+
+        if self._exposition is None:
+            self._exposition = CollectorRegistry(auto_describe=False)
+            self._exposition.register(_Collector(self))
+            ProcessCollector(registry=self._exposition)
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.collectors), content_type
+        return encoder(self._exposition), content_type
 
 
 class _Collector:
@@ -99,12 +124,15 @@ class _Collector:
         self.metrics = metrics
 
     def collect(self) -> Iterator:
-        m, server = self.metrics, self.metrics.server
-        monitor = server.monitor
-        yield InfoMetricFamily("aether_build", "The running aether.", value={
-            "version": __version__, "python": platform.python_version(), "backend": monitor.backend or "none"})
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
-        yield _gauge("aether_ports_open", "TCP ports listening now, ignored ports left out.", len(monitor.table))
+        m, readings = self.metrics, self.metrics.readings
+        stats = readings.monitor_stats()
+        yield InfoMetricFamily("aether_build", "The running aether.", value={
+            "version": __version__, "python": platform.python_version(), "backend": readings.backend() or "none"})
+
+        yield GaugeMetricFamily("aether_ports_open", "TCP ports listening now, ignored ports left out.",
+                                value=readings.ports_open())
         events = CounterMetricFamily("aether_port_events", "Port open, update and close events, by how they were seen "
                                      "(ebpf: a probe record; sockdiag: a snapshot; config: ignored ports changed; "
                                      "pidfd: a recorded owner exited).",
@@ -121,11 +149,11 @@ class _Collector:
         yield latency
         yield CounterMetricFamily("aether_port_resyncs", "Snapshots diffed against the probe's view of the ports "
                                   "(start-up, lost or uncertain records; sock_diag polls are not counted).",
-                                  value=monitor.stats["resyncs"])
+                                  value=stats["resyncs"])
         yield CounterMetricFamily("aether_port_events_lost", "Probe records the kernel could not deliver "
-                                  "(each loss is followed by a resync).", value=monitor.stats["lost"])
+                                  "(each loss is followed by a resync).", value=stats["lost"])
 
-        yield _gauge("aether_websocket_clients", "WebSocket clients connected now.", len(server.hub.clients))
+        yield GaugeMetricFamily("aether_websocket_clients", "WebSocket clients connected now.", value=readings.clients())
         received = CounterMetricFamily("aether_ws_messages_received", "Client messages, by channel and type "
                                        "(unknown: not one the protocol has).", labels=("channel", "type"))
         for (channel, kind), count in sorted(m.ws_received.items()):
@@ -138,9 +166,8 @@ class _Collector:
             errors.add_metric((code,), count)
         yield errors
 
-        previews = server.previews
-        yield _gauge("aether_preview_connections", "Browser connections to previews open now.",
-                     len(previews.connections) if previews is not None else 0)
+        yield GaugeMetricFamily("aether_preview_connections", "Browser connections to previews open now.",
+                                value=readings.preview_connections())
         responses = CounterMetricFamily("aether_preview_requests", "Preview requests answered, by the status sent "
                                         "(the app's, or the proxy's own: 401, 502, 504...).", labels=("status",))
         for status, count in sorted(m.preview_responses.items()):
@@ -150,10 +177,6 @@ class _Collector:
                                          "request (connection included) to the app's response head.")
         upstream.add_metric((), m.preview_upstream_latency.buckets(), m.preview_upstream_latency.total)
         yield upstream
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
 
 
 class MetricsHandler(ApiHandler):
