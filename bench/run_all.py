@@ -25,6 +25,8 @@ BENCHES = [
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],
     ["bench/spawn.py", "--runs", "300"],
     ["bench/files.py", "--changes", "50", "--megabytes", "50"],
+    ["bench/who.py", "--calls", "20000"],
+    ["bench/detect.py", "--rounds", "20", "--burst", "1000"],
     ["bench/dashboard.py", "--samples", "20"],
     ["bench/footprint.py", "--clients", "1000", "--pairs", "10000", "--starts", "5"],
 ]

@@ -64,7 +64,7 @@ def test_a_refusal_is_answered_by_the_dispatcher_with_the_fields_the_protocol_ec
 
 #: Packages below the server: they may be used by the CLI, the doctor and each other, never
 #: import the server (or Tornado, which only the server needs).
-LOWER = ("aether.ports", "aether.files", "aether.terminal", "aether.agent", "aether.registry", "aether.fleet")
+LOWER = ("aether.ports", "aether.files", "aether.terminal", "aether.agent", "aether.registry", "aether.attributes", "aether.fleet")
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 for name in sys.argv[1:]:

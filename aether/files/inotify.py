@@ -224,9 +224,9 @@ def scan(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str, recursi
 
 class Instance:
     """The server's inotify instance. Its users are :class:`~aether.files.watch.WatchTree`\\ s:
-    each keeps its own descriptors and where they are (this places them there through
-    ``place``, asks ``has`` and takes them back with ``take_all``); this keeps which users each
-    descriptor has. ``run(fn, *args)`` runs blocking work in the thread pool."""
+    each keeps its own descriptors and where they are (told through its ``identify``,
+    ``place``, ``watches`` and ``take_descriptors``); this keeps which users each descriptor
+    has. ``run(fn, *args)`` runs blocking work in the thread pool."""
 
     def __init__(self, run: Callable[..., Awaitable], max_dirs: int = MAX_WATCHED_DIRS):
         self._run = run
@@ -287,7 +287,7 @@ class Instance:
 
     def remove(self, tree: "WatchTree") -> None:
         self.trees.discard(tree)
-        self.release(tree, tree.take_all())
+        self.release(tree, tree.take_descriptors())
         self._close_if_idle()
 
     def _register(self, tree: "WatchTree", parent: Optional[int], dirs: list[tuple[str, int, int]]) -> None:
@@ -295,7 +295,7 @@ class Instance:
         orphans = False
         for rel, wd, up in dirs:
             holder = parent if up < 0 else placed[up]
-            if tree.closed or (up >= 0 and holder is None) or (holder is not None and not tree.has(holder)):
+            if tree.closed or (up >= 0 and holder is None) or (holder is not None and not tree.watches(holder)):
                 # Ended meanwhile, or its parent is no longer in the tree: not watched here.
                 placed.append(None)
                 if wd not in self.users and wd not in self._dead:
@@ -354,7 +354,7 @@ class Instance:
             return []
         trees = list(users)
         for tree in trees:
-            if tree.has(event.wd) and not tree.closed:  # an earlier one may have ended it
+            if tree.watches(event.wd) and not tree.closed:  # an earlier one may have ended it
                 tree.on_event(event)
         return trees
 

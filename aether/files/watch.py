@@ -127,22 +127,24 @@ class WatchTree:
             message = f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
             self._deliver([{"type": "error", "code": "too_large", "path": self.base, "message": message}])
 
-    # -- the descriptors the inotify instance places here ---------------------------------
+    # -- what the inotify instance calls ----------------------------------------------------
 
-    def identify(self, ident: tuple[int, int]) -> None:
-        """The top's (device, inode), as the first scan found it: the one to watch from now on."""
+    def identify(self, ident: Optional[tuple[int, int]]) -> None:
+        """The scan of the top found directory (device, inode) ``ident``: when the tree was
+        not given one, that directory is the one it watches from now on."""
         if self.ident is None:
             self.ident = ident
 
-    def has(self, wd: int) -> bool:
+    def watches(self, wd: int) -> bool:
+        """Whether descriptor ``wd`` is one of this tree's directories."""
         return wd in self.dirs
 
     def place(self, wd: int, parent: Optional[int], name: str) -> None:
-        """Directory ``wd`` is entry ``name`` of directory ``parent`` (None: the top)."""
+        """Descriptor ``wd`` is directory ``name`` in ``parent`` (None and ``""``: the top)."""
         self.dirs.add(wd, parent, name)
 
-    def take_all(self) -> list[int]:
-        """Every descriptor of the tree, which no longer has any."""
+    def take_descriptors(self) -> list[int]:
+        """Every descriptor of the tree, forgotten here (the instance releases them)."""
         wds = list(self.dirs)
         self.dirs.clear()
         return wds

@@ -31,6 +31,7 @@ from aether.preview import grant
 from aether.preview import headers as h
 from aether.preview import pages
 from aether.preview.local import LOOPBACK, is_local
+from aether.preview.owner import Answer, Forward
 from aether.preview.visibility import Visibility
 
 if TYPE_CHECKING:
@@ -44,30 +45,6 @@ def host_pattern(domain: str) -> str:
     """A preview host name, ``{port or key}-{prefix}.{domain}``, without its port; groups:
     the port or key, the prefix, the domain. Matched case-insensitively."""
     return r"([a-z0-9][a-z0-9-]{0,62})-([a-z0-9]{1,64})\.(" + re.escape(domain) + r")"
-
-
-class Forward:
-    """Send ``head`` (then the body) to ``address``:``port``."""
-
-    __slots__ = ("port", "address", "head", "has_body", "chunked")
-
-    def __init__(self, port: int, address: str, head: bytes):
-        self.has_body = self.chunked = False
-        self.port = port
-        self.address = address
-        self.head = head
-
-
-class Answer:
-    """Answer with ``response`` (complete bytes); ``close`` the connection afterwards."""
-
-    __slots__ = ("status", "response", "close", "has_body", "chunked")
-
-    def __init__(self, status: int, response: bytes, close: bool = False):
-        self.has_body = self.chunked = False
-        self.status = status
-        self.response = response
-        self.close = close
 
 
 def upstream_address(listeners: "list[Listener]", local: Collection[str] = LOOPBACK) -> Optional[str]:
@@ -227,9 +204,6 @@ class Gate:
     def forget_all(self) -> None:
         """This host's addresses changed: choose every port's upstream address again."""
         self._addresses.clear()
-
-    def is_local(self, address: str) -> bool:
-        return is_local(address, self.local)
 
     # -- the decision -----------------------------------------------------------------------
 

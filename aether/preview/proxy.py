@@ -11,6 +11,10 @@ One timer per connection enforces, lazily, three limits: ``header_timeout`` to s
 head, ``keepalive_timeout`` between requests, and ``timeout`` without a byte either way while
 a request is in flight (504 before the response starts, a reset after). A WebSocket tunnel
 has no timer: the app and the browser ping each other.
+
+What to do with a request, how to reach its upstream and what to count are the owner's
+(:mod:`.owner`), reached through the connection's :class:`~.core.Proxy`; the upstream side is
+talked to through methods only (see :mod:`.upstream`).
 """
 
 from __future__ import annotations
@@ -20,17 +24,17 @@ import collections
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import httptools
 
 from aether.preview import headers as h
 from aether.preview import pages
-from aether.preview.gate import Answer, Forward
+from aether.preview.owner import Answer, Forward, Unreachable
 from aether.preview.upstream import Upstream
 
 if TYPE_CHECKING:
-    from aether.preview.service import PreviewProxy
+    from aether.preview.core import Proxy
 
 log = logging.getLogger("aether.preview")
 
@@ -39,10 +43,6 @@ MAX_HEAD_BYTES = 64 << 10
 MAX_BUFFERED = 1 << 20
 #: Requests parsed ahead of their turn (HTTP pipelining) before reading pauses.
 MAX_QUEUED = 16
-#: ``open`` can reach a client a few microseconds before the socket accepts: a refused
-#: connect to an open port is retried this long.
-CONNECT_RETRY_SECONDS = 0.5
-CONNECT_TIMEOUT = 5.0
 HEADER_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 75.0
 
@@ -51,10 +51,13 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 
 
 class Cycle:
-    """One request and its response."""
+    """One request and its response. Its upstream reads the request's fields (``head_only``,
+    ``upgrade``, ``close``, ``http10``), fixed when the head is parsed; only the browser's side
+    writes any."""
 
     __slots__ = ("forward", "answer", "head_only", "upgrade", "close", "http10", "has_body", "chunked",
-                 "body", "buffered", "complete", "upstream", "retried", "idempotent", "started")
+                 "body", "buffered", "complete", "upstream", "pooled", "retried", "responded",
+                 "idempotent", "started")
 
     def __init__(self, method: bytes, upgrade: bool, close: bool, http10: bool, has_body: bool, chunked: bool):
         self.forward: Optional[Forward] = None
@@ -70,14 +73,20 @@ class Cycle:
         self.buffered = 0
         self.complete = False
         self.upstream: Optional[Upstream] = None
+        self.pooled = False  # its upstream was taken from the pool
         self.retried = False
+        self.responded = False  # the app's response head went to the browser
         self.started = 0.0  # when the proxy began on a forwarded request (time.monotonic)
 
 
 class ClientConnection(asyncio.Protocol):
     """One browser connection to a preview host; see the module docstring."""
 
-    def __init__(self, proxy: "PreviewProxy"):
+    #: Response bytes (or, in a tunnel, the app's bytes) for the browser, called by the
+    #: upstream: the transport's own ``write``, bound once as the connection is made.
+    send: Callable[[bytes], None]
+
+    def __init__(self, proxy: "Proxy"):
         self.proxy = proxy
         self.loop = proxy.loop
         self.transport: Optional[asyncio.Transport] = None
@@ -87,6 +96,8 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Optional[Cycle] = None
         self.active: Optional[Cycle] = None
         self.tunnel: Optional[Upstream] = None
+        self.tunnel_forward: Optional[Forward] = None  # the request that became the tunnel
+        self._connecting: Optional[asyncio.Task] = None
         self.upgrading = False
         self.finished = False  # a request closing the connection was read: ignore the rest
         self.early: list[bytes] = []  # tunnel bytes sent before the app's 101
@@ -106,17 +117,18 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.send = transport.write
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.proxy.connections.add(self)
+        self.proxy.opened(self)
         self._arm(self.last_activity + HEADER_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
-            self.tunnel.transport.write(data)
+            self.tunnel.send(data)
             return
         self.last_activity = now = self.loop.time()
         if self.upgrading:
@@ -155,32 +167,33 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
-        self.proxy.connections.discard(self)
+        self.proxy.closed(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._connecting is not None:
+            self._connecting.cancel()  # nobody is left to answer
+            self._connecting = None
         if self.tunnel is not None:
-            self.tunnel.client = None
-            self.tunnel.closed = True
-            self.tunnel.transport.close()
+            self.proxy.untunneled(self, self.tunnel_forward)
+            self.tunnel.close()
             return
         cycle = self.active
         if cycle is not None and cycle.upstream is not None:
             up, cycle.upstream = cycle.upstream, None
-            up.client = None
             up.abort()  # the browser went away: so does the request
 
     def pause_writing(self) -> None:
         self.writing_paused = True
         up = self.tunnel or (self.active.upstream if self.active is not None else None)
-        if up is not None and not up.closed:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         up = self.tunnel or (self.active.upstream if self.active is not None else None)
-        if up is not None and not up.closed:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume()
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused and not self.closed:
@@ -214,7 +227,7 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         http10 = parser.get_http_version() != "1.1"
         upgrade = parser.should_upgrade()
-        decision = self.proxy.gate.decide(method, self._url, self._headers, self.client_ip, upgrade)
+        decision = self.proxy.decider.decide(method, self._url, self._headers, self.client_ip, upgrade)
         close = http10 or not parser.should_keep_alive()
         cycle = Cycle(method, upgrade, close, http10, decision.has_body, decision.chunked)
         if isinstance(decision, Answer):
@@ -250,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _send_body(self, cycle: Cycle, data: bytes) -> None:
         if cycle.upstream is not None:
-            cycle.upstream.transport.write(data)
+            cycle.upstream.send(data)
             return
         cycle.body.append(data)
         cycle.buffered += len(data)
@@ -264,7 +277,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = cycle
         if cycle.answer is not None:
-            self.proxy.responses[cycle.answer.status] += 1
+            self.proxy.sink.response(cycle.answer.status)
             self.transport.write(cycle.answer.response)
             # Answered from its head: a body still to come would be read as the next request.
             self._done(cycle, cycle.close or (cycle.has_body and not cycle.complete))
@@ -272,101 +285,124 @@ class ClientConnection(asyncio.Protocol):
         forward = cycle.forward
         # Not loop.time(): uvloop's counts whole milliseconds.
         cycle.started = time.monotonic()
-        key = (forward.address, forward.port)
-        if not self._local(cycle, key):
+        refusal = self.proxy.connector.check(forward)
+        if refusal is not None:
+            self._unreachable(cycle, refusal)
             return
-        up = self.proxy.pool.take(key)
+        up = self.proxy.pool.take((forward.address, forward.port))
         if up is not None:
+            cycle.pooled = True
             self._attach(cycle, up)
         else:
-            self.proxy.spawn(self._connect(cycle, key))
+            self._connecting = self.proxy.spawn(self._connect(cycle))
 
-    async def _connect(self, cycle: Cycle, key: tuple[str, int]) -> None:
-        address, port = key
-        table = self.proxy.gate.monitor.table
-        started = self.loop.time()
-        while True:
-            if not self._local(cycle, key):
-                return
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    _, up = await self.loop.create_connection(lambda: Upstream(self.proxy.pool, key), address, port)
-                break
-            except ConnectionRefusedError:
-                self.proxy.gate.forget(port)
-                if self.closed:
-                    return
-                if port in table and self.loop.time() - started < CONNECT_RETRY_SECONDS:
-                    await asyncio.sleep(0.005)
-                    continue
-                if port not in table:
-                    self._fail(cycle, 502, "Nothing is listening yet", pages.not_listening_text(port), pages.REFRESH_SECONDS)
-                else:
-                    self._fail(cycle, 502, "Connection refused", f"Port {port} refused the connection.")
-                return
-            except TimeoutError:
-                self._fail(cycle, 504, "Upstream timeout", f"Port {port} did not accept a connection within {CONNECT_TIMEOUT:g} s.")
-                return
-            except OSError as exc:
-                self._fail(cycle, 502, "Bad gateway", f"Could not connect to port {port}: {pages.escape(exc.strerror or str(exc))}.")
-                return
-        if self.closed or self.active is not cycle or not self._local(cycle, key):
-            up.closed = True
-            up.transport.close()
+    async def _connect(self, cycle: Cycle) -> None:
+        forward = cycle.forward
+        key = (forward.address, forward.port)
+        pool = self.proxy.pool
+        try:
+            up = await self.proxy.connector.connect(forward, lambda: Upstream(pool, key))
+        except Unreachable as refusal:
+            self._unreachable(cycle, refusal)
+            return
+        except Exception:
+            log.exception("preview connect failed")
+            self._fail(cycle, 502, "Proxy error", "The preview proxy failed to connect to the app.")
+            return
+        finally:
+            if self._connecting is asyncio.current_task():
+                self._connecting = None
+        if self.closed or self.active is not cycle:
+            up.close()
             return
         self._attach(cycle, up)
 
-    def _local(self, cycle: Cycle, key: tuple[str, int]) -> bool:
-        """Whether ``key``'s address is still this host's, checked again as the connection is
-        taken or made: an address removed since the decision may belong to another host now."""
-        if self.proxy.gate.is_local(key[0]):
-            return True
-        self.proxy.log_failure(key[1], f"{key[0]} is not an address of this host")
-        self._fail(cycle, 502, pages.NOT_LOCAL_TITLE, pages.not_local_text(key[1], key[0]))
-        return False
+    def _unreachable(self, cycle: Cycle, refusal: Unreachable) -> None:
+        self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh)
 
     def _attach(self, cycle: Cycle, up: Upstream) -> None:
         cycle.upstream = up
-        up.bind(self)
+        up.bind(self, cycle)
         data = cycle.forward.head
         if cycle.body:
             data += b"".join(cycle.body)
             cycle.body = []
             cycle.buffered = 0
-        up.transport.write(data)
+        up.send(data)
         if self.writing_paused:
-            up.transport.pause_reading()
+            up.pause()
         self.resume_reading("buffer")
 
-    def cycle_done(self, up: Upstream) -> None:
-        """The response from ``up`` is complete (called by the upstream)."""
+    # -- what the upstream calls ------------------------------------------------------------
+
+    def touch(self) -> None:
+        """The app sent something: the request is alive."""
+        self.last_activity = self.loop.time()
+
+    def response_started(self, status: int, close: bool) -> None:
+        """The app's response head (``status``, not an informational one) is going to the
+        browser; ``close``: the connection closes after this response."""
+        cycle = self.active
+        cycle.responded = True
+        self.close_after = close
+        sink = self.proxy.sink
+        sink.response(status)
+        sink.upstream_latency(time.monotonic() - cycle.started)
+
+    def response_done(self, up: Upstream, keep: bool) -> None:
+        """The response from ``up`` is complete; ``keep``: the app keeps its connection open."""
         cycle = self.active
         if cycle is None or cycle.upstream is not up:
+            up.release(keep)
             return
         cycle.upstream = None
+        # The app answered before the whole request body arrived: its connection is not reused.
+        up.release(keep and cycle.complete)
         self._done(cycle, self.close_after or cycle.close or not cycle.complete)
 
     def upstream_failed(self, up: Upstream, why: str) -> None:
+        """``up`` broke off (it is closed already); ``why`` for the log and the page."""
         cycle = self.active
         if cycle is None or cycle.upstream is not up:
             return
         cycle.upstream = None
-        if up.started:
+        if cycle.responded:
             self.transport.abort()  # the response is cut: the browser must not take it as whole
             return
-        if up.reused and cycle.idempotent and not cycle.has_body and not cycle.retried:
+        if cycle.pooled and cycle.idempotent and not cycle.has_body and not cycle.retried:
             # A pooled connection the app closed just as it was reused: try a fresh one.
             cycle.retried = True
-            self.proxy.spawn(self._connect(cycle, up.key))
+            cycle.pooled = False
+            self._connecting = self.proxy.spawn(self._connect(cycle))
             return
-        self.proxy.log_failure(up.key[1], why)
+        self.proxy.sink.upstream_failed(cycle.forward, why)
         self._fail(cycle, 502, "Bad gateway", pages.escape(why[0].upper() + why[1:]) + ".")
+
+    def start_tunnel(self, up: Upstream) -> None:
+        """The app switched protocols: from now on bytes pass unchanged both ways."""
+        forward = self.active.forward
+        self.tunnel = up
+        self.tunnel_forward = forward
+        self.active = None
+        self.queue.clear()
+        if self.early:
+            up.send(b"".join(self.early))
+            self.early = []
+        self.resume_reading("upgrade")
+        self.proxy.tunneled(self, forward)
+
+    def close(self) -> None:
+        """Close the browser's connection once what was written to it is sent."""
+        self.closed = True
+        self.transport.close()
+
+    # -- ends -------------------------------------------------------------------------------
 
     def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: Optional[int] = None) -> None:
         if self.closed or self.active is not cycle:
             return
         close = cycle.close or not cycle.complete or cycle.upgrade
-        self.proxy.responses[status] += 1
+        self.proxy.sink.response(status)
         body = pages.render(status, title, text, refresh)
         self.transport.write(pages.response(status, body, close=close, head_only=cycle.head_only))
         self._done(cycle, close)
@@ -377,8 +413,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue and self.queue[0] is cycle:
             self.queue.popleft()
         if close:
-            self.closed = True
-            self.transport.close()
+            self.close()
             return
         if self.queue:
             self._start(self.queue[0])
@@ -407,28 +442,28 @@ class ClientConnection(asyncio.Protocol):
         self._send_refusal(status, response)
 
     def _send_refusal(self, status: int, response: bytes) -> None:
-        self.proxy.responses[status] += 1
+        self.proxy.sink.response(status)
         self.transport.write(response)
-        self.closed = True
-        self.transport.close()
+        self.close()
+
+    # -- what the proxy calls ---------------------------------------------------------------
+
+    def upstream_forward(self) -> Optional[Forward]:
+        """The Forward whose upstream this connection is on now (a tunnel's, or a request's
+        with its upstream connection attached), if any."""
+        if self.tunnel is not None:
+            return self.tunnel_forward
+        cycle = self.active
+        return cycle.forward if cycle is not None and cycle.upstream is not None else None
 
     def abort(self) -> None:
+        """Reset the browser's connection at once, and the request's upstream connection (a
+        tunnel's closes once the browser's is gone)."""
         cycle = self.active
         if cycle is not None and cycle.upstream is not None:
-            cycle.upstream.client = None
             cycle.upstream.abort()
         self.closed = True
         self.transport.abort()
-
-    def start_tunnel(self, up: Upstream) -> None:
-        """The app switched protocols: from now on bytes pass unchanged both ways."""
-        self.tunnel = up
-        self.active = None
-        self.queue.clear()
-        if self.early:
-            up.transport.write(b"".join(self.early))
-            self.early = []
-        self.resume_reading("upgrade")
 
     # -- the one timer ----------------------------------------------------------------------
 
@@ -456,16 +491,14 @@ class ClientConnection(asyncio.Protocol):
             if self.in_head and self.head_bytes:
                 self._refuse(408, "Request timeout", f"The request head did not arrive within {HEADER_TIMEOUT:g} s.")
             else:
-                self.closed = True
-                self.transport.close()
+                self.close()
             return
-        up = cycle.upstream
-        if up is not None and up.started:
+        if cycle.responded:
             self.abort()
             return
+        up = cycle.upstream
         if up is not None:
             cycle.upstream = None
-            up.client = None
             up.abort()
         port = cycle.forward.port if cycle.forward is not None else 0
         self._fail(cycle, 504, "Upstream timeout", f"Port {port} did not answer within {self.proxy.timeout:g} s.")

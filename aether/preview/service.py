@@ -1,35 +1,47 @@
-"""The preview proxy of one workspace: what the connections share."""
+"""The preview proxy of one workspace: the owner (:mod:`.owner`) of a :class:`~.core.Proxy`.
+
+Its decider is the workspace's :class:`~.gate.Gate`. As connector it keeps upstreams on this
+host (loopback or an address of its own interfaces, :mod:`.local`, checked again as each
+request starts and as each connection is made) and retries a refused connection while the
+port is open. As sink it counts into the server's metrics and logs each port's failures.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable, Optional
 
 from aether.ports.events import CLOSE, PortEvent
+from aether.preview import pages
+from aether.preview.core import Proxy
 from aether.preview.gate import Gate
-from aether.preview.local import LocalAddresses
-from aether.preview.proxy import HEADER_TIMEOUT, ClientConnection
-from aether.preview.upstream import Pool
+from aether.preview.local import LocalAddresses, is_local
+from aether.preview.owner import Forward, Unreachable
+from aether.preview.proxy import ClientConnection
+from aether.preview.upstream import Upstream, dial
 from aether.preview.visibility import Visibility
 
 log = logging.getLogger("aether.preview")
 
+#: ``open`` can reach a client a few microseconds before the socket accepts: a refused
+#: connect to an open port is retried this long.
+CONNECT_RETRY_SECONDS = 0.5
+
 
 class PreviewProxy:
-    """The preview proxy of one workspace: the gate, the upstream pool and the connections."""
+    """The preview proxy of one workspace: the gate, the proxy and its connections."""
 
     def __init__(self, settings, monitor, visibility: Visibility, named, metrics):
         self.loop = asyncio.get_running_loop()
+        self.monitor = monitor
         # Counted by the connections, read at scrape time (aether.server.metrics).
-        self.responses = metrics.preview_responses
-        self.upstream_latency = metrics.preview_upstream_latency
+        self._responses = metrics.preview_responses
+        self._latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)
         self.gate = Gate(settings, monitor, visibility, named, self.local.addresses)
-        self.pool = Pool(self.loop)
-        self.timeout = settings.preview_timeout
-        self.tick = min(HEADER_TIMEOUT, self.timeout)
-        self.connections: set[ClientConnection] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self.proxy = Proxy(self.gate, self, self, settings.preview_timeout)
+        self.connections: set[ClientConnection] = self.proxy.connections
         self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)
         self._unsubscribe = monitor.subscribe(self._on_event)
         try:
@@ -37,8 +49,63 @@ class PreviewProxy:
         except OSError as exc:
             log.error("local addresses unavailable; previews reach loopback only", extra={"error": str(exc)})
 
+    # -- what the listener uses -------------------------------------------------------------
+
     def protocol(self) -> ClientConnection:
-        return ClientConnection(self)
+        return self.proxy.protocol()
+
+    def is_preview(self, host: bytes) -> bool:
+        """Whether a connection whose first request names ``host`` is a preview's."""
+        return self.gate.preview_host(host) is not None
+
+    def connection_count(self) -> int:
+        return len(self.proxy.connections)
+
+    # -- the connector ----------------------------------------------------------------------
+
+    def check(self, forward: Forward) -> Optional[Unreachable]:
+        """An upstream must still be this host's: an address removed since the decision may
+        belong to another host now."""
+        if is_local(forward.address, self.local.addresses):
+            return None
+        self.log_failure(forward.port, f"{forward.address} is not an address of this host")
+        return Unreachable(502, pages.NOT_LOCAL_TITLE, pages.not_local_text(forward.port, forward.address))
+
+    async def connect(self, forward: Forward, factory: Callable[[], Upstream]) -> Upstream:
+        port = forward.port
+        table = self.monitor.table
+        started = self.loop.time()
+        while True:
+            refusal = self.check(forward)
+            if refusal is not None:
+                raise refusal
+            try:
+                up = await dial(self.loop, factory, forward.address, port)
+                break
+            except ConnectionRefusedError:
+                self.gate.forget(port)
+                if port in table and self.loop.time() - started < CONNECT_RETRY_SECONDS:
+                    await asyncio.sleep(0.005)
+                    continue
+                if port not in table:
+                    raise Unreachable(502, "Nothing is listening yet", pages.not_listening_text(port), pages.REFRESH_SECONDS) from None
+                raise Unreachable(502, "Connection refused", f"Port {port} refused the connection.") from None
+        refusal = self.check(forward)
+        if refusal is not None:
+            up.close()
+            raise refusal
+        return up
+
+    # -- the sink ---------------------------------------------------------------------------
+
+    def response(self, status: int) -> None:
+        self._responses[status] += 1
+
+    def upstream_latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def upstream_failed(self, forward: Forward, why: str) -> None:
+        self.log_failure(forward.port, why)
 
     def log_failure(self, port: int, why: str) -> None:
         """One line per port per second at most: an app crashing under load must not flood
@@ -51,15 +118,12 @@ class PreviewProxy:
         self._failures[port] = (now, 0)
         log.info("preview upstream failed", extra={"port": port, "why": why, "suppressed": suppressed})
 
-    def spawn(self, coro) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- what changes below -----------------------------------------------------------------
 
     def _on_event(self, event: PortEvent) -> None:
         self.gate.forget(event.port)
         if event.type == CLOSE:
-            self.pool.close_port(event.port)
+            self.proxy.pool.close_port(event.port)
 
     def _on_addresses(self, added: set[str], removed: set[str]) -> None:
         """This host's addresses changed: choose upstreams again, and drop every connection to
@@ -67,17 +131,10 @@ class PreviewProxy:
         self.gate.forget_all()
         if not removed:
             return
-        self.pool.close_addresses(removed)
-        for conn in list(self.connections):
-            up = conn.tunnel or (conn.active.upstream if conn.active is not None else None)
-            if up is not None and up.key[0] in removed:
-                conn.abort()
+        self.proxy.pool.close_addresses(removed)
+        self.proxy.abort_upstreams(lambda forward: forward.address in removed)
 
     def close_all(self) -> None:
         self._unsubscribe()
         self.local.close()
-        for conn in list(self.connections):
-            conn.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        self.pool.close_all()
+        self.proxy.close_all()

@@ -4,6 +4,12 @@ An :class:`Upstream` is bound to one browser connection while a request is in fl
 parses the response with ``httptools``, rewrites its head (:func:`headers.response_head`) and
 writes head and body to the browser as they arrive. After a ``101`` both connections become
 a byte tunnel. A finished connection the app keeps alive goes back to the :class:`Pool`.
+
+The two sides talk through methods only. The browser's side (:class:`.proxy.ClientConnection`)
+calls :meth:`Upstream.bind`, ``send``, ``pause``, ``resume``, ``release``, ``close`` and
+``abort``; the upstream calls the browser side's ``touch``, ``send``, ``response_started``,
+``response_done``, ``upstream_failed``, ``start_tunnel``, ``close`` and its
+``pause_reading``/``resume_reading`` for flow control.
 """
 
 from __future__ import annotations
@@ -11,25 +17,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import httptools
 
 from aether.preview import headers as h
+from aether.preview import pages
+from aether.preview.owner import Unreachable
 
 if TYPE_CHECKING:
-    from aether.preview.proxy import ClientConnection
+    from aether.preview.proxy import ClientConnection, Cycle
 
 log = logging.getLogger("aether.preview")
 
 #: Idle pooled connections per upstream address, and how long one may stay idle.
 POOL_SIZE = 64
 POOL_IDLE_SECONDS = 30.0
+CONNECT_TIMEOUT = 5.0
+
+
+async def dial(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], "Upstream"],
+    address: str,
+    port: int,
+    timeout: float = CONNECT_TIMEOUT,
+    name: Optional[str] = None,
+) -> "Upstream":
+    """A connection made with ``factory`` to ``address``:``port`` within ``timeout`` seconds.
+
+    ``ConnectionRefusedError`` passes through, since what a refusal means is the caller's to
+    say (a port that is opening, or one that closed); every other failure raises
+    :class:`~.owner.Unreachable` with its page, naming the upstream ``name`` (``port N``)."""
+    name = name or f"port {port}"
+    try:
+        async with asyncio.timeout(timeout):
+            _, up = await loop.create_connection(factory, address, port)
+    except ConnectionRefusedError:
+        raise
+    except TimeoutError:
+        raise Unreachable(504, "Upstream timeout", f"{name[:1].upper()}{name[1:]} did not accept a connection within {timeout:g} s.") from None
+    except OSError as exc:
+        raise Unreachable(502, "Bad gateway", f"Could not connect to {name}: {pages.escape(exc.strerror or str(exc))}.") from None
+    return up
 
 
 class Upstream(asyncio.Protocol):
     """One connection to an app; see the module docstring."""
+
+    #: Request bytes (or, in a tunnel, the browser's bytes) for the app: the transport's own
+    #: ``write``, bound once as the connection is made.
+    send: Callable[[bytes], None]
 
     def __init__(self, pool: "Pool", key: tuple[str, int]):
         self.pool = pool
@@ -37,8 +75,8 @@ class Upstream(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: Optional["ClientConnection"] = None
+        self.cycle: Optional["Cycle"] = None  # the request being answered (read, never written)
         self.closed = False
-        self.reused = False
         self.tunnel = False
         self.idle_since = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -55,26 +93,58 @@ class Upstream(asyncio.Protocol):
         self.finished_early = False  # a body-less response finished at its head
         self._finish_after_read: Optional[bool] = None  # ... once the parser returns: keep-alive?
 
-    # -- binding to a browser connection ---------------------------------------------------
+    # -- what the browser's side calls ------------------------------------------------------
 
-    def bind(self, client: "ClientConnection") -> None:
+    def bind(self, client: "ClientConnection", cycle: "Cycle") -> None:
+        """Answer ``cycle``'s request (its head and body follow with :meth:`send`) to ``client``."""
         self.client = client
+        self.cycle = cycle
         self._reset_response()
         if self.parser is None:
             self.parser = httptools.HttpResponseParser(self)
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
+    def pause(self) -> None:
+        """The browser is not reading: stop reading the app."""
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def release(self, keep: bool) -> None:
+        """The response is over: back to the pool when ``keep``, else closed."""
+        self.client = self.cycle = None
+        if self.closed:
+            return
+        if keep:
+            self.transport.resume_reading()  # the browser may have paused it on its last bytes
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Close, after what was sent to the app has gone; the browser's side is told nothing."""
+        self.client = self.cycle = None
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
 
     def abort(self) -> None:
+        """Reset at once; the browser's side is told nothing."""
+        self.client = self.cycle = None
         if not self.closed:
             self.closed = True
             self.transport.abort()
+
+    def usable(self) -> bool:
+        return not self.closed and not self.transport.is_closing()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.send = transport.write
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -82,13 +152,13 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if self.tunnel:
-            client.transport.write(data)
+            client.send(data)
             return
         if client is None:
             # Bytes from an idle pooled connection: the app broke the framing. Drop it.
             self.abort()
             return
-        client.last_activity = client.loop.time()
+        client.touch()
         if self._want_head:
             self._raw += data
         try:
@@ -104,7 +174,7 @@ class Upstream(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0]:]
             if rest and self.client is not None:
-                self.client.transport.write(rest)
+                self.client.send(rest)
         except httptools.HttpParserCallbackError:
             log.exception("preview response handling failed")
             self._fail("the proxy failed while relaying the response")
@@ -125,7 +195,7 @@ class Upstream(asyncio.Protocol):
             return
         if self.tunnel:
             self.client = None
-            client.transport.close()
+            client.close()
         elif self.until_close and self.started:
             if self.chunked_out:
                 self._out.append(h.LAST_CHUNK)
@@ -161,14 +231,12 @@ class Upstream(asyncio.Protocol):
             return
         self._want_head = False
         self._raw = b""
-        cycle = client.active
+        cycle = self.cycle
         if status == 101 and not cycle.upgrade:
             self._fail("the app switched protocols on a request that asked for no upgrade")
             return
-        proxy = client.proxy
-        proxy.responses[status] += 1
-        proxy.upstream_latency.observe(time.monotonic() - cycle.started)
         if status == 101:
+            client.response_started(status, False)
             self._out.append(head.for_client(upgrade=True))
             self._flush()
             self.started = self.tunnel = True
@@ -188,7 +256,7 @@ class Upstream(asyncio.Protocol):
                 close = True
         self.started = True
         self._out.append(head.for_client(chunked=self.chunked_out, close=close))
-        client.close_after = close
+        client.response_started(status, close)
         if no_body:
             self.finished_early = True
             self._finish_after_read = self.parser.should_keep_alive()
@@ -212,31 +280,26 @@ class Upstream(asyncio.Protocol):
     def _flush(self) -> None:
         out, self._out = self._out, []
         if self.client is not None:
-            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.client.send(out[0] if len(out) == 1 else b"".join(out))
 
     def _finish(self, keep: bool) -> None:
+        """The response is whole; the browser's side says whether this connection is kept
+        (:meth:`release`)."""
         self._flush()
-        client, self.client = self.client, None
-        if client.active is not None and not client.active.complete:
-            keep = False  # the app answered before the whole request body arrived
-        if keep and not self.closed:
-            self.transport.resume_reading()  # the browser may have paused it on its last bytes
-            self.pool.put(self)
-        elif not self.closed:
-            self.closed = True
-            self.transport.close()
-        client.cycle_done(self)
+        self.client.response_done(self, keep)
 
     def _fail(self, why: str) -> None:
         self._out = []
-        client, self.client = self.client, None
+        client = self.client
         self.abort()
         if client is not None:
             client.upstream_failed(self, why)
 
     # -- idle expiry in the pool ------------------------------------------------------------
 
-    def arm_idle_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+    def idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put in the pool now: closed once idle for ``POOL_IDLE_SECONDS``."""
+        self.idle_since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self.idle_since + POOL_IDLE_SECONDS, self._idle_check, loop)
 
@@ -247,8 +310,7 @@ class Upstream(asyncio.Protocol):
         due = self.idle_since + POOL_IDLE_SECONDS
         if loop.time() >= due:
             self.pool.discard(self)
-            self.closed = True
-            self.transport.close()
+            self.close()
         else:
             self._timer = loop.call_at(due, self._idle_check, loop)
 
@@ -264,20 +326,17 @@ class Pool:
         conns = self.idle.get(key)
         while conns:
             conn = conns.pop()
-            if not conn.closed and not conn.transport.is_closing():
-                conn.reused = True
+            if conn.usable():
                 return conn
         return None
 
     def put(self, conn: Upstream) -> None:
         conns = self.idle.setdefault(conn.key, [])
         if len(conns) >= POOL_SIZE:
-            conn.closed = True
-            conn.transport.close()
+            conn.close()
             return
-        conn.idle_since = self.loop.time()
         conns.append(conn)
-        conn.arm_idle_timer(self.loop)
+        conn.idle(self.loop)
 
     def discard(self, conn: Upstream) -> None:
         conns = self.idle.get(conn.key)
@@ -288,19 +347,16 @@ class Pool:
         """Close every idle connection to ``port`` (it stopped listening)."""
         for key in [k for k in self.idle if k[1] == port]:
             for conn in self.idle.pop(key):
-                conn.closed = True
-                conn.transport.close()
+                conn.close()
 
     def close_addresses(self, addresses: set[str]) -> None:
         """Close every idle connection to one of ``addresses`` (no longer this host's)."""
         for key in [k for k in self.idle if k[0] in addresses]:
             for conn in self.idle.pop(key):
-                conn.closed = True
-                conn.transport.close()
+                conn.close()
 
     def close_all(self) -> None:
         for conns in self.idle.values():
             for conn in conns:
-                conn.closed = True
-                conn.transport.close()
+                conn.close()
         self.idle.clear()

@@ -229,10 +229,8 @@ async def serve(settings: Settings) -> int:
     previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
     listener = SharedListener(
         http,
-        previews.protocol,
-        lambda host: previews.gate.preview_host(host) is not None,
+        previews,
         settings.max_connections,
-        lambda: len(previews.connections),
         settings.max_unauthenticated_per_address,
         previews.gate.is_trusted if settings.trusted_proxies else None,
     )

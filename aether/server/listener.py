@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 import tornado.httpserver
 import tornado.iostream
@@ -125,24 +125,36 @@ class _CountedStream(tornado.iostream.IOStream):
         super().close(exc_info)
 
 
+class Previews(Protocol):
+    """What takes the preview hosts' connections (:class:`aether.preview.service.PreviewProxy`)."""
+
+    def is_preview(self, host: bytes) -> bool:
+        """Whether a connection whose first request names ``host`` is a preview's."""
+        ...
+
+    def protocol(self) -> asyncio.Protocol:
+        """The protocol for one such connection, which gets its bytes from the start."""
+        ...
+
+    def connection_count(self) -> int:
+        """Its connections open now (they count towards the listener's cap)."""
+        ...
+
+
 class SharedListener:
     """Accepts, classifies and hands over connections; see the module docstring."""
 
     def __init__(
         self,
         http: tornado.httpserver.HTTPServer,
-        preview_factory: Callable[[], asyncio.Protocol],
-        is_preview: Callable[[bytes], bool],
+        previews: Previews,
         limit: int,
-        preview_connections: Callable[[], int],
         per_address: int = 0,
         exempt: Optional[Callable[[str], bool]] = None,
     ):
         self.http = http
-        self.preview_factory = preview_factory
-        self.is_preview = is_preview
+        self.previews = previews
         self.limit = limit
-        self.preview_connections = preview_connections
         self.per_address = per_address  # 0: no cap
         self.exempt = exempt
         #: address key -> connections from it not yet authenticated (see the module docstring)
@@ -161,7 +173,7 @@ class SharedListener:
             self._stop_accepting.append(tornado.netutil.add_accept_handler(sock, self._accepted))
 
     def connections(self) -> int:
-        return self.api_streams + len(self._classifying) + self.preview_connections()
+        return self.api_streams + len(self._classifying) + self.previews.connection_count()
 
     def stop(self) -> None:
         for stop in self._stop_accepting:
@@ -236,7 +248,7 @@ class SharedListener:
             self._drop(conn)
             return
         decided, host = first_host(data)
-        preview = decided and host is not None and self.is_preview(host)
+        preview = decided and host is not None and self.previews.is_preview(host)
         self.loop.remove_reader(conn.fileno())
         if not decided or (preview and not head_complete(data)):
             # Peeked bytes stay readable, so the socket would wake us at once: look again a
@@ -263,6 +275,6 @@ class SharedListener:
 
     async def _to_preview(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.preview_factory, sock=conn)
+            await self.loop.connect_accepted_socket(self.previews.protocol, sock=conn)
         except OSError:
             conn.close()
