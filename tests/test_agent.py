@@ -149,7 +149,7 @@ def test_not_configured_and_empty_history(start):
     agent.send(type="prompt", text="hello", id=1)
     assert agent.next() == {
         "channel": "agent", "type": "error", "code": "not_configured", "id": 1,
-        "message": "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see the README)",
+        "message": "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)",
     }
     agent.send(type="history", id=2)
     assert agent.next() == {"channel": "agent", "type": "history", "conversationId": None, "title": None, "running": False, "turns": [], "id": 2}

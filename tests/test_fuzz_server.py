@@ -42,7 +42,7 @@ from websockets.sync.client import connect
 from support import ROOT
 from support.clients import raw_upgrade, recv_until
 from support.servers import Server
-from aether.server import protocol
+from aether import protocol
 
 #: Seconds of fuzzing: a few in the suite. The hostile run that found the faults this guards
 #: against ran ~1,000 messages a second; so does this.
