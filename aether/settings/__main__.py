@@ -1,8 +1,8 @@
 """``python -m aether.settings``: the settings tables of docs/settings.md.
 
-    python -m aether.settings --markdown [serve|global|env]   print a table (serve's by default)
-    python -m aether.settings --write [PATH]    rewrite the tables in PATH (docs/settings.md)
-    python -m aether.settings --check [PATH]    exit 1 if PATH's tables differ from the code's
+python -m aether.settings --markdown [serve|global|env]   print a table (serve's by default)
+python -m aether.settings --write [PATH]    rewrite the tables in PATH (docs/settings.md)
+python -m aether.settings --check [PATH]    exit 1 if PATH's tables differ from the code's
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     fresh = markdown.rewrite(text)
     if args.check:
         if fresh != text:
-            print(f"{path}: its settings tables differ from aether/settings/table.py: "
-                  f"run python -m aether.settings --write {path}", file=sys.stderr)
+            print(
+                f"{path}: its settings tables differ from aether/settings/table.py: run python -m aether.settings --write {path}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if fresh != text:

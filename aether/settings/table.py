@@ -15,7 +15,7 @@ A setting applies to one of three places:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from aether.log import FORMATS, LEVELS
 from aether.ports import BACKENDS, EBPF_BUFFERS
@@ -30,8 +30,19 @@ class Setting:
 
     __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret")
 
-    def __init__(self, name: str, kind: Kind, default: Any, help: str, scope: str = SERVE, flag: Optional[str] = None,
-                 key: Optional[str] = None, shown: str = "", commands: tuple[str, ...] = (), secret: bool = False):
+    def __init__(
+        self,
+        name: str,
+        kind: Kind,
+        default: Any,
+        help: str,
+        scope: str = SERVE,
+        flag: str | None = None,
+        key: str | None = None,
+        shown: str = "",
+        commands: tuple[str, ...] = (),
+        secret: bool = False,
+    ):
         self.name = name
         self.kind = kind
         self.default = default
@@ -70,112 +81,252 @@ def _env(name: str, kind: Kind, default: Any, help: str, **more) -> Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _serve("host", Text(), "127.0.0.1", "the address the server listens on (API, WebSocket, previews and dashboard alike)",
-           commands=("doctor",)),
-    _serve("port", Integer(1, 65535), 3001, "the port it listens on, 1-65535; never reported as an open port",
-           commands=("doctor",)),
-    _serve("workspace_id", Text(), None, "the `{workspaceId}` of the WebSocket path `/workspaces/{workspaceId}/ws`",
-           shown="the host name"),
-    _serve("project_id", Text(), None, "the project whose prefix names the preview hosts",
-           shown="generated once (32 hex digits), kept in the state directory as `project-id`"),
-    _serve("preview_domain", Text(), "preview.localhost",
-           "the domain under which previews are served: `{port}-{prefix}.{domain}`"),
-    _serve("preview_url", Text(), "http://{port}-{prefix}.{domain}:{server_port}",
-           "the template of each port's `url`; behind a TLS front, `https://{port}-{prefix}.{domain}`"),
+    _serve(
+        "host",
+        Text(),
+        "127.0.0.1",
+        "the address the server listens on (API, WebSocket, previews and dashboard alike)",
+        commands=("doctor",),
+    ),
+    _serve(
+        "port", Integer(1, 65535), 3001, "the port it listens on, 1-65535; never reported as an open port", commands=("doctor",)
+    ),
+    _serve(
+        "workspace_id",
+        Text(),
+        None,
+        "the `{workspaceId}` of the WebSocket path `/workspaces/{workspaceId}/ws`",
+        shown="the host name",
+    ),
+    _serve(
+        "project_id",
+        Text(),
+        None,
+        "the project whose prefix names the preview hosts",
+        shown="generated once (32 hex digits), kept in the state directory as `project-id`",
+    ),
+    _serve(
+        "preview_domain", Text(), "preview.localhost", "the domain under which previews are served: `{port}-{prefix}.{domain}`"
+    ),
+    _serve(
+        "preview_url",
+        Text(),
+        "http://{port}-{prefix}.{domain}:{server_port}",
+        "the template of each port's `url`; behind a TLS front, `https://{port}-{prefix}.{domain}`",
+    ),
     _serve("prefix_length", Integer(1, 32), 6, "how many characters of the project id make the `{prefix}`, 1-32"),
-    _serve("token", Text(), None, "the workspace token; never passed on to terminals or agent backends",
-           shown="generated once (URL-safe, 256 bits), kept 0600 in the state directory as `token`", secret=True),
+    _serve(
+        "token",
+        Text(),
+        None,
+        "the workspace token; never passed on to terminals or agent backends",
+        shown="generated once (URL-safe, 256 bits), kept 0600 in the state directory as `token`",
+        secret=True,
+    ),
     _serve("token_file", Text(), None, "a file to read the token from, when `token` is not given"),
-    _serve("backend", Text(BACKENDS), "auto",
-           "how ports are watched: `auto` (eBPF where the probe loads, else sock_diag), `ebpf` (exit 1 if the "
-           "probe cannot load) or `sockdiag`", commands=("ports list", "ports watch")),
-    _serve("ignored_ports", Ports(), (22, 2222, 3001),
-           "ports never reported nor previewed: SSH, internal SSH and aether's own. A comma-separated list; in "
-           "`config.json` an array of at most 1,024 ports, which the `config` channel's `set` writes",
-           flag="--ignore", commands=("ports list", "ports watch", "ports kill")),
+    _serve(
+        "backend",
+        Text(BACKENDS),
+        "auto",
+        "how ports are watched: `auto` (eBPF where the probe loads, else sock_diag), `ebpf` (exit 1 if the "
+        "probe cannot load) or `sockdiag`",
+        commands=("ports list", "ports watch"),
+    ),
+    _serve(
+        "ignored_ports",
+        Ports(),
+        (22, 2222, 3001),
+        "ports never reported nor previewed: SSH, internal SSH and aether's own. A comma-separated list; in "
+        "`config.json` an array of at most 1,024 ports, which the `config` channel's `set` writes",
+        flag="--ignore",
+        commands=("ports list", "ports watch", "ports kill"),
+    ),
     _serve("ping_interval", Seconds(), 45.0, "seconds between the server's WebSocket pings; positive"),
     _serve("pong_timeout", Seconds(), 120.0, "seconds without a pong before a client is dropped; positive"),
-    _serve("write_timeout", Seconds(), 30.0,
-           "seconds a client may take to take in a frame before it is dropped; positive"),
-    _serve("max_message_bytes", Integer(1, size=True), 1 << 20,
-           "the largest client message; a larger one closes the connection with 1009"),
+    _serve("write_timeout", Seconds(), 30.0, "seconds a client may take to take in a frame before it is dropped; positive"),
+    _serve(
+        "max_message_bytes",
+        Integer(1, size=True),
+        1 << 20,
+        "the largest client message; a larger one closes the connection with 1009",
+    ),
     # The kernel would otherwise grow a stalled client's send buffer to net.ipv4.tcp_wmem's
     # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
-    _serve("send_buffer_bytes", Integer(1, size=True), 256 << 10,
-           "each client's kernel send buffer, capped so a stalled reader is noticed and costs bounded memory"),
-    _serve("max_connections", Integer(1), 10000,
-           "API, WebSocket and preview connections together; past it a new connection is closed at once; at least 1"),
+    _serve(
+        "send_buffer_bytes",
+        Integer(1, size=True),
+        256 << 10,
+        "each client's kernel send buffer, capped so a stalled reader is noticed and costs bounded memory",
+    ),
+    _serve(
+        "max_connections",
+        Integer(1),
+        10000,
+        "API, WebSocket and preview connections together; past it a new connection is closed at once; at least 1",
+    ),
     # A browser opens at most 6 connections per host, and each preview is its own host: the
     # dashboard and ten previews restored at once, each with its 6, is ~66 before one is
     # answered; 128 leaves as much again for tools beside it (curl loops, wscat, a test
     # runner). One address then holds at most 128 of the 10,000 connections.
-    _serve("max_unauthenticated_per_address", Integer(0, zero="no cap"), 128,
-           "connections one client address (an IPv6 /64) may hold before any of them authenticated or was "
-           "answered; past it a new one is closed at once; `0` turns the cap off; `--trusted-proxies` are exempt"),
-    _serve("kill_grace", Seconds(positive=False), 5.0,
-           "seconds between SIGTERM and SIGKILL: for a port's `kill`, and for what is left of a closed terminal session"),
-    _serve("preview_timeout", Seconds(), 60.0,
-           "seconds without a byte either way before a proxied request ends (504 before the response); positive"),
+    _serve(
+        "max_unauthenticated_per_address",
+        Integer(0, zero="no cap"),
+        128,
+        "connections one client address (an IPv6 /64) may hold before any of them authenticated or was "
+        "answered; past it a new one is closed at once; `0` turns the cap off; `--trusted-proxies` are exempt",
+    ),
+    _serve(
+        "kill_grace",
+        Seconds(positive=False),
+        5.0,
+        "seconds between SIGTERM and SIGKILL: for a port's `kill`, and for what is left of a closed terminal session",
+    ),
+    _serve(
+        "preview_timeout",
+        Seconds(),
+        60.0,
+        "seconds without a byte either way before a proxied request ends (504 before the response); positive",
+    ),
     # Dev servers refuse a Host they do not know: localhost:{port} is one they all accept.
-    _serve("preview_upstream_host", Text(("localhost", "original")), "localhost",
-           "the `Host` the app gets: `localhost` (`localhost:PORT`, which dev servers accept) or `original` "
-           "(the preview host)"),
-    _serve("workspace_root", Directory(), None, "where terminals start and what `files` may touch; must be a directory",
-           shown="the home directory"),
-    _serve("shell", Text(), None, "the login shell of a terminal session started without a command",
-           shown="`$SHELL`, else the passwd entry's shell, else `/bin/sh`"),
+    _serve(
+        "preview_upstream_host",
+        Text(("localhost", "original")),
+        "localhost",
+        "the `Host` the app gets: `localhost` (`localhost:PORT`, which dev servers accept) or `original` (the preview host)",
+    ),
+    _serve(
+        "workspace_root",
+        Directory(),
+        None,
+        "where terminals start and what `files` may touch; must be a directory",
+        shown="the home directory",
+    ),
+    _serve(
+        "shell",
+        Text(),
+        None,
+        "the login shell of a terminal session started without a command",
+        shown="`$SHELL`, else the passwd entry's shell, else `/bin/sh`",
+    ),
     _serve("terminal_max_sessions", Integer(1), 32, "terminal sessions running at once; at least 1"),
     _serve("terminal_scrollback_bytes", Integer(0, size=True), 256 << 10, "the output replayed on `attach`; 0 or more"),
-    _serve("terminal_idle_timeout", Seconds(positive=False, zero="never"), 0.0,
-           "seconds a session with nobody attached keeps running; 0: until its process ends"),
+    _serve(
+        "terminal_idle_timeout",
+        Seconds(positive=False, zero="never"),
+        0.0,
+        "seconds a session with nobody attached keeps running; 0: until its process ends",
+    ),
     _serve("terminal_max_input_bytes", Integer(1, size=True), 64 << 10, "the largest `input` message; at least 1"),
-    _serve("agent_command", Command(), (),
-           "the agent backend, started once per turn: one shell-quoted string, or a JSON array of strings "
-           "(`config.json`: an array, or `{\"agent\": {\"command\": [...]}}`)",
-           shown="none: a `prompt` gets `not_configured`"),
-    _serve("agent_timeout", Seconds(), 120.0,
-           "seconds without output from the backend before it is stopped (`timeout`); positive "
-           "(`config.json`: also `agent.timeout`)"),
-    _serve("agent_max_output_bytes", Integer(1, size=True), 4 << 20,
-           "what a backend may write in one turn, stdout and stderr together (`too_large` past it); at least 1 "
-           "(`config.json`: also `agent.max_output_bytes`)"),
+    _serve(
+        "agent_command",
+        Command(),
+        (),
+        "the agent backend, started once per turn: one shell-quoted string, or a JSON array of strings "
+        '(`config.json`: an array, or `{"agent": {"command": [...]}}`)',
+        shown="none: a `prompt` gets `not_configured`",
+    ),
+    _serve(
+        "agent_timeout",
+        Seconds(),
+        120.0,
+        "seconds without output from the backend before it is stopped (`timeout`); positive "
+        "(`config.json`: also `agent.timeout`)",
+    ),
+    _serve(
+        "agent_max_output_bytes",
+        Integer(1, size=True),
+        4 << 20,
+        "what a backend may write in one turn, stdout and stderr together (`too_large` past it); at least 1 "
+        "(`config.json`: also `agent.max_output_bytes`)",
+    ),
     _serve("metrics_public", Boolean(), False, "serve `GET /metrics` without the token"),
     # From anyone else, X-Forwarded-Proto and -Port are replaced by what aether itself saw.
-    _serve("trusted_proxies", Networks(), (),
-           "addresses or networks (`127.0.0.1,::1,10.0.0.0/8`; in `config.json` an array) of a TLS front whose "
-           "`X-Forwarded-Proto` and `-Port` previews believe and pass on"),
-    _serve("state_dir", Text(), None, "the state directory", key=False,
-           shown="`~/.local/state/aether`, or systemd's (see [the state directory](#the-state-directory))",
-           commands=("doctor",)),
-
-    _global("log_format", Text(tuple(FORMATS)), "json",
-            "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))"),
+    _serve(
+        "trusted_proxies",
+        Networks(),
+        (),
+        "addresses or networks (`127.0.0.1,::1,10.0.0.0/8`; in `config.json` an array) of a TLS front whose "
+        "`X-Forwarded-Proto` and `-Port` previews believe and pass on",
+    ),
+    _serve(
+        "state_dir",
+        Text(),
+        None,
+        "the state directory",
+        key=False,
+        shown="`~/.local/state/aether`, or systemd's (see [the state directory](#the-state-directory))",
+        commands=("doctor",),
+    ),
+    _global(
+        "log_format",
+        Text(tuple(FORMATS)),
+        "json",
+        "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))",
+    ),
     _global("log_level", Text(LEVELS, lower=True), "info", "`debug`, `info`, `warning` or `error`"),
-
-    _env("sockdiag_interval", Seconds(), 0.25,
-         "seconds between the `sockdiag` backend's snapshots, the minimum: the interval stretches to keep them "
-         "within 2% of a core (`aether ports watch --interval` overrides it)",
-         flag="--interval", commands=("ports watch",)),
-    _env("ebpf_buffer", Text(EBPF_BUFFERS), "auto",
-         "how probe records reach aether: `ring` (a BPF ring buffer), `perf` (per-CPU perf buffers), or `auto` "
-         "(ring on kernels 5.8 and later)"),
-    _env("ebpf_pages", PowerOfTwo(), None, "the buffer's size in pages (ring: in all; perf: per CPU), a power of two",
-         shown="ring `512`, perf `64`"),
-    _env("cache_dir", Text(), None, "where the compiled probe is cached ([ports](ports.md))",
-         shown="`$CACHE_DIRECTORY`, else `/var/cache/aether` (root) or `~/.cache/aether`"),
-    _env("bpf_dir", Text(), None, "the directory holding the probe's source, `listen_events.c`",
-         shown="the source tree's `bpf/`, else `share/aether/bpf` under the installation's prefix"),
-    _env("cgroups", Text(("auto", "off")), "auto",
-         "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
-         "trees found in /proc: see [the protocol](protocol.md#terminal-channel))"),
+    _env(
+        "sockdiag_interval",
+        Seconds(),
+        0.25,
+        "seconds between the `sockdiag` backend's snapshots, the minimum: the interval stretches to keep them "
+        "within 2% of a core (`aether ports watch --interval` overrides it)",
+        flag="--interval",
+        commands=("ports watch",),
+    ),
+    _env(
+        "ebpf_buffer",
+        Text(EBPF_BUFFERS),
+        "auto",
+        "how probe records reach aether: `ring` (a BPF ring buffer), `perf` (per-CPU perf buffers), or `auto` "
+        "(ring on kernels 5.8 and later)",
+    ),
+    _env(
+        "ebpf_pages",
+        PowerOfTwo(),
+        None,
+        "the buffer's size in pages (ring: in all; perf: per CPU), a power of two",
+        shown="ring `512`, perf `64`",
+    ),
+    _env(
+        "cache_dir",
+        Text(),
+        None,
+        "where the compiled probe is cached ([ports](ports.md))",
+        shown="`$CACHE_DIRECTORY`, else `/var/cache/aether` (root) or `~/.cache/aether`",
+    ),
+    _env(
+        "bpf_dir",
+        Text(),
+        None,
+        "the directory holding the probe's source, `listen_events.c`",
+        shown="the source tree's `bpf/`, else `share/aether/bpf` under the installation's prefix",
+    ),
+    _env(
+        "cgroups",
+        Text(("auto", "off")),
+        "auto",
+        "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
+        "trees found in /proc: see [the protocol](protocol.md#terminal-channel))",
+    ),
     # A URL may carry the password: kept from the processes aether starts, as the token is.
-    _env("fleet_redis", Text(metavar="URL"), None,
-         "the fleet's Redis, for `aether fleet status` (its `--redis`): `redis://HOST:PORT/DB`, `rediss://...` "
-         "or `redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md))",
-         flag="--redis", commands=("fleet status",), secret=True),
-    _env("files_no_openat2", Boolean(), False,
-         "`1`: paths of the `files` channel are walked one component at a time even where the kernel has "
-         "`openat2`, as on kernels without it (for testing that fallback)", shown="off"),
+    _env(
+        "fleet_redis",
+        Text(metavar="URL"),
+        None,
+        "the fleet's Redis, for `aether fleet status` (its `--redis`): `redis://HOST:PORT/DB`, `rediss://...` "
+        "or `redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md))",
+        flag="--redis",
+        commands=("fleet status",),
+        secret=True,
+    ),
+    _env(
+        "files_no_openat2",
+        Boolean(),
+        False,
+        "`1`: paths of the `files` channel are walked one component at a time even where the kernel has "
+        "`openat2`, as on kernels without it (for testing that fallback)",
+        shown="off",
+    ),
 )
 
 #: name -> its setting.
