@@ -6,6 +6,7 @@ Everything here reads /proc directly; a process that exits mid-read is simply no
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 from aether.ports.events import PortState
@@ -33,6 +34,23 @@ def is_alive(pid: int | None) -> bool:
     # The state follows the comm, which is parenthesised and may itself contain ')'.
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
     return state not in (b"Z", b"X")
+
+
+def started_ms(pid: int | None) -> int | None:
+    """When the process started, Unix ms, or None if unknowable: /proc/<pid>/stat field 22
+    (clock ticks since boot) against /proc/uptime, both to 10 ms (/proc/stat's ``btime`` is
+    whole seconds, up to a second off). A port's owner started before the port opened: a lower
+    bound of its opening that a restart of the daemon does not lose."""
+    stat = None if pid is None else _read(f"/proc/{pid}/stat")
+    uptime = _read("/proc/uptime")
+    if stat is None or uptime is None:
+        return None
+    try:
+        ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
+        up = float(uptime.split()[0])
+    except (IndexError, ValueError):
+        return None
+    return round((time.time() - up + ticks / os.sysconf("SC_CLK_TCK")) * 1000)
 
 
 def _read(path: str) -> bytes | None:

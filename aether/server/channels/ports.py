@@ -5,7 +5,8 @@ preview) per port.
 An ``update`` is an open port's whole state again, as an ``open`` gives it, once its owner,
 process or addresses changed. Each ``open`` says since when the port listens (``opened``, Unix
 ms), as this server saw it; a port already listening when the server started has the start
-time and ``seenAtStart``.
+time and ``seenAtStart``, and, when its owner is known, ``ownerStarted``: when that process
+started (Unix ms), a lower bound of the opening that a restart of this server does not lose.
 
 Each event is encoded once and the same frame is written to every client. A new client first
 gets an ``open`` for every port already listening; both happen synchronously with the event
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from aether.errors import Refusal
+from aether.ports import procs
 from aether.ports.events import CLOSE, OPEN, PortEvent
 from aether.ports.kill import kill_port
 from aether.preview.visibility import Visibility
@@ -83,6 +85,7 @@ class PortsChannel(Channel):
         started = _now_ms()
         #: port -> (when it opened, whether it was open already when the server started)
         self._opened: dict[int, tuple[int, bool]] = {port: (started, True) for port in table.ports()}
+        self._started_cache: dict[int | None, int | None] = {}
         monitor.subscribe(self._on_event)
 
     def message(self, event: PortEvent) -> dict:
@@ -91,7 +94,15 @@ class PortsChannel(Channel):
             message["url"] = self.preview_url(event.port)
             message["visibility"] = self.visibility.of(event.port)
             message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
+            if message["seenAtStart"]:
+                message["ownerStarted"] = self._owner_started(event.pid)
         return message
+
+    def _owner_started(self, pid: int | None) -> int | None:
+        # Only for ports open before this server: never on a new port's path. Cached by pid.
+        if pid not in self._started_cache:
+            self._started_cache[pid] = procs.started_ms(pid)
+        return self._started_cache[pid]
 
     def _on_event(self, event: PortEvent) -> None:
         if event.type == OPEN:
