@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
+    watch.add_argument("--human", action="store_true", help="a table redrawn as ports come and go, for a terminal")
     sources.add_flags(
         watch, "ports watch", help={"sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help}
     )
@@ -121,16 +122,66 @@ def _ports_list(args, values: dict) -> int:
 
     with sockdiag.DiagSocket() as diag:
         raw = [row for row in diag.raw() if row[1] not in values["ignored_ports"]]
-    result = [state.to_json() for state in procs.port_states(raw)]
+    names = _registry_names()
+    result = [_described(state.to_json(), names) for state in procs.port_states(raw)]
     if args.json:
-        print(ujson.dumps(result))
+        print(ujson.dumps(result, escape_forward_slashes=False))
         return 0
-    print(f"{'PORT':>5}  {'PID':>7}  {'PROCESS':<16}  ADDRESSES")
-    for row in result:
-        pid = "-" if row["pid"] is None else str(row["pid"])
-        process = row["process"] or "-"
-        print(f"{row['port']:>5}  {pid:>7}  {process:<16}  {','.join(row['addresses'])}")
+    print("\n".join(_table(result)))
     return 0
+
+
+def _registry_names() -> dict[int, list[str]]:
+    """port -> the registry's keys for it, from the running server's registry (or the
+    default one); nothing when there is none. Never creates a registry."""
+    from aether import running
+
+    path = running.state_dir(None)[0] / "registry.db"
+    if not path.exists():
+        return {}
+    from aether.registry.store import Registry, RegistryError
+
+    try:
+        with Registry(path) as registry:
+            entries = registry.entries()
+    except RegistryError:
+        return {}
+    names: dict[int, list[str]] = {}
+    for entry in entries:
+        names.setdefault(entry.port, []).append(entry.key)
+    return names
+
+
+def _described(row: dict, names: dict[int, list[str]]) -> dict:
+    """A port's JSON with its registry names and, unless the monitor gave it, its command."""
+    from aether.ports import procs
+
+    if "command" not in row:
+        row["command"] = procs.command_line(row.get("pid"))
+    row["names"] = names.get(row["port"], [])
+    return row
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """The human table, one line a port, the command cut to the terminal's width."""
+    import shutil
+
+    width = shutil.get_terminal_size((120, 24)).columns
+    lines = [f"{'PORT':>5}  {'PID':>7}  {'PROCESS':<16}  {'NAMES':<16}  {'ADDRESSES':<22}  COMMAND"]
+    for row in rows:
+        pid = "-" if row.get("pid") is None else str(row["pid"])
+        names = ",".join(row.get("names") or []) or "-"
+        label = row.get("label")
+        names = f"{names} ({label})" if label else names
+        addresses = ",".join(row.get("addresses") or [])
+        line = f"{row['port']:>5}  {pid:>7}  {row.get('process') or '-':<16}  {names:<16}  {addresses:<22}  "
+        extra = [row["protocol"]] if row.get("protocol") else []
+        if row.get("readyMs") is not None:
+            extra.append(f"ready {row['readyMs']} ms")
+        command = (f"[{' '.join(extra)}] " if extra else "") + (row.get("command") or "-")
+        room = max(10, width - len(line))
+        lines.append(line + (command if len(command) <= room else command[: room - 1] + "…"))
+    return lines
 
 
 def _ports_watch(args, values: dict) -> int:
@@ -153,18 +204,50 @@ def _ports_watch(args, values: dict) -> int:
             except BrokenPipeError:
                 stop.set()  # the reader went away: nothing left to do
 
+        table: dict[int, dict] = {}
+        names = _registry_names() if args.human else {}
+
         def emit(event) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
             nonlocal flush_pending
+            message = event.to_message()
+            if args.human:
+                return redraw(message)
             try:
-                out.write(ujson.dumps(event.to_message(), escape_forward_slashes=False).encode() + b"\n")
+                out.write(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
             except BrokenPipeError:
                 stop.set()
                 return
             if not flush_pending:
                 flush_pending = True
                 loop.call_soon(flush)
+
+        redraw_pending = False
+
+        def redraw(message: dict) -> None:
+            # The whole table again, once per batch of events: clear the screen, home, print.
+            nonlocal redraw_pending
+            if message["type"] == "close":
+                table.pop(message["port"], None)
+            elif message["type"] == "ready" and message["port"] in table:
+                table[message["port"]]["readyMs"] = message.get("ms")
+            elif message["type"] in ("open", "update"):
+                table[message["port"]] = _described({**table.get(message["port"], {}), **message}, names)
+            if not redraw_pending:
+                redraw_pending = True
+                loop.call_soon(draw)
+
+        def draw() -> None:
+            nonlocal redraw_pending
+            redraw_pending = False
+            rows = [table[port] for port in sorted(table)]
+            text = "\x1b[H\x1b[2J" + "\n".join(_table(rows)) + f"\n{len(rows)} open; ^C to stop\n"
+            try:
+                out.write(text.encode())
+                out.flush()
+            except BrokenPipeError:
+                stop.set()
 
         monitor = PortMonitor(
             backend=values["backend"],

@@ -33,10 +33,12 @@ def test_list_json_and_table(listeners):
         "process": proc_comm(server.pid),
         "addresses": ["127.0.0.1"],
         "pids": [server.pid],
+        "command": " ".join(server.args),
+        "names": [],
     }
     table = aether("ports", "list").stdout.splitlines()
-    assert table[0].split() == ["PORT", "PID", "PROCESS", "ADDRESSES"]
-    assert [str(port), str(server.pid), proc_comm(server.pid), "127.0.0.1"] in [line.split() for line in table]
+    assert table[0].split() == ["PORT", "PID", "PROCESS", "NAMES", "ADDRESSES", "COMMAND"]
+    assert [str(port), str(server.pid), proc_comm(server.pid), "-", "127.0.0.1"] in [line.split()[:5] for line in table]
 
 
 def test_list_leaves_out_ignored_ports(listeners):

@@ -53,6 +53,22 @@ def started_ms(pid: int | None) -> int | None:
     return round((time.time() - up + ticks / os.sysconf("SC_CLK_TCK")) * 1000)
 
 
+def is_aether_server(pid: int | None) -> bool:
+    """Whether the process runs ``aether serve`` (``aether serve``, ``python -m aether serve``,
+    a venv's ``bin/aether serve``), by its command line."""
+    args = [] if pid is None else (_read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+    named = any(os.path.basename(arg) == b"aether" for arg in args[:3]) or b"aether" in args[1:4]
+    return named and b"serve" in args
+
+
+def command_line(pid: int | None, limit: int = 4096) -> str | None:
+    """The process's command line, arguments joined by spaces, at most ``limit`` bytes read."""
+    raw = None if pid is None else _read(f"/proc/{pid}/cmdline")
+    if not raw:
+        return None
+    return raw[:limit].rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+
+
 def _read(path: str) -> bytes | None:
     """A small /proc file in one read; unbuffered, as this sits on the event path (~3 us
     where open() costs ~20 us)."""

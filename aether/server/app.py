@@ -21,6 +21,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
+from aether import running
 from aether.agent.store import AgentStoreError
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.monitor import PortMonitor
@@ -252,12 +253,16 @@ async def serve(settings: Settings) -> int:
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
         return 1
+    announced = running.announce(settings.state_dir, settings.host, settings.port)
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
         extra={"host": settings.host, "port": settings.port, "workspace": settings.workspace_id, "backend": monitor.backend},
     )
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        running.withdraw(announced)
     started = time.monotonic()
     listener.stop()
     previews.close_all()
