@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     doctor.add_argument(
+        "--preview",
+        type=int,
+        metavar="PORT",
+        help="explain why PORT's preview does not work: nothing listens, an address the proxy cannot reach, "
+        "TLS or no HTTP, the app refusing the preview's Host",
+    )
+    doctor.add_argument(
         "--service",
         action="store_true",
         help="check what the installed aether.service runs with: /etc/aether/aether.env's "

@@ -369,11 +369,12 @@ def check_port(host: str, port: int) -> Check:
                 if exc.errno == errno.EADDRINUSE:
                     held = _holders(port)
                     fix = (
-                        "nothing: it is running"
+                        "nothing: aether serve is running on it"
                         if "aether itself" in held
                         else f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT"
                     )
-                    verdict = WARN if "aether itself" in held else FAIL
+                    # The server running is what a port taken by it means: fine, not a warning.
+                    verdict = OK if "aether itself" in held else FAIL
                     return Check("port", verdict, f"{where} is taken, {held}", fix)
                 if exc.errno == errno.EACCES:
                     return Check(
