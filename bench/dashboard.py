@@ -20,8 +20,9 @@ from pathlib import Path
 from common import ROOT, fmt, summary
 
 sys.path.insert(0, str(ROOT / "tests"))
-from browser import ROW_TIMES_JS, chromium, timed_http_server  # noqa: E402
-from conftest import Server, free_port  # noqa: E402
+from support.browser import ROW_TIMES_JS, chromium, timed_http_server  # noqa: E402
+from support.ports import free_port  # noqa: E402
+from support.servers import Server  # noqa: E402
 
 
 def main() -> None:

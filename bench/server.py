@@ -190,7 +190,7 @@ def slow_reader(cycles):
     from websockets.sync.client import connect
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import raw_upgrade
+    from support.clients import raw_upgrade
 
     results = {}
     for label in ("alone", "beside a client that never reads"):

@@ -4,17 +4,24 @@ crashes, hangs, floods or writes garbage as its prompt says."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NOHUP, ROOT, Server, free_port, gone, recv_json, wait_for
+from support import ROOT
+from support.clients import recv_json
+from support.ports import free_port
+from support.processes import NOHUP, gone
+from support.servers import Server
+from support.waiting import wait_for
 
 SCRIPTED = ROOT / "tests" / "agents" / "scripted.py"
 EXAMPLE = ROOT / "examples" / "workspace_agent.py"
@@ -33,6 +40,14 @@ def start(workspace_server):
         return workspace_server(*agent, *args, **kw)
 
     return run
+
+
+def saved_text(server: Server, turn_id: str) -> str:
+    """A turn's text as the daemon last saved it (it saves a running turn's text every
+    quarter second or so), read from its database as another process would."""
+    with contextlib.closing(sqlite3.connect(f"file:{server.state_dir / 'agent.db'}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT text FROM turns WHERE id = ?", (turn_id,)).fetchone()
+    return (row and row[0]) or ""
 
 
 def alive(pid: int) -> bool:
@@ -95,8 +110,8 @@ def turn_of(messages: list[dict]) -> dict:
 
 def test_example_backend_answers_about_a_real_listener(start, listeners):
     server = start(backend=EXAMPLE)
-    port = free_port()
-    http = listeners.http_server(port)
+    http = listeners.http_server()
+    port = http.port
     agent, watcher = Agent(server), Agent(server)
     turn = agent.ask(f"What listens on port {port}?", timeout=30)
     started, message = turn["started"], turn["message"]
@@ -134,7 +149,7 @@ def test_not_configured_and_empty_history(start):
     agent.send(type="prompt", text="hello", id=1)
     assert agent.next() == {
         "channel": "agent", "type": "error", "code": "not_configured", "id": 1,
-        "message": "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see the README)",
+        "message": "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)",
     }
     agent.send(type="history", id=2)
     assert agent.next() == {"channel": "agent", "type": "history", "conversationId": None, "title": None, "running": False, "turns": [], "id": 2}
@@ -247,6 +262,7 @@ def test_every_cancel_of_a_turn_gets_its_done(start):
     assert "id" not in broadcast and second.next() == {**broadcast, "id": "b"}
 
 
+@pytest.mark.slow
 def test_broken_backends_fail_their_turn_alone(start):
     server = start("--agent-timeout", "1", "--agent-max-output-bytes", "3000000")
     agent = Agent(server)
@@ -296,7 +312,8 @@ def test_reconnect_mid_turn_replays_then_streams_on(start):
     quick = turn_of([m for m in first.until("done") if m["conversationId"] != conversation])
     assert quick["message"]["text"] == "you said: echo quick"
     first.close()
-    time.sleep(0.35)  # deltas go on with nobody connected
+    # Deltas go on with nobody connected: saved past what the first client saw.
+    wait_for(lambda: saved_text(server, turn_id).startswith("0 1 2 3 "))
     second = Agent(server)
     active, replay = second.next(), second.next()
     assert active["type"] == replay["type"] == "history" and active["replay"] is replay["replay"] is True
@@ -343,8 +360,8 @@ def test_a_daemon_killed_mid_turn_leaves_it_failed_on_restart(start):
     server = start(state="kept")
     agent = Agent(server)
     agent.send(type="prompt", text="stream 100")
-    agent.until("delta")
-    time.sleep(0.4)  # a save of the text so far
+    turn_id = agent.until("delta")[0]["turnId"]
+    wait_for(lambda: saved_text(server, turn_id).startswith("0 1 2 "))  # a save of the text so far
     pid = int((server.root / "agent.pid").read_text())
     server.proc.kill()
     server.proc.wait()

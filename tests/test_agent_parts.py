@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from aether.agent import stdio
+from aether.errors import Refusal
 from aether.agent.store import AgentStore, AgentStoreError, encoded_size, recent
 from aether.settings.serve import add_arguments, resolve
 
@@ -24,7 +25,7 @@ from aether.settings.serve import add_arguments, resolve
 def test_any_line_is_an_event_nothing_or_a_fault(line):
     try:
         event = stdio.parse_line(line, 1)
-    except stdio.BackendFault as fault:
+    except Refusal as fault:
         assert fault.code == "bad_output" and fault.message.startswith("line 1 of the backend's output")
         return
     if event is None:
@@ -60,7 +61,7 @@ def test_lines(line, expected):
     (b"\xff\xfe", 'line 3 of the backend\'s output is not JSON: "\ufffd\ufffd"'),
 ])
 def test_bad_lines(line, message):
-    with pytest.raises(stdio.BackendFault) as caught:
+    with pytest.raises(Refusal) as caught:
         stdio.parse_line(line, 3)
     assert (caught.value.code, caught.value.message) == ("bad_output", message)
 
@@ -79,7 +80,7 @@ def test_splitter_gives_the_lines_whatever_the_chunks(lines, cuts):
 def test_splitter_refuses_a_long_line_before_its_end():
     splitter = stdio.LineSplitter(10)
     assert splitter.feed(b"0123456789\nabc") == [b"0123456789"]
-    with pytest.raises(stdio.BackendFault, match="a line of more than 10 bytes"):
+    with pytest.raises(Refusal, match="a line of more than 10 bytes"):
         splitter.feed(b"defghijk")  # no newline yet: 11 bytes held is already too many
     last = stdio.LineSplitter()
     assert last.feed(b'{"type": "message"') == [] and last.end() == b'{"type": "message"'
@@ -94,11 +95,11 @@ def test_reply_text_tools_and_limits():
     assert (reply.text, reply.tools, reply.empty) == ("abc", [{"name": "t", "text": "note"}], False)
     reply.add(stdio.Final("the whole answer"))
     assert reply.text == "the whole answer"
-    with pytest.raises(stdio.BackendFault, match="more after its message line"):
+    with pytest.raises(Refusal, match="more after its message line"):
         reply.add(stdio.Delta("late"))
     big = stdio.Reply(limit=100)
     big.add(stdio.Delta("x" * 90))
-    with pytest.raises(stdio.BackendFault) as caught:
+    with pytest.raises(Refusal) as caught:
         big.add(stdio.Delta("\x01" * 2))  # 12 bytes as JSON escapes: past the limit
     assert (caught.value.code, caught.value.message) == ("too_large", "the reply grew past 0 KiB")
 
@@ -216,14 +217,13 @@ def test_a_prompt_whose_history_write_fails_is_refused_and_undone(tmp_path):
     asyncio.run(scenario())
     assert emitted == []  # no started, no backend run
     (first, refusal), (second, stop) = answers
-    assert first == ("s", "p") and refusal["code"] == "unavailable" and "database is locked" in refusal["message"]
-    assert "conversationId" not in refusal  # the new conversation never existed
-    assert second == ("s", "stop") and stop["code"] == "not_found"
+    assert first == ("s", "p") and refusal.code == "unavailable" and "database is locked" in refusal.message
+    assert refusal.fields == {}  # the new conversation never existed
+    assert second == ("s", "stop") and stop.code == "not_found"
 
 
 def test_a_locked_agent_db_at_start_leaves_the_channel_unavailable(tmp_path, monkeypatch):
     from aether.agent import store as store_module
-    from aether.agent.service import Refusal
 
     store = AgentStore(tmp_path / "agent.db")
     store.begin_turn("c", "t", ("c.1", 1, "hi"), ("c.2", 2), 1.0)

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from conftest import AETHER, ROOT, aether, free_port, kernel_listening_ports, proc_comm
+from support import AETHER, ROOT
+from support.ports import free_port, kernel_listening_ports
+from support.processes import aether, proc_comm
 
 IGNORES_TERM = """
 import signal, socket, sys
@@ -21,8 +23,8 @@ sys.stdin.readline()
 
 
 def test_list_json_and_table(listeners):
-    port = free_port()
-    server = listeners.http_server(port)
+    server = listeners.http_server()
+    port = server.port
     result = aether("ports", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["port"]: row for row in json.loads(result.stdout)}
@@ -39,8 +41,7 @@ def test_list_json_and_table(listeners):
 
 
 def test_list_leaves_out_ignored_ports(listeners):
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     rows = json.loads(aether("ports", "list", "--json", "--ignore", str(port)).stdout)
     assert port not in {row["port"] for row in rows}
 
@@ -52,8 +53,8 @@ def test_bad_ignore_list_is_a_usage_error():
 
 
 def test_kill_http_server(listeners):
-    port = free_port()
-    server = listeners.http_server(port)
+    server = listeners.http_server()
+    port = server.port
     result = aether("ports", "kill", str(port), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
@@ -68,8 +69,8 @@ def test_kill_http_server(listeners):
 
 
 def test_kill_node_server(listeners):
-    port = free_port()
-    node = listeners.node(port)
+    node = listeners.node()
+    port = node.port
     result = aether("ports", "kill", str(port))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"port {port}: SIGTERM to {node.pid}; closed"
@@ -115,10 +116,10 @@ def test_kill_refusals(listeners, case, message):
     if case == "not_open":
         result = aether("ports", "kill", str(port))
     elif case == "ignored":
-        listeners.http_server(port)
+        port = listeners.http_server().port
         result = aether("ports", "kill", str(port), "--ignore", str(port))
     elif case == "bad_signal":
-        listeners.http_server(port)
+        port = listeners.http_server().port
         result = aether("ports", "kill", str(port), "--signal", "NOPE")
     else:
         # The caller listens on the port itself and asks aether to kill it.
@@ -201,8 +202,8 @@ def test_kill_signals_only_pids_that_still_hold_the_socket(listeners, monkeypatc
 
     from aether.ports import kill, procs
 
-    port = free_port()
-    server = listeners.http_server(port)
+    server = listeners.http_server()
+    port = server.port
     stranger = listeners.spawn(["sleep", "60"])
     exited = subprocess.Popen(["true"])
     exited.wait()

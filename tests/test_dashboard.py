@@ -15,7 +15,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import Server, free_port, recv_until, wait_for
+from support.clients import recv_until
+from support.ports import free_port
+from support.servers import Server
+from support.waiting import wait_for
 from aether.preview import grant
 
 PROJECT = "d45b0a4d"
@@ -200,8 +203,7 @@ def preview_get(server: Server, location: str, headers: dict | None = None):
 
 
 def test_open_redirects_to_a_private_preview_with_a_grant(server, listeners):
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     cookie = sign_in(server)
     assert get(server, f"/open/{port}")[0] == 401  # no cookie
     assert get(server, f"/open/{port}", {"Cookie": "aether_dashboard=nope"})[0] == 401
@@ -294,8 +296,7 @@ def test_the_used_grants_are_bounded_and_never_forget_a_live_one():
 
 
 def test_two_browsers_opening_a_preview_in_the_same_second_both_get_in_once(server, listeners):
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     cookie = sign_in(server)
     preview = f"http://{port}-{PROJECT[:6]}.preview.localhost:{server.port}/"
     wait_for(lambda: preview_get(server, preview, {"Authorization": f"Bearer {server.token}"})[0] == 200, 5)
@@ -318,17 +319,15 @@ def test_two_browsers_opening_a_preview_in_the_same_second_both_get_in_once(serv
 
 
 def test_open_messages_say_since_when(tmp_path, listeners):
-    before = free_port()
-    listeners.http_server(before)
+    before = listeners.http_server().port
     started = time.time() * 1000
     srv = Server("sockdiag", tmp_path / "state")
     try:
         with srv.connect() as ws:
             first = recv_until(ws, lambda m: m.get("port") == before)
             assert first["seenAtStart"] is True and started - 1 <= first["opened"] <= time.time() * 1000 + 1
-            later = free_port()
             t0 = time.time() * 1000
-            listeners.http_server(later)
+            later = listeners.http_server().port
             opened = recv_until(ws, lambda m: m.get("port") == later and m["type"] == "open")
             assert opened["seenAtStart"] is False and t0 - 1 <= opened["opened"] <= time.time() * 1000 + 1
         with srv.connect() as ws:  # a later client gets the same times in its snapshot

@@ -20,8 +20,11 @@ import time
 
 import pytest
 
-from browser import ROW_TIMES_JS, chromium, timed_http_server
-from conftest import ROOT, Server, free_port, proc_comm
+from support import ROOT
+from support.browser import ROW_TIMES_JS, chromium, timed_http_server
+from support.ports import free_port
+from support.processes import proc_comm
+from support.servers import Server
 
 ARTIFACTS = ROOT / "test-artifacts"
 PROJECT = "b0a4d45e"
@@ -116,6 +119,8 @@ def accept_confirmation(driver) -> str:
     return text
 
 
+@pytest.mark.ebpf  # `aether serve --backend auto`: the probe, where it loads
+@pytest.mark.slow
 def test_dashboard_in_chromium(driver, tmp_path):
     from selenium.webdriver.common.by import By
 

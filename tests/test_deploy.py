@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from aether import caps
-from conftest import ROOT, Server, free_port, need_ebpf, proc_comm, recv_until, wait_for
+from support import ROOT
+from support.clients import recv_until
+from support.ebpf import need_ebpf
+from support.ports import free_port
+from support.processes import proc_comm
+from support.servers import Server
+from support.waiting import wait_for
 
 INSTALL = ROOT / "deploy" / "install.sh"
 DROPIN = ROOT / "deploy" / "aether-locked-down.conf"
@@ -192,6 +198,10 @@ exec setpriv --reuid="$uid" --regid="$uid" --clear-groups --inh-caps=-all,"$caps
 """
 
 
+#: Fixtures that start `aether serve` on the probe (see conftest).
+PROBE_FIXTURES = ("locked_server",)
+
+
 @pytest.fixture
 def locked_server():
     """`aether serve --backend ebpf` as the drop-in would run it: its capabilities (ambient and
@@ -229,8 +239,8 @@ def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked
     assert [line.get("backend") for line in server.log if line.get("msg") == "serving"] == ["ebpf"]
 
     with server.connect() as ws:
-        port = free_port()
-        app = listeners.http_server(port)  # root's: its owner is found through CAP_SYS_PTRACE
+        app = listeners.http_server()  # root's: its owner is found through CAP_SYS_PTRACE
+        port = app.port
         opened = recv_until(ws, lambda m: m.get("type") == "open" and m.get("port") == port)
         assert (opened["pid"], opened["process"]) == (app.pid, proc_comm(app.pid))
 
@@ -247,6 +257,7 @@ def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked
         wait_for(lambda: app.poll() is not None)
 
 
+@pytest.mark.ebpf
 def test_probe_needs_each_capability_it_is_given():
     """The drop-in's probe capabilities are the minimum: without any one of them, the eBPF
     backend refuses to start (the sockdiag fallback is for `auto`, not asked for here)."""

@@ -18,7 +18,9 @@ import pytest
 
 from aether.ports import detect
 from aether.ports.detect import HTTP, HTTPS, TCP, Detector, classify_answer
-from conftest import Listeners, free_port, wait_for
+from support.listeners import Listeners
+from support.ports import free_port
+from support.waiting import wait_for
 
 PY = sys.executable
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 from aether import caps
-from conftest import ROOT, Server, aether, ebpf_unavailable, free_port, need_ebpf
+from support import ROOT
+from support.ebpf import ebpf_unavailable, need_ebpf
+from support.ports import free_port
+from support.processes import aether
+from support.servers import Server
 
 NAMES = ["privileges", "kernel", "btf", "tracepoint", "kprobes", "bcc", "headers", "probe", "sock_diag",
          "state-dir", "port"]
@@ -44,6 +48,7 @@ def ebpf_status() -> int:
     return 1 if ebpf_unavailable() else 0
 
 
+@pytest.mark.ebpf
 def test_this_machine(tmp_path):
     need_ebpf()
     state = tmp_path / "not" / "yet"
@@ -137,6 +142,7 @@ def test_config_json_port_is_the_one_checked(tmp_path, listeners):
     assert checks["port"]["detail"] == f"127.0.0.1:{port} is free"
 
 
+@pytest.mark.ebpf
 def test_probe_that_does_not_compile(tmp_path):
     need_ebpf()
     source = (ROOT / "bpf" / "listen_events.c").read_text()
@@ -217,6 +223,7 @@ def test_nobody_without_capabilities():
 
 
 @needs_root
+@pytest.mark.ebpf
 def test_nobody_with_the_minimal_capabilities(listeners):
     """CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH load the probe; root's listener stays
     anonymous without CAP_SYS_PTRACE."""
@@ -234,6 +241,7 @@ def test_nobody_with_the_minimal_capabilities(listeners):
 
 
 @needs_root
+@pytest.mark.ebpf
 def test_nobody_with_the_daemon_capabilities(listeners):
     need_ebpf()
     port = free_port()

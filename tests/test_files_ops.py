@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aether.files import FileError, beneath, ops, reading, writing
+from aether.files.coalescer import Coalescer
 from aether.files.dirs import Directories
 from aether.files.inotify import IN_CREATE, IN_ISDIR, IN_MOVED_FROM, IN_MOVED_TO, Event, Instance, parse
 from aether.files.paths import inside, resolve
-from aether.files.watch import Coalescer, WatchTree
+from aether.files.watch import WatchTree
 from aether.server.channels.files import list_pages
 
 CHUNK = reading.CHUNK_BYTES

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server
+from support.servers import Server
 
 #: How long the swap loop runs against the clients.
 RACE_SECONDS = 20.0
@@ -227,7 +227,7 @@ def test_a_directory_swapped_for_a_link_out_never_leads_outside(tmp_path, resolv
     # every operation went through under the swaps some of the time
     done = {k.split()[0] for k, n in codes.items() if k.endswith(" ok")}
     assert done == {"write", "stat", "read", "list", "mkdir", "rename", "delete", "watch"}, codes
-    assert not [m for m in server.log if m.get("msg") == "files request failed"]
+    assert not [m for m in server.log if m.get("msg") == "request failed"]
     assert [m["resolver"] for m in server.log if m.get("msg") == "files: paths resolved beneath the workspace root"] == [resolver]
     temps = [p for base in (root, outside) for p in base.rglob(".aether-write-*")]
     assert not temps

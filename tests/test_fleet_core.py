@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import AETHER, ROOT
+from support import AETHER, ROOT
 from support.redis import RedisServer, Sentinel
 
 from aether.fleet import auth, keys

@@ -2,7 +2,8 @@
 valid and not (strategies built from ``protocol.SCHEMAS``, then mutated, plus garbage text,
 binary frames, deep nesting and broken WebSocket framing), from a token client, a dashboard
 cookie client and throwaway raw connections; beside them a second client times ``config get``
-round trips (p99 printed, nothing asserted about time).
+round trips (p50 and p99 printed, nothing asserted about time), beside the same measured on
+the idle server just before, as a baseline from the same run and machine load.
 
 What must hold: no answer anywhere is ``internal``; the server logs no error and no
 traceback (at any level: Tornado logs some at debug); the tree outside the workspace root is
@@ -38,8 +39,10 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import ROOT, Server, raw_upgrade, recv_until
-from aether.server import protocol
+from support import ROOT
+from support.clients import raw_upgrade, recv_until
+from support.servers import Server
+from aether import protocol
 
 #: Seconds of fuzzing: a few in the suite. The hostile run that found the faults this guards
 #: against ran ~1,000 messages a second; so does this.
@@ -50,6 +53,8 @@ RATE = 1000
 #: the frames go out in turn and then again, with fresh ids, live ports and watch ids, or
 #: mutated (``random``, seeded: the seed is printed).
 CORPUS = int(300 * FUZZ_SECONDS)
+#: Seconds of the idle baseline: ~200 round trips, one every ~5 ms.
+IDLE_SECONDS = 1.0
 BATCH = 25
 SCRIPTED = ROOT / "tests" / "agents" / "scripted.py"
 
@@ -464,10 +469,24 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
             corpus.extend(batch)
 
         draw()
-        timer = subprocess.Popen([sys.executable, "-c", TIMER, server.url, server.token], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        processes.append(timer)
-        assert timer.stdout.readline() == "ready\n"
+
+        def start_timer() -> subprocess.Popen:
+            timer = subprocess.Popen([sys.executable, "-c", TIMER, server.url, server.token], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            processes.append(timer)
+            assert timer.stdout.readline() == "ready\n"
+            return timer
+
+        def stop_timer(timer: subprocess.Popen) -> list[float]:
+            timer.stdin.close()
+            times = json.loads(timer.stdout.readline())
+            assert timer.wait(10) == 0
+            return times
+
+        idle = start_timer()
+        time.sleep(IDLE_SECONDS)  # the baseline: nothing else talks to the server meanwhile
+        idle_latencies = stop_timer(idle)
+        timer = start_timer()
         rng = random.Random(seed)
         helpers = [threading.Thread(target=target, daemon=True) for target in (break_framing, keep_listeners)]
         for helper in helpers:
@@ -502,9 +521,7 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
             client.send(frame)
             totals["sent"] += 1
             time.sleep(max(0.0, deadline - FUZZ_SECONDS + (n + 1) / RATE - time.monotonic()))
-        timer.stdin.close()
-        latencies = json.loads(timer.stdout.readline())
-        assert timer.wait(10) == 0
+        latencies = stop_timer(timer)
         stop.set()
         for helper in helpers:
             helper.join(15)
@@ -524,11 +541,13 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
         for sock in held:
             sock.close()
 
-    p99, p50 = latencies[int(len(latencies) * 0.99)], latencies[len(latencies) // 2]
+    def percentiles(times: list[float]) -> str:
+        return f"over {len(times)}: p50 {times[len(times) // 2]:.2f} ms, p99 {times[int(len(times) * 0.99)]:.2f} ms"
+
     print(f"\nfuzz (seed {seed}): {totals['sent']} frames sent in {FUZZ_SECONDS:g} s ({totals['withheld']} withheld as unsafe), "
           f"{fuzz.received + dashboard.received} received, {fuzz.reconnects + dashboard.reconnects} reconnects, "
-          f"{guard.killed} kills of our listeners; config get round trip over {len(latencies)}: "
-          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms; closes: {sorted(set(fuzz.closes + dashboard.closes))[:5]}")
+          f"{guard.killed} kills of our listeners; config get round trip {percentiles(latencies)} "
+          f"(idle just before, {percentiles(idle_latencies)}); closes: {sorted(set(fuzz.closes + dashboard.closes))[:5]}")
     kinds = fuzz.kinds + dashboard.kinds
     print("answered:", ", ".join(f"{c}.{t}{'/' + str(code) if code is not None else ''} {n}" for (c, t, code), n in kinds.most_common()))
     assert not bad, bad[:5]

@@ -9,11 +9,14 @@ import re
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
-from conftest import AETHER, ROOT, aether, free_port, terminate
+from support import AETHER, ROOT
+from support.ports import PortTaken, on_a_free_port
+from support.processes import aether, terminate
+from support.waiting import wait_for
 
 # A logfmt value: bare, or quoted with backslash escapes inside.
 _PAIR = re.compile(r'([^\s="]+)=(?:"((?:[^"\\]|\\.)*)"|([^\s"]*))(?:\s|$)')
@@ -85,18 +88,33 @@ def test_bad_log_format_is_a_usage_error(args, env):
 
 
 def test_serve_logs_logfmt_without_the_token(tmp_path):
-    port = free_port()
     token = "tok-" + os.urandom(8).hex()
     env = {**os.environ, "AETHER_LOG_FORMAT": "logfmt"}
-    proc = subprocess.Popen([*AETHER, "--log-level", "debug", "serve", "--port", str(port), "--backend", "sockdiag",
-                             "--state-dir", str(tmp_path), "--token", token],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        lines = []
+    lines: list[str] = []
+
+    def start(port: int):
+        lines.clear()
+        proc = subprocess.Popen([*AETHER, "--log-level", "debug", "serve", "--port", str(port), "--backend", "sockdiag",
+                                 "--state-dir", str(tmp_path), "--token", token],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
             if " msg=serving " in line:
-                break
+                return proc, port
+        proc.wait()
+        if any("address already in use" in line for line in lines):
+            raise PortTaken(port)
+        raise AssertionError(f"aether serve did not start: {lines}")
+
+    proc, port = on_a_free_port(start)
+
+    def read_rest():
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_rest, daemon=True)
+    reader.start()
+    try:
         # A malformed header: Tornado's own logger prints such a request whole.
         with socket.create_connection(("127.0.0.1", port)) as raw:
             raw.sendall(f"GET /metrics HTTP/1.1\r\nAuthorization: Bearer {token}\x01\r\n\r\n".encode())
@@ -107,10 +125,11 @@ def test_serve_logs_logfmt_without_the_token(tmp_path):
             raw.settimeout(5)
             while raw.recv(4096):
                 pass
-        time.sleep(0.2)
+        # Stopped only once the request is logged: its line comes after the answer.
+        wait_for(lambda: any(" msg=request " in line and " path=/healthz " in f"{line} " for line in lines))
     finally:
         assert terminate(proc) == 0
-    lines += proc.stderr.read().splitlines()
+        reader.join(5)
     records = [parse_logfmt(line) for line in lines if line]
     assert {"serving", "request", "stopped"} <= {r["msg"] for r in records}
     assert any(r["msg"] == "request" and r["path"] == "/healthz" and r["status"] == "200" for r in records)
@@ -120,13 +139,21 @@ def test_serve_logs_logfmt_without_the_token(tmp_path):
 
 def test_under_systemd_the_banner_names_the_token_file_only(tmp_path):
     """stdout is the journal under systemd ($JOURNAL_STREAM): the banner must not carry the token."""
-    port = free_port()
     env = {**os.environ, "JOURNAL_STREAM": "8:12345"}
-    proc = subprocess.Popen([*AETHER, "serve", "--port", str(port), "--backend", "sockdiag",
-                             "--state-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+
+    def start(port: int):
+        proc = subprocess.Popen([*AETHER, "serve", "--port", str(port), "--backend", "sockdiag",
+                                 "--state-dir", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        first = proc.stdout.readline()
+        if not first and "address already in use" in proc.stderr.read():
+            proc.wait()
+            raise PortTaken(port)
+        return proc, first
+
+    proc, first = on_a_free_port(start)
     try:
-        banner = [proc.stdout.readline() for _ in range(7)]
+        banner = [first] + [proc.stdout.readline() for _ in range(6)]
     finally:
         assert terminate(proc) == 0
     token = (tmp_path / "token").read_text().strip()

@@ -8,20 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from aether.ports.monitor import PortMonitor
-from conftest import FORKING_OWNER, free_port, proc_comm
-
-
-async def until(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.01)
+from support.ports import free_port
+from support.processes import FORKING_OWNER, proc_comm
+from support.waiting import until
 
 
 def listening(port: int) -> socket.socket:
@@ -159,6 +153,124 @@ def test_owner_exiting_while_a_child_holds_the_socket_is_an_update(backend):
         assert await monitor.wait_closed(port, 5)
         await until(lambda: child not in pidfd_targets())
         assert [e.type for e in seen if e.port == port] == ["open", "update", "close"]
+
+    run(backend, scenario)
+
+
+#: A listener held by no process: the child sends it to the test over a socketpair the test
+#: never reads, then exits. The socket lives on in the message in flight, as one held by another
+#: user's or another pid namespace's process would: no /proc/PID/fd links to it.
+IN_FLIGHT = """
+import os, socket, sys
+carrier = socket.socket(fileno=int(sys.argv[1]))
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+socket.send_fds(carrier, [b"x"], [s.fileno()])
+print(s.getsockname()[1], os.fstat(s.fileno()).st_ino, flush=True)
+"""
+
+
+def record_proc_walks(monkeypatch) -> list[tuple[int, frozenset]]:
+    """Every read of all of /proc from now on: (the thread it ran on, the socket inodes it
+    looked for; empty for a walk that looks for none, such as procs.younger)."""
+    from aether.ports import procs
+
+    walks = []
+    looking_for: dict[int, frozenset] = {}
+    real_pids, real_holders = procs._pids, procs.socket_holders
+
+    def pids():
+        walks.append((threading.get_ident(), looking_for.get(threading.get_ident(), frozenset())))
+        return real_pids()
+
+    def holders(inodes, pids=None):
+        inodes = frozenset(inodes)
+        looking_for[threading.get_ident()] = inodes
+        try:
+            return real_holders(inodes, pids)
+        finally:
+            looking_for.pop(threading.get_ident(), None)
+
+    monkeypatch.setattr(procs, "_pids", pids)
+    monkeypatch.setattr(procs, "socket_holders", holders)
+    return walks
+
+
+def test_a_port_nobody_visible_holds_is_looked_for_once_and_never_on_the_loop(backend, monkeypatch):
+    """A client connecting (open_events), a resync, an owner's exit: none reads all of /proc
+    on the event loop, and a socket whose holder was looked for and not found is not looked
+    for again, however many clients connect and resyncs run."""
+    walks = record_proc_walks(monkeypatch)
+
+    async def scenario(monitor):
+        loop_thread = threading.get_ident()
+
+        def assert_off_the_loop():
+            on_the_loop = [inodes for thread, inodes in walks if thread == loop_thread]
+            assert not on_the_loop, f"{len(on_the_loop)} walks of all of /proc on the event loop"
+
+        seen = []
+        monitor.subscribe(seen.append)
+        ours, theirs = socket.socketpair()
+        child = subprocess.Popen([sys.executable, "-c", IN_FLIGHT, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                 stdout=subprocess.PIPE, text=True)
+        theirs.close()
+        port, inode = map(int, child.stdout.readline().split())
+        assert child.wait() == 0
+        try:
+            # ebpf: the child's port, then an update once its exit is seen; sockdiag: the
+            # child's or no owner at once, as the snapshot caught it.
+            await until(lambda: port in monitor.table and monitor.table.open_event(port).pid is None, timeout=10)
+            assert_off_the_loop()
+            await until(lambda: monitor.settled)
+            assert [(e.type, e.pid) for e in seen if e.port == port][-1] in (("open", None), ("update", None))
+            searched = sum(inode in inodes for _thread, inodes in walks)
+            assert searched >= 1
+            for _ in range(5):  # clients connecting
+                assert [(e.port, e.pid, e.process) for e in monitor.open_events() if e.port == port] == [(port, None, None)]
+            resyncs = monitor.stats["resyncs"]
+            for _ in range(3):
+                monitor.set_ignored([])  # a resync each
+                await until(lambda: monitor.stats["resyncs"] > resyncs and monitor.settled)
+                resyncs = monitor.stats["resyncs"]
+            assert sum(inode in inodes for _thread, inodes in walks) == searched
+            assert [(e.type, e.pid) for e in seen if e.port == port][-1] in (("open", None), ("update", None))
+        finally:
+            ours.close()  # the message in flight goes, and the listener with it
+        assert await monitor.wait_closed(port, 5)
+        assert_off_the_loop()
+
+    run(backend, scenario)
+
+
+def test_an_owner_dead_unnoticed_is_looked_for_off_the_loop_and_told_as_an_update(backend, monkeypatch):
+    """With no pidfd to say so (more owners than are watched), a new client's snapshot names
+    what the table knows, and the owner found off the loop is an update to every client."""
+    from aether.ports import exits
+
+    monkeypatch.setattr(exits, "MAX_WATCHED", 0)
+    walks = record_proc_walks(monkeypatch)
+
+    async def scenario(monitor):
+        loop_thread = threading.get_ident()
+        seen = []
+        monitor.subscribe(seen.append)
+        port = free_port()
+        owner = subprocess.Popen([sys.executable, "-c", FORKING_OWNER.format(port=port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        child = int(owner.stdout.readline())
+        try:
+            await until(lambda: [(e.type, e.pid) for e in seen if e.port == port] == [("open", owner.pid)])
+            owner.stdin.close()
+            owner.wait()  # unwatched: the table still names it
+            assert monitor.table.open_event(port).pid == owner.pid
+            snapshot = monitor.open_events()  # a client connecting
+            assert not [inodes for thread, inodes in walks if thread == loop_thread], "a walk of all of /proc on the loop"
+            assert [e.pid for e in snapshot if e.port == port] == [owner.pid]
+            await until(lambda: [(e.type, e.pid) for e in seen if e.port == port][-1] == ("update", child))
+            assert [e.pid for e in monitor.open_events() if e.port == port] == [child]
+        finally:
+            os.kill(child, 9)
+        assert await monitor.wait_closed(port, 5)
+        assert not [inodes for thread, inodes in walks if thread == loop_thread], "a walk of all of /proc on the loop"
 
     run(backend, scenario)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -21,13 +22,21 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import ROOT, Server, free_port, need_ebpf, recv_until, wait_for
+from support import ROOT
+from support.clients import recv_until
+from support.ebpf import need_ebpf
+from support.ports import free_port, on_a_free_port
+from support.servers import Server
+from support.waiting import until, wait_for
 
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
 WS_APP = str(ROOT / "tests" / "upstreams" / "ws_app.js")
 NODE_PATH = str(ROOT / ".tools" / "node_modules")
 PREFIX = "abc123"
 PROJECT = "abc123def456"
+
+#: Fixtures that start `aether serve` on the probe (see conftest).
+PROBE_FIXTURES = ("server", "own_server")
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +108,8 @@ def raw_exchange(server: Server, data: bytes, timeout: float = 5.0) -> bytes:
 @pytest.fixture
 def app(listeners):
     def start(port=None, bind="127.0.0.1"):
-        port = port or free_port(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-        listeners.spawn([sys.executable, APP, str(port), bind], port)
-        return port
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        return listeners.spawn_on(lambda p: [sys.executable, APP, str(p), bind], port, family).port
 
     return start
 
@@ -115,8 +123,7 @@ def wait_open(server: Server, port: int) -> None:
 
 
 def test_routes_by_host_and_the_api_shares_the_listener(server, listeners):
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     wait_open(server, port)
     status, headers, body = request(server, port)
     assert status == 200 and b"Directory listing" in body
@@ -175,11 +182,15 @@ def test_wrong_prefix_ignored_own_and_closed_ports(server):
     assert dict(headers)["Cache-Control"] == "no-store"
 
 
-def test_502_page_turns_into_the_app_once_it_listens(server, app):
-    port = free_port()
+def test_502_page_turns_into_the_app_once_it_listens(server, listeners):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    assert request(server, port, conn=conn)[0] == 502
-    app(port)
+
+    def refused_then_listening(port: int) -> int:
+        assert request(server, port, conn=conn)[0] == 502
+        listeners.spawn([sys.executable, APP, str(port)], port)  # PortTaken: again, on another
+        return port
+
+    port = on_a_free_port(refused_then_listening)
     # The browser's reload comes on the same keep-alive connection.
     wait_for(lambda: request(server, port, path="/echo", conn=conn)[0] == 200, 5)
 
@@ -195,20 +206,21 @@ def test_steering_attempts_reach_nothing_else(server, app):
     wait_open(server, port)
     auth = f"Authorization: Bearer {server.token}\r\n".encode()
     h = host(server, port).encode()
-    # An absolute-form target naming another port.
-    reply = raw_exchange(server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"\r\n")
+    # An absolute-form target naming another port. (Connection: close, here and below, where
+    # the connection stays open after the answer: the exchange ends when it closes.)
+    reply = raw_exchange(server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
     # A Host with userinfo-like junk is no preview host: the API side refuses it.
     reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"@evil\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")) and b"peer_port" not in reply
     # Two Host headers.
-    reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\nHost: 22-" + PREFIX.encode() + b".preview.localhost\r\n" + auth + b"\r\n")
+    reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\nHost: 22-" + PREFIX.encode() + b".preview.localhost\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
     # A second request on a preview connection naming a non-preview host, reflected escaped.
     reply = raw_exchange(
         server,
         b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"\r\n"
-        b"GET /echo HTTP/1.1\r\nHost: <script>x</script>\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: <script>x</script>\r\nConnection: close\r\n\r\n",
     )
     assert b"HTTP/1.1 200" in reply and b"HTTP/1.1 421" in reply
     assert b"<script>" not in reply and b"&lt;script&gt;" in reply
@@ -348,6 +360,7 @@ def rss(pid: int) -> int:
 GIB = 1 << 30
 
 
+@pytest.mark.slow
 def test_one_gigabyte_each_way_in_bounded_memory(server, app):
     port = app()
     wait_open(server, port)
@@ -393,13 +406,13 @@ def test_crashing_partial_and_slow_upstreams(own_server, app, tmp_path):
 def test_client_going_away_closes_the_upstream(server, app, tmp_path):
     port = app()
     wait_open(server, port)
-    flag = tmp_path / "closed"
+    reached, flag = tmp_path / "reached", tmp_path / "closed"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(
-            f"GET /slow?flag={flag} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
+            f"GET /slow?reached={reached}&flag={flag} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
             f"Authorization: Bearer {server.token}\r\n\r\n".encode()
         )
-        time.sleep(0.2)
+        wait_for(reached.exists, 5)  # the proxy has passed the request on
     wait_for(flag.exists, 5)
 
 
@@ -721,23 +734,21 @@ def test_an_address_taken_from_this_host_is_no_longer_reached(server, app, liste
     wait_for(lambda: preview_status(server, port)[0] == 200, 5)
 
 
+@pytest.mark.slow
 def test_local_addresses_follow_the_kernel(other_host):
     """The set as netlink keeps it: changes as they happen, and a full read again after
     notifications were lost (more of them than the socket buffers while the loop is busy)."""
     from aether.preview.local import LocalAddresses
 
-    prefix = f"fd00:ae:{other_host.tag[:4]}:{other_host.tag[4:]}::"
-    many = [f"{prefix}{i:x}" for i in range(1, 3001)]
+    # As the kernel spells them (inet_ntop): a group of the tag such as 0a1b is written a1b, and
+    # a string compared as written would never be seen.
+    base = int(ipaddress.IPv6Address(f"fd00:ae:{other_host.tag[:4]}:{other_host.tag[4:]}::"))
+    one = str(ipaddress.IPv6Address(base + 0xFFFF))
+    many = [str(ipaddress.IPv6Address(base + i)) for i in range(1, 3001)]
 
     def batch(verb: str) -> None:
         lines = "".join(f"addr {verb} {a}/128 dev {other_host.here} nodad\n" for a in many)
         subprocess.run(["ip", "-batch", "-"], input=lines.encode(), check=True, capture_output=True)
-
-    async def until(predicate) -> None:
-        deadline = time.monotonic() + 10
-        while not predicate():
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.01)
 
     async def main() -> None:
         changes = []
@@ -746,16 +757,16 @@ def test_local_addresses_follow_the_kernel(other_host):
         try:
             assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
             assert f"{other_host.net}.2" not in local.addresses  # the other end's
-            ip("addr", "add", f"{prefix}ffff/128", "dev", other_host.here, "nodad")
-            await until(lambda: f"{prefix}ffff" in local.addresses)
-            assert ({f"{prefix}ffff"}, set()) in changes
-            ip("addr", "del", f"{prefix}ffff/128", "dev", other_host.here)
-            await until(lambda: f"{prefix}ffff" not in local.addresses)
+            ip("addr", "add", f"{one}/128", "dev", other_host.here, "nodad")
+            await until(lambda: one in local.addresses, 10)
+            assert ({one}, set()) in changes
+            ip("addr", "del", f"{one}/128", "dev", other_host.here)
+            await until(lambda: one not in local.addresses, 10)
             batch("add")  # the loop is held up meanwhile: nothing reads the notifications
-            await until(lambda: set(many) <= local.addresses)
+            await until(lambda: set(many) <= local.addresses, 10)
             assert local.resyncs >= 1
             batch("del")
-            await until(lambda: not set(many) & local.addresses)
+            await until(lambda: not set(many) & local.addresses, 10)
             assert {"127.0.0.1", "::1", f"{other_host.net}.1"} <= local.addresses
         finally:
             local.close()

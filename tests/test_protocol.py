@@ -10,8 +10,8 @@ import string
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from aether import protocol, wire
 from aether.ports.monitor import PortMonitor
-from aether.server import protocol
 from aether.server.app import WorkspaceServer
 from aether.settings.serve import add_arguments, resolve
 
@@ -38,11 +38,15 @@ def _no_constants(name):
     raise AssertionError(f"{name} is not JSON")
 
 
-def check_error(exc: protocol.ProtocolError) -> None:
-    reply = exc.to_message()
+def error_reply(exc: protocol.ProtocolError) -> dict:
+    return wire.refused(exc, channel=exc.channel, id=exc.id)
+
+
+def check_error(exc_or_reply) -> None:
+    reply = exc_or_reply if isinstance(exc_or_reply, dict) else error_reply(exc_or_reply)
     assert reply["type"] == "error" and reply["code"] and reply["message"]
     # What the server would send must read back as strict JSON (no NaN, no Infinity).
-    assert json.loads(protocol.encode(reply), parse_constant=_no_constants) == reply
+    assert json.loads(wire.encode(reply), parse_constant=_no_constants) == reply
 
 
 @settings(max_examples=600, deadline=None)
@@ -65,7 +69,7 @@ def test_any_object_is_a_message_or_a_protocol_error(obj):
     except protocol.ProtocolError as exc:
         check_error(exc)
         if isinstance(obj.get("id"), str) and len(obj["id"]) <= 256:
-            assert exc.to_message()["id"] == obj["id"]
+            assert error_reply(exc)["id"] == obj["id"]
     else:
         schema = protocol.SCHEMAS[(message.channel, message.type)]
         for field, (check, _) in schema.items():
@@ -107,12 +111,33 @@ def test_error_codes(frame, code):
     assert caught.value.code == code
 
 
+@pytest.mark.parametrize(
+    "frame, code, channel",
+    [
+        ("not json", "bad_json", None),
+        ('["a"]', "bad_message", None),
+        ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
+        ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
+        ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
+        ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
+        ('{"channel": "files", "type": "list"}', "bad_message", "files"),
+        ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
+    ],
+)
+def test_a_refusal_names_the_channel_once_it_is_known(frame, code, channel):
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.parse(frame)
+    check_error(caught.value)
+    reply = caught.value.to_message()
+    assert (reply.get("channel"), reply["code"]) == (channel, code)
+
+
 def test_valid_messages_and_id_echo():
     message = protocol.parse('{"channel": "ports", "type": "kill", "port": 3000, "id": "k1"}')
     assert (message.channel, message.type, message.body["port"], message.id) == ("ports", "kill", 3000, "k1")
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.parse('{"channel": "ports", "type": "nope", "id": 7}')
-    assert caught.value.to_message() == {
+    assert error_reply(caught.value) == {
         "channel": "ports",
         "type": "error",
         "code": "unknown_type",
@@ -122,7 +147,7 @@ def test_valid_messages_and_id_echo():
 
 
 class Recorder:
-    """Stands in for a session that showed the token: the channels only call ``send``."""
+    """Stands in for a client that showed the token: the channels only call ``send``."""
 
     allowed = None  # every channel and type (a dashboard cookie's session has a set)
 
@@ -146,13 +171,13 @@ def server(tmp_path):
 @given(st.dictionaries(st.sampled_from(["ignoredPorts", "workspaceId", "backend", "zzz"]), json_values, max_size=3))
 def test_refused_config_set_changes_nothing(server, changes):
     before = (server.monitor.table.ignored, server.state.load_config())
-    session = Recorder()
+    client = Recorder()
     frame = json.dumps({"channel": "config", "type": "set", "config": changes, "id": 1})
-    try:
-        server.dispatch(session, protocol.parse(frame))
-    except protocol.ProtocolError as exc:
-        check_error(exc)
-        assert exc.code in ("invalid", "bad_message")
+    server.dispatcher.receive(client, frame)
+    if client.sent:  # a change is announced to the hub's clients, which this one is not
+        [reply] = client.sent
+        check_error(reply)
+        assert reply["code"] in ("invalid", "bad_message") and reply["id"] == 1
         assert (server.monitor.table.ignored, server.state.load_config()) == before
     else:
         ports = changes["ignoredPorts"]
@@ -168,11 +193,12 @@ def test_a_nested_bad_value_is_named_briefly(server, levels):
     value = json.loads("[" * levels + "70000" + "]" * levels)
     frame = json.dumps({"channel": "config", "type": "set", "config": {"ignoredPorts": [value, 22]}, "id": 5})
     before = server.state.load_config()
-    with pytest.raises(protocol.ProtocolError) as caught:
-        server.dispatch(Recorder(), protocol.parse(frame))
-    check_error(caught.value)
-    assert caught.value.code == "invalid" and caught.value.id == 5
-    assert len(caught.value.message) < 120 and server.state.load_config() == before
+    client = Recorder()
+    server.dispatcher.receive(client, frame)
+    [reply] = client.sent
+    check_error(reply)
+    assert reply["code"] == "invalid" and reply["id"] == 5
+    assert len(reply["message"]) < 120 and server.state.load_config() == before
 
 
 @settings(max_examples=300, deadline=None)
@@ -199,9 +225,9 @@ def test_an_excerpt_of_a_thousand_levels_or_a_huge_number():
 
 
 def test_config_get_describes_the_workspace(server):
-    session = Recorder()
-    server.dispatch(session, protocol.parse('{"channel": "config", "type": "get", "id": "g"}'))
-    [reply] = session.sent
+    client = Recorder()
+    server.dispatcher.receive(client, '{"channel": "config", "type": "get", "id": "g"}')
+    [reply] = client.sent
     assert reply["type"] == "config" and reply["id"] == "g"
     config = reply["config"]
     assert config["workspaceId"] == "w"

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from aether.registry.store import Registry, RegistryError
-from conftest import AETHER, ROOT, free_port
+from support import AETHER, ROOT
+from support.ports import free_port
 
 
 def port_cli(state, *args, **kw) -> subprocess.CompletedProcess:
@@ -145,25 +146,31 @@ def test_cli_run_sets_the_ports_from_the_registry(tmp_path):
 
 
 def test_cli_allocate_skips_listening_bad_and_registered_ports(tmp_path, listeners):
+    # 6664-6680 holds the browsers' bad ports 6665-6669 and 6679.
+    result = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
+    ports = [e["port"] for e in json.loads(result.stdout)]
+    assert ports == [6670, 6671]
+    again = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
+    assert [e["port"] for e in json.loads(again.stdout)] == ports
+    full = port_cli(tmp_path, "allocate", "other", "--labels", "a,b,c,d,e,f,g,h", "--range", "6664-6680")
+    assert full.returncode == 1 and "no 8 contiguous free ports" in full.stderr  # 6672-6678 are 7
+    # A port bound for UDP, or listening, is skipped: each a free port of its own, alone in its range
+    # (a fixed one can be another's, a concurrent run's of this test included).
     busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    busy.bind(("127.0.0.1", 6670))  # UDP counts too
+    busy.bind(("127.0.0.1", 0))
+    listening = free_port()
+    listeners.http_server(listening)
     try:
-        listeners.http_server(6671)
-        # 6664-6680 holds the browsers' bad ports 6665-6669 and 6679.
-        result = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
-        ports = [e["port"] for e in json.loads(result.stdout)]
-        assert ports == [6672, 6673]
-        again = port_cli(tmp_path, "allocate", "game", "--labels", "api,ws", "--range", "6664-6680", "--json")
-        assert [e["port"] for e in json.loads(again.stdout)] == ports
-        full = port_cli(tmp_path, "allocate", "other", "--labels", "a,b,c,d,e,f,g,h", "--range", "6664-6680")
-        assert full.returncode == 1 and "no 8 contiguous free ports" in full.stderr
-        default = port_cli(tmp_path, "allocate", "portos", "--labels", "api,health")
-        assert default.stdout.startswith("portos (api:55") and default.returncode == 0
-        (tmp_path / "config.json").write_text(json.dumps({"port_ranges": {"ml": [7100, 7199, "notebooks"]}}))
-        named = port_cli(tmp_path, "allocate", "nb", "--labels", "kernel", "--range", "ml", "--json")
-        assert json.loads(named.stdout)[0]["port"] == 7100
+        for port in (busy.getsockname()[1], listening):
+            taken = port_cli(tmp_path, "allocate", f"x{port}", "--labels", "api", "--range", f"{port}-{port}")
+            assert taken.returncode == 1 and f"no 1 contiguous free ports in {port}-{port}" in taken.stderr, port
     finally:
         busy.close()
+    default = port_cli(tmp_path, "allocate", "portos", "--labels", "api,health")
+    assert default.stdout.startswith("portos (api:55") and default.returncode == 0
+    (tmp_path / "config.json").write_text(json.dumps({"port_ranges": {"ml": [7100, 7199, "notebooks"]}}))
+    named = port_cli(tmp_path, "allocate", "nb", "--labels", "kernel", "--range", "ml", "--json")
+    assert json.loads(named.stdout)[0]["port"] == 7100
 
 
 def test_cli_check_reports_conflicts(tmp_path, listeners):
@@ -173,8 +180,7 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
     # App a's process, started through the registry, listens on app b's port.
     code = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {theirs})); s.listen(); time.sleep(60)"
     listeners.spawn([*AETHER, "port", "run", "--state-dir", str(tmp_path), "a-api", "--", sys.executable, "-c", code], theirs, cwd=ROOT)
-    stray = free_port()
-    listeners.http_server(stray)
+    stray = listeners.http_server().port
     result = port_cli(tmp_path, "check", "--json")
     found = json.loads(result.stdout)
     kinds = {(f["kind"], f["port"]) for f in found}
@@ -185,9 +191,14 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
 # -- through the server -----------------------------------------------------------------------
 
 
+#: Fixtures that start `aether serve` on the probe (see conftest).
+PROBE_FIXTURES = ("server",)
+
+
 @pytest.fixture
 def server(tmp_path):
-    from conftest import Server, need_ebpf
+    from support.ebpf import need_ebpf
+    from support.servers import Server
 
     need_ebpf()
     srv = Server("ebpf", tmp_path / "state", "--project-id", "abc123def")
@@ -222,7 +233,7 @@ def test_rest_api(server, listeners):
         reply = conn.getresponse()
         assert reply.status == 400 and len(json.loads(reply.read())["message"]) < 120
     listeners.http_server(port)
-    from conftest import wait_for
+    from support.waiting import wait_for
 
     rows = wait_for(lambda: [r for r in api(server, "GET", "/api/ports")[1] if r["listening"]], 5)
     assert rows[0]["key"] == "web" and rows[0]["pid"]
@@ -239,11 +250,10 @@ def test_rest_api(server, listeners):
 def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners):
     import http.client
 
-    from conftest import recv_until, wait_for
+    from support.clients import recv_until
+    from support.waiting import wait_for
 
-    first, second = free_port(), free_port()
-    listeners.http_server(first)
-    listeners.http_server(second)
+    first, second = listeners.http_server().port, listeners.http_server().port
     with server.connect() as ws:
         # A write by the CLI, another process, reaches connected clients.
         assert port_cli(server.state_dir, "set", "docs", str(first)).returncode == 0
@@ -269,8 +279,7 @@ def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners)
 def test_named_preview_sees_a_cli_write_with_no_client_connected(server, listeners):
     import http.client
 
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     assert port_cli(server.state_dir, "set", "site", str(port)).returncode == 0
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request("GET", "/", headers={"Host": f"site-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"})

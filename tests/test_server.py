@@ -12,9 +12,24 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from conftest import ROOT, free_port, proc_comm, raw_upgrade, recv_json, recv_until, wait_for
+from support import AETHER, ROOT
+from support.clients import masked_frame, raw_upgrade, read_frames, recv_json, recv_until
+from support.ports import free_port
+from support.processes import proc_comm
+from support.servers import Server
+from support.waiting import wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One `aether serve` for the tests that change nothing in it and do not depend on its ports
+    backend: refusals, broken frames, clients of every kind. (Those that need a server of their
+    own but not a backend's take ``workspace_server``'s, on sock_diag.)"""
+    server = Server("sockdiag", tmp_path_factory.mktemp("shared"))
+    yield server
+    server.stop()
 
 
 def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
@@ -35,8 +50,8 @@ def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
 
 @pytest.mark.parametrize("how", ["header", "query"])
 def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
-    port = free_port()
-    http = listeners.http_server(port)
+    http = listeners.http_server()
+    port = http.port
     server = serve()
     with server.connect(how) as ws:
         if how == "header":
@@ -70,10 +85,10 @@ def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
         ("/workspaces/other/ws?token=wrong", {}, 401),  # no token, no hint of which ids exist
     ],
 )
-def test_refused_upgrades(serve, path, headers, status):
+def test_refused_upgrades(shared, path, headers, status):
     from websockets.sync.client import connect
 
-    server = serve()
+    server = shared
     url = f"ws://127.0.0.1:{server.port}{path.format(token=server.token)}"
     protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     with pytest.raises(InvalidStatus) as caught:
@@ -85,44 +100,45 @@ def test_live_open_and_close_in_order(serve, listeners):
     server = serve()
     with server.connect() as ws:
         opens(ws)
-        port = free_port()
-        node = listeners.node(port)
+        node = listeners.node()
+        port = node.port
         msg = recv_until(ws, lambda m: m.get("port") == port)
         assert (msg["type"], msg["pid"], msg["process"]) == ("open", node.pid, "node")
         node.kill()
         assert recv_until(ws, lambda m: m.get("port") == port) == {"channel": "ports", "type": "close", "port": port}
 
 
-@pytest.mark.parametrize(
-    "frame, code, channel",
-    [
-        ("not json", "bad_json", None),
-        ('["a"]', "bad_message", None),
-        ('{"type": "get"}', "bad_message", None),
-        ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
-        ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
-        ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
-        ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
-        ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
-        ('{"channel": "files", "type": "list"}', "bad_message", "files"),
-        ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
-        ('{"channel": "agent", "type": "prompt", "text": "hi"}', "not_configured", "agent"),
-    ],
-)
-def test_bad_messages_get_errors_and_the_connection_stays(serve, frame, code, channel):
-    server = serve()
-    with server.connect() as ws:
+#: Bad messages, each with the error's code and channel: the protocol layer's refusals (its
+#: decisions are tested without sockets, in test_protocol.py) and the channels'.
+BAD_MESSAGES = [
+    ("not json", "bad_json", None),
+    ('["a"]', "bad_message", None),
+    ('{"type": "get"}', "bad_message", None),
+    ('{"channel": "nope", "type": "get"}', "unknown_channel", None),
+    ('{"channel": "ports", "type": "nope"}', "unknown_type", "ports"),
+    ('{"channel": "ports", "type": "kill", "port": "80"}', "bad_message", "ports"),
+    ('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls\\n"}', "not_found", "terminal"),
+    ('{"channel": "terminal", "type": "nope"}', "unknown_type", "terminal"),
+    ('{"channel": "files", "type": "list"}', "bad_message", "files"),
+    ('{"channel": "agent", "type": "prompt"}', "bad_message", "agent"),
+    ('{"channel": "agent", "type": "prompt", "text": "hi"}', "not_configured", "agent"),
+]
+
+
+def test_bad_messages_get_errors_and_the_connection_stays(shared):
+    with shared.connect() as ws:
         opens(ws)
-        ws.send(frame)
-        reply = recv_until(ws, lambda m: m["type"] == "error")
-        assert (reply["channel"], reply["type"], reply["code"]) == (channel, "error", code)
-        assert reply["message"]
+        for frame, code, channel in BAD_MESSAGES:
+            ws.send(frame)
+            reply = recv_until(ws, lambda m: m["type"] == "error")
+            assert (reply["channel"], reply["type"], reply["code"]) == (channel, "error", code), frame
+            assert reply["message"]
         ws.send('{"channel": "config", "type": "get", "id": "after"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["id"] == "after"
 
 
-def test_deeply_nested_values_are_bad_messages_not_internal(serve):
-    server = serve()
+def test_deeply_nested_values_are_bad_messages_not_internal(shared):
+    server, logged = shared, len(shared.log)
     with server.connect() as ws:
         opens(ws)
         deep = "[" * 1000 + "]" * 1000
@@ -134,7 +150,7 @@ def test_deeply_nested_values_are_bad_messages_not_internal(serve):
         assert (reply["type"], reply["code"]) == ("error", "invalid") and "[[[[…]]]]" in reply["message"]
         ws.send('{"channel": "config", "type": "get", "id": "after"}')
         assert recv_until(ws, lambda m: m.get("id") == "after")["config"]["ignoredPorts"] == [22, 2222, 3001]
-    assert not [line for line in server.log if line.get("level") == "error"]
+    assert not [line for line in server.log[logged:] if line.get("level") == "error"]
 
 
 def test_oversized_message_closes_1009_for_every_client(serve):
@@ -158,9 +174,8 @@ def test_oversized_message_closes_1009_for_every_client(serve):
 
 def test_kill_python_and_node_servers(serve, listeners):
     server = serve()
-    http_port, node_port = free_port(), free_port()
-    http = listeners.http_server(http_port)
-    node = listeners.node(node_port)
+    http, node = listeners.http_server(), listeners.node()
+    http_port, node_port = http.port, node.port
     with server.connect() as ws:
         opens(ws, expect=(http_port, node_port))
         for port, proc in ((http_port, http), (node_port, node)):
@@ -169,27 +184,26 @@ def test_kill_python_and_node_servers(serve, listeners):
             assert proc.wait(5) is not None
 
 
-@pytest.mark.parametrize("case", ["not_open", "ignored", "own_port", "ancestor"])
-def test_kill_refusals(serve, case):
+def test_kill_refusals(serve):
     server = serve()
     mine = socket.socket()  # held by this test process, an ancestor of the server
     mine.bind(("127.0.0.1", 0))
     mine.listen()
-    port = {"not_open": free_port(), "ignored": 22, "own_port": server.port, "ancestor": mine.getsockname()[1]}[case]
-    case = "forbidden" if case in ("own_port", "ancestor") else case
+    cases = {"not_open": free_port(), "ignored": 22, "own_port": server.port, "ancestor": mine.getsockname()[1]}
     with server.connect() as ws:
-        opens(ws)
-        ws.send(json.dumps({"channel": "ports", "type": "kill", "port": port, "id": "k"}))
-        reply = recv_until(ws, lambda m: m["type"] == "error")
-        assert (reply["type"], reply["code"], reply["id"], reply["port"]) == ("error", case, "k", port)
+        opens(ws, expect=[mine.getsockname()[1]])
+        for case, port in cases.items():
+            ws.send(json.dumps({"channel": "ports", "type": "kill", "port": port, "id": case}))
+            reply = recv_until(ws, lambda m: m["type"] == "error")
+            code = "forbidden" if case in ("own_port", "ancestor") else case
+            assert (reply["type"], reply["code"], reply["id"], reply["port"]) == ("error", code, case, port)
     assert server.proc.poll() is None
     mine.close()
 
 
 def test_config_get_set_changed_and_persisted(serve, listeners):
     server = serve()
-    port = free_port()
-    listeners.http_server(port)
+    port = listeners.http_server().port
     with server.connect() as a, server.connect("query") as b:
         assert port in opens(a, expect=[port]) and port in opens(b, expect=[port])
         a.send('{"channel": "config", "type": "get", "id": 1}')
@@ -229,48 +243,48 @@ def _closed_by_server(sock: socket.socket, within: float) -> bool:
     return False
 
 
-def _ping_times(sock: socket.socket, seconds: float) -> list[float]:
-    """Arrival times of the server's ping frames (opcode 0x9) on a raw connection."""
+def _pings(sock: socket.socket, count: int, answer: bool = False, timeout: float = 10.0) -> int:
+    """Wait for ``count`` of the server's pings (opcode 0x9) on a raw connection, answering
+    each with its pong if ``answer``; the pings seen. EOFError if the server closes it first."""
     sock.settimeout(0.05)
-    times, buffer, deadline = [], b"", time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            buffer += sock.recv(65536)
-        except socket.timeout:
-            continue
-        while len(buffer) >= 2:
-            length = buffer[1] & 0x7F
-            header = 2 + (2 if length == 126 else 8 if length == 127 else 0)
-            if length >= 126:
-                if len(buffer) < header:
-                    break
-                length = int.from_bytes(buffer[2:header], "big")
-            if len(buffer) < header + length:
-                break
-            if buffer[0] & 0x0F == 0x9:
-                times.append(time.monotonic())
-            buffer = buffer[header + length :]
-    return times
+    buffer, seen, deadline = bytearray(), 0, time.monotonic() + timeout
+    while seen < count:
+        assert time.monotonic() < deadline, f"{seen} pings of {count} within {timeout} s"
+        for opcode, payload in read_frames(sock, buffer):
+            if opcode == 0x9:
+                seen += 1
+                if answer:
+                    sock.sendall(masked_frame(0xA, payload))
+    return seen
 
 
-def test_pings_come_at_the_ping_interval(serve):
-    server = serve("--ping-interval", "0.3", "--pong-timeout", "30")
+def test_pings_come_at_the_ping_interval(workspace_server):
+    interval = 0.3
+    server = workspace_server("--ping-interval", str(interval), "--pong-timeout", "30")
+    connecting = time.monotonic()
     sock = raw_upgrade(server)
-    times = _ping_times(sock, 2.0)
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert len(times) >= 5, times
-    assert all(0.25 < gap < 0.45 for gap in gaps), gaps
+    # They keep coming (within the deadline), and never sooner than the interval: the first an
+    # interval after the session began, each next one an interval on (the server allows itself
+    # 1 ms early). A client running late only sees them later, never sooner.
+    _pings(sock, 6)
+    assert time.monotonic() - connecting >= 6 * (interval - 0.001)
 
 
-def test_keepalive_pings_and_drops_silent_clients(serve):
-    server = serve("--ping-interval", "0.2", "--pong-timeout", "0.6")
+def test_keepalive_pings_and_drops_silent_clients(workspace_server):
+    server = workspace_server("--ping-interval", "0.2", "--pong-timeout", "0.6")
     silent = raw_upgrade(server)  # never answers a ping
-    with server.connect() as ws:  # answers pings by itself
+    answering = raw_upgrade(server)  # answers each
+    # Answers pings by itself, while its reader runs: unbounded, as it reads nothing until the end
+    # (16 messages, the default, stop it while other processes' ports come and go).
+    with server.connect(max_queue=None) as ws:
         assert _closed_by_server(silent, within=3.0), "a client that never pongs must be dropped"
-        time.sleep(1.0)  # well past the pong timeout
+        # Pinged on, well past the pong timeout: without its pongs counted it would be dropped
+        # at the third or fourth.
+        _pings(answering, 8, answer=True)
         ws.send('{"channel": "config", "type": "get"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"
     assert any(line.get("reason") == "no pong for 0.6 s" for line in server.log)
+    assert sum(line.get("msg") == "dropping client" for line in server.log) == 1
 
 
 def test_stalled_reader_is_dropped_alone(serve, listeners):
@@ -287,8 +301,7 @@ def test_stalled_reader_is_dropped_alone(serve, listeners):
         wait_for(lambda: any(line.get("msg") == "dropping client" for line in server.log), 5)
         # Meanwhile the reading client was answered at once, every time.
         assert time.monotonic() - started < 10
-        port = free_port()
-        listeners.http_server(port)
+        port = listeners.http_server().port
         recv_until(ws, lambda m: m.get("port") == port and m["type"] == "open")
     assert any("did not complete in 0.5 s" in line.get("reason", "") for line in server.log)
     assert _closed_by_server(stalled, within=5.0)
@@ -324,7 +337,7 @@ def test_token_never_logged(serve):
         raw.sendall(f"GET {server.url} HTTP/1.1\r\nSec-WebSocket-Protocol: Bearer, {server.token}\x01\r\n\r\n".encode())
         raw.settimeout(5)
         raw.recv(1024)
-    time.sleep(0.2)
+    wait_for(lambda: any(line.get("logger") == "tornado.general" for line in server.log))
     server.stop()
     stderr = "".join(server.raw_stderr)
     assert server.token not in stderr
@@ -334,7 +347,7 @@ def test_token_never_logged(serve):
 def test_port_in_use_is_one_clear_line(serve):
     server = serve()
     result = subprocess.run(
-        [*__import__("conftest").AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
+        [*AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
     assert result.returncode == 1
@@ -343,10 +356,10 @@ def test_port_in_use_is_one_clear_line(serve):
 
 
 @pytest.mark.parametrize("how", ["header", "query"])
-def test_wscat_connects_both_ways(serve, how):
+def test_wscat_connects_both_ways(shared, how):
     if not WSCAT.exists():
         pytest.fail("wscat is missing: deploy/setup.sh installs it into .tools/")
-    server = serve()
+    server = shared
     if how == "header":
         args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # seed 001's command, as given
     else:
@@ -365,8 +378,8 @@ def test_wscat_connects_both_ways(serve, how):
     assert any(r.get("type") == "open" and "url" in r for r in replies)
 
 
-def test_connection_cap_counts_websockets(serve):
-    server = serve("--max-connections", "3")
+def test_connection_cap_counts_websockets(workspace_server):
+    server = workspace_server("--max-connections", "3")
     with contextlib.ExitStack() as held:
         for _ in range(3):
             held.enter_context(server.connect())
@@ -374,10 +387,17 @@ def test_connection_cap_counts_websockets(serve):
         with pytest.raises((InvalidHandshake, ConnectionClosed)):
             with server.connect(open_timeout=3):
                 pass
-    time.sleep(0.3)
-    with server.connect() as ws:  # room again once they are gone
+    with wait_for(lambda: _connected(server)) as ws:  # room again once they are gone
         ws.send('{"channel": "config", "type": "get"}')
         assert recv_until(ws, lambda m: m["channel"] == "config")["type"] == "config"
+
+
+def _connected(server):
+    """A connection to ``server``, or None where it was refused."""
+    try:
+        return server.connect(open_timeout=3)
+    except (InvalidHandshake, ConnectionClosed):
+        return None
 
 
 @pytest.mark.parametrize("name, holds", [("token", "the workspace token"), ("project-id", "the project id")])
@@ -386,7 +406,7 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
     state.mkdir()
     (state / name).write_text("" if name == "token" else "\n")
     result = subprocess.run(
-        [*__import__("conftest").AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
+        [*AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
     assert result.returncode == 1 and result.stdout == ""
@@ -398,7 +418,6 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
 
 
 def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
-    from conftest import Server
 
     state = tmp_path / "state"
     state.mkdir()
@@ -425,7 +444,6 @@ def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
     import os
     import stat
 
-    from conftest import Server
 
     state = tmp_path / "state"
     first = Server("sockdiag", state)
@@ -464,7 +482,6 @@ def test_a_new_state_directory_is_private_from_the_start(tmp_path):
     import os
     import stat
 
-    from conftest import Server
 
     state = tmp_path / "new" / "state"
     server = Server("sockdiag", state)
@@ -507,9 +524,9 @@ def _config_round_trip(server, sock: socket.socket | None = None) -> None:
         assert recv_until(ws, lambda m: m.get("id") == "c")["type"] == "config"
 
 
-def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(serve):
+def test_one_address_holds_at_most_the_cap_of_unauthenticated_connections(workspace_server):
     cap = 8
-    server = serve("--max-unauthenticated-per-address", str(cap))
+    server = workspace_server("--max-unauthenticated-per-address", str(cap))
     with contextlib.ExitStack() as held:
         idle = [held.enter_context(_from("127.0.0.1", server.port)) for _ in range(cap)]
         extra = held.enter_context(_from("127.0.0.1", server.port))
@@ -548,8 +565,8 @@ def _try_config(server) -> bool:
     return True
 
 
-def test_the_per_address_cap_spares_trusted_fronts(serve):
-    server = serve("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
+def test_the_per_address_cap_spares_trusted_fronts(workspace_server):
+    server = workspace_server("--max-unauthenticated-per-address", "2", "--trusted-proxies", "127.0.0.5")
     with contextlib.ExitStack() as held:
         for _ in range(6):
             held.enter_context(_from("127.0.0.5", server.port))
@@ -584,8 +601,8 @@ def _close_frame_received(sock: socket.socket) -> bytes:
         (0x8, b"\x03\xe8bye", 1000, b""),
     ],
 )
-def test_a_broken_frame_is_answered_with_its_close_code(serve, opcode, payload, code, reason):
-    server = serve()
+def test_a_broken_frame_is_answered_with_its_close_code(shared, opcode, payload, code, reason):
+    server = shared
     with raw_upgrade(server) as sock:
         sock.sendall(_client_frame(opcode, payload))
         assert _close_frame_received(sock) == code.to_bytes(2, "big") + reason

@@ -19,7 +19,8 @@ from aether import state
 from aether.settings import kinds, markdown, sources
 from aether.settings.serve import Settings, add_arguments, resolve
 from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, of
-from conftest import AETHER, ROOT, aether
+from support import AETHER, ROOT
+from support.processes import aether
 
 
 def _resolve(argv):

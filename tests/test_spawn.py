@@ -9,7 +9,8 @@ import signal
 import pytest
 
 from aether import cgroup, pidtree, spawn
-from conftest import gone, wait_for
+from support.processes import gone
+from support.waiting import wait_for
 
 
 def _run(argv, tree=None, cwd="/", new_session=False) -> tuple[int, bytes]:

@@ -136,6 +136,30 @@ def test_sync_replaces_when_counts_differ_and_marks_port_uncertain():
     assert [l.key for l in table.listeners(3000)] == [(INODE, 10), (INODE, 11)]
 
 
+def test_keeps_says_when_a_snapshots_owners_cannot_change_a_port():
+    """What the monitor asks before it looks for owners: whether sync keeps the port as it is
+    whoever owns the snapshot's sockets."""
+
+    def table():
+        table = PortTable()
+        table.add(sk(1, 3000, pid=100))  # the probe's
+        table.sync([ino(9, 3000, pid=100), ino(10, 4000, pid=100)])  # and a snapshot's
+        return table
+
+    for port, sockets, trust, kept in [
+        (3000, 1, True, True),  # the probe's socket stands against one of the snapshot's
+        (3000, 1, False, False),  # records were lost: the snapshot's replaces it
+        (3000, 2, True, False),  # counts differ: the snapshot's replace it
+        (4000, 1, True, False),  # a snapshot's own socket: its owner decides
+        (5000, 1, True, False),  # not open: the snapshot opens it
+    ]:
+        assert table().keeps(port, sockets, trust) is kept, (port, sockets, trust)
+        others = [ino(9, 3000, pid=100)] * (port != 3000) + [ino(10, 4000, pid=100)] * (port != 4000)
+        changed = table()
+        events = changed.sync([ino(20 + n, port, pid=999) for n in range(sockets)] + others, trust_probe=trust)
+        assert (not events) is kept, (port, sockets, trust, events)
+
+
 def test_set_ignored_closes_newly_ignored_ports():
     table = PortTable()
     table.add(sk(1, 3000))

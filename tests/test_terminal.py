@@ -4,17 +4,25 @@ a real shell, sessions that outlive their connection."""
 from __future__ import annotations
 
 import base64
+import datetime
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
 
-from conftest import (NOHUP, ROOT, Server, free_port, gone, masked_text_frame, raw_upgrade, recv_json, recv_until,
-                      signal_state, wait_for)
+from support import ROOT
+from support.clients import masked_text_frame, raw_upgrade, recv_json, recv_until
+from support.processes import NOHUP, gone, signal_state
+from support.servers import Server
+from support.waiting import wait_for
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -81,6 +89,25 @@ class Term:
         self.send(type="create", cols=fields.pop("cols", 80), rows=fields.pop("rows", 24), **fields)
         return self.reply()
 
+    def listed(self) -> dict[str, dict]:
+        """The sessions ``list`` describes, by id."""
+        self.send(type="list")
+        return {s["sessionId"]: s for s in self.reply()["sessions"]}
+
+    def listed_until(self, predicate, timeout: float = 10.0) -> dict[str, dict]:
+        """``listed()`` again until ``predicate`` holds of it."""
+        def holds():
+            sessions = self.listed()
+            return sessions if predicate(sessions) else None
+
+        return wait_for(holds, timeout)
+
+    def read_all(self) -> None:
+        """Everything the server sent this client before it answered a request sent now."""
+        self.send(type="list", id="read_all")
+        while (reply := self.reply())["type"] != "list" or reply.get("id") != "read_all":
+            pass
+
     def close(self) -> None:
         self.ws.close()
 
@@ -108,6 +135,26 @@ def test_seed_example_input_runs_in_a_real_shell(start):
     assert config["terminal"] == {"maxSessions": 32, "scrollbackBytes": 262144, "idleTimeout": 0.0, "maxInputBytes": 65536}
 
 
+def gate(root, name: str) -> str:
+    """A FIFO in the workspace: a command that reads it (``read -r _ < NAME``) waits for
+    :func:`open_gate`."""
+    os.mkfifo(root / name)
+    return name
+
+
+def open_gate(root, name: str, timeout: float = 10.0) -> None:
+    """Let the command waiting on the FIFO ``name`` go on, once it has opened it."""
+    def writer():
+        try:
+            return os.open(root / name, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: not opened for reading yet
+            return None
+
+    fd = wait_for(writer, timeout)
+    os.write(fd, b"go\n")
+    os.close(fd)
+
+
 def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     server = start()
     term = Term(server)
@@ -120,8 +167,8 @@ def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     term.send(type="input", sessionId=sid, data="stty size\n")
     term.sees(sid, b"43 132\r\n")
     # A controlling terminal: ^C interrupts the foreground job, not the shell.
-    term.send(type="input", sessionId=sid, data="sleep 30; echo not-$((0))-interrupted\n")
-    time.sleep(0.3)
+    term.send(type="input", sessionId=sid, data="echo sleeping-$((0)); sleep 30; echo not-$((0))-interrupted\n")
+    term.sees(sid, b"sleeping-0")  # the shell runs the line (the echo of what was typed reads $((0)))
     term.send(type="input", sessionId=sid, data="\x03echo after-$((1+1))\n")
     term.sees(sid, b"after-2")
     assert b"not-0-interrupted" not in term.output[sid]
@@ -132,20 +179,24 @@ def test_session_survives_disconnect_and_replays_on_attach(start):
     server = start()
     first = Term(server)
     first.create(sessionId="keep")
-    first.send(type="input", sessionId="keep", data="sleep 2; echo done-$((40+2))\n")
-    time.sleep(0.3)
+    gate(server.root, "go")
+    first.send(type="input", sessionId="keep", data="read -r _ < go; echo done-$((40+2)); : > printed\n")
     first.close()
 
-    time.sleep(2.5)  # "done" is printed while nobody is connected
     second = Term(server)
-    second.send(type="list", id=1)
-    listed = second.reply()["sessions"]
-    assert [(s["sessionId"], s["attached"]) for s in listed] == [("keep", 0)]
+    listed = second.listed_until(lambda sessions: sessions["keep"]["attached"] == 0)
+    assert list(listed) == ["keep"]
+    # "done" is printed while nobody is connected, and read by the server before the attach
+    # below: it is readable once `printed` exists, and the server's loop turns at least once
+    # (the list's round trip) before it takes the attach.
+    open_gate(server.root, "go")
+    wait_for((server.root / "printed").exists)
+    assert second.listed()["keep"]["attached"] == 0
     second.send(type="attach", sessionId="keep", id=2)
     attached = second.reply()
     assert attached["type"] == "attached" and attached["id"] == 2 and attached["attached"] == 1
     second.until(lambda: b"done-42" in second.replayed.get("keep", b""))
-    assert b"sleep 2; echo done" in second.replayed["keep"]  # the echo of what was typed before
+    assert b"read -r _ < go; echo done" in second.replayed["keep"]  # the echo of what was typed before
     # Then it streams live.
     second.send(type="input", sessionId="keep", data="echo live-$((1+2))\n")
     second.sees("keep", b"live-3")
@@ -171,8 +222,9 @@ def test_two_clients_see_the_same_output_until_one_detaches(start):
     # Input from a client that is not attached is still accepted.
     b.send(type="input", sessionId="shared", data="echo only-a-$((3*3))\n")
     a.sees("shared", b"only-a-9")
-    time.sleep(0.3)
-    b.until(lambda: True)
+    # The server sends output to every attached client at once: had b been sent it, it would
+    # have come before the answer to a request b sends now.
+    b.read_all()
     assert b"only-a-9" not in b.output["shared"]
 
 
@@ -187,13 +239,13 @@ def test_exit_codes_signals_and_an_end_seen_later(start):
     assert term.exits["argv"]["code"] == 7 and b"argv-ok\r\n" in term.output["argv"]
 
     # A session that ends while nobody is attached keeps its output and status for the next client.
-    term.create(sessionId="later", command="sleep 1; echo finished; exit 5")
+    term.create(sessionId="later", command=f"read -r _ < {gate(server.root, 'later')}; echo finished; exit 5")
     term.close()
-    time.sleep(1.5)
     other = Term(server)
-    other.send(type="list")
-    [listed] = other.reply()["sessions"]
-    assert listed["sessionId"] == "later" and listed["exit"] == {"code": 5}
+    other.listed_until(lambda sessions: sessions["later"]["attached"] == 0)
+    open_gate(server.root, "later")
+    listed = other.listed_until(lambda sessions: "exit" in sessions["later"])
+    assert list(listed) == ["later"] and listed["later"]["exit"] == {"code": 5}
     other.send(type="attach", sessionId="later")
     other.reply()
     other.until(lambda: "later" in other.exits)
@@ -286,15 +338,19 @@ def test_attach_while_a_character_is_unfinished_sends_each_byte_once(start):
 
 def test_ended_sessions_are_bounded_and_their_ids_reusable(start):
     server = start("--terminal-max-sessions", "2")
+    other = Term(server)  # never attached: it lists
     for names in (("a", "b"), ("c",)):
         term = Term(server)
         for name in names:
-            assert term.create(sessionId=name, command=f"sleep 0.3; echo {name}-ended")["type"] == "created"
+            command = f"read -r _ < {gate(server.root, name)}; echo {name}-ended"
+            assert term.create(sessionId=name, command=command)["type"] == "created"
         term.close()
-        time.sleep(1)
-    other = Term(server)
-    other.send(type="list")
+        other.listed_until(lambda sessions: all(sessions[name]["attached"] == 0 for name in names))
+        for name in names:  # each ends while nobody is attached, in this order
+            open_gate(server.root, name)
+            other.listed_until(lambda sessions: "exit" in sessions.get(name, {}))
     # Ended, never seen: at most --terminal-max-sessions kept, the oldest dropped first.
+    other.send(type="list")
     assert [s["sessionId"] for s in other.reply()["sessions"]] == ["b", "c"]
     created = other.create(sessionId="c", command=["sleep", "0"] + ["x" * 100] * 50)
     assert created["type"] == "created" and created["commandTruncated"] is True
@@ -383,7 +439,8 @@ def test_a_flood_of_output_is_delivered_whole_in_bounded_memory(start, tmp_path)
     assert _vm_hwm(server.proc.pid) - hwm_before < 64 << 20
 
 
-def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path, listeners):
+@pytest.mark.slow
+def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path):
     server = start("--write-timeout", "2")
     big = tmp_path / "big"
     big.write_bytes(b"x" * (64 << 20))
@@ -392,21 +449,34 @@ def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path
               "command": f"cat {big}; echo END"}
     stalled.sendall(masked_text_frame(json.dumps(create)))
     watcher = Term(server)
-    time.sleep(0.5)
+    wait_for(lambda: _unread(stalled) > 0)  # the flood has reached the stalled client
     hwm = _vm_hwm(server.proc.pid)
-    # The output waits for the stalled client; port events reach the other client at once.
-    port = free_port()
-    listeners.http_server(port)
-    started = time.monotonic()
-    recv_until(watcher.ws, lambda m: m["channel"] == "ports" and m["type"] == "open" and m["port"] == port)
-    assert time.monotonic() - started < 2
+    # The output waits for the stalled client; port events reach the other client meanwhile,
+    # before the write timeout drops the stalled one.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        recv_until(watcher.ws, lambda m: m["channel"] == "ports" and m["type"] == "open" and m["port"] == port)
+        received = time.time()
     # After the write timeout the stalled client is dropped, and the output goes on for others.
-    wait_for(lambda: any(line.get("msg") == "dropping client" for line in server.log), 15)
+    [dropped] = wait_for(lambda: [line for line in server.log if line.get("msg") == "dropping client"], 15)
+    assert received < _log_time(dropped)
     watcher.send(type="attach", sessionId="flood")
     watcher.until(lambda: "flood" in watcher.exits, 60)
     assert watcher.exits["flood"]["code"] == 0
     assert _vm_hwm(server.proc.pid) - hwm < 64 << 20
     stalled.close()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _log_time(line: dict) -> float:
+    """A log line's ``ts`` (UTC, to the millisecond) as ``time.time()`` counts."""
+    return datetime.datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def _vm_hwm(pid: int) -> int:

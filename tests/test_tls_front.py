@@ -21,7 +21,13 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import ROOT, Listeners, Server, free_port, recv_until, terminate, wait_for
+from support import ROOT
+from support.clients import recv_until
+from support.listeners import Listeners
+from support.ports import PortTaken, free_port, on_a_free_port
+from support.processes import terminate
+from support.servers import Server
+from support.waiting import wait_for
 
 RENDER = ROOT / "deploy" / "render-nginx.sh"
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
@@ -76,24 +82,31 @@ def front(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("front")
     listeners = Listeners(tmp)
     make_certificates(tmp)
-    https, plain = free_port(), free_port()
-    web, sse, upload = free_port(), free_port(), free_port()
-    listeners.http_server(web)
-    listeners.spawn([sys.executable, APP, str(sse)], sse)
-    listeners.spawn([sys.executable, APP, str(upload)], upload)
+    web = listeners.http_server().port
+    sse = listeners.spawn_on(lambda port: [sys.executable, APP, str(port)]).port
+    upload = listeners.spawn_on(lambda port: [sys.executable, APP, str(port)]).port
     node = tool("node")
-    hmr = free_port()
     hmr_out = tmp / "node.out"
-    listeners.spawn([node, WS_APP, str(hmr)], hmr, stdout=hmr_out.open("w"),
-                    env={**os.environ, "NODE_PATH": str(ROOT / ".tools" / "node_modules")})
-    server = Server("sockdiag", tmp / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN,
-                    "--preview-url", f"https://{{port}}-{{prefix}}.{{domain}}:{https}",
-                    "--trusted-proxies", "127.0.0.1,::1")
-    rendered = render(tmp, server.port, https, plain)
-    assert rendered.returncode == 0, rendered.stderr
-    (tmp / "aether.conf").write_text(rendered.stdout)
-    conf = main_conf(tmp)
-    nginx = listeners.spawn([tool("nginx"), "-c", str(conf), "-p", str(tmp)], https)
+    hmr = listeners.spawn_on(lambda port: [node, WS_APP, str(port)], stdout=hmr_out.open("w"),
+                             env={**os.environ, "NODE_PATH": str(ROOT / ".tools" / "node_modules")}).port
+
+    def start_front(https: int):
+        plain = free_port()
+        server = Server("sockdiag", tmp / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN,
+                        "--preview-url", f"https://{{port}}-{{prefix}}.{{domain}}:{https}",
+                        "--trusted-proxies", "127.0.0.1,::1")
+        rendered = render(tmp, server.port, https, plain)
+        assert rendered.returncode == 0, rendered.stderr
+        (tmp / "aether.conf").write_text(rendered.stdout)
+        conf = main_conf(tmp)
+        try:
+            nginx = listeners.spawn([tool("nginx"), "-c", str(conf), "-p", str(tmp)], https)
+        except PortTaken:  # either of the front's ports: try both again, with the server that names them
+            server.stop()
+            raise
+        return server, conf, nginx, https, plain
+
+    server, conf, nginx, https, plain = on_a_free_port(start_front)
     ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
     yield SimpleNamespace(tmp=tmp, conf=conf, https=https, plain=plain, server=server, ctx=ctx,
                           web=web, sse=sse, upload=upload, hmr=hmr, hmr_out=hmr_out)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import time
 
-from conftest import FORKING_OWNER, free_port, proc_comm, recv_json, recv_until
+from support.clients import recv_json, recv_until
+from support.ports import free_port
+from support.processes import FORKING_OWNER, proc_comm
 from test_server import opens
 
 BOTH = ["127.0.0.1", "::1"]
@@ -49,8 +51,7 @@ def test_daemonized_nginx_reaches_clients_with_its_master_and_both_families(serv
     server = serve()
     with server.connect() as ws:
         opens(ws)
-        port = free_port()
-        master = listeners.nginx(port, daemon=True)
+        master, port = listeners.nginx(daemon=True)
         seen = Port(ws, port).follow(lambda s: s["pid"] == master and s["addresses"] == BOTH)
         assert seen[0]["type"] == "open" and [m["type"] for m in seen[1:]] == ["update"] * (len(seen) - 1)
         last = seen[-1]

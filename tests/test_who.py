@@ -25,7 +25,10 @@ import pytest
 from aether.ports import containers, procs
 from aether.ports.containers import Container, Containers, ProxyTarget, is_docker, proxy_target, publishers
 from aether.ports.who import MARKER, MAX_ARGS, MAX_BYTES, parse_cmdline, who
-from conftest import ROOT, free_port, terminate, wait_for
+from support import ROOT
+from support.ports import free_port
+from support.processes import terminate
+from support.waiting import wait_for
 
 PY = sys.executable
 LISTEN = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); "

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 from aether import spawn
 from aether.agent import stdio
 from aether.cgroup import Tree, Trees
+from aether.errors import Refusal
 from aether.pidtree import ScanTree
 
 KILL_GRACE = 2.0
@@ -254,7 +255,7 @@ class BackendRun:
                     if self._fault is not None or self._cancelled:
                         break
                 self._flush()
-        except stdio.BackendFault as fault:
+        except Refusal as fault:
             self._stop((fault.code, fault.message))
         finally:
             self._flush()  # the reply has them: announce them too
@@ -289,13 +290,13 @@ class BackendRun:
             del self._stderr[:-STDERR_TAIL]
             try:
                 self._count(len(chunk))
-            except stdio.BackendFault as fault:
+            except Refusal as fault:
                 self._stop((fault.code, fault.message))
 
     def _count(self, size: int) -> None:
         self._output += size
         if self._output > self.max_output:
-            raise stdio.BackendFault("too_large", f"the backend wrote more than {self.max_output} bytes")
+            raise Refusal("too_large", f"the backend wrote more than {self.max_output} bytes")
 
     async def _wait(self, exited: asyncio.Future) -> None:
         """Until it has exited: at most ``timeout`` more after its stdout ended."""

@@ -23,11 +23,12 @@ import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from aether.agent import stdio
 from aether.agent.backend import BackendRun, Outcome
 from aether.cgroup import Trees
+from aether.errors import Refusal
 from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
 from aether.settings.sources import child_environment
 
@@ -49,19 +50,12 @@ STUB_TEXT = 64 << 10
 MAX_LISTED = 1000
 TITLE_LENGTH = 80
 
-#: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (session, id) for
-#: the client whose request it answers, whose copy carries that id.
+#: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (client, request)
+#: for the client whose request it answers, whose copy carries that request's id.
 Emit = Callable[[dict, Optional[tuple[Any, Any]]], None]
-#: ``answer(reply_to, message)``: ``message`` to the one client of ``reply_to``, with its id.
-Answer = Callable[[tuple[Any, Any], dict], None]
-
-
-class Refusal(Exception):
-    """A request the service will not act on: a protocol error ``code`` and a message."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+#: ``answer(reply_to, message)``: ``message`` (or the error reply of a refusal) to the one
+#: client of ``reply_to``, as the answer to its request.
+Answer = Callable[[tuple[Any, Any], Union[dict, Refusal]], None]
 
 
 def title_of(text: str) -> str:
@@ -213,7 +207,7 @@ class AgentService:
         """Take a prompt or raise Refusal, changing nothing. Once it is written, ``started`` is
         announced; if that write fails, the requester is answered ``unavailable`` instead."""
         if not self.configured:
-            raise Refusal("not_configured", "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see the README)")
+            raise Refusal("not_configured", "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)")
         self._check_available()
         size = len(text.encode("utf-8"))
         if size > MAX_PROMPT_BYTES:
@@ -227,7 +221,6 @@ class AgentService:
             raise Refusal("limit", f"{MAX_RUNNING} agent turns are running already; wait for one to finish")
         now = time.time()
         title = None
-        named = conversation_id
         previous = self.sequences.get(conversation_id) if conversation_id is not None else None
         if conversation_id is None:
             conversation_id = f"c-{secrets.token_hex(6)}"
@@ -257,10 +250,10 @@ class AgentService:
             else:
                 self.sequences[conversation_id] = previous
 
-        turn.task = asyncio.ensure_future(self._begin(turn, begin, undo, started, reply_to, named))
+        turn.task = asyncio.ensure_future(self._begin(turn, begin, undo, started, reply_to))
 
     async def _begin(self, turn: Turn, begin: Callable[[], None], undo: Callable[[], None], started: dict,
-                     reply_to: Optional[tuple[Any, Any]], named: Optional[str]) -> None:
+                     reply_to: Optional[tuple[Any, Any]]) -> None:
         """Write the turn's start, then announce and run it; or undo the reservation and refuse."""
         try:
             await self.read(begin)
@@ -269,15 +262,10 @@ class AgentService:
         except Exception as exc:
             log.exception("agent history write failed; prompt refused", extra={"conversation": turn.conversation_id})
             undo()
-            refusal = {"channel": "agent", "type": "error", "code": "unavailable",
-                       "message": f"the agent history could not be written ({exc}); the prompt was not taken"}
-            if named is not None:
-                refusal["conversationId"] = named
             if reply_to is not None:
-                self.answer(reply_to, refusal)
+                self.answer(reply_to, Refusal("unavailable", f"the agent history could not be written ({exc}); the prompt was not taken"))
             for canceller in turn.cancelled_by:  # they asked to stop a turn that never started
-                self.answer(canceller, {"channel": "agent", "type": "error", "code": "not_found", "conversationId": turn.conversation_id,
-                                        "message": f"no turn is running in conversation {turn.conversation_id}"})
+                self.answer(canceller, Refusal("not_found", f"no turn is running in conversation {turn.conversation_id}"))
             return
         self.emit(started, reply_to)
         log.info("agent turn started", extra={"conversation": turn.conversation_id, "turn": turn.id})

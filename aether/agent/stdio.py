@@ -14,7 +14,7 @@ The backend answers with JSON lines on stdout, then exits 0::
 
 Blank lines are skipped and unknown fields ignored. Anything else (a line that is not JSON, an
 unknown ``type``, a field of the wrong kind, a line after ``message``, a line over
-``MAX_LINE_BYTES``, a reply over ``MAX_REPLY_JSON``) is a :class:`BackendFault`: the turn ends.
+``MAX_LINE_BYTES``, a reply over ``MAX_REPLY_JSON``) is a :class:`~aether.errors.Refusal`: the turn ends with its code.
 Nothing here does I/O, so every rule is tested without processes.
 """
 
@@ -23,27 +23,20 @@ from __future__ import annotations
 import json
 from typing import Optional, Union
 
-from aether.server.protocol import encoded_size, is_text
+from aether.errors import Refusal
+from aether.protocol import is_text
+from aether.wire import encoded_size
 
 #: One line of backend output, newline excluded.
 MAX_LINE_BYTES = 1 << 20
 #: A reply's text and tool notes, as JSON: the ``message`` and ``history`` frames that carry a
-#: whole turn then stay under seed 001's 1 MiB, whatever the text holds.
+#: whole turn then stay under the protocol's 1 MiB message limit, whatever the text holds.
 MAX_REPLY_JSON = 768 << 10
 MAX_TOOL_NAME = 200
 #: An ``error`` line's message is kept to its first this many bytes (as the stderr tail is):
 #: it is stored with the turn and sent to every client.
 MAX_ERROR_MESSAGE = 2048
 _SNIPPET = 120
-
-
-class BackendFault(Exception):
-    """What the backend did wrong, as a protocol error ``code`` and a message for the user."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Delta:
@@ -117,7 +110,7 @@ class LineSplitter:
 
     def _check(self, length: int) -> None:
         if length > self.max_line:
-            raise BackendFault("too_large", f"the backend wrote a line of more than {self.max_line} bytes")
+            raise Refusal("too_large", f"the backend wrote a line of more than {self.max_line} bytes")
 
 
 def _snippet(line: bytes) -> str:
@@ -126,22 +119,22 @@ def _snippet(line: bytes) -> str:
 
 
 def parse_line(line: bytes, number: int) -> Optional[Event]:
-    """The event of stdout line ``number`` (from 1), None for a blank line, or BackendFault."""
+    """The event of stdout line ``number`` (from 1), None for a blank line, or Refusal."""
     if not line.strip():
         return None
     where = f"line {number} of the backend's output"
     try:
         obj = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BackendFault("bad_output", f"{where} is not JSON: {_snippet(line)}") from None
+        raise Refusal("bad_output", f"{where} is not JSON: {_snippet(line)}") from None
     if not isinstance(obj, dict):
-        raise BackendFault("bad_output", f"{where} is not a JSON object: {_snippet(line)}")
+        raise Refusal("bad_output", f"{where} is not a JSON object: {_snippet(line)}")
     kind = obj.get("type")
 
     def field(name: str, default: Optional[str] = None) -> str:
         value = obj.get(name, default)
         if not is_text(value):
-            raise BackendFault("bad_output", f"{where}: a {kind} needs {name} as a string of valid Unicode")
+            raise Refusal("bad_output", f"{where}: a {kind} needs {name} as a string of valid Unicode")
         return value
 
     if kind == "delta":
@@ -149,7 +142,7 @@ def parse_line(line: bytes, number: int) -> Optional[Event]:
     if kind == "tool":
         name = field("name")
         if not name or len(name) > MAX_TOOL_NAME:
-            raise BackendFault("bad_output", f"{where}: a tool name must be 1-{MAX_TOOL_NAME} characters")
+            raise Refusal("bad_output", f"{where}: a tool name must be 1-{MAX_TOOL_NAME} characters")
         return Tool(name, field("text", ""))
     if kind == "message":
         return Final(field("text"))
@@ -157,7 +150,7 @@ def parse_line(line: bytes, number: int) -> Optional[Event]:
         message = field("message", "") or "the backend reported an error without a message"
         return Failure(_capped(message, MAX_ERROR_MESSAGE))
     shown = json.dumps(kind, ensure_ascii=False)[:_SNIPPET] if kind is not None else "none"
-    raise BackendFault("bad_output", f"{where} has type {shown}; expected delta, tool, message or error")
+    raise Refusal("bad_output", f"{where} has type {shown}; expected delta, tool, message or error")
 
 
 def _capped(text: str, limit: int) -> str:
@@ -199,9 +192,9 @@ class Reply:
         return self.final is None and not self._parts and not self.tools
 
     def add(self, event: Event) -> None:
-        """Take a delta, tool note or final message; BackendFault if it breaks a rule."""
+        """Take a delta, tool note or final message; Refusal if it breaks a rule."""
         if self.final is not None:
-            raise BackendFault("bad_output", "the backend wrote more after its message line, which must be its last")
+            raise Refusal("bad_output", "the backend wrote more after its message line, which must be its last")
         if isinstance(event, Delta):
             self._deltas_size += encoded_size(event.text)
             self._check(self._deltas_size)
@@ -217,4 +210,4 @@ class Reply:
 
     def _check(self, text_size: int) -> None:
         if text_size + self._tools_size > self.limit:
-            raise BackendFault("too_large", f"the reply grew past {self.limit >> 10} KiB")
+            raise Refusal("too_large", f"the reply grew past {self.limit >> 10} KiB")

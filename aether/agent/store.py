@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from aether import sqlite
-from aether.server.protocol import encoded_size
+from aether.wire import encoded_size
 
 #: Shorter than the registry's: a prompt waits on this before it is answered.
 BUSY_TIMEOUT_MS = 5_000

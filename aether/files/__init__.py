@@ -2,22 +2,23 @@
 a client's path says, ``paths``; resolving it beneath the root by the kernel, ``beneath``),
 the blocking operations on names (``ops``), reading and writing content (``reading``,
 ``writing``), the C library calls Python lacks (``libc``), and watching through inotify
-(``inotify``; ``dirs``, a watch's directories; ``watch``). Only ``inotify``'s instance and
-``watch`` know of an event loop.
+(``inotify``; ``dirs``, a watch's directories; ``coalescer``, a window's events; ``watch``).
+Only ``inotify``'s instance and ``watch`` know of an event loop.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from aether.errors import Refusal
 
-class FileError(Exception):
+
+class FileError(Refusal):
     """An operation refused or failed. ``code`` is the protocol's error code (``not_found``,
-    ``forbidden``, ...), ``path`` the client's path as it was sent (None for a request without one), and ``message`` says which
-    path and why, for a person to read."""
+    ``forbidden``, ...), ``path`` the client's path as it was sent (None for a request without
+    one; the error reply carries it), and ``message`` says which path and why, for a person to
+    read."""
 
     def __init__(self, code: str, path: Optional[str], message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message, **({"path": path} if path is not None else {}))
         self.path = path
-        self.message = message

@@ -3,9 +3,9 @@ server's inotify instance, its events paired, coalesced and sent at most every 5
 
 A change after a quiet spell is sent at once (after the kernel's batch it came in); what follows
 within ``WINDOW_SECONDS`` is gathered and sent when that window closes, at most one event per
-path (see :class:`Coalescer`). So a lone save is told in about a millisecond, and a storm costs
+path (see ``coalescer``). So a lone save is told in about a millisecond, and a storm costs
 at most one message per window. A window with
-more than ``MAX_PENDING_PATHS`` paths, or one in which the kernel dropped events, is sent as one
+more than ``coalescer.MAX_PENDING_PATHS`` paths, or one in which the kernel dropped events, is sent as one
 ``overflow``, so a save storm or a ``git checkout`` costs a bounded number of messages. While
 the client is behind on reading, the window stays open and keeps merging.
 """
@@ -19,6 +19,7 @@ import os
 from typing import Callable, Optional
 
 from aether.files import FileError
+from aether.files.coalescer import CREATED, DELETED, DIRECTORY, FILE, MODIFIED, MOVED, Coalescer
 from aether.files.dirs import Directories
 from aether.files.inotify import (
     IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
@@ -33,111 +34,6 @@ WINDOW_SECONDS = 0.05
 #: How long a rename's first half waits for its second once nothing else has come: the kernel
 #: queues them one after the other, and a read can fall in between.
 PAIR_SECONDS = 0.01
-#: Distinct paths in one window beyond which the window is sent as one ``overflow``.
-MAX_PENDING_PATHS = 1000
-#: Pending paths looked through for directory moves in one window (each move looks through
-#: all), beyond which the window is sent as one ``overflow``: a directory moved back and forth
-#: next to many changes stays cheap.
-MAX_CARRY_WORK = 100 * MAX_PENDING_PATHS
-
-CREATED, MODIFIED, DELETED, MOVED = "created", "modified", "deleted", "moved"
-FILE, DIRECTORY = "file", "directory"
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
-
-
-class Coalescer:
-    """One watch's events in one window, at most one per path, in an order a client can apply
-    one after another: what it never saw is not told (created then deleted is nothing; a file
-    created then moved is created where it ends up), and what a moved directory held moves
-    with it. Paths are relative to the watched directory."""
-
-    def __init__(self, limit: int = MAX_PENDING_PATHS, work: int = MAX_CARRY_WORK):
-        self.limit = limit
-        self.work = work
-        self.pending: dict[str, tuple[str, str, Optional[str]]] = {}  # path -> (type, kind, from)
-        self.overflowed = False
-        self._carried = 0
-
-    def __bool__(self) -> bool:
-        return self.overflowed or bool(self.pending)
-
-    def overflow(self) -> None:
-        self.overflowed = True
-        self.pending.clear()
-
-    def add(self, type_: str, path: str, kind: str, source: Optional[str] = None) -> None:
-        if self.overflowed:
-            return
-        if type_ == MOVED:
-            self._move(source or "", path, kind)
-        else:
-            self._merge(type_, path, kind)
-        if len(self.pending) > self.limit:
-            self.overflow()
-
-    def take(self) -> Optional[list[tuple[str, str, str, Optional[str]]]]:
-        """The window's events as ``(type, path, kind, from)``, or None for an overflow."""
-        events = None if self.overflowed else [(t, p, k, s) for p, (t, k, s) in self.pending.items()]
-        self.pending = {}
-        self.overflowed = False
-        self._carried = 0
-        return events
-
-    def _merge(self, type_: str, path: str, kind: str) -> None:
-        prev = self.pending.get(path)
-        if prev is None:
-            self.pending[path] = (type_, kind, None)
-            return
-        was, was_kind, source = prev
-        if type_ == CREATED:
-            # Deleted and made again: changed, unless it is now another kind of thing.
-            same = was == DELETED and was_kind == kind
-            self.pending[path] = (MODIFIED if same else CREATED, kind, None)
-        elif type_ == DELETED:
-            if was == CREATED:
-                del self.pending[path]
-            else:
-                self.pending[path] = (DELETED, kind, None)
-                if was == MOVED and source not in self.pending:
-                    self.pending[source] = (DELETED, kind, None)
-        elif was == DELETED:
-            self.pending[path] = (MODIFIED, kind, None)
-        # Modified after created, moved or modified adds nothing.
-
-    def _move(self, source: str, path: str, kind: str) -> None:
-        prev = self.pending.pop(source, None)
-        if prev is not None and prev[0] == CREATED:
-            new = (CREATED, kind, None)
-        elif prev is not None and prev[0] == MOVED:
-            new = (MODIFIED, kind, None) if prev[2] == path else (MOVED, kind, prev[2])
-        else:
-            new = (MOVED, kind, source)
-        old = self.pending.pop(path, None)
-        if new[0] == CREATED and old is not None and old[0] == DELETED and old[1] == kind:
-            new = (MODIFIED, kind, None)
-        self.pending[path] = new  # last: after whatever it depends on
-        if kind == DIRECTORY and len(self.pending) > 1:
-            self._carried += len(self.pending)
-            if self._carried > self.work:
-                self.overflow()
-            else:
-                self._carry(source, path)
-
-    def _carry(self, source: str, path: str) -> None:
-        """Events under a moved directory, renamed to where it went and put after the move."""
-        prefix = source + "/"
-        below = [(p, e) for p, e in self.pending.items() if p.startswith(prefix)]
-        for p, _ in below:
-            del self.pending[p]
-        for p, (t, k, s) in below:
-            if s is not None and _under(s, source):
-                s = path + s[len(source):]
-            self.pending[path + p[len(source):]] = (t, k, s)
-
-
 class WatchTree:
     """One client watch over ``real`` (named ``base`` in messages): the directory of
     (device, inode) ``ident`` that was there (None: the one there when it starts).

@@ -21,7 +21,7 @@ log = logging.getLogger("aether.ports")
 
 #: Processes watched at most: one descriptor each. A workspace's listening processes are
 #: tens; past this, an owner's exit goes unnoticed until a snapshot replaces its port's sockets,
-#: and new subscribers still get a living holder (``PortMonitor.open_events``).
+#: or a new subscriber finds it dead (``PortMonitor.open_events``) and its heir is looked for.
 MAX_WATCHED = 4096
 
 #: Seconds a process that no longer owns a port stays watched. One that listens and closes

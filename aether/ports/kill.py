@@ -18,14 +18,12 @@ import os
 import signal
 from typing import Awaitable, Callable, Iterable, Optional
 
+from aether.errors import Refusal
 from aether.ports import procs, sockdiag
 
 
-class KillRefused(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class KillRefused(Refusal):
+    """A kill refused (``code``, ``message``): the CLI prints it, the ports channel answers it."""
 
 
 @dataclasses.dataclass

@@ -20,6 +20,13 @@ recorded owner's pidfd is registered with the loop, and when it polls readable (
 exited) the holders of its ports' sockets are read again: no polling, and nothing runs while
 no owner exits.
 
+Who holds a socket is found by reading every process's descriptors, which takes milliseconds
+to a third of a second: never on the loop (:mod:`aether.ports.owners`). A resync holds back
+the ports whose owner could change what it does and is not known yet, and the resync after
+the search, on a fresh snapshot, applies them; an owner's exit is applied to the table as it
+is once its search ends. A new subscriber's ``open`` events say what the table knows at once;
+an owner found later is an ``update`` to every subscriber.
+
 Subscribers are plain callables taking a :class:`~aether.ports.events.PortEvent`; they run
 on the loop's thread, in the order the events happened.
 """
@@ -27,6 +34,7 @@ on the loop's thread, in the order the events happened.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -34,8 +42,9 @@ from typing import Callable, Iterable, Optional
 
 from aether.ports import BACKENDS, procs, sockdiag
 from aether.ports.ebpf import Probe, ProbeUnavailable
-from aether.ports.exits import Exited, ExitWatch
-from aether.ports.events import CLOSE, INODE, SKADDR, Listener, PortEvent, PortState
+from aether.ports.exits import Exited
+from aether.ports.events import CLOSE, SKADDR, Listener, PortEvent, PortState
+from aether.ports.owners import Owners
 from aether.ports.table import PortTable
 
 log = logging.getLogger("aether.ports")
@@ -75,8 +84,12 @@ class PortMonitor:
         self._diag: Optional[sockdiag.DiagSocket] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._netns = procs.net_namespace()
-        self._owners: dict[int, Optional[int]] = {}  # inode -> pid, for snapshot sockets
+        self._owners: Optional[Owners] = None
         self._resync_pending = False
+        # Ports a resync held back until their sockets' owners are found: port -> when first
+        # seen; and the searches for them -> (whether the resync trusted the probe, the ports).
+        self._held: dict[int, int] = {}
+        self._resync_tickets: dict[int, tuple[bool, set[int]]] = {}
         self._resync_hints: set[int] = set()
         self._resync_ports: set[int] = set()  # the ports whose records asked for it, for the log
         self._resync_trust = True
@@ -89,9 +102,6 @@ class PortMonitor:
         self._poll_handle: Optional[asyncio.TimerHandle] = None
         self._poll_cost: Optional[float] = None  # smoothed CPU seconds of one poll
         self._lost_seen = 0
-        self._exits: Optional[ExitWatch] = None  # the recorded owners' pidfds
-        self._watch_pending = False
-        self._gone: set[int] = set()  # owners whose exit is handled, still recorded (closing)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -99,7 +109,7 @@ class PortMonitor:
         """Choose and start the backend, then take the start-up snapshot."""
         self._loop = asyncio.get_running_loop()
         self._diag = sockdiag.DiagSocket()
-        self._exits = ExitWatch(self._loop, self._on_exits)
+        self._owners = Owners(self._loop, self.table, self._diag.raw, self._publish, self._on_found)
         if self.requested_backend in ("auto", "ebpf"):
             try:
                 # A compile (in a helper process, or by bcc in this one for perf buffers) takes
@@ -124,11 +134,13 @@ class PortMonitor:
                 f"probe on sock:inet_sock_set_state, {self._probe.buffer} buffer of "
                 f"{self._probe.pages} pages"
             )
+            await self._owners.find({row[3] for row in self._diag.raw()})
             self._resync("start-up")
         else:
             self.backend = "sockdiag"
             if not self.backend_reason:
                 self.backend_reason = f"requested; snapshot every {self.interval * 1000:.0f} ms or more"
+            await self._owners.find({row[3] for row in self._diag.raw()})
             self._poll()
         log.info("port monitor started", extra={"backend": self.backend, "reason": self.backend_reason})
 
@@ -140,9 +152,8 @@ class PortMonitor:
             if handle is not None:
                 handle.cancel()
         self._poll_handle = self._settle_handle = None
-        if self._exits is not None:
-            self._exits.close()
-            self._exits = None
+        if self._owners is not None:
+            self._owners.close()
         if self._diag is not None:
             self._diag.close()
             self._diag = None
@@ -160,13 +171,30 @@ class PortMonitor:
         return lambda: self._subscribers.remove(subscriber) if subscriber in self._subscribers else None
 
     def open_events(self) -> list[PortEvent]:
-        """An ``open`` event for every port open now, as a new subscriber should first see."""
+        """An ``open`` event for every port open now, as a new subscriber should first see:
+        the first recorded owner still alive, else what the table records. Nothing here reads
+        more than a pid's own /proc entries: a recorded owner that died unnoticed (too many
+        to watch) is handled as an exit, whose search runs off the loop and whose finding
+        every subscriber gets as an ``update``."""
         events = []
+        unnoticed: Exited = {}
         for port in self.table.ports():
             event = self.table.open_event(port)
-            pid = self._living_pid(port)
+            listeners = self.table.listeners(port)
+            pid = next((l.pid for l in listeners if procs.is_alive(l.pid)), None)
+            if pid is None:
+                pid = event.pid
+                if self._owners is not None:
+                    unnoticed.update((l.pid, None) for l in listeners if self._owners.unnoticed(l.pid))
             events.append(dataclasses.replace(event, pid=pid, process=procs.process_name(pid)))
+        if unnoticed:
+            self._owners.exited(unnoticed)
         return events
+
+    @property
+    def settled(self) -> bool:
+        """No owner search running or waiting to run, and no port held back for one."""
+        return not self._held and (self._owners is None or self._owners.idle)
 
     def ports(self) -> list[PortState]:
         """The ports open now, each with its owner and every living holder's pid."""
@@ -238,7 +266,7 @@ class PortMonitor:
             self._schedule_resync("record not applied", trust_probe=False)
         finally:
             self._batch_netns = self._batch_names = None
-        self._schedule_watch()
+        self._watch()
         lost = self._probe.lost if self._probe else 0
         now = self._loop.time()
         if lost != self._lost_seen:
@@ -319,46 +347,64 @@ class PortMonitor:
             self._loop.call_later(delay, self._resync, reason)
 
     def _resync(self, reason: str) -> None:
-        """Diff the table against a fresh snapshot and publish what differs."""
+        """Diff the table against a fresh snapshot and publish what differs.
+
+        Sockets whose owner is not known yet are looked for among the processes the records
+        named (their descriptors only, on the loop: an auto-bound listener opens at once),
+        else off the loop. Their ports are held back meanwhile, as the table has them (if at
+        all), and the resync that follows the search, on a snapshot of its own, applies
+        them: a port opens with its owner, and nothing is applied from a stale snapshot."""
+        if self._diag is None:
+            return
         self._resync_pending = False
         hints, self._resync_hints = self._resync_hints, set()
         ports, self._resync_ports = self._resync_ports, set()
         trust, self._resync_trust = self._resync_trust, True
-        if self._diag is None:
-            return
         started = time.perf_counter()
         seen_ns = time.monotonic_ns()
         raw = self._diag.raw()
-        inodes = {entry[3] for entry in raw}
-        unknown = inodes - self._owners.keys()
+        owners = self._owners
+        unknown = owners.unknown({entry[3] for entry in raw}, hints)
+        held: set[int] = set()
         if unknown:
-            owners = procs.socket_owners(unknown, hints)
-            for inode in unknown:
-                self._owners[inode] = owners.get(inode)
-        for inode in self._owners.keys() - inodes:
-            del self._owners[inode]
-        events = self.table.sync(sockdiag.to_listeners(raw, self._owners), trust_probe=trust)
+            sockets = collections.Counter(port for _family, port, _address, _inode in raw)
+            # Only where an owner can change what the sync does: not for a port whose probe
+            # sockets the sync keeps (a port the records opened, not lost since).
+            held = {port for _family, port, _address, inode in raw
+                    if inode in unknown and not self.table.keeps(port, sockets[port], trust)}
+        snapshot = [l for l in sockdiag.to_listeners(raw, owners.by_inode) if l.port not in held]
+        if held:
+            snapshot += [listener for port in held for listener in self.table.listeners(port)]
+            wanted = {inode for _family, port, _address, inode in raw if port in held and inode in unknown}
+            ticket = owners.request(wanted, hints)
+            was_trust, was_held = self._resync_tickets.get(ticket, (True, set()))
+            self._resync_tickets[ticket] = (was_trust and trust, was_held | held)
+        events = self.table.sync(snapshot, trust_probe=trust)
         self.stats["polls" if reason == "poll" else "resyncs"] += 1
         self.stats["snapshot_ms"] = (time.perf_counter() - started) * 1000
         if self.backend == "ebpf" or events:
             extra = {"reason": reason, "events": len(events), "sockets": len(raw)}
             if ports:
                 extra["ports"] = sorted(ports)[:16]  # bounded: a burst can name thousands
+            if held:
+                extra["held"] = len(held)
             log.debug("resync", extra=extra)
         for event in events:
-            self._publish(event, seen_ns, "sockdiag")
-        self._schedule_watch()
+            self._publish(event, self._held.get(event.port, seen_ns), "sockdiag")
+        self._held = {port: self._held.get(port, seen_ns) for port in held}  # when they were first seen
+        self._watch()
 
     def _poll(self) -> None:
-        started = time.process_time()
+        # The loop's own CPU: an owner search in the executor is not the snapshot's cost.
+        started = time.thread_time()
         try:
             self._resync("poll")
         except Exception:
             log.exception("sock_diag snapshot failed")
         finally:
-            spent = time.process_time() - started
+            spent = time.thread_time() - started
             # Stretch the interval so snapshots stay within the CPU budget, by their smoothed
-            # cost. The first poll resolves every pid through /proc once: not a steady cost.
+            # cost. The first poll, start-up's, is not a steady cost.
             if self._poll_cost is None:
                 self._poll_cost = 0.0
             else:
@@ -367,70 +413,17 @@ class PortMonitor:
             if self._diag is not None:
                 self._poll_handle = self._loop.call_later(delay, self._poll)
 
-    def _living_pid(self, port: int) -> Optional[int]:
-        """The first recorded owner still alive, else the owner among the port's holders."""
-        for listener in self.table.listeners(port):
-            if procs.is_alive(listener.pid):
-                return listener.pid
-        if self._diag is None:
-            return None
-        return procs.owner(procs.port_holders(self._diag.raw(), [port]).get(port, []))
+    # -- owners ---------------------------------------------------------------------------
 
-    # -- owners' exits ------------------------------------------------------------------
+    def _watch(self) -> None:
+        if self._owners is not None:
+            self._owners.watch()
 
-    def _schedule_watch(self) -> None:
-        # After the current batch, not inside it: an event is never held back by pidfd
-        # bookkeeping, and a burst from one process costs one look at the table's owners.
-        if not self._watch_pending and self._loop is not None:
-            self._watch_pending = True
-            self._loop.call_soon(self._sync_watches)
-
-    def _sync_watches(self) -> None:
-        """Watch every owner the table records, but those whose exit is handled already."""
-        self._watch_pending = False
-        if self._exits is None:
-            return
-        pids = self.table.pids()
-        self._gone &= pids
-        self._exits.track(pids - self._gone)
-
-    def _on_exits(self, exited: Exited) -> None:
-        """Owners exited: their sockets that live on (shared with a child) get the owner
-        among their living holders, and their ports an ``update``. A socket that closed with
-        its owner is left to its close record or the next snapshot."""
-        dead = exited.keys()
-        self._gone |= dead
-        for inode in [inode for inode, pid in self._owners.items() if pid in dead]:
-            del self._owners[inode]  # unknown again; found below if its port is open
-        ports = self.table.ports_of(dead)
-        if not ports or self._diag is None:
-            return
-        self._schedule_watch()  # to watch the heirs
-        seen_ns = time.monotonic_ns()
-        raw = [row for row in self._diag.raw() if row[1] in ports]
-        since = None if None in exited.values() else min(exited.values())
-        holders = procs.inherited_holders({row[3] for row in raw}, since)
-        living = {inode: [pid for pid in pids if procs.is_alive(pid)] for inode, pids in holders.items()}
-        by_port: dict[int, set[int]] = {}
-        for _family, port, _address, inode in raw:
-            by_port.setdefault(port, set()).update(living.get(inode, ()))
-        for port in sorted(by_port):
-            listeners = self.table.listeners(port)
-            # As open_events names it: another recorded owner still alive, else the owner
-            # among the port's living holders.
-            heir = next((l.pid for l in listeners if l.pid not in dead and procs.is_alive(l.pid)), None)
-            heir = heir or procs.owner(by_port[port])
-            pids = {}
-            for listener in listeners:
-                if listener.pid not in dead:
-                    continue
-                if listener.key[0] == INODE:
-                    # A snapshot's socket: its own holders decide, as the next snapshot will.
-                    pid = self._owners[listener.inode] = procs.owner(living.get(listener.inode, ())) or heir
-                else:
-                    pid = heir
-                pids[listener.key] = pid
-            event = self.table.set_pids(port, pids)
-            if event is not None:
-                self._publish(event, seen_ns, "pidfd")
-        log.debug("owners exited", extra={"pids": sorted(dead), "ports": len(ports)})
+    def _on_found(self, ticket: int) -> None:
+        """An owner search's findings are applied: the ports held back for it, on a fresh
+        snapshot."""
+        waited = self._resync_tickets.pop(ticket, None)
+        if waited is not None:
+            trust, held = waited
+            self._resync_ports |= held  # for the log: what the resync is for
+            self._schedule_resync("owners found", trust_probe=trust)

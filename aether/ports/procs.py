@@ -83,14 +83,13 @@ def socket_holders(inodes: Iterable[int], pids: Optional[Iterable[int]] = None) 
     return holders
 
 
-def inherited_holders(inodes: Iterable[int], since: Optional[int]) -> dict[int, list[int]]:
-    """:func:`socket_holders` of sockets that outlived an owner started at ``since`` (clock
-    ticks; None if unknown). They were inherited, so they are looked for among the processes
-    started since then first (a daemon's master and workers), then everywhere for what those
-    do not hold. With ~180 processes and ~800 descriptors here, finding those processes costs
-    ~1.5 ms and reading every descriptor 11-16 ms, more with more sockets open."""
+def find_holders(inodes: Iterable[int], first: Iterable[int] = ()) -> dict[int, list[int]]:
+    """:func:`socket_holders` of ``inodes``, looked for among the ``first`` processes, then
+    among every process for those they do not hold. Reads every descriptor on the machine
+    unless ``first`` holds them all: call it off the event loop."""
     inodes = set(inodes)
-    found = socket_holders(inodes, younger(since)) if since is not None else {}
+    first = list(first)
+    found = socket_holders(inodes, first) if first and inodes else {}
     if inodes - found.keys():
         found.update(socket_holders(inodes - found.keys()))
     return found
@@ -137,12 +136,7 @@ def socket_owners(inodes: Iterable[int], hints: Iterable[int] = ()) -> dict[int,
     The ``hints`` processes (say, the task a probe record names) are searched first; the
     whole of /proc only for inodes they do not hold.
     """
-    inodes = set(inodes)
-    found = socket_holders(inodes, hints) if hints else {}
-    rest = inodes - found.keys()
-    if rest:
-        found.update(socket_holders(rest))
-    return {inode: owner(pids) for inode, pids in found.items()}
+    return {inode: owner(pids) for inode, pids in find_holders(inodes, hints).items()}
 
 
 def port_holders(raw: Iterable[tuple], ports: Optional[Iterable[int]] = None) -> dict[int, list[int]]:

@@ -125,9 +125,7 @@ class PortTable:
                     self._put(listener)
                 events.append(self._event(OPEN, port))
                 continue
-            if have == want:
-                continue
-            if trust_probe and len(have) == len(want) and any(key[0] == SKADDR for key in have):
+            if have == want or self._trusted(have, len(want), trust_probe):
                 continue
             before = self._state(port)
             # Sockets kept keep their places (the first is the owner), new ones go last.
@@ -140,6 +138,12 @@ class PortTable:
             if event is not None:
                 events.append(event)
         return events
+
+    def keeps(self, port: int, sockets: int, trust_probe: bool = True) -> bool:
+        """Whether :meth:`sync` keeps the open ``port`` as the table has it, whatever its
+        ``sockets`` snapshot sockets are: their owners cannot change it."""
+        have = self._ports.get(port)
+        return have is not None and self._trusted(have, sockets, trust_probe)
 
     def set_ignored(self, ignored: Iterable[int]) -> list[PortEvent]:
         """Change the ignored ports: ``close`` for ports newly ignored.
@@ -194,6 +198,11 @@ class PortTable:
             keys.discard(listener.key)
             if not keys:
                 del self._by_pid[listener.pid]
+
+    @staticmethod
+    def _trusted(have: dict[Hashable, Listener], sockets: int, trust_probe: bool) -> bool:
+        """The probe's sockets of a port stand against a snapshot of as many (see :meth:`sync`)."""
+        return trust_probe and len(have) == sockets and any(key[0] == SKADDR for key in have)
 
     def _state(self, port: int) -> State:
         """What a client is told of a port: the owner (its first socket's) and the bound addresses."""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from aether import sqlite
+from aether.errors import Refusal
 from aether.excerpt import excerpt
 
 KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -38,15 +39,14 @@ MIGRATIONS = [
 ]
 
 
-class RegistryError(Exception):
+class RegistryError(Refusal):
     """A refused request or an unusable database; the message is for the user as is.
 
     ``code``: ``invalid`` (bad input), ``conflict`` (the port or block is taken), ``not_found``,
     or ``unavailable`` (the database cannot be used)."""
 
     def __init__(self, message: str, code: str = "invalid"):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
 
 
 class Entry:

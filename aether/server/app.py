@@ -1,8 +1,9 @@
 """The workspace server: one Tornado application for the WebSocket API, the preview proxy
 beside it on the same listener (see ``listener``), and ``serve`` to run them.
 
-``/workspaces/{workspaceId}/ws`` is the endpoint of seed 001; ``/`` is the dashboard (see
-``dashboard``); ``/healthz`` answers without authentication; anything else is a JSON 404.
+``/workspaces/{workspaceId}/ws`` is the protocol's endpoint (docs/protocol.md); ``/`` is the
+dashboard (see ``dashboard``); ``/healthz`` answers without authentication; anything else is a
+JSON 404.
 SIGTERM and SIGINT close every WebSocket with 1001 and every preview connection, stop the probe
 and return 0 within a second.
 """
@@ -26,22 +27,23 @@ from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
+from aether.registry.store import RegistryError
+from aether.server.channels import Channel
 from aether.server.channels.agent import AgentChannel
 from aether.server.channels.config import ConfigChannel
 from aether.server.channels.files import FilesChannel
 from aether.server.channels.ports import PortsChannel
 from aether.server.channels.terminal import TerminalChannel
+from aether.server.client import Client, Endpoint
+from aether.server.cookie import DASHBOARD_CHANNELS
 from aether.server.dashboard import routes as dashboard_routes
+from aether.server.dispatch import Dispatcher
 from aether.server.hub import Hub
 from aether.server.listener import SharedListener, answered
 from aether.server.metrics import Metrics, Readings
 from aether.server.metrics import routes as metrics_routes
-from aether.registry.store import RegistryError
-from aether.server.cookie import DASHBOARD_CHANNELS
-from aether.server.protocol import Message, ProtocolError, encode
-from aether.server.registry import RegistryService
-from aether.server.registry import routes as registry_routes
-from aether.server.session import Session
+from aether.server.registry_api import RegistryApi
+from aether.server.registry_api import routes as registry_routes
 from aether.settings import sources
 from aether.settings.serve import Settings
 from aether.state import StateDir
@@ -99,7 +101,7 @@ class NotFoundHandler(tornado.web.RequestHandler):
 
 
 class WorkspaceServer:
-    """The monitor, the sessions and the channels, wired together."""
+    """The monitor, the clients and the channels, wired together."""
 
     def __init__(self, settings: Settings, monitor: PortMonitor):
         self.settings = settings
@@ -117,24 +119,40 @@ class WorkspaceServer:
             backend=lambda: monitor.backend,
             ports_open=lambda: len(monitor.table),
             monitor_stats=lambda: monitor.stats,
-            clients=lambda: len(self.hub.sessions),
+            clients=lambda: len(self.hub.clients),
             preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
         ))
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
-        self.registry = RegistryService(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.sessions))
-        self.channels = {
-            "ports": PortsChannel(self),
-            "config": ConfigChannel(self),
-            "files": FilesChannel(self),
-            "terminal": TerminalChannel(self),
-            "agent": AgentChannel(self),
+        self.registry_api = RegistryApi(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
+        self.channels: dict[str, Channel] = {
+            "ports": PortsChannel(
+                monitor, monitor.table, self.hub, self.visibility, settings.preview_url_for, self.state.save_config,
+                own_port=settings.port, kill_grace=settings.kill_grace, sent=self.metrics.port_event,
+            ),
+            "config": ConfigChannel(settings, monitor, self.hub, self.state.save_config, self._registry_entries),
+            "files": FilesChannel(settings.workspace_root),
+            "terminal": TerminalChannel(settings),
+            "agent": AgentChannel(settings),
         }
+        self.dispatcher = Dispatcher(self.channels, self.metrics.ws_received, DASHBOARD_CHANNELS)
+        self.endpoint = Endpoint(
+            token=settings.token,
+            workspace_id=settings.workspace_id,
+            max_message_bytes=settings.max_message_bytes,
+            send_buffer_bytes=settings.send_buffer_bytes,
+            write_timeout=settings.write_timeout,
+            hub=self.hub,
+            receive=self.dispatcher.receive,
+            opened=self.on_open,
+            closed=self.dispatcher.close,
+            counts=self.metrics,
+        )
 
     def application(self) -> tornado.web.Application:
         app = tornado.web.Application(
             [
-                (r"/workspaces/([^/]+)/ws", Session, {"server": self}),
+                (r"/workspaces/([^/]+)/ws", Client, {"endpoint": self.endpoint}),
                 (r"/healthz", HealthHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
@@ -146,39 +164,21 @@ class WorkspaceServer:
         app.add_handlers(f"(?i){host_pattern(self.settings.preview_domain)}$", [(r".*", MisdirectedHandler)])
         return app
 
-    def on_open(self, session: Session) -> None:
-        heard = self.channels if session.allowed is None else DASHBOARD_CHANNELS
-        for name, channel in self.channels.items():
-            if name in heard:
-                channel.on_open(session)
-        self.registry.watch()
+    def on_open(self, client: Client) -> None:
+        self.dispatcher.open(client)
+        self.registry_api.watch()
 
     def close_channels(self) -> None:
-        """At shutdown: end what channels keep beside sessions (watches, terminals, agent turns)."""
+        """At shutdown: end what channels keep beside clients (watches, terminals, agent turns)."""
         for channel in self.channels.values():
-            close = getattr(channel, "close", None)
-            if close is not None:
-                close()
+            channel.close()
 
-    def on_close(self, session: Session) -> None:
-        for channel in self.channels.values():
-            channel.on_close(session)
+    def _registry_entries(self) -> list[dict]:
+        return [entry.to_json() for entry in self.registry_api.reader.entries()]
 
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
-        self.hub.broadcast(encode({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]}))
-
-    def dispatch(self, session: Session, message: Message) -> None:
-        if session.allowed is not None and (message.channel, message.type) not in session.allowed:
-            raise ProtocolError(
-                "forbidden",
-                "the dashboard's cookie opens the ports channel and config get/registry only: "
-                "connect with the workspace token for this",
-                message.channel,
-                message.id,
-                message.type,
-            )
-        self.channels[message.channel].handle(session, message)
+        self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:
@@ -226,7 +226,7 @@ async def serve(settings: Settings) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 1
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry.port_of, server.metrics)
+    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
     listener = SharedListener(
         http,
         previews,
@@ -252,7 +252,7 @@ async def serve(settings: Settings) -> int:
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
-    server.registry.close()
+    server.registry_api.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
     return 0

@@ -24,7 +24,7 @@ from tornado.httputil import HTTPServerRequest
 from aether import credentials
 
 NAME = "aether_dashboard"
-#: What a session opened by the cookie may send (channel, type); it hears only these channels.
+#: What a client connected with the cookie may send (channel, type); it hears only these channels.
 DASHBOARD = frozenset({("ports", "kill"), ("ports", "visibility"), ("config", "get"), ("config", "registry")})
 DASHBOARD_CHANNELS = frozenset(channel for channel, _ in DASHBOARD)
 

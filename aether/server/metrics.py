@@ -26,7 +26,7 @@ import platform
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 from aether import __version__
-from aether.server.registry import ApiHandler
+from aether.server.registry_api import ApiHandler
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer

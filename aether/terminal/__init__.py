@@ -1,1 +1,1 @@
-"""PTY sessions that outlive the WebSocket that started them (seed 001)."""
+"""Terminal sessions: PTYs and their processes, which outlive the client that started them."""

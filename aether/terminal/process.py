@@ -28,18 +28,10 @@ from typing import Optional, Sequence
 from aether import spawn
 from aether.cgroup import Tree
 from aether.pidtree import ScanTree
+from aether.errors import Refusal
 from aether.settings.sources import child_environment
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
-
-
-class SpawnError(Exception):
-    """The command could not be started; ``code`` is a protocol error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def child_env(extra: Optional[dict], session_id: str) -> dict:
@@ -77,7 +69,7 @@ class PtyProcess:
         try:
             spawn.check_program(argv[0], str(cwd), env)
         except spawn.NotFound as exc:
-            raise SpawnError("not_found", f"command not found: {exc.program}") from None
+            raise Refusal("not_found", f"command not found: {exc.program}") from None
         self.tree = tree if tree is not None else ScanTree()
         master, slave = os.openpty()
         try:
@@ -87,7 +79,7 @@ class PtyProcess:
         except BaseException as exc:
             os.close(master)
             if isinstance(exc, OSError):
-                raise SpawnError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+                raise Refusal("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
             raise
         finally:
             os.close(slave)

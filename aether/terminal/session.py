@@ -1,7 +1,8 @@
-"""One terminal session: its process, its output to every attached client, its scrollback.
+"""One terminal session (a :class:`Terminal`): its process, its output to every attached
+client, its scrollback.
 
 Output is read from the PTY only while every attached client keeps up: once one has more than
-``BACKLOG_BYTES`` unsent (see ``aether.server.session``), reading stops until it has drained,
+``BACKLOG_BYTES`` unsent (see ``aether.server.client``), reading stops until it has drained,
 the PTY's buffer fills, and the program writing blocks, as it would on a slow real terminal.
 So a ``cat`` of a huge file costs bounded memory, and a client that stops reading altogether is
 dropped by its write deadline like any slow client, after which the others go on.
@@ -14,11 +15,11 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Union
 
 from aether.cgroup import Tree
-from aether.server.protocol import encode
-from aether.server.session import text_frame
+from aether.errors import Refusal
+from aether.wire import encode, frame
 from aether.terminal.output import OutputEncoder, Scrollback
 from aether.terminal.process import PtyProcess
 
@@ -32,20 +33,20 @@ MAX_PENDING_INPUT = 1 << 20
 
 
 class Client(Protocol):
-    backlogged: bool
+    """What a terminal needs of a client attached to it."""
 
-    def send(self, message: dict) -> None: ...
-    def send_frame(self, frame: bytes) -> None: ...
+    @property
+    def backlogged(self) -> bool: ...
+
+    def send(self, message: Union[dict, bytes]) -> None: ...
     def when_drained(self, callback: Callable[[], None]) -> None: ...
 
 
-class InputRefused(Exception):
-    pass
+class Terminal:
+    """A terminal session: ``session_id`` names it on the wire (``sessionId``)."""
 
-
-class TerminalSession:
     def __init__(self, session_id: str, process: PtyProcess, command: list[str], cwd: str,
-                 scrollback: int, on_exit: Callable[["TerminalSession"], None],
+                 scrollback: int, on_exit: Callable[["Terminal"], None],
                  on_reaped: Callable[[Tree], None] = lambda tree: None):
         self.id = session_id
         self.process = process
@@ -110,9 +111,9 @@ class TerminalSession:
             self.detached_since = time.monotonic()
 
     def _broadcast(self, message: dict) -> None:
-        frame = text_frame(encode(message))
+        built = frame(message)
         for client in list(self.clients):
-            client.send_frame(frame)
+            client.send(built)
 
     # -- output -------------------------------------------------------------------------
 
@@ -173,11 +174,11 @@ class TerminalSession:
     # -- input and size -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` for the PTY; InputRefused when too much is still waiting."""
+        """Queue ``data`` for the PTY; Refusal ``busy`` when too much is still waiting."""
         if self.process.fd is None or self.exit is not None:
-            raise InputRefused("the session has ended")
+            raise Refusal("busy", "the session has ended")
         if len(self._input) + len(data) > MAX_PENDING_INPUT:
-            raise InputRefused(f"more than {MAX_PENDING_INPUT >> 10} KiB of input is waiting for the program to read it")
+            raise Refusal("busy", f"more than {MAX_PENDING_INPUT >> 10} KiB of input is waiting for the program to read it")
         idle = not self._input
         self._input += data
         if idle:

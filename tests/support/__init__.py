@@ -1,1 +1,22 @@
-"""Helpers the tests (and benchmarks) share that are not fixtures: real servers to start."""
+"""What the tests (and benchmarks) share besides fixtures: starting and stopping real servers
+and listeners, waiting for events with a deadline, and talking to `aether serve` over a raw
+WebSocket. ``tests/conftest.py`` holds the fixtures only, built from these.
+
+- :mod:`support.waiting`: ``wait_for`` (and ``until`` for a running event loop)
+- :mod:`support.ports`: free ports, the kernel's listening ports, retrying a start whose port was taken
+- :mod:`support.processes`: ``aether`` as a command, stopping processes, their state in /proc
+- :mod:`support.ebpf`: whether the probe can load here (``need_ebpf``)
+- :mod:`support.servers`: `aether serve` (``Server``) and `aether ports watch` (``Watcher``)
+- :mod:`support.listeners`: real listening processes (http.server, node, nginx)
+- :mod:`support.clients`: WebSocket messages, raw upgrades and frames
+- :mod:`support.browser`: Debian's Chromium under selenium
+- :mod:`support.redis`: a real ``redis-server``, and a Sentinel watching it
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+AETHER = [sys.executable, "-m", "aether"]

@@ -1,5 +1,7 @@
 """A real ``redis-server`` (and a Sentinel watching it) on a free loopback port, in a directory of
-its own, persisting nothing: each test starts its own and stops it afterwards."""
+its own, persisting nothing: each test starts its own and stops it afterwards. On a port of its
+own choosing, a first start that finds the port taken meanwhile is tried again on another
+(see ``support.ports``)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from support.ports import ATTEMPTS, free_port, held_sockets, listening_inodes
+
 SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """``proc`` itself listens on ``port`` (another process may, on a port taken meanwhile)."""
+    return bool(listening_inodes(port) & held_sockets(proc.pid))
+
+
+def _taken(log: Path) -> bool:
+    return log.exists() and "Address already in use" in log.read_text(errors="replace")
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:
@@ -48,6 +55,7 @@ class RedisServer:
 
     def __init__(self, port: Optional[int] = None, extra: tuple[str, ...] = ()):
         self.port = port or free_port()
+        self._choose = port is None  # until a start succeeds: then restarts keep the port
         self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="aether-redis-"))
         self.proc: Optional[subprocess.Popen] = None
@@ -57,18 +65,29 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
+        for attempt in range(ATTEMPTS):
+            if self._start(timeout):
+                self._choose = False
+                return self
+            if not (self._choose and _taken(self.dir / "redis.log")) or attempt == ATTEMPTS - 1:
+                break
+            (self.dir / "redis.log").unlink()
+            self.port = free_port()
+        log = (self.dir / "redis.log").read_text(errors="replace")[-2000:] if (self.dir / "redis.log").exists() else ""
+        raise RuntimeError(f"redis-server did not start on {self.port}: {log}")
+
+    def _start(self, timeout: float) -> bool:
         cmd = [SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
                "--logfile", str(self.dir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not ping(self.port):
+        while not (_listens(self.proc, self.port) and ping(self.port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:] if (self.dir / "redis.log").exists() else ""
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on {self.port}: {log}")
+                return False
             time.sleep(0.01)
-        return self
+        return True
 
     def kill(self) -> None:
         """SIGKILL, as a crash: clients see their connections reset."""
@@ -100,6 +119,7 @@ class Sentinel:
 
     def __init__(self, master: RedisServer, name: str = "aether-test"):
         self.port = free_port()
+        self._attempts = 1
         self.name = name
         self.master = master
         self.dir = Path(tempfile.mkdtemp(prefix="aether-sentinel-"))
@@ -119,8 +139,15 @@ class Sentinel:
         )
         self.proc = subprocess.Popen([SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not self._knows_master():
+        while not (_listens(self.proc, self.port) and self._knows_master()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                taken = _taken(self.dir / "sentinel.log")
+                _terminate(self.proc)
+                if taken and self._attempts < ATTEMPTS:  # a port of its own choosing, taken meanwhile
+                    self._attempts += 1
+                    self.port = free_port()
+                    (self.dir / "sentinel.log").unlink()
+                    return self.start(timeout)
                 self.close()
                 raise RuntimeError(f"sentinel did not start on {self.port}")
             time.sleep(0.02)

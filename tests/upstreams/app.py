@@ -6,7 +6,8 @@ Usage: app.py PORT [BIND]. Paths:
   /upload     reads the request body (any framing) and answers its size
   /sse        an event, then (once FLAG exists, given as ?flag=) a second one, chunked
   /headers    several Set-Cookie, and a header named in Connection
-  /slow       never answers; writes ?flag= when the proxy closes the connection
+  /slow       never answers; writes ?reached= once the request is in, ?flag= when the proxy
+              closes the connection
   /close      a body without a length: it ends when the connection closes
   /204        no content
   /crash      closes the connection without answering
@@ -116,6 +117,9 @@ class Handler(BaseHTTPRequestHandler):
                 ],
             )
         elif path == "/slow":
+            if "reached" in query:
+                with open(query["reached"], "w") as f:
+                    f.write("reached")
             try:
                 while self.rfile.read(1):
                     pass

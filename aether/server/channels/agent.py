@@ -1,53 +1,57 @@
-"""The ``agent`` channel: conversations with the configured backend, streamed to every client
-(seed 001: "AI agent interaction and streaming").
+"""The ``agent`` channel: conversations with the configured backend, streamed to every client.
 
-The agent belongs to the workspace, not to a connection: every client hears every turn's
+The agent belongs to the workspace, not to a client: every client hears every turn's
 ``started``, ``delta``, ``tool``, ``message``, ``error`` and ``done``, and the client whose
 request caused one gets its copy with the request's ``id``. On connect, a client gets the
-history of the conversation updated last, marked ``"replay": true`` (seed 001: "agent
-conversation history is replayed automatically"), a running turn in it with its text so far;
-the live events that follow extend exactly that.
+history of the conversation updated last, marked ``"replay": true``, a running turn in it with
+its text so far; the live events that follow extend exactly that.
 
 Replies that read the database (``history``, ``list``, the replay) take a moment in the
-service's worker thread. Each connection's messages keep their order meanwhile: what comes
-after such a reply waits for it (``_Outbox``).
+service's worker thread. Each client's messages keep their order meanwhile: what comes after
+such a reply waits for it (``_Outbox``), error replies too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from aether.agent.service import AgentService, Refusal
-from aether.server.protocol import Message, ProtocolError, encode, with_id
-from aether.server.session import text_frame
+from aether.agent.service import AgentService
+from aether.errors import Refusal
+from aether.protocol import Message
+from aether.server.channels import Channel
+from aether.server.dispatch import Jobs
+from aether.wire import frame, refused, with_id
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.agent")
 
-#: Replies of one connection waiting on the database; past this, ``busy`` (a client that asks
+#: Replies of one client waiting on the database; past this, ``busy`` (a client that asks
 #: faster than they are read would otherwise queue work without bound).
 MAX_WAITING = 32
+#: What the replay on connect answers: no request of the client's (its error has no ``id``).
+REPLAY = Message("agent", "replay", {})
 
 
 class _Outbox:
-    """One connection's agent messages, in order: a reply still being read from the database
-    holds back the messages after it."""
+    """One client's agent messages (dicts, or frames built once for every client), in order: a
+    reply still being read from the database holds back the messages after it."""
 
-    def __init__(self, session: "Session"):
-        self.session = session
+    def __init__(self, client: "Client"):
+        self.client = client
         self.waiting = 0
+        #: Places in line: [None] while a reply is read, then [its messages].
         self._queue: collections.deque[list] = collections.deque()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, message: Union[dict, bytes]) -> None:
         if self._queue:
-            self._queue.append([frame])
+            self._queue.append([[message]])
         else:
-            self.session.send_frame(frame)
+            self.client.send(message)
 
     def hold(self) -> list:
         """A place in line for a reply to come (see :meth:`fill`)."""
@@ -56,112 +60,101 @@ class _Outbox:
         self.waiting += 1
         return slot
 
-    def fill(self, slot: list, frames: list[bytes]) -> None:
-        """Put the reply's frames (maybe none) in its place; send what is ready."""
-        slot[0] = frames
+    def fill(self, slot: list, messages: list[Union[dict, bytes]]) -> None:
+        """Put the reply's messages (maybe none) in its place; send what is ready."""
+        slot[0] = messages
         self.waiting -= 1
         while self._queue and self._queue[0][0] is not None:
-            ready = self._queue.popleft()[0]
-            for frame in ready if isinstance(ready, list) else [ready]:
-                self.session.send_frame(frame)
+            for message in self._queue.popleft()[0]:
+                self.client.send(message)
 
 
-def _frame(message: dict) -> bytes:
-    return text_frame(encode(message))
+class AgentChannel(Channel):
+    """The agent service of ``settings`` (its state directory, backend, workspace, limits)."""
 
-
-class AgentChannel:
     name = "agent"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
-        self.service = AgentService(server.settings, self._emit, self._answer_one)
-        self._outboxes: dict["Session", _Outbox] = {}
-        self._handlers = {"prompt": self._prompt, "cancel": self._cancel, "history": self._history, "list": self._list}
+    def __init__(self, settings: Any):
+        self.service = AgentService(settings, self._emit, self._answer_one)
+        self._outboxes: dict["Client", _Outbox] = {}
+        self._jobs = Jobs()
+        self.handlers = {"prompt": self._prompt, "cancel": self._cancel, "history": self._history, "list": self._list}
 
-    # -- connections --------------------------------------------------------------------
+    # -- clients ------------------------------------------------------------------------
 
-    def on_open(self, session: "Session") -> None:
-        outbox = self._outboxes[session] = _Outbox(session)
+    def on_open(self, client: "Client") -> None:
+        outbox = self._outboxes[client] = _Outbox(client)
 
         def replay(histories: list[dict]) -> list[dict]:
             return [{"channel": self.name, "type": "history", "replay": True, **history} for history in histories]
 
-        self._answer(outbox, self.service.replay(), replay)
+        self._answer(outbox, self.service.replay(), replay, REPLAY)
 
-    def on_close(self, session: "Session") -> None:
-        self._outboxes.pop(session, None)
+    def on_close(self, client: "Client") -> None:
+        self._outboxes.pop(client, None)
 
-    def handle(self, session: "Session", message: Message) -> None:
-        outbox = self._outboxes.get(session)
-        if outbox is None:  # not open yet or already closed: nothing to answer into
-            return
-        try:
-            self._handlers[message.type](session, outbox, message)
-        except Refusal as refusal:
-            outbox.send(_frame(self._error(refusal, message)))
+    def reply(self, client: "Client", message: dict) -> None:
+        outbox = self._outboxes.get(client)
+        (outbox.send if outbox is not None else client.send)(message)
 
-    def _error(self, refusal: Refusal, message: Optional[Message]) -> dict:
-        """The error reply, naming the request's conversation when it named one (and counted:
-        these go out as frames, past ``Session.send``)."""
-        self.server.metrics.ws_errors[refusal.code] += 1
-        error = ProtocolError(refusal.code, refusal.message, self.name, message.id if message else None).to_message()
-        if message is not None and "conversationId" in message.body:
-            error["conversationId"] = message.body["conversationId"]
-        return error
+    def _emit(self, message: dict, reply_to: Optional[tuple[Any, Message]]) -> None:
+        """``message`` to every client; the requester's copy carries its ``id``."""
+        built = frame(message)
+        sender, id_ = (reply_to[0], reply_to[1].id) if reply_to is not None else (None, None)
+        for client, outbox in list(self._outboxes.items()):
+            outbox.send(frame(with_id(message, id_)) if client is sender and id_ is not None else built)
 
-    def _emit(self, message: dict, reply_to: Optional[tuple[Any, Any]]) -> None:
-        """``message`` to every connection; the requester's copy carries its ``id``."""
-        frame = _frame(message)
-        sender, id_ = reply_to if reply_to is not None else (None, None)
-        for session, outbox in list(self._outboxes.items()):
-            outbox.send(_frame(with_id(message, id_)) if session is sender and id_ is not None else frame)
-
-    def _answer_one(self, reply_to: tuple[Any, Any], message: dict) -> None:
-        """``message`` to the requester of ``reply_to`` alone, with its request's ``id``."""
-        session, id_ = reply_to
-        outbox = self._outboxes.get(session)
+    def _answer_one(self, reply_to: tuple[Any, Message], message: Union[dict, Refusal]) -> None:
+        """``message`` to the requester of ``reply_to`` alone, as the answer to its request."""
+        client, request = reply_to
+        outbox = self._outboxes.get(client)
         if outbox is not None:
-            if message.get("type") == "error":  # the service's own refusals, past ``_error``
-                self.server.metrics.ws_errors[message["code"]] += 1
-            outbox.send(_frame(with_id(message, id_)))
+            outbox.send(refused(message, request) if isinstance(message, Refusal) else with_id(message, request.id))
 
-    def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any],
-                message: Optional[Message] = None) -> None:
+    def _answer(self, outbox: _Outbox, work: Callable[[], Any], render: Callable[[Any], Any], request: Message) -> None:
         """Run ``work`` in the database thread; send ``render(result)`` (a message, or a list of
-        them) in the outbox's order."""
+        them) in the outbox's order, or the error reply of what either raises."""
         if outbox.waiting >= MAX_WAITING:
             raise Refusal("busy", f"{MAX_WAITING} agent requests of this connection are waiting for their answers; wait for them")
         slot = outbox.hold()
-
-        def done(future) -> None:
-            if self._outboxes.get(outbox.session) is not outbox:
-                return  # the connection closed meanwhile
-            try:
-                reply = render(future.result())
-            except Refusal as refusal:
-                reply = self._error(refusal, message)
-            except Exception as exc:
-                log.exception("agent history read failed")
-                reply = self._error(Refusal("unavailable", f"the agent history could not be read: {exc}"), None)
-            if isinstance(reply, dict) and message is not None and message.id is not None:
-                reply["id"] = message.id  # last, as in every other reply
-            outbox.fill(slot, [_frame(m) for m in (reply if isinstance(reply, list) else [reply])])
-
         try:
-            self.service.read(work).add_done_callback(done)
+            read = self.service.read(work)
         except RuntimeError:  # the daemon is stopping: its thread is gone
             outbox.fill(slot, [])
+            return
+        self._jobs.start(self._answered(outbox, slot, read, render, request), request, lambda error: outbox.fill(slot, [error]))
+
+    async def _answered(self, outbox: _Outbox, slot: list, read: asyncio.Future, render: Callable[[Any], Any],
+                        request: Message) -> None:
+        try:
+            result = await read
+        except Exception as exc:
+            log.exception("agent history read failed")
+            raise Refusal("unavailable", f"the agent history could not be read: {exc}") from None
+        if self._outboxes.get(outbox.client) is not outbox:
+            return  # the client has gone meanwhile
+        reply = render(result)
+        if isinstance(reply, dict) and request.id is not None:
+            reply["id"] = request.id  # last, as in every other reply
+        outbox.fill(slot, reply if isinstance(reply, list) else [reply])
 
     # -- messages -----------------------------------------------------------------------
 
-    def _prompt(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.start(message.body.get("conversationId"), message.body["text"], (session, message.id))
+    def _outbox(self, client: "Client") -> Optional[_Outbox]:
+        return self._outboxes.get(client)  # None: not open yet or gone, nothing to answer into
 
-    def _cancel(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self.service.cancel(message.body["conversationId"], (session, message.id))
+    def _prompt(self, client: "Client", message: Message) -> None:
+        if self._outbox(client) is not None:
+            self.service.start(message.body.get("conversationId"), message.body["text"], (client, message))
 
-    def _history(self, session: "Session", outbox: _Outbox, message: Message) -> None:
+    def _cancel(self, client: "Client", message: Message) -> None:
+        if self._outbox(client) is not None:
+            self.service.cancel(message.body["conversationId"], (client, message))
+
+    def _history(self, client: "Client", message: Message) -> None:
+        outbox = self._outbox(client)
+        if outbox is None:
+            return
         wanted = message.body.get("conversationId")
 
         def render(history: Optional[dict]) -> dict:
@@ -173,9 +166,12 @@ class AgentChannel:
 
         self._answer(outbox, self.service.history(wanted), render, message)
 
-    def _list(self, session: "Session", outbox: _Outbox, message: Message) -> None:
-        self._answer(outbox, self.service.listing(), lambda found: {"channel": self.name, "type": "list", **found}, message)
+    def _list(self, client: "Client", message: Message) -> None:
+        outbox = self._outbox(client)
+        if outbox is not None:
+            self._answer(outbox, self.service.listing(), lambda found: {"channel": self.name, "type": "list", **found}, message)
 
     def close(self) -> None:
+        self._jobs.cancel()
         self.service.close()
         self._outboxes.clear()

@@ -7,14 +7,27 @@ that fails validation, or a state directory that cannot be written, changes noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
 
+from aether.errors import Refusal
 from aether.excerpt import excerpt
-from aether.server.protocol import Message, ProtocolError, reply
+from aether.protocol import Message
+from aether.server.channels import Audience, Channel, SaveConfig
+from aether.wire import reply
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
+    from aether.settings.serve import Settings
+
+
+class Monitor(Protocol):
+    """What the channel uses of the port monitor."""
+
+    @property
+    def backend(self) -> Optional[str]: ...
+
+    def set_ignored(self, ignored: Iterable[int]) -> None: ...
+
 
 MUTABLE = ("ignoredPorts",)
 _MAX_IGNORED = 1024
@@ -32,14 +45,20 @@ def validate_ignored_ports(value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
-class ConfigChannel:
+class ConfigChannel(Channel):
+    """``settings`` are read for ``get`` and changed by ``set``; ``registry()`` is the port
+    registry's entries now, as JSON."""
+
     name = "config"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
+    def __init__(self, settings: "Settings", monitor: Monitor, clients: Audience, save_config: SaveConfig,
+                 registry: Callable[[], list[dict]]):
+        self.settings, self.monitor, self.clients = settings, monitor, clients
+        self.save_config, self.registry_entries = save_config, registry
+        self.handlers = {"get": self._get, "set": self._set, "registry": self._registry}
 
     def snapshot(self) -> dict:
-        settings, monitor = self.server.settings, self.server.monitor
+        settings, monitor = self.settings, self.monitor
         return {
             "workspaceId": settings.workspace_id,
             "projectIdPrefix": settings.project_prefix,
@@ -70,39 +89,30 @@ class ConfigChannel:
             "mutable": list(MUTABLE),
         }
 
-    def on_open(self, session: "Session") -> None:
-        pass
+    def _get(self, client: "Client", message: Message) -> None:
+        client.send(reply(message, "config", config=self.snapshot()))
 
-    def on_close(self, session: "Session") -> None:
-        pass
+    def _registry(self, client: "Client", message: Message) -> None:
+        client.send(reply(message, "registry", ports=self.registry_entries()))
 
-    def handle(self, session: "Session", message: Message) -> None:
-        if message.type == "get":
-            session.send(reply(message, "config", config=self.snapshot()))
-        elif message.type == "set":
-            self._set(session, message)
-        elif message.type == "registry":
-            entries = self.server.registry.reader.entries()
-            session.send(reply(message, "registry", ports=[entry.to_json() for entry in entries]))
-
-    def _set(self, session: "Session", message: Message) -> None:
+    def _set(self, client: "Client", message: Message) -> None:
         changes = message.body["config"]
         if not changes:
-            raise ProtocolError("invalid", "config holds no key to change", self.name, message.id)
+            raise Refusal("invalid", "config holds no key to change")
         for key in changes:
             if key not in MUTABLE:
                 known = key in self.snapshot()
                 why = f"{key} cannot be changed" if known else f"unknown key {key}"
-                raise ProtocolError("invalid", f"{why}; mutable: {', '.join(MUTABLE)}", self.name, message.id)
+                raise Refusal("invalid", f"{why}; mutable: {', '.join(MUTABLE)}")
         try:
             ignored = validate_ignored_ports(changes["ignoredPorts"])
         except ValueError as exc:
-            raise ProtocolError("invalid", str(exc), self.name, message.id) from None
+            raise Refusal("invalid", str(exc)) from None
         try:
-            self.server.state.save_config({"ignored_ports": list(ignored)})
+            self.save_config({"ignored_ports": list(ignored)})
         except OSError as exc:
-            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
-        self.server.settings.ignored_ports = ignored
-        self.server.monitor.set_ignored(self.server.settings.monitor_ignored)
+            raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
+        self.settings.ignored_ports = ignored
+        self.monitor.set_ignored(self.settings.monitor_ignored)
         changed = {"channel": self.name, "type": "changed", "config": self.snapshot()}
-        self.server.hub.announce(changed, session, message.id)
+        self.clients.announce(changed, client, message.id)

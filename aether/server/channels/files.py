@@ -1,13 +1,13 @@
 """The ``files`` channel: list, stat, read, write, mkdir, delete and rename under the workspace
-root, and watches that belong to the connection (seed 001: nothing is replayed after a
+root, and watches that belong to the client's connection (nothing is replayed after a
 reconnect; ``list`` and ``read`` give the current state).
 
 The operations block, so they run in a small thread pool of the channel's own; the event loop
-only sends. A connection's requests start in the order they came, each once the one before it
+only sends. A client's requests start in the order they came, each once the one before it
 has done its work (a read, once it has opened its file), so a read sent after a write sees
-that write; those of a connection that has closed are dropped unstarted. A read or a long
-listing then streams its messages apart from that order, each sent only once the client has
-no more than ``session.BACKLOG_BYTES`` unsent (so several streams at once cannot pile up more),
+that write; those of a client that has gone are dropped unstarted. A read or a long listing
+then streams its messages apart from that order, each sent only once the client has no more
+than ``client.BACKLOG_BYTES`` unsent (so several streams at once cannot pile up more),
 stopping if it goes. A listing's messages are built in the pool, ready to send.
 
 Every request is answered by a message of its own type with its ``id``, or by an ``error``
@@ -18,19 +18,23 @@ client: an unexpected failure is logged and answered ``internal``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
+from aether.errors import Refusal
 from aether.files import FileError, ops, reading, writing
 from aether.files.inotify import Instance, locate
 from aether.files.watch import WatchTree
-from aether.server.protocol import Message, ProtocolError, encode, reply, with_id
-from aether.server.session import text_frame
+from aether.protocol import Message
+from aether.server.channels import Channel
+from aether.server.dispatch import Jobs
+from aether.wire import frame, reply, with_id
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.files")
 
@@ -60,8 +64,8 @@ def list_pages(entries: list[dict], budget: int = MAX_LIST_BYTES) -> list[list[d
     return runs
 
 
-class _Connection:
-    """What the channel keeps per WebSocket."""
+class _ClientState:
+    """What the channel keeps per client."""
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # FIFO: requests start in arrival order
@@ -73,72 +77,65 @@ class _Connection:
         self.queued -= 1
 
 
-class FilesChannel:
+#: One request's work, in its client's order: it returns the stream to send after (a read's
+#: chunks, a listing's pages), or None.
+Operation = Callable[["Client", _ClientState, Message], Awaitable[Optional[Awaitable[None]]]]
+
+
+class FilesChannel(Channel):
+    """Files under ``root``, the workspace root."""
+
     name = "files"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
-        self.root = str(server.settings.workspace_root.resolve())
+    def __init__(self, root: Path):
+        self.root = str(root.resolve())
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
         self._inotify = Instance(self._blocking)
-        self._connections: dict["Session", _Connection] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._handlers = {
+        self._states: dict["Client", _ClientState] = {}
+        self._jobs = Jobs()
+        operations: dict[str, Operation] = {
             "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
             "mkdir": self._mkdir, "delete": self._delete, "rename": self._rename,
             "watch": self._watch, "unwatch": self._unwatch,
         }
+        self.handlers = {kind: functools.partial(self._request, operation) for kind, operation in operations.items()}
 
     # -- the channel's life ---------------------------------------------------------------
 
-    def on_open(self, session: "Session") -> None:
-        self._connections[session] = _Connection()
+    def on_open(self, client: "Client") -> None:
+        self._states[client] = _ClientState()
 
-    def on_close(self, session: "Session") -> None:
-        connection = self._connections.pop(session, None)
-        if connection is not None:
-            for tree in connection.watches.values():
+    def on_close(self, client: "Client") -> None:
+        state = self._states.pop(client, None)
+        if state is not None:
+            for tree in state.watches.values():
                 tree.close()
-            connection.watches.clear()
+            state.watches.clear()
 
     def close(self) -> None:
-        for session in list(self._connections):
-            self.on_close(session)
+        for client in list(self._states):
+            self.on_close(client)
         self._inotify.close()
-        for task in self._tasks:
-            task.cancel()
+        self._jobs.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def handle(self, session: "Session", message: Message) -> None:
-        connection = self._connections.get(session)
-        if connection is None:
+    def _request(self, operation: "Operation", client: "Client", message: Message) -> None:
+        state = self._states.get(client)
+        if state is None:
             return
-        if connection.queued >= MAX_QUEUED_PER_CONNECTION:
-            raise ProtocolError(
-                "busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies", self.name, message.id
-            )
-        connection.queued += 1
-        task = asyncio.ensure_future(self._serve(session, connection, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _task: connection.finished())
+        if state.queued >= MAX_QUEUED_PER_CONNECTION:
+            raise Refusal("busy", f"more than {MAX_QUEUED_PER_CONNECTION} files requests are waiting; wait for replies")
+        state.queued += 1
+        task = self._jobs.start(self._serve(operation, client, state, message), message, client.send)
+        task.add_done_callback(lambda _task: state.finished())
 
-    async def _serve(self, session: "Session", connection: _Connection, message: Message) -> None:
-        try:
-            async with connection.lock:
-                if session.closed or self._connections.get(session) is not connection:
-                    return  # nobody to answer
-                stream = await self._handlers[message.type](session, connection, message)
-            if stream is not None:
-                await stream
-        except FileError as exc:
-            session.send(self._error(exc, message))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("files request failed", extra={"type": message.type})
-            error = ProtocolError("internal", f"the server failed to handle this {message.type}", self.name, message.id)
-            session.send(error.to_message())
+    async def _serve(self, operation: "Operation", client: "Client", state: _ClientState, message: Message) -> None:
+        async with state.lock:
+            if client.closed or self._states.get(client) is not state:
+                return  # nobody to answer
+            stream = await operation(client, state, message)
+        if stream is not None:
+            await stream
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -146,30 +143,22 @@ class FilesChannel:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     @staticmethod
-    def _reply(session: "Session", message: Message, fields: dict) -> None:
-        session.send(reply(message, message.type, **fields))
-
-    def _error(self, exc: FileError, message: Message) -> dict:
-        error = ProtocolError(exc.code, exc.message, self.name, message.id).to_message()
-        if exc.path is not None:
-            error["path"] = exc.path
-        if message.type == "unwatch":
-            error["watchId"] = message.body["watchId"]
-        return error
+    def _reply(client: "Client", message: Message, fields: dict) -> None:
+        client.send(reply(message, message.type, **fields))
 
     @staticmethod
-    def _hold(session: "Session", resume: Callable[[], None]) -> bool:
+    def _hold(client: "Client", resume: Callable[[], None]) -> bool:
         """For a watch: whether to keep its events back until the client has caught up."""
-        if session.closed or not session.backlogged:
+        if client.closed or not client.backlogged:
             return False
-        session.when_drained(resume)
+        client.when_drained(resume)
         return True
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _list(self, session: "Session", connection: _Connection, message: Message):
+    async def _list(self, client: "Client", state: _ClientState, message: Message):
         frames = await self._blocking(self._list_frames, message.body["path"], message.id)
-        return self._stream_list(session, frames)
+        return self._stream_list(client, frames)
 
     def _list_frames(self, path: str, id_: Any) -> list[bytes]:
         """In the pool: the directory's ``list`` replies, each a whole frame ready to send
@@ -181,40 +170,40 @@ class FilesChannel:
         frames = []
         for number, page in enumerate(pages, 1):
             page_reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
-            frames.append(text_frame(encode(with_id(page_reply, id_))))
+            frames.append(frame(with_id(page_reply, id_)))
             page.clear()  # freed a page at a time (see ops.free)
         return frames
 
-    async def _stream_list(self, session: "Session", frames: list[bytes]) -> None:
-        for frame in frames:
-            if not await session.caught_up():
+    async def _stream_list(self, client: "Client", frames: list[bytes]) -> None:
+        for built in frames:
+            if not await client.caught_up():
                 return
-            session.send_frame(frame)
+            client.send(built)
 
-    async def _stat(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _stat(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
-        self._reply(session, message, {"path": rel, "stat": info})
+        self._reply(client, message, {"path": rel, "stat": info})
 
-    async def _read(self, session: "Session", connection: _Connection, message: Message):
+    async def _read(self, client: "Client", state: _ClientState, message: Message):
         body = message.body
         reader = await self._blocking(reading.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
-        return self._stream_read(session, message, reader)
+        return self._stream_read(client, message, reader)
 
-    async def _stream_read(self, session: "Session", message: Message, reader: reading.Reader) -> None:
+    async def _stream_read(self, client: "Client", message: Message, reader: reading.Reader) -> None:
         try:
             # Before reading a chunk, so a waiting read holds none; and again before sending
             # it, as another stream may have filled the client meanwhile.
-            while await session.caught_up():
+            while await client.caught_up():
                 chunk = await self._blocking(reader.next)
-                if not await session.caught_up():
+                if not await client.caught_up():
                     return
-                self._reply(session, message, {"path": reader.rel, **chunk})
+                self._reply(client, message, {"path": reader.rel, **chunk})
                 if chunk["eof"]:
                     return
         finally:
             reader.close()
 
-    async def _write(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _write(self, client: "Client", state: _ClientState, message: Message) -> None:
         body = message.body
         path = body["path"]
 
@@ -223,50 +212,50 @@ class FilesChannel:
             return writing.write(self.root, path, data, body.get("offset"), body.get("createParents", False))
 
         rel, size = await self._blocking(write)
-        self._reply(session, message, {"path": rel, "size": size})
+        self._reply(client, message, {"path": rel, "size": size})
 
-    async def _mkdir(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _mkdir(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.mkdir, self.root, message.body["path"], message.body.get("parents", False))
-        self._reply(session, message, {"path": rel})
+        self._reply(client, message, {"path": rel})
 
-    async def _delete(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _delete(self, client: "Client", state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.delete, self.root, message.body["path"], message.body.get("recursive", False))
-        self._reply(session, message, {"path": rel})
+        self._reply(client, message, {"path": rel})
 
-    async def _rename(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _rename(self, client: "Client", state: _ClientState, message: Message) -> None:
         body = message.body
         source, dest = await self._blocking(ops.rename, self.root, body["from"], body["to"], body.get("overwrite", False))
-        self._reply(session, message, {"from": source, "to": dest})
+        self._reply(client, message, {"from": source, "to": dest})
 
-    async def _watch(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _watch(self, client: "Client", state: _ClientState, message: Message) -> None:
         path, recursive = message.body["path"], message.body.get("recursive", False)
-        if len(connection.watches) >= MAX_WATCHES_PER_CONNECTION:
+        if len(state.watches) >= MAX_WATCHES_PER_CONNECTION:
             raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
         top = await self._blocking(locate, self.root, path)
-        watch_id = f"w{connection.next_watch}"
-        connection.next_watch += 1
+        watch_id = f"w{state.next_watch}"
+        state.next_watch += 1
 
         def deliver(events: list[dict]) -> None:
             for event in events:
-                session.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
+                client.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
 
         tree = WatchTree(
             self._inotify, top.real, top.rel, recursive, deliver,
-            lambda resume: self._hold(session, resume),
-            lambda _tree: connection.watches.pop(watch_id, None),
+            lambda resume: self._hold(client, resume),
+            lambda _tree: state.watches.pop(watch_id, None),
             top.ident,
         )
         await tree.start(path)
-        if self._connections.get(session) is not connection:
+        if self._states.get(client) is not state:
             tree.close()  # the connection closed meanwhile
             return
-        connection.watches[watch_id] = tree
-        self._reply(session, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
+        state.watches[watch_id] = tree
+        self._reply(client, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
 
-    async def _unwatch(self, session: "Session", connection: _Connection, message: Message) -> None:
+    async def _unwatch(self, client: "Client", state: _ClientState, message: Message) -> None:
         watch_id = message.body["watchId"]
-        tree: Optional[WatchTree] = connection.watches.pop(watch_id, None)
+        tree: Optional[WatchTree] = state.watches.pop(watch_id, None)
         if tree is None:
             raise FileError("not_found", None, f"no watch {watch_id} on this connection")
         tree.close()
-        self._reply(session, message, {"watchId": watch_id})
+        self._reply(client, message, {"watchId": watch_id})

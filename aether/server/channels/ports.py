@@ -1,55 +1,85 @@
-"""The ``ports`` channel (seed 000): ``open``/``update``/``close`` to every client, ``kill``,
-and ``visibility`` (private or public preview) per port.
+"""The ``ports`` channel (the wire form of the monitor's events, docs/protocol.md):
+``open``/``update``/``close`` to every client, ``kill``, and ``visibility`` (private or public
+preview) per port.
 
 An ``update`` is an open port's whole state again, as an ``open`` gives it, once its owner,
 process or addresses changed. Each ``open`` says since when the port listens (``opened``, Unix
 ms), as this server saw it; a port already listening when the server started has the start
 time and ``seenAtStart``.
 
-Each event is encoded once and the same text is written to every session. A new session first
+Each event is encoded once and the same frame is written to every client. A new client first
 gets an ``open`` for every port already listening; both happen synchronously with the event
 loop's other work, so no event can fall between the snapshot and the live stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable, Collection, Iterable, Protocol
 
+from aether.errors import Refusal
 from aether.ports.events import CLOSE, OPEN, PortEvent
-from aether.ports.kill import KillRefused, kill_port
-from aether.server.protocol import Message, ProtocolError, encode
+from aether.ports.kill import kill_port
+from aether.preview.visibility import Visibility
+from aether.protocol import Message
+from aether.server.channels import Audience, Channel, SaveConfig
+from aether.server.dispatch import Jobs
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.server")
+
+
+class Monitor(Protocol):
+    """What the channel uses of the port monitor."""
+
+    def open_events(self) -> list[PortEvent]: ...
+
+    def subscribe(self, subscriber: Callable[[PortEvent], None]) -> Callable[[], None]: ...
+
+    def wait_closed(self, port: int, timeout: float) -> Awaitable[bool]: ...
+
+
+class OpenPorts(Protocol):
+    """What the channel reads of the monitor's table: the ports open now, the ports ignored."""
+
+    @property
+    def ignored(self) -> Collection[int]: ...
+
+    def ports(self) -> Iterable[int]: ...
 
 
 def _now_ms() -> int:
     return round(time.time() * 1000)
 
 
-class PortsChannel:
+class PortsChannel(Channel):
+    """``own_port`` is the server's (never killed); ``sent(event, now_ns, anyone)`` counts an
+    event broadcast (to ``anyone`` connected)."""
+
     name = "ports"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
-        self._kills: set[asyncio.Task] = set()
+    def __init__(self, monitor: Monitor, table: OpenPorts, clients: Audience, visibility: Visibility,
+                 preview_url: Callable[[int], str], save_config: SaveConfig, own_port: int, kill_grace: float,
+                 sent: Callable[[PortEvent, int, bool], None]):
+        self.monitor, self.table, self.clients, self.visibility = monitor, table, clients, visibility
+        self.preview_url, self.save_config, self.sent = preview_url, save_config, sent
+        self.own_port, self.kill_grace = own_port, kill_grace
+        self.handlers = {"kill": self._kill, "visibility": self._set_visibility}
+        self._jobs = Jobs()
         self._in_flight: set[int] = set()
         started = _now_ms()
         #: port -> (when it opened, whether it was open already when the server started)
-        self._opened: dict[int, tuple[int, bool]] = {port: (started, True) for port in server.monitor.table.ports()}
-        server.monitor.subscribe(self._on_event)
+        self._opened: dict[int, tuple[int, bool]] = {port: (started, True) for port in table.ports()}
+        monitor.subscribe(self._on_event)
 
     def message(self, event: PortEvent) -> dict:
         message = event.to_message()
         if event.type != CLOSE:
-            message["url"] = self.server.settings.preview_url_for(event.port)
-            message["visibility"] = self.server.visibility.of(event.port)
+            message["url"] = self.preview_url(event.port)
+            message["visibility"] = self.visibility.of(event.port)
             message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
         return message
 
@@ -58,70 +88,44 @@ class PortsChannel:
             self._opened[event.port] = (_now_ms(), False)
         elif event.type == CLOSE:
             self._opened.pop(event.port, None)
-        hub = self.server.hub
-        hub.broadcast(encode(self.message(event)))
-        self.server.metrics.port_event(event, time.monotonic_ns(), bool(hub.sessions))
+        self.clients.broadcast(self.message(event))
+        self.sent(event, time.monotonic_ns(), bool(self.clients.clients))
 
-    def on_open(self, session: "Session") -> None:
-        for event in self.server.monitor.open_events():
-            session.send(self.message(event))
+    def on_open(self, client: "Client") -> None:
+        for event in self.monitor.open_events():
+            client.send(self.message(event))
 
-    def on_close(self, session: "Session") -> None:
-        pass
+    def close(self) -> None:
+        self._jobs.cancel()
 
-    def handle(self, session: "Session", message: Message) -> None:
-        if message.type == "kill":
-            task = asyncio.ensure_future(self._kill(session, message))
-            self._kills.add(task)
-            task.add_done_callback(self._kills.discard)
-        elif message.type == "visibility":
-            self._set_visibility(session, message)
-
-    def _set_visibility(self, session: "Session", message: Message) -> None:
+    def _set_visibility(self, client: "Client", message: Message) -> None:
         """Persist, apply, then tell every client; a state dir that cannot be written
         changes nothing."""
         port, value = message.body["port"], message.body["visibility"]
-        visibility = self.server.visibility
-        public = visibility.changed(port, value)
+        public = self.visibility.changed(port, value)
         try:
-            self.server.state.save_config({"preview_public_ports": sorted(public)})
+            self.save_config({"preview_public_ports": sorted(public)})
         except OSError as exc:
-            raise ProtocolError("unavailable", f"could not persist the change: {exc.strerror}", self.name, message.id) from None
-        visibility.public = public
+            raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
+        self.visibility.public = public
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
-        self.server.hub.announce(changed, session, message.id)
+        self.clients.announce(changed, client, message.id)
 
-    def _refuse(self, session: "Session", message: Message, code: str, text: str) -> None:
-        error = ProtocolError(code, text, self.name, message.id).to_message()
-        session.send({**error, "port": message.body["port"]})
+    def _kill(self, client: "Client", message: Message) -> None:
+        self._jobs.start(self._killing(message), message, client.send)
 
-    async def _kill(self, session: "Session", message: Message) -> None:
+    async def _killing(self, message: Message) -> None:
         port = message.body["port"]
-        monitor = self.server.monitor
-        if port == self.server.settings.port:
-            self._refuse(session, message, "forbidden", f"port {port} is the server's own")
-            return
+        if port == self.own_port:
+            raise Refusal("forbidden", f"port {port} is the server's own")
         if port in self._in_flight:
-            self._refuse(session, message, "busy", f"port {port} is being killed already")
-            return
+            raise Refusal("busy", f"port {port} is being killed already")
         self._in_flight.add(port)
         try:
-            result = await kill_port(
-                port,
-                grace=self.server.settings.kill_grace,
-                ignored=monitor.table.ignored,
-                wait_closed=monitor.wait_closed,
-            )
-        except KillRefused as exc:
-            self._refuse(session, message, exc.code, exc.message)
-            return
-        except Exception:
-            log.exception("kill failed", extra={"port": port})
-            self._refuse(session, message, "internal", f"the server failed to kill port {port}")
-            return
+            result = await kill_port(port, grace=self.kill_grace, ignored=self.table.ignored, wait_closed=self.monitor.wait_closed)
         finally:
             self._in_flight.discard(port)
         log.info("killed port", extra={"port": port, "pids": result.pids, "escalated": result.escalated})
         if not result.closed:
-            self._refuse(session, message, "still_open", f"port {port} is still open after SIGKILL")
+            raise Refusal("still_open", f"port {port} is still open after SIGKILL")

@@ -1,4 +1,5 @@
-"""The ``terminal`` channel: PTY sessions that keep running without a client (seed 001).
+"""The ``terminal`` channel: terminal sessions (a PTY and its process, ``aether.terminal``) that
+keep running without a client.
 
 A client ``create``s a session (and is attached to it) or ``attach``es to one by id, which
 replays the scrollback and then streams live output; any number of clients may be attached.
@@ -20,18 +21,21 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from aether.cgroup import Trees
+from aether.errors import Refusal
 from aether.files import FileError
 from aether.files.paths import resolve
-from aether.server.protocol import Message, ProtocolError, reply, with_id
-from aether.terminal.process import PtyProcess, SpawnError, child_env
-from aether.terminal.session import InputRefused, TerminalSession
+from aether.protocol import Message
+from aether.server.channels import Channel
+from aether.terminal.process import PtyProcess, child_env
+from aether.terminal.session import Terminal
+from aether.wire import reply, with_id
 
 if TYPE_CHECKING:
-    from aether.server.app import WorkspaceServer
-    from aether.server.session import Session
+    from aether.server.client import Client
 
 log = logging.getLogger("aether.terminal")
 
@@ -40,15 +44,29 @@ EXITED_KEEP = 300.0
 SHUTDOWN_GRACE = 0.3
 
 
-class TerminalChannel:
+class Settings(Protocol):
+    """The settings the channel reads."""
+
+    state_dir: Path
+    workspace_root: Path
+    shell: str
+    kill_grace: float
+    terminal_max_sessions: int
+    terminal_scrollback_bytes: int
+    terminal_idle_timeout: float
+    terminal_max_input_bytes: int
+
+
+class TerminalChannel(Channel):
     name = "terminal"
 
-    def __init__(self, server: "WorkspaceServer"):
-        self.server = server
-        self.sessions: dict[str, TerminalSession] = {}
-        self.trees = Trees(str(server.settings.state_dir), "terminal")
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        #: sessionId -> its terminal session
+        self.terminals: dict[str, Terminal] = {}
+        self.trees = Trees(str(settings.state_dir), "terminal")
         self._sweeper: Optional[asyncio.TimerHandle] = None
-        self._handlers = {
+        self.handlers = {
             "create": self._create,
             "attach": self._attach,
             "detach": self._detach,
@@ -58,43 +76,32 @@ class TerminalChannel:
             "list": self._list,
         }
 
-    # -- session lifecycle --------------------------------------------------------------
+    # -- clients ------------------------------------------------------------------------
 
-    def on_open(self, session: "Session") -> None:
-        pass
-
-    def on_close(self, session: "Session") -> None:
-        for terminal in list(self.sessions.values()):
-            if session in terminal.clients or session in terminal.closers:
-                terminal.detach(session)
+    def on_close(self, client: "Client") -> None:
+        for terminal in list(self.terminals.values()):
+            if client in terminal.clients or client in terminal.closers:
+                terminal.detach(client)
         self._schedule_sweep()
 
-    def handle(self, session: "Session", message: Message) -> None:
-        self._handlers[message.type](session, message)
-
-    def _error(self, message: Message, code: str, text: str) -> ProtocolError:
-        return ProtocolError(code, text, self.name, message.id)
-
-    def _get(self, message: Message, running: bool = True) -> TerminalSession:
+    def _get(self, message: Message, running: bool = True) -> Terminal:
         session_id = message.body["sessionId"]
-        terminal = self.sessions.get(session_id)
+        terminal = self.terminals.get(session_id)
         if terminal is None or (running and (terminal.exit is not None or terminal.closing)):
-            raise self._error(message, "not_found", f"no terminal session {session_id}")
+            raise Refusal("not_found", f"no terminal session {session_id}")
         return terminal
 
     # -- messages -----------------------------------------------------------------------
 
-    def _create(self, session: "Session", message: Message) -> None:
-        body, settings = message.body, self.server.settings
+    def _create(self, client: "Client", message: Message) -> None:
+        body, settings = message.body, self.settings
         session_id = body.get("sessionId") or f"t-{secrets.token_hex(6)}"
-        if session_id in self.sessions and self.sessions[session_id].exit is None:
-            raise self._error(message, "exists", f"terminal session {session_id} is running; attach to it or pick another id")
-        running = sum(1 for t in self.sessions.values() if t.exit is None)
+        if session_id in self.terminals and self.terminals[session_id].exit is None:
+            raise Refusal("exists", f"terminal session {session_id} is running; attach to it or pick another id")
+        running = sum(1 for t in self.terminals.values() if t.exit is None)
         if running >= settings.terminal_max_sessions:
-            raise self._error(
-                message, "limit", f"at most {settings.terminal_max_sessions} terminal sessions run at once; close one first"
-            )
-        cwd, shown = self._cwd(message, body.get("cwd", "."))
+            raise Refusal("limit", f"at most {settings.terminal_max_sessions} terminal sessions run at once; close one first")
+        cwd, shown = self._cwd(body.get("cwd", "."))
         command = body.get("command")
         if command is None:
             argv = [settings.shell, "-l"]
@@ -106,94 +113,90 @@ class TerminalChannel:
         tree = self.trees.new()
         try:
             process = PtyProcess(argv, cwd, env, body["cols"], body["rows"], tree)
-        except SpawnError as exc:
+        except Refusal:
             self.trees.done(tree)
-            raise self._error(message, exc.code, exc.message) from None
-        terminal = TerminalSession(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended,
-                                   self.trees.done)
-        self.sessions.pop(session_id, None)  # an ended session of that id, replaced
-        self.sessions[session_id] = terminal
+            raise
+        terminal = Terminal(session_id, process, argv, shown, settings.terminal_scrollback_bytes, self._ended, self.trees.done)
+        self.terminals.pop(session_id, None)  # an ended session of that id, replaced
+        self.terminals[session_id] = terminal
         log.info("terminal created", extra={"session": session_id, "pid": process.pid, "command": argv[0]})
-        terminal.attach(session, reply(message, "created"))
+        terminal.attach(client, reply(message, "created"))
 
-    def _cwd(self, message: Message, path: str) -> tuple[str, str]:
+    def _cwd(self, path: str) -> tuple[str, str]:
         """The working directory inside the workspace root, and how replies name it."""
         try:
-            target = resolve(str(self.server.settings.workspace_root), path)
+            target = resolve(str(self.settings.workspace_root), path)
         except FileError as exc:
-            raise self._error(message, exc.code, exc.message) from None
+            raise Refusal(exc.code, exc.message) from None  # without the files channel's ``path``
         if not os.path.isdir(target.path):
             code = "not_found" if not os.path.exists(target.path) else "not_a_directory"
-            raise self._error(message, code, f"cwd {path}: {code.replace('_', ' ')}")
+            raise Refusal(code, f"cwd {path}: {code.replace('_', ' ')}")
         return target.path, target.rel
 
-    def _attach(self, session: "Session", message: Message) -> None:
+    def _attach(self, client: "Client", message: Message) -> None:
         terminal = self._get(message, running=False)
-        if session in terminal.clients:
-            raise self._error(message, "attached", f"already attached to terminal session {terminal.id}")
-        terminal.attach(session, reply(message, "attached"))
+        if client in terminal.clients:
+            raise Refusal("attached", f"already attached to terminal session {terminal.id}")
+        terminal.attach(client, reply(message, "attached"))
         if terminal.exit is not None:
-            del self.sessions[terminal.id]  # its end has been seen
+            del self.terminals[terminal.id]  # its end has been seen
         self._schedule_sweep()
 
-    def _detach(self, session: "Session", message: Message) -> None:
+    def _detach(self, client: "Client", message: Message) -> None:
         terminal = self._get(message)
-        if session not in terminal.clients:
-            raise self._error(message, "not_attached", f"not attached to terminal session {terminal.id}")
-        terminal.detach(session)
-        session.send(reply(message, "detached", sessionId=terminal.id))
+        if client not in terminal.clients:
+            raise Refusal("not_attached", f"not attached to terminal session {terminal.id}")
+        terminal.detach(client)
+        client.send(reply(message, "detached", sessionId=terminal.id))
         self._schedule_sweep()
 
-    def _input(self, session: "Session", message: Message) -> None:
+    def _input(self, client: "Client", message: Message) -> None:
         terminal = self._get(message)
         data = message.body["data"]
         if message.body.get("encoding") == "base64":
             try:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError):
-                raise self._error(message, "invalid", "data is not valid base64") from None
+                raise Refusal("invalid", "data is not valid base64") from None
         else:
             raw = data.encode("utf-8", "surrogateescape")
-        limit = self.server.settings.terminal_max_input_bytes
+        limit = self.settings.terminal_max_input_bytes
         if len(raw) > limit:
-            raise self._error(message, "too_large", f"input of {len(raw)} bytes; at most {limit} per message")
-        try:
-            terminal.write(raw)
-        except InputRefused as exc:
-            raise self._error(message, "busy", str(exc)) from None
+            raise Refusal("too_large", f"input of {len(raw)} bytes; at most {limit} per message")
+        terminal.write(raw)
 
-    def _resize(self, session: "Session", message: Message) -> None:
+    def _resize(self, client: "Client", message: Message) -> None:
         terminal = self._get(message)
         cols, rows = message.body["cols"], message.body["rows"]
         terminal.resize(cols, rows)
         resized = {"channel": "terminal", "type": "resized", "sessionId": terminal.id, "cols": cols, "rows": rows}
-        for client in list(terminal.clients | {session}):
-            client.send(with_id(resized, message.id) if client is session else resized)
+        for other in list(terminal.clients | {client}):
+            other.send(with_id(resized, message.id) if other is client else resized)
 
-    def _close(self, session: "Session", message: Message) -> None:
+    def _close(self, client: "Client", message: Message) -> None:
         terminal = self._get(message)
-        session.send(reply(message, "closing", sessionId=terminal.id))
-        if session not in terminal.clients:
-            terminal.closers.add(session)  # it hears the exit, as an attached client does
-        terminal.hang_up(self.server.settings.kill_grace)
+        client.send(reply(message, "closing", sessionId=terminal.id))
+        if client not in terminal.clients:
+            terminal.closers.add(client)  # it hears the exit, as an attached client does
+        terminal.hang_up(self.settings.kill_grace)
         log.info("terminal closing", extra={"session": terminal.id})
 
-    def _list(self, session: "Session", message: Message) -> None:
-        sessions = [t.describe() for t in sorted(self.sessions.values(), key=lambda t: t.created)]
-        session.send(reply(message, "list", sessions=sessions))
+    def _list(self, client: "Client", message: Message) -> None:
+        described = [t.describe() for t in sorted(self.terminals.values(), key=lambda t: t.created)]
+        client.send(reply(message, "list", sessions=described))
 
     # -- ending -------------------------------------------------------------------------
 
-    def _ended(self, terminal: TerminalSession) -> None:
+    def _ended(self, terminal: Terminal) -> None:
         if terminal.clients:
             # Its end was sent to the clients attached: nothing to keep.
-            self.sessions.pop(terminal.id, None)
+            self.terminals.pop(terminal.id, None)
             terminal.clients.clear()
             return
         terminal.detached_since = time.monotonic()
-        ended = sorted((t for t in self.sessions.values() if t.exit is not None), key=lambda t: t.detached_since)
-        for old in ended[: max(0, len(ended) - self.server.settings.terminal_max_sessions)]:
-            del self.sessions[old.id]  # the oldest unseen ends go first
+        ended = sorted((t for t in self.terminals.values() if t.exit is not None), key=lambda t: t.detached_since)
+        for old in ended[: max(0, len(ended) - self.settings.terminal_max_sessions)]:
+            del self.terminals[old.id]  # the oldest unseen ends go first
         self._schedule_sweep()
 
     def _schedule_sweep(self) -> None:
@@ -201,9 +204,9 @@ class TerminalChannel:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        idle = self.server.settings.terminal_idle_timeout
+        idle = self.settings.terminal_idle_timeout
         deadlines = []
-        for terminal in self.sessions.values():
+        for terminal in self.terminals.values():
             if terminal.detached_since is None or (terminal.closing and terminal.exit is None):
                 continue
             if terminal.exit is not None:
@@ -216,15 +219,15 @@ class TerminalChannel:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        now, idle = time.monotonic(), self.server.settings.terminal_idle_timeout
-        for terminal in list(self.sessions.values()):
+        now, idle = time.monotonic(), self.settings.terminal_idle_timeout
+        for terminal in list(self.terminals.values()):
             if terminal.detached_since is None or terminal.clients or (terminal.closing and terminal.exit is None):
                 continue
             if terminal.exit is not None and now >= terminal.detached_since + EXITED_KEEP:
-                del self.sessions[terminal.id]
+                del self.terminals[terminal.id]
             elif terminal.exit is None and idle > 0 and now >= terminal.detached_since + idle:
                 log.info("terminal idle: hanging up", extra={"session": terminal.id})
-                terminal.hang_up(self.server.settings.kill_grace)
+                terminal.hang_up(self.settings.kill_grace)
         self._schedule_sweep()
 
     def close(self) -> None:
@@ -232,7 +235,7 @@ class TerminalChannel:
         what is left. It blocks the loop for that long: nothing else runs at shutdown."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        running = [t for t in self.sessions.values() if t.exit is None]
+        running = [t for t in self.terminals.values() if t.exit is None]
         for terminal in running:
             terminal.shutdown()
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -244,4 +247,4 @@ class TerminalChannel:
         for terminal in running:
             terminal.finish_shutdown()
         self.trees.close()  # every tree: those of ended sessions may have processes left
-        self.sessions.clear()
+        self.terminals.clear()

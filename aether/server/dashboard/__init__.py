@@ -116,7 +116,7 @@ class OpenHandler(DashboardHandler):
         self.redirect(urlunsplit((url.scheme, url.netloc, url.path or "/", query, "")), status=303)
 
 
-class SessionHandler(DashboardHandler):
+class SignedInHandler(DashboardHandler):
     def get(self) -> None:
         if not self.signed_in:
             self.set_status(401)
@@ -137,6 +137,6 @@ def routes(server: "WorkspaceServer") -> list:
     return [
         (r"/", PageHandler, {"server": server}),
         (r"/open/(\d{1,5})", OpenHandler, {"server": server}),
-        (r"/dashboard/session", SessionHandler, {"server": server}),
+        (r"/dashboard/session", SignedInHandler, {"server": server}),
         (rf"/dashboard/({names})", AssetHandler, {"server": server}),
     ]

@@ -1,5 +1,6 @@
-"""The port registry inside the server: the REST API under ``/api/``, the ``registry`` push on the
-``config`` channel, and the key -> port map that named previews route by.
+"""The port registry as the server serves it (:class:`RegistryApi`): the REST API under ``/api/``,
+the ``registry`` push on the ``config`` channel, and the key -> port map that named previews
+route by.
 
 Reads run on the event loop (SQLite answers them from its page cache in microseconds); writes run
 in one worker thread, since a writer may wait on another process's lock. A write by anyone (this
@@ -19,6 +20,7 @@ import tornado.web
 import ujson
 
 from aether import credentials
+from aether.errors import Refusal
 from aether.registry import rules
 from aether.registry.store import Entry, Registry, RegistryError
 
@@ -31,7 +33,7 @@ WATCH_SECONDS = 1.0
 _STATUS = {"invalid": 400, "conflict": 409, "not_found": 404, "unavailable": 503}
 
 
-class RegistryService:
+class RegistryApi:
     def __init__(self, path: Path, on_change: Callable[[list[Entry]], None], watching: Callable[[], bool]):
         self.path = path
         self.reader = Registry(path)
@@ -109,9 +111,6 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.finish({"error": code, "message": message})
 
-    def refuse(self, exc: RegistryError) -> None:
-        self.fail(_STATUS.get(exc.code, 400), exc.code, str(exc))
-
     def body(self) -> dict:
         try:
             value = ujson.loads(self.request.body or b"{}")
@@ -122,17 +121,27 @@ class ApiHandler(tornado.web.RequestHandler):
         return value
 
     def write_error(self, status_code: int, **kwargs) -> None:
+        # A refusal raised by a handler is its answer, as an HTTPError is Tornado's.
+        refusal = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(refusal, Refusal):
+            self.set_status(_STATUS.get(refusal.code, 400))
+            self.finish({"error": refusal.code, "message": refusal.message})
+            return
         self.finish({"error": "internal" if status_code >= 500 else "invalid", "message": self._reason})
 
+    def log_exception(self, typ, value, tb) -> None:
+        if not isinstance(value, Refusal):
+            super().log_exception(typ, value, tb)
+
     @property
-    def registry(self) -> RegistryService:
-        return self.server.registry
+    def api(self) -> RegistryApi:
+        return self.server.registry_api
 
 
 def joined(server: "WorkspaceServer") -> list[dict]:
     """The registry joined with what listens now (from the monitor, no /proc walk)."""
     live = {event.port: (event.pid, event.process) for event in server.monitor.open_events()}
-    return [entry.with_live(live.get(entry.port)) for entry in server.registry.reader.entries()]
+    return [entry.with_live(live.get(entry.port)) for entry in server.registry_api.reader.entries()]
 
 
 class PortsHandler(ApiHandler):
@@ -142,27 +151,18 @@ class PortsHandler(ApiHandler):
 
 class PortHandler(ApiHandler):
     def get(self, key: str) -> None:
-        try:
-            entry = self.registry.reader.get(key)
-        except RegistryError as exc:
-            return self.refuse(exc)
+        entry = self.api.reader.get(key)
         if entry is None:
             return self.fail(404, "not_found", f"no port registered as {key}")
         self.finish(entry.to_json())
 
     async def put(self, key: str) -> None:
-        try:
-            body = self.body()
-            entry = await self.registry.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
-        except RegistryError as exc:
-            return self.refuse(exc)
+        body = self.body()
+        entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
         self.finish(entry.to_json())
 
     async def delete(self, key: str) -> None:
-        try:
-            deleted = await self.registry.write("delete", key)
-        except RegistryError as exc:
-            return self.refuse(exc)
+        deleted = await self.api.write("delete", key)
         if not deleted:
             return self.fail(404, "not_found", f"no port registered as {key}")
         self.set_status(204)
@@ -171,16 +171,13 @@ class PortHandler(ApiHandler):
 
 class AllocateHandler(ApiHandler):
     async def post(self, app: str) -> None:
-        try:
-            body = self.body()
-            labels = body.get("labels")
-            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-                raise RegistryError('labels must be an array of words, e.g. ["api", "ui"]')
-            first, last = rules.parse_range(str(body.get("range", "apps")), rules.ranges(self.server.settings.state_dir))
-            avoid = set(self.server.monitor.table.ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
-            entries = await self.registry.write("allocate", app, labels, first, last, avoid)
-        except RegistryError as exc:
-            return self.refuse(exc)
+        body = self.body()
+        labels = body.get("labels")
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise RegistryError('labels must be an array of words, e.g. ["api", "ui"]')
+        first, last = rules.parse_range(str(body.get("range", "apps")), rules.ranges(self.server.settings.state_dir))
+        avoid = set(self.server.monitor.table.ports()) | rules.udp_ports() | rules.NEVER_ALLOCATED
+        entries = await self.api.write("allocate", app, labels, first, last, avoid)
         self.finish(ujson.dumps([entry.to_json() for entry in entries]))
 
 

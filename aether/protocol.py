@@ -1,9 +1,10 @@
 """The WebSocket message protocol, apart from any transport.
 
-Every client message is a JSON object with ``channel`` and ``type`` (seed 001). :func:`parse`
-turns a frame into a :class:`Message` whose fields have been checked against the schema of its
-``(channel, type)``, or raises :class:`ProtocolError`, whose ``to_message`` is the error reply.
-Nothing here does I/O, so it can be tested and fuzzed on its own.
+Every client message is a JSON object with ``channel`` and ``type`` (docs/protocol.md).
+:func:`parse` turns a frame into a :class:`Message` whose fields have been checked against the
+schema of its ``(channel, type)``, or raises :class:`ProtocolError`, a refusal that says what
+of the frame could be read (``aether.wire.refused`` makes it the error reply). Nothing here does
+I/O, so it can be tested and fuzzed on its own; every layer may import it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any, Callable, Optional, Union
 
 import ujson
 
+from aether.errors import Refusal
+
 CHANNELS = ("terminal", "files", "agent", "ports", "config")
-#: Seed 001's maximum message size, read as 1 MiB; larger frames close the connection (1009).
+#: The protocol's maximum message size, 1 MiB; larger frames close the connection (1009).
 MAX_MESSAGE_BYTES = 1 << 20
 _MAX_ID_LENGTH = 256
 #: Arrays and objects nest at most this deep in a field that takes any shape (``config``; a
@@ -24,22 +27,16 @@ _MAX_ID_LENGTH = 256
 MAX_DEPTH = 32
 
 
-class ProtocolError(Exception):
-    """A message that cannot be acted on; ``to_message`` is the reply the client gets."""
+class ProtocolError(Refusal):
+    """A frame that is not a message the protocol has, with what of it could be read: its
+    ``channel`` and ``id`` (for the reply) and its ``type`` when the channel has it (for the
+    metrics)."""
 
     def __init__(self, code: str, message: str, channel: Optional[str] = None, id: Any = None, type: Optional[str] = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.channel = channel
         self.id = id
-        self.type = type  # the message's type, when it is one the channel has (for metrics)
-
-    def to_message(self) -> dict:
-        reply = {"channel": self.channel, "type": "error", "code": self.code, "message": self.message}
-        if self.id is not None:
-            reply["id"] = self.id
-        return reply
+        self.type = type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +195,14 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("agent", "history"): {"conversationId?": _CONVERSATION},
     ("agent", "list"): {},
 }
+#: (channel, type) -> the request's fields that its error reply repeats (when the request has
+#: them), so that a client sees which port, watch or conversation was refused. Only fields of
+#: the schema: their values have been checked.
+ECHOED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("ports", "kill"): ("port",),
+    ("files", "unwatch"): ("watchId",),
+    **{key: ("conversationId",) for key, schema in SCHEMAS.items() if key[0] == "agent" and schema.keys() & {"conversationId", "conversationId?"}},
+}
 #: SCHEMAS as ``parse`` walks them: (name, optional, check, what), the ``?`` read once here.
 _FIELDS: dict[tuple[str, str], tuple[tuple[str, bool, Callable[[Any], bool], str], ...]] = {
     key: tuple((name.rstrip("?"), name.endswith("?"), check, what) for name, (check, what) in schema.items())
@@ -251,22 +256,3 @@ def parse(frame: Union[str, bytes]) -> Message:
         if not check(obj[field]):
             raise ProtocolError("bad_message", f"field {field} must be {what}", channel, id_, kind)
     return Message(channel, kind, obj, id_)
-
-
-def with_id(message: dict, id: Any) -> dict:
-    """``message`` as the reply to a request whose ``id`` is ``id`` (unchanged if None)."""
-    return message if id is None else {**message, "id": id}
-
-
-def reply(request: Message, kind: str, **fields: Any) -> dict:
-    """The reply of type ``kind`` to ``request``, on its channel, with its ``id``."""
-    return with_id({"channel": request.channel, "type": kind, **fields}, request.id)
-
-
-def encode(message: dict) -> str:
-    return ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False)
-
-
-def encoded_size(value: Any) -> int:
-    """Bytes ``value`` takes in a frame the server sends (as ``encode`` writes it)."""
-    return len(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
