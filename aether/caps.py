@@ -13,7 +13,7 @@ capabilities (see README, "aether doctor"):
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
@@ -50,7 +50,7 @@ def effective(status_path: str = "/proc/self/status") -> int:
     return 0
 
 
-def has(cap: int, mask: Optional[int] = None) -> bool:
+def has(cap: int, mask: int | None = None) -> bool:
     return bool((effective() if mask is None else mask) >> cap & 1)
 
 
@@ -58,7 +58,7 @@ def names(caps: Iterable[int]) -> list[str]:
     return [NAMES.get(cap, f"cap {cap}") for cap in caps]
 
 
-def missing_for_probe(mask: Optional[int] = None) -> list[int]:
+def missing_for_probe(mask: int | None = None) -> list[int]:
     """Capabilities lacking to load a BPF program and attach it to a tracepoint: CAP_BPF and
     CAP_PERFMON, unless CAP_SYS_ADMIN stands in for both (bpf_capable, perfmon_capable).
     Reading tracefs is checked apart: its permissions vary with how it was mounted."""

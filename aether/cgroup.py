@@ -32,7 +32,6 @@ import re
 import select
 import signal
 import time
-from typing import Optional
 
 from aether.pidtree import ScanTree, pidfd_of, signal_pidfds
 from aether.settings import sources
@@ -44,7 +43,7 @@ log = logging.getLogger("aether.cgroup")
 EMPTY_TIMEOUT = 2.0
 
 
-def mount_point(mountinfo: str) -> Optional[tuple[str, str]]:
+def mount_point(mountinfo: str) -> tuple[str, str] | None:
     """``(where, root)`` of the first cgroup2 mount in the text of /proc/self/mountinfo:
     where it is mounted, and which cgroup is its root (``/`` unless a sub-cgroup is mounted).
     None if there is none."""
@@ -62,7 +61,7 @@ def _unescape(path: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
 
-def start_time(pid: int) -> Optional[str]:
+def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the
     pid, it names one process for as long as the machine is up."""
     try:
@@ -95,7 +94,7 @@ class CgroupTree:
         #: The path as /proc/PID/cgroup shows it, for a member.
         self.name = os.path.join(mount[1], os.path.relpath(path, mount[0]))
         self.procs = os.path.join(path, "cgroup.procs")
-        self.leader: Optional[int] = None
+        self.leader: int | None = None
 
     def started(self, pid: int) -> None:
         self.leader = pid
@@ -218,13 +217,13 @@ def _kill_and_remove(path: str) -> bool:
 class Trees:
     """The process trees of one kind (``terminal``, ``agent``) that one daemon starts."""
 
-    def __init__(self, state_dir: str, kind: str, mode: Optional[str] = None):
+    def __init__(self, state_dir: str, kind: str, mode: str | None = None):
         self.kind = kind
         self._count = 0
         #: Every tree made and not yet removed; those whose leader is done may still have
         #: processes (a terminal's ``nohup`` job), which run on until :meth:`close`.
         self._trees: dict[Tree, bool] = {}
-        self.base: Optional[str] = None
+        self.base: str | None = None
         self.mount = ("/", "/")
         self.why = ""
         if (mode or sources.value("cgroups")) == "off":
@@ -240,7 +239,7 @@ class Trees:
     def cgroups(self) -> bool:
         return self.base is not None
 
-    def _setup(self, state_dir: str) -> tuple[Optional[str], str]:
+    def _setup(self, state_dir: str) -> tuple[str | None, str]:
         try:
             found = mount_point(_read("/proc/self/mountinfo"))
             own = next((line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::")), None)
@@ -299,7 +298,9 @@ class Trees:
                 except OSError as exc:
                     log.warning("cannot clear what a stopped daemon left", extra={"cgroup": entry.path, "error": exc.strerror})
                     continue
-                log.warning("killed what a stopped daemon left", extra={"cgroup": entry.path, "processes": left, "removed": removed})
+                log.warning(
+                    "killed what a stopped daemon left", extra={"cgroup": entry.path, "processes": left, "removed": removed}
+                )
             if directory.path != state:
                 try:
                     os.rmdir(directory.path)

@@ -26,20 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_flags(parser, "")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ports = commands.add_parser("ports", help="listening TCP ports").add_subparsers(
-        dest="ports_command", required=True
-    )
+    ports = commands.add_parser("ports", help="listening TCP ports").add_subparsers(dest="ports_command", required=True)
 
     ignore_help = {"ignored_ports": "ports never reported, comma-separated"}
 
     listing = ports.add_parser("list", help="the ports open now")
     listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-    sources.add_flags(listing, "ports list", help={
-        "backend": "accepted for symmetry with watch: a listing is always one sock_diag snapshot", **ignore_help})
+    sources.add_flags(
+        listing,
+        "ports list",
+        help={"backend": "accepted for symmetry with watch: a listing is always one sock_diag snapshot", **ignore_help},
+    )
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
-    sources.add_flags(watch, "ports watch", help={
-        "sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help})
+    sources.add_flags(
+        watch, "ports watch", help={"sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help}
+    )
 
     serve = commands.add_parser("serve", help="run the workspace server (WebSocket API)")
     sources.add_flags(serve, "serve")
@@ -53,12 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="will the eBPF backend run here; what to fix if not")
     doctor.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    sources.add_flags(doctor, "doctor", help={
-        "host": "the address to test, as serve would find it", "port": "the port to test, as serve would find it",
-        "state_dir": "the state directory to check, as serve would find it"})
-    doctor.add_argument("--service", action="store_true",
-                        help="check what the installed aether.service runs with: /etc/aether/aether.env's "
-                             "settings and the state in /var/lib/aether")
+    sources.add_flags(
+        doctor,
+        "doctor",
+        help={
+            "host": "the address to test, as serve would find it",
+            "port": "the port to test, as serve would find it",
+            "state_dir": "the state directory to check, as serve would find it",
+        },
+    )
+    doctor.add_argument(
+        "--service",
+        action="store_true",
+        help="check what the installed aether.service runs with: /etc/aether/aether.env's "
+        "settings and the state in /var/lib/aether",
+    )
 
     from aether.registry import cli as registry_cli
 
@@ -80,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         log.setup(sources.value("log_level", args.log_level), sources.value("log_format", args.log_format))
         sources.check_environment()
         if args.command == "ports":  # what its flags set, from them or the environment
-            values = {setting.name: sources.pick(setting, getattr(args, setting.name))
-                      for setting in sources.flags_of(f"ports {args.ports_command}")}
+            values = {
+                setting.name: sources.pick(setting, getattr(args, setting.name))
+                for setting in sources.flags_of(f"ports {args.ports_command}")
+            }
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
@@ -161,7 +174,6 @@ def _ports_watch(args, values: dict) -> int:
                 flush_pending = True
                 loop.call_soon(flush)
 
-
         monitor = PortMonitor(
             backend=values["backend"],
             ignored=values["ignored_ports"],
@@ -205,9 +217,7 @@ def _ports_kill(args, values: dict) -> int:
         sig = parse_signal(args.signal)
         if args.grace < 0:
             raise KillRefused("invalid", "--grace must not be negative")
-        result = asyncio.run(
-            kill_port(args.port, sig, args.grace, ignored=values["ignored_ports"])
-        )
+        result = asyncio.run(kill_port(args.port, sig, args.grace, ignored=values["ignored_ports"]))
     except KillRefused as exc:
         if args.json:
             print(ujson.dumps({"port": args.port, "error": exc.code, "message": exc.message}))

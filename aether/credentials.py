@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def derive(token: bytes, message: bytes) -> bytes:
@@ -40,5 +40,10 @@ def same_origin(origins: list[bytes], host: bytes) -> bool:
     if len(origins) != 1 or not host:
         return False
     scheme, sep, rest = origins[0].strip().partition(b"://")
-    return (bool(sep) and scheme.lower() in (b"http", b"https") and bool(rest) and b"/" not in rest
-            and rest.lower() == host.strip().lower())
+    return (
+        bool(sep)
+        and scheme.lower() in (b"http", b"https")
+        and bool(rest)
+        and b"/" not in rest
+        and rest.lower() == host.strip().lower()
+    )

@@ -88,7 +88,7 @@ _NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f-\x9f\u2028\u2029]|^$')
 _ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 _ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F) if c not in _ESCAPES})
 _ESCAPES.update(_BREAKERS)
-_BAD_KEY = re.compile(r'[^\w.\-]')
+_BAD_KEY = re.compile(r"[^\w.\-]")
 
 
 class LogfmtFormatter(_Formatter):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 def signal_pidfds(pidfds: Iterable[int], sig: int) -> None:
@@ -25,7 +25,7 @@ def signal_pidfds(pidfds: Iterable[int], sig: int) -> None:
             pass
 
 
-def pidfd_of(pid: int) -> Optional[int]:
+def pidfd_of(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
     except OSError:
@@ -40,7 +40,7 @@ class ScanTree:
     procs = None
 
     def __init__(self) -> None:
-        self.leader: Optional[int] = None
+        self.leader: int | None = None
         self._held: list[int] = []
 
     def started(self, pid: int) -> None:

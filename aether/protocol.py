@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import ujson
 
@@ -32,7 +33,7 @@ class ProtocolError(Refusal):
     ``channel`` and ``id`` (for the reply) and its ``type`` when the channel has it (for the
     metrics)."""
 
-    def __init__(self, code: str, message: str, channel: Optional[str] = None, id: Any = None, type: Optional[str] = None):
+    def __init__(self, code: str, message: str, channel: str | None = None, id: Any = None, type: str | None = None):
         super().__init__(code, message)
         self.channel = channel
         self.id = id
@@ -201,7 +202,11 @@ SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
 ECHOED: dict[tuple[str, str], tuple[str, ...]] = {
     ("ports", "kill"): ("port",),
     ("files", "unwatch"): ("watchId",),
-    **{key: ("conversationId",) for key, schema in SCHEMAS.items() if key[0] == "agent" and schema.keys() & {"conversationId", "conversationId?"}},
+    **{
+        key: ("conversationId",)
+        for key, schema in SCHEMAS.items()
+        if key[0] == "agent" and schema.keys() & {"conversationId", "conversationId?"}
+    },
 }
 #: SCHEMAS as ``parse`` walks them: (name, optional, check, what), the ``?`` read once here.
 _FIELDS: dict[tuple[str, str], tuple[tuple[str, bool, Callable[[Any], bool], str], ...]] = {
@@ -221,7 +226,7 @@ def _client_id(obj: dict) -> Any:
     return None
 
 
-def parse(frame: Union[str, bytes]) -> Message:
+def parse(frame: str | bytes) -> Message:
     """A checked :class:`Message` from one WebSocket frame, or :class:`ProtocolError`."""
     if isinstance(frame, bytes):
         raise ProtocolError("bad_message", "binary frames are not accepted: send JSON text")
@@ -236,18 +241,14 @@ def parse(frame: Union[str, bytes]) -> Message:
     if not isinstance(channel, str):
         raise ProtocolError("bad_message", "field channel is missing or not a string", id=id_)
     if channel not in CHANNELS:
-        raise ProtocolError(
-            "unknown_channel", f"unknown channel; one of {', '.join(CHANNELS)}", id=id_
-        )
+        raise ProtocolError("unknown_channel", f"unknown channel; one of {', '.join(CHANNELS)}", id=id_)
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "field type is missing or not a string", channel, id_)
     fields = _FIELDS.get((channel, kind))
     if fields is None:
         types = sorted(t for c, t in SCHEMAS if c == channel)
-        raise ProtocolError(
-            "unknown_type", f"unknown type for channel {channel}; one of {', '.join(types)}", channel, id_
-        )
+        raise ProtocolError("unknown_type", f"unknown type for channel {channel}; one of {', '.join(types)}", channel, id_)
     for field, optional, check, what in fields:
         if field not in obj:
             if optional:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 SH = "/bin/sh"
 
@@ -69,8 +69,15 @@ def inherited_fds(keep: Sequence[int]) -> list[int]:
     return found
 
 
-def spawn(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], stdio: Sequence[int],
-          cgroup_procs: Optional[str] = None, new_session: bool = False) -> int:
+def spawn(
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    stdio: Sequence[int],
+    cgroup_procs: str | None = None,
+    new_session: bool = False,
+) -> int:
     """Start ``argv`` with ``stdio`` as its fds 0, 1 and 2; its pid (the command's, once it has
     exec'd). OSError when the spawn itself fails."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
@@ -86,7 +93,7 @@ def spawn(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], stdio: Seque
     )
 
 
-def exited(pid: int) -> Optional[int]:
+def exited(pid: int) -> int | None:
     """The child's return code once it has exited (negative: killed by that signal, as
     ``subprocess`` has it), else None; it is not reaped, so its pid stays its own."""
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 #: Writers wait this long for another writer's transaction before giving up.
 BUSY_TIMEOUT_MS = 30_000

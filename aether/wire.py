@@ -8,7 +8,7 @@ frames here, in their own threads when they like); nothing here imports Tornado 
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional
+from typing import Any
 
 import ujson
 
@@ -64,7 +64,7 @@ def reply(request: Message, kind: str, **fields: Any) -> dict:
     return with_id({"channel": request.channel, "type": kind, **fields}, request.id)
 
 
-def refused(refusal: Refusal, request: Optional[Message] = None, channel: Optional[str] = None, id: Any = None) -> dict:
+def refused(refusal: Refusal, request: Message | None = None, channel: str | None = None, id: Any = None) -> dict:
     """The error reply ``refusal`` makes: to ``request``, or to a frame that was no message,
     of which ``channel`` and ``id`` could be read. It carries the request's ``id``, then the
     request fields the protocol repeats in errors (``ECHOED``), then the refusal's own."""

@@ -41,7 +41,9 @@ def main():
 
     watcher = subprocess.Popen(
         [PY, "-m", "aether", "--log-level", "debug", "ports", "watch", "--backend", "ebpf"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
         env={**__import__("os").environ, "AETHER_EBPF_PAGES": str(args.pages)},
     )
     log, ready = [], threading.Event()

@@ -60,9 +60,7 @@ class LineReader:
 
 def start(cmd, ready=lambda line: True, env=None, stdout=subprocess.PIPE):
     """Start a watcher; wait until its stderr says it is ready."""
-    proc = subprocess.Popen(
-        cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})}
-    )
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30
     for raw in proc.stderr:
         if ready(raw):

@@ -147,8 +147,11 @@ def main():
     for name, tree, backend, cycles in contenders:
         rights, opens, never = run(tree, backend, cycles, args.timeout)
         print(f"{name}", flush=True)
-        print(f"  parent exit -> master + both families: {fmt(summary(rights)) if rights else 'n=0'}"
-              f"; never within {args.timeout:g} s: {never} of {cycles}", flush=True)
+        print(
+            f"  parent exit -> master + both families: {fmt(summary(rights)) if rights else 'n=0'}"
+            f"; never within {args.timeout:g} s: {never} of {cycles}",
+            flush=True,
+        )
         print(f"  nginx start -> open:                   {fmt(summary(opens)) if opens else 'n=0'}", flush=True)
 
 

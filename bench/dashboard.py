@@ -53,13 +53,18 @@ def main() -> None:
                             ws_open.append((time.time() - listening) * 1000)
                             break
                     times = WebDriverWait(driver, 10, poll_frequency=0.01).until(
-                        lambda d: d.execute_script(f"return (window.rowTimes['{port}'] || {{}}).shown"))
+                        lambda d: d.execute_script(f"return (window.rowTimes['{port}'] || {{}}).shown")
+                    )
                     shown.append(times - listening * 1000)
                     killed = time.time()
                     proc.kill()
                     proc.wait()
-                    gone.append(WebDriverWait(driver, 10, poll_frequency=0.01).until(
-                        lambda d: d.execute_script(f"return (window.rowTimes['{port}'] || {{}}).gone")) - killed * 1000)
+                    gone.append(
+                        WebDriverWait(driver, 10, poll_frequency=0.01).until(
+                            lambda d: d.execute_script(f"return (window.rowTimes['{port}'] || {{}}).gone")
+                        )
+                        - killed * 1000
+                    )
         finally:
             driver.quit()
             server.stop()

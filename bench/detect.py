@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
 import socket
@@ -107,9 +106,11 @@ def nginx_conf(tmp: Path, port: int, cert) -> Path:
     conf = tmp / f"nginx-{port}.conf"
     tls = f"ssl; ssl_certificate {cert[0]}; ssl_certificate_key {cert[1]};" if cert else ";"
     temps = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf.write_text(f"daemon off; master_process off; user root; pid {tmp}/nginx-{port}.pid; error_log stderr error;\n"
-                    f"events {{ worker_connections 64; }} http {{ access_log off; {temps}\n"
-                    f"server {{ listen 127.0.0.1:{port} {tls} return 200 \"ok\"; }} }}\n")
+    conf.write_text(
+        f"daemon off; master_process off; user root; pid {tmp}/nginx-{port}.pid; error_log stderr error;\n"
+        f"events {{ worker_connections 64; }} http {{ access_log off; {temps}\n"
+        f'server {{ listen 127.0.0.1:{port} {tls} return 200 "ok"; }} }}\n'
+    )
     return conf
 
 
@@ -128,8 +129,7 @@ def servers(tmp: Path, cert) -> list[tuple[str, int, subprocess.Popen]]:
     started = []
     for name, argv in plans:
         port = free_port()
-        proc = subprocess.Popen(argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(port, proc)
         started.append((name, port, proc))
     return started
@@ -153,8 +153,7 @@ async def per_protocol(started, rounds: int) -> None:
             found = await Detector().detect("127.0.0.1", port)
             took.append((time.perf_counter() - begin) * 1000)
             verdict = f"{found.protocol} ({found.reason})"
-        print(f"  {name:<16} {verdict:<18} {percentile(took, 50):7.1f} ms {max(took):7.1f} ms   "
-              f"{percentile(base, 50):.2f} ms")
+        print(f"  {name:<16} {verdict:<18} {percentile(took, 50):7.1f} ms {max(took):7.1f} ms   {percentile(base, 50):.2f} ms")
 
 
 async def ticker(stop: asyncio.Event, lags: list[float]) -> None:
@@ -226,13 +225,35 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8 * args.burst + 1024)), hard))
     tmp = Path(tempfile.mkdtemp(prefix="aether-bench-detect-"))
     cert = (str(tmp / "cert.pem"), str(tmp / "key.pem"))
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", cert[1], "-out", cert[0], "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            cert[1],
+            "-out",
+            cert[0],
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     started = servers(tmp, cert)
-    many = subprocess.Popen([PY, "-c", BURST, str(args.burst), *cert], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
-                                                                  (min(hard, 8 * args.burst + 1024), hard)))
+    many = subprocess.Popen(
+        [PY, "-c", BURST, str(args.burst), *cert],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * args.burst + 1024), hard)),
+    )
     try:
         ports = json.loads(many.stdout.readline())
         asyncio.run(per_protocol(started, args.rounds))
@@ -243,8 +264,10 @@ def main() -> int:
         print(f"  baseline: the same ticker, loop idle   {lag(idle)}")
         cpu = asyncio.run(callback_cpu(ports))
         slow = sum(1 for ms in cpu if ms > args.slow_ms)
-        print(f"  CPU per loop callback during the burst: {len(cpu)} callbacks, {sum(cpu) / 1000:.2f} s in all, "
-              f"p99={percentile(cpu, 99):.3f} ms  max={max(cpu):.2f} ms; {slow} over {args.slow_ms:g} ms")
+        print(
+            f"  CPU per loop callback during the burst: {len(cpu)} callbacks, {sum(cpu) / 1000:.2f} s in all, "
+            f"p99={percentile(cpu, 99):.3f} ms  max={max(cpu):.2f} ms; {slow} over {args.slow_ms:g} ms"
+        )
     finally:
         many.kill()
         for _name, _port, proc in started:

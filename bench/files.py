@@ -200,8 +200,9 @@ def main() -> int:
             assert reply("watch", 1)["type"] == "watch"
             watched = []
             for i in range(args.changes):
-                writer = subprocess.Popen([PY, "-c", WRITER, os.path.join(root, "src", f"new-{i}")],
-                                          stdout=subprocess.PIPE, text=True)
+                writer = subprocess.Popen(
+                    [PY, "-c", WRITER, os.path.join(root, "src", f"new-{i}")], stdout=subprocess.PIPE, text=True
+                )
                 reply("created", None, f"src/new-{i}")
                 told = time.time()
                 watched.append((told - float(writer.stdout.readline())) * 1000)
@@ -243,8 +244,10 @@ def main() -> int:
     print(f"  inotify watch, created event:  {fmt(summary(watched))}")
     print(f"  1 s poller (baseline):         {fmt(summary(polled))}")
     print(f"read of a {len(blob) >> 20} MiB binary file")
-    print(f"  through the channel: {through:.2f} s = {mb / through:.0f} MB/s in {chunks} messages;"
-          f" from disk (page cache, baseline): {disk:.3f} s")
+    print(
+        f"  through the channel: {through:.2f} s = {mb / through:.0f} MB/s in {chunks} messages;"
+        f" from disk (page cache, baseline): {disk:.3f} s"
+    )
     print("recursive watch of 2,041 directories (ms)")
     print(f"  watch request -> reply:  {fmt(summary(scans))}")
     print(f"  os.walk (baseline):      {fmt(summary(walks))}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import secrets
 import subprocess
@@ -39,10 +38,18 @@ def workspace_blob(i: int, epoch: str, ports: int, stamp: float | None = None) -
     prefix = prefix_of(i)
     open_ports = {port: ("public" if n % 2 else "private") for n, port in enumerate(PORTS[:ports])}
     raw = blob.encode(
-        prefix=prefix, project=prefix + "-0123456789abcdef", workspace=f"ws-{i}",
-        address=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:3001", epoch=epoch, started=1765000000000,
-        dead_after=3000, verifier=auth.verifier(KEYS, f"token-{i}", prefix), alive=True,
-        ports=open_ports, public=(), names={"web": PORTS[0], "api": PORTS[1 % ports]},
+        prefix=prefix,
+        project=prefix + "-0123456789abcdef",
+        workspace=f"ws-{i}",
+        address=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:3001",
+        epoch=epoch,
+        started=1765000000000,
+        dead_after=3000,
+        verifier=auth.verifier(KEYS, f"token-{i}", prefix),
+        alive=True,
+        ports=open_ports,
+        public=(),
+        names={"web": PORTS[0], "api": PORTS[1 % ports]},
     )
     if stamp is None:
         return raw
@@ -59,6 +66,7 @@ def rss_mb() -> float:
 
 
 # -- the gateway process: what is measured ---------------------------------------------------
+
 
 async def gateway(url: str, expected: int, timeout: float) -> dict:
     import gc
@@ -100,13 +108,25 @@ async def gateway(url: str, expected: int, timeout: float) -> dict:
         await asyncio.sleep(0.05)
     peak = rss_mb()
     await follower.stop()
-    return {"transfer": transfer, "load": first_load, "reload": reload,
-            "rss_before": before, "rss_after": after, "rss_end": peak, "workspaces": count, "ports": ports,
-            "alive": alive, "lags": lags, "gaps": follower.reloads["gap"], "applied": follower.applied,
-            "lag_buckets": follower.lag.counts}
+    return {
+        "transfer": transfer,
+        "load": first_load,
+        "reload": reload,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_end": peak,
+        "workspaces": count,
+        "ports": ports,
+        "alive": alive,
+        "lags": lags,
+        "gaps": follower.reloads["gap"],
+        "applied": follower.applied,
+        "lag_buckets": follower.lag.counts,
+    }
 
 
 # -- the driver ------------------------------------------------------------------------------
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -134,16 +154,30 @@ def main() -> int:
             pipe = sync.pipeline(transaction=False)
             for i in range(first, min(first + 1000, args.workspaces)):
                 prefix = prefix_of(i)
-                claim(keys=keys.CHANGE_KEYS, client=pipe, args=[
-                    prefix, prefix + "-0123456789abcdef", epochs[i], workspace_blob(i, epochs[i], args.ports),
-                    3_600_000, "bench-boot", keys.STREAM_MAXLEN])
+                claim(
+                    keys=keys.CHANGE_KEYS,
+                    client=pipe,
+                    args=[
+                        prefix,
+                        prefix + "-0123456789abcdef",
+                        epochs[i],
+                        workspace_blob(i, epochs[i], args.ports),
+                        3_600_000,
+                        "bench-boot",
+                        keys.STREAM_MAXLEN,
+                    ],
+                )
             pipe.execute()
         populate = time.perf_counter() - started
         memory = sync.memory_usage(keys.STATE) or 0
         expected = int(args.rate * args.seconds)
 
-        proc = subprocess.Popen([PY, __file__, "--gateway", server.url, "--expected", str(expected),
-                                 "--seconds", str(args.seconds)], stdout=subprocess.PIPE, text=True, cwd=ROOT / "bench")
+        proc = subprocess.Popen(
+            [PY, __file__, "--gateway", server.url, "--expected", str(expected), "--seconds", str(args.seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT / "bench",
+        )
         if json.loads(proc.stdout.readline()).get("ready") is not True:
             print("the gateway process did not start")
             return 1
@@ -155,8 +189,10 @@ def main() -> int:
             if delay > 0:
                 time.sleep(delay)
             i = rng.randrange(args.workspaces)
-            update(keys=keys.CHANGE_KEYS, args=[prefix_of(i), epochs[i],
-                                                 workspace_blob(i, epochs[i], args.ports, time.time()), keys.STREAM_MAXLEN])
+            update(
+                keys=keys.CHANGE_KEYS,
+                args=[prefix_of(i), epochs[i], workspace_blob(i, epochs[i], args.ports, time.time()), keys.STREAM_MAXLEN],
+            )
         written = time.monotonic() - t0
         result = json.loads(proc.stdout.readline())
         proc.wait()
@@ -172,17 +208,27 @@ def main() -> int:
 
     lags = result["lags"]
     routes = result["workspaces"] * args.ports
-    print(f"fleet table: {result['workspaces']} workspaces x {args.ports} ports ({routes} routes, {result['ports']} open), "
-          f"{memory / 1e6:.1f} MB in Redis (claimed in {populate:.2f} s)")
-    print(f"full load: {result['load']:.3f} s (HGETALL alone, baseline: {result['transfer']:.3f} s); "
-          f"periodic reload of the same bytes: {result['reload']:.3f} s  [goal: load <= 2 s]")
-    print(f"gateway RSS: {result['rss_before']:.0f} MB before the load (baseline: Python, aether.fleet, redis), "
-          f"{result['rss_after']:.0f} MB after, {result['rss_end']:.0f} MB after the changes  [goal: <= 200 MB]")
-    print(f"{args.rate} changes/s for {args.seconds:g} s ({expected} written in {written:.2f} s): "
-          f"{len(lags)} applied, {result['gaps']} gaps")
+    print(
+        f"fleet table: {result['workspaces']} workspaces x {args.ports} ports ({routes} routes, {result['ports']} open), "
+        f"{memory / 1e6:.1f} MB in Redis (claimed in {populate:.2f} s)"
+    )
+    print(
+        f"full load: {result['load']:.3f} s (HGETALL alone, baseline: {result['transfer']:.3f} s); "
+        f"periodic reload of the same bytes: {result['reload']:.3f} s  [goal: load <= 2 s]"
+    )
+    print(
+        f"gateway RSS: {result['rss_before']:.0f} MB before the load (baseline: Python, aether.fleet, redis), "
+        f"{result['rss_after']:.0f} MB after, {result['rss_end']:.0f} MB after the changes  [goal: <= 200 MB]"
+    )
+    print(
+        f"{args.rate} changes/s for {args.seconds:g} s ({expected} written in {written:.2f} s): "
+        f"{len(lags)} applied, {result['gaps']} gaps"
+    )
     print(f"write -> applied: {fmt(summary(lags))}  [goal: p99 <= 50 ms]")
-    print(f"heartbeat script: {per_heartbeat:.1f} us of Redis time a call: {args.workspaces} VMs at 1/s use "
-          f"{per_heartbeat * args.workspaces / 1e4:.1f}% of its core")
+    print(
+        f"heartbeat script: {per_heartbeat:.1f} us of Redis time a call: {args.workspaces} VMs at 1/s use "
+        f"{per_heartbeat * args.workspaces / 1e4:.1f}% of its core"
+    )
     return 0 if len(lags) == expected else 1
 
 

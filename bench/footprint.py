@@ -73,8 +73,11 @@ def fmt_memory(kib: tuple[int, int]) -> str:
 
 def rss_parts(pid: int) -> str:
     """Anonymous (the heap), file-backed and shared (the ring buffer's pages) resident KiB."""
-    fields = {line.split(":")[0]: int(line.split()[1]) for line in open(f"/proc/{pid}/status")
-              if line.startswith(("RssAnon", "RssFile", "RssShmem"))}
+    fields = {
+        line.split(":")[0]: int(line.split()[1])
+        for line in open(f"/proc/{pid}/status")
+        if line.startswith(("RssAnon", "RssFile", "RssShmem"))
+    }
     return ", ".join(f"{name[3:].lower()} {kib / 1024:.1f}" for name, kib in fields.items())
 
 
@@ -107,9 +110,24 @@ class Serve:
         self.port = free_port()
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [PY, "-m", "aether", "serve", "--port", str(self.port), "--state-dir", self.state,
-             "--workspace-id", "bench", "--backend", backend],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})},
+            [
+                PY,
+                "-m",
+                "aether",
+                "serve",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                self.state,
+                "--workspace-id",
+                "bench",
+                "--backend",
+                backend,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
         self.log: list[bytes] = []
         threading.Thread(target=lambda: [self.log.append(line) for line in self.proc.stderr], daemon=True).start()
@@ -146,8 +164,11 @@ def idle(backend: str, cache_env: dict) -> None:
         settle()
         mem = memory_kib(server.proc.pid)
         heavy = maps_of(server.proc.pid, "LLVM", "libbcc", "libclang")
-        print(f"aether serve --backend {backend:<9} idle:            {fmt_memory(mem)}  "
-              f"(backend {server.backend()}; LLVM/bcc mapped: {', '.join(heavy) or 'none'})", flush=True)
+        print(
+            f"aether serve --backend {backend:<9} idle:            {fmt_memory(mem)}  "
+            f"(backend {server.backend()}; LLVM/bcc mapped: {', '.join(heavy) or 'none'})",
+            flush=True,
+        )
     finally:
         server.close()
 
@@ -159,7 +180,9 @@ def with_clients(clients: int, cache_env: dict) -> None:
         before = memory_kib(server.proc.pid)
         client = subprocess.Popen(
             [PY, "-c", IDLE_CLIENTS, f"/workspaces/bench/ws?token={server.token}", str(server.port), str(clients)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         if client.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the clients did not connect (exit status {client.wait()})")
@@ -169,9 +192,12 @@ def with_clients(clients: int, cache_env: dict) -> None:
         client.wait()
         settle(1.0)
         after = memory_kib(server.proc.pid)
-        print(f"aether serve --backend ebpf, {clients} idle WebSocket clients: {fmt_memory(during)}  "
-              f"(+{(during[0] - before[0]) / clients:.1f} KiB RSS each; idle before {before[0] / 1024:.1f} MiB, "
-              f"after they left {after[0] / 1024:.1f} MiB)", flush=True)
+        print(
+            f"aether serve --backend ebpf, {clients} idle WebSocket clients: {fmt_memory(during)}  "
+            f"(+{(during[0] - before[0]) / clients:.1f} KiB RSS each; idle before {before[0] / 1024:.1f} MiB, "
+            f"after they left {after[0] / 1024:.1f} MiB)",
+            flush=True,
+        )
     finally:
         server.close()
 
@@ -184,8 +210,9 @@ def after_burst(pairs: int, cache_env: dict) -> None:
     try:
         settle()
         before = memory_kib(server.proc.pid)
-        with connect(f"ws://127.0.0.1:{server.port}/workspaces/bench/ws", subprotocols=["Bearer", server.token],
-                     max_size=None) as ws:
+        with connect(
+            f"ws://127.0.0.1:{server.port}/workspaces/bench/ws", subprotocols=["Bearer", server.token], max_size=None
+        ) as ws:
             time.sleep(0.3)
             while True:  # the initial messages
                 try:
@@ -202,9 +229,12 @@ def after_burst(pairs: int, cache_env: dict) -> None:
                 except TimeoutError:
                     break
             mem, parts = memory_kib(server.proc.pid), rss_parts(server.proc.pid)
-        print(f"aether serve --backend ebpf, after {pairs} listen/close pairs ({elapsed:.2f} s, "
-              f"{messages} messages to one client): {fmt_memory(mem)}  (idle before {before[0] / 1024:.1f} MiB; "
-              f"now {parts} MiB)", flush=True)
+        print(
+            f"aether serve --backend ebpf, after {pairs} listen/close pairs ({elapsed:.2f} s, "
+            f"{messages} messages to one client): {fmt_memory(mem)}  (idle before {before[0] / 1024:.1f} MiB; "
+            f"now {parts} MiB)",
+            flush=True,
+        )
     finally:
         if burst is not None:
             burst.kill()
@@ -233,9 +263,12 @@ def start_times(starts: int, cache_dir: str) -> None:
             if empty:
                 shutil.rmtree(empty, ignore_errors=True)
     for name, values in times.items():
-        print(f"start -> first /healthz 200, {name:<32} median {statistics.median(values) * 1000:6.0f} ms  "
-              f"max {max(values) * 1000:6.0f} ms  CPU median {statistics.median(cpu[name]) * 1000:4.0f} ms  "
-              f"(n={len(values)})", flush=True)
+        print(
+            f"start -> first /healthz 200, {name:<32} median {statistics.median(values) * 1000:6.0f} ms  "
+            f"max {max(values) * 1000:6.0f} ms  CPU median {statistics.median(cpu[name]) * 1000:4.0f} ms  "
+            f"(n={len(values)})",
+            flush=True,
+        )
 
 
 def attached(proc: subprocess.Popen) -> bool:
@@ -254,8 +287,7 @@ def baseline(name: str, argv: list[str], ready=attached, env: dict | None = None
     if not shutil.which(argv[0]) and not os.path.exists(argv[0]):
         print(f"{name:<44} not installed (deploy/setup.sh installs it)", flush=True)
         return
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + 60
         while not ready(proc):
@@ -288,12 +320,26 @@ def imports() -> None:
 
     base = statistics.median(run([])[1] for _ in range(3))
     print(f"import cost over `import asyncio` ({base / 1024:.1f} MiB RSS), each in a fresh process, median of 3:")
-    for modules in (["tornado.web", "tornado.httpserver", "tornado.websocket"], ["prometheus_client"], ["uvloop"],
-                    ["ujson"], ["httptools"], ["psutil"], ["sqlite3"], ["pyroute2"], ["bcc"],
-                    ["aether.ports.monitor"], ["aether.server.metrics"], ["aether.agent.store"],
-                    ["aether.server.channels.files"], ["aether.server.channels.agent"],
-                    ["aether.server.channels.terminal"], ["aether.preview.service"], ["aether.doctor"],
-                    ["aether.server.app"]):
+    for modules in (
+        ["tornado.web", "tornado.httpserver", "tornado.websocket"],
+        ["prometheus_client"],
+        ["uvloop"],
+        ["ujson"],
+        ["httptools"],
+        ["psutil"],
+        ["sqlite3"],
+        ["pyroute2"],
+        ["bcc"],
+        ["aether.ports.monitor"],
+        ["aether.server.metrics"],
+        ["aether.agent.store"],
+        ["aether.server.channels.files"],
+        ["aether.server.channels.agent"],
+        ["aether.server.channels.terminal"],
+        ["aether.preview.service"],
+        ["aether.doctor"],
+        ["aether.server.app"],
+    ):
         results = [run(modules) for _ in range(3)]
         ms = statistics.median(r[0] for r in results)
         rss = statistics.median(r[1] for r in results)
@@ -325,8 +371,7 @@ def main() -> None:
         print("baselines, each idle 2 s after attaching (or importing):")
         baseline("  libbpf-tools tcpstates (C, CO-RE)", ["tcpstates"])
         baseline("  bcc tcpstates-bpfcc", ["tcpstates-bpfcc"])
-        baseline("  python -c 'import aether.server.app'", [PY, "-c", IMPORTED.format("aether.server.app")],
-                 ready=said_ready)
+        baseline("  python -c 'import aether.server.app'", [PY, "-c", IMPORTED.format("aether.server.app")], ready=said_ready)
         baseline("  python -c 'import time' (the interpreter)", [PY, "-c", IMPORTED.format("time")], ready=said_ready)
     if "imports" in parts:
         imports()

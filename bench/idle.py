@@ -1,6 +1,6 @@
 """CPU time and wake-ups of each watcher over an idle period (default 60 s), run side by side.
 
-    .venv/bin/python bench/idle.py [--seconds 60]
+.venv/bin/python bench/idle.py [--seconds 60]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def main():
     time.sleep(args.seconds)
     for name, p in procs.items():
         cpu, wake = cpu_seconds(p.pid) - before[name][0], wakeups(p.pid) - before[name][1]
-        print(f"{name:<40} idle {args.seconds:.0f} s: cpu {cpu * 1000:.0f} ms ({cpu / args.seconds * 100:.3f}% of a core), {wake} wake-ups")
+        print(
+            f"{name:<40} idle {args.seconds:.0f} s: cpu {cpu * 1000:.0f} ms ({cpu / args.seconds * 100:.3f}% of a core), {wake} wake-ups"
+        )
         stop(p)
 
 

@@ -51,7 +51,12 @@ def main():
         ("minimal bcc consumer (baseline)", lambda: start([PY, "bench/minimal_bcc.py"], lambda r: b"ready" in r), args.cycles, 0),
         ("aether ebpf", lambda: aether_watch("ebpf"), args.cycles, 0),
         ("aether sockdiag (250 ms)", lambda: aether_watch("sockdiag"), args.slow_cycles, 0.25),
-        ("/proc/net/tcp poller, 2 s (baseline)", lambda: start([PY, "bench/proc_poller.py", "2"], lambda r: b"ready" in r), args.slow_cycles, 2.0),
+        (
+            "/proc/net/tcp poller, 2 s (baseline)",
+            lambda: start([PY, "bench/proc_poller.py", "2"], lambda r: b"ready" in r),
+            args.slow_cycles,
+            2.0,
+        ),
     ]
     results = {}
     for name, launch, cycles, jitter in contenders:

@@ -158,8 +158,7 @@ class Bench:
     def nginx(self, name, cpu, port, server, http_extra=""):
         conf = self.tmp / f"{name}.conf"
         conf.write_text(nginx_conf(self.tmp, name, port, server, http_extra))
-        master = self.spawn(on_cpu(cpu, [NGINX, "-p", str(self.tmp), "-e", str(self.tmp / f"{name}.error.log"),
-                                         "-c", str(conf)]))
+        master = self.spawn(on_cpu(cpu, [NGINX, "-p", str(self.tmp), "-e", str(self.tmp / f"{name}.error.log"), "-c", str(conf)]))
         wait_listening(port)
         # The worker inherits the master's CPU; pinning it again by pid fails loudly if it is not there.
         (worker,) = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
@@ -170,9 +169,28 @@ class Bench:
         port = free_port()
         state = self.tmp / "aether-state"
         state.mkdir()
-        proc = self.spawn(on_cpu(PROXY_CPU, [PY, "-m", "aether", "serve", "--port", str(port), "--state-dir", str(state),
-                                             "--project-id", PROJECT_ID, "--token", TOKEN, "--backend", "ebpf"]),
-                          stderr=subprocess.PIPE)
+        proc = self.spawn(
+            on_cpu(
+                PROXY_CPU,
+                [
+                    PY,
+                    "-m",
+                    "aether",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--state-dir",
+                    str(state),
+                    "--project-id",
+                    PROJECT_ID,
+                    "--token",
+                    TOKEN,
+                    "--backend",
+                    "ebpf",
+                ],
+            ),
+            stderr=subprocess.PIPE,
+        )
         read_line(proc.stderr.fileno(), 60, b'"msg":"serving"')
         # Keep draining the log so the server never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
@@ -222,8 +240,7 @@ def wrk(target, seconds, connections, latency=False):
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", *(["--latency"] if latency else [])]
     cmd += [arg for header in headers for arg in ("-H", header)]
     cpu0, t0, ticks0 = cpu_seconds(proxy_pid) if proxy_pid else 0, time.monotonic(), cpu_ticks(CLIENT_CPU)
-    out = subprocess.run(on_cpu(CLIENT_CPU, cmd + [url]), capture_output=True, text=True,
-                         timeout=seconds + 30, check=True).stdout
+    out = subprocess.run(on_cpu(CLIENT_CPU, cmd + [url]), capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     cpu = (cpu_seconds(proxy_pid) - cpu0) / (time.monotonic() - t0) if proxy_pid else float("nan")
     busy, total = (after - before for after, before in zip(cpu_ticks(CLIENT_CPU), ticks0))
     # A run full of 502s or resets would be a fast benchmark of an error page: refuse it.
@@ -248,22 +265,29 @@ def throughput(targets, seconds, rounds):
         wrk(target, 1, 50)
     runs = interleaved(targets, rounds, lambda t: wrk(t, seconds, 50))
     medians = {name: statistics.median(rps for rps, _, _ in values) for name, values in runs.items()}
-    print(f"throughput: 1 KB GET, 50 keep-alive connections, wrk -t1 -c50 -d{seconds}s, "
-          f"median of {rounds} interleaved runs; busy share of a core over the run (medians)")
+    print(
+        f"throughput: 1 KB GET, 50 keep-alive connections, wrk -t1 -c50 -d{seconds}s, "
+        f"median of {rounds} interleaved runs; busy share of a core over the run (medians)"
+    )
     per_cpu = {}
     for name, values in runs.items():
         proxy, cpu0 = (statistics.median(shares[i] for _, _, shares in values) for i in (0, 1))
         per_cpu[name] = medians[name] / proxy
         proxy = "  - " if proxy != proxy else f"{proxy:4.0%}"
-        print(f"  {name:<36} {medians[name]:>7,.0f} req/s  proxy {proxy}  CPU 0 (wrk, upstream) {cpu0:4.0%}  "
-              f"runs: {', '.join(f'{rps:,.0f}' for rps, _, _ in values)}")
+        print(
+            f"  {name:<36} {medians[name]:>7,.0f} req/s  proxy {proxy}  CPU 0 (wrk, upstream) {cpu0:4.0%}  "
+            f"runs: {', '.join(f'{rps:,.0f}' for rps, _, _ in values)}"
+        )
     aether, nginx = "aether preview proxy", "nginx proxy, 1 worker (baseline)"
     ratio = medians[aether] / medians[nginx]
     print(f"  aether / nginx = {ratio:.2f} (goal >= 0.5: {'met' if ratio >= 0.5 else 'missed'})")
     # With CPU 0 full, nginx's figure is wrk's and the upstream's limit, not nginx's: per CPU-second
     # of the proxy compares the proxies themselves.
-    print(f"  per proxy CPU-second: aether {per_cpu[aether]:,.0f}, nginx {per_cpu[nginx]:,.0f} req "
-          f"= {per_cpu[aether] / per_cpu[nginx]:.2f}", flush=True)
+    print(
+        f"  per proxy CPU-second: aether {per_cpu[aether]:,.0f}, nginx {per_cpu[nginx]:,.0f} req "
+        f"= {per_cpu[aether] / per_cpu[nginx]:.2f}",
+        flush=True,
+    )
 
 
 def latency(targets, seconds, rounds):
@@ -284,8 +308,9 @@ def websocket_echo(bench, aether_port, trips, warmup):
     script = bench.tmp / "echo.js"
     script.write_text(ECHO_JS)
     port = free_port()
-    node = bench.spawn(on_cpu(CLIENT_CPU, ["node", str(script), str(port)]), stdout=subprocess.PIPE,
-                       env={**os.environ, "NODE_PATH": NODE_PATH})
+    node = bench.spawn(
+        on_cpu(CLIENT_CPU, ["node", str(script), str(port)]), stdout=subprocess.PIPE, env={**os.environ, "NODE_PATH": NODE_PATH}
+    )
     read_line(node.stdout.fileno(), 10, b"ready")
     wait_proxied(aether_port, port)
 
@@ -297,11 +322,19 @@ def websocket_echo(bench, aether_port, trips, warmup):
     message, times = "x" * 32, {"direct (baseline)": [], "through aether": []}
     try:
         with contextlib.ExitStack() as stack:
-            clients = {"direct (baseline)": stack.enter_context(
-                connect(f"ws://127.0.0.1:{port}/", sock=nodelay_socket(port), compression=None))}
+            clients = {
+                "direct (baseline)": stack.enter_context(
+                    connect(f"ws://127.0.0.1:{port}/", sock=nodelay_socket(port), compression=None)
+                )
+            }
             clients["through aether"] = stack.enter_context(
-                connect(f"ws://{preview_host(port, aether_port)}/", sock=nodelay_socket(aether_port),
-                        additional_headers={"Authorization": AUTH}, compression=None))
+                connect(
+                    f"ws://{preview_host(port, aether_port)}/",
+                    sock=nodelay_socket(aether_port),
+                    additional_headers={"Authorization": AUTH},
+                    compression=None,
+                )
+            )
             # Alternating one round trip each way keeps the VM's noise the same for both.
             for i in range(warmup + trips):
                 for name, ws in clients.items():
@@ -363,8 +396,7 @@ def listen_to_200(bench, port, conn, host=None, then=lambda listen_at: None, tim
 
 
 def port_opens(bench, aether_port, tries):
-    poller = bench.spawn([PY, str(ROOT / "bench" / "proc_poller.py"), "1"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    poller = bench.spawn([PY, str(ROOT / "bench" / "proc_poller.py"), "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     read_line(poller.stderr.fileno(), 10, b"poller ready")
     seen = poller_clock(poller)
     direct_ms, aether_ms, poller_ms, used = [], [], [], set()
@@ -390,11 +422,15 @@ def port_opens(bench, aether_port, tries):
         direct_ms.append(listen_to_200(bench, port, http.client.HTTPConnection("127.0.0.1", port, timeout=5))[0])
     bench.end(poller)
     print(f"port opens: {tries} fresh listener processes each way, GETs back to back from before listen()")
-    for name, values in (("listen() -> first 200 directly (floor: the app itself)", direct_ms),
-                         ("listen() -> first 200 through aether", aether_ms),
-                         ("listen() -> 1 s /proc/net/tcp poller sees it (baseline)", poller_ms)):
-        print(f"  {name:<56} median={statistics.median(values):.3f} ms  p95={percentile(values, 95):.3f} ms  "
-              f"max={max(values):.3f} ms")
+    for name, values in (
+        ("listen() -> first 200 directly (floor: the app itself)", direct_ms),
+        ("listen() -> first 200 through aether", aether_ms),
+        ("listen() -> 1 s /proc/net/tcp poller sees it (baseline)", poller_ms),
+    ):
+        print(
+            f"  {name:<56} median={statistics.median(values):.3f} ms  p95={percentile(values, 95):.3f} ms  "
+            f"max={max(values):.3f} ms"
+        )
     # A poller-gated proxy answers its first 200 one GET after the poller sees the port.
     print("  (the poller line is a floor for a proxy gated by such a poller)", flush=True)
 
@@ -420,17 +456,23 @@ def main():
         (www / "1k.html").write_bytes(b"x" * 1024)
         upstream_port, nginx_port = free_port(), free_port()
         bench.nginx("upstream", CLIENT_CPU, upstream_port, f"root {www};")
-        nginx_pid = bench.nginx("proxy", PROXY_CPU, nginx_port, 'location / { proxy_pass http://app; proxy_http_version 1.1; '
-                    'proxy_set_header Connection ""; }',
-                    f"upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000; }}")
+        nginx_pid = bench.nginx(
+            "proxy",
+            PROXY_CPU,
+            nginx_port,
+            'location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }',
+            f"upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000; }}",
+        )
         aether_port, aether_pid = bench.aether()
         wait_proxied(aether_port, upstream_port)
         targets = {
             "upstream nginx, direct (baseline)": (f"http://127.0.0.1:{upstream_port}/1k.html", (), None),
             "nginx proxy, 1 worker (baseline)": (f"http://127.0.0.1:{nginx_port}/1k.html", (), nginx_pid),
-            "aether preview proxy": (f"http://127.0.0.1:{aether_port}/1k.html",
-                                     (f"Host: {preview_host(upstream_port, aether_port)}", f"Authorization: {AUTH}"),
-                                     aether_pid),
+            "aether preview proxy": (
+                f"http://127.0.0.1:{aether_port}/1k.html",
+                (f"Host: {preview_host(upstream_port, aether_port)}", f"Authorization: {AUTH}"),
+                aether_pid,
+            ),
         }
         throughput(targets, args.seconds, args.rounds)
         latency(targets, args.seconds, args.rounds)

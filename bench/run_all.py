@@ -1,6 +1,6 @@
 """Run every benchmark and write their output, with the exact commands, to bench/RESULTS.md.
 
-    make bench        # or: .venv/bin/python bench/run_all.py
+make bench        # or: .venv/bin/python bench/run_all.py
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> int:
         sections.append(f"```\n$ {command}\n{output.rstrip()}\n```\n")
     header = (
         "# Benchmark results\n\n"
-        f"Latest run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Latest run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"kernel {platform.release()}, {platform.python_implementation()} {platform.python_version()}, "
         "2 vCPU VM. Regenerate with `make bench` (runs `.venv/bin/python bench/run_all.py`); "
         "each block below is one command and its output. Baselines run in the same invocation.\n\n"

@@ -63,9 +63,25 @@ def start_server(backend="ebpf", *args, tree=ROOT):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [PY, "-m", "aether", "serve", "--port", str(port), "--state-dir", state, "--workspace-id", "bench",
-         "--backend", backend, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tree,
+        [
+            PY,
+            "-m",
+            "aether",
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            state,
+            "--workspace-id",
+            "bench",
+            "--backend",
+            backend,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tree,
     )
     for raw in proc.stderr:
         if '"serving"' in raw:
@@ -156,7 +172,9 @@ def _fanout(proc, sport, token, clients, rounds):
     rss_before = rss_kib(proc.pid)
     client = subprocess.Popen(
         [PY, "-c", FANOUT_CLIENT, f"/workspaces/bench/ws?token={token}", str(sport), str(clients)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert client.stdout.readline().strip() == "ready"
     time.sleep(0.5)
@@ -181,9 +199,14 @@ def _fanout(proc, sport, token, clients, rounds):
         client.stdin.flush()
         client.stdout.readline()
     client.kill()
-    print(f"{clients} clients, {rounds} port opens: listen() -> open frame at each client: {fmt(summary(latencies))}; missing {missing}")
-    print(f"server RSS: {rss_before / 1024:.1f} MiB idle, {rss_after / 1024:.1f} MiB with {clients} idle connections "
-          f"= {(rss_after - rss_before) / clients:.1f} KiB per connection", flush=True)
+    print(
+        f"{clients} clients, {rounds} port opens: listen() -> open frame at each client: {fmt(summary(latencies))}; missing {missing}"
+    )
+    print(
+        f"server RSS: {rss_before / 1024:.1f} MiB idle, {rss_after / 1024:.1f} MiB with {clients} idle connections "
+        f"= {(rss_after - rss_before) / clients:.1f} KiB per connection",
+        flush=True,
+    )
 
 
 def slow_reader(cycles):

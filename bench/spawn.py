@@ -44,8 +44,7 @@ def spawn_ms(trees: cgroup.Trees | None) -> float:
     master, slave = os.openpty()
     started = time.perf_counter()
     tree = trees.new() if trees else None
-    pid = spawn.spawn(ARGV, cwd="/tmp", env=os.environ, stdio=(slave, slave, slave),
-                      cgroup_procs=tree.procs if tree else None)
+    pid = spawn.spawn(ARGV, cwd="/tmp", env=os.environ, stdio=(slave, slave, slave), cgroup_procs=tree.procs if tree else None)
     os.close(slave)
     os.waitpid(pid, 0)
     if trees:

@@ -132,10 +132,14 @@ def main() -> int:
     mb = size / 1e6
     print(f"flood: cat of {size >> 20} MiB in a terminal session, one client reading it all, eBPF backend")
     print(f"  delivered {result['bytes']:,} of {size:,} bytes, exit code {result['code']}")
-    print(f"  through aether: {result['seconds']:.2f} s = {mb / result['seconds']:.0f} MB/s;"
-          f" bare PTY read by one process (baseline): {bare:.2f} s = {mb / bare:.0f} MB/s")
-    print(f"  daemon RSS: {rss_before / 1024:.1f} MiB before, peak {peak[0] / 1024:.1f} MiB during"
-          f" (+{(peak[0] - rss_before) / 1024:.1f} MiB)")
+    print(
+        f"  through aether: {result['seconds']:.2f} s = {mb / result['seconds']:.0f} MB/s;"
+        f" bare PTY read by one process (baseline): {bare:.2f} s = {mb / bare:.0f} MB/s"
+    )
+    print(
+        f"  daemon RSS: {rss_before / 1024:.1f} MiB before, peak {peak[0] / 1024:.1f} MiB during"
+        f" (+{(peak[0] - rss_before) / 1024:.1f} MiB)"
+    )
     print("listen() -> open at another client (ms)")
     print(f"  idle (baseline):  {fmt(summary(idle))}")
     print(f"  during the flood: {fmt(summary(flood))}")

@@ -11,7 +11,6 @@ same three facts. Calls are interleaved so that load hits each alike.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +33,7 @@ def by_psutil(pid: int):
 
 
 def us(values: list[float]) -> str:
-    return (f"p50={percentile(values, 50):6.2f} us  p90={percentile(values, 90):6.2f} us  "
-            f"p99={percentile(values, 99):6.2f} us")
+    return f"p50={percentile(values, 50):6.2f} us  p90={percentile(values, 90):6.2f} us  p99={percentile(values, 99):6.2f} us"
 
 
 def main() -> int:
@@ -43,8 +41,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=20000)
     args = parser.parse_args()
     # Four python listeners, with the arguments a dev server has, and nginx-like long ones.
-    holders = [subprocess.Popen([PY, "-c", LISTEN, "--port", str(8000 + i), "--host", "127.0.0.1", "x" * 200 * i],
-                                stdin=subprocess.DEVNULL) for i in range(4)]
+    holders = [
+        subprocess.Popen(
+            [PY, "-c", LISTEN, "--port", str(8000 + i), "--host", "127.0.0.1", "x" * 200 * i], stdin=subprocess.DEVNULL
+        )
+        for i in range(4)
+    ]
     try:
         time.sleep(0.5)
         pids = [p.pid for p in holders]

@@ -29,13 +29,41 @@ from pathlib import Path
 
 HELP = (
     "I answer questions about this workspace's ports and processes, from `aether ports list` "
-    "(what listens now) and the port registry (`aether port list`). Try: \"what is listening?\", "
-    "\"what runs on port 8000?\", \"which ports does python3 use?\" or \"what is registered?\"."
+    '(what listens now) and the port registry (`aether port list`). Try: "what is listening?", '
+    '"what runs on port 8000?", "which ports does python3 use?" or "what is registered?".'
 )
 WORKSPACE_WORDS = {
-    "port", "ports", "listen", "listens", "listening", "listener", "listeners", "process", "processes", "pid", "pids",
-    "running", "runs", "run", "server", "servers", "service", "services", "open", "registry", "registered", "app",
-    "apps", "workspace", "status", "key", "keys", "bound", "using", "uses", "use",
+    "port",
+    "ports",
+    "listen",
+    "listens",
+    "listening",
+    "listener",
+    "listeners",
+    "process",
+    "processes",
+    "pid",
+    "pids",
+    "running",
+    "runs",
+    "run",
+    "server",
+    "servers",
+    "service",
+    "services",
+    "open",
+    "registry",
+    "registered",
+    "app",
+    "apps",
+    "workspace",
+    "status",
+    "key",
+    "keys",
+    "bound",
+    "using",
+    "uses",
+    "use",
 }
 GREETINGS = {"help", "hi", "hello", "hey", "?", "usage"}
 
@@ -117,7 +145,10 @@ def answer(question: str, workspace: dict) -> str:
     if not question.strip() or (words and words <= GREETINGS | {"me", "please", "can", "you", "what"}):
         return HELP
     if not (words & WORKSPACE_WORDS or numbers):
-        return "I can't answer that: no language model is reachable from here, and I only know this workspace's ports and processes. " + HELP
+        return (
+            "I can't answer that: no language model is reachable from here, and I only know this workspace's ports and processes. "
+            + HELP
+        )
     found = run_tools({"aether ports list": ["ports", "list", "--json"], "aether port list": ["port", "list", "--json"]})
     ports, entries = found["aether ports list"], found["aether port list"]
     if ports is None and entries is None:
@@ -141,7 +172,9 @@ def answer(question: str, workspace: dict) -> str:
     wanted = {name for name in names for word in words if len(word) >= 4 and (name.startswith(word) or word.startswith(name))}
     if wanted:
         mine = [p for p in ports if (p.get("process") or "").lower() in wanted]
-        sentences.append(f"{', '.join(sorted(wanted))} listen{'s' if len(mine) == 1 else ''} on {len(mine)} port{'s' if len(mine) != 1 else ''}:")
+        sentences.append(
+            f"{', '.join(sorted(wanted))} listen{'s' if len(mine) == 1 else ''} on {len(mine)} port{'s' if len(mine) != 1 else ''}:"
+        )
         sentences += [upper_first(describe(p, registry, server_port)) for p in mine]
         return " ".join(sentences)
     if words & {"registry", "registered", "key", "keys"} and entries:
@@ -153,7 +186,9 @@ def answer(question: str, workspace: dict) -> str:
     if not ports:
         sentences.append("Nothing listens on a TCP port in this workspace right now.")
     else:
-        sentences.append(f"{len(ports)} port{'s' if len(ports) != 1 else ''} listen{'s' if len(ports) == 1 else ''} in this workspace:")
+        sentences.append(
+            f"{len(ports)} port{'s' if len(ports) != 1 else ''} listen{'s' if len(ports) == 1 else ''} in this workspace:"
+        )
         sentences += [upper_first(describe(p, registry, server_port)) for p in ports]
     idle = [e for e in entries if not e.get("listening")]
     if idle:

@@ -6,7 +6,6 @@ The helpers they are built from are in ``support/``; tests import those from the
 from __future__ import annotations
 
 import pytest
-
 from support import ebpf
 from support.ebpf import need_ebpf
 from support.listeners import Listeners
@@ -85,8 +84,9 @@ def workspace_server(tmp_path):
     root.mkdir()
 
     def start(*args: str, env: dict | None = None, state: str | None = None, wrap: tuple = ()) -> Server:
-        server = Server("sockdiag", tmp_path / (state or f"state{len(servers)}"), "--workspace-root", str(root),
-                        *args, env=env, wrap=wrap)
+        server = Server(
+            "sockdiag", tmp_path / (state or f"state{len(servers)}"), "--workspace-root", str(root), *args, env=env, wrap=wrap
+        )
         server.root = root
         servers.append(server)
         return server

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import ROOT
 from support.clients import recv_json
-from support.ports import free_port
 from support.processes import NOHUP, gone
 from support.servers import Server
 from support.waiting import wait_for
@@ -134,7 +132,11 @@ def test_example_backend_answers_about_a_real_listener(start, listeners):
     history = agent.next()
     assert history["id"] == "h" and history["conversationId"] == conversation and history["running"] is False
     assert [(t["role"], t["status"], t["seq"]) for t in history["turns"]] == [
-        ("user", "complete", 1), ("assistant", "complete", 2), ("user", "complete", 3), ("assistant", "complete", 4)]
+        ("user", "complete", 1),
+        ("assistant", "complete", 2),
+        ("user", "complete", 3),
+        ("assistant", "complete", 4),
+    ]
     assert history["turns"][1]["text"] == message["text"]
     assert [t["name"] for t in history["turns"][1]["tools"]] == ["aether ports list", "aether port list"]
     agent.send(type="list", id="l")
@@ -148,11 +150,22 @@ def test_not_configured_and_empty_history(start):
     agent = Agent(server)
     agent.send(type="prompt", text="hello", id=1)
     assert agent.next() == {
-        "channel": "agent", "type": "error", "code": "not_configured", "id": 1,
+        "channel": "agent",
+        "type": "error",
+        "code": "not_configured",
+        "id": 1,
         "message": "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)",
     }
     agent.send(type="history", id=2)
-    assert agent.next() == {"channel": "agent", "type": "history", "conversationId": None, "title": None, "running": False, "turns": [], "id": 2}
+    assert agent.next() == {
+        "channel": "agent",
+        "type": "history",
+        "conversationId": None,
+        "title": None,
+        "running": False,
+        "turns": [],
+        "id": 2,
+    }
     agent.send(type="list", id=3)
     assert agent.next() == {"channel": "agent", "type": "list", "conversations": [], "id": 3}
     assert agent.config()["agent"] == {"configured": False, "command": [], "timeout": 120.0, "maxOutputBytes": 4 << 20}
@@ -183,7 +196,11 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(start):
         ({"type": "prompt"}, "bad_message", "field text is missing"),
         ({"type": "prompt", "text": "x" * (64 << 10) + "y"}, "too_large", "a prompt of 65537 bytes; at most 65536 (64 KiB)"),
         ({"type": "prompt", "text": "hi", "conversationId": "c-000000000000"}, "not_found", "no conversation c-000000000000"),
-        ({"type": "prompt", "text": "hi", "conversationId": "../x"}, "bad_message", "field conversationId must be 1-64 characters of A-Z a-z 0-9 . _ : -"),
+        (
+            {"type": "prompt", "text": "hi", "conversationId": "../x"},
+            "bad_message",
+            "field conversationId must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+        ),
         ({"type": "cancel", "conversationId": conversation}, "not_found", f"no turn is running in conversation {conversation}"),
         ({"type": "history", "conversationId": "nope"}, "not_found", "no conversation nope"),
         ({"type": "explain"}, "unknown_type", "unknown type for channel agent; one of cancel, history, list, prompt"),
@@ -213,7 +230,11 @@ def test_busy_conversation_cancel_and_concurrent_conversations(start):
     agent.send(type="prompt", text="stream 1 0", conversationId=conversation, id="again")
     refusal = agent.until("error")[-1]
     assert refusal == {
-        "channel": "agent", "type": "error", "code": "busy", "id": "again", "conversationId": conversation,
+        "channel": "agent",
+        "type": "error",
+        "code": "busy",
+        "id": "again",
+        "conversationId": conversation,
         "message": f"a turn is already running in conversation {conversation}: wait for its done, or cancel it",
     }
     # Another conversation runs meanwhile.
@@ -221,8 +242,14 @@ def test_busy_conversation_cancel_and_concurrent_conversations(start):
     assert other["done"]["status"] == "complete" and other["started"]["conversationId"] != conversation
     agent.send(type="cancel", conversationId=conversation, id="stop")
     messages = agent.until("done")
-    assert messages[-1] == {"channel": "agent", "type": "done", "conversationId": conversation, "turnId": started["turnId"],
-                            "status": "cancelled", "id": "stop"}
+    assert messages[-1] == {
+        "channel": "agent",
+        "type": "done",
+        "conversationId": conversation,
+        "turnId": started["turnId"],
+        "status": "cancelled",
+        "id": "stop",
+    }
     assert not [m for m in messages if m["type"] in ("message", "error")]
     pid = int((server.root / "agent.pid").read_text())
     wait_for(lambda: not alive(pid))
@@ -269,7 +296,10 @@ def test_broken_backends_fail_their_turn_alone(start):
     expected = {
         "crash": ("backend_failed", "the backend exited with status 3; its stderr ends: scripted: boom"),
         "hang": ("timeout", "the backend wrote nothing for 1 s"),
-        "garbage": ("bad_output", 'line 1 of the backend\'s output is not JSON: "Traceback (most recent call last): this is not JSON"'),
+        "garbage": (
+            "bad_output",
+            'line 1 of the backend\'s output is not JSON: "Traceback (most recent call last): this is not JSON"',
+        ),
         "flood": ("too_large", "the backend wrote more than 3000000 bytes"),
         "chatter": ("too_large", "the reply grew past 768 KiB"),
         "longline": ("too_large", "the backend wrote a line of more than 1048576 bytes"),
@@ -346,15 +376,22 @@ def test_history_survives_a_restart_and_a_running_turn_is_failed(start, tmp_path
     assert replay["replay"] is True and replay["conversationId"] == conversation and replay["running"] is False
     assert replay["title"] == "stream 2 0"
     turns = replay["turns"]
-    assert [(t["role"], t["status"]) for t in turns] == [("user", "complete"), ("assistant", "complete"),
-                                                         ("user", "complete"), ("assistant", "failed")]
+    assert [(t["role"], t["status"]) for t in turns] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+        ("user", "complete"),
+        ("assistant", "failed"),
+    ]
     assert turns[1]["text"] == "0 1 "
     assert turns[3]["text"].startswith("0 1") and turns[3]["error"]["code"] == "interrupted"
     assert turns[3]["error"]["message"] == "the daemon stopped during this turn"
     # The backend gets the whole conversation, failed turn included.
     answer = again.ask("count", conversationId=conversation)
-    assert answer["message"]["text"] == ("5 messages: user:complete assistant:complete user:complete assistant:failed user:complete")
+    assert answer["message"]["text"] == (
+        "5 messages: user:complete assistant:complete user:complete assistant:failed user:complete"
+    )
     assert answer["tools"][0]["name"] == "count"
+
 
 def test_a_daemon_killed_mid_turn_leaves_it_failed_on_restart(start):
     server = start(state="kept")
@@ -378,7 +415,8 @@ def test_a_backend_that_cannot_start(start):
     assert agent.config()["agent"]["command"] == ["/nonexistent/agent", "--stdio"]
     turn = agent.ask("hello")
     assert [(e["code"], e["message"]) for e in turn["errors"]] == [
-        ("backend_failed", "cannot start /nonexistent/agent: No such file or directory")]
+        ("backend_failed", "cannot start /nonexistent/agent: No such file or directory")
+    ]
     assert turn["done"]["status"] == "failed"
 
 
@@ -449,6 +487,6 @@ def test_without_cgroups_a_turn_still_ends_its_session_and_children(start):
     finally:
         # Left the session, and init adopted it when the backend exited: what the fallback misses.
         pidfd = os.pidfd_open(left)
-        if (Path(f"/proc/{left}/cmdline").read_bytes() == b"sleep\x001000\x00"):
+        if Path(f"/proc/{left}/cmdline").read_bytes() == b"sleep\x001000\x00":
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(pidfd)

@@ -9,19 +9,30 @@ import re
 import sqlite3
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.agent import stdio
-from aether.errors import Refusal
 from aether.agent.store import AgentStore, AgentStoreError, encoded_size, recent
+from aether.errors import Refusal
 from aether.settings.serve import add_arguments, resolve
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=200) | st.builds(lambda v: json.dumps(v).encode(), st.dictionaries(
-    st.sampled_from(["type", "text", "name", "message", "x"]),
-    st.sampled_from(["delta", "tool", "message", "error", "", "\ud800"]) | st.none() | st.integers() | st.text(max_size=5),
-    max_size=4)))
+@given(
+    st.binary(max_size=200)
+    | st.builds(
+        lambda v: json.dumps(v).encode(),
+        st.dictionaries(
+            st.sampled_from(["type", "text", "name", "message", "x"]),
+            st.sampled_from(["delta", "tool", "message", "error", "", "\ud800"])
+            | st.none()
+            | st.integers()
+            | st.text(max_size=5),
+            max_size=4,
+        ),
+    )
+)
 def test_any_line_is_an_event_nothing_or_a_fault(line):
     try:
         event = stdio.parse_line(line, 1)
@@ -35,13 +46,16 @@ def test_any_line_is_an_event_nothing_or_a_fault(line):
         getattr(event, name).encode("utf-8")  # what reaches a client is valid Unicode
 
 
-@pytest.mark.parametrize("line, expected", [
-    (b'{"type": "delta", "text": "hi "}', ("Delta", {"text": "hi "})),
-    (b'{"type": "tool", "name": "ports", "extra": 1}', ("Tool", {"name": "ports", "text": ""})),
-    (b'{"type": "message", "text": "all"}\r', ("Final", {"text": "all"})),
-    (b'{"type": "error"}', ("Failure", {"message": "the backend reported an error without a message"})),
-    (b"   ", None),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b'{"type": "delta", "text": "hi "}', ("Delta", {"text": "hi "})),
+        (b'{"type": "tool", "name": "ports", "extra": 1}', ("Tool", {"name": "ports", "text": ""})),
+        (b'{"type": "message", "text": "all"}\r', ("Final", {"text": "all"})),
+        (b'{"type": "error"}', ("Failure", {"message": "the backend reported an error without a message"})),
+        (b"   ", None),
+    ],
+)
 def test_lines(line, expected):
     event = stdio.parse_line(line, 1)
     if expected is None:
@@ -50,16 +64,22 @@ def test_lines(line, expected):
         assert (type(event).__name__, {s: getattr(event, s) for s in event.__slots__}) == expected
 
 
-@pytest.mark.parametrize("line, message", [
-    (b"hello", 'line 3 of the backend\'s output is not JSON: "hello"'),
-    (b"[1]", 'line 3 of the backend\'s output is not a JSON object: "[1]"'),
-    (b'{"type": "thinking"}', 'line 3 of the backend\'s output has type "thinking"; expected delta, tool, message or error'),
-    (b'{"text": "x"}', "line 3 of the backend's output has type none; expected delta, tool, message or error"),
-    (b'{"type": "delta", "text": 5}', "line 3 of the backend's output: a delta needs text as a string of valid Unicode"),
-    (b'{"type": "delta", "text": "\\ud800"}', "line 3 of the backend's output: a delta needs text as a string of valid Unicode"),
-    (b'{"type": "tool", "name": ""}', "line 3 of the backend's output: a tool name must be 1-200 characters"),
-    (b"\xff\xfe", 'line 3 of the backend\'s output is not JSON: "\ufffd\ufffd"'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"hello", 'line 3 of the backend\'s output is not JSON: "hello"'),
+        (b"[1]", 'line 3 of the backend\'s output is not a JSON object: "[1]"'),
+        (b'{"type": "thinking"}', 'line 3 of the backend\'s output has type "thinking"; expected delta, tool, message or error'),
+        (b'{"text": "x"}', "line 3 of the backend's output has type none; expected delta, tool, message or error"),
+        (b'{"type": "delta", "text": 5}', "line 3 of the backend's output: a delta needs text as a string of valid Unicode"),
+        (
+            b'{"type": "delta", "text": "\\ud800"}',
+            "line 3 of the backend's output: a delta needs text as a string of valid Unicode",
+        ),
+        (b'{"type": "tool", "name": ""}', "line 3 of the backend's output: a tool name must be 1-200 characters"),
+        (b"\xff\xfe", 'line 3 of the backend\'s output is not JSON: "\ufffd\ufffd"'),
+    ],
+)
 def test_bad_lines(line, message):
     with pytest.raises(Refusal) as caught:
         stdio.parse_line(line, 3)
@@ -72,7 +92,7 @@ def test_splitter_gives_the_lines_whatever_the_chunks(lines, cuts):
     stream = b"".join(line + b"\n" for line in lines)
     splitter, got, at = stdio.LineSplitter(), [], 0
     for cut in cuts + [len(stream)]:
-        got += splitter.feed(stream[at:at + cut])
+        got += splitter.feed(stream[at : at + cut])
         at += cut
     assert got == lines and splitter.end() is None
 
@@ -107,8 +127,13 @@ def test_reply_text_tools_and_limits():
 def test_turn_request_is_one_line():
     line = stdio.turn_request("c-1", "c-1.2", [{"role": "user", "text": "two\nlines", "status": "complete"}], {"root": "/w"})
     assert line.count(b"\n") == 1 and line.endswith(b"\n")
-    assert json.loads(line) == {"type": "turn", "conversationId": "c-1", "turnId": "c-1.2",
-                                "messages": [{"role": "user", "text": "two\nlines", "status": "complete"}], "workspace": {"root": "/w"}}
+    assert json.loads(line) == {
+        "type": "turn",
+        "conversationId": "c-1",
+        "turnId": "c-1.2",
+        "messages": [{"role": "user", "text": "two\nlines", "status": "complete"}],
+        "workspace": {"root": "/w"},
+    }
 
 
 def test_store_keeps_turns_and_fails_those_left_running(tmp_path):
@@ -121,15 +146,24 @@ def test_store_keeps_turns_and_fails_those_left_running(tmp_path):
     store.save_turn("c-b.2", "done", [], "complete", None, 201.0)
     assert store.active() == "c-b" and store.last_sequences() == {"c-a": 2, "c-b": 2}
     listed, more = store.conversations(1)
-    assert more and listed == [{"conversationId": "c-b", "title": "second", "created": 200000, "updated": 201000, "turns": 2, "running": False}]
+    assert more and listed == [
+        {"conversationId": "c-b", "title": "second", "created": 200000, "updated": 201000, "turns": 2, "running": False}
+    ]
     store.close()
     again = AgentStore(path)  # as a new daemon would
     assert again.interrupted == 1
     turn = again.turns("c-a")[1]
     assert (turn["text"], turn["status"], turn["tools"]) == ("hel", "failed", [{"name": "t", "text": ""}])
     assert turn["error"] == {"code": "interrupted", "message": "the daemon stopped during this turn"}
-    assert again.turns("c-b")[1] == {"turnId": "c-b.2", "seq": 2, "role": "assistant", "text": "done", "status": "complete",
-                                     "started": 200000, "finished": 201000}
+    assert again.turns("c-b")[1] == {
+        "turnId": "c-b.2",
+        "seq": 2,
+        "role": "assistant",
+        "text": "done",
+        "status": "complete",
+        "started": 200000,
+        "finished": 201000,
+    }
     again.close()
 
 
@@ -171,14 +205,21 @@ def test_agent_settings_from_flag_env_and_config(tmp_path, monkeypatch):
     assert _resolve(base).agent_command == ("flat",)
     monkeypatch.setenv("AETHER_AGENT_COMMAND", '["from env", "x"]')
     assert _resolve(base).agent_command == ("from env", "x")
-    assert _resolve(base + ["--agent-command", "/opt/my agent/run --model 'a b'"]).agent_command == ("/opt/my", "agent/run", "--model", "a b")
+    assert _resolve(base + ["--agent-command", "/opt/my agent/run --model 'a b'"]).agent_command == (
+        "/opt/my",
+        "agent/run",
+        "--model",
+        "a b",
+    )
     monkeypatch.delenv("AETHER_AGENT_COMMAND")
-    for bad, why in [({"agent_command": "[1, 2]"}, "config.json key agent_command must be a command"),
-                     ({"agent_command": [1]}, "config.json key agent_command must be a command"),
-                     ({"agent": ["x"]}, "config.json: agent must be an object"),
-                     ({"agent": {"comand": ["x"]}}, "config.json: agent: unknown key comand; known: command, timeout, max_output_bytes"),
-                     ({"agent_timeout": 0}, "config.json key agent_timeout must be a positive number of seconds, not 0"),
-                     ({"agent": {"timeout": -1}}, "config.json key agent.timeout must be a positive number of seconds, not -1")]:
+    for bad, why in [
+        ({"agent_command": "[1, 2]"}, "config.json key agent_command must be a command"),
+        ({"agent_command": [1]}, "config.json key agent_command must be a command"),
+        ({"agent": ["x"]}, "config.json: agent must be an object"),
+        ({"agent": {"comand": ["x"]}}, "config.json: agent: unknown key comand; known: command, timeout, max_output_bytes"),
+        ({"agent_timeout": 0}, "config.json key agent_timeout must be a positive number of seconds, not 0"),
+        ({"agent": {"timeout": -1}}, "config.json key agent.timeout must be a positive number of seconds, not -1"),
+    ]:
         config.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=re.escape(why)):
             _resolve(base)
@@ -186,14 +227,26 @@ def test_agent_settings_from_flag_env_and_config(tmp_path, monkeypatch):
 
 # -- the service without a socket: what happens when the history cannot be written -------------
 
+
 def _service(tmp_path, answers: list, emitted: list):
     from types import SimpleNamespace
 
     from aether.agent.service import AgentService
-    settings = SimpleNamespace(state_dir=tmp_path, agent_command=("true",), workspace_root=tmp_path, port=0,
-                               workspace_id="w", agent_timeout=5.0, agent_max_output_bytes=1 << 20)
-    return AgentService(settings, lambda message, reply_to: emitted.append((message, reply_to)),
-                        lambda reply_to, message: answers.append((reply_to, message)))
+
+    settings = SimpleNamespace(
+        state_dir=tmp_path,
+        agent_command=("true",),
+        workspace_root=tmp_path,
+        port=0,
+        workspace_id="w",
+        agent_timeout=5.0,
+        agent_max_output_bytes=1 << 20,
+    )
+    return AgentService(
+        settings,
+        lambda message, reply_to: emitted.append((message, reply_to)),
+        lambda reply_to, message: answers.append((reply_to, message)),
+    )
 
 
 def test_a_prompt_whose_history_write_fails_is_refused_and_undone(tmp_path):
@@ -266,7 +319,10 @@ def test_an_error_line_is_capped():
 
 
 def test_recent_shortens_a_newest_turn_too_big_for_the_budget():
-    turns = [{"turnId": "c.1", "text": "a"}, {"turnId": "c.2", "text": "x" * 10_000 + "end", "tools": [{"name": "n", "text": "t"}]}]
+    turns = [
+        {"turnId": "c.1", "text": "a"},
+        {"turnId": "c.2", "text": "x" * 10_000 + "end", "tools": [{"name": "n", "text": "t"}]},
+    ]
     kept, truncated = recent(turns, 2_000)
     assert truncated and [t["turnId"] for t in kept] == ["c.2"]
     assert kept[0]["truncated"] is True and kept[0]["text"].endswith("end") and encoded_size(kept) <= 2_000
@@ -278,14 +334,24 @@ def test_deltas_read_together_are_announced_as_one(tmp_path):
     import sys
 
     from aether.agent.backend import BackendRun
-    script = ("import sys; sys.stdin.read(); "
-              "sys.stdout.write(''.join('{\"type\": \"delta\", \"text\": \"%d \"}\\n' % i for i in range(1000)) "
-              "+ '{\"type\": \"tool\", \"name\": \"t\"}\\n{\"type\": \"delta\", \"text\": \"end\"}\\n')")
+
+    script = (
+        "import sys; sys.stdin.read(); "
+        'sys.stdout.write(\'\'.join(\'{"type": "delta", "text": "%d "}\\n\' % i for i in range(1000)) '
+        '+ \'{"type": "tool", "name": "t"}\\n{"type": "delta", "text": "end"}\\n\')'
+    )
     events = []
 
     async def scenario():
-        run = BackendRun([sys.executable, "-c", script], b"{}\n", cwd=str(tmp_path), env={}, timeout=10,
-                         max_output=1 << 20, on_event=events.append)
+        run = BackendRun(
+            [sys.executable, "-c", script],
+            b"{}\n",
+            cwd=str(tmp_path),
+            env={},
+            timeout=10,
+            max_output=1 << 20,
+            on_event=events.append,
+        )
         return await run.run()
 
     assert asyncio.run(scenario()).status == "complete"

@@ -12,11 +12,23 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aether.attributes import formats, jsonc, sources
 from aether.attributes.rules import (
-    MATCH_CHARS, NONE, Attributes, Layer, Origin, Port, Range, Rule, Ruleset, command, command_text, redact,
+    MATCH_CHARS,
+    NONE,
+    Attributes,
+    Layer,
+    Origin,
+    Port,
+    Range,
+    Rule,
+    Ruleset,
+    command,
+    command_text,
+    redact,
 )
 from aether.files import beneath, libc
 
@@ -26,8 +38,11 @@ DEV = formats.DEVCONTAINER
 
 def ruleset(config=None, devcontainer=None, gitpod=None) -> Ruleset:
     layers = []
-    for reader, value in ((formats.from_config, config), (formats.from_devcontainer, devcontainer),
-                          (formats.from_gitpod, gitpod)):
+    for reader, value in (
+        (formats.from_config, config),
+        (formats.from_devcontainer, devcontainer),
+        (formats.from_gitpod, gitpod),
+    ):
         if value is not None:
             layer, problems = reader(value)
             assert problems == [], problems
@@ -75,32 +90,38 @@ def test_jsonc_reads_a_template_devcontainer():
     assert "features" not in data
 
 
-@pytest.mark.parametrize("text, value", [
-    ('{"a": "// no", "b": "/* no */", "c": "http://x/*y*/"}', {"a": "// no", "b": "/* no */", "c": "http://x/*y*/"}),
-    ('{"a": "x\\"//y"}', {"a": 'x"//y'}),  # an escaped quote does not end the string
-    ('{"a": "x\\\\"// a comment after a string ending in a backslash\n}', {"a": "x\\"}),
-    ('[1, 2, ]', [1, 2]),
-    ('{"a": [1, /* c */ ], "b": {"c": 1, // c\n}, }', {"a": [1], "b": {"c": 1}}),
-    ('{"a": 1 /* a // b */, "b": 2}', {"a": 1, "b": 2}),  # // inside a block comment
-    ('{"a": 1, // a /* b\n "b": 2}', {"a": 1, "b": 2}),  # /* inside a line comment
-    ('/**/{"a":/**/1}/**/', {"a": 1}),
-    ('\ufeff{"a": 1}', {"a": 1}),  # a byte-order mark
-    ('{"a": "é ✓"}', {"a": "é ✓"}),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ('{"a": "// no", "b": "/* no */", "c": "http://x/*y*/"}', {"a": "// no", "b": "/* no */", "c": "http://x/*y*/"}),
+        ('{"a": "x\\"//y"}', {"a": 'x"//y'}),  # an escaped quote does not end the string
+        ('{"a": "x\\\\"// a comment after a string ending in a backslash\n}', {"a": "x\\"}),
+        ("[1, 2, ]", [1, 2]),
+        ('{"a": [1, /* c */ ], "b": {"c": 1, // c\n}, }', {"a": [1], "b": {"c": 1}}),
+        ('{"a": 1 /* a // b */, "b": 2}', {"a": 1, "b": 2}),  # // inside a block comment
+        ('{"a": 1, // a /* b\n "b": 2}', {"a": 1, "b": 2}),  # /* inside a line comment
+        ('/**/{"a":/**/1}/**/', {"a": 1}),
+        ('\ufeff{"a": 1}', {"a": 1}),  # a byte-order mark
+        ('{"a": "é ✓"}', {"a": "é ✓"}),
+    ],
+)
 def test_jsonc_comments_strings_and_trailing_commas(text, value):
     assert jsonc.loads(text) == value
 
 
-@pytest.mark.parametrize("text, line, column, message", [
-    ('{\n  "a": 1 /* a /* b */ c */\n}', 2, 23, "Expecting ',' delimiter"),  # block comments do not nest
-    ('{"a": 1,\n/* never closed\n}', 2, 1, "a /* comment is never closed with */"),
-    ('/* one\ntwo\nthree */ {"a": }', 3, 16, "Expecting value"),  # the file's own line and column
-    ("{'a': 1}", 1, 2, "Expecting property name enclosed in double quotes"),  # JSON5 is not JSONC
-    ('{a: 1}', 1, 2, "Expecting property name enclosed in double quotes"),
-    ('[1,,]', 1, 5, "Expecting value"),
-    ('{"a": 1} x', 1, 10, "Extra data"),
-    ("", 1, 1, "Expecting value"),
-])
+@pytest.mark.parametrize(
+    "text, line, column, message",
+    [
+        ('{\n  "a": 1 /* a /* b */ c */\n}', 2, 23, "Expecting ',' delimiter"),  # block comments do not nest
+        ('{"a": 1,\n/* never closed\n}', 2, 1, "a /* comment is never closed with */"),
+        ('/* one\ntwo\nthree */ {"a": }', 3, 16, "Expecting value"),  # the file's own line and column
+        ("{'a': 1}", 1, 2, "Expecting property name enclosed in double quotes"),  # JSON5 is not JSONC
+        ("{a: 1}", 1, 2, "Expecting property name enclosed in double quotes"),
+        ("[1,,]", 1, 5, "Expecting value"),
+        ('{"a": 1} x', 1, 10, "Extra data"),
+        ("", 1, 1, "Expecting value"),
+    ],
+)
 def test_jsonc_errors_say_where(text, line, column, message):
     with pytest.raises(jsonc.JsoncError) as caught:
         jsonc.loads(text)
@@ -126,7 +147,7 @@ _comment = st.sampled_from(["", " ", "// c\n", "/* c */", "/* // */", "// /* \n"
 def _commented(value, draw) -> str:
     """``value`` as JSON with comments and trailing commas drawn between its tokens."""
     if isinstance(value, dict):
-        items = [f'{draw(_comment)}{json.dumps(k)}{draw(_comment)}:{_commented(v, draw)}' for k, v in value.items()]
+        items = [f"{draw(_comment)}{json.dumps(k)}{draw(_comment)}:{_commented(v, draw)}" for k, v in value.items()]
         return "{" + ",".join(items) + ("," + draw(_comment) if items and draw(st.booleans()) else "") + "}"
     if isinstance(value, list):
         items = [f"{draw(_comment)}{_commented(v, draw)}{draw(_comment)}" for v in value]
@@ -152,19 +173,27 @@ def test_jsonc_refuses_anything_with_a_jsonc_error_only(text):
 
 # -- each format, from its documentation --------------------------------------------------------
 
+
 def test_devcontainer_examples():
     """The reference's examples: a label on 3000, a range, an expression on the command line,
     otherPortsAttributes, forwardPorts with a "host:port"."""
-    rules = ruleset(devcontainer={
-        "forwardPorts": [3000, "localhost:8080"],
-        "portsAttributes": {
-            "3000": {"label": "Application port", "onAutoForward": "openBrowser", "protocol": "https",
-                     "requireLocalPort": True, "elevateIfNeeded": False},
-            "40000-55000": {"onAutoForward": "ignore"},
-            ".+\\/server.js": {"onAutoForward": "openPreview", "label": "server.js"},
-        },
-        "otherPortsAttributes": {"onAutoForward": "silent"},
-    })
+    rules = ruleset(
+        devcontainer={
+            "forwardPorts": [3000, "localhost:8080"],
+            "portsAttributes": {
+                "3000": {
+                    "label": "Application port",
+                    "onAutoForward": "openBrowser",
+                    "protocol": "https",
+                    "requireLocalPort": True,
+                    "elevateIfNeeded": False,
+                },
+                "40000-55000": {"onAutoForward": "ignore"},
+                ".+\\/server.js": {"onAutoForward": "openPreview", "label": "server.js"},
+            },
+            "otherPortsAttributes": {"onAutoForward": "silent"},
+        }
+    )
     app = rules.resolve(3000, ["node", "app.js"])
     assert (app.label, app.on_open, app.protocol) == ("Application port", "open", "https")
     assert app.sources["label"] == Origin(DEV, 'portsAttributes["3000"]')
@@ -178,8 +207,17 @@ def test_devcontainer_examples():
     assert [port for port, _ in rules.forward_ports] == [3000, 8080]
 
 
-@pytest.mark.parametrize("vscode, ours", [("notify", "notify"), ("openBrowser", "open"), ("openBrowserOnce", "open"),
-                                          ("openPreview", "open"), ("silent", "silent"), ("ignore", "ignore")])
+@pytest.mark.parametrize(
+    "vscode, ours",
+    [
+        ("notify", "notify"),
+        ("openBrowser", "open"),
+        ("openBrowserOnce", "open"),
+        ("openPreview", "open"),
+        ("silent", "silent"),
+        ("ignore", "ignore"),
+    ],
+)
 def test_vscode_on_auto_forward_mapping(vscode, ours):
     rules = ruleset(devcontainer={"portsAttributes": {"5173": {"onAutoForward": vscode}}})
     assert rules.resolve(5173).on_open == ours
@@ -219,11 +257,15 @@ def test_gitpod_examples():
 def test_gitpod_precedence_is_gitpods():
     """The first entry for the exact port, else the first range in file order, and that entry
     alone: a later range does not fill in what the first left unset."""
-    rules = ruleset(gitpod={"ports": [
-        {"port": "3000-3999", "onOpen": "notify"},
-        {"port": "3000-3100", "visibility": "public", "name": "inner"},
-        {"port": 3050, "name": "exact"},
-    ]})
+    rules = ruleset(
+        gitpod={
+            "ports": [
+                {"port": "3000-3999", "onOpen": "notify"},
+                {"port": "3000-3100", "visibility": "public", "name": "inner"},
+                {"port": 3050, "name": "exact"},
+            ]
+        }
+    )
     exact = rules.resolve(3050)
     assert (exact.label, exact.on_open, exact.visibility) == ("exact", None, None)
     first = rules.resolve(3060)
@@ -234,39 +276,54 @@ def test_gitpod_precedence_is_gitpods():
 
 
 def test_config_json_rules():
-    rules = ruleset(config={
-        "ports_attributes": {
-            "5173": {"label": "vite", "on_open": "open", "visibility": "public", "protocol": "https"},
-            "9229-9239": {"label": "node inspector", "on_open": "ignore"},
-            "manage\\.py runserver": {"label": "django"},
-        },
-        "other_ports_attributes": {"on_open": "silent"},
-    })
+    rules = ruleset(
+        config={
+            "ports_attributes": {
+                "5173": {"label": "vite", "on_open": "open", "visibility": "public", "protocol": "https"},
+                "9229-9239": {"label": "node inspector", "on_open": "ignore"},
+                "manage\\.py runserver": {"label": "django"},
+            },
+            "other_ports_attributes": {"on_open": "silent"},
+        }
+    )
     vite = rules.resolve(5173, "node /w/node_modules/.bin/vite")
     assert vite.as_dict() == {
-        "label": "vite", "visibility": "public", "protocol": "https", "onOpen": "open",
-        "sources": {name: {"file": "config.json", "key": 'ports_attributes["5173"]'}
-                    for name in ("label", "visibility", "protocol", "onOpen")},
+        "label": "vite",
+        "visibility": "public",
+        "protocol": "https",
+        "onOpen": "open",
+        "sources": {
+            name: {"file": "config.json", "key": 'ports_attributes["5173"]'}
+            for name in ("label", "visibility", "protocol", "onOpen")
+        },
     }
     assert rules.resolve(8000, ["python", "manage.py", "runserver"]).label == "django"
     assert rules.resolve(9230).on_open == "ignore"
-    assert rules.resolve(1234).as_dict() == {"onOpen": "silent", "sources": {"onOpen": {"file": "config.json", "key": "other_ports_attributes"}}}
+    assert rules.resolve(1234).as_dict() == {
+        "onOpen": "silent",
+        "sources": {"onOpen": {"file": "config.json", "key": "other_ports_attributes"}},
+    }
 
 
 # -- precedence ---------------------------------------------------------------------------------
+
 
 def test_vscode_precedence_within_a_file():
     """As VS Code's getAttributes: the exact port sets first, then ranges by their first port
     (whatever the declaration order), then expressions in declaration order, each filling only
     what is unset; a later key for the same port wins."""
-    rules = ruleset(config={"ports_attributes": {
-        "node": {"label": "expression 1", "visibility": "public", "protocol": "http", "on_open": "notify"},
-        "3000-3999": {"label": "wide range", "visibility": "private", "protocol": "http"},
-        "3000": {"label": "exact"},
-        "2000-3500": {"label": "lower range", "protocol": "https"},
-        "no": {"on_open": "silent"},
-        "03000": {"label": "exact, later key"},
-    }})
+    rules = ruleset(
+        config={
+            "ports_attributes": {
+                "node": {"label": "expression 1", "visibility": "public", "protocol": "http", "on_open": "notify"},
+                "3000-3999": {"label": "wide range", "visibility": "private", "protocol": "http"},
+                "3000": {"label": "exact"},
+                "2000-3500": {"label": "lower range", "protocol": "https"},
+                "no": {"on_open": "silent"},
+                "03000": {"label": "exact, later key"},
+            }
+        }
+    )
     found = rules.resolve(3000, "node server.js")
     assert (found.label, found.protocol, found.visibility, found.on_open) == ("exact, later key", "https", "private", "notify")
     assert found.sources["protocol"].key == 'ports_attributes["2000-3500"]'
@@ -279,8 +336,12 @@ def test_vscode_precedence_within_a_file():
 def test_other_ports_attributes_only_when_no_rule_matched():
     """VS Code falls back to otherPortsAttributes whole, when the matching rules set nothing:
     a port whose rule sets only a label does not get the other onAutoForward."""
-    rules = ruleset(devcontainer={"portsAttributes": {"3000": {"label": "web"}},
-                                  "otherPortsAttributes": {"onAutoForward": "silent", "label": "other"}})
+    rules = ruleset(
+        devcontainer={
+            "portsAttributes": {"3000": {"label": "web"}},
+            "otherPortsAttributes": {"onAutoForward": "silent", "label": "other"},
+        }
+    )
     assert (rules.resolve(3000).label, rules.resolve(3000).on_open) == ("web", None)
     assert (rules.resolve(3001).label, rules.resolve(3001).on_open) == ("other", "silent")
 
@@ -290,46 +351,69 @@ def test_precedence_across_files():
     naming its file; a specific rule in any file beats every file's other-ports attributes."""
     rules = ruleset(
         config={"ports_attributes": {"3000": {"label": "mine"}}, "other_ports_attributes": {"on_open": "silent"}},
-        devcontainer={"portsAttributes": {"3000": {"label": "theirs", "onAutoForward": "openBrowser"},
-                                          "4000": {"onAutoForward": "notify"}}},
+        devcontainer={
+            "portsAttributes": {"3000": {"label": "theirs", "onAutoForward": "openBrowser"}, "4000": {"onAutoForward": "notify"}}
+        },
         gitpod={"ports": [{"port": 3000, "name": "gitpod", "visibility": "public", "onOpen": "ignore"}]},
     )
     found = rules.resolve(3000)
     assert (found.label, found.on_open, found.visibility) == ("mine", "open", "public")
     assert {name: origin.file for name, origin in found.sources.items()} == {
-        "label": "config.json", "on_open": DEV, "visibility": ".gitpod.yml"}
+        "label": "config.json",
+        "on_open": DEV,
+        "visibility": ".gitpod.yml",
+    }
     assert rules.resolve(4000).on_open == "notify"  # devcontainer's rule over config's fallback
     assert rules.resolve(5000).on_open == "silent"
 
 
 # -- bad rules -----------------------------------------------------------------------------------
 
+
 def test_bad_rules_are_reported_and_skipped_one_by_one():
-    layer, keys, messages = problems_of(formats.from_config, {"ports_attributes": {
-        "3000": {"label": "good"},
-        "(?=lookahead)": {"label": "x"},
-        "[": {"label": "x"},
-        "0": {"label": "x"},
-        "70000": {"label": "x"},
-        "99999999999999999999": {"label": "x"},
-        "5000-4000": {"label": "x"},
-        "": {"label": "x"},
-        "4000": {"on_open": "openBrowser"},
-        "4001": {"onOpen": "open"},
-        "4002": {"label": "two\nlines"},
-        "4003": {"label": "x" * 101},
-        "4004": {"visibility": "secret", "protocol": "ftp"},
-        "4005": "public",
-        "4006": {"hide_command": "yes"},
-        "4007": {"redact": "--password"},
-        "5000": {"label": "also good"},
-    }, "other_ports_attributes": {"on_open": "loud"}})
+    layer, keys, messages = problems_of(
+        formats.from_config,
+        {
+            "ports_attributes": {
+                "3000": {"label": "good"},
+                "(?=lookahead)": {"label": "x"},
+                "[": {"label": "x"},
+                "0": {"label": "x"},
+                "70000": {"label": "x"},
+                "99999999999999999999": {"label": "x"},
+                "5000-4000": {"label": "x"},
+                "": {"label": "x"},
+                "4000": {"on_open": "openBrowser"},
+                "4001": {"onOpen": "open"},
+                "4002": {"label": "two\nlines"},
+                "4003": {"label": "x" * 101},
+                "4004": {"visibility": "secret", "protocol": "ftp"},
+                "4005": "public",
+                "4006": {"hide_command": "yes"},
+                "4007": {"redact": "--password"},
+                "5000": {"label": "also good"},
+            },
+            "other_ports_attributes": {"on_open": "loud"},
+        },
+    )
     assert [key for _, key, code in keys if code == "invalid"] == [
-        'ports_attributes["(?=lookahead)"]', 'ports_attributes["["]', 'ports_attributes["0"]', 'ports_attributes["70000"]',
-        'ports_attributes["99999999999999999999"]', 'ports_attributes["5000-4000"]', 'ports_attributes[""]',
-        'ports_attributes["4000"]', 'ports_attributes["4001"]', 'ports_attributes["4002"]', 'ports_attributes["4003"]',
-        'ports_attributes["4004"]', 'ports_attributes["4005"]', 'ports_attributes["4006"]', 'ports_attributes["4007"]',
-        "other_ports_attributes"]
+        'ports_attributes["(?=lookahead)"]',
+        'ports_attributes["["]',
+        'ports_attributes["0"]',
+        'ports_attributes["70000"]',
+        'ports_attributes["99999999999999999999"]',
+        'ports_attributes["5000-4000"]',
+        'ports_attributes[""]',
+        'ports_attributes["4000"]',
+        'ports_attributes["4001"]',
+        'ports_attributes["4002"]',
+        'ports_attributes["4003"]',
+        'ports_attributes["4004"]',
+        'ports_attributes["4005"]',
+        'ports_attributes["4006"]',
+        'ports_attributes["4007"]',
+        "other_ports_attributes",
+    ]
     assert {file for file, _, _ in keys} == {"config.json"}
     text = "\n".join(messages)
     for expected in [
@@ -349,21 +433,44 @@ def test_bad_rules_are_reported_and_skipped_one_by_one():
 
 
 def test_foreign_formats_report_what_they_do_not_use():
-    _, keys, messages = problems_of(formats.from_devcontainer, {
-        "forwardPorts": [3000, "db:5432", 0, "x"],
-        "portsAttributes": {"3000": {"label": "web", "visibility": "public", "onAutoForward": "openBrowser", "color": "red"},
-                            "db:5432": {"label": "db"}, "3001": {"onAutoForward": "open-browser"}},
-    })
+    _, keys, messages = problems_of(
+        formats.from_devcontainer,
+        {
+            "forwardPorts": [3000, "db:5432", 0, "x"],
+            "portsAttributes": {
+                "3000": {"label": "web", "visibility": "public", "onAutoForward": "openBrowser", "color": "red"},
+                "db:5432": {"label": "db"},
+                "3001": {"onAutoForward": "open-browser"},
+            },
+        },
+    )
     assert keys == [
-        (DEV, 'portsAttributes["3000"]', "ignored"), (DEV, 'portsAttributes["3000"]', "ignored"),
-        (DEV, 'portsAttributes["db:5432"]', "ignored"), (DEV, 'portsAttributes["3001"]', "invalid"),
-        (DEV, "forwardPorts[1]", "ignored"), (DEV, "forwardPorts[2]", "invalid"), (DEV, "forwardPorts[3]", "invalid")]
+        (DEV, 'portsAttributes["3000"]', "ignored"),
+        (DEV, 'portsAttributes["3000"]', "ignored"),
+        (DEV, 'portsAttributes["db:5432"]', "ignored"),
+        (DEV, 'portsAttributes["3001"]', "invalid"),
+        (DEV, "forwardPorts[1]", "ignored"),
+        (DEV, "forwardPorts[2]", "invalid"),
+        (DEV, "forwardPorts[3]", "invalid"),
+    ]
     assert any("visibility is not one of this format's port attributes: set it in aether's config.json" in m for m in messages)
-    _, keys, messages = problems_of(formats.from_gitpod, {"ports": [
-        {"port": "3000-", "onOpen": "notify"}, {"onOpen": "notify"}, "3000", {"port": 80, "onOpen": "ignore-all"},
-        {"port": 81, "protocol": "UDP"}, {"port": 82, "protocol": "TCP", "visiblity": "public"}]})
-    assert keys == [(".gitpod.yml", f"ports[{i}]", code) for i, code in
-                    [(0, "invalid"), (1, "invalid"), (2, "invalid"), (3, "invalid"), (4, "invalid"), (5, "ignored")]]
+    _, keys, messages = problems_of(
+        formats.from_gitpod,
+        {
+            "ports": [
+                {"port": "3000-", "onOpen": "notify"},
+                {"onOpen": "notify"},
+                "3000",
+                {"port": 80, "onOpen": "ignore-all"},
+                {"port": 81, "protocol": "UDP"},
+                {"port": 82, "protocol": "TCP", "visiblity": "public"},
+            ]
+        },
+    )
+    assert keys == [
+        (".gitpod.yml", f"ports[{i}]", code)
+        for i, code in [(0, "invalid"), (1, "invalid"), (2, "invalid"), (3, "invalid"), (4, "invalid"), (5, "ignored")]
+    ]
     assert 'ports[0]: port must be a number or a range such as 3000-3999, not "3000-"; entry skipped' in "\n".join(messages)
 
 
@@ -383,7 +490,9 @@ def test_limits_on_rules_and_expressions():
 def test_re2_writes_nothing_to_stderr_for_a_bad_expression():
     """RE2 logs its own line for a pattern it refuses unless told not to: aether's stderr is one
     structured line per record."""
-    script = "from aether.attributes import formats; print(len(formats.from_config({'ports_attributes': {'(?=x)': {}, '(': {}}})[1]))"
+    script = (
+        "from aether.attributes import formats; print(len(formats.from_config({'ports_attributes': {'(?=x)': {}, '(': {}}})[1]))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "2\n", "")
 
@@ -396,16 +505,50 @@ def test_an_expression_that_backtracks_elsewhere_is_linear_here():
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
     | st.sampled_from(["3000", "3000-3999", "3000:3999", "node", "(", "open", "openBrowser", "ignore", "public", "https", "-p"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["label", "on_open", "onAutoForward", "onOpen", "port", "name", "visibility", "protocol",
-                         "redact", "hide_command", "3000", "1-9", "x", ""]) | st.text(max_size=6), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "label",
+                    "on_open",
+                    "onAutoForward",
+                    "onOpen",
+                    "port",
+                    "name",
+                    "visibility",
+                    "protocol",
+                    "redact",
+                    "hide_command",
+                    "3000",
+                    "1-9",
+                    "x",
+                    "",
+                ]
+            )
+            | st.text(max_size=6),
+            inner,
+            max_size=5,
+        )
+    ),
     max_leaves=25,
 )
-_documents = st.dictionaries(
-    st.sampled_from(["ports_attributes", "other_ports_attributes", "portsAttributes", "otherPortsAttributes",
-                     "forwardPorts", "ports"]), _values, max_size=6) | _values
+_documents = (
+    st.dictionaries(
+        st.sampled_from(
+            ["ports_attributes", "other_ports_attributes", "portsAttributes", "otherPortsAttributes", "forwardPorts", "ports"]
+        ),
+        _values,
+        max_size=6,
+    )
+    | _values
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
@@ -440,7 +583,8 @@ def test_yaml_aliases_and_loops_stay_bounded():
     _, problems = formats.from_gitpod(looped)
     assert [p.key for p in problems] == ["ports[0]"] and len(problems[0].message) < 200
     laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+    )
     layer, problems = formats.from_gitpod(sources._yaml(laughs + "ports: [*i, *i]\n"))
     assert layer is None and len(problems) == 2
 
@@ -448,9 +592,15 @@ def test_yaml_aliases_and_loops_stay_bounded():
 # -- the matcher ----------------------------------------------------------------------------------
 
 MATCHER = ruleset(
-    config={"ports_attributes": {"3000": {"label": "web"}, "8000-8999": {"on_open": "silent"},
-                                 "python": {"label": "python", "redact": ["--token"]}, "é|\ufffd": {"label": "unicode"}},
-            "other_ports_attributes": {"hide_command": True}},
+    config={
+        "ports_attributes": {
+            "3000": {"label": "web"},
+            "8000-8999": {"on_open": "silent"},
+            "python": {"label": "python", "redact": ["--token"]},
+            "é|\ufffd": {"label": "unicode"},
+        },
+        "other_ports_attributes": {"hide_command": True},
+    },
     devcontainer={"portsAttributes": {"vite": {"onAutoForward": "openBrowser"}}},
     gitpod={"ports": [{"port": "1-65535", "visibility": "private"}]},
 )
@@ -492,20 +642,44 @@ SECRET = "hunter2-s3cr3t"
 
 
 def test_redact_forms():
-    argv = ["redis-server", "--requirepass", SECRET, "--password=" + SECRET, "-p" + SECRET, "-p", SECRET,
-            "token=" + SECRET, "--port", "6379"]
+    argv = [
+        "redis-server",
+        "--requirepass",
+        SECRET,
+        "--password=" + SECRET,
+        "-p" + SECRET,
+        "-p",
+        SECRET,
+        "token=" + SECRET,
+        "--port",
+        "6379",
+    ]
     assert redact(argv, ("--requirepass", "--password", "-p", "token")) == [
-        "redis-server", "--requirepass", "***", "--password=***", "-p***", "-p", "***", "token=***", "--port", "6379"]
+        "redis-server",
+        "--requirepass",
+        "***",
+        "--password=***",
+        "-p***",
+        "-p",
+        "***",
+        "token=***",
+        "--port",
+        "6379",
+    ]
 
 
 def test_a_rule_hides_a_secret_in_the_command_line():
     """A regex rule on the program redacts its password; another hides a command whole; the
     secret is in neither the answer, its wire form, nor any problem."""
-    rules = ruleset(config={"ports_attributes": {
-        "redis-server": {"label": "redis", "redact": ["--requirepass"]},
-        "6379": {"label": "cache"},
-        "--api-key": {"hide_command": True},
-    }})
+    rules = ruleset(
+        config={
+            "ports_attributes": {
+                "redis-server": {"label": "redis", "redact": ["--requirepass"]},
+                "6379": {"label": "cache"},
+                "--api-key": {"hide_command": True},
+            }
+        }
+    )
     argv = ["redis-server", "--port", "6379", "--requirepass", SECRET]
     found = rules.resolve(6379, argv)
     assert found.shown_command(argv) == ["redis-server", "--port", "6379", "--requirepass", "***"]
@@ -519,15 +693,22 @@ def test_a_rule_hides_a_secret_in_the_command_line():
 
 
 def test_hiding_adds_up_and_is_never_undone():
-    rules = ruleset(config={"ports_attributes": {"3000": {"hide_command": False, "label": "web"},
-                                                 "node": {"hide_command": True, "redact": ["--a"]}},
-                            "other_ports_attributes": {"redact": ["--b"]}})
+    rules = ruleset(
+        config={
+            "ports_attributes": {
+                "3000": {"hide_command": False, "label": "web"},
+                "node": {"hide_command": True, "redact": ["--a"]},
+            },
+            "other_ports_attributes": {"redact": ["--b"]},
+        }
+    )
     found = rules.resolve(3000, "node --a 1 --b 2")
     assert found.hide_command and found.redact == ("--a", "--b") and found.label == "web"
     assert found.sources["hide_command"].key == 'ports_attributes["node"]'
 
 
 # -- the files, beneath a real workspace root -------------------------------------------------------
+
 
 @pytest.fixture(params=["openat2", "walk"])
 def resolver(request, monkeypatch):
@@ -551,7 +732,8 @@ def test_load_reads_every_file(workspace, resolver):
     (workspace / ".gitpod.yml").write_text(GITPOD_YML)
     rules, problems = sources.load(workspace, {"ports_attributes": {"3000": {"label": "mine"}}})
     assert [str(p) for p in problems] == [
-        ".devcontainer/devcontainer.json: forwardPorts[1]: names the host db (another container): aether sees this workspace's own ports"]
+        ".devcontainer/devcontainer.json: forwardPorts[1]: names the host db (another container): aether sees this workspace's own ports"
+    ]
     assert rules.files == ("config.json", DEV, ".gitpod.yml")
     found = rules.resolve(3000)
     assert (found.label, found.on_open) == ("mine", "open")
@@ -576,7 +758,8 @@ def test_a_link_out_of_the_root_is_not_read(workspace, tmp_path, resolver):
     rules, problems = sources.load(workspace)
     assert [(p.file, p.code, p.message) for p in problems] == [
         (DEV, "unreadable", "leads outside the workspace root: not read"),
-        (".gitpod.yml", "unreadable", "leads outside the workspace root: not read")]
+        (".gitpod.yml", "unreadable", "leads outside the workspace root: not read"),
+    ]
     assert rules.resolve(3000) is NONE
     # A link that stays inside is followed.
     (workspace / "config").mkdir()
@@ -596,17 +779,22 @@ def test_what_cannot_be_read_is_reported(workspace, resolver):
     assert not reader.is_alive()
     rules, problems = result["done"]
     assert [(p.file, p.message) for p in problems] == [
-        (DEV, "not UTF-8 (byte 7): not read"), (".gitpod.yml", "not a regular file: not read")]
+        (DEV, "not UTF-8 (byte 7): not read"),
+        (".gitpod.yml", "not a regular file: not read"),
+    ]
     os.unlink(workspace / ".gitpod.yml")
     (workspace / ".gitpod.yml").write_text("x" * (sources.MAX_BYTES + 1))
     (workspace / ".devcontainer" / "devcontainer.json").write_text('{\n  "portsAttributes": {\n    "1": {"label": }\n  }\n}')
     problems = sources.load(workspace)[1]
     assert [str(p) for p in problems] == [
         f"{DEV}: not JSON with comments: line 3, column 20: Expecting value; not used",
-        f".gitpod.yml: {sources.MAX_BYTES + 1} bytes: larger than {sources.MAX_BYTES}, not read"]
-    for text, message in [("ports:\n  - port: 3000\n  bad: [\n", "not YAML: line 3, column 3: did not find expected '-' indicator; not used"),
-                          ("when: 2001-02-30\n", "not YAML: day is out of range for month; not used"),
-                          ("- port: 3000\n", "must be a mapping of keys such as ports:, not [{\"port\": 3000}]")]:
+        f".gitpod.yml: {sources.MAX_BYTES + 1} bytes: larger than {sources.MAX_BYTES}, not read",
+    ]
+    for text, message in [
+        ("ports:\n  - port: 3000\n  bad: [\n", "not YAML: line 3, column 3: did not find expected '-' indicator; not used"),
+        ("when: 2001-02-30\n", "not YAML: day is out of range for month; not used"),
+        ("- port: 3000\n", 'must be a mapping of keys such as ports:, not [{"port": 3000}]'),
+    ]:
         (workspace / ".gitpod.yml").write_text(text)
         assert [p.message for p in sources.load(workspace)[1] if p.file == ".gitpod.yml"] == [message]
 
@@ -632,15 +820,24 @@ def test_the_watch_hook():
         assert sources.affects(path), path
     for path in ("", ".", "src/app.py", ".devcontainer/Dockerfile", ".gitpod.yaml", "a/.gitpod.yml"):
         assert not sources.affects(path), path
-    assert sources.watched(Path("/w")) == (Path("/w/.devcontainer/devcontainer.json"), Path("/w/.devcontainer.json"),
-                                           Path("/w/.gitpod.yml"))
+    assert sources.watched(Path("/w")) == (
+        Path("/w/.devcontainer/devcontainer.json"),
+        Path("/w/.devcontainer.json"),
+        Path("/w/.gitpod.yml"),
+    )
 
 
 def test_selectors_and_layers_directly():
     """The public pieces the server wires: Rule, Layer and Ruleset built by hand."""
     origin = Origin("config.json", "x")
-    layer = Layer("config.json", [Rule(origin, Port(80), {"label": "http"}), Rule(origin, Range(1, 1023), {"on_open": "ignore"}),
-                                  Rule(origin, command("nginx"), {"protocol": "http"})])
+    layer = Layer(
+        "config.json",
+        [
+            Rule(origin, Port(80), {"label": "http"}),
+            Rule(origin, Range(1, 1023), {"on_open": "ignore"}),
+            Rule(origin, command("nginx"), {"protocol": "http"}),
+        ],
+    )
     found = Ruleset([layer]).resolve(80, "nginx: master process")
     assert (found.label, found.on_open, found.protocol) == ("http", "ignore", "http")
     with pytest.raises(ValueError):

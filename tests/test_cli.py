@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support import AETHER, ROOT
 from support.ports import free_port, kernel_listening_ports
 from support.processes import aether, proc_comm

@@ -12,13 +12,13 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
-
 from support.clients import recv_until
 from support.ports import free_port
 from support.servers import Server
 from support.waiting import wait_for
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
 from aether.preview import grant
 
 PROJECT = "d45b0a4d"
@@ -96,7 +96,7 @@ def test_refused_without_the_token_or_cookie(server, target, headers):
 
 
 def test_the_page_escapes_the_workspace_id(tmp_path):
-    srv = Server("sockdiag", tmp_path / "state", "--workspace-id", 'a"<b>&\'x')
+    srv = Server("sockdiag", tmp_path / "state", "--workspace-id", "a\"<b>&'x")
     try:
         _, _, page = get(srv, "/", {"Cookie": sign_in(srv)})
         assert b"<b>" not in page and b'a"<' not in page
@@ -162,8 +162,7 @@ def test_the_cookie_opens_only_what_the_page_uses(server):
     open a shell, files, the agent or config set."""
     cookie = sign_in(server)
     own = f"http://127.0.0.1:{server.port}"
-    with connect(f"ws://127.0.0.1:{server.port}/workspaces/ws-test/ws", additional_headers={"Cookie": cookie},
-                 origin=own) as ws:
+    with connect(f"ws://127.0.0.1:{server.port}/workspaces/ws-test/ws", additional_headers={"Cookie": cookie}, origin=own) as ws:
         refused = [
             {"channel": "terminal", "type": "create", "cols": 80, "rows": 24, "command": "touch /tmp/x"},
             {"channel": "terminal", "type": "list"},
@@ -262,9 +261,18 @@ def test_grants_expire_and_are_bound_to_their_host():
     assert not grant.valid(token, host, b"%s.%s.%s" % (expiry, nonce[:-1] + (b"0" if nonce[-1:] != b"0" else b"1"), mac), now)
     far = grant.mint(token, host, now + 3600)  # minted for a later time: an expiry too far ahead
     assert not grant.valid(token, host, far, now)
-    for bad in (b"", b".", b"x.y", b"-1.%s.%s" % (nonce, mac), b"99999999999999.%s.%s" % (nonce, mac), expiry,
-                b"%s.%s" % (expiry, mac), b"0%s.%s.%s" % (expiry, nonce, mac), b"%s.%s.%s" % (expiry, nonce.upper(), mac),
-                b"%s.%s.%s" % (expiry, nonce, mac.upper())):
+    for bad in (
+        b"",
+        b".",
+        b"x.y",
+        b"-1.%s.%s" % (nonce, mac),
+        b"99999999999999.%s.%s" % (nonce, mac),
+        expiry,
+        b"%s.%s" % (expiry, mac),
+        b"0%s.%s.%s" % (expiry, nonce, mac),
+        b"%s.%s.%s" % (expiry, nonce.upper(), mac),
+        b"%s.%s.%s" % (expiry, nonce, mac.upper()),
+    ):
         assert not grant.valid(token, host, bad, now)
 
 

@@ -19,7 +19,6 @@ import sys
 import time
 
 import pytest
-
 from support import ROOT
 from support.browser import ROW_TIMES_JS, chromium, timed_http_server
 from support.ports import free_port
@@ -157,8 +156,15 @@ def test_dashboard_in_chromium(driver, tmp_path):
 
         # The registry, beside the ports: an entry for this port says it listens.
         api_put(server, "site", {"port": port, "app": "demo", "label": "web", "description": "the test's files"})
-        wait(driver, lambda d: "listening" in d.find_element(By.CSS_SELECTOR, '#registry tr[data-key="site"]').text
-             if d.find_elements(By.CSS_SELECTOR, '#registry tr[data-key="site"]') else False, what="the registry entry")
+        wait(
+            driver,
+            lambda d: (
+                "listening" in d.find_element(By.CSS_SELECTOR, '#registry tr[data-key="site"]').text
+                if d.find_elements(By.CSS_SELECTOR, '#registry tr[data-key="site"]')
+                else False
+            ),
+            what="the registry entry",
+        )
         assert "site" in cells(driver, port)[1]
         screenshot(driver, "dashboard.png")
 
@@ -201,14 +207,18 @@ def test_dashboard_in_chromium(driver, tmp_path):
         assert f"port {port}" in accept_confirmation(driver)
         assert http_server.wait(10) is not None
         wait(driver, lambda d: row(d, port) is None, what="the killed port's row to go")
-        wait(driver, lambda d: "not listening" in d.find_element(By.CSS_SELECTOR, '#registry tr[data-key="site"]').text,
-             what="the registry entry to say not listening")
+        wait(
+            driver,
+            lambda d: "not listening" in d.find_element(By.CSS_SELECTOR, '#registry tr[data-key="site"]').text,
+            what="the registry entry to say not listening",
+        )
 
         # A server that daemonizes: its row follows the `update`s in place, without a reload:
         # the second address, then the child that holds the sockets once the parent exits.
         forker_port = free_port()
-        forker = subprocess.Popen([sys.executable, "-c", DAEMONIZING.format(port=forker_port)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        forker = subprocess.Popen(
+            [sys.executable, "-c", DAEMONIZING.format(port=forker_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         procs.append(forker)
         wait(driver, lambda d: cells(d, forker_port)[2:4] == [str(forker.pid), "127.0.0.1"], what="the forker's row")
         shown = row(driver, forker_port)
@@ -262,8 +272,11 @@ def test_dashboard_in_chromium(driver, tmp_path):
         server = Server("auto", state, "--project-id", PROJECT, port=server.port)
         servers.append(server)
         wait(driver, lambda d: connection(d) == "reconnected", 15, "the page to reconnect")
-        wait(driver, lambda d: row(d, newcomer_port) and row(d, survivor_port) and not row(d, doomed_port),
-             what="the table to be replaced by the new snapshot")
+        wait(
+            driver,
+            lambda d: row(d, newcomer_port) and row(d, survivor_port) and not row(d, doomed_port),
+            what="the table to be replaced by the new snapshot",
+        )
         screenshot(driver, "dashboard-reconnected.png")
 
         # Back with another token: the cookie no longer opens anything, and the page says so.

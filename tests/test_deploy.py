@@ -16,15 +16,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from aether import caps
 from support import ROOT
 from support.clients import recv_until
 from support.ebpf import need_ebpf
-from support.ports import free_port
 from support.processes import proc_comm
 from support.servers import Server
 from support.waiting import wait_for
+
+from aether import caps
 
 INSTALL = ROOT / "deploy" / "install.sh"
 DROPIN = ROOT / "deploy" / "aether-locked-down.conf"
@@ -60,8 +59,9 @@ def settings(path: Path) -> dict[str, list[str]]:
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
-            for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in root.rglob("*") if p.is_file()
+    }
 
 
 # -- install.sh and the units ----------------------------------------------------------------
@@ -124,20 +124,27 @@ def test_exposure_scores(tmp_path):
     for name, args in (("root", ()), ("locked", ("--user", "aether"))):
         root = tmp_path / name
         assert install(*args, destdir=root).returncode == 0
-        out = subprocess.run([tool("systemd-analyze"), "security", "--offline=yes", f"--root={root}", "aether.service"],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [tool("systemd-analyze"), "security", "--offline=yes", f"--root={root}", "aether.service"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         scores[name] = float(re.search(r"Overall exposure level for aether.service: ([\d.]+)", out).group(1))
     assert scores["locked"] < 5.0 < scores["root"], scores
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--user", "Not A Name"), "not a valid user name"),
-    (("--set", "HOST=0.0.0.0"), "expected AETHER_NAME=VALUE"),
-    (("--set", "AETHER_AGENT_COMMAND=run a\\ b"), "may not hold"),
-    (("--set", "AETHER_AGENT_COMMAND='run'"), "may not hold"),
-    (("--set", "AETHER_SHELL=$HOME/sh"), "may not hold"),
-    (("--frobnicate",), "unknown argument"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--user", "Not A Name"), "not a valid user name"),
+        (("--set", "HOST=0.0.0.0"), "expected AETHER_NAME=VALUE"),
+        (("--set", "AETHER_AGENT_COMMAND=run a\\ b"), "may not hold"),
+        (("--set", "AETHER_AGENT_COMMAND='run'"), "may not hold"),
+        (("--set", "AETHER_SHELL=$HOME/sh"), "may not hold"),
+        (("--frobnicate",), "unknown argument"),
+    ],
+)
 def test_install_refuses_bad_arguments_and_writes_nothing(tmp_path, args, message):
     result = install(*args, destdir=tmp_path / "root")
     assert result.returncode != 0 and message in result.stderr
@@ -148,10 +155,16 @@ def test_install_on_a_host_without_systemd_creates_the_user_and_stops_cleanly(tm
     """The real path (no --destdir), with /etc a copy in a mount namespace of its own, and
     /run/systemd hidden there where systemd does run (the Vagrant VM)."""
     etc = tmp_path / "etc"
-    script = ('cp -a /etc "$1" && mount -n --bind "$1" /etc && { [ ! -d /run/systemd ] || mount -n -t tmpfs tmpfs /run/systemd; }'
-              ' && exec bash "$2" --user aether-test')
-    result = subprocess.run([tool("unshare"), "--mount", "--propagation", "private", "sh", "-ec", script, "sh",
-                             str(etc), str(INSTALL)], capture_output=True, text=True, timeout=300)
+    script = (
+        'cp -a /etc "$1" && mount -n --bind "$1" /etc && { [ ! -d /run/systemd ] || mount -n -t tmpfs tmpfs /run/systemd; }'
+        ' && exec bash "$2" --user aether-test'
+    )
+    result = subprocess.run(
+        [tool("unshare"), "--mount", "--propagation", "private", "sh", "-ec", script, "sh", str(etc), str(INSTALL)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     lines = said(result)
     assert "install: created system user aether-test" in lines
@@ -209,18 +222,29 @@ def locked_server():
     namespace approximating its file-system options. The state directory is /var/lib/aether."""
     need_ebpf()
     values = settings(DROPIN)
-    for key, value in (("ProtectSystem", "strict"), ("ProtectHome", "read-only"), ("PrivateTmp", "yes"),
-                       ("PrivateDevices", "yes"), ("ProtectKernelTunables", "yes"), ("ProtectKernelLogs", "yes"),
-                       ("ProtectControlGroups", "yes")):
+    for key, value in (
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "read-only"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+    ):
         assert values.get(key) == [value], f"the sandbox below emulates {key}={value}; the drop-in now says {values.get(key)}"
     assert values["AmbientCapabilities"] == values["CapabilityBoundingSet"]
     caps = ",".join("+" + cap.lower().removeprefix("cap_") for cap in values["AmbientCapabilities"][0].split())
     nnp = "--no-new-privs" if values.get("NoNewPrivileges") == ["yes"] else ""
     env = dict(line.split("=", 1) for line in values["Environment"])
     wrap = (tool("unshare"), "--mount", "--propagation", "private", "sh", "-ec", SANDBOX, "sandbox", str(NOBODY), caps, nnp)
-    server = Server("ebpf", Path("/var/lib/aether"), "--project-id", "abc123def456", wrap=wrap,
-                    env={**env, "UMASK": values["UMask"][0], "HOME": "/var/lib/aether", "SHELL": "/usr/sbin/nologin",
-                         "CHECKOUT": str(ROOT)})
+    server = Server(
+        "ebpf",
+        Path("/var/lib/aether"),
+        "--project-id",
+        "abc123def456",
+        wrap=wrap,
+        env={**env, "UMASK": values["UMask"][0], "HOME": "/var/lib/aether", "SHELL": "/usr/sbin/nologin", "CHECKOUT": str(ROOT)},
+    )
     server.caps = values["AmbientCapabilities"][0].split()
     yield server
     server.stop()
@@ -233,8 +257,9 @@ def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked
     status = dict(line.split(":\t", 1) for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines())
     assert status["Uid"].split()[0] == str(NOBODY) and status["NoNewPrivs"] == "1"
     assert caps.effective(f"/proc/{server.proc.pid}/status") == int(status["CapBnd"], 16) == sum(1 << cap for cap in caps.DAEMON)
-    root_mount = [line.split() for line in Path(f"/proc/{server.proc.pid}/mountinfo").read_text().splitlines()
-                  if line.split()[4] == "/"]
+    root_mount = [
+        line.split() for line in Path(f"/proc/{server.proc.pid}/mountinfo").read_text().splitlines() if line.split()[4] == "/"
+    ]
     assert "ro" in root_mount[-1][5].split(","), root_mount
     assert [line.get("backend") for line in server.log if line.get("msg") == "serving"] == ["ebpf"]
 
@@ -245,8 +270,11 @@ def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked
         assert (opened["pid"], opened["process"]) == (app.pid, proc_comm(app.pid))
 
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        conn.request("GET", "/", headers={"Host": f"{port}-abc123.preview.localhost:{server.port}",
-                                          "Authorization": f"Bearer {server.token}"})
+        conn.request(
+            "GET",
+            "/",
+            headers={"Host": f"{port}-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"},
+        )
         response = conn.getresponse()
         assert response.status == 200 and b"Directory listing" in response.read()
         conn.close()
@@ -265,10 +293,26 @@ def test_probe_needs_each_capability_it_is_given():
     for missing in ("bpf", "perfmon", "dac_read_search"):
         caps = ",".join("+" + c for c in ("bpf", "perfmon", "dac_read_search") if c != missing)
         result = subprocess.run(
-            [tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", f"--inh-caps=-all,{caps}",
-             f"--ambient-caps=-all,{caps}", f"--bounding-set=-all,{caps}", "--no-new-privs",
-             str(ROOT / ".venv" / "bin" / "aether"), "ports", "watch", "--backend", "ebpf"],
-            capture_output=True, text=True, timeout=60, cwd=ROOT)
+            [
+                tool("setpriv"),
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                f"--inh-caps=-all,{caps}",
+                f"--ambient-caps=-all,{caps}",
+                f"--bounding-set=-all,{caps}",
+                "--no-new-privs",
+                str(ROOT / ".venv" / "bin" / "aether"),
+                "ports",
+                "watch",
+                "--backend",
+                "ebpf",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert result.returncode == 1, (missing, result.stderr)
         assert result.stderr.startswith("aether: eBPF backend unavailable: "), result.stderr
         assert "Traceback" not in result.stderr

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from aether.ports import detect
-from aether.ports.detect import HTTP, HTTPS, TCP, Detector, classify_answer
 from support.listeners import Listeners
 from support.ports import free_port
 from support.waiting import wait_for
+
+from aether.ports import detect
+from aether.ports.detect import HTTP, HTTPS, TCP, Detector, classify_answer
 
 PY = sys.executable
 
@@ -33,9 +33,29 @@ def tool(name: str) -> str:
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory) -> tuple[str, str]:
     tmp = tmp_path_factory.mktemp("cert")
-    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost"],
-                   cwd=tmp, check=True, capture_output=True)
+    subprocess.run(
+        [
+            tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+    )
     return str(tmp / "cert.pem"), str(tmp / "key.pem")
 
 
@@ -152,10 +172,12 @@ def nginx_conf(tmp: Path, port: int, cert: tuple[str, str] | None) -> Path:
     conf = tmp / f"nginx-{port}.conf"
     ssl = f"ssl; ssl_certificate {cert[0]}; ssl_certificate_key {cert[1]};" if cert else ";"
     temps = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf.write_text(f"daemon off; master_process off; user root; pid {tmp}/nginx-{port}.pid; error_log stderr error;\n"
-                    f"events {{ worker_connections 64; }}\n"
-                    f"http {{ access_log off; {temps}\n"
-                    f"  server {{ listen 127.0.0.1:{port} {ssl} return 200 \"ok\"; }} }}\n")
+    conf.write_text(
+        f"daemon off; master_process off; user root; pid {tmp}/nginx-{port}.pid; error_log stderr error;\n"
+        f"events {{ worker_connections 64; }}\n"
+        f"http {{ access_log off; {temps}\n"
+        f'  server {{ listen 127.0.0.1:{port} {ssl} return 200 "ok"; }} }}\n'
+    )
     return conf
 
 
@@ -332,17 +354,20 @@ def test_refused_port_is_retried_until_the_deadline():
 # -- the pure part -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data, expected", [
-    (b"HTTP/1.1 200 OK\r\n", ("http", 200)),
-    (b"HTTP/1.0 400 Bad Request", ("http", 400)),
-    (b"HTTP/1.", ("http", None)),  # the server closed after a prefix
-    (b"\x15\x03\x03\x00\x02\x02\x46", ("tls", None)),  # an alert record
-    (b"\x16\x03\x03\x00\x7a\x02", ("tls", None)),  # a ServerHello
-    (b"N", ("answer", None)),
-    (b"-ERR unknown command", ("answer", None)),
-    (b"SSH-2.0-OpenSSH", ("answer", None)),
-    (b"HTTP/2 200", ("answer", None)),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"HTTP/1.1 200 OK\r\n", ("http", 200)),
+        (b"HTTP/1.0 400 Bad Request", ("http", 400)),
+        (b"HTTP/1.", ("http", None)),  # the server closed after a prefix
+        (b"\x15\x03\x03\x00\x02\x02\x46", ("tls", None)),  # an alert record
+        (b"\x16\x03\x03\x00\x7a\x02", ("tls", None)),  # a ServerHello
+        (b"N", ("answer", None)),
+        (b"-ERR unknown command", ("answer", None)),
+        (b"SSH-2.0-OpenSSH", ("answer", None)),
+        (b"HTTP/2 200", ("answer", None)),
+    ],
+)
 def test_classify_answer(data, expected):
     assert classify_answer(data) == expected
 
@@ -354,33 +379,50 @@ def test_detection_json():
 
 
 _LOOKS = {
-    "http 200": detect.Look(HTTP, "http", 200), "http 400": detect.Look(HTTP, "http", 400),
-    "tls record": detect.Look(None, "tls", sample=b"\x15\x03"), "closed": detect.Look(None, "closed"),
-    "silent": detect.Look(None, "silent"), "refused": detect.Look(None, "refused"),
-    "answer": detect.Look(TCP, "answer", sample=b"N"), "banner": detect.Look(TCP, "banner", sample=b"SSH-2.0"),
+    "http 200": detect.Look(HTTP, "http", 200),
+    "http 400": detect.Look(HTTP, "http", 400),
+    "tls record": detect.Look(None, "tls", sample=b"\x15\x03"),
+    "closed": detect.Look(None, "closed"),
+    "silent": detect.Look(None, "silent"),
+    "refused": detect.Look(None, "refused"),
+    "answer": detect.Look(TCP, "answer", sample=b"N"),
+    "banner": detect.Look(TCP, "banner", sample=b"SSH-2.0"),
 }
 
 
-@pytest.mark.parametrize("plain, needed", [("http 200", False), ("http 400", True), ("tls record", True),
-                                           ("closed", True), ("silent", False), ("refused", False),
-                                           ("answer", False), ("banner", False)])
+@pytest.mark.parametrize(
+    "plain, needed",
+    [
+        ("http 200", False),
+        ("http 400", True),
+        ("tls record", True),
+        ("closed", True),
+        ("silent", False),
+        ("refused", False),
+        ("answer", False),
+        ("banner", False),
+    ],
+)
 def test_needs_tls(plain, needed):
     assert detect.needs_tls(_LOOKS[plain]) is needed
 
 
-@pytest.mark.parametrize("plain, tls, verdict", [
-    ("http 400", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # nginx on a TLS port
-    ("http 400", detect.Look(HTTP, "http", 400), (HTTP, "http")),  # a plain nginx: 400s both ways
-    ("http 400", detect.Look(None, "closed"), (HTTP, "http")),
-    ("closed", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # node's https closes on plain HTTP
-    ("closed", detect.Look(HTTPS, "tls-alert"), (HTTPS, "tls-alert")),
-    ("closed", detect.Look(None, "closed"), (None, "closed")),  # PostgreSQL, or not ready: try again
-    ("closed", detect.Look(None, "silent"), (None, "closed")),
-    ("closed", detect.Look(TCP, "answer", sample=b"N"), (TCP, "answer")),
-    ("closed", detect.Look(HTTP, "http", 400), (HTTP, "http")),
-    ("tls record", detect.Look(None, "closed"), (TCP, "answer")),
-    ("tls record", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),
-])
+@pytest.mark.parametrize(
+    "plain, tls, verdict",
+    [
+        ("http 400", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # nginx on a TLS port
+        ("http 400", detect.Look(HTTP, "http", 400), (HTTP, "http")),  # a plain nginx: 400s both ways
+        ("http 400", detect.Look(None, "closed"), (HTTP, "http")),
+        ("closed", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),  # node's https closes on plain HTTP
+        ("closed", detect.Look(HTTPS, "tls-alert"), (HTTPS, "tls-alert")),
+        ("closed", detect.Look(None, "closed"), (None, "closed")),  # PostgreSQL, or not ready: try again
+        ("closed", detect.Look(None, "silent"), (None, "closed")),
+        ("closed", detect.Look(TCP, "answer", sample=b"N"), (TCP, "answer")),
+        ("closed", detect.Look(HTTP, "http", 400), (HTTP, "http")),
+        ("tls record", detect.Look(None, "closed"), (TCP, "answer")),
+        ("tls record", detect.Look(HTTPS, "tls"), (HTTPS, "tls")),
+    ],
+)
 def test_combine(plain, tls, verdict):
     found = detect.combine(_LOOKS[plain], tls)
     assert (found.protocol, found.reason) == verdict

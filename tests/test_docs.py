@@ -94,9 +94,19 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_the_documents_exist():
     names = {str(path.relative_to(ROOT)) for path in DOCS}
-    for name in ("README.md", "CONTRIBUTING.md", "docs/protocol.md", "docs/channels.md", "docs/settings.md",
-                 "docs/previews.md", "docs/registry.md", "docs/deploying.md", "docs/metrics-and-logs.md",
-                 "docs/doctor.md", "docs/ports.md"):
+    for name in (
+        "README.md",
+        "CONTRIBUTING.md",
+        "docs/protocol.md",
+        "docs/channels.md",
+        "docs/settings.md",
+        "docs/previews.md",
+        "docs/registry.md",
+        "docs/deploying.md",
+        "docs/metrics-and-logs.md",
+        "docs/doctor.md",
+        "docs/ports.md",
+    ):
         assert name in names
 
 
@@ -137,8 +147,11 @@ def test_the_layout_names_every_module():
     each link still points to a file)."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
     linked = {unquote(target) for _, target in links(ROOT / "CONTRIBUTING.md")}
-    missing = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "aether").rglob("*.py"))
-               if path.name not in ("__init__.py", "__main__.py") and str(path.relative_to(ROOT)) not in linked]
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "aether").rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py") and str(path.relative_to(ROOT)) not in linked
+    ]
     assert missing == [], f"modules missing from CONTRIBUTING.md's layout: {missing}"
     assert "## Layout" in text
 
@@ -147,8 +160,12 @@ def test_every_setting_of_serve_is_documented():
     """Each flag and AETHER_* variable ``aether serve --help`` and ``aether --help`` print is in
     docs/settings.md."""
     settings = (ROOT / "docs" / "settings.md").read_text()
-    helps = [subprocess.run([sys.executable, "-m", "aether", *args, "--help"], capture_output=True, text=True,
-                            check=True, cwd=ROOT).stdout for args in (["serve"], [])]
+    helps = [
+        subprocess.run(
+            [sys.executable, "-m", "aether", *args, "--help"], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout
+        for args in (["serve"], [])
+    ]
     names = set()
     for text in helps:
         names |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text)) | set(re.findall(r"AETHER_[A-Z_]+", text))
@@ -174,6 +191,9 @@ _HISTORY = re.compile(r"\bseeds?\b|\bissues? #?\d+|\bthis machine\b|\bthese mach
 
 @pytest.mark.parametrize("path", ALL_MARKDOWN, ids=lambda path: str(path.relative_to(ROOT)))
 def test_no_document_speaks_of_seeds_issues_or_this_machine(path):
-    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for number, line in enumerate(path.read_text().splitlines(), 1) if _HISTORY.search(line)]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _HISTORY.search(line)
+    ]
     assert found == []

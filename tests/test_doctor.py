@@ -14,16 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from aether import caps
 from support import ROOT
 from support.ebpf import ebpf_unavailable, need_ebpf
 from support.ports import free_port
 from support.processes import aether
 from support.servers import Server
 
-NAMES = ["privileges", "kernel", "btf", "tracepoint", "kprobes", "bcc", "headers", "probe", "sock_diag",
-         "state-dir", "port"]
+from aether import caps
+
+NAMES = ["privileges", "kernel", "btf", "tracepoint", "kprobes", "bcc", "headers", "probe", "sock_diag", "state-dir", "port"]
 #: What loading the probe takes as a non-root user (README, "aether doctor").
 PROBE_CAPS = ["bpf", "perfmon", "dac_read_search"]
 #: ...and seeing and stopping other users' processes too: the dedicated user's whole set.
@@ -36,8 +35,16 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing to user nobo
 
 def doctor(state_dir: Path, *args: str, port: int | None = None, env: dict | None = None):
     """(exit status, the JSON report by check name, the whole report) of one doctor run."""
-    result = aether("doctor", "--json", "--state-dir", str(state_dir), "--port", str(port or free_port()), *args,
-                    env={**os.environ, **(env or {})})
+    result = aether(
+        "doctor",
+        "--json",
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        str(port or free_port()),
+        *args,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode in (0, 1), result.stderr
     report = json.loads(result.stdout)
     return result.returncode, {check["name"]: check for check in report["checks"]}, report
@@ -152,8 +159,7 @@ def test_probe_that_does_not_compile(tmp_path):
     assert checks["probe"]["verdict"] == "fail"
     assert "error: use of undeclared identifier 'undefined_thing'" in checks["probe"]["detail"]
     assert "aether ports watch --backend ebpf" in checks["probe"]["fix"]
-    assert report["summary"].startswith(
-        "doctor: eBPF backend will NOT run (probe failed); aether serve would use sock_diag")
+    assert report["summary"].startswith("doctor: eBPF backend will NOT run (probe failed); aether serve would use sock_diag")
 
 
 def test_pypi_bcc_is_named(tmp_path):
@@ -187,8 +193,7 @@ def nobody_python() -> tuple[str, dict]:
 def as_nobody(capabilities: list[str], argv: list[str]) -> list[str]:
     setpriv = shutil.which("setpriv") or pytest.fail("setpriv is not installed (util-linux)")
     granted = ",".join(["-all"] + [f"+{cap}" for cap in capabilities])
-    cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={granted}",
-           f"--ambient-caps={granted}"]
+    cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={granted}", f"--ambient-caps={granted}"]
     if not capabilities:
         cmd.append("--bounding-set=-all")
     return cmd + argv
@@ -199,8 +204,7 @@ def doctor_as_nobody(capabilities: list[str], port: int):
     # A state dir nobody may create (tmp_path is root's, mode 0700); the doctor creates nothing.
     state = f"/tmp/aether-doctor-{uuid.uuid4().hex}"
     argv = [python, "-m", "aether", "doctor", "--json", "--state-dir", state, "--port", str(port)]
-    result = subprocess.run(as_nobody(capabilities, argv), env=env, cwd="/", capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(as_nobody(capabilities, argv), env=env, cwd="/", capture_output=True, text=True, timeout=30)
     assert result.returncode in (0, 1), result.stderr
     report = json.loads(result.stdout)
     assert not os.path.exists(state)
@@ -213,7 +217,8 @@ def test_nobody_without_capabilities():
     assert status == 1
     assert checks["privileges"]["verdict"] == "fail"
     assert checks["privileges"]["detail"].startswith(
-        "uid 65534 (nobody) lacks CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH (to load the probe)")
+        "uid 65534 (nobody) lacks CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH (to load the probe)"
+    )
     assert "AmbientCapabilities=" in checks["privileges"]["fix"]
     assert checks["tracepoint"]["verdict"] == "fail"
     assert checks["probe"]["verdict"] == "fail"
@@ -235,7 +240,8 @@ def test_nobody_with_the_minimal_capabilities(listeners):
     assert checks["probe"]["verdict"] == "ok"
     assert checks["privileges"]["verdict"] == "warn"
     assert checks["privileges"]["detail"] == (
-        "uid 65534 (nobody) lacks CAP_SYS_PTRACE, CAP_KILL (other users' pids, and stopping their processes)")
+        "uid 65534 (nobody) lacks CAP_SYS_PTRACE, CAP_KILL (other users' pids, and stopping their processes)"
+    )
     assert checks["port"]["detail"].endswith("by a process this user cannot see (CAP_SYS_PTRACE shows it)")
     assert report["summary"].startswith("doctor: eBPF backend will run (")
 
@@ -248,8 +254,12 @@ def test_nobody_with_the_daemon_capabilities(listeners):
     holder = listeners.python(LISTEN.format(port=port), port)
     status, checks, _report = doctor_as_nobody(DAEMON_CAPS, port)
     assert status == 0
-    assert checks["privileges"] == {"name": "privileges", "verdict": "ok", "fix": None,
-                                    "detail": "uid 65534 (nobody), with every capability aether uses"}
+    assert checks["privileges"] == {
+        "name": "privileges",
+        "verdict": "ok",
+        "fix": None,
+        "detail": "uid 65534 (nobody), with every capability aether uses",
+    }
     assert f"by pid {holder.pid} (" in checks["port"]["detail"]
 
 

@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from support import ROOT
 from support.ebpf import need_ebpf
 from support.ports import free_port, kernel_listening_ports
@@ -69,7 +68,11 @@ def test_perf_buffer_path(tmp_path):
         assert any("perf buffer" in line.get("reason", "") for line in w.log)
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-c", f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(30)"]
+            [
+                sys.executable,
+                "-c",
+                f"import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(30)",
+            ]
         )
         try:
             assert w.expect("open", port)["pid"] == proc.pid
@@ -85,9 +88,7 @@ def test_perf_buffer_path(tmp_path):
 def test_lost_records_are_counted_and_resynchronised(buffer):
     """A one-page buffer overflows in a burst; the table must still end equal to the kernel's."""
     w = Watcher("ebpf", env={"AETHER_EBPF_BUFFER": buffer, "AETHER_EBPF_PAGES": "1"})
-    burst = subprocess.Popen(
-        [sys.executable, "-c", BURST, "3000", "97"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    burst = subprocess.Popen([sys.executable, "-c", BURST, "3000", "97"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         kept = {int(p) for p in burst.stdout.readline().split()}
         burst_ports = {int(p) for p in burst.stdout.readline().split()}
@@ -209,16 +210,18 @@ HEAVY_LIBRARIES = ("libLLVM", "libclang", "libbcc")
 
 
 def mapped_libraries(pid: int) -> set[str]:
-    return {os.path.basename(line.split()[-1]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-            if len(line.split()) >= 6}
+    return {
+        os.path.basename(line.split()[-1])
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if len(line.split()) >= 6
+    }
 
 
 def test_server_on_ring_buffer_maps_no_llvm(tmp_path):
     """`aether serve` on the probe holds neither LLVM nor libbcc: the helper compiled it."""
     server = Server("ebpf", tmp_path / "state")
     try:
-        assert any("ring buffer" in line.get("reason", "") for line in server.log
-                   if line.get("msg") == "port monitor started")
+        assert any("ring buffer" in line.get("reason", "") for line in server.log if line.get("msg") == "port monitor started")
         heavy = [lib for lib in mapped_libraries(server.proc.pid) if lib.startswith(HEAVY_LIBRARIES)]
         assert heavy == [], f"mapped into the daemon: {heavy}"
         with server.connect() as ws:
@@ -318,15 +321,25 @@ def _bad_instruction(probe: dict) -> None:
 IGNORED, REFUSED = "cached probe ignored; compiling it again", "cached probe did not load; compiling it again"
 
 
-@pytest.mark.parametrize("damage, warning, rewritten", [
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), IGNORED, True),
-    (lambda p: p.write_text(p.read_text().replace('"insns": "', '"insns": "AAAA', 1)), IGNORED, True),
-    (lambda p: _rewrite(p, lambda probe: probe.update(relocations=[])), IGNORED, True),
-    (lambda p: _rewrite(p, _bad_instruction), REFUSED, True),
-    (lambda p: p.chmod(0o666), IGNORED, True),  # replaced by a private one
-    (lambda p: p.parent.chmod(0o777), IGNORED, False),
-], ids=["truncated", "checksum", "relocations", "refused-by-verifier", "file-writable-by-others",
-        "directory-writable-by-others"])
+@pytest.mark.parametrize(
+    "damage, warning, rewritten",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), IGNORED, True),
+        (lambda p: p.write_text(p.read_text().replace('"insns": "', '"insns": "AAAA', 1)), IGNORED, True),
+        (lambda p: _rewrite(p, lambda probe: probe.update(relocations=[])), IGNORED, True),
+        (lambda p: _rewrite(p, _bad_instruction), REFUSED, True),
+        (lambda p: p.chmod(0o666), IGNORED, True),  # replaced by a private one
+        (lambda p: p.parent.chmod(0o777), IGNORED, False),
+    ],
+    ids=[
+        "truncated",
+        "checksum",
+        "relocations",
+        "refused-by-verifier",
+        "file-writable-by-others",
+        "directory-writable-by-others",
+    ],
+)
 def test_damaged_cache_falls_back_to_compiling(cache, caplog, damage, warning, rewritten):
     from aether.ports.ebpf import Probe
 
@@ -408,8 +421,17 @@ def test_cache_key_names_what_invalidates_it():
 
     base = cache_key(b"source", ["-DA=1"], b"format")
     assert cache_key(b"source", ["-DA=1"], b"format") == base
-    assert len({base, cache_key(b"source2", ["-DA=1"], b"format"), cache_key(b"source", ["-DA=2"], b"format"),
-                cache_key(b"source", ["-DA=1"], b"format2")}) == 4
+    assert (
+        len(
+            {
+                base,
+                cache_key(b"source2", ["-DA=1"], b"format"),
+                cache_key(b"source", ["-DA=2"], b"format"),
+                cache_key(b"source", ["-DA=1"], b"format2"),
+            }
+        )
+        == 4
+    )
 
 
 @pytest.mark.parametrize("ordered", [False, True], ids=["plain", "libatomic"])

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support.servers import Server
 
 from aether.files.watch import WINDOW_SECONDS
-from support.servers import Server
 
 CHUNK = 256 << 10
 
@@ -89,9 +89,7 @@ class Files:
         while chunks[-1]["type"] == "read" and not chunks[-1]["eof"]:
             chunks.append(self.reply(id_))
         assert chunks[-1]["type"] == "read", chunks[-1]
-        data = b"".join(
-            c["content"].encode() if c["encoding"] == "utf-8" else base64.b64decode(c["content"]) for c in chunks
-        )
+        data = b"".join(c["content"].encode() if c["encoding"] == "utf-8" else base64.b64decode(c["content"]) for c in chunks)
         return data, chunks
 
     def collect(self, seconds: float) -> list[dict]:
@@ -141,15 +139,27 @@ def test_list_stat_mkdir_rename_delete(server, root):
         listing = f.ok("list", path=".")
         assert listing["path"] == "." and listing["eof"] is True and listing["total"] == 4
         assert [(e["name"], e["type"]) for e in listing["entries"]] == [
-            ("d", "directory"), ("link", "symlink"), ("p", "directory"), ("z.txt", "file")
+            ("d", "directory"),
+            ("link", "symlink"),
+            ("p", "directory"),
+            ("z.txt", "file"),
         ]
         assert listing["entries"][1]["target"] == "z.txt"
         stat = f.ok("stat", path="./z.txt")
         assert stat["path"] == "z.txt"
-        assert {k: stat["stat"][k] for k in ("name", "type", "size", "mode")} == {"name": "z.txt", "type": "file", "size": 2, "mode": "0644"}
+        assert {k: stat["stat"][k] for k in ("name", "type", "size", "mode")} == {
+            "name": "z.txt",
+            "type": "file",
+            "size": 2,
+            "mode": "0644",
+        }
         assert isinstance(stat["stat"]["mtime"], int)
         assert f.ok("rename", **{"from": "z.txt", "to": "d/y.txt"}) | {"id": 0} == {
-            "channel": "files", "type": "rename", "from": "z.txt", "to": "d/y.txt", "id": 0
+            "channel": "files",
+            "type": "rename",
+            "from": "z.txt",
+            "to": "d/y.txt",
+            "id": 0,
         }
         f.error("rename", "exists", **{"from": "p", "to": "d"})
         f.error("list", "not_a_directory", path="d/y.txt")
@@ -198,7 +208,9 @@ def test_large_file_in_chunks_both_ways(server, root):
         f.ok("write", path="big.bin", content=first, encoding="base64")
         for offset in range(piece, len(blob), piece):
             part = base64.b64encode(blob[offset : offset + piece]).decode()
-            assert f.ok("write", path="big.bin", content=part, encoding="base64", offset=offset)["size"] == len(blob[offset : offset + piece])
+            assert f.ok("write", path="big.bin", content=part, encoding="base64", offset=offset)["size"] == len(
+                blob[offset : offset + piece]
+            )
         assert (root / "big.bin").read_bytes() == blob
         data, chunks = f.read("big.bin")
         assert data == blob and len(chunks) == -(-len(blob) // CHUNK)
@@ -344,14 +356,22 @@ def test_watch_sees_another_process(server, root):
         watch = f.ok("watch", path=".")
         assert watch["watchId"] == "w1" and watch["path"] == "." and watch["recursive"] is False
         step = 0.15  # longer than a coalescing window: each step is told apart
-        subprocess.run([sys.executable, "-c", f"""
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"""
 import os, time
 open("new.txt", "w").write("1"); time.sleep({step})
 open("new.txt", "a").write("2"); time.sleep({step})
 os.rename("new.txt", "renamed.txt"); time.sleep({step})
 os.unlink("old.txt"); time.sleep({step})
 os.mkdir("dir")
-"""], cwd=root, check=True)
+""",
+            ],
+            cwd=root,
+            check=True,
+        )
         events = f.wait_for(lambda e: e["path"] == "dir")
         assert all(e["watchId"] == "w1" and e["channel"] == "files" for e in events)
         # The first write can come a read after the file's creation, and so a window later
@@ -395,7 +415,10 @@ os.rename("in", "again"); os.rename("again", "renamed"); open("renamed/inner/y",
 """
         subprocess.run([sys.executable, "-c", quick], cwd=root / "src", check=True)
         events = f.wait_for(lambda e: e["path"] == "src/renamed/inner/y")
-        assert brief(events) == [("moved", "src/renamed", "directory", "src/in"), ("created", "src/renamed/inner/y", "file", None)]
+        assert brief(events) == [
+            ("moved", "src/renamed", "directory", "src/in"),
+            ("created", "src/renamed/inner/y", "file", None),
+        ]
         shell("rm -r src", root)
         assert brief(f.wait_for(lambda e: e["path"] == "src"))[-1] == ("deleted", "src", "directory", None)
         # the watch ended with its directory

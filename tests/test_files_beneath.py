@@ -102,14 +102,26 @@ def test_links_that_stay_inside_are_followed(tree, resolver):
         assert resolver, "openat2 was never called"
 
 
-@pytest.mark.parametrize("path", [
-    "rel_out/secret", "abs_out/secret", "abs_out", "rel_out", "a/../../outside/secret",
-    "../root/a/f", "abs_dir/../../outside", "abs_root/../outside/secret",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "rel_out/secret",
+        "abs_out/secret",
+        "abs_out",
+        "rel_out",
+        "a/../../outside/secret",
+        "../root/a/f",
+        "abs_dir/../../outside",
+        "abs_root/../outside/secret",
+    ],
+)
 def test_every_way_out_is_forbidden(tree, resolver, path):
     root, outside = tree
     for fn, args in [
-        (reading.Reader, ()), (ops.list_dir, ()), (writing.write, (b"pwned",)), (resolve, ()),
+        (reading.Reader, ()),
+        (ops.list_dir, ()),
+        (writing.write, (b"pwned",)),
+        (resolve, ()),
     ]:
         with pytest.raises(FileError) as caught:
             fn(root, path, *args)
@@ -122,7 +134,12 @@ def test_every_way_out_is_forbidden(tree, resolver, path):
 def test_a_link_itself_is_acted_on_wherever_it_points(tree, resolver):
     root, outside = tree
     assert ops.stat(root, "abs_out")[1] | {"mtime": 0} == {
-        "name": "abs_out", "type": "symlink", "size": len(str(outside)), "mtime": 0, "mode": "0777", "target": str(outside),
+        "name": "abs_out",
+        "type": "symlink",
+        "size": len(str(outside)),
+        "mtime": 0,
+        "mode": "0777",
+        "target": str(outside),
     }
     assert ops.rename(root, "abs_out", "a/moved") == ("abs_out", "a/moved")
     assert ops.delete(root, "a/moved", recursive=True) == "a/moved"

@@ -91,9 +91,7 @@ def read_all(root: str, path: str, offset: int = 0, length=None) -> tuple[bytes,
                 break
     finally:
         reader.close()
-    data = b"".join(
-        c["content"].encode() if c["encoding"] == "utf-8" else base64.b64decode(c["content"]) for c in chunks
-    )
+    data = b"".join(c["content"].encode() if c["encoding"] == "utf-8" else base64.b64decode(c["content"]) for c in chunks)
     return data, chunks
 
 
@@ -345,9 +343,16 @@ def test_a_trailing_slash_names_a_directory(tree):
 @pytest.mark.parametrize(
     "path, follow",
     [
-        ("..", True), ("../outside/secret", True), ("a/../../outside", False), ("/etc/passwd", True),
-        ("/", False), ("link_out", True), ("link_out/secret", False), ("link_out/dir/x", True),
-        ("a/link_secret", True), ("link_root/../outside", False),
+        ("..", True),
+        ("../outside/secret", True),
+        ("a/../../outside", False),
+        ("/etc/passwd", True),
+        ("/", False),
+        ("link_out", True),
+        ("link_out/secret", False),
+        ("link_out/dir/x", True),
+        ("a/link_secret", True),
+        ("link_root/../outside", False),
     ],
 )
 def test_escapes_are_forbidden(tree, path, follow):
@@ -597,6 +602,7 @@ class FakeInstance:
 def test_renames_in_a_large_watch_touch_one_node():
     """9,000 directories watched, one of them (with 100 below it) renamed 20,000 times: each
     rename changes one node, where rewriting every path below the tree took seconds."""
+
     async def run() -> tuple[float, list, list]:
         instance = FakeInstance()
         sent: list = []
@@ -637,10 +643,7 @@ def test_watches_set_up_at_once_hold_the_server_limit(tmp_path):
     async def run() -> tuple[list, int]:
         loop = asyncio.get_running_loop()
         instance = Instance(lambda fn, *args: loop.run_in_executor(None, fn, *args), max_dirs=70)
-        trees = [
-            WatchTree(instance, str(tmp_path / t), t, True, lambda m: None, lambda r: False, lambda t: None)
-            for t in "abcd"
-        ]
+        trees = [WatchTree(instance, str(tmp_path / t), t, True, lambda m: None, lambda r: False, lambda t: None) for t in "abcd"]
         results = await asyncio.gather(*(tree.start(tree.base) for tree in trees), return_exceptions=True)
         watched = len(instance.users)
         instance.close()

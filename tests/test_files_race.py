@@ -13,12 +13,10 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from support.servers import Server
 
 #: How long the swap loop runs against the clients.
@@ -58,6 +56,7 @@ def fingerprint(base: Path) -> dict:
     """Every name below ``base`` (and ``base`` itself): kind, mode, owner, mtime, the sha256
     of a file's bytes, a link's target. A directory's mtime changes when anything is created
     in it or removed from it, even if it is gone again."""
+
     def one(path: Path) -> tuple:
         st = path.lstat()
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
@@ -205,7 +204,9 @@ def test_a_directory_swapped_for_a_link_out_never_leads_outside(tmp_path, resolv
             client.start()
         swapper = subprocess.Popen(
             [sys.executable, "-c", SWAPPER, "race/d", "race/alt", str(RACE_SECONDS), str(outside / NOISE)],
-            cwd=root, stdout=subprocess.PIPE, text=True,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert swapper.stdout.readline().strip() == "ready"
         swaps = int(swapper.stdout.readline())

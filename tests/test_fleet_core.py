@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-
 from support import AETHER, ROOT
 from support.redis import RedisServer, Sentinel
 
@@ -100,13 +99,24 @@ def test_publish_follow_and_status(redis_server):
         assert follower.reloads == {"start": 1, "reconnect": 0, "gap": 0, "boot": 0, "interval": 0}
         # The status command reads the same.
         out = await asyncio.to_thread(
-            subprocess.run, [*AETHER, "fleet", "status", "--redis", redis_server.url, "--json"],
-            capture_output=True, text=True, cwd=ROOT, timeout=30)
+            subprocess.run,
+            [*AETHER, "fleet", "status", "--redis", redis_server.url, "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         (ws,) = doc["workspaces"]
-        assert (ws["prefix"], ws["workspace"], ws["address"], ws["epoch"], ws["state"], ws["alive"]) == \
-            ("abc123", "ws-1", "127.0.0.1:3001", pub.epoch, "alive", True)
+        assert (ws["prefix"], ws["workspace"], ws["address"], ws["epoch"], ws["state"], ws["alive"]) == (
+            "abc123",
+            "ws-1",
+            "127.0.0.1:3001",
+            pub.epoch,
+            "alive",
+            True,
+        )
         assert 0 <= ws["heartbeat_age"] < 3
         assert ws["ports"] == [
             {"port": 3000, "open": True, "visibility": "private", "names": ["web"]},
@@ -115,8 +125,13 @@ def test_publish_follow_and_status(redis_server):
         ]
         assert doc["seq"] == pub.seq == 3 and doc["malformed"] == []
         text = await asyncio.to_thread(
-            subprocess.run, [*AETHER, "fleet", "status", "--redis", redis_server.url],
-            capture_output=True, text=True, cwd=ROOT, timeout=30)
+            subprocess.run,
+            [*AETHER, "fleet", "status", "--redis", redis_server.url],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
         assert text.returncode == 0
         header, row, total = text.stdout.splitlines()
         assert header.split() == ["PREFIX", "WORKSPACE", "ADDRESS", "EPOCH", "HEARTBEAT", "STATE", "PORTS"]
@@ -132,8 +147,13 @@ def test_publish_follow_and_status(redis_server):
 
 def test_status_when_redis_is_unreachable(redis_server):
     redis_server.stop()
-    out = subprocess.run([*AETHER, "fleet", "status", "--redis", f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    out = subprocess.run(
+        [*AETHER, "fleet", "status", "--redis", f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
     assert out.returncode == 1 and out.stdout == ""
     (line,) = out.stderr.splitlines()
     assert line.startswith("aether: redis redis://:***@127.0.0.1:") and "unreachable" in line and "hunter2" not in line
@@ -346,6 +366,7 @@ def test_redis_restarted_with_its_data():
     (no VM could heartbeat), so the reload judges none of them."""
     server = RedisServer(extra=("--appendonly", "yes", "--appendfsync", "always")).start()
     try:
+
         async def scenario():
             routes = r.Routes()
             follower = Follower(server.url, routes, liveness_interval=0.05, quiet=3.0)
@@ -444,8 +465,14 @@ def test_malformed_blobs_are_skipped(redis_server, caplog):
         sync.xadd(keys.CHANGES, {"seq": seq, "prefix": "abc123", "state": b""})
         await until(lambda: "abc123" not in routes.workspaces)
         assert follower.reloads["gap"] == 0 and "bad002" not in routes.workspaces
-        out = await asyncio.to_thread(subprocess.run, [*AETHER, "fleet", "status", "--redis", redis_server.url, "--json"],
-                                      capture_output=True, text=True, cwd=ROOT, timeout=30)
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*AETHER, "fleet", "status", "--redis", redis_server.url, "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
         assert out.returncode == 0 and json.loads(out.stdout)["malformed"] == ["bad001"]
         assert "malformed" in out.stderr
         await pub.stop()
@@ -476,6 +503,7 @@ def test_reaping_forgets_long_dead_workspaces(redis_server):
 def test_through_a_sentinel(redis_server):
     sentinel = Sentinel(redis_server).start()
     try:
+
         async def scenario():
             state = State({3000: "private"})
             pub = Publisher(sentinel.url, identity(), state)
@@ -492,17 +520,27 @@ def test_through_a_sentinel(redis_server):
             await follower.stop()
 
         run(scenario())
-        out = subprocess.run([*AETHER, "fleet", "status", "--redis", sentinel.url, "--json"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=30)
+        out = subprocess.run(
+            [*AETHER, "fleet", "status", "--redis", sentinel.url, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=30
+        )
         assert out.returncode == 0 and json.loads(out.stdout)["workspaces"][0]["state"] == "stopped"
     finally:
         sentinel.close()
 
 
 def test_redis_is_not_imported_without_fleet_mode():
-    out = subprocess.run([sys.executable, "-c", "import sys, aether.cli; aether.cli.build_parser(); "
-                          "import aether.fleet.gate, aether.fleet.routes; print('redis' in sys.modules)"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, aether.cli; aether.cli.build_parser(); "
+            "import aether.fleet.gate, aether.fleet.routes; print('redis' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
     assert out.stdout.strip() == "False", out.stderr
 
 
@@ -525,11 +563,20 @@ def test_redis_urls():
     assert connection.describe("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
     assert connection.describe("rediss://user:p%40ss@h:6380/1") == "rediss://user:***@h:6380/1"
     assert connection.describe("redis://h:6379/0") == "redis://h:6379/0"
-    assert connection.describe("redis+sentinel://:pw@a:1,b:2/m/0?sentinel_password=x") == \
-        "redis+sentinel://:***@a:1,b:2/m/0?sentinel_password=***"
+    assert (
+        connection.describe("redis+sentinel://:pw@a:1,b:2/m/0?sentinel_password=x")
+        == "redis+sentinel://:***@a:1,b:2/m/0?sentinel_password=***"
+    )
     parts = connection.parse_sentinel("redis+sentinel://u:pw@a:1,[::1]:2,c/mymaster/3?sentinel_password=s")
-    assert parts == {"sentinels": [("a", 1), ("::1", 2), ("c", 26379)], "service": "mymaster", "db": 3,
-                     "username": "u", "password": "pw", "sentinel_password": "s", "ssl": False}
+    assert parts == {
+        "sentinels": [("a", 1), ("::1", 2), ("c", 26379)],
+        "service": "mymaster",
+        "db": 3,
+        "username": "u",
+        "password": "pw",
+        "sentinel_password": "s",
+        "ssl": False,
+    }
     assert connection.parse_sentinel("rediss+sentinel://a/m")["ssl"] is True
     for bad in ("redis+sentinel://a:1", "redis+sentinel:///m", "redis+sentinel://a:x/m", "redis+sentinel://a/m/x"):
         with pytest.raises(ValueError):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ipaddress
 
 import httptools
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.fleet import auth, blob
 from aether.fleet import routes as r
@@ -23,10 +24,20 @@ HOST = b"3000-aaa111.preview.example.com"
 
 
 def workspace(prefix, token, ports, address="10.0.0.5:3001", alive=True, public=(), names=None):
-    return blob.encode(prefix=prefix, project=prefix + "-p", workspace="ws-" + prefix, address=address,
-                       epoch="0123456789abcdef", started=1, dead_after=3000,
-                       verifier=auth.verifier(KEYS, token, prefix), alive=alive, ports=ports, public=public,
-                       names=names or {})
+    return blob.encode(
+        prefix=prefix,
+        project=prefix + "-p",
+        workspace="ws-" + prefix,
+        address=address,
+        epoch="0123456789abcdef",
+        started=1,
+        dead_after=3000,
+        verifier=auth.verifier(KEYS, token, prefix),
+        alive=alive,
+        ports=ports,
+        public=public,
+        names=names or {},
+    )
 
 
 def make_gate(trusted=()):
@@ -102,8 +113,12 @@ def test_routing_answers_in_order():
 
 def test_one_spelling_per_port():
     gate = make_gate()
-    for name in (b"03000-aaa111.preview.example.com", b"0-aaa111.preview.example.com",
-                 b"65536-aaa111.preview.example.com", b"99999999-aaa111.preview.example.com"):
+    for name in (
+        b"03000-aaa111.preview.example.com",
+        b"0-aaa111.preview.example.com",
+        b"65536-aaa111.preview.example.com",
+        b"99999999-aaa111.preview.example.com",
+    ):
         answer = decide(gate, headers=[host(name), bearer(TOKEN_A)])
         assert status(answer) == 404 and b"without leading zeros" in answer.response, name
     forward = decide(gate, headers=[host(b"3000-AAA111.Preview.Example.Com:8443"), bearer(TOKEN_A)])
@@ -115,8 +130,13 @@ def test_forward_to_the_advertised_address_signed():
     gate = make_gate()
     forward = decide(gate, b"/x?y=1", headers=[host(HOST), bearer(TOKEN_A), (b"X-App", b"1")])
     assert isinstance(forward, FleetForward)
-    assert (forward.address, forward.port, forward.prefix, forward.app_port, forward.access) == \
-        ("10.0.0.5", 3001, "aaa111", 3000, b"token")
+    assert (forward.address, forward.port, forward.prefix, forward.app_port, forward.access) == (
+        "10.0.0.5",
+        3001,
+        "aaa111",
+        3000,
+        b"token",
+    )
     method, target, headers = parse_head(forward.head)
     values = {}
     for name, value in headers:
@@ -124,8 +144,17 @@ def test_forward_to_the_advertised_address_signed():
     assert values[b"host"] == [HOST] and values[b"x-app"] == [b"1"] and b"authorization" not in values
     assert TOKEN_A not in forward.head
     # The VM verifies exactly what it received.
-    access = auth.verify(KEYS, values[b"x-aether-fleet"][0], method, values[b"host"][0], target,
-                         values[b"x-forwarded-for"][0], values[b"x-forwarded-proto"][0], values[b"x-forwarded-port"][0], NOW)
+    access = auth.verify(
+        KEYS,
+        values[b"x-aether-fleet"][0],
+        method,
+        values[b"host"][0],
+        target,
+        values[b"x-forwarded-for"][0],
+        values[b"x-forwarded-proto"][0],
+        values[b"x-forwarded-port"][0],
+        NOW,
+    )
     assert access == b"token"
     assert values[b"x-forwarded-for"] == [b"192.0.2.10"] and values[b"x-forwarded-proto"] == [b"http"]
     # IPv6 advertised addresses, and a registry key host.
@@ -137,8 +166,9 @@ def test_forward_to_the_advertised_address_signed():
 
 def test_the_vm_verifies_what_a_gateway_forwarded():
     gate = make_gate(trusted=("192.0.2.0/24",))
-    forward = decide(gate, b"/p?q=1", [host(HOST), cookie_for(HOST), (b"X-Forwarded-Proto", b"https"),
-                                       (b"X-Forwarded-For", b"198.51.100.7")])
+    forward = decide(
+        gate, b"/p?q=1", [host(HOST), cookie_for(HOST), (b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-For", b"198.51.100.7")]
+    )
     method, target, headers = parse_head(forward.head)
     head = h.RequestHead(headers)
     assert auth.verify_head(KEYS, method, target, head, NOW) == b"cookie"
@@ -155,8 +185,14 @@ def test_the_vm_verifies_what_a_gateway_forwarded():
 
 def test_clients_cannot_steer_what_the_vm_believes():
     gate = make_gate()
-    spoofed = [host(HOST), (b"X-Aether-Fleet", b"v1 t=1 a=token s=" + b"A" * 43), (b"x-aether-anything", b"1"),
-               (b"X-Forwarded-For", b"127.0.0.1"), (b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-Port", b"443")]
+    spoofed = [
+        host(HOST),
+        (b"X-Aether-Fleet", b"v1 t=1 a=token s=" + b"A" * 43),
+        (b"x-aether-anything", b"1"),
+        (b"X-Forwarded-For", b"127.0.0.1"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Port", b"443"),
+    ]
     forward = decide(gate, headers=[host(b"5173-aaa111.preview.example.com"), *spoofed[1:]])
     assert isinstance(forward, FleetForward) and forward.access == b"public"
     _, _, headers = parse_head(forward.head)
@@ -249,20 +285,47 @@ def test_visibility_follows_the_table():
     assert status(decide(gate, headers=[host(public)])) == 503
 
 
-header_names = st.sampled_from([b"Host", b"host", b"Authorization", b"Cookie", b"Origin", b"Via", b"X-Forwarded-For",
-                                b"X-Forwarded-Proto", b"Transfer-Encoding", b"Content-Length", b"Connection",
-                                b"X-Aether-Fleet", b"Upgrade"])
+header_names = st.sampled_from(
+    [
+        b"Host",
+        b"host",
+        b"Authorization",
+        b"Cookie",
+        b"Origin",
+        b"Via",
+        b"X-Forwarded-For",
+        b"X-Forwarded-Proto",
+        b"Transfer-Encoding",
+        b"Content-Length",
+        b"Connection",
+        b"X-Aether-Fleet",
+        b"Upgrade",
+    ]
+)
 header_values = st.one_of(
-    st.sampled_from([HOST, b"3000-bbb222.preview.example.com", b"web-aaa111.preview.example.com", b"chunked",
-                     b"Bearer " + TOKEN_A, b"aether_fleet=1.x", b"https", b"upgrade"]),
+    st.sampled_from(
+        [
+            HOST,
+            b"3000-bbb222.preview.example.com",
+            b"web-aaa111.preview.example.com",
+            b"chunked",
+            b"Bearer " + TOKEN_A,
+            b"aether_fleet=1.x",
+            b"https",
+            b"upgrade",
+        ]
+    ),
     st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
 )
 
 
 @settings(max_examples=400, deadline=None)
-@given(method=st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS"]),
-       target=st.one_of(st.sampled_from([b"/", b"/?token=" + TOKEN_A, b"*", b"http://x/"]), st.binary(max_size=20)),
-       headers=st.lists(st.tuples(header_names, header_values), max_size=6), upgrade=st.booleans())
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS"]),
+    target=st.one_of(st.sampled_from([b"/", b"/?token=" + TOKEN_A, b"*", b"http://x/"]), st.binary(max_size=20)),
+    headers=st.lists(st.tuples(header_names, header_values), max_size=6),
+    upgrade=st.booleans(),
+)
 def test_every_head_gets_a_decision(method, target, headers, upgrade):
     decision = make_gate_cached().decide(method, target, headers, "192.0.2.10", upgrade)
     if isinstance(decision, FleetForward):

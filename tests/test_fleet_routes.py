@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.fleet import blob
 from aether.fleet import routes as r
@@ -15,12 +16,24 @@ from aether.fleet import routes as r
 VERIFIER = "V" * 43
 
 
-def make_blob(prefix="abc123", ports=None, public=(), names=None, alive=True, epoch="0123456789abcdef",
-              address="10.0.0.5:3001", **extra) -> bytes:
+def make_blob(
+    prefix="abc123", ports=None, public=(), names=None, alive=True, epoch="0123456789abcdef", address="10.0.0.5:3001", **extra
+) -> bytes:
     ports = {3000: "private", 5173: "public"} if ports is None else ports
-    raw = blob.encode(prefix=prefix, project=prefix + "-project", workspace="ws-" + prefix, address=address,
-                      epoch=epoch, started=1, dead_after=3000, verifier=VERIFIER, alive=alive, ports=ports,
-                      public=public, names={"web": 3000} if names is None else names)
+    raw = blob.encode(
+        prefix=prefix,
+        project=prefix + "-project",
+        workspace="ws-" + prefix,
+        address=address,
+        epoch=epoch,
+        started=1,
+        dead_after=3000,
+        verifier=VERIFIER,
+        alive=alive,
+        ports=ports,
+        public=public,
+        names={"web": 3000} if names is None else names,
+    )
     if extra:
         doc = json.loads(raw)
         doc.update(extra)
@@ -40,28 +53,31 @@ def test_blob_round_trip():
     assert blob.decode(make_blob(protocol="http")).prefix == "abc123"  # unknown fields are ignored
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"v": 2}, "version"),
-    ({"prefix": "ABC"}, "prefix"),
-    ({"epoch": "xyz"}, "epoch"),
-    ({"verifier": "short"}, "verifier"),
-    ({"address": "10.0.0.5"}, "address"),
-    ({"address": "10.0.0.5:0"}, "address"),
-    ({"address": "[nope]:1"}, "address"),
-    ({"address": "a b:1"}, "address"),
-    ({"ports": {"03000": {"visibility": "public"}}}, "ports"),
-    ({"ports": {"70000": {"visibility": "public"}}}, "ports"),
-    ({"ports": {"3000": {"visibility": "secret"}}}, "visibility"),
-    ({"ports": []}, "ports"),
-    ({"names": {"3000": 3000}}, "names"),
-    ({"names": {"web": 0}}, "names"),
-    ({"names": {"Web": 3000}}, "names"),
-    ({"closed_public": [True]}, "closed_public"),
-    ({"alive": 1}, "alive"),
-    ({"dead_after": 0}, "dead_after"),
-    ({"project": ""}, "project"),
-    ({"workspace": "x" * 300}, "workspace"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"v": 2}, "version"),
+        ({"prefix": "ABC"}, "prefix"),
+        ({"epoch": "xyz"}, "epoch"),
+        ({"verifier": "short"}, "verifier"),
+        ({"address": "10.0.0.5"}, "address"),
+        ({"address": "10.0.0.5:0"}, "address"),
+        ({"address": "[nope]:1"}, "address"),
+        ({"address": "a b:1"}, "address"),
+        ({"ports": {"03000": {"visibility": "public"}}}, "ports"),
+        ({"ports": {"70000": {"visibility": "public"}}}, "ports"),
+        ({"ports": {"3000": {"visibility": "secret"}}}, "visibility"),
+        ({"ports": []}, "ports"),
+        ({"names": {"3000": 3000}}, "names"),
+        ({"names": {"web": 0}}, "names"),
+        ({"names": {"Web": 3000}}, "names"),
+        ({"closed_public": [True]}, "closed_public"),
+        ({"alive": 1}, "alive"),
+        ({"dead_after": 0}, "dead_after"),
+        ({"project": ""}, "project"),
+        ({"workspace": "x" * 300}, "workspace"),
+    ],
+)
 def test_blob_refusals(change, words):
     doc = json.loads(make_blob())
     doc.update(change)
@@ -85,8 +101,25 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(field=st.sampled_from(["v", "prefix", "project", "address", "epoch", "started", "dead_after", "verifier",
-                              "alive", "ports", "closed_public", "names"]), value=json_values)
+@given(
+    field=st.sampled_from(
+        [
+            "v",
+            "prefix",
+            "project",
+            "address",
+            "epoch",
+            "started",
+            "dead_after",
+            "verifier",
+            "alive",
+            "ports",
+            "closed_public",
+            "names",
+        ]
+    ),
+    value=json_values,
+)
 def test_a_wrong_field_is_a_blob_error_never_a_crash(field, value):
     doc = json.loads(make_blob())
     doc[field] = value
@@ -110,8 +143,14 @@ class Clock:
 
 def snapshot(state, seq=1, deadlines=None, boot=b"boot-1", now_ms=1000):
     deadlines = {prefix: now_ms + 3000 for prefix in state} if deadlines is None else deadlines
-    return r.Snapshot(seq, b"%d-0" % now_ms, boot, now_ms,
-                      {p.encode(): raw for p, raw in state.items()}, {p.encode(): d for p, d in deadlines.items()})
+    return r.Snapshot(
+        seq,
+        b"%d-0" % now_ms,
+        boot,
+        now_ms,
+        {p.encode(): raw for p, raw in state.items()},
+        {p.encode(): d for p, d in deadlines.items()},
+    )
 
 
 def test_route_lookups():
@@ -167,8 +206,9 @@ def test_became_private():
 
 def test_liveness_marks_and_revives():
     routes = r.Routes()
-    routes.load(snapshot({"abc123": make_blob(), "late01": make_blob("late01")},
-                         deadlines={"abc123": 4000, "late01": 500}, now_ms=1000))
+    routes.load(
+        snapshot({"abc123": make_blob(), "late01": make_blob("late01")}, deadlines={"abc123": 4000, "late01": 500}, now_ms=1000)
+    )
     assert routes.route("late01", 3000)[2] == r.UNAVAILABLE  # judged at the load: deadline passed
     assert routes.route("abc123", 3000)[2] == r.OPEN
     assert routes.expire([("abc123", 4000.0)]) == ["abc123"]
@@ -227,6 +267,12 @@ def test_a_load_without_judging_keeps_dead_marks():
     routes.load(snapshot({"abc123": make_blob(), "def456": make_blob("def456")}, deadlines={"abc123": 5000, "def456": 10}))
     assert routes.dead == {"def456"}
     # After Redis was away every deadline is past; not judged, nothing new is dead.
-    routes.load(snapshot({"abc123": make_blob(), "def456": make_blob("def456"), "new001": make_blob("new001")},
-                         deadlines={"abc123": 5000, "def456": 10, "new001": 99999}, now_ms=9000), judge=False)
+    routes.load(
+        snapshot(
+            {"abc123": make_blob(), "def456": make_blob("def456"), "new001": make_blob("new001")},
+            deadlines={"abc123": 5000, "def456": 10, "new001": 99999},
+            now_ms=9000,
+        ),
+        judge=False,
+    )
     assert routes.dead == {"def456"}

@@ -35,13 +35,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
-
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from support import ROOT
 from support.clients import raw_upgrade, recv_until
 from support.servers import Server
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
 from aether import protocol
 
 #: Seconds of fuzzing: a few in the suite. The hostile run that found the faults this guards
@@ -125,8 +126,10 @@ NAMES = ["a", "a/b", "a/b/c.txt", "d", "d/e.txt", "f.bin", ".", "nested/x/y", "a
 
 
 def _paths(outside: Path) -> st.SearchStrategy:
-    return _mostly(st.sampled_from(NAMES + ["..", "../..", "../../outside/kept.txt", str(outside), str(outside / "kept.txt"), "a/../../.."]),
-                   st.text(st.sampled_from("ab./"), min_size=1, max_size=8))
+    return _mostly(
+        st.sampled_from(NAMES + ["..", "../..", "../../outside/kept.txt", str(outside), str(outside / "kept.txt"), "a/../../.."]),
+        st.text(st.sampled_from("ab./"), min_size=1, max_size=8),
+    )
 
 
 def _mostly(usual: st.SearchStrategy, other: st.SearchStrategy) -> st.SearchStrategy:
@@ -145,19 +148,23 @@ def _field_values(guard: Guard, outside: Path) -> dict[str, st.SearchStrategy]:
 
     ours = pick(lambda: guard.killable + guard.reserved)
     ports = st.sampled_from(range(10)).flatmap(
-        lambda n: ours if n < 5 else st.integers(1024, 65535) if n < 9 else st.sampled_from([0, -1, 65536, 70000]))
+        lambda n: ours if n < 5 else st.integers(1024, 65535) if n < 9 else st.sampled_from([0, -1, 65536, 70000])
+    )
     text = st.text(max_size=40)
     b64 = st.binary(max_size=40).map(lambda raw: base64.b64encode(raw).decode())
     return {
         "port": ports,
         "visibility": st.sampled_from(["private", "public", "secret"]),
-        "config": st.fixed_dictionaries({}, optional={"ignoredPorts": st.lists(st.integers(-1, 70000), max_size=6),
-                                                      "workspaceId": text, "x": json_values}),
+        "config": st.fixed_dictionaries(
+            {}, optional={"ignoredPorts": st.lists(st.integers(-1, 70000), max_size=6), "workspaceId": text, "x": json_values}
+        ),
         "sessionId": _mostly(st.sampled_from(SESSIONS), st.from_regex(r"[A-Za-z0-9._:-]{1,70}", fullmatch=True)),
         "cols": st.integers(1, 300) | st.sampled_from([0, 1000, 1001]),
         "rows": st.integers(1, 300) | st.sampled_from([0, 1000, 1001]),
         "cwd": _paths(outside),
-        "command": _mostly(st.sampled_from([list(argv) for argv in SAFE_ARGV]), st.sampled_from(["cat", "true", "echo hi", "", [], [""]])),
+        "command": _mostly(
+            st.sampled_from([list(argv) for argv in SAFE_ARGV]), st.sampled_from(["cat", "true", "echo hi", "", [], [""]])
+        ),
         "env": st.dictionaries(st.sampled_from(SAFE_ENV), text, max_size=3),
         "data": _mostly(text, b64),
         "encoding": st.sampled_from(["utf-8", "base64", "latin-1"]),
@@ -199,7 +206,8 @@ def messages(guard: Guard, outside: Path) -> st.SearchStrategy:
         # mostly left out), the client's id or an unknown field now and then.
         present = {name: _mostly(value, st.just(_ABSENT)) for name, value in optional.items()}
         whole = st.fixed_dictionaries({**head, **required, **present}, optional={"id": json_values, "zz": json_values}).map(
-            lambda message: {name: value for name, value in message.items() if value is not _ABSENT})
+            lambda message: {name: value for name, value in message.items() if value is not _ABSENT}
+        )
         sparse = st.fixed_dictionaries(head, optional={**required, **optional})
         kinds.append(_often(whole, sparse))
     return st.one_of(kinds)
@@ -208,13 +216,13 @@ def messages(guard: Guard, outside: Path) -> st.SearchStrategy:
 def _mutate(frame: str, how: int, at: int, char: str) -> str:
     i = at % (len(frame) + 1)
     if how == 0:
-        return frame[:i] + char + frame[i + 1:]
+        return frame[:i] + char + frame[i + 1 :]
     if how == 1:
         return frame[:i]
     if how == 2:
         return frame[:i] + char + frame[i:]
     if how == 3:
-        return frame[:i] + frame[i + 7:]
+        return frame[:i] + frame[i + 7 :]
     return frame[:i] + frame[i:] * 2
 
 
@@ -223,16 +231,38 @@ def frames(guard: Guard, outside: Path) -> st.SearchStrategy:
     else a frame: a message mutated, garbage text, a binary frame, JSON that is no object,
     nesting deeper than allowed or than JSON readers take, lone surrogates, huge numbers."""
     objects = messages(guard, outside)
-    mutated = st.builds(_mutate, objects.map(json.dumps), st.integers(0, 4), st.integers(0, 400),
-                        st.sampled_from(list('"{}[]:,\\0a\x00') + ["\ud800", "é"]))
-    deep = st.builds(lambda n, kind: '{"channel": "config", "type": "set", "config": {"ignoredPorts": %s}}' % ("[" * n + "]" * n)
-                     if kind else "[" * n + "]" * n, st.sampled_from([31, 33, 1000, 1024, 1025, 5000]), st.booleans())
-    odd = st.sampled_from([
-        '{"channel": "ports", "type": "kill", "port": 1e400}', '{"channel": "ports", "type": "kill", "port": NaN, "id": NaN}',
-        '{"channel": "terminal", "type": "input", "sessionId": "s1", "data": "\\ud800"}', '{"channel": "config", "type": "get", "id": 1e300}',
-        '{"channel": "config", "type": "get", "id": ' + "9" * 5000 + "}", '{"channel": "files", "type": "list", "path": "\\u0000"}',
-        '{"channel": "files", "type": "read", "path": "a/b/c.txt", "offset": 1, "length": 1e3}', "null", "[]", '""', "{}", "",
-    ])
+    mutated = st.builds(
+        _mutate,
+        objects.map(json.dumps),
+        st.integers(0, 4),
+        st.integers(0, 400),
+        st.sampled_from(list('"{}[]:,\\0a\x00') + ["\ud800", "é"]),
+    )
+    deep = st.builds(
+        lambda n, kind: (
+            '{"channel": "config", "type": "set", "config": {"ignoredPorts": %s}}' % ("[" * n + "]" * n)
+            if kind
+            else "[" * n + "]" * n
+        ),
+        st.sampled_from([31, 33, 1000, 1024, 1025, 5000]),
+        st.booleans(),
+    )
+    odd = st.sampled_from(
+        [
+            '{"channel": "ports", "type": "kill", "port": 1e400}',
+            '{"channel": "ports", "type": "kill", "port": NaN, "id": NaN}',
+            '{"channel": "terminal", "type": "input", "sessionId": "s1", "data": "\\ud800"}',
+            '{"channel": "config", "type": "get", "id": 1e300}',
+            '{"channel": "config", "type": "get", "id": ' + "9" * 5000 + "}",
+            '{"channel": "files", "type": "list", "path": "\\u0000"}',
+            '{"channel": "files", "type": "read", "path": "a/b/c.txt", "offset": 1, "length": 1e3}',
+            "null",
+            "[]",
+            '""',
+            "{}",
+            "",
+        ]
+    )
     raw = st.one_of(mutated, deep, odd, st.text(max_size=60), st.binary(max_size=60), json_values.map(json.dumps))
     return st.sampled_from(range(10)).flatmap(lambda n: raw if n >= 8 else objects)
 
@@ -339,8 +369,10 @@ LISTENER = (
 
 
 def _snapshot(tree: Path) -> dict:
-    return {str(p.relative_to(tree)): (stat.S_IMODE(p.lstat().st_mode), p.read_bytes() if p.is_file() else None)
-            for p in sorted(tree.rglob("*"))} | {".": stat.S_IMODE(tree.stat().st_mode)}
+    return {
+        str(p.relative_to(tree)): (stat.S_IMODE(p.lstat().st_mode), p.read_bytes() if p.is_file() else None)
+        for p in sorted(tree.rglob("*"))
+    } | {".": stat.S_IMODE(tree.stat().st_mode)}
 
 
 def _random_frame(rng: random.Random) -> bytes:
@@ -349,19 +381,25 @@ def _random_frame(rng: random.Random) -> bytes:
     close frame with any code and reason, a payload that is not UTF-8."""
     opcode = rng.choice([0x1, 0x1, 0x0, 0x2, 0x8, 0x8, 0x8, 0x9, 0xA, 0x3, 0xB, 0xF])
     first = opcode | (0x80 if rng.random() < 0.85 else 0) | (rng.choice([0x10, 0x20, 0x40]) if rng.random() < 0.05 else 0)
-    payload = rng.choice([
-        lambda: b'{"channel": "config", "type": "get", "id": "raw"}',
-        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40))),
-        lambda: rng.randrange(0, 5200).to_bytes(2, "big") + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 8))),
-        lambda: rng.choice([1000, 1001, 3000, 4999]).to_bytes(2, "big") + "bye é".encode(),
-        lambda: '{"x": "\ud800é"}'.encode("utf-8", "surrogatepass"),
-    ])()
+    payload = rng.choice(
+        [
+            lambda: b'{"channel": "config", "type": "get", "id": "raw"}',
+            lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40))),
+            lambda: rng.randrange(0, 5200).to_bytes(2, "big") + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 8))),
+            lambda: rng.choice([1000, 1001, 3000, 4999]).to_bytes(2, "big") + "bye é".encode(),
+            lambda: '{"x": "\ud800é"}'.encode("utf-8", "surrogatepass"),
+        ]
+    )()
     masked = rng.random() < 0.95
     n = len(payload) + (rng.randrange(1, 10) if rng.random() < 0.03 else 0)  # sometimes more than is sent
     form = rng.choice([0, 0, 0, 1, 2]) if n < 126 else rng.choice([1, 2])
-    length = bytes([n | (0x80 if masked else 0)]) if form == 0 else \
-        bytes([126 | (0x80 if masked else 0)]) + n.to_bytes(2, "big") if form == 1 else \
-        bytes([127 | (0x80 if masked else 0)]) + n.to_bytes(8, "big")
+    length = (
+        bytes([n | (0x80 if masked else 0)])
+        if form == 0
+        else bytes([126 | (0x80 if masked else 0)]) + n.to_bytes(2, "big")
+        if form == 1
+        else bytes([127 | (0x80 if masked else 0)]) + n.to_bytes(8, "big")
+    )
     if not masked:
         return bytes([first]) + length + payload
     mask = bytes(rng.randrange(256) for _ in range(4))
@@ -413,9 +451,19 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
     home.mkdir()
 
     server = Server(
-        "sockdiag", tmp_path / "state", "--workspace-root", str(root), "--shell", str(shell),
-        "--agent-command", f"{sys.executable} {SCRIPTED}", "--agent-timeout", "2",
-        "--max-message-bytes", str(64 << 10), env={"HOME": str(home), "AETHER_SOCKDIAG_INTERVAL": "0.05"},
+        "sockdiag",
+        tmp_path / "state",
+        "--workspace-root",
+        str(root),
+        "--shell",
+        str(shell),
+        "--agent-command",
+        f"{sys.executable} {SCRIPTED}",
+        "--agent-timeout",
+        "2",
+        "--max-message-bytes",
+        str(64 << 10),
+        env={"HOME": str(home), "AETHER_SOCKDIAG_INTERVAL": "0.05"},
     )
     guard = Guard(allowed, root)
     held: list[socket.socket] = []
@@ -462,8 +510,13 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
         dashboard = Client(lambda: connect(server.url, additional_headers={"Cookie": cookie, "Origin": origin}), "cookie", bad)
         corpus: list = []
 
-        @settings(max_examples=CORPUS // BATCH, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=CORPUS // BATCH,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(st.lists(frames(guard, outside), min_size=BATCH, max_size=BATCH))
         def draw(batch) -> None:
             corpus.extend(batch)
@@ -471,8 +524,13 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
         draw()
 
         def start_timer() -> subprocess.Popen:
-            timer = subprocess.Popen([sys.executable, "-c", TIMER, server.url, server.token], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            timer = subprocess.Popen(
+                [sys.executable, "-c", TIMER, server.url, server.token],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
             processes.append(timer)
             assert timer.stdout.readline() == "ready\n"
             return timer
@@ -544,17 +602,22 @@ def test_random_messages_on_every_channel_never_break_the_server(tmp_path):
     def percentiles(times: list[float]) -> str:
         return f"over {len(times)}: p50 {times[len(times) // 2]:.2f} ms, p99 {times[int(len(times) * 0.99)]:.2f} ms"
 
-    print(f"\nfuzz (seed {seed}): {totals['sent']} frames sent in {FUZZ_SECONDS:g} s ({totals['withheld']} withheld as unsafe), "
-          f"{fuzz.received + dashboard.received} received, {fuzz.reconnects + dashboard.reconnects} reconnects, "
-          f"{guard.killed} kills of our listeners; config get round trip {percentiles(latencies)} "
-          f"(idle just before, {percentiles(idle_latencies)}); closes: {sorted(set(fuzz.closes + dashboard.closes))[:5]}")
+    print(
+        f"\nfuzz (seed {seed}): {totals['sent']} frames sent in {FUZZ_SECONDS:g} s ({totals['withheld']} withheld as unsafe), "
+        f"{fuzz.received + dashboard.received} received, {fuzz.reconnects + dashboard.reconnects} reconnects, "
+        f"{guard.killed} kills of our listeners; config get round trip {percentiles(latencies)} "
+        f"(idle just before, {percentiles(idle_latencies)}); closes: {sorted(set(fuzz.closes + dashboard.closes))[:5]}"
+    )
     kinds = fuzz.kinds + dashboard.kinds
-    print("answered:", ", ".join(f"{c}.{t}{'/' + str(code) if code is not None else ''} {n}" for (c, t, code), n in kinds.most_common()))
+    print(
+        "answered:",
+        ", ".join(f"{c}.{t}{'/' + str(code) if code is not None else ''} {n}" for (c, t, code), n in kinds.most_common()),
+    )
     assert not bad, bad[:5]
     errors = [line for line in server.log if line.get("level") in ("error", "critical")]
     assert not errors, errors[:5]
     stderr = "".join(server.raw_stderr)
-    assert "Traceback" not in stderr, stderr[stderr.index("Traceback") - 2000:][:6000]
+    assert "Traceback" not in stderr, stderr[stderr.index("Traceback") - 2000 :][:6000]
     assert code == 0
     assert _snapshot(outside) == before
     assert totals["sent"] > FUZZ_SECONDS * RATE / 2

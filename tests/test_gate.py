@@ -9,7 +9,8 @@ import types
 
 import httptools
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.ports.events import Listener
 from aether.ports.table import PortTable
@@ -24,14 +25,20 @@ TOKEN = "s3cret-token"
 HOST = b"3000-abc123.preview.localhost:3001"
 
 
-def make_gate(public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),), local=LOOPBACK, named=lambda key: None) -> Gate:
+def make_gate(
+    public=(), ignored=(22, 2222, 3001), listeners=(("127.0.0.1", 3000),), local=LOOPBACK, named=lambda key: None
+) -> Gate:
     table = PortTable(ignored)
     for i, (address, port) in enumerate(listeners):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         table.add(Listener(("sk", i), port, family, address))
     settings = types.SimpleNamespace(
-        token=TOKEN, project_prefix="abc123", preview_domain="preview.localhost",
-        preview_upstream_host="localhost", port=3001, trusted_proxies=(),
+        token=TOKEN,
+        project_prefix="abc123",
+        preview_domain="preview.localhost",
+        preview_upstream_host="localhost",
+        port=3001,
+        trusted_proxies=(),
     )
     return Gate(settings, types.SimpleNamespace(table=table), Visibility(public), named, local)
 
@@ -149,7 +156,9 @@ def test_private_public_and_credentials():
     forward = decide(gate, headers=[(b"Host", HOST), (b"authorization", b"bearer " + TOKEN.encode())])
     assert isinstance(forward, Forward) and TOKEN.encode() not in forward.head
     cookie = b"aether_preview=" + gate.cookie_value(b"3000-abc123.preview.localhost")
-    forward = decide(gate, headers=[(b"Host", HOST), (b"Cookie", b"a=1; " + cookie + b"; b=2"), (b"Authorization", b"Basic eA==")])
+    forward = decide(
+        gate, headers=[(b"Host", HOST), (b"Cookie", b"a=1; " + cookie + b"; b=2"), (b"Authorization", b"Basic eA==")]
+    )
     assert b"Cookie: a=1; b=2\r\n" in forward.head and b"Authorization: Basic eA==\r\n" in forward.head
     assert cookie not in forward.head
     # Another preview host's cookie opens nothing here.
@@ -198,14 +207,29 @@ def test_upstream_address_prefers_loopback():
 def test_request_head_rewriting():
     head = h.RequestHead(
         [
-            (b"Host", HOST), (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"TE", b"trailers"),
-            (b"X-Forwarded-For", b"10.0.0.1"), (b"X-Forwarded-Host", b"evil"), (b"Via", b"1.0 edge"),
-            (b"Transfer-Encoding", b"chunked"), (b"X-App", b"kept"),
+            (b"Host", HOST),
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"TE", b"trailers"),
+            (b"X-Forwarded-For", b"10.0.0.1"),
+            (b"X-Forwarded-Host", b"evil"),
+            (b"Via", b"1.0 edge"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"X-App", b"kept"),
         ]
     )
     assert head.chunked and head.has_body
-    out = head.upstream(b"POST", b"/p", host=b"localhost:3000", client_ip="127.0.0.1", forwarded_host=HOST,
-                        forwarded_port=b"3001", proto=b"http", via=b"1.1 aether-x", upgrade=False)
+    out = head.upstream(
+        b"POST",
+        b"/p",
+        host=b"localhost:3000",
+        client_ip="127.0.0.1",
+        forwarded_host=HOST,
+        forwarded_port=b"3001",
+        proto=b"http",
+        via=b"1.1 aether-x",
+        upgrade=False,
+    )
     lines = out.split(b"\r\n")
     assert lines[0] == b"POST /p HTTP/1.1" and lines[1] == b"Host: localhost:3000" and out.endswith(b"\r\n\r\n")
     assert b"X-App: kept" in lines and b"Transfer-Encoding: chunked" in lines
@@ -216,15 +240,23 @@ def test_request_head_rewriting():
 
 
 def test_response_head_rewriting():
-    raw = (b"HTTP/1.0 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-Secret\r\n"
-           b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: 1")
+    raw = (
+        b"HTTP/1.0 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-Secret\r\n"
+        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: 1"
+    )
     head = h.ResponseHead(raw)
     assert head.chunked and not head.has_length
     out = head.for_client(chunked=True, close=True)
-    assert out == (b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Kept: 1\r\n"
-                   b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-    upgrade = h.ResponseHead(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: hmr")
-    assert upgrade.for_client(upgrade=True).endswith(b"Sec-WebSocket-Protocol: hmr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert out == (
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Kept: 1\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    upgrade = h.ResponseHead(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: hmr"
+    )
+    assert upgrade.for_client(upgrade=True).endswith(
+        b"Sec-WebSocket-Protocol: hmr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
 
 
 def test_first_host_classifies_without_consuming():
@@ -239,11 +271,38 @@ def test_first_host_classifies_without_consuming():
 
 # -- fuzzing: raw bytes through httptools into the gate -------------------------------------
 
-header_names = st.sampled_from([b"Host", b"Authorization", b"Cookie", b"Origin", b"Via", b"Connection", b"Upgrade",
-                                b"Transfer-Encoding", b"Content-Length", b"X-Forwarded-For", b"X-A"])
-header_values = st.sampled_from([HOST, b"Bearer " + TOKEN.encode(), b"aether_preview=x", b"http://" + HOST, b"",
-                                 b"keep-alive, X-A", b"websocket", b"chunked", b"0", b"3000-abc123.preview.localhost@evil"]) | st.binary(max_size=20)
-targets = st.sampled_from([b"/", b"/?token=" + TOKEN.encode(), b"//x?token=" + TOKEN.encode(), b"http://x/", b"*", b"/%2e%2e/"]) | st.binary(min_size=1, max_size=20)
+header_names = st.sampled_from(
+    [
+        b"Host",
+        b"Authorization",
+        b"Cookie",
+        b"Origin",
+        b"Via",
+        b"Connection",
+        b"Upgrade",
+        b"Transfer-Encoding",
+        b"Content-Length",
+        b"X-Forwarded-For",
+        b"X-A",
+    ]
+)
+header_values = st.sampled_from(
+    [
+        HOST,
+        b"Bearer " + TOKEN.encode(),
+        b"aether_preview=x",
+        b"http://" + HOST,
+        b"",
+        b"keep-alive, X-A",
+        b"websocket",
+        b"chunked",
+        b"0",
+        b"3000-abc123.preview.localhost@evil",
+    ]
+) | st.binary(max_size=20)
+targets = st.sampled_from(
+    [b"/", b"/?token=" + TOKEN.encode(), b"//x?token=" + TOKEN.encode(), b"http://x/", b"*", b"/%2e%2e/"]
+) | st.binary(min_size=1, max_size=20)
 
 
 class Collect:
@@ -261,7 +320,11 @@ class Collect:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT"]), targets, st.lists(st.tuples(header_names, header_values), max_size=8))
+@given(
+    st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT"]),
+    targets,
+    st.lists(st.tuples(header_names, header_values), max_size=8),
+)
 def test_fuzzed_heads_never_raise_and_only_target_the_local_listener(method, target, headers):
     raw = method + b" " + target + b" HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
     collect = Collect()

@@ -12,7 +12,6 @@ import sys
 import threading
 
 import pytest
-
 from support import AETHER, ROOT
 from support.ports import PortTaken, on_a_free_port
 from support.processes import aether, terminate
@@ -33,8 +32,11 @@ def parse_logfmt(line: str) -> dict[str, str]:
         if quoted is None:
             fields[key] = bare
         else:
-            fields[key] = re.sub(r"\\(u[0-9a-f]{4}|.)", lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" and len(m[1]) == 5
-                                 else _UNESCAPE[m[1]], quoted)
+            fields[key] = re.sub(
+                r"\\(u[0-9a-f]{4}|.)",
+                lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" and len(m[1]) == 5 else _UNESCAPE[m[1]],
+                quoted,
+            )
     assert end == len(line), f"not logfmt at {end}: {line!r}"
     return fields
 
@@ -70,7 +72,13 @@ def test_every_record_is_one_line_with_everything_escaped(fmt):
         assert (first["port"], first["empty"], first["none"], first["flag"], first["pids"]) == (8080, "", None, True, [1, 2])
     else:
         assert lines[0].startswith("ts=") and " level=info logger=aether.test msg=" in lines[0]
-        assert (first["port"], first["empty"], first["none"], first["flag"], first["pids"]) == ("8080", "", "null", "true", "[1,2]")
+        assert (first["port"], first["empty"], first["none"], first["flag"], first["pids"]) == (
+            "8080",
+            "",
+            "null",
+            "true",
+            "[1,2]",
+        )
         assert first["path"] == "/a b"
     assert second["msg"] == "failed" and second["level"] == "error"
     assert second["exc"].startswith("Traceback (most recent call last):\n")
@@ -94,9 +102,27 @@ def test_serve_logs_logfmt_without_the_token(tmp_path):
 
     def start(port: int):
         lines.clear()
-        proc = subprocess.Popen([*AETHER, "--log-level", "debug", "serve", "--port", str(port), "--backend", "sockdiag",
-                                 "--state-dir", str(tmp_path), "--token", token],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [
+                *AETHER,
+                "--log-level",
+                "debug",
+                "serve",
+                "--port",
+                str(port),
+                "--backend",
+                "sockdiag",
+                "--state-dir",
+                str(tmp_path),
+                "--token",
+                token,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
             if " msg=serving " in line:
@@ -142,9 +168,14 @@ def test_under_systemd_the_banner_names_the_token_file_only(tmp_path):
     env = {**os.environ, "JOURNAL_STREAM": "8:12345"}
 
     def start(port: int):
-        proc = subprocess.Popen([*AETHER, "serve", "--port", str(port), "--backend", "sockdiag",
-                                 "--state-dir", str(tmp_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [*AETHER, "serve", "--port", str(port), "--backend", "sockdiag", "--state-dir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         first = proc.stdout.readline()
         if not first and "address already in use" in proc.stderr.read():
             proc.wait()

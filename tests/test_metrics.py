@@ -18,15 +18,15 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from aether import __version__
-from aether.ports.monitor import PortMonitor
 from support import ROOT
 from support.clients import recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port, kernel_listening_ports
 from support.servers import Server
 from support.waiting import until, wait_for
+
+from aether import __version__
+from aether.ports.monitor import PortMonitor
 
 PROJECT = "feed42beef"
 
@@ -64,8 +64,12 @@ def total(samples: dict, name: str) -> float:
 
 def test_metrics_needs_the_workspace_token(workspace_server):
     server = workspace_server()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.token},
-                    {"Authorization": f"Basic {server.token}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": server.token},
+        {"Authorization": f"Basic {server.token}"},
+    ):
         status, reply_headers, body = get(server, headers=headers)
         assert status == 401, headers
         assert json.loads(body)["error"] == "unauthorized"
@@ -88,8 +92,9 @@ def test_metrics_public_serves_without_the_token(workspace_server, how):
 
 def test_openmetrics_when_asked(workspace_server):
     server = workspace_server()
-    status, headers, body = get(server, headers={"Authorization": f"Bearer {server.token}",
-                                                 "Accept": "application/openmetrics-text; version=1.0.0"})
+    status, headers, body = get(
+        server, headers={"Authorization": f"Bearer {server.token}", "Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
 
@@ -117,7 +122,8 @@ def test_port_events_counted_with_their_latency(serve, listeners, backend):
 
     for kind in ("open", "close"):
         delta = value(after, "aether_port_events_total", type=kind, backend=backend) - value(
-            before, "aether_port_events_total", type=kind, backend=backend)
+            before, "aether_port_events_total", type=kind, backend=backend
+        )
         assert delta >= 1, (kind, backend)
     # With a client connected throughout, every event counted was also timed, whoever caused it.
     events = total(after, "aether_port_events_total") - total(before, "aether_port_events_total")
@@ -126,7 +132,8 @@ def test_port_events_counted_with_their_latency(serve, listeners, backend):
     count = value(after, "aether_port_event_latency_seconds_count", backend=backend)
     assert value(after, "aether_port_event_latency_seconds_bucket", backend=backend, le="+Inf") == count
     seconds = value(after, "aether_port_event_latency_seconds_sum", backend=backend) - value(
-        before, "aether_port_event_latency_seconds_sum", backend=backend)
+        before, "aether_port_event_latency_seconds_sum", backend=backend
+    )
     timed_here = count - value(before, "aether_port_event_latency_seconds_count", backend=backend)
     # eBPF: ~0.1 ms each; sock_diag: the snapshot's own time (it is timed from the snapshot).
     assert 0 < seconds / timed_here < (0.05 if backend == "ebpf" else 0.5)
@@ -168,9 +175,13 @@ def test_ebpf_events_carry_the_kernels_timestamp():
 def test_messages_and_errors_counted(workspace_server):
     server = workspace_server()
     with server.connect() as ws:
-        for frame in ('{"channel":"ports","type":"kill","port":"x","id":1}', "not json",
-                      '{"channel":"ports","type":"nope"}', '{"channel":"bogus","type":"kill"}',
-                      '{"channel":"config","type":"get","id":2}'):
+        for frame in (
+            '{"channel":"ports","type":"kill","port":"x","id":1}',
+            "not json",
+            '{"channel":"ports","type":"nope"}',
+            '{"channel":"bogus","type":"kill"}',
+            '{"channel":"config","type":"get","id":2}',
+        ):
             ws.send(frame)
         replies = [recv_until(ws, lambda m: m["channel"] != "ports" or m["type"] == "error") for _ in range(5)]
         assert [r.get("code") for r in replies] == ["bad_message", "bad_json", "unknown_type", "unknown_channel", None]
@@ -193,8 +204,12 @@ def test_preview_requests_by_status_and_upstream_latency(workspace_server, liste
     server = workspace_server("--project-id", PROJECT)  # its start-up snapshot has the app
     preview = f"{port}-{PROJECT[:6]}.preview.localhost:{server.port}"
     auth = {"Host": preview, "Authorization": f"Bearer {server.token}"}
-    statuses = [get(server, "/", auth)[0], get(server, "/", auth)[0], get(server, "/", {"Host": preview})[0],
-                get(server, "/missing", auth)[0]]
+    statuses = [
+        get(server, "/", auth)[0],
+        get(server, "/", auth)[0],
+        get(server, "/", {"Host": preview})[0],
+        get(server, "/missing", auth)[0],
+    ]
     assert statuses == [200, 200, 401, 404]
     not_listening = f"{free_port()}-{PROJECT[:6]}.preview.localhost:{server.port}"
     assert get(server, "/", {"Host": not_listening, "Authorization": auth["Authorization"]})[0] == 502
@@ -225,8 +240,11 @@ sys.stdout.write(metrics.render()[0].decode())
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     imported, body = done.stdout.split("\n", 1)
     assert imported == "False"
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(body) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
     assert value(samples, "aether_ports_open") == 7
     assert value(samples, "aether_websocket_clients") == 4
     assert value(samples, "aether_preview_connections") == 5

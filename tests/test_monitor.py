@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
-from aether.ports.monitor import PortMonitor
 from support.ports import free_port
 from support.processes import FORKING_OWNER, proc_comm
 from support.waiting import until
+
+from aether.ports.monitor import PortMonitor
 
 
 def listening(port: int) -> socket.socket:
@@ -211,8 +210,9 @@ def test_a_port_nobody_visible_holds_is_looked_for_once_and_never_on_the_loop(ba
         seen = []
         monitor.subscribe(seen.append)
         ours, theirs = socket.socketpair()
-        child = subprocess.Popen([sys.executable, "-c", IN_FLIGHT, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", IN_FLIGHT, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdout=subprocess.PIPE, text=True
+        )
         theirs.close()
         port, inode = map(int, child.stdout.readline().split())
         assert child.wait() == 0
@@ -255,7 +255,9 @@ def test_an_owner_dead_unnoticed_is_looked_for_off_the_loop_and_told_as_an_updat
         seen = []
         monitor.subscribe(seen.append)
         port = free_port()
-        owner = subprocess.Popen([sys.executable, "-c", FORKING_OWNER.format(port=port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        owner = subprocess.Popen(
+            [sys.executable, "-c", FORKING_OWNER.format(port=port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         child = int(owner.stdout.readline())
         try:
             await until(lambda: [(e.type, e.pid) for e in seen if e.port == port] == [("open", owner.pid)])

@@ -19,15 +19,14 @@ import types
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect as ws_connect
-
 from support import ROOT
 from support.clients import recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port, on_a_free_port
 from support.servers import Server
 from support.waiting import until, wait_for
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
 WS_APP = str(ROOT / "tests" / "upstreams" / "ws_app.js")
@@ -100,7 +99,7 @@ def raw_exchange(server: Server, data: bytes, timeout: float = 5.0) -> bytes:
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             pass
         return b"".join(chunks)
 
@@ -208,13 +207,24 @@ def test_steering_attempts_reach_nothing_else(server, app):
     h = host(server, port).encode()
     # An absolute-form target naming another port. (Connection: close, here and below, where
     # the connection stays open after the answer: the exchange ends when it closes.)
-    reply = raw_exchange(server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"Connection: close\r\n\r\n")
+    reply = raw_exchange(
+        server, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: " + h + b"\r\n" + auth + b"Connection: close\r\n\r\n"
+    )
     assert reply.startswith(b"HTTP/1.1 400")
     # A Host with userinfo-like junk is no preview host: the API side refuses it.
     reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"@evil\r\n" + auth + b"Connection: close\r\n\r\n")
     assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")) and b"peer_port" not in reply
     # Two Host headers.
-    reply = raw_exchange(server, b"GET /echo HTTP/1.1\r\nHost: " + h + b"\r\nHost: 22-" + PREFIX.encode() + b".preview.localhost\r\n" + auth + b"Connection: close\r\n\r\n")
+    reply = raw_exchange(
+        server,
+        b"GET /echo HTTP/1.1\r\nHost: "
+        + h
+        + b"\r\nHost: 22-"
+        + PREFIX.encode()
+        + b".preview.localhost\r\n"
+        + auth
+        + b"Connection: close\r\n\r\n",
+    )
     assert reply.startswith(b"HTTP/1.1 400")
     # A second request on a preview connection naming a non-preview host, reflected escaped.
     reply = raw_exchange(
@@ -315,7 +325,9 @@ def test_methods_bodies_and_chunked_uploads(server, app):
     status, headers, body = request(server, port, method="HEAD", path="/echo")
     assert status == 200 and body == b""
     chunks = (b"y" * 5000 for _ in range(3))
-    status, _, body = request(server, port, method="POST", path="/upload", body=chunks, headers={"Transfer-Encoding": "chunked"}, chunked=True)
+    status, _, body = request(
+        server, port, method="POST", path="/upload", body=chunks, headers={"Transfer-Encoding": "chunked"}, chunked=True
+    )
     assert json.loads(body) == {"received": 15000}
 
 
@@ -374,8 +386,13 @@ def test_one_gigabyte_each_way_in_bounded_memory(server, app):
     assert received == GIB
     piece = b"u" * (1 << 20)
     status, _, body = request(
-        server, port, method="POST", path="/upload", body=(piece for _ in range(1024)),
-        headers={"Content-Length": str(GIB)}, conn=conn,
+        server,
+        port,
+        method="POST",
+        path="/upload",
+        body=(piece for _ in range(1024)),
+        headers={"Content-Length": str(GIB)},
+        conn=conn,
     )
     assert json.loads(body) == {"received": GIB}
     grown = vm_hwm(server.proc.pid) - before
@@ -429,7 +446,9 @@ def test_malformed_and_oversized_requests(server, app):
     port = app()
     wait_open(server, port)
     h = host(server, port).encode()
-    reply = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: " + h + b"\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    reply = raw_exchange(
+        server, b"GET / HTTP/1.1\r\nHost: " + h + b"\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     assert reply.startswith(b"HTTP/1.1 400")
     reply = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: " + h + b"\r\nX-Big: " + b"a" * (70 << 10) + b"\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 431")
@@ -497,10 +516,19 @@ def test_chromium_loads_a_preview_and_its_websocket(server, ws_app, tmp_path):
     url = f"http://{host(server, port)}/?token={server.token}"
     browser = subprocess.Popen(
         [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", "--disable-default-apps", "--metrics-recording-only",
-            f"--user-data-dir={tmp_path / 'profile'}", url,
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--disable-default-apps",
+            "--metrics-recording-only",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            url,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -542,18 +570,28 @@ def test_framing_cannot_be_stripped_or_confused(server, app):
     wait_open(server, port)
     h_ = f"Host: {host(server, port)}\r\nAuthorization: Bearer {server.token}\r\n"
     smuggled = b"GET /echo?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-    reply = raw_exchange(server, (f"POST /echo HTTP/1.1\r\n{h_}Connection: Content-Length, close\r\n"
-                                  f"Content-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled)
+    reply = raw_exchange(
+        server,
+        (f"POST /echo HTTP/1.1\r\n{h_}Connection: Content-Length, close\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode()
+        + smuggled,
+    )
     assert reply.count(b"HTTP/1.1 200") == 1 and f'"body": {len(smuggled)}'.encode() in reply
     for _ in range(3):  # the pooled connections answer their own requests only
         assert "smuggled" not in echo(server, port, path="/echo?mine")["target"]
-    reply = raw_exchange(server, (f"GET /close HTTP/1.1\r\n{h_}\r\nGET /204 HTTP/1.1\r\n{h_}\r\n"
-                                  f"HEAD /echo HTTP/1.1\r\n{h_}\r\nGET /echo?last HTTP/1.1\r\n{h_}Connection: close\r\n\r\n").encode())
+    reply = raw_exchange(
+        server,
+        (
+            f"GET /close HTTP/1.1\r\n{h_}\r\nGET /204 HTTP/1.1\r\n{h_}\r\n"
+            f"HEAD /echo HTTP/1.1\r\n{h_}\r\nGET /echo?last HTTP/1.1\r\n{h_}Connection: close\r\n\r\n"
+        ).encode(),
+    )
     assert b"Transfer-Encoding: chunked\r\n\r\nb\r\nhello-close\r\n0\r\n\r\nHTTP/1.1 204" in reply
     assert reply.count(b"HTTP/1.1 ") == 4
     assert b'"target": "/echo?last"' in reply
     body = b"z" * (200 << 10)
-    reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+    reply = raw_exchange(
+        server, (f"POST /upload HTTP/1.1\r\n{h_}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    )
     assert reply.startswith(b"HTTP/1.1 200") and b'{"received": 204800}' in reply
     reply = raw_exchange(server, (f"POST /upload HTTP/1.1\r\n{h_}Transfer-Encoding: gzip\r\n\r\n").encode())
     assert reply.startswith(b"HTTP/1.1 400")
@@ -580,7 +618,7 @@ def test_a_valid_request_pipelined_with_a_malformed_one(server, app):
         reply, clean = read_to_close(sock)
     assert reply.startswith(b"HTTP/1.1 200") and b'"target": "/echo?first"' in reply
     assert reply.count(b"HTTP/1.1 ") == 2
-    second = reply[reply.rindex(b"HTTP/1.1 "):]
+    second = reply[reply.rindex(b"HTTP/1.1 ") :]
     assert second.startswith(b"HTTP/1.1 400") and b"Connection: close\r\n" in second and clean
     # Two ahead of the garbage: both answered, in order, then the 400.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -594,7 +632,9 @@ def test_a_port_with_leading_zeros_is_no_preview(server, app):
     port = app()
     wait_open(server, port)
     for spelling in (f"0{port}", f"00{port}"):
-        status, _, body = request(server, port, path="/echo", headers={"Host": f"{spelling}-{PREFIX}.preview.localhost:{server.port}"})
+        status, _, body = request(
+            server, port, path="/echo", headers={"Host": f"{spelling}-{PREFIX}.preview.localhost:{server.port}"}
+        )
         assert status == 404 and b"without leading zeros" in body, spelling
     assert echo(server, port)["target"] == "/echo"
 
@@ -716,8 +756,10 @@ def test_an_address_taken_from_this_host_is_no_longer_reached(server, app, liste
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     assert echo(server, port, conn=conn)["method"] == "GET"  # a specific local address is reached
     streaming = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    streaming.sendall(f"GET /sse?flag={tmp_path / 'never'} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
-                      f"Authorization: Bearer {server.token}\r\n\r\n".encode())
+    streaming.sendall(
+        f"GET /sse?flag={tmp_path / 'never'} HTTP/1.1\r\nHost: {host(server, port)}\r\n"
+        f"Authorization: Bearer {server.token}\r\n\r\n".encode()
+    )
     assert b"data: first" in recv_until_bytes(streaming, b"data: first")
     ip("addr", "del", f"{moved}/32", "dev", other_host.here)
     read_to_close(streaming, timeout=5)  # closed by the proxy, not left to time out

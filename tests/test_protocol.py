@@ -8,7 +8,8 @@ import json
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aether import protocol, wire
 from aether.ports.monitor import PortMonitor
@@ -50,8 +51,14 @@ def check_error(exc_or_reply) -> None:
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.builds(json.dumps, json_values),
-                 st.sampled_from(['{"channel": "ports", "type": "x", "id": NaN}', '{"channel": 1, "id": 1e400}'])))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.binary(max_size=50),
+        st.builds(json.dumps, json_values),
+        st.sampled_from(['{"channel": "ports", "type": "x", "id": NaN}', '{"channel": 1, "id": 1e400}']),
+    )
+)
 def test_any_frame_is_a_message_or_a_protocol_error(frame):
     try:
         message = protocol.parse(frame)
@@ -202,9 +209,15 @@ def test_a_nested_bad_value_is_named_briefly(server, levels):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=200)
-       | st.text(min_size=1000) | st.integers(min_value=1 << 80))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=200,
+    )
+    | st.text(min_size=1000)
+    | st.integers(min_value=1 << 80)
+)
 def test_an_excerpt_is_short_and_json_like(value):
     from aether.excerpt import LIMIT, excerpt
 
@@ -214,9 +227,9 @@ def test_an_excerpt_is_short_and_json_like(value):
 
 
 def test_an_excerpt_of_a_thousand_levels_or_a_huge_number():
-    from aether.excerpt import excerpt
-
     import ujson
+
+    from aether.excerpt import excerpt
 
     assert excerpt(ujson.loads("[" * 1000 + "]" * 1000)) == "[[[[…]]]]"
     assert excerpt(10**5000) == "<an integer of 16610 bits>"

@@ -32,8 +32,16 @@ from aether.preview.upstream import dial
 
 ROOT = Path(__file__).resolve().parents[1]
 #: All the core may import of aether: a gateway builds it without a workspace.
-CORE = {"aether", "aether.preview", "aether.preview.core", "aether.preview.proxy", "aether.preview.upstream",
-        "aether.preview.owner", "aether.preview.headers", "aether.preview.pages"}
+CORE = {
+    "aether",
+    "aether.preview",
+    "aether.preview.core",
+    "aether.preview.proxy",
+    "aether.preview.upstream",
+    "aether.preview.owner",
+    "aether.preview.headers",
+    "aether.preview.pages",
+}
 DEADLINE = 10.0
 
 
@@ -65,8 +73,17 @@ class Owner:
         head = h.RequestHead(headers)
         path = target.partition(b"?")[0]
         port = self.ws_port if path.startswith(b"/ws/") else self.down_port if path == b"/down" else self.app_port
-        upstream = head.upstream(method, target, host=b"app.test", client_ip=client_ip, forwarded_host=b"front.test",
-                                 forwarded_port=b"80", proto=b"http", via=b"1.1 test-owner", upgrade=upgrade)
+        upstream = head.upstream(
+            method,
+            target,
+            host=b"app.test",
+            client_ip=client_ip,
+            forwarded_host=b"front.test",
+            forwarded_port=b"80",
+            proto=b"http",
+            via=b"1.1 test-owner",
+            upgrade=upgrade,
+        )
         forward = Forward(port, "127.0.0.1", upstream, tag=path if upgrade else None)
         forward.has_body, forward.chunked = head.has_body, head.chunked
         return forward

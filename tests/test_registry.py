@@ -10,17 +10,25 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from aether.registry.store import Registry, RegistryError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import AETHER, ROOT
 from support.ports import free_port
 
+from aether.registry.store import Registry, RegistryError
+
 
 def port_cli(state, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*AETHER, "port", *args, "--state-dir", str(state)] if args[0] != "run" else
-                          [*AETHER, "port", args[0], "--state-dir", str(state), *args[1:]],
-                          capture_output=True, text=True, timeout=30, cwd=ROOT, **kw)
+    return subprocess.run(
+        [*AETHER, "port", *args, "--state-dir", str(state)]
+        if args[0] != "run"
+        else [*AETHER, "port", args[0], "--state-dir", str(state), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -115,7 +123,9 @@ def test_allocation_is_contiguous_free_and_idempotent(tmp_path_factory, taken, a
 
 def test_cli_set_get_list_delete_and_persistence(tmp_path, listeners):
     port = free_port()
-    assert port_cli(tmp_path, "set", "web", str(port), "--app", "shop", "--label", "api", "--description", "the API").returncode == 0
+    assert (
+        port_cli(tmp_path, "set", "web", str(port), "--app", "shop", "--label", "api", "--description", "the API").returncode == 0
+    )
     assert port_cli(tmp_path, "set", "shop-ui", "5599", "--app", "shop", "--label", "ui").returncode == 0
     assert port_cli(tmp_path, "get", "web").stdout == f"{port}\n"
     listeners.http_server(port)
@@ -126,8 +136,17 @@ def test_cli_set_get_list_delete_and_persistence(tmp_path, listeners):
     text = port_cli(tmp_path, "list").stdout
     assert text.startswith(f"shop (api:{port},ui:5599)\n") or text.startswith(f"shop (ui:5599,api:{port})\n")
     # curl localhost:$(aether port get web)
-    shell = subprocess.run(["bash", "-c", f"curl -s -o /dev/null -w '%{{http_code}}' localhost:$({' '.join(AETHER)} port get web --state-dir {tmp_path})"],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+    shell = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"curl -s -o /dev/null -w '%{{http_code}}' localhost:$({' '.join(AETHER)} port get web --state-dir {tmp_path})",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert shell.stdout == "200"
     for bad in (["set", "Bad", "80"], ["set", "x", "70000"], ["get", "nope"], ["delete", "nope"], ["set", "other", str(port)]):
         result = port_cli(tmp_path, *bad)
@@ -179,7 +198,9 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
     port_cli(tmp_path, "set", "b-api", str(theirs), "--app", "b")
     # App a's process, started through the registry, listens on app b's port.
     code = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {theirs})); s.listen(); time.sleep(60)"
-    listeners.spawn([*AETHER, "port", "run", "--state-dir", str(tmp_path), "a-api", "--", sys.executable, "-c", code], theirs, cwd=ROOT)
+    listeners.spawn(
+        [*AETHER, "port", "run", "--state-dir", str(tmp_path), "a-api", "--", sys.executable, "-c", code], theirs, cwd=ROOT
+    )
     stray = listeners.http_server().port
     result = port_cli(tmp_path, "check", "--json")
     found = json.loads(result.stdout)
@@ -262,7 +283,9 @@ def test_changes_are_pushed_and_named_previews_follow_the_key(server, listeners)
 
         def get(host):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-            conn.request("GET", "/", headers={"Host": f"{host}.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"})
+            conn.request(
+                "GET", "/", headers={"Host": f"{host}.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"}
+            )
             reply = conn.getresponse()
             reply.read()
             return reply.status
@@ -282,5 +305,7 @@ def test_named_preview_sees_a_cli_write_with_no_client_connected(server, listene
     port = listeners.http_server().port
     assert port_cli(server.state_dir, "set", "site", str(port)).returncode == 0
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    conn.request("GET", "/", headers={"Host": f"site-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"})
+    conn.request(
+        "GET", "/", headers={"Host": f"site-abc123.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"}
+    )
     assert conn.getresponse().status == 200

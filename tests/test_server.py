@@ -10,14 +10,13 @@ import subprocess
 import time
 
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-
 from support import AETHER, ROOT
 from support.clients import masked_frame, raw_upgrade, read_frames, recv_json, recv_until
 from support.ports import free_port
 from support.processes import proc_comm
 from support.servers import Server
 from support.waiting import wait_for
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -236,7 +235,7 @@ def _closed_by_server(sock: socket.socket, within: float) -> bool:
         try:
             if sock.recv(65536) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True
@@ -348,7 +347,10 @@ def test_port_in_use_is_one_clear_line(serve):
     server = serve()
     result = subprocess.run(
         [*AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{server.port}: address already in use" in result.stderr
@@ -367,7 +369,10 @@ def test_wscat_connects_both_ways(shared, how):
     # wscat quits at once when its stdin ends: keep it open until wscat is done.
     proc = subprocess.Popen(
         [str(WSCAT), *args, "-x", '{"channel":"config","type":"get","id":"w"}', "-w", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     out = proc.stdout.read()  # until wscat exits, -w 1 after its message
     err = proc.stderr.read()
@@ -407,7 +412,10 @@ def test_an_empty_token_or_project_id_refuses_to_start_naming_the_file(tmp_path,
     (state / name).write_text("" if name == "token" else "\n")
     result = subprocess.run(
         [*AETHER, "serve", "--port", str(free_port()), "--backend", "sockdiag", "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert result.returncode == 1 and result.stdout == ""
     [line] = result.stderr.splitlines()
@@ -443,7 +451,6 @@ def test_empty_databases_start_empty_with_a_warning_naming_them(tmp_path):
 def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
     import os
     import stat
-
 
     state = tmp_path / "state"
     first = Server("sockdiag", state)
@@ -481,7 +488,6 @@ def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
 def test_a_new_state_directory_is_private_from_the_start(tmp_path):
     import os
     import stat
-
 
     state = tmp_path / "new" / "state"
     server = Server("sockdiag", state)
@@ -588,7 +594,7 @@ def _close_frame_received(sock: socket.socket) -> bytes:
         data += chunk
     at = data.rfind(b"\x88")
     assert at >= 0, data[-100:]
-    return data[at + 2:at + 2 + data[at + 1]]
+    return data[at + 2 : at + 2 + data[at + 1]]
 
 
 @pytest.mark.parametrize(

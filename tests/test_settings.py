@@ -14,13 +14,13 @@ import subprocess
 import sys
 
 import pytest
+from support import AETHER, ROOT
+from support.processes import aether
 
 from aether import state
 from aether.settings import kinds, markdown, sources
 from aether.settings.serve import Settings, add_arguments, resolve
 from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, of
-from support import AETHER, ROOT
-from support.processes import aether
 
 
 def _resolve(argv):
@@ -59,8 +59,7 @@ def test_names_flags_variables_and_keys_are_each_one_settings():
 
 #: AETHER_* names in the code that are not settings: what aether sets for the processes it
 #: starts, and the probe's compile-time macros.
-NOT_SETTINGS = {"AETHER_APP", "AETHER_TERMINAL_SESSION", "AETHER_AGENT_CONVERSATION", "AETHER_RING_PAGES",
-                "AETHER_PERF_BUFFER"}
+NOT_SETTINGS = {"AETHER_APP", "AETHER_TERMINAL_SESSION", "AETHER_AGENT_CONVERSATION", "AETHER_RING_PAGES", "AETHER_PERF_BUFFER"}
 
 
 def test_every_variable_the_code_reads_is_a_setting():
@@ -72,33 +71,57 @@ def test_every_variable_the_code_reads_is_a_setting():
     assert sorted(found - NOT_SETTINGS - {s.env for s in SETTINGS}) == []
 
 
-@pytest.mark.parametrize("argv, env, stored, message", [
-    (["--port", "0"], {}, None, '--port must be 1-65535, not "0"'),
-    ([], {"AETHER_PORT": "http"}, None, 'AETHER_PORT must be a whole number, 1-65535, not "http"'),
-    ([], {}, {"port": 70000}, "{config} key port must be 1-65535, not 70000"),
-    ([], {}, {"port": True}, "{config} key port must be a whole number, 1-65535, not true"),
-    ([], {}, {"port": 4100.5}, "{config} key port must be a whole number, 1-65535, not 4100.5"),
-    ([], {"AETHER_PING_INTERVAL": "0"}, None, 'AETHER_PING_INTERVAL must be a positive number of seconds, not "0"'),
-    (["--pong-timeout", "inf"], {}, None, '--pong-timeout must be a positive number of seconds, not "inf"'),
-    ([], {}, {"terminal_idle_timeout": -1}, "{config} key terminal_idle_timeout must be 0 (never) or more seconds, not -1"),
-    ([], {}, {"max_connections": 0}, "{config} key max_connections must be at least 1, not 0"),
-    ([], {}, {"max_unauthenticated_per_address": -1},
-     "{config} key max_unauthenticated_per_address must be 0 (no cap) or more, not -1"),
-    ([], {"AETHER_BACKEND": "magic"}, None, 'AETHER_BACKEND must be auto, ebpf or sockdiag, not "magic"'),
-    (["--preview-upstream-host", "app"], {}, None, '--preview-upstream-host must be localhost or original, not "app"'),
-    ([], {}, {"metrics_public": "maybe"},
-     '{config} key metrics_public must be a boolean: true or false (1/0, yes/no, on/off), not "maybe"'),
-    (["--ignore", "22,0"], {}, None, '--ignore must be port numbers (1-65535), not "0"'),
-    ([], {}, {"ignored_ports": "22"}, '{config} key ignored_ports must be an array of at most 1,024 port numbers (1-65535), not "22"'),
-    ([], {}, {"ignored_ports": list(range(1, 2000))}, "{config} key ignored_ports must be at most 1,024 ports, not 1,999"),
-    ([], {"AETHER_TRUSTED_PROXIES": "10.0.0.0/8,nope"}, None,
-     'AETHER_TRUSTED_PROXIES must be addresses or networks, e.g. 127.0.0.1,::1,10.0.0.0/8, not "10.0.0.0/8,nope"'),
-    (["--agent-command", "'unclosed"], {}, None,
-     "--agent-command must be a command: a JSON array of strings, or one shell-quoted string, not \"'unclosed\""),
-    ([], {}, {"agent": {"max_output_bytes": 0}}, "{config} key agent.max_output_bytes must be at least 1, not 0"),
-    (["--workspace-root", "/nonexistent/x"], {}, None, "--workspace-root must be a directory: /nonexistent/x is not one"),
-    (["--prefix-length", "33"], {}, None, '--prefix-length must be 1-32, not "33"'),
-])
+@pytest.mark.parametrize(
+    "argv, env, stored, message",
+    [
+        (["--port", "0"], {}, None, '--port must be 1-65535, not "0"'),
+        ([], {"AETHER_PORT": "http"}, None, 'AETHER_PORT must be a whole number, 1-65535, not "http"'),
+        ([], {}, {"port": 70000}, "{config} key port must be 1-65535, not 70000"),
+        ([], {}, {"port": True}, "{config} key port must be a whole number, 1-65535, not true"),
+        ([], {}, {"port": 4100.5}, "{config} key port must be a whole number, 1-65535, not 4100.5"),
+        ([], {"AETHER_PING_INTERVAL": "0"}, None, 'AETHER_PING_INTERVAL must be a positive number of seconds, not "0"'),
+        (["--pong-timeout", "inf"], {}, None, '--pong-timeout must be a positive number of seconds, not "inf"'),
+        ([], {}, {"terminal_idle_timeout": -1}, "{config} key terminal_idle_timeout must be 0 (never) or more seconds, not -1"),
+        ([], {}, {"max_connections": 0}, "{config} key max_connections must be at least 1, not 0"),
+        (
+            [],
+            {},
+            {"max_unauthenticated_per_address": -1},
+            "{config} key max_unauthenticated_per_address must be 0 (no cap) or more, not -1",
+        ),
+        ([], {"AETHER_BACKEND": "magic"}, None, 'AETHER_BACKEND must be auto, ebpf or sockdiag, not "magic"'),
+        (["--preview-upstream-host", "app"], {}, None, '--preview-upstream-host must be localhost or original, not "app"'),
+        (
+            [],
+            {},
+            {"metrics_public": "maybe"},
+            '{config} key metrics_public must be a boolean: true or false (1/0, yes/no, on/off), not "maybe"',
+        ),
+        (["--ignore", "22,0"], {}, None, '--ignore must be port numbers (1-65535), not "0"'),
+        (
+            [],
+            {},
+            {"ignored_ports": "22"},
+            '{config} key ignored_ports must be an array of at most 1,024 port numbers (1-65535), not "22"',
+        ),
+        ([], {}, {"ignored_ports": list(range(1, 2000))}, "{config} key ignored_ports must be at most 1,024 ports, not 1,999"),
+        (
+            [],
+            {"AETHER_TRUSTED_PROXIES": "10.0.0.0/8,nope"},
+            None,
+            'AETHER_TRUSTED_PROXIES must be addresses or networks, e.g. 127.0.0.1,::1,10.0.0.0/8, not "10.0.0.0/8,nope"',
+        ),
+        (
+            ["--agent-command", "'unclosed"],
+            {},
+            None,
+            '--agent-command must be a command: a JSON array of strings, or one shell-quoted string, not "\'unclosed"',
+        ),
+        ([], {}, {"agent": {"max_output_bytes": 0}}, "{config} key agent.max_output_bytes must be at least 1, not 0"),
+        (["--workspace-root", "/nonexistent/x"], {}, None, "--workspace-root must be a directory: /nonexistent/x is not one"),
+        (["--prefix-length", "33"], {}, None, '--prefix-length must be 1-32, not "33"'),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_where_it_was(tmp_path, clean_env, argv, env, stored, message):
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -159,8 +182,9 @@ def test_help_names_each_flags_variable_and_default():
 
 
 def test_the_generated_tables_and_the_check(tmp_path):
-    printed = subprocess.run([sys.executable, "-m", "aether.settings", "--markdown"], capture_output=True, text=True,
-                             check=True, cwd=ROOT).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "aether.settings", "--markdown"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     assert printed == markdown.table(SERVE)
     assert printed.splitlines()[2].startswith("| `host` | `--host` | `AETHER_HOST` | `127.0.0.1` |")
     assert len(printed.splitlines()) == 2 + len(of(SERVE))
@@ -189,11 +213,19 @@ def test_private_settings_stay_out_of_childrens_environment(monkeypatch):
 def test_port_get_imports_nothing_of_the_server(tmp_path):
     """``aether port get`` runs inside shell substitutions: it imports the registry and the
     state directory's location, not the server, Tornado, asyncio or the settings table."""
-    done = subprocess.run([*AETHER[:1], "-X", "importtime", *AETHER[1:], "port", "get", "web", "--state-dir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [*AETHER[:1], "-X", "importtime", *AETHER[1:], "port", "get", "web", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 1 and "no port registered as web" in done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "aether.registry.store" in imported
-    heavy = {name for name in imported if name.split(".")[0] in ("tornado", "asyncio", "prometheus_client")
-             or name.startswith(("aether.server", "aether.settings", "aether.ports", "aether.preview"))}
+    heavy = {
+        name
+        for name in imported
+        if name.split(".")[0] in ("tornado", "asyncio", "prometheus_client")
+        or name.startswith(("aether.server", "aether.settings", "aether.ports", "aether.preview"))
+    }
     assert heavy == set()

@@ -7,17 +7,23 @@ import os
 import signal
 
 import pytest
-
-from aether import cgroup, pidtree, spawn
 from support.processes import gone
 from support.waiting import wait_for
+
+from aether import cgroup, pidtree, spawn
 
 
 def _run(argv, tree=None, cwd="/", new_session=False) -> tuple[int, bytes]:
     read, write = os.pipe()
     try:
-        pid = spawn.spawn(argv, cwd=cwd, env={"PATH": os.defpath}, stdio=(write, write, write),
-                          cgroup_procs=tree.procs if tree else None, new_session=new_session)
+        pid = spawn.spawn(
+            argv,
+            cwd=cwd,
+            env={"PATH": os.defpath},
+            stdio=(write, write, write),
+            cgroup_procs=tree.procs if tree else None,
+            new_session=new_session,
+        )
     finally:
         os.close(write)
     with os.fdopen(read, "rb") as out:
@@ -58,9 +64,11 @@ def test_a_missing_program_is_told_before_the_spawn(tmp_path):
 
 
 def test_mount_point_of_hybrid_unified_and_none():
-    hybrid = ("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
-              "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
-              "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    hybrid = (
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+    )
     assert cgroup.mount_point(hybrid) == ("/sys/fs/cgroup/unified", "/")
     assert cgroup.mount_point("29 23 0:26 /sub /sys/fs/my\\040cgroup rw - cgroup2 cgroup2 rw\n") == ("/sys/fs/my cgroup", "/sub")
     assert cgroup.mount_point(hybrid.splitlines()[0]) is None
@@ -68,13 +76,13 @@ def test_mount_point_of_hybrid_unified_and_none():
 
 def test_members_are_the_session_the_group_and_their_descendants():
     table = {
-        100: (1, 100, 100),   # the leader
+        100: (1, 100, 100),  # the leader
         101: (100, 100, 100),  # its child
         102: (101, 102, 102),  # a grandchild that left with setsid: a descendant still
-        103: (1, 100, 100),   # orphaned, still in the session
+        103: (1, 100, 100),  # orphaned, still in the session
         104: (103, 104, 104),  # its setsid child
-        105: (1, 105, 105),   # orphaned and left: not found
-        200: (1, 200, 200),   # someone else
+        105: (1, 105, 105),  # orphaned and left: not found
+        200: (1, 200, 200),  # someone else
     }
     assert pidtree.members(table, 100) == {100, 101, 102, 103, 104}
 
@@ -87,8 +95,7 @@ def test_a_cgroup_tree_holds_what_escapes_and_ends_it(tmp_path):
     trees = cgroup.Trees(str(tmp_path), "test")
     _require(trees)
     tree = trees.new()
-    code, out = _run(["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!; cat /proc/self/cgroup"], tree,
-                     new_session=True)
+    code, out = _run(["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!; cat /proc/self/cgroup"], tree, new_session=True)
     orphan, cgroup_line = out.decode().split()[0], out.decode().split()[-1]
     assert code == 0 and cgroup_line == f"0::{tree.name}"
     assert tree.pids() == [int(orphan)] and not gone(int(orphan))  # its parent has exited

@@ -17,7 +17,6 @@ import termios
 import time
 
 import pytest
-
 from support import ROOT
 from support.clients import masked_text_frame, raw_upgrade, recv_json, recv_until
 from support.processes import NOHUP, gone, signal_state
@@ -34,8 +33,9 @@ def start(workspace_server, tmp_path):
     shell killed mid-start leaves behind)."""
     home = tmp_path / "home"
     home.mkdir()
-    return lambda *args, env=None, **kw: workspace_server("--shell", "/bin/bash", *args, env={"HOME": str(home), **(env or {})},
-                                                          **kw)
+    return lambda *args, env=None, **kw: workspace_server(
+        "--shell", "/bin/bash", *args, env={"HOME": str(home), **(env or {})}, **kw
+    )
 
 
 class Term:
@@ -96,6 +96,7 @@ class Term:
 
     def listed_until(self, predicate, timeout: float = 10.0) -> dict[str, dict]:
         """``listed()`` again until ``predicate`` holds of it."""
+
         def holds():
             sessions = self.listed()
             return sessions if predicate(sessions) else None
@@ -144,6 +145,7 @@ def gate(root, name: str) -> str:
 
 def open_gate(root, name: str, timeout: float = 10.0) -> None:
     """Let the command waiting on the FIFO ``name`` go on, once it has opened it."""
+
     def writer():
         try:
             return os.open(root / name, os.O_WRONLY | os.O_NONBLOCK)
@@ -312,11 +314,14 @@ def test_utf8_split_across_reads_and_binary_output_arrive_intact(start):
         "    out.write(bytes([b])); out.flush(); time.sleep(0.05)\n"
         "out.write(b'|\\xff\\xfe\\x00binary|'); out.flush()\n"
     )
-    term.create(sessionId="bytes", command=f"stty raw -echo; {sys.executable} -c \"$SCRIPT\"", env={"SCRIPT": script})
+    term.create(sessionId="bytes", command=f'stty raw -echo; {sys.executable} -c "$SCRIPT"', env={"SCRIPT": script})
     term.until(lambda: "bytes" in term.exits)
     assert bytes(term.output["bytes"]) == "é😀".encode() + b"|\xff\xfe\x00binary|"
     # Binary input too: base64 in, the same bytes out.
-    term.create(sessionId="echo", command=f"stty raw -echo; head -c 4 | {sys.executable} -c 'import sys; print(sys.stdin.buffer.read().hex())'")
+    term.create(
+        sessionId="echo",
+        command=f"stty raw -echo; head -c 4 | {sys.executable} -c 'import sys; print(sys.stdin.buffer.read().hex())'",
+    )
     term.send(type="input", sessionId="echo", data=base64.b64encode(b"\x00\xff\x80A").decode(), encoding="base64")
     term.until(lambda: "echo" in term.exits)
     assert b"00ff8041" in term.output["echo"]
@@ -445,8 +450,14 @@ def test_a_client_that_stops_reading_is_dropped_and_others_go_on(start, tmp_path
     big = tmp_path / "big"
     big.write_bytes(b"x" * (64 << 20))
     stalled = raw_upgrade(server, rcvbuf=4096)  # reads nothing from here on
-    create = {"channel": "terminal", "type": "create", "sessionId": "flood", "cols": 80, "rows": 24,
-              "command": f"cat {big}; echo END"}
+    create = {
+        "channel": "terminal",
+        "type": "create",
+        "sessionId": "flood",
+        "cols": 80,
+        "rows": 24,
+        "command": f"cat {big}; echo END",
+    }
     stalled.sendall(masked_text_frame(json.dumps(create)))
     watcher = Term(server)
     wait_for(lambda: _unread(stalled) > 0)  # the flood has reached the stalled client
@@ -476,7 +487,7 @@ def _unread(sock: socket.socket) -> int:
 
 def _log_time(line: dict) -> float:
     """A log line's ``ts`` (UTC, to the millisecond) as ``time.time()`` counts."""
-    return datetime.datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
+    return datetime.datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 def _vm_hwm(pid: int) -> int:
@@ -499,12 +510,21 @@ def test_shutdown_ends_every_session(start):
 
 def test_wscat_drives_a_terminal_session(start):
     server = start()
-    create = {"channel": "terminal", "type": "create", "sessionId": "w", "cols": 80, "rows": 24,
-              "command": "echo from-wscat-$((20+1))"}
+    create = {
+        "channel": "terminal",
+        "type": "create",
+        "sessionId": "w",
+        "cols": 80,
+        "rows": 24,
+        "command": "echo from-wscat-$((20+1))",
+    }
     # wscat quits at once when its stdin ends: keep it open until wscat is done (-w 2).
     proc = subprocess.Popen(
         [str(WSCAT), "-c", server.url, "-s", f"Bearer, {server.token}", "-x", json.dumps(create), "-w", "2"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     out = proc.stdout.read()
     proc.wait(10)
@@ -545,11 +565,13 @@ def test_a_nohup_daemon_starts_sessions_with_default_signals(start):
 
 #: Children that leave the session and process group (``setsid``), ignore the hang-up
 #: (``nohup``), and one whose parent exits at once so that init adopts it.
-ESCAPES = ("setsid sleep 1000 & echo $! >> {file}; nohup sleep 1000 >/dev/null 2>&1 & echo $! >> {file}; "
-           "sh -c 'setsid sleep 1000 & echo $! >> {file}'; echo started; sleep 1000")
+ESCAPES = (
+    "setsid sleep 1000 & echo $! >> {file}; nohup sleep 1000 >/dev/null 2>&1 & echo $! >> {file}; "
+    "sh -c 'setsid sleep 1000 & echo $! >> {file}'; echo started; sleep 1000"
+)
 
 
-def _escapes(term: "Term", server: Server, name: str, command: str = ESCAPES, count: int = 3) -> list[int]:
+def _escapes(term: Term, server: Server, name: str, command: str = ESCAPES, count: int = 3) -> list[int]:
     term.create(sessionId=name, command=command.format(file=f"pids-{name}"))
     term.sees(name, b"started")
     pids = [int(p) for p in (server.root / f"pids-{name}").read_text().split()]
@@ -603,8 +625,9 @@ def test_without_cgroups_close_and_exit_end_the_session_and_its_children(start):
     server = start("--kill-grace", "0.5", env={"AETHER_CGROUPS": "off"})
     assert _trees(server)["msg"].startswith("process trees: fallback") and _trees(server)["why"] == "AETHER_CGROUPS=off"
     term = Term(server)
-    command = ("setsid sleep 1000 & echo $! >> {file}; nohup sleep 1000 >/dev/null 2>&1 & echo $! >> {file}; "
-               "echo started; sleep 1000")
+    command = (
+        "setsid sleep 1000 & echo $! >> {file}; nohup sleep 1000 >/dev/null 2>&1 & echo $! >> {file}; echo started; sleep 1000"
+    )
     closed = _escapes(term, server, "closed", command, 2)
     assert not any(_cgroup(pid).startswith("/aether/") for pid in closed)
     term.send(type="close", sessionId="closed")

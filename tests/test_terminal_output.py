@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.terminal.output import OutputEncoder, Scrollback
 

@@ -18,9 +18,6 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect as ws_connect
-
 from support import ROOT
 from support.clients import recv_until
 from support.listeners import Listeners
@@ -28,6 +25,8 @@ from support.ports import PortTaken, free_port, on_a_free_port
 from support.processes import terminate
 from support.servers import Server
 from support.waiting import wait_for
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 RENDER = ROOT / "deploy" / "render-nginx.sh"
 APP = str(ROOT / "tests" / "upstreams" / "app.py")
@@ -47,21 +46,70 @@ def make_certificates(tmp: Path) -> None:
     openssl = tool("openssl")
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     run = lambda *args: subprocess.run([openssl, *args], cwd=tmp, check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=aether test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    run(
+        "req",
+        "-x509",
+        *key,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=aether test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    )
     run("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={API_HOST}")
     (tmp / "ext.cnf").write_text(f"subjectAltName=DNS:{API_HOST},DNS:*.{DOMAIN}\nextendedKeyUsage=serverAuth\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
 
 
 def render(tmp: Path, upstream: int, https: int, http: int) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(RENDER), "--api-host", API_HOST, "--preview-domain", DOMAIN, "--cert", str(tmp / "server.pem"),
-         "--key", str(tmp / "server.key"), "--upstream", f"127.0.0.1:{upstream}",
-         "--https-listen", f"127.0.0.1:{https}", "--http-listen", f"127.0.0.1:{http}",
-         "--access-log", str(tmp / "access.log")],
-        capture_output=True, text=True, timeout=30)
+        [
+            "bash",
+            str(RENDER),
+            "--api-host",
+            API_HOST,
+            "--preview-domain",
+            DOMAIN,
+            "--cert",
+            str(tmp / "server.pem"),
+            "--key",
+            str(tmp / "server.key"),
+            "--upstream",
+            f"127.0.0.1:{upstream}",
+            "--https-listen",
+            f"127.0.0.1:{https}",
+            "--http-listen",
+            f"127.0.0.1:{http}",
+            "--access-log",
+            str(tmp / "access.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def main_conf(tmp: Path) -> Path:
@@ -69,11 +117,13 @@ def main_conf(tmp: Path) -> Path:
     gzip on, here for event streams too); its own pid, logs and temporary paths."""
     conf = tmp / "nginx.conf"
     temps = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf.write_text(f"daemon off; master_process on; worker_processes 1; user root;\n"
-                    f"pid {tmp}/nginx.pid; error_log stderr error;\n"
-                    f"events {{ worker_connections 256; }}\n"
-                    f"http {{ access_log off; sendfile on; tcp_nopush on; gzip on; gzip_types text/event-stream application/json;\n"
-                    f"  {temps} include {tmp}/aether.conf; }}\n")
+    conf.write_text(
+        f"daemon off; master_process on; worker_processes 1; user root;\n"
+        f"pid {tmp}/nginx.pid; error_log stderr error;\n"
+        f"events {{ worker_connections 256; }}\n"
+        f"http {{ access_log off; sendfile on; tcp_nopush on; gzip on; gzip_types text/event-stream application/json;\n"
+        f"  {temps} include {tmp}/aether.conf; }}\n"
+    )
     return conf
 
 
@@ -87,14 +137,26 @@ def front(tmp_path_factory):
     upload = listeners.spawn_on(lambda port: [sys.executable, APP, str(port)]).port
     node = tool("node")
     hmr_out = tmp / "node.out"
-    hmr = listeners.spawn_on(lambda port: [node, WS_APP, str(port)], stdout=hmr_out.open("w"),
-                             env={**os.environ, "NODE_PATH": str(ROOT / ".tools" / "node_modules")}).port
+    hmr = listeners.spawn_on(
+        lambda port: [node, WS_APP, str(port)],
+        stdout=hmr_out.open("w"),
+        env={**os.environ, "NODE_PATH": str(ROOT / ".tools" / "node_modules")},
+    ).port
 
     def start_front(https: int):
         plain = free_port()
-        server = Server("sockdiag", tmp / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN,
-                        "--preview-url", f"https://{{port}}-{{prefix}}.{{domain}}:{https}",
-                        "--trusted-proxies", "127.0.0.1,::1")
+        server = Server(
+            "sockdiag",
+            tmp / "state",
+            "--project-id",
+            PROJECT,
+            "--preview-domain",
+            DOMAIN,
+            "--preview-url",
+            f"https://{{port}}-{{prefix}}.{{domain}}:{https}",
+            "--trusted-proxies",
+            "127.0.0.1,::1",
+        )
         rendered = render(tmp, server.port, https, plain)
         assert rendered.returncode == 0, rendered.stderr
         (tmp / "aether.conf").write_text(rendered.stdout)
@@ -108,8 +170,19 @@ def front(tmp_path_factory):
 
     server, conf, nginx, https, plain = on_a_free_port(start_front)
     ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
-    yield SimpleNamespace(tmp=tmp, conf=conf, https=https, plain=plain, server=server, ctx=ctx,
-                          web=web, sse=sse, upload=upload, hmr=hmr, hmr_out=hmr_out)
+    yield SimpleNamespace(
+        tmp=tmp,
+        conf=conf,
+        https=https,
+        plain=plain,
+        server=server,
+        ctx=ctx,
+        web=web,
+        sse=sse,
+        upload=upload,
+        hmr=hmr,
+        hmr_out=hmr_out,
+    )
     # SIGTERM: nginx's fast shutdown. After a SIGKILL its workers would wait out open connections.
     terminate(nginx)
     server.stop()
@@ -138,18 +211,22 @@ def bearer(front) -> dict:
 
 
 def test_rendered_config_passes_nginx_own_test(front):
-    result = subprocess.run([tool("nginx"), "-t", "-c", str(front.conf), "-p", str(front.tmp)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [tool("nginx"), "-t", "-c", str(front.conf), "-p", str(front.tmp)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0 and "test is successful" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--api-host", "Aether.Example.com"), ("--preview-domain", "x;y"),
-                                         ("--cert", "relative.pem"), ("--upstream", "3001")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--api-host", "Aether.Example.com"), ("--preview-domain", "x;y"), ("--cert", "relative.pem"), ("--upstream", "3001")],
+)
 def test_render_refuses_bad_values(tmp_path, flag, value):
     args = {"--api-host": API_HOST, "--preview-domain": DOMAIN, "--cert": "/c.pem", "--key": "/k.pem"}
     args[flag] = value
-    result = subprocess.run(["bash", str(RENDER), *(x for pair in args.items() for x in pair)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(RENDER), *(x for pair in args.items() for x in pair)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and result.stdout == "" and value in result.stderr
 
 
@@ -171,8 +248,13 @@ def test_http_redirects_to_https(front):
 def test_websocket_api_over_wss_gets_the_https_preview_urls(front):
     server = front.server
     sock = socket.create_connection(("127.0.0.1", front.https), timeout=5)
-    with ws_connect(f"wss://{API_HOST}:{front.https}/workspaces/ws-test/ws", sock=sock, ssl=front.ctx,
-                    server_hostname=API_HOST, subprotocols=["Bearer", server.token]) as ws:
+    with ws_connect(
+        f"wss://{API_HOST}:{front.https}/workspaces/ws-test/ws",
+        sock=sock,
+        ssl=front.ctx,
+        server_hostname=API_HOST,
+        subprotocols=["Bearer", server.token],
+    ) as ws:
         assert ws.subprotocol == "Bearer"
         opened = recv_until(ws, lambda m: m.get("type") == "open" and m.get("port") == front.web)
         assert opened["url"] == f"https://{preview_host(front, front.web)}:{front.https}"
@@ -215,12 +297,14 @@ def test_preview_upload_is_streamed_and_not_capped(front):
     and a body above nginx's default 1 MiB cap goes through."""
     host, size = preview_host(front, front.upload), 3 << 20
     sock = tls(front, host)
-    sock.sendall(f"POST /upload HTTP/1.1\r\nHost: {host}:{front.https}\r\nAuthorization: Bearer {front.server.token}\r\n"
-                 f"Content-Length: {size}\r\n\r\n".encode() + b"x" * (size // 2))
+    sock.sendall(
+        f"POST /upload HTTP/1.1\r\nHost: {host}:{front.https}\r\nAuthorization: Bearer {front.server.token}\r\n"
+        f"Content-Length: {size}\r\n\r\n".encode()
+        + b"x" * (size // 2)
+    )
 
     def app_reached():
-        return any(c.raddr and c.raddr.port == front.upload and c.status == "ESTABLISHED"
-                   for c in psutil.net_connections("tcp"))
+        return any(c.raddr and c.raddr.port == front.upload and c.status == "ESTABLISHED" for c in psutil.net_connections("tcp"))
 
     wait_for(app_reached, 5)  # the app's only client is this upload's
     sock.sendall(b"x" * (size - size // 2))
@@ -248,8 +332,12 @@ def test_forwarded_proto_from_an_untrusted_client_is_replaced(front, tmp_path):
     untrusted = Server("sockdiag", tmp_path / "state", "--project-id", PROJECT, "--preview-domain", DOMAIN)
     try:
         host = f"{front.sse}-abc123.{DOMAIN}:{untrusted.port}"
-        forged = {"Authorization": f"Bearer {untrusted.token}", "X-Forwarded-Proto": "https",
-                  "X-Forwarded-Port": "443", "Host": host}
+        forged = {
+            "Authorization": f"Bearer {untrusted.token}",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Port": "443",
+            "Host": host,
+        }
         conn = http.client.HTTPConnection("127.0.0.1", untrusted.port, timeout=5)
         conn.request("GET", "/echo", headers=forged)
         headers = {k.lower(): v for k, v in json.loads(conn.getresponse().read())["headers"]}
@@ -270,8 +358,15 @@ def test_preview_websocket_through_tls_with_the_cookie(front):
 
     def connect(origin: str):
         sock = socket.create_connection(("127.0.0.1", front.https), timeout=5)
-        return ws_connect(f"wss://{host}:{front.https}/socket", sock=sock, ssl=front.ctx, server_hostname=host,
-                          subprotocols=["hmr"], origin=origin, additional_headers={"Cookie": cookie})
+        return ws_connect(
+            f"wss://{host}:{front.https}/socket",
+            sock=sock,
+            ssl=front.ctx,
+            server_hostname=host,
+            subprotocols=["hmr"],
+            origin=origin,
+            additional_headers={"Cookie": cookie},
+        )
 
     with pytest.raises(InvalidStatus) as refused:
         connect("https://evil.example")

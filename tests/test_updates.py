@@ -59,7 +59,11 @@ def test_daemonized_nginx_reaches_clients_with_its_master_and_both_families(serv
         # An update is a whole state: every field of the open, the same opening time.
         assert last.keys() == seen[0].keys()
         assert (last["url"], last["visibility"], last["opened"], last["seenAtStart"]) == (
-            seen[0]["url"], "private", seen[0]["opened"], False)
+            seen[0]["url"],
+            "private",
+            seen[0]["opened"],
+            False,
+        )
     # A client connecting now is told the same.
     with server.connect() as ws:
         now = opens(ws)[port]
@@ -111,4 +115,3 @@ sys.stdin.readline()
         assert (shrunk["type"], shrunk["pid"]) == ("update", proc.pid)
         proc.stdin.close()
         assert recv_until(ws, lambda m: m.get("port") == port) == {"channel": "ports", "type": "close", "port": port}
-

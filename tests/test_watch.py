@@ -12,7 +12,6 @@ import time
 import uuid
 
 import pytest
-
 from support import ROOT
 from support.ports import free_port, kernel_listening_ports
 from support.processes import aether, proc_comm
@@ -313,8 +312,13 @@ def test_accepted_connections_are_not_closes(listeners, watch, backend):
     if backend == "ebpf":
         # Other processes' ports may come and go meanwhile: only resyncs that name no port or
         # one of these count.
-        resyncs = [line for line in w.log if line.get("msg") == "resync" and line.get("reason") != "start-up"
-                   and (not line.get("ports") or {before, after} & set(line["ports"]))]
+        resyncs = [
+            line
+            for line in w.log
+            if line.get("msg") == "resync"
+            and line.get("reason") != "start-up"
+            and (not line.get("ports") or {before, after} & set(line["ports"]))
+        ]
         assert resyncs == [], "connections must not trigger resynchronisation"
 
 

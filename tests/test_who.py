@@ -21,18 +21,17 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-
-from aether.ports import containers, procs
-from aether.ports.containers import Container, Containers, ProxyTarget, is_docker, proxy_target, publishers
-from aether.ports.who import MARKER, MAX_ARGS, MAX_BYTES, parse_cmdline, who
 from support import ROOT
 from support.ports import free_port
 from support.processes import terminate
 from support.waiting import wait_for
 
+from aether.ports import containers, procs
+from aether.ports.containers import Container, Containers, ProxyTarget, is_docker, proxy_target, publishers
+from aether.ports.who import MARKER, MAX_ARGS, MAX_BYTES, parse_cmdline, who
+
 PY = sys.executable
-LISTEN = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); "
-          "time.sleep(600)")
+LISTEN = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(600)"
 
 
 def spawn(argv, **kw) -> subprocess.Popen:
@@ -116,9 +115,11 @@ def test_rewritten_title(procs_started, tmp_path):
     conf = tmp_path / "nginx.conf"
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     temps = " ".join(f"{kind}_temp_path {tmp_path}/{kind};" for kind in kinds)
-    conf.write_text(f"daemon off; master_process on; worker_processes 1; user root; pid {tmp_path}/nginx.pid;\n"
-                    f"error_log stderr error; events {{ worker_connections 16; }}\n"
-                    f"http {{ access_log off; {temps} server {{ listen 127.0.0.1:{port}; return 200; }} }}\n")
+    conf.write_text(
+        f"daemon off; master_process on; worker_processes 1; user root; pid {tmp_path}/nginx.pid;\n"
+        f"error_log stderr error; events {{ worker_connections 16; }}\n"
+        f"http {{ access_log off; {temps} server {{ listen 127.0.0.1:{port}; return 200; }} }}\n"
+    )
     proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path)], stdin=subprocess.DEVNULL)
     procs_started.append(proc)
     found = wait_for(lambda: (w := who(proc.pid)) and w.argv and w.argv[0].startswith("nginx: master") and w, 10)
@@ -147,11 +148,18 @@ def test_another_users_process_unprivileged(procs_started, tmp_path):
     setpriv = shutil.which("setpriv") or pytest.fail("setpriv is not installed (util-linux)")
     target = spawn([PY, "-c", "import time; time.sleep(600)"], cwd=tmp_path)
     procs_started.append(target)
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from aether.ports.who import who; "
-            f"w = who({target.pid}); print(json.dumps([w.argv, w.cwd, w.started_ticks]))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from aether.ports.who import who; "
+        f"w = who({target.pid}); print(json.dumps([w.argv, w.cwd, w.started_ticks]))"
+    )
     for python in (PY, "/usr/bin/python3"):
-        result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", code],
-                                capture_output=True, text=True, cwd="/", timeout=30)
+        result = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=30,
+        )
         if result.returncode == 0:
             break
     else:
@@ -162,13 +170,16 @@ def test_another_users_process_unprivileged(procs_started, tmp_path):
     assert ticks == procs.start_time(target.pid)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b"", (None, False)),
-    (b"a\0b\0", (("a", "b"), False)),
-    (b"a\0\0b\0", (("a", "", "b"), False)),
-    (b"title with spaces\0\0\0\0\0", (("title with spaces",), False)),
-    (b"abc", (("abc",), False)),  # a title without its NUL
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"", (None, False)),
+        (b"a\0b\0", (("a", "b"), False)),
+        (b"a\0\0b\0", (("a", "", "b"), False)),
+        (b"title with spaces\0\0\0\0\0", (("title with spaces",), False)),
+        (b"abc", (("abc",), False)),  # a title without its NUL
+    ],
+)
 def test_parse_cmdline(raw, expected):
     assert parse_cmdline(raw) == expected
 
@@ -188,18 +199,31 @@ def docker_proxy(tmp_path: Path, args: list[str]) -> subprocess.Popen:
     """A real process named docker-proxy, run as dockerd runs it, that listens on -host-port:
     a script of that name (the kernel names a process after its script) run by this Python."""
     script = tmp_path / "docker-proxy"
-    script.write_text(f"#!{PY}\n"
-                      "import socket, sys, time\n"
-                      "port = int(sys.argv[sys.argv.index('-host-port') + 1])\n"
-                      "s = socket.socket(); s.bind(('127.0.0.1', port)); s.listen(); time.sleep(600)\n")
+    script.write_text(
+        f"#!{PY}\n"
+        "import socket, sys, time\n"
+        "port = int(sys.argv[sys.argv.index('-host-port') + 1])\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', port)); s.listen(); time.sleep(600)\n"
+    )
     script.chmod(0o755)
     return subprocess.Popen([str(script), *args], stdin=subprocess.DEVNULL)
 
 
 def test_docker_proxy_command_line(procs_started, tmp_path):
     port = free_port()
-    args = ["-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-            "-container-ip", "172.17.0.5", "-container-port", "80", "-use-listen-fd"]
+    args = [
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        str(port),
+        "-container-ip",
+        "172.17.0.5",
+        "-container-port",
+        "80",
+        "-use-listen-fd",
+    ]
     proc = docker_proxy(tmp_path, args)
     procs_started.append(proc)
     found = wait_for(lambda: (w := who(proc.pid)) and w.argv and "-host-port" in w.argv and w, 10)
@@ -208,17 +232,38 @@ def test_docker_proxy_command_line(procs_started, tmp_path):
     assert proxy_target(found.argv) == ProxyTarget("tcp", "127.0.0.1", port, "172.17.0.5", 80)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["/usr/bin/docker-proxy", "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "8080",
-      "-container-ip", "172.17.0.2", "-container-port", "80"], ProxyTarget("tcp", "0.0.0.0", 8080, "172.17.0.2", 80)),
-    (["docker-proxy", "--host-port=8443", "-container-ip=172.18.0.3", "--container-port", "443"],
-     ProxyTarget("tcp", None, 8443, "172.18.0.3", 443)),
-    (["docker-proxy", "-host-port", "99999", "-container-port", "x"], None),  # no container address at all
-    (["docker-proxy", "-host-port", "99999", "-container-ip", "::1", "-container-port", "x"],
-     ProxyTarget("tcp", None, None, "::1", None)),
-    (["dockerd", "-H", "fd://"], None),
-    (["docker-proxy", "-container-ip"], None),  # a flag without its value
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            [
+                "/usr/bin/docker-proxy",
+                "-proto",
+                "tcp",
+                "-host-ip",
+                "0.0.0.0",
+                "-host-port",
+                "8080",
+                "-container-ip",
+                "172.17.0.2",
+                "-container-port",
+                "80",
+            ],
+            ProxyTarget("tcp", "0.0.0.0", 8080, "172.17.0.2", 80),
+        ),
+        (
+            ["docker-proxy", "--host-port=8443", "-container-ip=172.18.0.3", "--container-port", "443"],
+            ProxyTarget("tcp", None, 8443, "172.18.0.3", 443),
+        ),
+        (["docker-proxy", "-host-port", "99999", "-container-port", "x"], None),  # no container address at all
+        (
+            ["docker-proxy", "-host-port", "99999", "-container-ip", "::1", "-container-port", "x"],
+            ProxyTarget("tcp", None, None, "::1", None),
+        ),
+        (["dockerd", "-H", "fd://"], None),
+        (["docker-proxy", "-container-ip"], None),  # a flag without its value
+    ],
+)
 def test_proxy_target(argv, expected):
     assert proxy_target(argv) == expected
 
@@ -280,8 +325,10 @@ def publishing(port: int) -> list:
     running_cat the same port on 127.0.0.2 (the IP field of newer API versions)."""
     listing = copy.deepcopy(DOCUMENTED)
     listing[0]["Ports"] = [{"IP": "127.0.0.1", "PrivatePort": 2222, "PublicPort": port, "Type": "tcp"}]
-    listing[3]["Ports"] = [{"IP": "127.0.0.2", "PrivatePort": 80, "PublicPort": port, "Type": "tcp"},
-                           {"IP": "127.0.0.2", "PrivatePort": 53, "PublicPort": port + 1, "Type": "udp"}]
+    listing[3]["Ports"] = [
+        {"IP": "127.0.0.2", "PrivatePort": 80, "PublicPort": port, "Type": "tcp"},
+        {"IP": "127.0.0.2", "PrivatePort": 53, "PublicPort": port + 1, "Type": "udp"},
+    ]
     return listing
 
 
@@ -414,29 +461,42 @@ def test_socket_nobody_answers(tmp_path):
 
 
 def test_publishers_pass_over_what_is_not_documented():
-    weird = [None, 3, {"Ports": "x"}, {"Ports": [{"PublicPort": "80"}]},
-             {"Ports": [None, {"PublicPort": 80}], "Names": [7], "Id": "0123456789abcdef", "Image": None,
-              "NetworkSettings": []}]
+    weird = [
+        None,
+        3,
+        {"Ports": "x"},
+        {"Ports": [{"PublicPort": "80"}]},
+        {"Ports": [None, {"PublicPort": 80}], "Names": [7], "Id": "0123456789abcdef", "Image": None, "NetworkSettings": []},
+    ]
     assert publishers(weird, 80) == [Container("0123456789abcdef", "0123456789ab", "")]
     assert publishers({"message": "page not found"}, 80) == []
     assert publishers(None, 80) == []
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]", (200, b"[]")),
-    (b"HTTP/1.0 200 OK\r\n\r\n[1]", (200, b"[1]")),  # delimited by the close
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n1;x=y\r\n]\r\n0\r\n\r\n", (200, b"[]")),
-    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", (404, b"")),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]", (200, b"[]")),
+        (b"HTTP/1.0 200 OK\r\n\r\n[1]", (200, b"[1]")),  # delimited by the close
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n1;x=y\r\n]\r\n0\r\n\r\n", (200, b"[]")),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", (404, b"")),
+    ],
+)
 def test_parse_answer(raw, expected):
     assert containers.parse_answer(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [
-    b"", b"HTTP/1.1 200 OK\r\n", b"SSH-2.0\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n[]",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[]",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"HTTP/1.1 200 OK\r\n",
+        b"SSH-2.0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n[]",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[]",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
 def test_parse_answer_refuses(raw):
     with pytest.raises(containers.AnswerError):
         containers.parse_answer(raw)
@@ -444,12 +504,23 @@ def test_parse_answer_refuses(raw):
 
 # -- the pure parts, fuzzed ----------------------------------------------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                         st.sampled_from(["Id", "Names", "Image", "Ports", "PublicPort", "Type", "NetworkSettings",
-                                          "Networks", "IPAddress", "x"]), inner, max_size=4), max_leaves=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["Id", "Names", "Image", "Ports", "PublicPort", "Type", "NetworkSettings", "Networks", "IPAddress", "x"]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -470,9 +541,30 @@ def test_parse_cmdline_any_bytes(raw, max_args, max_bytes):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["-proto", "-host-ip", "-host-port", "-container-ip", "-container-port",
-                                 "--host-port=1", "-container-port=80", "80", "0", "70000", "x", "-", "--", ""])
-                | st.text(max_size=6), max_size=12))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "-proto",
+                "-host-ip",
+                "-host-port",
+                "-container-ip",
+                "-container-port",
+                "--host-port=1",
+                "-container-port=80",
+                "80",
+                "0",
+                "70000",
+                "x",
+                "-",
+                "--",
+                "",
+            ]
+        )
+        | st.text(max_size=6),
+        max_size=12,
+    )
+)
 def test_proxy_target_any_argv(argv):
     target = proxy_target(argv)
     if target is not None:

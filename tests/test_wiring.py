@@ -56,15 +56,33 @@ def test_a_refusal_is_answered_by_the_dispatcher_with_the_fields_the_protocol_ec
     refusal's own fields, whatever the channel."""
     client = Recorder()
     server.channels["files"].on_open(client)
-    server.dispatcher.receive(client, json.dumps({"channel": "terminal", "type": "input", "sessionId": "nope", "data": "x", "id": 4}))
-    assert client.sent == [{"channel": "terminal", "type": "error", "code": "not_found", "message": "no terminal session nope", "id": 4}]
+    server.dispatcher.receive(
+        client, json.dumps({"channel": "terminal", "type": "input", "sessionId": "nope", "data": "x", "id": 4})
+    )
+    assert client.sent == [
+        {"channel": "terminal", "type": "error", "code": "not_found", "message": "no terminal session nope", "id": 4}
+    ]
     server.dispatcher.receive(client, json.dumps({"channel": "config", "type": "set", "config": {}, "id": "c"}))
-    assert client.sent[-1] == {"channel": "config", "type": "error", "code": "invalid", "message": "config holds no key to change", "id": "c"}
+    assert client.sent[-1] == {
+        "channel": "config",
+        "type": "error",
+        "code": "invalid",
+        "message": "config holds no key to change",
+        "id": "c",
+    }
 
 
 #: Packages below the server: they may be used by the CLI, the doctor and each other, never
 #: import the server (or Tornado, which only the server needs).
-LOWER = ("aether.ports", "aether.files", "aether.terminal", "aether.agent", "aether.registry", "aether.attributes", "aether.fleet")
+LOWER = (
+    "aether.ports",
+    "aether.files",
+    "aether.terminal",
+    "aether.agent",
+    "aether.registry",
+    "aether.attributes",
+    "aether.fleet",
+)
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 for name in sys.argv[1:]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from aether import spawn
 from aether.agent import stdio
@@ -46,7 +46,7 @@ class Outcome:
 
     __slots__ = ("status", "error")
 
-    def __init__(self, status: str, error: Optional[Error] = None):
+    def __init__(self, status: str, error: Error | None = None):
         self.status, self.error = status, error
 
     def __repr__(self) -> str:
@@ -79,13 +79,13 @@ class Child:
             for fd in theirs:
                 os.close(fd)
         tree.started(self.pid)
-        self.stdin: Optional[int] = ours[0]
+        self.stdin: int | None = ours[0]
         os.set_blocking(self.stdin, False)
         self._pipes = [os.fdopen(ours[1], "rb", buffering=0), os.fdopen(ours[2], "rb", buffering=0)]
         self.stdout, self.stderr = asyncio.StreamReader(), asyncio.StreamReader()
         self._transports: list[asyncio.BaseTransport] = []
         self.pidfd = os.pidfd_open(self.pid)
-        self.returncode: Optional[int] = None
+        self.returncode: int | None = None
         self._loop = asyncio.get_running_loop()
         self._exited = self._loop.create_future()
         self._loop.add_reader(self.pidfd, self._exit_seen)
@@ -101,7 +101,7 @@ class Child:
         if not self._exited.done():
             self._exited.set_result(self.returncode)
 
-    async def wait(self) -> Optional[int]:
+    async def wait(self) -> int | None:
         return await asyncio.shield(self._exited)
 
     async def write(self, data: bytes) -> None:
@@ -109,7 +109,7 @@ class Child:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.stdin, view):]
+                view = view[os.write(self.stdin, view) :]
             except BlockingIOError:
                 ready = self._loop.create_future()
                 self._loop.add_writer(self.stdin, ready.set_result, None)
@@ -151,22 +151,32 @@ class BackendRun:
     ``reply`` has taken it, and the deltas too, those in a row from one read joined into one:
     a backend writing many tiny deltas costs the loop one event per read, not one per line."""
 
-    def __init__(self, argv: Sequence[str], request: bytes, *, cwd: str, env: dict, timeout: float,
-                 max_output: int, on_event: Callable[[stdio.Event], None], trees: Optional[Trees] = None):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        request: bytes,
+        *,
+        cwd: str,
+        env: dict,
+        timeout: float,
+        max_output: int,
+        on_event: Callable[[stdio.Event], None],
+        trees: Trees | None = None,
+    ):
         self.argv, self.request, self.cwd, self.env = list(argv), request, cwd, env
         self.timeout, self.max_output, self.on_event = timeout, max_output, on_event
         self.reply = stdio.Reply()
-        self.pid: Optional[int] = None
+        self.pid: int | None = None
         self._trees = trees
-        self.tree: Optional[Tree] = None
-        self._proc: Optional[Child] = None
+        self.tree: Tree | None = None
+        self._proc: Child | None = None
         self._cancelled = False
-        self._fault: Optional[Error] = None
+        self._fault: Error | None = None
         self._output = 0
         self._stderr = bytearray()
         self._lines = 0
         self._deltas: list[str] = []
-        self._kill_timer: Optional[asyncio.TimerHandle] = None
+        self._kill_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> Outcome:
         if self._cancelled:
@@ -229,14 +239,15 @@ class BackendRun:
 
     async def _read_stdout(self, exited: asyncio.Future) -> None:
         splitter = stdio.LineSplitter()
-        read: Optional[asyncio.Future] = None
+        read: asyncio.Future | None = None
         try:
             while self._fault is None and not self._cancelled:
                 if read is None:
                     read = asyncio.ensure_future(self._proc.stdout.read(READ_CHUNK))
                 waiting = {read} if exited.done() else {read, exited}
-                done, _ = await asyncio.wait(waiting, timeout=EXIT_DRAIN if exited.done() else self.timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=EXIT_DRAIN if exited.done() else self.timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 if read not in done:
                     if done:
                         continue  # it exited: what it wrote is read with the shorter wait
@@ -306,7 +317,7 @@ class BackendRun:
                 self._stop(("timeout", f"the backend closed its output but did not exit within {self.timeout:g} s"))
         await exited
 
-    def _stop(self, error: Optional[Error]) -> None:
+    def _stop(self, error: Error | None) -> None:
         """SIGTERM to the tree, SIGKILL after ``KILL_GRACE``; the first error is the turn's."""
         if error is not None and self._fault is None:
             self._fault = error
@@ -327,7 +338,7 @@ class BackendRun:
         """The last ``STDERR_TAIL`` bytes the backend wrote to stderr, as text."""
         return self._stderr.decode("utf-8", "replace").strip()
 
-    def _outcome(self, returncode: Optional[int]) -> Outcome:
+    def _outcome(self, returncode: int | None) -> Outcome:
         if self._cancelled:
             return Outcome("cancelled")
         if self._fault is not None:

@@ -22,14 +22,15 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from aether.agent import stdio
 from aether.agent.backend import BackendRun, Outcome
+from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
 from aether.cgroup import Trees
 from aether.errors import Refusal
-from aether.agent.store import INTERRUPTED, AgentStore, AgentStoreLocked, millis, recent, shortened
 from aether.settings.sources import child_environment
 
 log = logging.getLogger("aether.agent")
@@ -52,10 +53,10 @@ TITLE_LENGTH = 80
 
 #: ``emit(message, reply_to)``: ``message`` to every client; ``reply_to`` is (client, request)
 #: for the client whose request it answers, whose copy carries that request's id.
-Emit = Callable[[dict, Optional[tuple[Any, Any]]], None]
+Emit = Callable[[dict, tuple[Any, Any] | None], None]
 #: ``answer(reply_to, message)``: ``message`` (or the error reply of a refusal) to the one
 #: client of ``reply_to``, as the answer to its request.
-Answer = Callable[[tuple[Any, Any], Union[dict, Refusal]], None]
+Answer = Callable[[tuple[Any, Any], dict | Refusal], None]
 
 
 def title_of(text: str) -> str:
@@ -67,9 +68,9 @@ class Turn:
 
     def __init__(self, conversation_id: str, turn_id: str, seq: int):
         self.conversation_id, self.id, self.seq = conversation_id, turn_id, seq
-        self.backend: Optional[BackendRun] = None
-        self.task: Optional[asyncio.Future] = None
-        self.save_timer: Optional[asyncio.TimerHandle] = None
+        self.backend: BackendRun | None = None
+        self.task: asyncio.Future | None = None
+        self.save_timer: asyncio.TimerHandle | None = None
         #: Who asked to cancel it, first first: the first gets ``done`` with its id, the others a copy.
         self.cancelled_by: list[tuple[Any, Any]] = []
         self.cancelled = False
@@ -91,8 +92,8 @@ class AgentService:
         self.emit, self.answer = emit, answer
         #: Why the channel answers ``unavailable`` to everything (the store could not be opened
         #: for a lock another process held), or None.
-        self.unavailable: Optional[str] = None
-        self.store: Optional[AgentStore] = None
+        self.unavailable: str | None = None
+        self.store: AgentStore | None = None
         #: conversation id -> seq of its last turn; a prompt is checked against it at once.
         self.sequences: dict[str, int] = {}
         self.trees = Trees(str(settings.state_dir), "agent")
@@ -104,7 +105,9 @@ class AgentService:
             log.error("agent channel unavailable: %s", exc)
         else:
             if self.store.interrupted:
-                log.warning("agent turns closed as failed: the daemon stopped while they ran", extra={"turns": self.store.interrupted})
+                log.warning(
+                    "agent turns closed as failed: the daemon stopped while they ran", extra={"turns": self.store.interrupted}
+                )
             self.sequences = self.store.last_sequences()
         self.running: dict[str, Turn] = {}
         self.closed = False
@@ -136,7 +139,7 @@ class AgentService:
 
         self._pool.submit(write)
 
-    def history(self, conversation_id: Optional[str]) -> Callable[[], Optional[dict]]:
+    def history(self, conversation_id: str | None) -> Callable[[], dict | None]:
         """Work for :meth:`read`: the conversation (default: the one updated last) with its
         most recent turns, running ones as of now; None if there is no such conversation."""
         self._check_available()
@@ -163,7 +166,7 @@ class AgentService:
 
         return work
 
-    def _stub(self, conversation_id: str, turn_id: str, now: dict[str, dict]) -> Optional[dict]:
+    def _stub(self, conversation_id: str, turn_id: str, now: dict[str, dict]) -> dict | None:
         """In the worker thread: the conversation with only its running turn, marked truncated."""
         conversation = self.store.conversation(conversation_id)
         turn = next((t for t in self.store.turns(conversation_id) if t["turnId"] == turn_id), None)
@@ -175,7 +178,7 @@ class AgentService:
     def _running_now(self) -> dict[str, dict]:
         return {turn.id: turn.snapshot() for turn in self.running.values()}
 
-    def _history(self, conversation_id: Optional[str], now: dict[str, dict]) -> Optional[dict]:
+    def _history(self, conversation_id: str | None, now: dict[str, dict]) -> dict | None:
         """In the worker thread: a conversation's history, ``now`` the running turns' text."""
         conversation = self.store.conversation(conversation_id) if conversation_id else None
         if conversation is None:
@@ -192,6 +195,7 @@ class AgentService:
 
     def listing(self) -> Callable[[], dict]:
         self._check_available()
+
         def work() -> dict:
             conversations, more = self.store.conversations(MAX_LISTED)
             answer = {"conversations": conversations}
@@ -203,11 +207,14 @@ class AgentService:
 
     # -- turns --------------------------------------------------------------------------
 
-    def start(self, conversation_id: Optional[str], text: str, reply_to: Optional[tuple[Any, Any]]) -> None:
+    def start(self, conversation_id: str | None, text: str, reply_to: tuple[Any, Any] | None) -> None:
         """Take a prompt or raise Refusal, changing nothing. Once it is written, ``started`` is
         announced; if that write fails, the requester is answered ``unavailable`` instead."""
         if not self.configured:
-            raise Refusal("not_configured", "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)")
+            raise Refusal(
+                "not_configured",
+                "no agent backend is configured: set agent_command in the state directory's config.json, or --agent-command (see docs/settings.md)",
+            )
         self._check_available()
         size = len(text.encode("utf-8"))
         if size > MAX_PROMPT_BYTES:
@@ -216,7 +223,9 @@ class AgentService:
             if conversation_id not in self.sequences:
                 raise Refusal("not_found", f"no conversation {conversation_id}")
             if conversation_id in self.running:
-                raise Refusal("busy", f"a turn is already running in conversation {conversation_id}: wait for its done, or cancel it")
+                raise Refusal(
+                    "busy", f"a turn is already running in conversation {conversation_id}: wait for its done, or cancel it"
+                )
         if len(self.running) >= MAX_RUNNING:
             raise Refusal("limit", f"{MAX_RUNNING} agent turns are running already; wait for one to finish")
         now = time.time()
@@ -233,8 +242,15 @@ class AgentService:
         user_id, turn_id = f"{conversation_id}.{seq}", f"{conversation_id}.{seq + 1}"
         # Reserved now, so a second prompt to the conversation is ``busy`` while this is written.
         turn = self.running[conversation_id] = Turn(conversation_id, turn_id, seq + 1)
-        prompt = {"turnId": user_id, "seq": seq, "role": "user", "text": text, "status": "complete",
-                  "started": millis(now), "finished": millis(now)}
+        prompt = {
+            "turnId": user_id,
+            "seq": seq,
+            "role": "user",
+            "text": text,
+            "status": "complete",
+            "started": millis(now),
+            "finished": millis(now),
+        }
         started = {"channel": "agent", "type": "started", "conversationId": conversation_id, "turnId": turn_id, "prompt": prompt}
         if title is not None:
             started["title"] = title
@@ -252,8 +268,9 @@ class AgentService:
 
         turn.task = asyncio.ensure_future(self._begin(turn, begin, undo, started, reply_to))
 
-    async def _begin(self, turn: Turn, begin: Callable[[], None], undo: Callable[[], None], started: dict,
-                     reply_to: Optional[tuple[Any, Any]]) -> None:
+    async def _begin(
+        self, turn: Turn, begin: Callable[[], None], undo: Callable[[], None], started: dict, reply_to: tuple[Any, Any] | None
+    ) -> None:
         """Write the turn's start, then announce and run it; or undo the reservation and refuse."""
         try:
             await self.read(begin)
@@ -263,7 +280,9 @@ class AgentService:
             log.exception("agent history write failed; prompt refused", extra={"conversation": turn.conversation_id})
             undo()
             if reply_to is not None:
-                self.answer(reply_to, Refusal("unavailable", f"the agent history could not be written ({exc}); the prompt was not taken"))
+                self.answer(
+                    reply_to, Refusal("unavailable", f"the agent history could not be written ({exc}); the prompt was not taken")
+                )
             for canceller in turn.cancelled_by:  # they asked to stop a turn that never started
                 self.answer(canceller, Refusal("not_found", f"no turn is running in conversation {turn.conversation_id}"))
             return
@@ -271,7 +290,7 @@ class AgentService:
         log.info("agent turn started", extra={"conversation": turn.conversation_id, "turn": turn.id})
         await self._run(turn)
 
-    def cancel(self, conversation_id: str, reply_to: Optional[tuple[Any, Any]]) -> None:
+    def cancel(self, conversation_id: str, reply_to: tuple[Any, Any] | None) -> None:
         """Stop the conversation's running turn; its ``done`` (cancelled) answers the request
         (every request, when several asked)."""
         turn = self.running.get(conversation_id)
@@ -287,13 +306,22 @@ class AgentService:
         try:
             messages = await self.read(lambda: self._backend_messages(turn))
             settings = self.settings
-            workspace = {"root": str(settings.workspace_root), "serverPort": settings.port,
-                         "workspaceId": settings.workspace_id, "stateDir": str(settings.state_dir)}
+            workspace = {
+                "root": str(settings.workspace_root),
+                "serverPort": settings.port,
+                "workspaceId": settings.workspace_id,
+                "stateDir": str(settings.state_dir),
+            }
             request = stdio.turn_request(turn.conversation_id, turn.id, messages, workspace)
             turn.backend = BackendRun(
-                settings.agent_command, request, cwd=str(settings.workspace_root), env=self._env(turn),
-                timeout=settings.agent_timeout, max_output=settings.agent_max_output_bytes,
-                on_event=lambda event: self._event(turn, event), trees=self.trees,
+                settings.agent_command,
+                request,
+                cwd=str(settings.workspace_root),
+                env=self._env(turn),
+                timeout=settings.agent_timeout,
+                max_output=settings.agent_max_output_bytes,
+                on_event=lambda event: self._event(turn, event),
+                trees=self.trees,
             )
             if turn.cancelled:
                 turn.backend.cancel()
@@ -309,8 +337,11 @@ class AgentService:
 
     def _backend_messages(self, turn: Turn) -> list[dict]:
         """The conversation up to the prompt, for the backend (runs in the worker thread)."""
-        return [{"role": t["role"], "text": t["text"], "status": t["status"]}
-                for t in self.store.turns(turn.conversation_id) if t["seq"] < turn.seq]
+        return [
+            {"role": t["role"], "text": t["text"], "status": t["status"]}
+            for t in self.store.turns(turn.conversation_id)
+            if t["seq"] < turn.seq
+        ]
 
     def _env(self, turn: Turn) -> dict:
         env = child_environment()
@@ -356,7 +387,9 @@ class AgentService:
             # The file still says running: a restart closes it as interrupted. Say so now, and
             # do not call it complete when the history cannot show that.
             log.exception("agent history write failed; turn failed", extra={"turn": turn.id})
-            outcome = Outcome("failed", ("unavailable", f"the end of this turn could not be written to the agent history ({exc})"))
+            outcome = Outcome(
+                "failed", ("unavailable", f"the end of this turn could not be written to the agent history ({exc})")
+            )
         if self.closed:
             return
         del self.running[turn.conversation_id]

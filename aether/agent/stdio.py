@@ -21,7 +21,7 @@ Nothing here does I/O, so every rule is tested without processes.
 from __future__ import annotations
 
 import json
-from typing import Optional, Union
+from typing import Union
 
 from aether.errors import Refusal
 from aether.protocol import is_text
@@ -100,7 +100,7 @@ class LineSplitter:
         self._check(len(self._partial))
         return lines
 
-    def end(self) -> Optional[bytes]:
+    def end(self) -> bytes | None:
         """At end of stream: a last line that had no newline, if any."""
         if not self._partial:
             return None
@@ -118,7 +118,7 @@ def _snippet(line: bytes) -> str:
     return json.dumps(text + ("…" if len(line) > _SNIPPET else ""), ensure_ascii=False)
 
 
-def parse_line(line: bytes, number: int) -> Optional[Event]:
+def parse_line(line: bytes, number: int) -> Event | None:
     """The event of stdout line ``number`` (from 1), None for a blank line, or Refusal."""
     if not line.strip():
         return None
@@ -131,7 +131,7 @@ def parse_line(line: bytes, number: int) -> Optional[Event]:
         raise Refusal("bad_output", f"{where} is not a JSON object: {_snippet(line)}")
     kind = obj.get("type")
 
-    def field(name: str, default: Optional[str] = None) -> str:
+    def field(name: str, default: str | None = None) -> str:
         value = obj.get(name, default)
         if not is_text(value):
             raise Refusal("bad_output", f"{where}: a {kind} needs {name} as a string of valid Unicode")
@@ -158,7 +158,7 @@ def _capped(text: str, limit: int) -> str:
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text
-    return data[:limit - 3].decode("utf-8", "ignore") + "…"
+    return data[: limit - 3].decode("utf-8", "ignore") + "…"
 
 
 class Reply:
@@ -168,7 +168,7 @@ class Reply:
     def __init__(self, limit: int = MAX_REPLY_JSON):
         self.limit = limit
         self.tools: list[dict] = []
-        self.final: Optional[str] = None
+        self.final: str | None = None
         self._parts: list[str] = []
         self._deltas_size = 0
         self._tools_size = 0

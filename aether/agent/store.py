@@ -15,7 +15,6 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Optional
 
 from aether import sqlite
 from aether.wire import encoded_size
@@ -66,7 +65,7 @@ class AgentStoreLocked(AgentStoreError):
     only not usable right now."""
 
 
-def millis(seconds: Optional[float]) -> Optional[int]:
+def millis(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
 
 
@@ -114,7 +113,7 @@ def recent(turns: list[dict], budget: int) -> tuple[list[dict], bool]:
 class AgentStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._db: Optional[sqlite3.Connection] = None
+        self._db: sqlite3.Connection | None = None
         try:
             # Used from one thread at a time: opened here, then only in the server's worker.
             self._db = sqlite.connect(self.path, check_same_thread=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
@@ -134,11 +133,17 @@ class AgentStore:
             raise AgentStoreError(f"{self.path}: {exc}") from None
         except sqlite3.OperationalError as exc:
             if not sqlite.is_locked(exc):
-                raise AgentStoreError(f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one") from None
-            raise AgentStoreLocked(f"{self.path} is locked by another process ({exc}); "
-                                   "the agent channel is unavailable until the daemon is restarted") from None
+                raise AgentStoreError(
+                    f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one"
+                ) from None
+            raise AgentStoreLocked(
+                f"{self.path} is locked by another process ({exc}); "
+                "the agent channel is unavailable until the daemon is restarted"
+            ) from None
         except sqlite3.DatabaseError as exc:
-            raise AgentStoreError(f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one") from None
+            raise AgentStoreError(
+                f"{self.path}: not a readable aether agent database ({exc}); move it away to start a new one"
+            ) from None
         except OSError as exc:
             raise AgentStoreError(f"{self.path}: {exc.strerror}") from None
 
@@ -150,10 +155,15 @@ class AgentStore:
         if self._db.execute("SELECT 1 FROM turns WHERE status = 'running' LIMIT 1").fetchone() is None:
             return 0
         code, message = INTERRUPTED
-        return sqlite.transaction(self._db, lambda db: db.execute(
-            "UPDATE turns SET status = 'failed', error_code = ?, error = ?, finished = ? WHERE status = 'running'",
-            (code, message, time.time()),
-        ).rowcount)
+        return sqlite.transaction(
+            self._db,
+            lambda db: (
+                db.execute(
+                    "UPDATE turns SET status = 'failed', error_code = ?, error = ?, finished = ? WHERE status = 'running'",
+                    (code, message, time.time()),
+                ).rowcount
+            ),
+        )
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -164,13 +174,15 @@ class AgentStore:
         )
         return dict(rows.fetchall())
 
-    def active(self) -> Optional[str]:
+    def active(self) -> str | None:
         """The conversation updated last, if there is one."""
         row = self._db.execute("SELECT id FROM conversations ORDER BY updated DESC, rowid DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def conversation(self, conversation_id: str) -> Optional[dict]:
-        row = self._db.execute("SELECT id, title, created, updated FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    def conversation(self, conversation_id: str) -> dict | None:
+        row = self._db.execute(
+            "SELECT id, title, created, updated FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
         if row is None:
             return None
         return {"conversationId": row[0], "title": row[1], "created": millis(row[2]), "updated": millis(row[3])}
@@ -188,15 +200,23 @@ class AgentStore:
             (limit + 1,),
         ).fetchall()
         found = [
-            {"conversationId": r[0], "title": r[1], "created": millis(r[2]), "updated": millis(r[3]), "turns": r[4], "running": bool(r[5])}
+            {
+                "conversationId": r[0],
+                "title": r[1],
+                "created": millis(r[2]),
+                "updated": millis(r[3]),
+                "turns": r[4],
+                "running": bool(r[5]),
+            }
             for r in rows[:limit]
         ]
         return found, len(rows) > limit
 
     # -- writes -----------------------------------------------------------------------------
 
-    def begin_turn(self, conversation_id: str, title: Optional[str], user: tuple[str, int, str], assistant: tuple[str, int],
-                   now: float) -> None:
+    def begin_turn(
+        self, conversation_id: str, title: str | None, user: tuple[str, int, str], assistant: tuple[str, int], now: float
+    ) -> None:
         """The prompt as a complete user turn and the reply as a running assistant turn; a new
         conversation first when ``title`` is given."""
 
@@ -217,8 +237,15 @@ class AgentStore:
 
         sqlite.transaction(self._db, write)
 
-    def save_turn(self, turn_id: str, text: str, tools: list[dict], status: str = "running",
-                  error: Optional[tuple[str, str]] = None, finished: Optional[float] = None) -> None:
+    def save_turn(
+        self,
+        turn_id: str,
+        text: str,
+        tools: list[dict],
+        status: str = "running",
+        error: tuple[str, str] | None = None,
+        finished: float | None = None,
+    ) -> None:
         """A running turn's text so far, or its end (``finished`` given), which also marks its
         conversation updated."""
         code, message = error if error else (None, None)

@@ -12,11 +12,23 @@ read and dropped quietly; a key a format does not define is reported as ``ignore
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aether.attributes.rules import (
-    ON_OPEN, PROTOCOL, VISIBILITY, Command, Layer, Origin, Port, Problem, Rule, SelectorError, command,
-    port_number, port_range,
+    ON_OPEN,
+    PROTOCOL,
+    VISIBILITY,
+    Command,
+    Layer,
+    Origin,
+    Port,
+    Problem,
+    Rule,
+    SelectorError,
+    command,
+    port_number,
+    port_range,
 )
 from aether.excerpt import excerpt
 
@@ -38,12 +50,23 @@ MAX_OPTION = 64
 
 #: VS Code's ``onAutoForward`` in aether's words. ``openBrowserOnce`` opens like ``open``
 #: (remembering "once" is the client's part); ``openPreview`` too: the preview is the page.
-VSCODE_ON_OPEN = {"notify": "notify", "openBrowser": "open", "openBrowserOnce": "open", "openPreview": "open",
-                  "silent": "silent", "ignore": "ignore"}
+VSCODE_ON_OPEN = {
+    "notify": "notify",
+    "openBrowser": "open",
+    "openBrowserOnce": "open",
+    "openPreview": "open",
+    "silent": "silent",
+    "ignore": "ignore",
+}
 #: Gitpod's ``onOpen``: its ``ignore`` still serves the port without a word (aether's
 #: ``silent``); ``ignore-completely`` leaves it out (aether's ``ignore``).
-GITPOD_ON_OPEN = {"open-browser": "open", "open-preview": "open", "notify": "notify", "ignore": "silent",
-                  "ignore-completely": "ignore"}
+GITPOD_ON_OPEN = {
+    "open-browser": "open",
+    "open-preview": "open",
+    "notify": "notify",
+    "ignore": "silent",
+    "ignore-completely": "ignore",
+}
 
 #: Control characters and the bidirectional overrides: a label from a cloned repository must
 #: not rewrite a terminal's screen (``aether ports watch --human``) or reorder what is shown.
@@ -87,10 +110,12 @@ def _raise(message: str):
 
 def _redact(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or len(value) > MAX_REDACT:
-        raise Bad(f"must be a list of 1 to {MAX_REDACT} options such as [\"--password\"], not {excerpt(value)}")
+        raise Bad(f'must be a list of 1 to {MAX_REDACT} options such as ["--password"], not {excerpt(value)}')
     for option in value:
         if not isinstance(option, str) or not 0 < len(option) <= MAX_OPTION or option != option.strip() or " " in option:
-            raise Bad(f"must hold options such as \"--password\" (no spaces, at most {MAX_OPTION} characters), not {excerpt(option)}")
+            raise Bad(
+                f'must hold options such as "--password" (no spaces, at most {MAX_OPTION} characters), not {excerpt(option)}'
+            )
     return tuple(value)
 
 
@@ -120,7 +145,7 @@ OURS: dict[str, Callable[[Any], Any]] = {
 #: Spellings of other tools, and what config.json calls them.
 _SPELLED = {"onOpen": "on_open", "onAutoForward": "on_open", "hideCommand": "hide_command", "name": "label"}
 
-VSCODE: dict[str, Optional[tuple[str, Callable[[Any], Any]]]] = {
+VSCODE: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
     "label": ("label", _label),
     "onAutoForward": ("on_open", lambda value: _choice(value, VSCODE_ON_OPEN)),
     "protocol": ("protocol", lambda value: _choice(value, ("http", "https"))),
@@ -128,7 +153,7 @@ VSCODE: dict[str, Optional[tuple[str, Callable[[Any], Any]]]] = {
     "requireLocalPort": None,
     "elevateIfNeeded": None,
 }
-GITPOD_KEYS: dict[str, Optional[tuple[str, Callable[[Any], Any]]]] = {
+GITPOD_KEYS: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
     "port": None,  # the selector, read first
     "name": ("label", _label),
     "onOpen": ("on_open", lambda value: _choice(value, GITPOD_ON_OPEN)),
@@ -146,7 +171,7 @@ class _Reading:
         self._problems: list[Problem] = []
         self._more = 0
 
-    def problem(self, key: Optional[str], code: str, message: str) -> None:
+    def problem(self, key: str | None, code: str, message: str) -> None:
         if len(self._problems) < MAX_PROBLEMS:
             self._problems.append(Problem(self.file, key, code, message))
         else:
@@ -157,7 +182,7 @@ class _Reading:
         more = [Problem(self.file, None, "invalid", f"{self._more} more problems not listed")] if self._more else []
         return self._problems + more
 
-    def attributes(self, raw: Any, key: str, known: Mapping[str, Any], ours: bool) -> Optional[dict]:
+    def attributes(self, raw: Any, key: str, known: Mapping[str, Any], ours: bool) -> dict | None:
         """The attributes of one rule in aether's words, or None (reported) when one is bad."""
         if not isinstance(raw, Mapping):
             self.problem(key, "invalid", f"must be an object of attributes, not {excerpt(raw)}")
@@ -225,7 +250,9 @@ def _vscode_rules(reading: _Reading, table: Any, name: str, known: Mapping[str, 
     if table is None:
         return rules
     if not isinstance(table, Mapping):
-        reading.problem(name, "invalid", f"must be an object mapping a port, a range or an expression to attributes, not {excerpt(table)}")
+        reading.problem(
+            name, "invalid", f"must be an object mapping a port, a range or an expression to attributes, not {excerpt(table)}"
+        )
         return rules
     for index, (raw_key, raw) in enumerate(table.items()):
         key = _keyed(name, raw_key)
@@ -242,7 +269,9 @@ def _vscode_rules(reading: _Reading, table: Any, name: str, known: Mapping[str, 
             reading.problem(key, "invalid", f"{exc}; rule skipped")
             continue
         except LookupError as exc:
-            reading.problem(key, "ignored", f"names the host {exc.args[0]} (another container): aether sees this workspace's own ports")
+            reading.problem(
+                key, "ignored", f"names the host {exc.args[0]} (another container): aether sees this workspace's own ports"
+            )
             continue
         attrs = reading.attributes(raw, key, known, ours)
         if attrs is not None:
@@ -250,15 +279,16 @@ def _vscode_rules(reading: _Reading, table: Any, name: str, known: Mapping[str, 
     return rules
 
 
-def _other(reading: _Reading, raw: Any, name: str, known: Mapping[str, Any], ours: bool) -> Optional[Rule]:
+def _other(reading: _Reading, raw: Any, name: str, known: Mapping[str, Any], ours: bool) -> Rule | None:
     if raw is None:
         return None
     attrs = reading.attributes(raw, name, known, ours)
     return None if attrs is None else Rule(Origin(reading.file, name), None, attrs)  # type: ignore[arg-type]
 
 
-def _vscode_layer(data: Any, file: str, table: str, fallback: str, known: Mapping[str, Any], ours: bool,
-                  forward: Optional[str] = None) -> tuple[Optional[Layer], list[Problem]]:
+def _vscode_layer(
+    data: Any, file: str, table: str, fallback: str, known: Mapping[str, Any], ours: bool, forward: str | None = None
+) -> tuple[Layer | None, list[Problem]]:
     reading = _Reading(file)
     if not isinstance(data, Mapping):
         reading.problem(None, "unreadable", f"must be an object, not {excerpt(data)}")
@@ -271,7 +301,7 @@ def _vscode_layer(data: Any, file: str, table: str, fallback: str, known: Mappin
     return Layer(file, rules, other, "vscode", ports), reading.problems
 
 
-def from_config(config: Any, file: str = CONFIG) -> tuple[Optional[Layer], list[Problem]]:
+def from_config(config: Any, file: str = CONFIG) -> tuple[Layer | None, list[Problem]]:
     """config.json's ``ports_attributes`` and ``other_ports_attributes`` (aether's names)."""
     return _vscode_layer(config, file, "ports_attributes", "other_ports_attributes", OURS, True)
 
@@ -281,7 +311,7 @@ def _forward_ports(reading: _Reading, raw: Any) -> list[tuple[int, Origin]]:
     if raw is None:
         return ports
     if not isinstance(raw, list):
-        reading.problem("forwardPorts", "invalid", f"must be a list of ports or \"host:port\", not {excerpt(raw)}")
+        reading.problem("forwardPorts", "invalid", f'must be a list of ports or "host:port", not {excerpt(raw)}')
         return ports
     for index, item in enumerate(raw[:MAX_RULES]):
         key = f"forwardPorts[{index}]"
@@ -289,18 +319,22 @@ def _forward_ports(reading: _Reading, raw: Any) -> list[tuple[int, Origin]]:
             if isinstance(item, str):
                 found = _HOST_ADDRESS.fullmatch(item)
                 if found and found.group(1) not in _LOCAL:
-                    reading.problem(key, "ignored", f"names the host {found.group(1)} (another container): aether sees this workspace's own ports")
+                    reading.problem(
+                        key,
+                        "ignored",
+                        f"names the host {found.group(1)} (another container): aether sees this workspace's own ports",
+                    )
                     continue
                 item = found.group(2) if found else item
                 if not _DIGITS.fullmatch(item) or len(item) > 5:
-                    raise SelectorError(f"a port is a number 1-65535 or \"host:port\", not {excerpt(item)}")
+                    raise SelectorError(f'a port is a number 1-65535 or "host:port", not {excerpt(item)}')
             ports.append((port_number(item), Origin(reading.file, key)))
         except SelectorError as exc:
             reading.problem(key, "invalid", str(exc))
     return ports
 
 
-def from_devcontainer(data: Any, file: str = DEVCONTAINER) -> tuple[Optional[Layer], list[Problem]]:
+def from_devcontainer(data: Any, file: str = DEVCONTAINER) -> tuple[Layer | None, list[Problem]]:
     """devcontainer.json's ``portsAttributes``, ``otherPortsAttributes`` and ``forwardPorts``."""
     return _vscode_layer(data, file, "portsAttributes", "otherPortsAttributes", VSCODE, False, "forwardPorts")
 
@@ -316,7 +350,7 @@ def gitpod_selector(value: Any):
     return Port(port_number(value))
 
 
-def from_gitpod(data: Any, file: str = GITPOD) -> tuple[Optional[Layer], list[Problem]]:
+def from_gitpod(data: Any, file: str = GITPOD) -> tuple[Layer | None, list[Problem]]:
     """.gitpod.yml's ``ports``."""
     reading = _Reading(file)
     if data is None:
@@ -349,7 +383,9 @@ def from_gitpod(data: Any, file: str = GITPOD) -> tuple[Optional[Layer], list[Pr
             continue
         if isinstance(selector, Port):
             if selector.port in seen:
-                reading.problem(key, "ignored", f"port {selector.port} is listed before, at {seen[selector.port]}: Gitpod uses the first")
+                reading.problem(
+                    key, "ignored", f"port {selector.port} is listed before, at {seen[selector.port]}: Gitpod uses the first"
+                )
                 continue
             seen[selector.port] = key
         rules.append(Rule(Origin(reading.file, key), selector, attrs))

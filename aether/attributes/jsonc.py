@@ -64,7 +64,7 @@ def strip(text: str) -> str:
     return "".join(pieces)
 
 
-def loads(text: str, duplicates: "list[str] | None" = None) -> Any:
+def loads(text: str, duplicates: list[str] | None = None) -> Any:
     """The value of ``text``; JsoncError saying what is wrong and where. Keys given twice in
     one object are appended to ``duplicates`` when it is given."""
     if text.startswith("\ufeff"):

@@ -35,7 +35,8 @@ import dataclasses
 import itertools
 import re
 import types
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Union
 
 #: What a client does when the port opens: tell the person; open its preview; list it, no
 #: notice; leave it out of lists and notices.
@@ -45,8 +46,14 @@ PROTOCOL = ("http", "https", "tcp")
 #: The attributes shown with a port; the other-attributes fallback looks at these.
 DISPLAY = ("label", "visibility", "protocol", "on_open")
 #: Their names on the wire.
-WIRE = {"label": "label", "visibility": "visibility", "protocol": "protocol", "on_open": "onOpen",
-        "hide_command": "hideCommand", "redact": "redact"}
+WIRE = {
+    "label": "label",
+    "visibility": "visibility",
+    "protocol": "protocol",
+    "on_open": "onOpen",
+    "hide_command": "hideCommand",
+    "redact": "redact",
+}
 #: Characters of the command line an expression sees. Command lines of dev servers are well
 #: under 1 KiB; Linux allows ~2 MiB, and RE2's time is linear in the text, so the bound keeps
 #: one match cheap (bench/attributes.py: about 2 µs an expression on a 90-character command
@@ -83,7 +90,7 @@ class Problem(NamedTuple):
     (something the format allows that aether does not use, or a key it does not know)."""
 
     file: str
-    key: Optional[str]
+    key: str | None
     code: str
     message: str
 
@@ -185,8 +192,14 @@ class Layer:
     the module's docstring), its other-ports attributes, and the ports it lists to forward
     (``forwardPorts``: read, not used by the matcher)."""
 
-    def __init__(self, file: str, rules: Sequence[Rule] = (), other: Optional[Rule] = None,
-                 style: str = "vscode", forward_ports: Sequence[tuple[int, Origin]] = ()):
+    def __init__(
+        self,
+        file: str,
+        rules: Sequence[Rule] = (),
+        other: Rule | None = None,
+        style: str = "vscode",
+        forward_ports: Sequence[tuple[int, Origin]] = (),
+    ):
         if style not in ("vscode", "gitpod"):
             raise ValueError(f"style must be vscode or gitpod, not {style!r}")
         self.file, self.rules, self.other, self.style = file, tuple(rules), other, style
@@ -235,15 +248,15 @@ class Attributes:
     default applies); ``sources`` names, per attribute set, the rule that set it (for
     ``redact``, the first of the rules whose lists were joined)."""
 
-    label: Optional[str] = None
-    visibility: Optional[str] = None
-    protocol: Optional[str] = None
-    on_open: Optional[str] = None
+    label: str | None = None
+    visibility: str | None = None
+    protocol: str | None = None
+    on_open: str | None = None
     hide_command: bool = False
     redact: tuple[str, ...] = ()
     sources: Mapping[str, Origin] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
-    def shown_command(self, argv: Union[Sequence[str], str, None]) -> Union[list[str], str, None]:
+    def shown_command(self, argv: Sequence[str] | str | None) -> list[str] | str | None:
         """The command line as it may be shown: None when hidden, else with the value of each
         ``redact`` option replaced by ``***``; a string in, a string out."""
         if argv is None or self.hide_command:
@@ -301,7 +314,7 @@ def redact(argv: Iterable[str], options: Sequence[str]) -> list[str]:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def command_text(command: Union[Sequence[str], str, None]) -> str:
+def command_text(command: Sequence[str] | str | None) -> str:
     """The text expressions see: an argv joined with spaces (as VS Code joins
     ``/proc/PID/cmdline``), at most :data:`MATCH_CHARS` characters, NULs as spaces, and a
     lone surrogate (an undecodable byte) as U+FFFD."""
@@ -345,7 +358,7 @@ class Ruleset:
     def __len__(self) -> int:
         return sum(len(layer.rules) + (layer.other is not None) for layer in self.layers)
 
-    def resolve(self, port: int, command: Union[Sequence[str], str, None] = None) -> Attributes:
+    def resolve(self, port: int, command: Sequence[str] | str | None = None) -> Attributes:
         """The attributes of ``port`` whose process has ``command`` (an argv, or a command
         line); never raises."""
         if not isinstance(port, int) or isinstance(port, bool):
@@ -365,9 +378,9 @@ class Ruleset:
             return NONE
         values: dict[str, Any] = {}
         sources: dict[str, Origin] = {}
-        hide: Optional[Origin] = None
+        hide: Origin | None = None
         redacted: list[str] = []
-        redact_origin: Optional[Origin] = None
+        redact_origin: Origin | None = None
 
         def take(rule: Rule, display: bool) -> None:
             nonlocal hide, redact_origin
@@ -403,8 +416,9 @@ class Ruleset:
             sources["hide_command"] = hide
         if redact_origin is not None:
             sources["redact"] = redact_origin
-        return Attributes(hide_command=hide is not None, redact=tuple(redacted),
-                          sources=types.MappingProxyType(sources), **values)
+        return Attributes(
+            hide_command=hide is not None, redact=tuple(redacted), sources=types.MappingProxyType(sources), **values
+        )
 
 
 EMPTY = Ruleset()

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from aether.attributes import formats, jsonc
 from aether.attributes.rules import Layer, Problem, Ruleset
@@ -48,7 +49,7 @@ class _Unreadable(Exception):
     """The file is there but cannot be used; the message says why."""
 
 
-def _read(root: Root, name: str) -> Optional[str]:
+def _read(root: Root, name: str) -> str | None:
     """The text of ``name`` beneath the root; None when it is not there."""
     try:
         fd, _ = root.open(name, _OPEN)
@@ -88,7 +89,7 @@ def _read(root: Root, name: str) -> Optional[str]:
         raise _Unreadable(f"not UTF-8 (byte {exc.start}): not read") from None
 
 
-def _first(root_path: Path, names: tuple[str, ...]) -> tuple[Optional[str], Optional[str], list[Problem]]:
+def _first(root_path: Path, names: tuple[str, ...]) -> tuple[str | None, str | None, list[Problem]]:
     """(the first of ``names`` that is there, its text, problems)."""
     problems: list[Problem] = []
     try:
@@ -106,7 +107,7 @@ def _first(root_path: Path, names: tuple[str, ...]) -> tuple[Optional[str], Opti
     return None, None, problems
 
 
-def read_devcontainer(root_path: Path) -> tuple[Optional[Layer], list[Problem]]:
+def read_devcontainer(root_path: Path) -> tuple[Layer | None, list[Problem]]:
     """devcontainer.json's rules beneath ``root_path``: (a layer or None, problems)."""
     name, text, problems = _first(Path(root_path), DEVCONTAINER_FILES)
     if name is None or text is None:
@@ -141,7 +142,7 @@ def _yaml(text: str) -> Any:
         raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
-def read_gitpod(root_path: Path) -> tuple[Optional[Layer], list[Problem]]:
+def read_gitpod(root_path: Path) -> tuple[Layer | None, list[Problem]]:
     """.gitpod.yml's ``ports`` beneath ``root_path``: (a layer or None, problems)."""
     name, text, problems = _first(Path(root_path), GITPOD_FILES)
     if name is None or text is None:
@@ -154,15 +155,16 @@ def read_gitpod(root_path: Path) -> tuple[Optional[Layer], list[Problem]]:
     return layer, problems + found
 
 
-def read_config(config: Optional[Mapping], file: str = formats.CONFIG) -> tuple[Optional[Layer], list[Problem]]:
+def read_config(config: Mapping | None, file: str = formats.CONFIG) -> tuple[Layer | None, list[Problem]]:
     """config.json's rules from its parsed value (None: no config.json)."""
     if config is None:
         return None, []
     return formats.from_config(config, file)
 
 
-def load(root_path: Optional[Path], config: Optional[Mapping] = None,
-         config_file: str = formats.CONFIG) -> tuple[Ruleset, list[Problem]]:
+def load(
+    root_path: Path | None, config: Mapping | None = None, config_file: str = formats.CONFIG
+) -> tuple[Ruleset, list[Problem]]:
     """Every file's rules, most important first (config.json, devcontainer.json,
     .gitpod.yml), and every problem found. ``root_path`` is the workspace root as the settings
     resolved it (no symbolic link on its path); None reads no workspace file."""

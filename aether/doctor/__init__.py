@@ -9,8 +9,8 @@ they decide whether ``aether serve`` starts, not how it watches ports.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from aether.doctor import checks
 from aether.doctor.checks import FAIL, OK, WARN, Check
@@ -65,8 +65,9 @@ def _checked(name: str, step: Callable[[], Check]) -> Check:
     try:
         return step()
     except Exception as exc:
-        return Check(name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}",
-                     "report this; the other checks still hold")
+        return Check(
+            name, FAIL, f"the check itself failed: {type(exc).__name__}: {exc}", "report this; the other checks still hold"
+        )
 
 
 def summary(found: list[Check], ebpf: bool, backend: str) -> str:
@@ -75,8 +76,10 @@ def summary(found: list[Check], ebpf: bool, backend: str) -> str:
     by_name = {check.name: check for check in found}
     why = [] if ebpf else [name for name in (*PROBE_DEPENDS, "probe", "sock_diag") if by_name[name].verdict == FAIL]
     others = [check.name for check in found if check.verdict == FAIL and check.name not in why]
-    counts = [(sum(check.verdict == verdict for check in found), word)
-              for verdict, word in ((OK, "ok"), (WARN, "warning"), (FAIL, "failed"))]
+    counts = [
+        (sum(check.verdict == verdict for check in found), word)
+        for verdict, word in ((OK, "ok"), (WARN, "warning"), (FAIL, "failed"))
+    ]
     tally = ", ".join(f"{n} {word}{'s' if n > 1 and word == 'warning' else ''}" for n, word in counts if n)
     tally += f": {', '.join(others)}" if others else ""
     if ebpf:

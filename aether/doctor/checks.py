@@ -20,7 +20,6 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from aether import caps
 from aether.ports.ebpf import find_tracepoint_format, kernel_version
@@ -35,7 +34,7 @@ class Check:
     name: str
     verdict: str
     detail: str
-    fix: Optional[str] = None
+    fix: str | None = None
 
     def __post_init__(self):
         if self.verdict == OK:
@@ -92,11 +91,19 @@ def check_kernel() -> Check:
     if version is None:
         return Check("kernel", WARN, f"{release}: version not recognised", "none needed if the probe loads")
     if version < (4, 16):
-        return Check("kernel", FAIL, f"{release}: older than 4.16, which added sock:inet_sock_set_state",
-                     "a 4.16+ kernel; aether serve uses sock_diag here")
+        return Check(
+            "kernel",
+            FAIL,
+            f"{release}: older than 4.16, which added sock:inet_sock_set_state",
+            "a 4.16+ kernel; aether serve uses sock_diag here",
+        )
     if version < (5, 8):
-        return Check("kernel", WARN, f"{release}: before 5.8, so perf buffers instead of a ring buffer, and no CAP_BPF",
-                     "none needed as root; a non-root daemon needs CAP_SYS_ADMIN, or a 5.8+ kernel")
+        return Check(
+            "kernel",
+            WARN,
+            f"{release}: before 5.8, so perf buffers instead of a ring buffer, and no CAP_BPF",
+            "none needed as root; a non-root daemon needs CAP_SYS_ADMIN, or a 5.8+ kernel",
+        )
     return Check("kernel", OK, f"{release} (ring buffer, CAP_BPF and CAP_PERFMON)")
 
 
@@ -104,8 +111,12 @@ def check_btf() -> Check:
     path = Path("/sys/kernel/btf/vmlinux")
     if path.exists():
         return Check("btf", OK, f"{path} present (not needed: the probe reads only tracepoint arguments)")
-    return Check("btf", WARN, f"{path} missing: not needed by the probe, which reads only tracepoint arguments",
-                 "none for aether; CO-RE tools want a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    return Check(
+        "btf",
+        WARN,
+        f"{path} missing: not needed by the probe, which reads only tracepoint arguments",
+        "none for aether; CO-RE tools want a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+    )
 
 
 def check_tracepoint() -> Check:
@@ -113,13 +124,21 @@ def check_tracepoint() -> Check:
     if found:
         return Check("tracepoint", OK, f"sock:inet_sock_set_state at {found.parent}")
     if denied:
-        return Check("tracepoint", FAIL, f"{denied} is not readable by {_user()}",
-                     "grant CAP_DAC_READ_SEARCH: tracefs is root's, mode 0700 (see privileges)")
-    return Check("tracepoint", FAIL, "sock:inet_sock_set_state not found under tracefs",
-                 "mount -t tracefs nodev /sys/kernel/tracing (deploy/setup.sh does), or a 4.16+ kernel")
+        return Check(
+            "tracepoint",
+            FAIL,
+            f"{denied} is not readable by {_user()}",
+            "grant CAP_DAC_READ_SEARCH: tracefs is root's, mode 0700 (see privileges)",
+        )
+    return Check(
+        "tracepoint",
+        FAIL,
+        "sock:inet_sock_set_state not found under tracefs",
+        "mount -t tracefs nodev /sys/kernel/tracing (deploy/setup.sh does), or a 4.16+ kernel",
+    )
 
 
-def _kernel_config() -> tuple[Optional[str], Optional[str]]:
+def _kernel_config() -> tuple[str | None, str | None]:
     """(the kernel's build configuration, where it came from), or (None, None)."""
     boot = Path(f"/boot/config-{platform.release()}")
     try:
@@ -153,8 +172,7 @@ def check_bcc() -> Check:
         return Check("bcc", FAIL, f"python module bcc not importable: {exc}", fix)
     where = os.path.dirname(getattr(bcc, "__file__", None) or "?")
     if not hasattr(bcc, "BPF"):
-        return Check("bcc", FAIL, f"{where} is the PyPI package named bcc, unrelated to BPF",
-                     f"pip uninstall bcc; {fix}")
+        return Check("bcc", FAIL, f"{where} is the PyPI package named bcc, unrelated to BPF", f"pip uninstall bcc; {fix}")
     real = os.path.realpath(where)
     origin = ""
     if real.startswith("/usr/lib/python3/dist-packages/"):
@@ -166,15 +184,18 @@ def check_headers() -> Check:
     release = platform.release()
     build = Path(f"/lib/modules/{release}/build")
     if not build.exists():
-        return Check("headers", FAIL, f"{build} missing: bcc has no kernel headers to compile the probe with",
-                     "bash deploy/setup.sh links Debian's headers (apt-get install linux-headers-amd64)")
+        return Check(
+            "headers",
+            FAIL,
+            f"{build} missing: bcc has no kernel headers to compile the probe with",
+            "bash deploy/setup.sh links Debian's headers (apt-get install linux-headers-amd64)",
+        )
     if not build.is_symlink():
         return Check("headers", OK, f"{build}")
     target = os.readlink(build)
     note = ""
     if release not in target and os.path.basename(target).startswith("linux-headers-"):
-        note = (" (Debian's generic headers, linked by deploy/setup.sh: enough for a probe that reads only"
-                " tracepoint arguments)")
+        note = " (Debian's generic headers, linked by deploy/setup.sh: enough for a probe that reads only tracepoint arguments)"
     return Check("headers", OK, f"{build} -> {target}{note}")
 
 
@@ -182,8 +203,10 @@ def _compile_error(text: str) -> str:
     """The first line of bcc's diagnostics that says what went wrong, and how many there were."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if " error: " in line]
-    first = errors[0] if errors else next(
-        (line for line in lines if re.search(r"error|fail|not permitted|denied|privilege", line, re.I)), ""
+    first = (
+        errors[0]
+        if errors
+        else next((line for line in lines if re.search(r"error|fail|not permitted|denied|privilege", line, re.I)), "")
     )
     first = re.sub(r"^/virtual/", "", first)
     if len(first) > 160:
@@ -192,7 +215,7 @@ def _compile_error(text: str) -> str:
     return f"{first}{more}"
 
 
-def _load_and_unload() -> tuple[Optional[str], str]:
+def _load_and_unload() -> tuple[str | None, str]:
     """Compile the probe as a first start on this kernel would (the cache neither read nor
     written), load it, attach its buffers to a loop, detach and unload it, as the monitor
     does: (why it failed or None, what bcc printed meanwhile, or on success how it went)."""
@@ -246,8 +269,12 @@ def check_probe() -> Check:
         return Check("probe", OK, f"loaded, attached and unloaded in {took:.2f} s ({output})")
     if output.strip():
         error = f"{error}: {_compile_error(output)}"
-    return Check("probe", FAIL, f"{error} (after {took:.2f} s)",
-                 "bcc's whole output: aether ports watch --backend ebpf; bpf/listen_events.c is the probe")
+    return Check(
+        "probe",
+        FAIL,
+        f"{error} (after {took:.2f} s)",
+        "bcc's whole output: aether ports watch --backend ebpf; bpf/listen_events.c is the probe",
+    )
 
 
 def check_sockdiag() -> Check:
@@ -258,15 +285,19 @@ def check_sockdiag() -> Check:
         with DiagSocket() as diag:
             raw = diag.raw()
     except OSError as exc:
-        return Check("sock_diag", FAIL, f"NETLINK_SOCK_DIAG dump failed: {exc}",
-                     "a kernel with CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG (modprobe tcp_diag)")
+        return Check(
+            "sock_diag",
+            FAIL,
+            f"NETLINK_SOCK_DIAG dump failed: {exc}",
+            "a kernel with CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG (modprobe tcp_diag)",
+        )
     ports = len({row[1] for row in raw})
     took = (time.monotonic() - started) * 1000
     sockets = f"{len(raw)} listening socket{'' if len(raw) == 1 else 's'}"
     return Check("sock_diag", OK, f"{sockets} on {ports} port{'' if ports == 1 else 's'}, dumped in {took:.1f} ms")
 
 
-def check_state_dir(path: Path, config_error: Optional[str] = None) -> Check:
+def check_state_dir(path: Path, config_error: str | None = None) -> Check:
     """Writable, or creatable: a file made and removed in it, or in its nearest existing parent.
     ``config_error`` is why its config.json could not be read, if it could not."""
     fix = "--state-dir / AETHER_STATE_DIR naming a directory this user may create, or StateDirectory=aether in the unit"
@@ -292,8 +323,12 @@ def check_state_dir(path: Path, config_error: Optional[str] = None) -> Check:
         make = f"chown {_user_name()} {path}" if existing == path else f"mkdir -p {path} && chown {_user_name()} {path}"
         return Check("state-dir", FAIL, f"{existing} is not writable by {_user()}: {exc.strerror}", f"{make}, or {fix}")
     if config_error:
-        return Check("state-dir", FAIL, f"{path} is writable, but {config_error}",
-                     f"correct or remove {path / 'config.json'}: aether serve refuses to start with it")
+        return Check(
+            "state-dir",
+            FAIL,
+            f"{path} is writable, but {config_error}",
+            f"correct or remove {path / 'config.json'}: aether serve refuses to start with it",
+        )
     if existing == path:
         return Check("state-dir", OK, f"{path} is writable")
     return Check("state-dir", OK, f"{path} does not exist yet; {existing} is writable, so aether serve can create it")
@@ -328,8 +363,7 @@ def _holders(port: int) -> str:
 def check_port(host: str, port: int) -> Check:
     """Bind (not listen) as ``aether serve`` would: every address of ``host``, SO_REUSEADDR."""
     try:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE | socket.AI_ADDRCONFIG)
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE | socket.AI_ADDRCONFIG)
     except socket.gaierror as exc:
         return Check("port", FAIL, f"host {host!r} does not resolve: {exc.strerror}", "--host / AETHER_HOST")
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -343,12 +377,19 @@ def check_port(host: str, port: int) -> Check:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     held = _holders(port)
-                    fix = "nothing: it is running" if "aether itself" in held else \
-                        f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT"
+                    fix = (
+                        "nothing: it is running"
+                        if "aether itself" in held
+                        else f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT"
+                    )
                     verdict = WARN if "aether itself" in held else FAIL
                     return Check("port", verdict, f"{where} is taken, {held}", fix)
                 if exc.errno == errno.EACCES:
-                    return Check("port", FAIL, f"{where}: binding below 1024 needs CAP_NET_BIND_SERVICE",
-                                 "a port of 1024 or more, or AmbientCapabilities=CAP_NET_BIND_SERVICE")
+                    return Check(
+                        "port",
+                        FAIL,
+                        f"{where}: binding below 1024 needs CAP_NET_BIND_SERVICE",
+                        "a port of 1024 or more, or AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                    )
                 return Check("port", FAIL, f"{where}: {exc.strerror}", "--host / AETHER_HOST, --port / AETHER_PORT")
     return Check("port", OK, f"{where} is free")

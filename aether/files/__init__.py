@@ -19,6 +19,6 @@ class FileError(Refusal):
     one; the error reply carries it), and ``message`` says which path and why, for a person to
     read."""
 
-    def __init__(self, code: str, path: Optional[str], message: str):
+    def __init__(self, code: str, path: str | None, message: str):
         super().__init__(code, message, **({"path": path} if path is not None else {}))
         self.path = path

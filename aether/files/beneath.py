@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 import stat as stat_
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from aether.files import FileError, libc
 from aether.files.paths import Parsed, escape, inside, parse
@@ -46,7 +46,7 @@ _PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 log = logging.getLogger("aether.files")
 
 #: Whether openat2 is used: None until first asked.
-OPENAT2: Optional[bool] = None
+OPENAT2: bool | None = None
 
 
 def has_openat2() -> bool:
@@ -101,7 +101,7 @@ class Root:
         self.fd = -1
         self._held: list[int] = []
 
-    def __enter__(self) -> "Root":
+    def __enter__(self) -> Root:
         self.fd = _open_root(self.root)
         return self
 
@@ -167,7 +167,7 @@ class Root:
             return self._walk(parsed, follow, path)
         if follow:
             try:
-                st: Optional[os.stat_result] = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                st: os.stat_result | None = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 st = None
             if st is not None and stat_.S_ISLNK(st.st_mode):
@@ -250,7 +250,7 @@ class Root:
                         for held in stack[1:]:
                             os.close(held)
                         del stack[1:], names[:]
-                        target = target[len(self.root):]
+                        target = target[len(self.root) :]
                     todo.extend((p, True) for p in reversed(target.split("/")) if p not in ("", "."))
                     continue
                 if last:
@@ -266,7 +266,7 @@ class Root:
                 os.close(held)
             raise
 
-    def _handed(self, stack: list[int], name: str, rel: Optional[str], fd: int = -1) -> Place:
+    def _handed(self, stack: list[int], name: str, rel: str | None, fd: int = -1) -> Place:
         """The walk's end: the directory it is in, and ``fd`` (what it opened there), are
         held (closed with the root); those above it closed."""
         for held in stack[1:-1]:

@@ -4,8 +4,6 @@ order a client can apply. Pure: no I/O, no event loop.
 
 from __future__ import annotations
 
-from typing import Optional
-
 #: Distinct paths in one window beyond which the window is sent as one ``overflow``.
 MAX_PENDING_PATHS = 1000
 #: Pending paths looked through for directory moves in one window (each move looks through
@@ -30,7 +28,7 @@ class Coalescer:
     def __init__(self, limit: int = MAX_PENDING_PATHS, work: int = MAX_CARRY_WORK):
         self.limit = limit
         self.work = work
-        self.pending: dict[str, tuple[str, str, Optional[str]]] = {}  # path -> (type, kind, from)
+        self.pending: dict[str, tuple[str, str, str | None]] = {}  # path -> (type, kind, from)
         self.overflowed = False
         self._carried = 0
 
@@ -41,7 +39,7 @@ class Coalescer:
         self.overflowed = True
         self.pending.clear()
 
-    def add(self, type_: str, path: str, kind: str, source: Optional[str] = None) -> None:
+    def add(self, type_: str, path: str, kind: str, source: str | None = None) -> None:
         if self.overflowed:
             return
         if type_ == MOVED:
@@ -51,7 +49,7 @@ class Coalescer:
         if len(self.pending) > self.limit:
             self.overflow()
 
-    def take(self) -> Optional[list[tuple[str, str, str, Optional[str]]]]:
+    def take(self) -> list[tuple[str, str, str, str | None]] | None:
         """The window's events as ``(type, path, kind, from)``, or None for an overflow."""
         events = None if self.overflowed else [(t, p, k, s) for p, (t, k, s) in self.pending.items()]
         self.pending = {}
@@ -107,5 +105,5 @@ class Coalescer:
             del self.pending[p]
         for p, (t, k, s) in below:
             if s is not None and _under(s, source):
-                s = path + s[len(source):]
-            self.pending[path + p[len(source):]] = (t, k, s)
+                s = path + s[len(source) :]
+            self.pending[path + p[len(source) :]] = (t, k, s)

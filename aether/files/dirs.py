@@ -8,7 +8,7 @@ of the whole watch for each directory that moves.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 #: Deeper than any path the kernel takes (PATH_MAX 4096, two bytes a level): a chain longer
 #: than this is a loop that missed events left, and has no path.
@@ -21,7 +21,7 @@ class Directories:
     recursive, those below it."""
 
     def __init__(self) -> None:
-        self._nodes: dict[int, tuple[Optional[int], str]] = {}  # wd -> (parent wd, name); the top: (None, "")
+        self._nodes: dict[int, tuple[int | None, str]] = {}  # wd -> (parent wd, name); the top: (None, "")
         self._children: dict[int, dict[str, int]] = {}  # wd -> name -> wd
 
     def __contains__(self, wd: int) -> bool:
@@ -33,7 +33,7 @@ class Directories:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def add(self, wd: int, parent: Optional[int], name: str) -> None:
+    def add(self, wd: int, parent: int | None, name: str) -> None:
         """``wd`` is directory ``name`` in ``parent`` (None and ``""`` for the top), wherever
         it was before. A directory that had that place is no longer there: its events are
         dropped until it is placed again."""
@@ -47,7 +47,7 @@ class Directories:
             self._nodes[old] = (_NOWHERE, name)
         siblings[name] = wd
 
-    def child(self, parent: int, name: str) -> Optional[int]:
+    def child(self, parent: int, name: str) -> int | None:
         """The descriptor of directory ``name`` in ``parent``, if it is watched."""
         return self._children.get(parent, {}).get(name)
 
@@ -61,7 +61,7 @@ class Directories:
         node = self._nodes.get(wd)
         return node is not None and node[0] is None
 
-    def path(self, wd: int) -> Optional[str]:
+    def path(self, wd: int) -> str | None:
         """``wd``'s path in the watch (``""`` for the top), or None when it is not in it."""
         parts = []
         node = self._nodes.get(wd)

@@ -23,7 +23,8 @@ import asyncio
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, Optional
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 from aether.files import FileError, libc
 from aether.files.beneath import Root, below, fd_path
@@ -53,8 +54,16 @@ IN_ISDIR = 0x40000000
 #: The path given is /proc/self/fd/N, a link the kernel follows to the directory open there
 #: (so not IN_DONT_FOLLOW).
 DIRECTORY_MASK = (
-    IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ONLYDIR
+    | IN_EXCL_UNLINK
 )
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -102,7 +111,7 @@ def locate(root: str, path: str) -> Top:
     return Top(real, rel, (st.st_dev, st.st_ino))
 
 
-def open_top(real: str, ident: Optional[tuple[int, int]]) -> tuple[int, tuple[int, int]]:
+def open_top(real: str, ident: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
     """The watch's top directory opened again, and its identity; OSError ENOENT when what is
     at ``real`` now is another directory than ``ident`` (None: any, and it becomes the one)."""
     fd = os.open(real, _DIRECTORY)
@@ -113,7 +122,7 @@ def open_top(real: str, ident: Optional[tuple[int, int]]) -> tuple[int, tuple[in
     return fd, (st.st_dev, st.st_ino)
 
 
-def add_watch_below(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str) -> int:
+def add_watch_below(fd: int, real: str, ident: tuple[int, int] | None, rel: str) -> int:
     """Watch directory ``rel`` of the watch whose top is ``real`` (``""``: the top)."""
     top, _ident = open_top(real, ident)
     try:
@@ -157,7 +166,7 @@ class Scan(NamedTuple):
     dirs: list[tuple[str, int, int]]  # (path in the tree, watch descriptor, index of its parent here; -1: the top)
     entries: list[tuple[str, str]]  # (path in the tree, kind) of what was found, when asked
     truncated: bool  # stopped at the directory limit
-    ident: Optional[tuple[int, int]]  # the top's (device, inode)
+    ident: tuple[int, int] | None  # the top's (device, inode)
 
 
 def join_rel(rel: str, name: str) -> str:
@@ -165,8 +174,9 @@ def join_rel(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def scan(fd: int, real: str, ident: Optional[tuple[int, int]], rel: str, recursive: bool, known: frozenset,
-         budget: int, report: bool) -> Scan:
+def scan(
+    fd: int, real: str, ident: tuple[int, int] | None, rel: str, recursive: bool, known: frozenset, budget: int, report: bool
+) -> Scan:
     """Watch directory ``rel`` of the watch whose top is ``real`` (``""``: the top) and, when
     ``recursive``, every directory below it (links not followed), adding at most ``budget``
     descriptors not in ``known``; parents come before their children. Blocking: runs in the
@@ -231,16 +241,16 @@ class Instance:
     def __init__(self, run: Callable[..., Awaitable], max_dirs: int = MAX_WATCHED_DIRS):
         self._run = run
         self.max_dirs = max_dirs
-        self.fd: Optional[int] = None
-        self.users: dict[int, set["WatchTree"]] = {}
-        self.trees: set["WatchTree"] = set()
+        self.fd: int | None = None
+        self.users: dict[int, set[WatchTree]] = {}
+        self.trees: set[WatchTree] = set()
         self._lock = asyncio.Lock()  # one scan at a time
         self._scanning = False
         self._dead: set[int] = set()  # removed while a scan was running
         self._orphans: dict[int, list[Event]] = {}
         self._orphan_count = 0
 
-    async def watch(self, tree: "WatchTree", rel: str, parent: Optional[int], report: bool) -> Scan:
+    async def watch(self, tree: WatchTree, rel: str, parent: int | None, report: bool) -> Scan:
         """Watch directory ``rel`` of ``tree``, and below it when the tree is recursive: the
         top (``""``, ``parent`` None), or an entry of directory ``parent`` (a descriptor of the
         tree), where it is placed whatever is renamed while the scan runs. OSError when that
@@ -258,7 +268,15 @@ class Instance:
             self._scanning = True
             try:
                 found = await self._run(
-                    scan, self.fd, tree.real, tree.ident, rel, tree.recursive, frozenset(self.users), budget, report,
+                    scan,
+                    self.fd,
+                    tree.real,
+                    tree.ident,
+                    rel,
+                    tree.recursive,
+                    frozenset(self.users),
+                    budget,
+                    report,
                 )
                 if self.fd is None:
                     raise OSError(errno.EBADF, "the inotify instance was closed")
@@ -272,7 +290,7 @@ class Instance:
                 self._close_if_idle()
             return found
 
-    def release(self, tree: "WatchTree", wds: list[int]) -> None:
+    def release(self, tree: WatchTree, wds: list[int]) -> None:
         """``tree`` no longer uses ``wds``; those no one uses are removed."""
         for wd in wds:
             users = self.users.get(wd)
@@ -285,13 +303,13 @@ class Instance:
                     self._dead.add(wd)
                 rm_watch(self.fd, wd)
 
-    def remove(self, tree: "WatchTree") -> None:
+    def remove(self, tree: WatchTree) -> None:
         self.trees.discard(tree)
         self.release(tree, tree.take_descriptors())
         self._close_if_idle()
 
-    def _register(self, tree: "WatchTree", parent: Optional[int], dirs: list[tuple[str, int, int]]) -> None:
-        placed: list[Optional[int]] = []  # each scanned directory's descriptor as registered
+    def _register(self, tree: WatchTree, parent: int | None, dirs: list[tuple[str, int, int]]) -> None:
+        placed: list[int | None] = []  # each scanned directory's descriptor as registered
         orphans = False
         for rel, wd, up in dirs:
             holder = parent if up < 0 else placed[up]
@@ -317,7 +335,7 @@ class Instance:
             tree.end_batch()
 
     def _readable(self) -> None:
-        touched: dict["WatchTree", None] = {}
+        touched: dict[WatchTree, None] = {}
         room = READ_BYTES
         # Read again at once while there is room: what follows a change within microseconds
         # (a file's first write after its creation) is then told with it.
@@ -335,7 +353,7 @@ class Instance:
             tree.end_batch()
         self._close_if_idle()
 
-    def _dispatch(self, event: Event) -> list["WatchTree"]:
+    def _dispatch(self, event: Event) -> list[WatchTree]:
         if event.mask & IN_Q_OVERFLOW:
             for tree in list(self.trees):
                 tree.overflow()

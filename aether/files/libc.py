@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Union
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
@@ -61,7 +60,7 @@ def inotify_init() -> int:
     return _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
 
 
-def inotify_add_watch(fd: int, path: Union[str, bytes], mask: int) -> int:
+def inotify_add_watch(fd: int, path: str | bytes, mask: int) -> int:
     """The watch descriptor for ``path``; the same one again for a directory already watched."""
     wd = _libc.inotify_add_watch(fd, os.fsencode(path), mask)
     return wd if wd >= 0 else _check(wd, os.fsdecode(path))

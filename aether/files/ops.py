@@ -61,7 +61,8 @@ def list_dir(root: str, path: str) -> tuple[str, list[dict]]:
                     if len(entries) == MAX_LIST_ENTRIES:
                         free(entries)
                         raise FileError(
-                            "too_large", path,
+                            "too_large",
+                            path,
                             f"{path}: holds more than {MAX_LIST_ENTRIES} entries, more than a list returns",
                         )
                     try:

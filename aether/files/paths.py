@@ -32,20 +32,28 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from typing import Optional
 
 from aether.files import FileError
 
 _CODES = {
-    errno.ENOENT: "not_found", errno.ENOTDIR: "not_a_directory", errno.EISDIR: "is_a_directory",
-    errno.EEXIST: "exists", errno.ENOTEMPTY: "not_empty", errno.EINVAL: "invalid",
-    errno.ENAMETOOLONG: "invalid", errno.ELOOP: "invalid", errno.ENXIO: "invalid",
-    errno.EACCES: "forbidden", errno.EPERM: "forbidden", errno.EROFS: "forbidden",
-    errno.EXDEV: "forbidden", errno.EFBIG: "too_large",
+    errno.ENOENT: "not_found",
+    errno.ENOTDIR: "not_a_directory",
+    errno.EISDIR: "is_a_directory",
+    errno.EEXIST: "exists",
+    errno.ENOTEMPTY: "not_empty",
+    errno.EINVAL: "invalid",
+    errno.ENAMETOOLONG: "invalid",
+    errno.ELOOP: "invalid",
+    errno.ENXIO: "invalid",
+    errno.EACCES: "forbidden",
+    errno.EPERM: "forbidden",
+    errno.EROFS: "forbidden",
+    errno.EXDEV: "forbidden",
+    errno.EFBIG: "too_large",
 }
 
 
-def os_error(exc: OSError, path: str, what: Optional[str] = None) -> FileError:
+def os_error(exc: OSError, path: str, what: str | None = None) -> FileError:
     """The FileError for an OSError on the client's ``path`` (``what`` names it in the
     message, when not the path alone)."""
     return FileError(_CODES.get(exc.errno, "io"), path, f"{what or path}: {exc.strerror or exc}")
@@ -69,7 +77,7 @@ class Parsed:
     ``directory``: it ends in ``/``, so what is there must be a directory."""
 
     parts: tuple[str, ...]
-    rel: Optional[str]
+    rel: str | None
     dotdot: bool
     directory: bool
 
@@ -117,7 +125,7 @@ def parse(root: str, path: str, follow: bool) -> Parsed:
         parts = tuple(relative(root, located).split("/")) if located != root else ()
         dotdot, rel = False, "/".join(parts) or "."
     else:
-        parts = tuple(part for part in joined[len(root):].split("/") if part not in ("", "."))
+        parts = tuple(part for part in joined[len(root) :].split("/") if part not in ("", "."))
         rel = None if dotdot else "/".join(parts) or "."
     if not follow and name in (".", "..") and (dotdot or lexical != root):
         raise FileError("invalid", path, f"{path}: ends in {name!r}, which is no name of its own; name the directory itself")

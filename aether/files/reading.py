@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import os
 import stat as stat_
-from typing import Optional
 
 from aether.files import FileError
 from aether.files.beneath import Root
@@ -30,7 +29,8 @@ def json_text_bytes(data: bytes) -> int:
     """An upper bound on the size of UTF-8 ``data`` as a JSON string's content."""
     return (
         len(data)
-        + len(data) - len(data.translate(None, _SHORT_ESCAPES))
+        + len(data)
+        - len(data.translate(None, _SHORT_ESCAPES))
         + 5 * (len(data) - len(data.translate(None, _LONG_ESCAPES)))
     )
 
@@ -44,7 +44,7 @@ def encode_chunk(data: bytes, final: bool) -> tuple[str, str, int]:
     """
     used = len(data)
     try:
-        text: Optional[str] = data.decode("utf-8")
+        text: str | None = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = None
         # The first error being an incomplete sequence at the very end means all before it
@@ -61,7 +61,7 @@ def encode_chunk(data: bytes, final: bool) -> tuple[str, str, int]:
 class Reader:
     """An open regular file and the byte range a ``read`` sends of it, chunk by chunk."""
 
-    def __init__(self, root: str, path: str, offset: int = 0, length: Optional[int] = None):
+    def __init__(self, root: str, path: str, offset: int = 0, length: int | None = None):
         if length is not None and length > MAX_READ_BYTES:
             raise FileError("too_large", path, f"{path}: a read returns at most {MAX_READ_BYTES >> 20} MiB; ask for less")
         try:

@@ -16,14 +16,25 @@ import asyncio
 import errno
 import logging
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aether.files import FileError
 from aether.files.coalescer import CREATED, DELETED, DIRECTORY, FILE, MODIFIED, MOVED, Coalescer
 from aether.files.dirs import Directories
 from aether.files.inotify import (
-    IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
-    IN_MOVED_FROM, IN_MOVED_TO, IN_UNMOUNT, Event, Instance, join_rel,
+    IN_ATTRIB,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_UNMOUNT,
+    Event,
+    Instance,
+    join_rel,
 )
 from aether.files.ops import os_error
 
@@ -34,6 +45,8 @@ WINDOW_SECONDS = 0.05
 #: How long a rename's first half waits for its second once nothing else has come: the kernel
 #: queues them one after the other, and a read can fall in between.
 PAIR_SECONDS = 0.01
+
+
 class WatchTree:
     """One client watch over ``real`` (named ``base`` in messages): the directory of
     (device, inode) ``ident`` that was there (None: the one there when it starts).
@@ -41,9 +54,17 @@ class WatchTree:
     is behind, and then calls ``resume`` once it has caught up; ``ended(tree)`` is called
     when the watched directory itself goes."""
 
-    def __init__(self, instance: Instance, real: str, base: str, recursive: bool,
-                 deliver: Callable[[list[dict]], None], hold: Callable[[Callable[[], None]], bool],
-                 ended: Callable[["WatchTree"], None], ident: Optional[tuple[int, int]] = None):
+    def __init__(
+        self,
+        instance: Instance,
+        real: str,
+        base: str,
+        recursive: bool,
+        deliver: Callable[[list[dict]], None],
+        hold: Callable[[Callable[[], None]], bool],
+        ended: Callable[[WatchTree], None],
+        ident: tuple[int, int] | None = None,
+    ):
         self.instance = instance
         self.real = real
         self.ident = ident
@@ -54,8 +75,8 @@ class WatchTree:
         self.closed = False
         self._moves: dict[int, tuple[int, str, str]] = {}  # cookie -> moved-from (directory's wd, name, kind)
         self._deliver, self._hold, self._ended = deliver, hold, ended
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._pair_timer: Optional[asyncio.TimerHandle] = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pair_timer: asyncio.TimerHandle | None = None
         self._last_flush = float("-inf")
         self._held = False
         self._limited = False
@@ -70,14 +91,17 @@ class WatchTree:
         except OSError as exc:
             self.close()
             if exc.errno == errno.ENOSPC:
-                raise FileError("too_large", path, f"{path}: the kernel's limit of inotify watches is reached (fs.inotify.max_user_watches)") from None
+                raise FileError(
+                    "too_large", path, f"{path}: the kernel's limit of inotify watches is reached (fs.inotify.max_user_watches)"
+                ) from None
             if exc.errno == errno.ENOTDIR:
                 raise FileError("not_a_directory", path, f"{path}: not a directory; watch the directory it is in") from None
             raise os_error(exc, path) from None
         if found.truncated:
             self.close()
             raise FileError(
-                "too_large", path,
+                "too_large",
+                path,
                 f"{path}: watching it would take the server past {self.instance.max_dirs} watched directories; "
                 "watch a subdirectory, or without recursive",
             )
@@ -92,12 +116,12 @@ class WatchTree:
         self._timer = self._pair_timer = None
         self.instance.remove(self)
 
-    def grow(self, parent: Optional[int], name: str, report: bool) -> None:
+    def grow(self, parent: int | None, name: str, report: bool) -> None:
         """Watch directory ``name`` that appeared in ``parent`` (None: the whole tree again),
         and below it; with ``report``, tell what it holds already as created (it may have
         filled before its watch was in place)."""
         if parent is None:
-            rel: Optional[str] = ""
+            rel: str | None = ""
         else:
             rel = self._path(parent, name)
             if rel is None:
@@ -106,7 +130,7 @@ class WatchTree:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _grow(self, rel: str, parent: Optional[int], report: bool) -> None:
+    async def _grow(self, rel: str, parent: int | None, report: bool) -> None:
         try:
             found = await self.instance.watch(self, rel, parent, report)
         except (OSError, FileError):
@@ -124,12 +148,14 @@ class WatchTree:
         self.arm()
         if found.truncated and not self._limited:
             self._limited = True
-            message = f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
+            message = (
+                f"{self.base}: the server watches {self.instance.max_dirs} directories already; new ones here are not watched"
+            )
             self._deliver([{"type": "error", "code": "too_large", "path": self.base, "message": message}])
 
     # -- what the inotify instance calls ----------------------------------------------------
 
-    def identify(self, ident: Optional[tuple[int, int]]) -> None:
+    def identify(self, ident: tuple[int, int] | None) -> None:
         """The scan of the top found directory (device, inode) ``ident``: when the tree was
         not given one, that directory is the one it watches from now on."""
         if self.ident is None:
@@ -139,7 +165,7 @@ class WatchTree:
         """Whether descriptor ``wd`` is one of this tree's directories."""
         return wd in self.dirs
 
-    def place(self, wd: int, parent: Optional[int], name: str) -> None:
+    def place(self, wd: int, parent: int | None, name: str) -> None:
         """Descriptor ``wd`` is directory ``name`` in ``parent`` (None and ``""``: the top)."""
         self.dirs.add(wd, parent, name)
 
@@ -155,12 +181,12 @@ class WatchTree:
             return self.base
         return rel if self.base == "." else f"{self.base}/{rel}"
 
-    def _path(self, wd: int, name: str) -> Optional[str]:
+    def _path(self, wd: int, name: str) -> str | None:
         """Entry ``name`` of directory ``wd`` as a path in the tree; None if ``wd`` has none."""
         rel = self.dirs.path(wd)
         return None if rel is None else join_rel(rel, name)
 
-    def _add(self, type_: str, wd: int, name: str, kind: str, source: Optional[str] = None) -> None:
+    def _add(self, type_: str, wd: int, name: str, kind: str, source: str | None = None) -> None:
         if not self.events.overflowed:  # an overflowed window keeps nothing: no path needed
             path = self._path(wd, name)
             if path is not None:
@@ -257,7 +283,7 @@ class WatchTree:
         elif events:
             self._deliver([self._message(*e) for e in events])
 
-    def _message(self, type_: str, path: str, kind: str, source: Optional[str]) -> dict:
+    def _message(self, type_: str, path: str, kind: str, source: str | None) -> dict:
         message = {"type": type_, "path": self.display(path), "kind": kind}
         if type_ == MOVED:
             message["from"] = self.display(source or "")

@@ -11,7 +11,6 @@ import functools
 import os
 import secrets
 import stat as stat_
-from typing import Optional
 
 from aether.files import FileError
 from aether.files.beneath import Place, Root
@@ -45,7 +44,7 @@ def decode_content(content: str, encoding: str, path: str) -> bytes:
         raise FileError("invalid", path, f"{path}: content is not valid Unicode (a lone surrogate)") from None
 
 
-def _write_all(fd: int, data: bytes, offset: Optional[int] = None) -> None:
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
@@ -54,7 +53,7 @@ def _write_all(fd: int, data: bytes, offset: Optional[int] = None) -> None:
             offset += n
 
 
-def write(root: str, path: str, data: bytes, offset: Optional[int] = None, create_parents: bool = False) -> tuple[str, int]:
+def write(root: str, path: str, data: bytes, offset: int | None = None, create_parents: bool = False) -> tuple[str, int]:
     """Write ``data``; the rel path and the bytes written.
 
     Without ``offset`` (or at 0 on a file that does not exist) the file is replaced atomically:
@@ -72,11 +71,13 @@ def write(root: str, path: str, data: bytes, offset: Optional[int] = None, creat
                 place = beneath.place(path, follow=True)  # a link inside the root is written through
             except FileNotFoundError:
                 if not create_parents:
-                    raise FileError("not_found", path, f"{path}: the parent directory does not exist (createParents makes it)") from None
+                    raise FileError(
+                        "not_found", path, f"{path}: the parent directory does not exist (createParents makes it)"
+                    ) from None
                 beneath.makedirs(path, parents_only=True)
                 place = beneath.place(path, follow=True)
             try:
-                st: Optional[os.stat_result] = place.lstat()
+                st: os.stat_result | None = place.lstat()
             except FileNotFoundError:
                 st = None
             if st is not None and stat_.S_ISDIR(st.st_mode):
@@ -105,7 +106,8 @@ def _write_at(place: Place, path: str, data: bytes, offset: int) -> int:
             raise FileError("invalid", path, f"{path}: not a regular file")
         if st.st_nlink > 1:
             raise FileError(
-                "forbidden", path,
+                "forbidden",
+                path,
                 f"{path}: has other hard links, which may be outside the workspace root; write it whole (without offset) instead",
             )
         if offset > st.st_size:
@@ -128,7 +130,7 @@ def _temporary(dir_fd: int) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", ".aether-write-*.tmp")
 
 
-def _replace(place: Place, data: bytes, old: Optional[os.stat_result]) -> None:
+def _replace(place: Place, data: bytes, old: os.stat_result | None) -> None:
     fd, temp = _temporary(place.dirfd)
     try:
         try:

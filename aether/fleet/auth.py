@@ -26,7 +26,7 @@ import os
 import re
 import stat
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 MIN_KEY_BYTES = 32
 #: A key file is a secret, not a document: anything longer is the wrong file.
@@ -61,8 +61,7 @@ def read_key(path: str) -> bytes:
             raise KeyFileError(f"fleet key file {path} is not a regular file")
         if info.st_mode & 0o066:
             raise KeyFileError(
-                f"fleet key file {path} is open to group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
-                f"chmod 600 {path}"
+                f"fleet key file {path} is open to group or others (mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path}"
             )
         data = os.read(fd, MAX_KEY_BYTES + 1)
     finally:
@@ -89,7 +88,7 @@ class FleetKeys:
         self.keys = tuple(keys)
 
     @classmethod
-    def load(cls, spec: str) -> "FleetKeys":
+    def load(cls, spec: str) -> FleetKeys:
         """From ``--fleet-key-file``: ``PATH``, or ``NEW,OLD`` while rotating."""
         paths = [path.strip() for path in spec.split(",") if path.strip()]
         if not 1 <= len(paths) <= 2:
@@ -101,14 +100,14 @@ class FleetKeys:
 
     def valid(self, message: bytes, mac: bytes) -> bool:
         """Whether ``mac`` is ``message``'s MAC under one of the keys."""
-        return any(hmac.compare_digest(_b64(hmac.new(key, message, hashlib.sha256).digest()), mac)
-                   for key in self.keys)
+        return any(hmac.compare_digest(_b64(hmac.new(key, message, hashlib.sha256).digest()), mac) for key in self.keys)
 
     def __repr__(self) -> str:
         return f"<FleetKeys: {len(self.keys)} key(s)>"
 
 
 # -- verifiers ------------------------------------------------------------------------------
+
 
 def _verifier_message(token: bytes, prefix: bytes) -> bytes:
     return b"aether-fleet-verifier\0" + prefix + b"\0" + token
@@ -128,17 +127,18 @@ def token_matches(keys: FleetKeys, token: bytes, prefix: bytes, verifier: bytes)
 
 # -- cookies --------------------------------------------------------------------------------
 
+
 def _cookie_message(host_name: bytes, expiry: bytes, verifier: bytes) -> bytes:
     return b"aether-fleet-cookie\0" + host_name.lower() + b"\0" + expiry + b"\0" + verifier
 
 
-def mint_cookie(keys: FleetKeys, host_name: bytes, verifier: bytes, now: Optional[float] = None) -> bytes:
+def mint_cookie(keys: FleetKeys, host_name: bytes, verifier: bytes, now: float | None = None) -> bytes:
     """The cookie's value for ``host_name`` (a preview host name, no port), ``COOKIE_TTL`` long."""
     expiry = b"%d" % (int(time.time() if now is None else now) + COOKIE_TTL)
     return expiry + b"." + keys.mac(_cookie_message(host_name, expiry, verifier))
 
 
-def cookie_valid(keys: FleetKeys, host_name: bytes, verifier: bytes, value: bytes, now: Optional[float] = None) -> bool:
+def cookie_valid(keys: FleetKeys, host_name: bytes, verifier: bytes, value: bytes, now: float | None = None) -> bool:
     expiry, dot, mac = value.partition(b".")
     if not dot or not expiry.isdigit() or len(expiry) > 12 or expiry.startswith(b"0") or len(mac) != 43:
         return False
@@ -149,8 +149,7 @@ def cookie_valid(keys: FleetKeys, host_name: bytes, verifier: bytes, value: byte
     return keys.valid(_cookie_message(host_name, expiry, verifier), mac)
 
 
-def cookie_of(headers: Sequence[bytes], host_name: bytes, verifier: bytes, keys: FleetKeys,
-              now: Optional[float] = None) -> bool:
+def cookie_of(headers: Sequence[bytes], host_name: bytes, verifier: bytes, keys: FleetKeys, now: float | None = None) -> bool:
     """Whether any ``Cookie`` header holds a valid ``aether_fleet`` for this host."""
     for header in headers:
         for pair in header.split(b";"):
@@ -162,13 +161,24 @@ def cookie_of(headers: Sequence[bytes], host_name: bytes, verifier: bytes, keys:
 
 # -- request signatures ---------------------------------------------------------------------
 
-def _request_message(t: bytes, access: bytes, method: bytes, host: bytes, target: bytes,
-                     forwarded_for: bytes, proto: bytes, port: bytes) -> bytes:
+
+def _request_message(
+    t: bytes, access: bytes, method: bytes, host: bytes, target: bytes, forwarded_for: bytes, proto: bytes, port: bytes
+) -> bytes:
     return b"\n".join((b"v1", t, access, method, host, target, forwarded_for, proto, port))
 
 
-def sign(keys: FleetKeys, access: bytes, method: bytes, host: bytes, target: bytes,
-         forwarded_for: bytes, proto: bytes, port: bytes, now: Optional[float] = None) -> bytes:
+def sign(
+    keys: FleetKeys,
+    access: bytes,
+    method: bytes,
+    host: bytes,
+    target: bytes,
+    forwarded_for: bytes,
+    proto: bytes,
+    port: bytes,
+    now: float | None = None,
+) -> bytes:
     """The ``X-Aether-Fleet`` value for a request forwarded with these ``Host``, target and
     ``X-Forwarded-For``/``-Proto``/``-Port`` values, admitted by ``access``."""
     t = b"%d" % int(time.time() if now is None else now)
@@ -176,8 +186,17 @@ def sign(keys: FleetKeys, access: bytes, method: bytes, host: bytes, target: byt
     return b"v1 t=" + t + b" a=" + access + b" s=" + mac
 
 
-def verify(keys: FleetKeys, value: bytes, method: bytes, host: bytes, target: bytes,
-           forwarded_for: bytes, proto: bytes, port: bytes, now: Optional[float] = None) -> Optional[bytes]:
+def verify(
+    keys: FleetKeys,
+    value: bytes,
+    method: bytes,
+    host: bytes,
+    target: bytes,
+    forwarded_for: bytes,
+    proto: bytes,
+    port: bytes,
+    now: float | None = None,
+) -> bytes | None:
     """What admitted a request signed ``value`` (``public``, ``token`` or ``cookie``), or None
     when the signature is not a gateway's for exactly this request within ``WINDOW`` s."""
     match = _SIGNATURE.match(value.strip())
@@ -192,17 +211,16 @@ def verify(keys: FleetKeys, value: bytes, method: bytes, host: bytes, target: by
     return access
 
 
-def verify_head(keys: FleetKeys, method: bytes, target: bytes, head, now: Optional[float] = None) -> Optional[bytes]:
+def verify_head(keys: FleetKeys, method: bytes, target: bytes, head, now: float | None = None) -> bytes | None:
     """For a VM: what admitted a request whose head (an :class:`aether.preview.headers.RequestHead`)
     a gateway signed, or None. The ``X-Aether-Fleet`` lines are taken out of ``head.lines`` either
     way, so they never reach the app; more than one is no signature."""
     prefix = HEADER.lower() + b":"
-    found = [line for line in head.lines if line[:len(prefix)].lower() == prefix]
+    found = [line for line in head.lines if line[: len(prefix)].lower() == prefix]
     if not found:
         return None
-    head.lines = [line for line in head.lines if line[:len(prefix)].lower() != prefix]
+    head.lines = [line for line in head.lines if line[: len(prefix)].lower() != prefix]
     if len(found) != 1 or len(head.hosts) != 1:
         return None
-    value = found[0][len(prefix):].strip()
-    return verify(keys, value, method, head.hosts[0], target, head.forwarded_for, head.forwarded_proto,
-                  head.forwarded_port, now)
+    value = found[0][len(prefix) :].strip()
+    return verify(keys, value, method, head.hosts[0], target, head.forwarded_for, head.forwarded_proto, head.forwarded_port, now)

@@ -21,7 +21,7 @@ rest; a caller skips such a workspace with a log line, it never fails on one.
 from __future__ import annotations
 
 import re
-from typing import Collection, Mapping, Optional
+from collections.abc import Collection, Mapping
 
 import ujson
 
@@ -62,8 +62,23 @@ class Workspace:
     """One decoded blob. ``open``: port -> public; ``raw``: the blob's bytes, so a reload that
     finds the same bytes keeps this object instead of decoding again."""
 
-    __slots__ = ("prefix", "project", "workspace", "address", "host", "port", "epoch", "started",
-                 "dead_after", "verifier", "alive", "open", "closed_public", "names", "raw")
+    __slots__ = (
+        "prefix",
+        "project",
+        "workspace",
+        "address",
+        "host",
+        "port",
+        "epoch",
+        "started",
+        "dead_after",
+        "verifier",
+        "alive",
+        "open",
+        "closed_public",
+        "names",
+        "raw",
+    )
 
     def is_public(self, port: int) -> bool:
         public = self.open.get(port)
@@ -94,9 +109,16 @@ def encode(
     """The blob of a workspace whose open ports are ``ports`` (port -> visibility), whose
     public ports (open or not) are ``public`` and whose registry is ``names``."""
     blob = {
-        "v": VERSION, "prefix": prefix, "project": project, "workspace": workspace,
-        "address": address, "epoch": epoch, "started": int(started), "dead_after": int(dead_after),
-        "verifier": verifier, "alive": bool(alive),
+        "v": VERSION,
+        "prefix": prefix,
+        "project": project,
+        "workspace": workspace,
+        "address": address,
+        "epoch": epoch,
+        "started": int(started),
+        "dead_after": int(dead_after),
+        "verifier": verifier,
+        "alive": bool(alive),
         "ports": {str(port): {"visibility": ports[port]} for port in sorted(ports)},
         "closed_public": sorted(port for port in public if port not in ports),
         "names": {key: names[key] for key in sorted(names)},
@@ -110,7 +132,7 @@ def _port(value, what: str) -> int:
     return value
 
 
-def _text(blob: dict, field: str, pattern: Optional[re.Pattern] = None) -> str:
+def _text(blob: dict, field: str, pattern: re.Pattern | None = None) -> str:
     value = blob.get(field)
     if not isinstance(value, str) or not value or len(value) > _IDENTITY_MAX:
         raise BlobError(f"{field} must be a string of 1-{_IDENTITY_MAX} characters")
@@ -119,7 +141,7 @@ def _text(blob: dict, field: str, pattern: Optional[re.Pattern] = None) -> str:
     return value
 
 
-def decode(raw: bytes, prefix: Optional[str] = None) -> Workspace:
+def decode(raw: bytes, prefix: str | None = None) -> Workspace:
     """The workspace in ``raw`` (stored under ``prefix``, when given: it must say the same)."""
     try:
         blob = ujson.loads(raw)

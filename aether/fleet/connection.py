@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")

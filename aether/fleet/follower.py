@@ -30,7 +30,6 @@ import logging
 import random
 import secrets
 import time
-from typing import Optional
 
 from aether.fleet import connection, keys
 from aether.fleet import routes as r
@@ -61,10 +60,22 @@ class Histogram:
 
 
 class Follower:
-    def __init__(self, url: str, routes: r.Routes, *, liveness_interval: float = 0.1,
-                 reload_interval: float = 300.0, block_ms: int = 1000, count: int = 1000,
-                 revive_batch: int = 256, quiet: float = 6.0, stall: float = 0.5, reap_interval: float = 3600.0,
-                 retain: float = 7 * 86400.0, reap_batch: int = 1000):
+    def __init__(
+        self,
+        url: str,
+        routes: r.Routes,
+        *,
+        liveness_interval: float = 0.1,
+        reload_interval: float = 300.0,
+        block_ms: int = 1000,
+        count: int = 1000,
+        revive_batch: int = 256,
+        quiet: float = 6.0,
+        stall: float = 0.5,
+        reap_interval: float = 3600.0,
+        retain: float = 7 * 86400.0,
+        reap_batch: int = 1000,
+    ):
         self.url = connection.check(url)
         self.routes = routes
         self.liveness_interval = liveness_interval
@@ -80,7 +91,7 @@ class Follower:
         self.reap_interval, self.retain, self.reap_batch = reap_interval, retain, reap_batch
         # -- what the gateway shows on /healthz and /metrics --------------------------------
         self.redis_up = False
-        self.down_since: Optional[float] = time.time()  # wall clock: for people
+        self.down_since: float | None = time.time()  # wall clock: for people
         self.loaded = False
         self.reloads = dict.fromkeys(REASONS, 0)
         self.merges = 0
@@ -92,12 +103,12 @@ class Follower:
         self.offset_ms = 0.0
         self._offset_known = False
         # -- the machinery ------------------------------------------------------------------
-        self._main = None     # loads, liveness, reaping
-        self._stream = None   # XREAD BLOCK only
+        self._main = None  # loads, liveness, reaping
+        self._stream = None  # XREAD BLOCK only
         self._liveness = None
         self._reap = None
-        self._reason: Optional[str] = "start"
-        self._prev: Optional[int] = None
+        self._reason: str | None = "start"
+        self._prev: int | None = None
         self._quiet_until = 0.0
         self._tasks: list[asyncio.Task] = []
         self._loading = False
@@ -127,8 +138,10 @@ class Follower:
         if self.redis_up or self.down_since is None:
             self.down_since = time.time()
         if self.redis_up:
-            log.warning("fleet redis unreachable: serving the routes held", extra={
-                "redis": connection.describe(self.url), "where": where, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log.warning(
+                "fleet redis unreachable: serving the routes held",
+                extra={"redis": connection.describe(self.url), "where": where, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
         self.redis_up = False
         self._prev = None
         if self._reason is None:
@@ -178,9 +191,18 @@ class Follower:
         if not self.redis_up:
             self.redis_up, self.down_since = True, None
         count, ports, alive = self.routes.counts()
-        log.info("fleet routes loaded", extra={
-            "reason": "boot" if merged else reason, "merged": merged, "workspaces": count, "ports": ports,
-            "alive": alive, "seq": snapshot.seq, "seconds": round(self.last_load_seconds, 4)})
+        log.info(
+            "fleet routes loaded",
+            extra={
+                "reason": "boot" if merged else reason,
+                "merged": merged,
+                "workspaces": count,
+                "ports": ports,
+                "alive": alive,
+                "seq": snapshot.seq,
+                "seconds": round(self.last_load_seconds, 4),
+            },
+        )
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -206,7 +228,8 @@ class Follower:
             _, stream = self._clients()
             try:
                 reply = await connection.call(
-                    stream.xread({keys.CHANGES: self.routes.position}, count=self.count, block=self.block_ms))
+                    stream.xread({keys.CHANGES: self.routes.position}, count=self.count, block=self.block_ms)
+                )
             except Exception as exc:  # noqa: BLE001
                 self._down(exc, "stream")
                 await self._close("_stream")
@@ -250,7 +273,8 @@ class Follower:
             sent = time.time() * 1000
             try:
                 now_ms, boot, expired, deadlines = await connection.call(
-                    self._liveness(keys=keys.LIVENESS_KEYS, args=[since, *batch]))
+                    self._liveness(keys=keys.LIVENESS_KEYS, args=[since, *batch])
+                )
             except Exception as exc:  # noqa: BLE001
                 self._down(exc, "liveness")
                 await self._close("_main")
@@ -263,8 +287,10 @@ class Follower:
                 self.stalls += 1
                 self._quiet_until = time.monotonic() + self.quiet
                 judging = False
-                log.warning("fleet redis stalled: no deadline judged for a while", extra={
-                    "seconds": round((now_ms - sent - self.offset_ms) / 1000, 3), "quiet": self.quiet})
+                log.warning(
+                    "fleet redis stalled: no deadline judged for a while",
+                    extra={"seconds": round((now_ms - sent - self.offset_ms) / 1000, 3), "quiet": self.quiet},
+                )
             elif received - sent <= _CLEAN_RTT_MS or not self._offset_known:
                 self.offset_ms = now_ms - (sent + received) / 2
                 self._offset_known = received - sent <= _CLEAN_RTT_MS
@@ -310,7 +336,8 @@ class Follower:
             return 0
         try:
             count = await connection.call(
-                self._reap(keys=keys.CHANGE_KEYS, args=[int(self.retain * 1000), self.reap_batch, keys.STREAM_MAXLEN]))
+                self._reap(keys=keys.CHANGE_KEYS, args=[int(self.retain * 1000), self.reap_batch, keys.STREAM_MAXLEN])
+            )
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.warning("fleet reap failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             return 0
@@ -342,9 +369,14 @@ class Follower:
         """What ``/healthz`` shows: ``ok``, or ``degraded`` while Redis is down (the routes held
         are served), or ``starting`` before the first load."""
         count, ports, alive = self.routes.counts()
-        body = {"status": "ok" if self.redis_up else ("degraded" if self.loaded else "starting"),
-                "redis": "up" if self.redis_up else "down", "workspaces": count, "alive": alive, "ports": ports,
-                "seq": self.routes.seq}
+        body = {
+            "status": "ok" if self.redis_up else ("degraded" if self.loaded else "starting"),
+            "redis": "up" if self.redis_up else "down",
+            "workspaces": count,
+            "alive": alive,
+            "ports": ports,
+            "seq": self.routes.seq,
+        }
         if self.down_since is not None:
             body["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.down_since))
         return body

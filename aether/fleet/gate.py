@@ -28,7 +28,7 @@ import ipaddress
 import re
 import secrets
 import time
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from aether import credentials
@@ -58,7 +58,7 @@ class FleetForward(Forward):
         self.prefix, self.app_port, self.access = prefix, app_port, access
 
 
-def _without_token(target: bytes, accepts: Callable[[bytes], bool]) -> Optional[bytes]:
+def _without_token(target: bytes, accepts: Callable[[bytes], bool]) -> bytes | None:
     """``target`` without its ``token=T`` pairs when one of them ``accepts``, else None. Other
     pairs keep their exact encoding; leading slashes and backslashes collapse to one, so the
     result cannot be read as ``//other-host``."""
@@ -86,14 +86,15 @@ class Gate:
     """Decides for every workspace of ``routes``; the table is read live, so a change applies
     to the next request."""
 
-    def __init__(self, routes: r.Routes, keys: auth.FleetKeys, domain: str, trusted_proxies=(),
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self, routes: r.Routes, keys: auth.FleetKeys, domain: str, trusted_proxies=(), clock: Callable[[], float] = time.time
+    ):
         self.routes = routes
         self.keys = keys
         self.domain = domain
         self.clock = clock
         self._host = re.compile(host_pattern(domain).encode() + rb"(?::(\d{1,5}))?", re.IGNORECASE)
-        self._hosts: dict[bytes, Optional[tuple]] = {}
+        self._hosts: dict[bytes, tuple | None] = {}
         self._trusted_networks = tuple(trusted_proxies)
         self._trusted: dict[str, bool] = {}
         #: Marks requests this gateway forwarded, so one that comes back is a loop.
@@ -101,7 +102,7 @@ class Gate:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def preview_host(self, host: bytes) -> Optional[tuple]:
+    def preview_host(self, host: bytes) -> tuple | None:
         """(port, or registry key, or None for a port not in its one spelling; prefix; host
         name; port part) for a preview host of the domain, else None."""
         try:
@@ -151,7 +152,7 @@ class Gate:
 
     # -- the decision -----------------------------------------------------------------------
 
-    def decide(self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool) -> Union[Forward, Answer]:
+    def decide(self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool) -> Forward | Answer:
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
         decision = self._decide(method, target, head, client_ip, upgrade, head_only, head.has_body or upgrade)
@@ -166,7 +167,9 @@ class Gate:
             return self._answer(400, "Bad request", "A request needs exactly one Host header.", head_only, close)
         host = head.hosts[0]
         if not target.startswith(b"/") and not (method == b"OPTIONS" and target == b"*"):
-            return self._answer(400, "Bad request", "The gateway takes origin-form request targets only (a path, not a URL).", head_only, close)
+            return self._answer(
+                400, "Bad request", "The gateway takes origin-form request targets only (a path, not a URL).", head_only, close
+            )
         parsed = self.preview_host(host)
         if parsed is None:
             text = f"{pages.escape(host)} is not a preview host of <code>{pages.escape(self.domain)}</code>."
@@ -184,10 +187,13 @@ class Gate:
             text = f"No port is registered as <code>{pages.escape(wanted)}</code> in this workspace."
             return self._answer(404, "No such preview", text, head_only, close)
         if kind == r.UNAVAILABLE:
-            text = ("This workspace is stopped or not answering. This page reloads itself and shows the "
-                    "preview as soon as the workspace is back.")
-            return self._answer(503, "Workspace unavailable", text, head_only, close,
-                                [("Retry-After", str(RETRY_AFTER))], refresh=RETRY_AFTER)
+            text = (
+                "This workspace is stopped or not answering. This page reloads itself and shows the "
+                "preview as soon as the workspace is back."
+            )
+            return self._answer(
+                503, "Workspace unavailable", text, head_only, close, [("Retry-After", str(RETRY_AFTER))], refresh=RETRY_AFTER
+            )
         if head.via and self.via in head.via:
             text = "This request has already been through this gateway: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
@@ -223,14 +229,18 @@ class Gate:
             if cross_origin:
                 text = "A WebSocket authenticated by the preview cookie must come from a page of the same preview host."
                 return self._answer(403, "Cross-origin WebSocket refused", text, head_only, close)
-            text = ("Open it once with <code>?token=</code> and the workspace token, or send "
-                    "<code>Authorization: Bearer</code> with it. The owner can make the port "
-                    "public through the ports channel.")
-            return self._answer(401, "This preview is private", text, head_only, close,
-                                [("WWW-Authenticate", 'Bearer realm="aether preview"')])
+            text = (
+                "Open it once with <code>?token=</code> and the workspace token, or send "
+                "<code>Authorization: Bearer</code> with it. The owner can make the port "
+                "public through the ports channel."
+            )
+            return self._answer(
+                401, "This preview is private", text, head_only, close, [("WWW-Authenticate", 'Bearer realm="aether preview"')]
+            )
         if kind == r.CLOSED:
-            return self._answer(502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close,
-                                refresh=pages.REFRESH_SECONDS)
+            return self._answer(
+                502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close, refresh=pages.REFRESH_SECONDS
+            )
 
         if not self._trusted_networks or not self.is_trusted(client_ip):
             head.forwarded_for = b""  # a client's own chain is not believed
@@ -241,8 +251,17 @@ class Gate:
         lines.append(auth.HEADER + b": " + signature)
         head.lines = lines
         upstream_head = head.upstream(
-            method, target, host=host, client_ip=client_ip, forwarded_host=host, forwarded_port=forwarded_port,
-            proto=proto, via=self.via, upgrade=upgrade, authorization=authorization, cookie=cookie,
+            method,
+            target,
+            host=host,
+            client_ip=client_ip,
+            forwarded_host=host,
+            forwarded_port=forwarded_port,
+            proto=proto,
+            via=self.via,
+            upgrade=upgrade,
+            authorization=authorization,
+            cookie=cookie,
         )
         return FleetForward(ws.port, ws.host, upstream_head, prefix, port, access)
 

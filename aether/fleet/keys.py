@@ -66,7 +66,10 @@ CHANGE_KEYS = (EPOCH, STATE, CHANGES, SEQ, ALIVE, BOOT)
 #: and whenever it finds its state missing or reconnects. Refused ('taken', workspace) when the
 #: prefix belongs to another project whose deadline is still ahead; else the blob replaces any
 #: earlier one (a new epoch of the same project supersedes the old), with a fresh deadline.
-CLAIM = _NOW + _CHANGE + """
+CLAIM = (
+    _NOW
+    + _CHANGE
+    + """
 local prefix = ARGV[1]
 local old = redis.call('HGET', KEYS[2], prefix)
 if old then
@@ -85,19 +88,28 @@ redis.call('ZADD', KEYS[5], string.format('%d', now + tonumber(ARGV[5])), prefix
 redis.call('SET', KEYS[6], ARGV[6], 'NX')
 return {'ok', change(prefix, ARGV[4])}
 """
+)
 
 #: update(prefix, epoch, blob, maxlen): one change of a workspace this epoch owns.
-UPDATE = _OWNED + _CHANGE + """
+UPDATE = (
+    _OWNED
+    + _CHANGE
+    + """
 local refused = owned(ARGV[1], ARGV[2])
 if refused then return {refused} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return {'ok', change(ARGV[1], ARGV[3])}
 """
+)
 
 #: heartbeat(prefix, epoch, dead_after_ms, maxlen): a new deadline. No stream entry, except
 #: when the old deadline had passed: every gateway holds the workspace dead, and the entry (its
 #: blob, unchanged) tells them at once that it is back.
-HEARTBEAT = _NOW + _OWNED + _CHANGE + """
+HEARTBEAT = (
+    _NOW
+    + _OWNED
+    + _CHANGE
+    + """
 local refused = owned(ARGV[1], ARGV[2])
 if refused then return {refused} end
 local deadline = redis.call('ZSCORE', KEYS[5], ARGV[1])
@@ -108,21 +120,30 @@ if not deadline or tonumber(deadline) <= now then
 end
 return {'ok', now}
 """
+)
 
 #: stop(prefix, epoch, blob with alive false, maxlen) at a clean exit: gateways answer 503 at
 #: once, and the prefix is free for another project (its deadline is now).
-STOP = _NOW + _OWNED + _CHANGE + """
+STOP = (
+    _NOW
+    + _OWNED
+    + _CHANGE
+    + """
 local refused = owned(ARGV[1], ARGV[2])
 if refused then return {refused} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[5], string.format('%d', now), ARGV[1])
 return {'ok', change(ARGV[1], ARGV[3])}
 """
+)
 
 #: reap(retain_ms, limit, maxlen): forget up to ``limit`` workspaces whose deadline passed more
 #: than ``retain_ms`` ago (a VM deleted for good); each is one removal entry. Any gateway may run
 #: it; two running it at once remove each workspace once.
-REAP = _NOW + _CHANGE + """
+REAP = (
+    _NOW
+    + _CHANGE
+    + """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', now - tonumber(ARGV[1])),
                         'LIMIT', 0, tonumber(ARGV[2]))
 for _, prefix in ipairs(gone) do
@@ -133,12 +154,15 @@ for _, prefix in ipairs(gone) do
 end
 return #gone
 """
+)
 
 #: liveness(prev_ms or '', dead prefix...) -> {now, boot, [prefix, deadline, ...] of deadlines
 #: in (prev, now] (all up to now without prev), deadlines of the given prefixes}: one round trip
 #: per check, with Redis's clock.
 LIVENESS_KEYS = (ALIVE, BOOT)
-LIVENESS = _NOW + """
+LIVENESS = (
+    _NOW
+    + """
 local low = '-inf'
 if ARGV[1] ~= '' then low = '(' .. ARGV[1] end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], low, string.format('%d', now), 'WITHSCORES')
@@ -146,3 +170,4 @@ local scores = {}
 if #ARGV > 1 then scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, 2)) end
 return {now, redis.call('GET', KEYS[2]), expired, scores}
 """
+)

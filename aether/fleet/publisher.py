@@ -28,7 +28,8 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Collection, Mapping, Optional, Protocol
+from collections.abc import Collection, Mapping
+from typing import Protocol
 
 from aether.fleet import blob, connection, keys
 
@@ -85,8 +86,17 @@ STARTING, PUBLISHED, DOWN, SUPERSEDED, TAKEN, STOPPED = "starting", "published",
 
 
 class Publisher:
-    def __init__(self, url: str, identity: Identity, state: State, *, heartbeat: float = 1.0,
-                 dead_after: float = 3.0, stream_maxlen: int = keys.STREAM_MAXLEN, stop_timeout: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        state: State,
+        *,
+        heartbeat: float = 1.0,
+        dead_after: float = 3.0,
+        stream_maxlen: int = keys.STREAM_MAXLEN,
+        stop_timeout: float = 1.0,
+    ):
         if not 0 < heartbeat < dead_after:
             raise ValueError("the heartbeat interval must be positive and shorter than dead_after")
         self.url = connection.check(url)
@@ -105,7 +115,7 @@ class Publisher:
         self._client = None
         self._scripts: dict = {}
         self._dirty = asyncio.Event()
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._claimed = False
         self.blob()  # BlobError (a ValueError) now, for an identity no gateway would route
 
@@ -116,10 +126,18 @@ class Publisher:
         refuse it (a fault here shows here, not as a 404 at every gateway)."""
         ident = self.identity
         raw = blob.encode(
-            prefix=ident.prefix, project=ident.project, workspace=ident.workspace, address=ident.address,
-            epoch=self.epoch, started=self.started, dead_after=int(self.dead_after * 1000),
-            verifier=ident.verifier, alive=alive, ports=dict(self.state.ports()),
-            public=frozenset(self.state.public()), names=dict(self.state.names()),
+            prefix=ident.prefix,
+            project=ident.project,
+            workspace=ident.workspace,
+            address=ident.address,
+            epoch=self.epoch,
+            started=self.started,
+            dead_after=int(self.dead_after * 1000),
+            verifier=ident.verifier,
+            alive=alive,
+            ports=dict(self.state.ports()),
+            public=frozenset(self.state.public()),
+            names=dict(self.state.names()),
         )
         blob.decode(raw, ident.prefix)
         return raw
@@ -132,8 +150,12 @@ class Publisher:
             self._client = connection.client(self.url, socket_timeout=2.0, connect_timeout=1.0)
             self._scripts = {
                 name: self._client.register_script(source)
-                for name, source in (("claim", keys.CLAIM), ("update", keys.UPDATE),
-                                     ("heartbeat", keys.HEARTBEAT), ("stop", keys.STOP))
+                for name, source in (
+                    ("claim", keys.CLAIM),
+                    ("update", keys.UPDATE),
+                    ("heartbeat", keys.HEARTBEAT),
+                    ("stop", keys.STOP),
+                )
             }
         return self._client
 
@@ -152,8 +174,14 @@ class Publisher:
 
     async def _claim(self) -> None:
         reply = await self._run_script(
-            "claim", self.identity.prefix, self.identity.project, self.epoch, self.blob(),
-            int(self.dead_after * 1000), secrets.token_hex(8), self.stream_maxlen,
+            "claim",
+            self.identity.prefix,
+            self.identity.project,
+            self.epoch,
+            self.blob(),
+            int(self.dead_after * 1000),
+            secrets.token_hex(8),
+            self.stream_maxlen,
         )
         if reply[0] == "taken":
             raise PrefixTaken(self.identity.prefix, reply[1])
@@ -161,8 +189,15 @@ class Publisher:
         self.seq = reply[1]
         self._claimed = True
         if self.status != PUBLISHED:
-            log.info("fleet workspace published", extra={"prefix": self.identity.prefix, "epoch": self.epoch,
-                                                         "address": self.identity.address, "redis": connection.describe(self.url)})
+            log.info(
+                "fleet workspace published",
+                extra={
+                    "prefix": self.identity.prefix,
+                    "epoch": self.epoch,
+                    "address": self.identity.address,
+                    "redis": connection.describe(self.url),
+                },
+            )
         self.status = PUBLISHED
 
     async def _update(self) -> None:
@@ -173,8 +208,9 @@ class Publisher:
         self.seq = reply[1]
 
     async def _heartbeat(self) -> None:
-        reply = await self._run_script("heartbeat", self.identity.prefix, self.epoch, int(self.dead_after * 1000),
-                                       self.stream_maxlen)
+        reply = await self._run_script(
+            "heartbeat", self.identity.prefix, self.epoch, int(self.dead_after * 1000), self.stream_maxlen
+        )
         if reply[0] != "ok":
             raise _Refused(reply[0])
         self.heartbeats += 1
@@ -206,8 +242,10 @@ class Publisher:
         self.failures += 1
         self._claimed = False
         if self.status != DOWN:
-            log.warning("fleet redis unreachable: serving locally, retrying",
-                        extra={"redis": connection.describe(self.url), "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log.warning(
+                "fleet redis unreachable: serving locally, retrying",
+                extra={"redis": connection.describe(self.url), "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
         self.status = DOWN
 
     async def _loop(self) -> None:
@@ -224,7 +262,7 @@ class Publisher:
                 if wait > 0 and not self._dirty.is_set():
                     try:
                         await asyncio.wait_for(self._dirty.wait(), wait)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 if self._dirty.is_set():
                     self._dirty.clear()
@@ -238,8 +276,10 @@ class Publisher:
                     self._claimed = False
                     continue
                 self.status = SUPERSEDED
-                log.error("fleet workspace superseded: another start of this project publishes it now; "
-                          "this one stops publishing", extra={"prefix": self.identity.prefix, "epoch": self.epoch})
+                log.error(
+                    "fleet workspace superseded: another start of this project publishes it now; this one stops publishing",
+                    extra={"prefix": self.identity.prefix, "epoch": self.epoch},
+                )
                 await self._drop()
                 return
             except PrefixTaken as exc:
@@ -248,8 +288,10 @@ class Publisher:
                 await self._drop()
                 return
             except blob.BlobError as exc:
-                log.error("fleet record not published: a gateway would refuse it",
-                          extra={"prefix": self.identity.prefix, "reason": str(exc)})
+                log.error(
+                    "fleet record not published: a gateway would refuse it",
+                    extra={"prefix": self.identity.prefix, "reason": str(exc)},
+                )
                 await asyncio.sleep(BACKOFF_MAX)
             except asyncio.CancelledError:
                 raise
@@ -274,7 +316,9 @@ class Publisher:
                     self.stop_timeout,
                 )
             except Exception as exc:  # noqa: BLE001 - the deadline will say it instead
-                log.warning("fleet workspace not marked stopped: it goes unavailable at its deadline",
-                            extra={"prefix": self.identity.prefix, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                log.warning(
+                    "fleet workspace not marked stopped: it goes unavailable at its deadline",
+                    extra={"prefix": self.identity.prefix, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
         self.status = STOPPED
         await self._drop()

@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Mapping, Optional, Union
+from collections.abc import Callable, Iterable, Mapping
 
 from aether.fleet.blob import BlobError, Workspace, decode
 
 log = logging.getLogger("aether.fleet")
 
 #: What :meth:`Routes.route` found.
-UNKNOWN = "unknown"          # no such prefix: 404
-NO_KEY = "no-key"            # the workspace registers no such key: 404
+UNKNOWN = "unknown"  # no such prefix: 404
+NO_KEY = "no-key"  # the workspace registers no such key: 404
 UNAVAILABLE = "unavailable"  # stopped, dead, or unconfirmed past its grace: 503
-CLOSED = "closed"            # nothing listens on the port: 502
-OPEN = "open"                # forward
+CLOSED = "closed"  # nothing listens on the port: 502
+OPEN = "open"  # forward
 
 GAP = "gap"
 APPLIED = "applied"
 
-Change = Callable[[str, Optional[Workspace], Optional[Workspace]], None]
+Change = Callable[[str, Workspace | None, Workspace | None], None]
 
 
 class Snapshot:
@@ -42,17 +42,24 @@ class Snapshot:
 
     __slots__ = ("seq", "position", "boot", "now_ms", "state", "deadlines")
 
-    def __init__(self, seq: int, position: bytes, boot: Optional[bytes], now_ms: int,
-                 state: Mapping[bytes, bytes], deadlines: Mapping[bytes, float]):
-        self.seq = seq              # the last change's number
-        self.position = position    # the stream id to follow from
+    def __init__(
+        self,
+        seq: int,
+        position: bytes,
+        boot: bytes | None,
+        now_ms: int,
+        state: Mapping[bytes, bytes],
+        deadlines: Mapping[bytes, float],
+    ):
+        self.seq = seq  # the last change's number
+        self.position = position  # the stream id to follow from
         self.boot = boot
-        self.now_ms = now_ms        # Redis's clock at the load
-        self.state = state          # prefix -> blob
+        self.now_ms = now_ms  # Redis's clock at the load
+        self.state = state  # prefix -> blob
         self.deadlines = deadlines  # prefix -> deadline (ms)
 
 
-def became_private(old: Optional[Workspace], new: Optional[Workspace]) -> frozenset[int]:
+def became_private(old: Workspace | None, new: Workspace | None) -> frozenset[int]:
     """Ports public in ``old`` that are not in ``new`` (gone, or another workspace now): the
     connections admitted to them without a credential must close."""
     if old is None:
@@ -63,7 +70,7 @@ def became_private(old: Optional[Workspace], new: Optional[Workspace]) -> frozen
     return frozenset(port for port in public if not new.is_public(port))
 
 
-def _decoded(prefix: str, raw: bytes) -> Optional[Workspace]:
+def _decoded(prefix: str, raw: bytes) -> Workspace | None:
     try:
         return decode(raw, prefix)
     except BlobError as exc:
@@ -75,11 +82,11 @@ class Routes:
     """The table. ``on_change(prefix, old, new)`` is called for every workspace whose blob a
     load or an entry replaced (``new`` None: removed), after the table changed."""
 
-    def __init__(self, on_change: Optional[Change] = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, on_change: Change | None = None, clock: Callable[[], float] = time.monotonic):
         self.workspaces: dict[str, Workspace] = {}
         self.seq = 0
         self.position = b"0-0"
-        self.boot: Optional[bytes] = None
+        self.boot: bytes | None = None
         self.on_change = on_change
         self.clock = clock
         self.dead: set[str] = set()
@@ -89,7 +96,7 @@ class Routes:
 
     # -- lookups --------------------------------------------------------------------------
 
-    def route(self, prefix: str, target: Union[int, str]) -> tuple[Optional[Workspace], Optional[int], str]:
+    def route(self, prefix: str, target: int | str) -> tuple[Workspace | None, int | None, str]:
         """(workspace, port, what) for a request to port or registry key ``target``."""
         ws = self.workspaces.get(prefix)
         if ws is None:
@@ -221,7 +228,7 @@ class Routes:
         self._revive_from = start + limit
         return (dead[start:] + dead[:start])[:limit]
 
-    def revive(self, deadlines: Iterable[tuple[str, Optional[float]]], now_ms: int) -> list[str]:
+    def revive(self, deadlines: Iterable[tuple[str, float | None]], now_ms: int) -> list[str]:
         """Dead workspaces whose deadline (now known) is ahead of ``now_ms`` again."""
         revived = []
         for prefix, deadline in deadlines:

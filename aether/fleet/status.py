@@ -21,7 +21,8 @@ def add_commands(commands) -> None:
     from aether.settings import sources
 
     fleet = commands.add_parser("fleet", help="fleet mode: the workspaces published in Redis").add_subparsers(
-        dest="fleet_command", required=True)
+        dest="fleet_command", required=True
+    )
     status = fleet.add_parser("status", help="every workspace of the fleet, its address, liveness and ports")
     sources.add_flags(status, "fleet status")
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
@@ -68,37 +69,60 @@ def report(state: dict, deadlines: dict, now_ms: int, seq, boot) -> dict:
         names: dict[int, list[str]] = {}
         for key, port in sorted(ws.names.items()):
             names.setdefault(port, []).append(key)
-        ports = [{"port": port, "open": True, "visibility": "public" if public else "private", "names": names.get(port, [])}
-                 for port, public in sorted(ws.open.items())]
-        ports += [{"port": port, "open": False, "visibility": "public", "names": names.get(port, [])}
-                  for port in sorted(ws.closed_public)]
+        ports = [
+            {"port": port, "open": True, "visibility": "public" if public else "private", "names": names.get(port, [])}
+            for port, public in sorted(ws.open.items())
+        ]
+        ports += [
+            {"port": port, "open": False, "visibility": "public", "names": names.get(port, [])}
+            for port in sorted(ws.closed_public)
+        ]
         heartbeat = None
         if ws.alive and deadline is not None:
             heartbeat = round(max(0.0, now_ms - (deadline - ws.dead_after)) / 1000, 3)
-        workspaces.append({
-            "prefix": ws.prefix, "project": ws.project, "workspace": ws.workspace, "address": ws.address,
-            "epoch": ws.epoch, "started": ws.started, "heartbeat_age": heartbeat, "alive": liveness == "alive",
-            "state": liveness, "ports": ports,
-            "names": {key: port for key, port in sorted(ws.names.items())},
-        })
-    return {"workspaces": workspaces, "malformed": malformed, "seq": int(seq or 0),
-            "boot": boot.decode() if boot else None, "time": now_ms}
+        workspaces.append(
+            {
+                "prefix": ws.prefix,
+                "project": ws.project,
+                "workspace": ws.workspace,
+                "address": ws.address,
+                "epoch": ws.epoch,
+                "started": ws.started,
+                "heartbeat_age": heartbeat,
+                "alive": liveness == "alive",
+                "state": liveness,
+                "ports": ports,
+                "names": {key: port for key, port in sorted(ws.names.items())},
+            }
+        )
+    return {
+        "workspaces": workspaces,
+        "malformed": malformed,
+        "seq": int(seq or 0),
+        "boot": boot.decode() if boot else None,
+        "time": now_ms,
+    }
 
 
 def table(doc: dict) -> str:
     rows = [("PREFIX", "WORKSPACE", "ADDRESS", "EPOCH", "HEARTBEAT", "STATE", "PORTS")]
     for ws in doc["workspaces"]:
         age = "-" if ws["heartbeat_age"] is None else f"{ws['heartbeat_age']:.1f}s ago"
-        ports = ", ".join(
-            f"{p['port']} {p['visibility']}" + ("" if p["open"] else " closed") + "".join(f" {n}" for n in p["names"])
-            for p in ws["ports"]
-        ) or "-"
+        ports = (
+            ", ".join(
+                f"{p['port']} {p['visibility']}" + ("" if p["open"] else " closed") + "".join(f" {n}" for n in p["names"])
+                for p in ws["ports"]
+            )
+            or "-"
+        )
         rows.append((ws["prefix"], ws["workspace"], ws["address"], ws["epoch"], age, ws["state"], ports))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     alive = sum(ws["alive"] for ws in doc["workspaces"])
-    lines.append(f"{len(doc['workspaces'])} workspaces, {alive} alive" +
-                 (f", {len(doc['malformed'])} malformed" if doc["malformed"] else ""))
+    lines.append(
+        f"{len(doc['workspaces'])} workspaces, {alive} alive"
+        + (f", {len(doc['malformed'])} malformed" if doc["malformed"] else "")
+    )
     return "\n".join(lines)
 
 

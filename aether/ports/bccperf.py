@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from typing import Callable
+from collections.abc import Callable
 
 from aether.ports.ebpf import bcc_compile, decode
 

@@ -15,7 +15,7 @@ import mmap
 import os
 import platform
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
@@ -142,8 +142,7 @@ def _raise_memlock() -> bool:
 
 
 def map_create(spec: MapSpec) -> int:
-    attr = _MapCreate(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, 0, 0,
-                      spec.name.encode()[:15])
+    attr = _MapCreate(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, 0, 0, spec.name.encode()[:15])
     try:
         return _bpf(BPF_MAP_CREATE, attr, f"creating map {spec.name}")
     except BpfError as exc:
@@ -156,8 +155,9 @@ def prog_load(prog_type: int, insns: bytes, license: bytes, name: str, kern_vers
     """Load a program; on refusal, load it again with a log so the error says why."""
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
-    attr = _ProgLoad(prog_type, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(lic), 0, 0, 0,
-                     kern_version, 0, name.encode()[:15])
+    attr = _ProgLoad(
+        prog_type, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(lic), 0, 0, 0, kern_version, 0, name.encode()[:15]
+    )
     try:
         return _bpf(BPF_PROG_LOAD, attr, f"loading program {name}")
     except BpfError as exc:
@@ -184,8 +184,10 @@ def attach_tracepoint(prog_fd: int, tracepoint_id: int) -> int:
     fd = _libc.syscall(_numbers()[1], attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         raise BpfError(ctypes.get_errno(), f"perf_event_open of tracepoint {tracepoint_id}")
-    for request, arg, what in ((PERF_EVENT_IOC_SET_BPF, prog_fd, "attaching the program"),
-                               (PERF_EVENT_IOC_ENABLE, 0, "enabling the tracepoint")):
+    for request, arg, what in (
+        (PERF_EVENT_IOC_SET_BPF, prog_fd, "attaching the program"),
+        (PERF_EVENT_IOC_ENABLE, 0, "enabling the tracepoint"),
+    ):
         if _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_int(arg)) < 0:
             errnum = ctypes.get_errno()
             os.close(fd)
@@ -230,7 +232,7 @@ class Counter:
             unmap_memory(self._address, mmap.PAGESIZE)
 
 
-def close_all(fds: list[Optional[int]]) -> None:
+def close_all(fds: list[int | None]) -> None:
     for fd in fds:
         if fd is not None and fd >= 0:
             try:

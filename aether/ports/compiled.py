@@ -25,7 +25,6 @@ import platform
 import stat
 import sys
 from pathlib import Path
-from typing import Optional
 
 from aether.ports import bpfsys
 from aether.ports.bpfsys import MapSpec
@@ -52,7 +51,7 @@ def map_fd_slots(insns: bytes) -> list[tuple[int, int]]:
         if code == LD_IMM64:
             src = _src_reg(regs)
             if src == BPF_PSEUDO_MAP_FD:
-                slots.append((index, int.from_bytes(insns[8 * index + 4: 8 * index + 8], sys.byteorder, signed=True)))
+                slots.append((index, int.from_bytes(insns[8 * index + 4 : 8 * index + 8], sys.byteorder, signed=True)))
             elif src != 0:
                 raise ValueError(f"instruction {index} is a ld_imm64 of kind {src}, not a map fd")
             index += 2
@@ -96,7 +95,7 @@ class CompiledProbe:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "CompiledProbe":
+    def from_json(cls, data: dict) -> CompiledProbe:
         """ValueError (or KeyError, TypeError) for anything but what :meth:`to_json` wrote."""
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
@@ -108,7 +107,7 @@ class CompiledProbe:
             tuple((int(i), int(m)) for i, m in data["relocations"]),
         )
 
-    def load(self, tracepoint_id: int) -> "LoadedProbe":
+    def load(self, tracepoint_id: int) -> LoadedProbe:
         """Create the maps, load the program, attach it. BpfError says which step failed."""
         fds: list[int] = []
         prog_fd = None
@@ -117,9 +116,8 @@ class CompiledProbe:
                 fds.append(bpfsys.map_create(spec))
             insns = bytearray(self.insns)
             for index, which in self.relocations:
-                insns[8 * index + 4: 8 * index + 8] = fds[which].to_bytes(4, sys.byteorder, signed=True)
-            prog_fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_TRACEPOINT, bytes(insns), self.license, PROG_NAME,
-                                       self.kern_version)
+                insns[8 * index + 4 : 8 * index + 8] = fds[which].to_bytes(4, sys.byteorder, signed=True)
+            prog_fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_TRACEPOINT, bytes(insns), self.license, PROG_NAME, self.kern_version)
             # The perf event holds the program, and the program its maps: the program's own
             # fd is not needed once attached.
             link = bpfsys.attach_tracepoint(prog_fd, tracepoint_id)
@@ -179,7 +177,7 @@ def _private(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def read_cache(key: str) -> tuple[Optional[CompiledProbe], str]:
+def read_cache(key: str) -> tuple[CompiledProbe | None, str]:
     """(the cached probe, "") or (None, why not: missing, or what was wrong with the file)."""
     path = cache_path(key)
     directory = None
@@ -209,14 +207,18 @@ def read_cache(key: str) -> tuple[Optional[CompiledProbe], str]:
         return None, f"{path}: unreadable ({type(exc).__name__}: {exc})"
 
 
-def write_cache(key: str, probe: CompiledProbe) -> Optional[str]:
+def write_cache(key: str, probe: CompiledProbe) -> str | None:
     """Store the probe atomically (0600 in a 0700 directory); the error, if it could not be,
     and entries for other kernels removed (they would only ever be read after a reboot into
     that kernel, which compiles once again)."""
     path = cache_path(key)
     body = probe.to_json()
-    entry = {"key": key, "kernel": os.uname().release,
-             "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), "probe": body}
+    entry = {
+        "key": key,
+        "kernel": os.uname().release,
+        "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+        "probe": body,
+    }
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -242,7 +244,7 @@ def write_cache(key: str, probe: CompiledProbe) -> Optional[str]:
     return None
 
 
-def _kernel_of(path: Path) -> Optional[str]:
+def _kernel_of(path: Path) -> str | None:
     try:
         return json.loads(path.read_bytes()).get("kernel")
     except (OSError, ValueError, AttributeError):

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 log = logging.getLogger("aether.ports")
 
@@ -43,10 +43,10 @@ class ProxyTarget:
     """Where a ``docker-proxy`` forwards to, from its arguments."""
 
     proto: str
-    host_ip: Optional[str]
-    host_port: Optional[int]
-    container_ip: Optional[str]
-    container_port: Optional[int]
+    host_ip: str | None
+    host_port: int | None
+    container_ip: str | None
+    container_port: int | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Container:
         return {"id": self.id, "name": self.name, "image": self.image}
 
 
-def is_docker(process: Optional[str], argv: Optional[Iterable[str]] = None) -> bool:
+def is_docker(process: str | None, argv: Iterable[str] | None = None) -> bool:
     """Whether a port's holder is Docker's: by its process name, or the name it was run by."""
     if process in HOLDERS:
         return True
@@ -72,7 +72,7 @@ def is_docker(process: Optional[str], argv: Optional[Iterable[str]] = None) -> b
     return os.path.basename(first) in HOLDERS
 
 
-def proxy_target(argv: Iterable[str]) -> Optional[ProxyTarget]:
+def proxy_target(argv: Iterable[str]) -> ProxyTarget | None:
     """A ``docker-proxy`` command line's target, or None if it has none. Go's flag syntax:
     ``-name value``, ``-name=value``, with one dash or two."""
     flags: dict[str, str] = {}
@@ -105,14 +105,14 @@ def proxy_target(argv: Iterable[str]) -> Optional[ProxyTarget]:
 _FLAGS = frozenset({"proto", "host-ip", "host-port", "container-ip", "container-port"})
 
 
-def _port(text: Optional[str]) -> Optional[int]:
+def _port(text: str | None) -> int | None:
     if text is None or not text.isdigit():
         return None
     port = int(text)
     return port if 0 < port < 65536 else None
 
 
-def publishers(listing: object, port: int, target: Optional[ProxyTarget] = None) -> list[Container]:
+def publishers(listing: object, port: int, target: ProxyTarget | None = None) -> list[Container]:
     """The containers of a ``/containers/json`` answer that publish TCP ``port`` on the host;
     with a proxy's target, those on its container address first. Whatever in the answer is
     not as the Engine API documents it is passed over."""
@@ -202,11 +202,11 @@ class Containers:
         self.timeout = timeout
         self._listing: object = None
         self._fetched = -float("inf")
-        self._pending: Optional[asyncio.Future] = None
+        self._pending: asyncio.Future | None = None
         #: Requests made to dockerd (for tests and metrics).
         self.requests = 0
 
-    async def publisher(self, port: int, target: Optional[ProxyTarget] = None) -> Optional[Container]:
+    async def publisher(self, port: int, target: ProxyTarget | None = None) -> Container | None:
         """The container publishing ``port``, or None: none does, dockerd is not there, or
         it did not answer in time. Never raises."""
         listing = await self.listing()
@@ -232,7 +232,7 @@ class Containers:
             self.requests += 1
             try:
                 listing = await asyncio.wait_for(self._get("/containers/json"), self.timeout)
-            except (OSError, asyncio.TimeoutError, AnswerError, ValueError) as exc:
+            except (TimeoutError, OSError, AnswerError, ValueError) as exc:
                 error = str(exc) or type(exc).__name__
                 log.debug("dockerd did not answer", extra={"socket": self.path, "error": error})
         self._listing, self._fetched = listing, time.monotonic()

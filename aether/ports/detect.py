@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import ssl
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 log = logging.getLogger("aether.ports")
 
@@ -93,9 +93,9 @@ class Look:
     ``tls``, ``tls-alert``, ``http``, ``banner``, ``answer`` (bytes that are not HTTP),
     ``closed`` (closed without an answer), ``silent``, ``refused``."""
 
-    protocol: Optional[str]
+    protocol: str | None
     reason: str
-    status: Optional[int] = None
+    status: int | None = None
     #: The first bytes of a non-HTTP answer or banner (for a page saying what answered).
     sample: bytes = b""
 
@@ -110,19 +110,23 @@ class Detection:
     elapsed: float
     reason: str
     attempts: int
-    status: Optional[int] = None
+    status: int | None = None
     sample: bytes = b""
 
     @property
-    def ready(self) -> Optional[float]:
+    def ready(self) -> float | None:
         """Seconds from the port's open to its first HTTP answer or TLS handshake; None for a
         port that does not speak HTTP or never answered."""
         return self.elapsed if self.protocol in (HTTP, HTTPS) else None
 
     def to_json(self) -> dict:
         ready = self.ready
-        return {"port": self.port, "protocol": self.protocol,
-                "ready": None if ready is None else round(ready * 1000), "reason": self.reason}
+        return {
+            "port": self.port,
+            "protocol": self.protocol,
+            "ready": None if ready is None else round(ready * 1000),
+            "reason": self.reason,
+        }
 
 
 def client_context() -> ssl.SSLContext:
@@ -135,7 +139,7 @@ def client_context() -> ssl.SSLContext:
     return context
 
 
-def classify_answer(data: bytes) -> tuple[str, Optional[int]]:
+def classify_answer(data: bytes) -> tuple[str, int | None]:
     """The first bytes a port sent back: ``http`` and its status, ``tls`` for a TLS record
     (an alert to a plain request), else ``answer``."""
     if data.startswith(b"HTTP/1.") or (data and b"HTTP/1.".startswith(data)):
@@ -174,7 +178,7 @@ class Detector:
 
     def __init__(
         self,
-        on_result: Optional[Callable[[Detection], None]] = None,
+        on_result: Callable[[Detection], None] | None = None,
         *,
         max_connections: int = MAX_CONNECTIONS,
         deadline: float = DEADLINE,
@@ -189,14 +193,14 @@ class Detector:
         self.tls_timeout = tls_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._tasks: dict[int, asyncio.Task] = {}
-        self._context: Optional[ssl.SSLContext] = None
+        self._context: ssl.SSLContext | None = None
         #: Probe connections open now, and the most there were at once (for tests, metrics).
         self.connections = 0
         self.peak_connections = 0
 
     # -- per port ------------------------------------------------------------------------
 
-    def start(self, port: int, host: str, opened: Optional[float] = None) -> None:
+    def start(self, port: int, host: str, opened: float | None = None) -> None:
         if port in self._tasks:
             return
         loop = asyncio.get_running_loop()
@@ -235,7 +239,7 @@ class Detector:
 
     # -- the looks -----------------------------------------------------------------------
 
-    async def detect(self, host: str, port: int, opened: Optional[float] = None) -> Detection:
+    async def detect(self, host: str, port: int, opened: float | None = None) -> Detection:
         """Look until the port answers or :data:`DEADLINE` after ``opened`` passes."""
         opened = time.monotonic() if opened is None else opened
         end = opened + self.deadline
@@ -267,7 +271,7 @@ class Detector:
     async def _open(self, host: str, port: int):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return None
         self.connections += 1
         self.peak_connections = max(self.peak_connections, self.connections)
@@ -285,7 +289,7 @@ class Detector:
         try:
             try:
                 banner = await asyncio.wait_for(reader.read(ANSWER_BYTES), self.banner_wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 banner = None
             except OSError:
                 return Look(None, "closed")
@@ -296,7 +300,7 @@ class Detector:
             data = bytearray()
             try:
                 await asyncio.wait_for(self._read_answer(reader, data), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not data:
                     return Look(None, "silent")
             except OSError:

@@ -22,8 +22,9 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 from aether import caps
 from aether.ports import EBPF_BUFFERS
@@ -108,7 +109,7 @@ def program_path() -> Path:
     raise ProbeUnavailable("bpf/listen_events.c not found (set AETHER_BPF_DIR)")
 
 
-def kernel_version(release: Optional[str] = None) -> Optional[tuple[int, int]]:
+def kernel_version(release: str | None = None) -> tuple[int, int] | None:
     """``"6.18.44-fc-v782"`` -> ``(6, 18)``; None if the release does not start with one."""
     match = re.match(r"(\d+)\.(\d+)", release or platform.release())
     return (int(match[1]), int(match[2])) if match else None
@@ -126,7 +127,7 @@ TRACEPOINT_DIRS = (
 )
 
 
-def find_tracepoint_format() -> tuple[Optional[Path], Optional[Path]]:
+def find_tracepoint_format() -> tuple[Path | None, Path | None]:
     """(the tracepoint's ``format`` file, which bcc reads to compile the probe's arguments, None)
     when this process can read it; else (None, the one it may not read, or None if none shows)."""
     denied = None
@@ -158,8 +159,7 @@ def tracepoint_format() -> Path:
         return path
     if denied is not None:
         raise ProbeUnavailable(
-            f"{denied} not readable by uid {os.geteuid()}: tracefs is root's (mode 0700); "
-            "grant CAP_DAC_READ_SEARCH"
+            f"{denied} not readable by uid {os.geteuid()}: tracefs is root's (mode 0700); grant CAP_DAC_READ_SEARCH"
         )
     raise ProbeUnavailable(
         "tracepoint sock:inet_sock_set_state not visible: tracefs not mounted "
@@ -182,15 +182,12 @@ def check_compiler() -> None:
     """Raise ProbeUnavailable if bcc cannot compile the probe here: what only compiling
     needs (the ring buffer's daemon loads a cached probe without either)."""
     if not Path(f"/lib/modules/{platform.release()}/build").exists():
-        raise ProbeUnavailable(
-            f"no kernel headers at /lib/modules/{platform.release()}/build (run deploy/setup.sh)"
-        )
+        raise ProbeUnavailable(f"no kernel headers at /lib/modules/{platform.release()}/build (run deploy/setup.sh)")
     try:
         from bcc import BPF  # noqa: F401
     except ImportError as exc:
         raise ProbeUnavailable(
-            f"python module bcc not importable ({exc}); install python3-bpfcc "
-            "(the PyPI package named bcc is unrelated)"
+            f"python module bcc not importable ({exc}); install python3-bpfcc (the PyPI package named bcc is unrelated)"
         ) from exc
 
 
@@ -224,7 +221,7 @@ class Probe:
     where the ring buffer's program came from: ``cache`` or ``compiled``.
     """
 
-    def __init__(self, buffer: str = "auto", pages: Optional[int] = None, cache: bool = True):
+    def __init__(self, buffer: str = "auto", pages: int | None = None, cache: bool = True):
         if buffer not in EBPF_BUFFERS:
             raise ValueError(f"buffer must be one of {', '.join(EBPF_BUFFERS)}, not {buffer!r}")
         check_environment()
@@ -232,10 +229,10 @@ class Probe:
         self.pages = pages or (DEFAULT_RING_PAGES if self.buffer == "ring" else DEFAULT_PERF_PAGES)
         self.origin = ""
         #: Where the ring buffer's compiled program is cached (whether or not it is yet).
-        self.cache_file: Optional[Path] = None
-        self.compile_seconds: Optional[float] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._on_batch: Optional[Callable[[list[ListenRecord]], None]] = None
+        self.cache_file: Path | None = None
+        self.compile_seconds: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_batch: Callable[[list[ListenRecord]], None] | None = None
         self._perf = None
         self._loaded = None
         self._ring = None
@@ -269,8 +266,9 @@ class Probe:
                     loaded = _prepared(program).load(tp_id)
                     self.origin = "cache"
                 except BpfError as exc:
-                    log.warning("cached probe did not load; compiling it again",
-                                extra={"path": str(self.cache_file), "error": str(exc)})
+                    log.warning(
+                        "cached probe did not load; compiling it again", extra={"path": str(self.cache_file), "error": str(exc)}
+                    )
             elif why != "missing":
                 log.warning("cached probe ignored; compiling it again", extra={"reason": why})
         if loaded is None:
@@ -285,8 +283,7 @@ class Probe:
                 loaded = _prepared(program).load(tp_id)
             except BpfError as exc:
                 detail = next((line for line in reversed(exc.log.splitlines()) if line.strip()), "")
-                raise ProbeUnavailable(f"could not load the compiled probe: {exc}" +
-                                       (f" ({detail})" if detail else "")) from exc
+                raise ProbeUnavailable(f"could not load the compiled probe: {exc}" + (f" ({detail})" if detail else "")) from exc
             self.origin = "compiled"
             if cache:
                 error = compiled.write_cache(key, program)
@@ -359,10 +356,9 @@ def _prepared(program):
     kinds = {spec.name: (spec.type, spec.value_size) for spec in program.maps}
     if kinds.get("events", (None,))[0] != BPF_MAP_TYPE_RINGBUF or kinds.get("lost") != (BPF_MAP_TYPE_ARRAY, 8):
         return None
-    maps = tuple(spec._replace(flags=spec.flags | BPF_F_MMAPABLE) if spec.name == "lost" else spec
-                 for spec in program.maps)
+    maps = tuple(spec._replace(flags=spec.flags | BPF_F_MMAPABLE) if spec.name == "lost" else spec for spec in program.maps)
     return dataclasses.replace(program, maps=maps)
 
 
-def _decode_ring(data, offset: int, length: int) -> Optional[ListenRecord]:
+def _decode_ring(data, offset: int, length: int) -> ListenRecord | None:
     return decode(data, offset) if length >= _RECORD.size else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Optional
+from collections.abc import Hashable
 
 OPEN = "open"
 CLOSE = "close"
@@ -25,8 +25,8 @@ class Listener:
     port: int
     family: int  # socket.AF_INET or socket.AF_INET6
     address: str
-    pid: Optional[int] = None
-    inode: Optional[int] = None
+    pid: int | None = None
+    inode: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,8 +47,8 @@ class PortEvent:
 
     type: str
     port: int
-    pid: Optional[int] = None
-    process: Optional[str] = None
+    pid: int | None = None
+    process: str | None = None
     addresses: tuple[str, ...] = ()
     seen_ns: int = dataclasses.field(default=0, compare=False)
     backend: str = dataclasses.field(default="", compare=False)
@@ -71,8 +71,8 @@ class PortState:
     """A port that is open now, as ``aether ports list`` shows it."""
 
     port: int
-    pid: Optional[int]
-    process: Optional[str]
+    pid: int | None
+    process: str | None
     addresses: tuple[str, ...]
     pids: tuple[int, ...] = ()
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import select
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aether.ports import procs
 
@@ -32,7 +32,7 @@ MAX_WATCHED = 4096
 IDLE_GRACE = 1.0
 
 #: pid -> its start time in clock ticks since boot, or None where it could not be read safely.
-Exited = dict[int, Optional[int]]
+Exited = dict[int, int | None]
 
 
 class ExitWatch:
@@ -41,10 +41,10 @@ class ExitWatch:
     def __init__(self, loop: asyncio.AbstractEventLoop, on_exits: Callable[[Exited], None]):
         self._loop = loop
         self._on_exits = on_exits
-        self._watched: dict[int, tuple[int, Optional[int]]] = {}  # pid -> (pidfd, start time)
+        self._watched: dict[int, tuple[int, int | None]] = {}  # pid -> (pidfd, start time)
         self._exited: Exited = {}
         self._wanted: set[int] = set()
-        self._prune: Optional[asyncio.TimerHandle] = None
+        self._prune: asyncio.TimerHandle | None = None
         self._full_logged = False
 
     def __contains__(self, pid: int) -> bool:
@@ -97,7 +97,7 @@ class ExitWatch:
         for pid in self._watched.keys() - self._wanted:
             self._unwatch(pid)
 
-    def _unwatch(self, pid: int) -> Optional[int]:
+    def _unwatch(self, pid: int) -> int | None:
         fd, started = self._watched.pop(pid)
         self._loop.remove_reader(fd)
         os.close(fd)

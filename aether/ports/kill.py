@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import os
 import signal
-from typing import Awaitable, Callable, Iterable, Optional
+from collections.abc import Awaitable, Callable, Iterable
 
 from aether.errors import Refusal
 from aether.ports import procs, sockdiag
@@ -160,7 +160,7 @@ async def kill_port(
     grace: float = 5.0,
     ignored: Iterable[int] = (),
     protected: Iterable[int] = (),
-    wait_closed: Optional[Callable[[int, float], Awaitable[bool]]] = None,
+    wait_closed: Callable[[int, float], Awaitable[bool]] | None = None,
 ) -> KillResult:
     """Signal the port's holders, SIGKILL those left after ``grace`` seconds; wait for close."""
     # Never the caller itself, nor anything it runs under (its shell, a supervisor).

@@ -20,7 +20,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 from aether.ports.ebpf import ProbeUnavailable, bcc_compile, check_compiler
 
@@ -49,8 +48,7 @@ def compile_in_helper(source: bytes, cflags: list[str]):
 
     argv, env = helper_command()
     try:
-        done = subprocess.run([*argv, *cflags], input=source, stdout=subprocess.PIPE, env=env, timeout=TIMEOUT,
-                              close_fds=True)
+        done = subprocess.run([*argv, *cflags], input=source, stdout=subprocess.PIPE, env=env, timeout=TIMEOUT, close_fds=True)
     except subprocess.TimeoutExpired:
         raise ProbeUnavailable(f"the probe's compiler ({describe()}) did not finish in {TIMEOUT} s") from None
     except OSError as exc:
@@ -94,11 +92,12 @@ def compile_probe(source: bytes, cflags: list[str]):
             by_fd[fd] = len(maps)
             maps.append(bpfsys.map_info(fd))
         relocations.append((index, by_fd[fd]))
-    return CompiledProbe(insns, lib.bpf_module_license(bpf.module), lib.bpf_module_kern_version(bpf.module),
-                         tuple(maps), tuple(relocations))
+    return CompiledProbe(
+        insns, lib.bpf_module_license(bpf.module), lib.bpf_module_kern_version(bpf.module), tuple(maps), tuple(relocations)
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     cflags = list(sys.argv[1:] if argv is None else argv)
     # The answer gets a descriptor of its own: whatever bcc or LLVM print on stdout goes
     # to stderr instead of into the JSON.

@@ -38,12 +38,12 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from aether.ports import BACKENDS, procs, sockdiag
 from aether.ports.ebpf import Probe, ProbeUnavailable
-from aether.ports.exits import Exited
 from aether.ports.events import CLOSE, SKADDR, Listener, PortEvent, PortState
+from aether.ports.exits import Exited
 from aether.ports.owners import Owners
 from aether.ports.table import PortTable
 
@@ -64,12 +64,12 @@ class PortMonitor:
         interval: float = 0.25,
         cpu_budget: float = 0.02,
         ebpf_buffer: str = "auto",
-        ebpf_pages: Optional[int] = None,
+        ebpf_pages: int | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.requested_backend = backend
-        self.backend: Optional[str] = None
+        self.backend: str | None = None
         self.backend_reason = ""
         self.interval = interval
         self.cpu_budget = cpu_budget
@@ -80,11 +80,11 @@ class PortMonitor:
         self.stats = {"records": 0, "resyncs": 0, "polls": 0, "lost": 0, "snapshot_ms": 0.0}
         self._subscribers: list[Subscriber] = []
         self._closed_waiters: dict[int, list[asyncio.Future]] = {}
-        self._probe: Optional[Probe] = None
-        self._diag: Optional[sockdiag.DiagSocket] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._probe: Probe | None = None
+        self._diag: sockdiag.DiagSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._netns = procs.net_namespace()
-        self._owners: Optional[Owners] = None
+        self._owners: Owners | None = None
         self._resync_pending = False
         # Ports a resync held back until their sockets' owners are found: port -> when first
         # seen; and the searches for them -> (whether the resync trusted the probe, the ports).
@@ -93,14 +93,14 @@ class PortMonitor:
         self._resync_hints: set[int] = set()
         self._resync_ports: set[int] = set()  # the ports whose records asked for it, for the log
         self._resync_trust = True
-        self._batch_netns: Optional[dict] = None
-        self._batch_names: Optional[dict] = None
+        self._batch_netns: dict | None = None
+        self._batch_names: dict | None = None
         self._lossy_until = 0.0
-        self._settle_handle: Optional[asyncio.TimerHandle] = None
+        self._settle_handle: asyncio.TimerHandle | None = None
         # skaddr -> ts of closes for sockets not in the table, oldest first (bounded).
         self._orphan_closes: dict[int, int] = {}
-        self._poll_handle: Optional[asyncio.TimerHandle] = None
-        self._poll_cost: Optional[float] = None  # smoothed CPU seconds of one poll
+        self._poll_handle: asyncio.TimerHandle | None = None
+        self._poll_cost: float | None = None  # smoothed CPU seconds of one poll
         self._lost_seen = 0
 
     # -- life cycle ---------------------------------------------------------------------
@@ -130,10 +130,7 @@ class PortMonitor:
                 self.backend_reason = f"eBPF unavailable: {exc}"
         if self._probe is not None:
             self.backend = "ebpf"
-            self.backend_reason = (
-                f"probe on sock:inet_sock_set_state, {self._probe.buffer} buffer of "
-                f"{self._probe.pages} pages"
-            )
+            self.backend_reason = f"probe on sock:inet_sock_set_state, {self._probe.buffer} buffer of {self._probe.pages} pages"
             await self._owners.find({row[3] for row in self._diag.raw()})
             self._resync("start-up")
         else:
@@ -211,7 +208,7 @@ class PortMonitor:
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return port not in self.table
         finally:
             waiters = self._closed_waiters.get(port, [])
@@ -332,10 +329,10 @@ class PortMonitor:
     def _schedule_resync(
         self,
         reason: str,
-        hint_pid: Optional[int] = None,
+        hint_pid: int | None = None,
         trust_probe: bool = True,
         delay: float = 0.0,
-        port: Optional[int] = None,
+        port: int | None = None,
     ) -> None:
         if hint_pid:
             self._resync_hints.add(hint_pid)
@@ -370,8 +367,11 @@ class PortMonitor:
             sockets = collections.Counter(port for _family, port, _address, _inode in raw)
             # Only where an owner can change what the sync does: not for a port whose probe
             # sockets the sync keeps (a port the records opened, not lost since).
-            held = {port for _family, port, _address, inode in raw
-                    if inode in unknown and not self.table.keeps(port, sockets[port], trust)}
+            held = {
+                port
+                for _family, port, _address, inode in raw
+                if inode in unknown and not self.table.keeps(port, sockets[port], trust)
+            }
         snapshot = [l for l in sockdiag.to_listeners(raw, owners.by_inode) if l.port not in held]
         if held:
             snapshot += [listener for port in held for listener in self.table.listeners(port)]

@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from aether.ports import procs
 from aether.ports.events import INODE, PortEvent
@@ -41,7 +41,7 @@ class Found:
     ticket: int
     searched: set[int]
     holders: dict[int, list[int]]
-    owners: dict[int, Optional[int]]
+    owners: dict[int, int | None]
     exited: Exited
 
 
@@ -75,8 +75,8 @@ class OwnerSearch:
     def __init__(self, loop: asyncio.AbstractEventLoop, on_found: Callable[[Found], None]):
         self._loop = loop
         self._on_found = on_found
-        self._running: Optional[_Request] = None
-        self._next: Optional[_Request] = None
+        self._running: _Request | None = None
+        self._next: _Request | None = None
         self._tickets = 0
         self._closed = False
 
@@ -84,7 +84,7 @@ class OwnerSearch:
     def idle(self) -> bool:
         return self._running is None and self._next is None
 
-    def request(self, inodes: Iterable[int], hints: Iterable[int] = (), exited: Optional[Exited] = None) -> int:
+    def request(self, inodes: Iterable[int], hints: Iterable[int] = (), exited: Exited | None = None) -> int:
         """Look for the holders of ``inodes`` (and, with ``exited``, say which exits it was
         for); the ticket of the :class:`Found` that will answer."""
         inodes, hints = set(inodes), set(hints)
@@ -156,7 +156,7 @@ class Owners:
         self._publish = publish
         self._on_found = on_found
         #: inode -> owner of every socket in the last snapshot, None where none was found
-        self.by_inode: dict[int, Optional[int]] = {}
+        self.by_inode: dict[int, int | None] = {}
         self._search = OwnerSearch(loop, self._found)
         self._exits = ExitWatch(loop, self.exited)  # the recorded owners' pidfds
         self._watch_pending = False
@@ -225,7 +225,7 @@ class Owners:
         self._gone &= pids
         self._exits.track(pids - self._gone)
 
-    def unnoticed(self, pid: Optional[int]) -> bool:
+    def unnoticed(self, pid: int | None) -> bool:
         """For a recorded owner found dead: its exit is neither handled nor about to be (it
         was not watched: too many owners)."""
         return pid is not None and pid not in self._gone and pid not in self._exits

@@ -6,12 +6,12 @@ Everything here reads /proc directly; a process that exits mid-read is simply no
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from aether.ports.events import PortState
 
 
-def process_name(pid: Optional[int]) -> Optional[str]:
+def process_name(pid: int | None) -> str | None:
     """The process's name (``/proc/<pid>/comm`` of its main thread), or None if unknowable.
 
     The main thread's comm, not the event's: a listener created in a thread named
@@ -23,7 +23,7 @@ def process_name(pid: Optional[int]) -> Optional[str]:
     return None if comm is None else comm.rstrip(b"\n").decode("utf-8", "replace")
 
 
-def is_alive(pid: Optional[int]) -> bool:
+def is_alive(pid: int | None) -> bool:
     """True if the process exists and is not a zombie (a zombie holds no sockets)."""
     if pid is None:
         return False
@@ -35,7 +35,7 @@ def is_alive(pid: Optional[int]) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _read(path: str) -> Optional[bytes]:
+def _read(path: str) -> bytes | None:
     """A small /proc file in one read; unbuffered, as this sits on the event path (~3 us
     where open() costs ~20 us)."""
     try:
@@ -54,7 +54,7 @@ def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def socket_holders(inodes: Iterable[int], pids: Optional[Iterable[int]] = None) -> dict[int, list[int]]:
+def socket_holders(inodes: Iterable[int], pids: Iterable[int] | None = None) -> dict[int, list[int]]:
     """Every process holding each socket inode (forked workers share one socket).
 
     ``pids`` limits the search to those processes; by default every process is read, which
@@ -95,14 +95,14 @@ def find_holders(inodes: Iterable[int], first: Iterable[int] = ()) -> dict[int, 
     return found
 
 
-def parent(pid: int) -> Optional[int]:
+def parent(pid: int) -> int | None:
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
         return None
     return int(stat[stat.rfind(b")") + 2 :].split()[1])
 
 
-def start_time(pid: int) -> Optional[int]:
+def start_time(pid: int) -> int | None:
     """When the process started, in clock ticks since boot (``starttime`` of /proc/<pid>/stat)."""
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
@@ -122,7 +122,7 @@ def younger(since: int) -> list[int]:
     return pids
 
 
-def owner(pids: Iterable[int]) -> Optional[int]:
+def owner(pids: Iterable[int]) -> int | None:
     """Of the processes sharing a socket, the one whose parent does not share it: nginx's
     master rather than a worker. The lowest pid where that does not decide."""
     pids = sorted(set(pids))
@@ -139,7 +139,7 @@ def socket_owners(inodes: Iterable[int], hints: Iterable[int] = ()) -> dict[int,
     return {inode: owner(pids) for inode, pids in find_holders(inodes, hints).items()}
 
 
-def port_holders(raw: Iterable[tuple], ports: Optional[Iterable[int]] = None) -> dict[int, list[int]]:
+def port_holders(raw: Iterable[tuple], ports: Iterable[int] | None = None) -> dict[int, list[int]]:
     """Living processes holding each port's sockets, from a sock_diag dump's
     ``(family, port, address, inode)`` rows; only ``ports`` when given. One /proc walk."""
     wanted = None if ports is None else set(ports)
@@ -152,8 +152,8 @@ def port_holders(raw: Iterable[tuple], ports: Optional[Iterable[int]] = None) ->
 
 def port_states(
     raw: Iterable[tuple],
-    ports: Optional[Iterable[int]] = None,
-    recorded: Optional[dict[int, list]] = None,
+    ports: Iterable[int] | None = None,
+    recorded: dict[int, list] | None = None,
 ) -> list[PortState]:
     """The listening ports of a sock_diag dump, each with its owner, process name, bound
     addresses and every living holder. The owner is a ``recorded`` pid (the process a probe saw
@@ -183,7 +183,7 @@ def ancestors(pid: int) -> list[int]:
     return chain
 
 
-def net_namespace(pid: int | str = "self", tid: Optional[int] = None) -> Optional[int]:
+def net_namespace(pid: int | str = "self", tid: int | None = None) -> int | None:
     """The inode of a task's network namespace, or None if the task is gone."""
     path = f"/proc/{pid}/task/{tid}/ns/net" if tid else f"/proc/{pid}/ns/net"
     try:

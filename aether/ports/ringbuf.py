@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aether.ports.bpfsys import map_memory, memory_view, unmap_memory
 
@@ -50,7 +50,7 @@ class RingReader:
     """Reads one ring buffer map. ``drain(decode)`` returns every committed record's decoded
     value, in the order the producer reserved them, and frees their space."""
 
-    def __init__(self, map_fd: int, size: int, ordered: Optional[bool] = None):
+    def __init__(self, map_fd: int, size: int, ordered: bool | None = None):
         if size <= 0 or size & (size - 1) or size % mmap.PAGESIZE:
             raise ValueError(f"ring buffer size must be a power of 2 and a multiple of the page, not {size}")
         page = mmap.PAGESIZE
@@ -58,14 +58,14 @@ class RingReader:
         self._mask = size - 1
         self._regions: list[tuple[int, int]] = []
         self._views: list[memoryview] = []
-        self.data: Optional[memoryview] = None
+        self.data: memoryview | None = None
         try:
             self._map(page, ordered)
         except BaseException:
             self.close()
             raise
 
-    def _map(self, page: int, ordered: Optional[bool]) -> None:
+    def _map(self, page: int, ordered: bool | None) -> None:
         map_fd, size = self.fd, self.size
         consumer = map_memory(map_fd, page, mmap.PROT_READ | mmap.PROT_WRITE, 0)
         self._regions.append((consumer, page))
@@ -73,7 +73,7 @@ class RingReader:
         self._regions.append((producer, page + 2 * size))
         #: The data area twice over: a record is one slice however it sits.
         self.data = memory_view(producer + page, 2 * size)
-        words = self.data[: size].cast("I")
+        words = self.data[:size].cast("I")
         consumer_word = memory_view(consumer, 8).cast("Q")
         producer_word = memory_view(producer, 8).cast("Q")
         if ordered is None:
@@ -93,7 +93,7 @@ class RingReader:
             self._store_consumer = consumer_word.__setitem__
         self._views = [words, consumer_word, producer_word]
 
-    def drain(self, decode: Callable[[memoryview, int, int], object], limit: Optional[int] = None) -> list:
+    def drain(self, decode: Callable[[memoryview, int, int], object], limit: int | None = None) -> list:
         """``decode(data, offset, length)`` for each committed record, oldest first, until the
         consumer reaches the producer, a record still being written, or ``limit`` records;
         the values it returned, but None.

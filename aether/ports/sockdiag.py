@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from aether.ports.events import INODE, Listener
 
@@ -37,8 +37,17 @@ _REQUEST = struct.Struct("=IHHIIBBBxI48x")
 
 
 def _request(family: int, sequence: int) -> bytes:
-    return _REQUEST.pack(_REQUEST.size, SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, sequence, 0,
-                         family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
+    return _REQUEST.pack(
+        _REQUEST.size,
+        SOCK_DIAG_BY_FAMILY,
+        _NLM_F_REQUEST | _NLM_F_DUMP,
+        sequence,
+        0,
+        family,
+        socket.IPPROTO_TCP,
+        0,
+        1 << _TCP_LISTEN,
+    )
 
 
 _REQUESTS = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
@@ -88,7 +97,7 @@ class DiagSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "DiagSocket":
+    def __enter__(self) -> DiagSocket:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,7 +113,4 @@ class DiagSocket:
 
 def to_listeners(raw: list[tuple[int, int, str, int]], pids: dict[int, int]) -> list[Listener]:
     """Listeners from a raw dump, with pids from an inode-to-pid map where known."""
-    return [
-        Listener((INODE, inode), port, family, address, pids.get(inode), inode)
-        for family, port, address, inode in raw
-    ]
+    return [Listener((INODE, inode), port, family, address, pids.get(inode), inode) for family, port, address, inode in raw]

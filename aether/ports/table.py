@@ -10,11 +10,11 @@ be tested exhaustively.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Iterable, Optional
+from collections.abc import Hashable, Iterable
 
 from aether.ports.events import CLOSE, INODE, OPEN, SKADDR, UPDATE, Listener, PortEvent
 
-State = tuple[Optional[int], tuple[str, ...]]  # (pid, addresses)
+State = tuple[int | None, tuple[str, ...]]  # (pid, addresses)
 
 
 class PortTable:
@@ -61,7 +61,7 @@ class PortTable:
         """
         return any(key[0] == INODE for key in self._ports.get(port, ()))
 
-    def add(self, listener: Listener) -> Optional[PortEvent]:
+    def add(self, listener: Listener) -> PortEvent | None:
         """Record a listening socket: ``open`` when it is its port's first, ``update`` when it
         changes the open port's state (a new address)."""
         if listener.port in self._ignored or listener.key in self._sockets:
@@ -73,7 +73,7 @@ class PortTable:
         self._put(listener)
         return self._changed(listener.port, before)
 
-    def remove(self, key: Hashable) -> tuple[bool, Optional[PortEvent]]:
+    def remove(self, key: Hashable) -> tuple[bool, PortEvent | None]:
         """Forget a socket: (whether it was known, ``close`` if its port emptied, ``update`` if
         the port stays open in another state)."""
         listener = self._sockets.get(key)
@@ -85,7 +85,7 @@ class PortTable:
             return True, PortEvent(CLOSE, listener.port)
         return True, self._changed(listener.port, before)
 
-    def set_pids(self, port: int, pids: dict[Hashable, Optional[int]]) -> Optional[PortEvent]:
+    def set_pids(self, port: int, pids: dict[Hashable, int | None]) -> PortEvent | None:
         """Give the port's sockets named by key new owners (a recorded owner exited and
         another process holds the socket): ``update`` if the port's state changed."""
         group = self._ports.get(port)
@@ -159,7 +159,7 @@ class PortTable:
             events.append(PortEvent(CLOSE, port))
         return events
 
-    def open_event(self, port: int) -> Optional[PortEvent]:
+    def open_event(self, port: int) -> PortEvent | None:
         """The ``open`` event that describes a port as it is now (for new subscribers)."""
         return self._event(OPEN, port) if port in self._ports else None
 
@@ -212,5 +212,5 @@ class PortTable:
         pid, addresses = self._state(port)
         return PortEvent(kind, port, pid, None, addresses)
 
-    def _changed(self, port: int, before: State) -> Optional[PortEvent]:
+    def _changed(self, port: int, before: State) -> PortEvent | None:
         return self._event(UPDATE, port) if self._state(port) != before else None

@@ -17,7 +17,6 @@ import codecs
 import dataclasses
 import os
 import time
-from typing import Optional
 
 #: Arguments kept of a command line. A dev server's is a handful (``node .../vite --port 5173
 #: --host``); a Java or Electron one can run to hundreds, of which the first say what it is.
@@ -41,21 +40,21 @@ class Who:
     pid: int
     #: The arguments, at most :data:`MAX_ARGS` and :data:`MAX_BYTES`; bytes that are not UTF-8
     #: as lone surrogates (``surrogateescape``), as the protocol sends file names.
-    argv: Optional[tuple[str, ...]]
+    argv: tuple[str, ...] | None
     #: Some of the command line was left out.
     truncated: bool
-    cwd: Optional[str]
+    cwd: str | None
     #: When the process started, milliseconds since the Unix epoch (to the kernel's clock tick,
     #: 10 ms). A process's ports open after it starts (unless it inherited their sockets: a
     #: daemonizing server's master, socket activation): for a port found already open, the
     #: earliest it can have opened, which a restart of the daemon does not change.
-    started_ms: Optional[int]
+    started_ms: int | None
     #: When it started in clock ticks since boot, as /proc says: the process's identity beside
     #: its pid, the same value ``procs.start_time`` gives.
-    started_ticks: Optional[int]
+    started_ticks: int | None
 
     @property
-    def command(self) -> Optional[str]:
+    def command(self) -> str | None:
         """The command line as ``ps -o args`` shows it, arguments joined by spaces (what
         regular expressions on a command line, VS Code's among them, are written against),
         ending in :data:`MARKER` when cut."""
@@ -67,7 +66,7 @@ class Who:
         return {"command": self.command, "cwd": self.cwd, "started": self.started_ms}
 
 
-def who(pid: Optional[int], started: Optional[int] = None) -> Optional[Who]:
+def who(pid: int | None, started: int | None = None) -> Who | None:
     """The process ``pid``, or None if it is gone (or is no longer the one that started at
     ``started`` clock ticks, when given: a pid reused by another process). Never raises for a
     process that exits meanwhile or a permission refused; costs a few small reads (see
@@ -87,7 +86,7 @@ def who(pid: Optional[int], started: Optional[int] = None) -> Optional[Who]:
             return None
         argv, truncated = parse_cmdline(_read(fd, "cmdline", MAX_BYTES + 1) or b"")
         try:
-            cwd: Optional[str] = os.readlink("cwd", dir_fd=fd)
+            cwd: str | None = os.readlink("cwd", dir_fd=fd)
         except OSError:
             cwd = None
         return Who(pid, argv, truncated, cwd, _epoch_ms(ticks), ticks)
@@ -95,9 +94,7 @@ def who(pid: Optional[int], started: Optional[int] = None) -> Optional[Who]:
         os.close(fd)
 
 
-def parse_cmdline(
-    raw: bytes, max_args: int = MAX_ARGS, max_bytes: int = MAX_BYTES
-) -> tuple[Optional[tuple[str, ...]], bool]:
+def parse_cmdline(raw: bytes, max_args: int = MAX_ARGS, max_bytes: int = MAX_BYTES) -> tuple[tuple[str, ...] | None, bool]:
     """``/proc/<pid>/cmdline`` (arguments each ended by a NUL) as (arguments, cut). None for
     an empty one (a kernel thread, a zombie). A process that rewrote its title (nginx's
     ``nginx: master process ...``) has one argument padded with NULs: the padding goes.
@@ -121,7 +118,7 @@ def parse_cmdline(
     return tuple(part.decode("utf-8", "surrogateescape") for part in parts), truncated
 
 
-def _read(dir_fd: int, name: str, size: int) -> Optional[bytes]:
+def _read(dir_fd: int, name: str, size: int) -> bytes | None:
     """Up to ``size`` bytes in one read: the kernel fills a read of ``stat`` or ``cmdline``
     whole, so a second read for the end of file would be one more system call for nothing."""
     try:
@@ -136,7 +133,7 @@ def _read(dir_fd: int, name: str, size: int) -> Optional[bytes]:
         os.close(fd)
 
 
-def _start_ticks(stat: bytes) -> Optional[int]:
+def _start_ticks(stat: bytes) -> int | None:
     # Fields after the comm, which is parenthesised and may itself contain ')'.
     try:
         return int(stat[stat.rfind(b")") + 2 :].split()[19])
@@ -144,7 +141,7 @@ def _start_ticks(stat: bytes) -> Optional[int]:
         return None
 
 
-def _epoch_ms(ticks: Optional[int]) -> Optional[int]:
+def _epoch_ms(ticks: int | None) -> int | None:
     """Clock ticks since boot as Unix milliseconds. The kernel counts a start time on the boot
     clock (CLOCK_BOOTTIME, which runs through a suspend); its epoch is now on the wall clock
     less the boot clock, taken afresh each time so that a wall clock set meanwhile is followed."""

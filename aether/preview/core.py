@@ -11,7 +11,7 @@ below it: an upstream gone (:meth:`Proxy.abort_upstreams`, and the :attr:`Proxy.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 
 from aether.preview.owner import Connector, Decider, Forward, Sink
 from aether.preview.proxy import HEADER_TIMEOUT, ClientConnection

@@ -23,13 +23,13 @@ import hmac
 import ipaddress
 import re
 import secrets
-from typing import TYPE_CHECKING, Callable, Collection, Optional, Union
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from aether import credentials
-from aether.preview import grant
+from aether.preview import grant, pages
 from aether.preview import headers as h
-from aether.preview import pages
 from aether.preview.local import LOOPBACK, is_local
 from aether.preview.owner import Answer, Forward
 from aether.preview.visibility import Visibility
@@ -47,7 +47,7 @@ def host_pattern(domain: str) -> str:
     return r"([a-z0-9][a-z0-9-]{0,62})-([a-z0-9]{1,64})\.(" + re.escape(domain) + r")"
 
 
-def upstream_address(listeners: "list[Listener]", local: Collection[str] = LOOPBACK) -> Optional[str]:
+def upstream_address(listeners: list[Listener], local: Collection[str] = LOOPBACK) -> str | None:
     """Where to connect for a port: a loopback address when a listener accepts on one (a
     wildcard does), else the specific address a listener is bound to, one in ``local`` if
     any is (the caller refuses one that is not)."""
@@ -69,7 +69,7 @@ def upstream_address(listeners: "list[Listener]", local: Collection[str] = LOOPB
     return best
 
 
-def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool] = lambda value: False) -> Optional[bytes]:
+def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool] = lambda value: False) -> bytes | None:
     """``target`` without ``token=<the workspace token>`` (or ``aether_grant=<a grant that
     ``granted`` accepts>``), or None when it has no such pair.
 
@@ -103,7 +103,7 @@ class Gate:
         settings,
         monitor,
         visibility: Visibility,
-        named: Callable[[str], Optional[int]] = lambda key: None,
+        named: Callable[[str], int | None] = lambda key: None,
         local: Collection[str] = LOOPBACK,
     ):
         self.settings = settings
@@ -114,8 +114,8 @@ class Gate:
         self.token = settings.token.encode()
         self._prefix = settings.project_prefix.lower().encode()
         self._host = re.compile(host_pattern(settings.preview_domain).encode() + rb"(?::(\d{1,5}))?", re.IGNORECASE)
-        self._hosts: dict[bytes, Optional[tuple]] = {}
-        self._addresses: dict[int, Optional[str]] = {}  # port -> upstream address, until it changes
+        self._hosts: dict[bytes, tuple | None] = {}
+        self._addresses: dict[int, str | None] = {}  # port -> upstream address, until it changes
         self._cookies: dict[bytes, bytes] = {}
         #: Marks requests this process forwarded, so one that comes back is a loop.
         self.via = b"1.1 aether-" + secrets.token_hex(6).encode()
@@ -126,7 +126,7 @@ class Gate:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def preview_host(self, host: bytes) -> Optional[tuple]:
+    def preview_host(self, host: bytes) -> tuple | None:
         """(port number or registry key, prefix matches, host name, port part) for a preview
         Host value, else None. The key before the last ``-`` of the first label is a port when
         it is all digits (registry keys never are), else a registry key; None in its place
@@ -164,7 +164,6 @@ class Gate:
                 self._cookies.clear()
             self._cookies[host_name] = value
         return value
-
 
     def is_trusted(self, client_ip: str) -> bool:
         """Whether ``client_ip`` is a TLS front named by ``--trusted-proxies``."""
@@ -218,7 +217,7 @@ class Gate:
         headers: h.Headers,
         client_ip: str,
         upgrade: bool,
-    ) -> Union[Forward, Answer]:
+    ) -> Forward | Answer:
         """What to do with a request whose head is ``method``, ``target`` and ``headers``."""
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
@@ -235,7 +234,9 @@ class Gate:
             return self._answer(400, "Bad request", "A request needs exactly one Host header.", head_only, close)
         host = head.hosts[0]
         if not target.startswith(b"/") and not (method == b"OPTIONS" and target == b"*"):
-            return self._answer(400, "Bad request", "The proxy takes origin-form request targets only (a path, not a URL).", head_only, close)
+            return self._answer(
+                400, "Bad request", "The proxy takes origin-form request targets only (a path, not a URL).", head_only, close
+            )
         parsed = self.preview_host(host)
         if parsed is None:
             text = f"This connection serves previews; {pages.escape(host)} is not one."
@@ -298,7 +299,9 @@ class Gate:
         if address is None and port in self.monitor.table:
             address = self._addresses[port] = upstream_address(self.monitor.table.listeners(port), self.local)
         if address is None:
-            return self._answer(502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close, refresh=pages.REFRESH_SECONDS)
+            return self._answer(
+                502, "Nothing is listening yet", pages.not_listening_text(port), head_only, close, refresh=pages.REFRESH_SECONDS
+            )
         if not is_local(address, self.local):
             return self._answer(502, pages.NOT_LOCAL_TITLE, pages.not_local_text(port, address), head_only, close)
         upstream_head = head.upstream(

@@ -18,7 +18,6 @@ import hmac
 import re
 import secrets
 import time
-from typing import Optional
 
 from aether import credentials
 
@@ -33,14 +32,14 @@ def _mac(token: bytes, host_name: bytes, expiry: int, nonce: bytes) -> bytes:
     return credentials.derive(token, b"aether-grant:%s:%d:%s" % (host_name.lower(), expiry, nonce))
 
 
-def mint(token: bytes, host_name: bytes, now: Optional[float] = None) -> bytes:
+def mint(token: bytes, host_name: bytes, now: float | None = None) -> bytes:
     """A new grant for ``host_name`` (a preview host name, without port), valid ``TTL_SECONDS``."""
     expiry = int(now if now is not None else time.time()) + TTL_SECONDS
     nonce = secrets.token_hex(NONCE_BYTES).encode()
     return b"%d.%s.%s" % (expiry, nonce, _mac(token, host_name, expiry, nonce))
 
 
-def check(token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = None) -> Optional[tuple[int, bytes]]:
+def check(token: bytes, host_name: bytes, grant: bytes, now: float | None = None) -> tuple[int, bytes] | None:
     """(expiry, nonce) of ``grant`` when it was minted with ``token`` for ``host_name`` and has
     not expired, else None. An expiry further ahead than a grant is ever minted for is refused."""
     match = _GRANT.fullmatch(grant)
@@ -56,7 +55,7 @@ def check(token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = N
     return expiry_at, nonce
 
 
-def valid(token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = None) -> bool:
+def valid(token: bytes, host_name: bytes, grant: bytes, now: float | None = None) -> bool:
     """Whether ``grant`` was minted with ``token`` for ``host_name`` and has not expired."""
     return check(token, host_name, grant, now) is not None
 
@@ -66,8 +65,9 @@ def valid(token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = N
 MAX_USED = 4096
 
 
-def redeem(used: dict[bytes, int], token: bytes, host_name: bytes, grant: bytes, now: Optional[float] = None,
-           limit: int = MAX_USED) -> bool:
+def redeem(
+    used: dict[bytes, int], token: bytes, host_name: bytes, grant: bytes, now: float | None = None, limit: int = MAX_USED
+) -> bool:
     """Whether ``grant`` is live for ``host_name`` and its nonce is not in ``used`` (nonce ->
     expiry); it is added now, so a grant is good once.
 

@@ -8,7 +8,7 @@ of a head. Hop-by-hop headers (RFC 9110 7.6.1: the fixed list and every name lis
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -45,8 +45,22 @@ class RequestHead:
     kept apart.
     """
 
-    __slots__ = ("lines", "hosts", "authorization", "cookie", "origin", "via", "forwarded_for",
-                 "forwarded_proto", "forwarded_port", "chunked", "has_body", "tokens", "upgrade", "bad_framing")
+    __slots__ = (
+        "lines",
+        "hosts",
+        "authorization",
+        "cookie",
+        "origin",
+        "via",
+        "forwarded_for",
+        "forwarded_proto",
+        "forwarded_port",
+        "chunked",
+        "has_body",
+        "tokens",
+        "upgrade",
+        "bad_framing",
+    )
 
     def __init__(self, headers: Headers):
         lines = []
@@ -57,7 +71,7 @@ class RequestHead:
         self.upgrade: list[bytes] = []
         self.via = self.forwarded_for = self.forwarded_proto = self.forwarded_port = b""
         self.chunked = self.has_body = self.bad_framing = False
-        self.tokens: Optional[set[bytes]] = None
+        self.tokens: set[bytes] | None = None
         for name, value in headers:
             lower = name.lower()
             if lower not in _READ_REQUEST:

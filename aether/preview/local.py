@@ -23,7 +23,7 @@ import errno
 import logging
 import socket
 import struct
-from typing import Callable, Collection, Optional
+from collections.abc import Callable, Collection
 
 log = logging.getLogger("aether.preview")
 
@@ -52,7 +52,7 @@ def is_local(address: str, local: Collection[str]) -> bool:
     return address in local or address.startswith("127.")
 
 
-def parse(data: bytes) -> list[tuple[int, Optional[tuple[bool, int, str]]]]:
+def parse(data: bytes) -> list[tuple[int, tuple[bool, int, str] | None]]:
     """The netlink messages in one datagram: (type, (assigned, interface, address)) for each
     address message, (type, None) for any other; ``assigned`` is False for a deletion and
     for an address not yet usable (tentative, or failed duplicate address detection).
@@ -77,7 +77,7 @@ def parse(data: bytes) -> list[tuple[int, Optional[tuple[bool, int, str]]]]:
     return out
 
 
-def _address(kind: int, data: bytes, start: int, end: int) -> Optional[tuple[bool, int, str]]:
+def _address(kind: int, data: bytes, start: int, end: int) -> tuple[bool, int, str] | None:
     family, _prefix, flags, _scope, index = _IFADDRMSG.unpack_from(data, start)
     if family == socket.AF_INET:
         size = 4
@@ -91,7 +91,7 @@ def _address(kind: int, data: bytes, start: int, end: int) -> Optional[tuple[boo
         length, kind_ = _RTATTR.unpack_from(data, at)
         if length < _RTATTR.size:
             break
-        value = data[at + _RTATTR.size:at + length]
+        value = data[at + _RTATTR.size : at + length]
         if kind_ == IFA_LOCAL and len(value) == size:
             local = value
         elif kind_ == IFA_ADDRESS and len(value) == size:
@@ -123,7 +123,7 @@ class LocalAddresses:
         #: Every address assigned here now, and loopback's. Updated in place: hold it.
         self.addresses: set[str] = set(LOOPBACK)
         self._interfaces: dict[str, set[int]] = {}  # address -> the interfaces that have it
-        self._sock: Optional[socket.socket] = None
+        self._sock: socket.socket | None = None
         self._sequence = 0
         self.resyncs = 0  # dumps after lost notifications
 
@@ -183,9 +183,14 @@ class LocalAddresses:
         self.addresses |= added
         if added or removed:
             # At most a few of each in the line: a namespace can hold thousands.
-            log.info("local addresses changed", extra={
-                "added": sorted(added)[:8], "removed": sorted(removed)[:8], "count": len(self.addresses),
-            })
+            log.info(
+                "local addresses changed",
+                extra={
+                    "added": sorted(added)[:8],
+                    "removed": sorted(removed)[:8],
+                    "count": len(self.addresses),
+                },
+            )
             self.on_change(added, removed)
 
     def _readable(self) -> None:

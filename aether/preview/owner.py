@@ -16,7 +16,8 @@ another, with its own decider, connections and counters.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Hashable, Optional, Protocol, Union
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from aether.preview.headers import Headers
@@ -30,7 +31,7 @@ class Forward:
 
     __slots__ = ("port", "address", "head", "has_body", "chunked", "tag")
 
-    def __init__(self, port: int, address: str, head: bytes, tag: Optional[Hashable] = None):
+    def __init__(self, port: int, address: str, head: bytes, tag: Hashable | None = None):
         self.has_body = self.chunked = False
         self.port = port
         self.address = address
@@ -54,7 +55,7 @@ class Unreachable(Exception):
     """A Forward's upstream cannot be used: the browser gets this page (``refresh``: seconds
     after which it reloads itself)."""
 
-    def __init__(self, status: int, title: str, text: str, refresh: Optional[int] = None):
+    def __init__(self, status: int, title: str, text: str, refresh: int | None = None):
         super().__init__(status, title)
         self.status = status
         self.title = title
@@ -64,8 +65,13 @@ class Unreachable(Exception):
 
 class Decider(Protocol):
     def decide(
-        self, method: bytes, target: bytes, headers: "Headers", client_ip: str, upgrade: bool,
-    ) -> Union[Forward, Answer]:
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        client_ip: str,
+        upgrade: bool,
+    ) -> Forward | Answer:
         """What to do with the request whose head is ``method``, ``target`` and ``headers``
         (in the order received), from ``client_ip``; ``upgrade``: it asks for one. Sets the
         decision's ``has_body`` and ``chunked`` from the head's framing."""
@@ -73,13 +79,13 @@ class Decider(Protocol):
 
 
 class Connector(Protocol):
-    def check(self, forward: Forward) -> Optional[Unreachable]:
+    def check(self, forward: Forward) -> Unreachable | None:
         """Whether ``forward``'s upstream may still be used, asked when its request starts
         (which may be a while after its decision, behind pipelined requests), before a pooled
         connection is taken or a new one made: None, or why not."""
         ...
 
-    async def connect(self, forward: Forward, factory: Callable[[], "Upstream"]) -> "Upstream":
+    async def connect(self, forward: Forward, factory: Callable[[], Upstream]) -> Upstream:
         """A new connection to ``forward``'s upstream, made with ``factory`` (see
         :func:`.upstream.dial`); raises :class:`Unreachable`. Cancelled when the browser goes
         away meanwhile."""

@@ -6,7 +6,7 @@ Everything a page reflects (a host name, a path) is HTML-escaped; the pages carr
 from __future__ import annotations
 
 import html
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 REASONS = {
     302: "Found",
@@ -29,7 +29,7 @@ REASONS = {
 REFRESH_SECONDS = 1
 
 
-def render(status: int, title: str, text: str, refresh: Optional[int] = None) -> bytes:
+def render(status: int, title: str, text: str, refresh: int | None = None) -> bytes:
     meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
     body = (
         "<!doctype html>\n"

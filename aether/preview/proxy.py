@@ -24,7 +24,8 @@ import collections
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -55,13 +56,29 @@ class Cycle:
     ``upgrade``, ``close``, ``http10``), fixed when the head is parsed; only the browser's side
     writes any."""
 
-    __slots__ = ("forward", "answer", "head_only", "upgrade", "close", "http10", "has_body", "chunked",
-                 "body", "buffered", "complete", "upstream", "pooled", "retried", "responded",
-                 "idempotent", "started")
+    __slots__ = (
+        "forward",
+        "answer",
+        "head_only",
+        "upgrade",
+        "close",
+        "http10",
+        "has_body",
+        "chunked",
+        "body",
+        "buffered",
+        "complete",
+        "upstream",
+        "pooled",
+        "retried",
+        "responded",
+        "idempotent",
+        "started",
+    )
 
     def __init__(self, method: bytes, upgrade: bool, close: bool, http10: bool, has_body: bool, chunked: bool):
-        self.forward: Optional[Forward] = None
-        self.answer: Optional[Answer] = None
+        self.forward: Forward | None = None
+        self.answer: Answer | None = None
         self.head_only = method == b"HEAD"
         self.idempotent = method in _IDEMPOTENT
         self.upgrade = upgrade
@@ -72,7 +89,7 @@ class Cycle:
         self.body: list[bytes] = []
         self.buffered = 0
         self.complete = False
-        self.upstream: Optional[Upstream] = None
+        self.upstream: Upstream | None = None
         self.pooled = False  # its upstream was taken from the pool
         self.retried = False
         self.responded = False  # the app's response head went to the browser
@@ -86,30 +103,30 @@ class ClientConnection(asyncio.Protocol):
     #: upstream: the transport's own ``write``, bound once as the connection is made.
     send: Callable[[bytes], None]
 
-    def __init__(self, proxy: "Proxy"):
+    def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.loop = proxy.loop
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Cycle] = collections.deque()
-        self.parsing: Optional[Cycle] = None
-        self.active: Optional[Cycle] = None
-        self.tunnel: Optional[Upstream] = None
-        self.tunnel_forward: Optional[Forward] = None  # the request that became the tunnel
-        self._connecting: Optional[asyncio.Task] = None
+        self.parsing: Cycle | None = None
+        self.active: Cycle | None = None
+        self.tunnel: Upstream | None = None
+        self.tunnel_forward: Forward | None = None  # the request that became the tunnel
+        self._connecting: asyncio.Task | None = None
         self.upgrading = False
         self.finished = False  # a request closing the connection was read: ignore the rest
         self.early: list[bytes] = []  # tunnel bytes sent before the app's 101
         self.close_after = False
-        self.refusal: Optional[tuple[int, bytes]] = None  # (status, response) due after the requests ahead
+        self.refusal: tuple[int, bytes] | None = None  # (status, response) due after the requests ahead
         self.closed = False
         self.writing_paused = False
         self._paused: set[str] = set()
         self.in_head = True
         self.head_bytes = 0
         self.head_start = self.last_activity = self.loop.time()
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: h.Headers = []
 
@@ -149,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self.upgrading = True
             self.pause_reading("upgrade")  # until the app answers: nothing more is held
-            rest = data[exc.args[0]:]
+            rest = data[exc.args[0] :]
             if rest:
                 self.early.append(rest)
         except httptools.HttpParserCallbackError:
@@ -165,7 +182,7 @@ class ClientConnection(asyncio.Protocol):
         # request (and upstream connection) go with it.
         return False
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.closed(self)
         if self._timer is not None:
@@ -398,7 +415,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ends -------------------------------------------------------------------------------
 
-    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: Optional[int] = None) -> None:
+    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: int | None = None) -> None:
         if self.closed or self.active is not cycle:
             return
         close = cycle.close or not cycle.complete or cycle.upgrade
@@ -448,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- what the proxy calls ---------------------------------------------------------------
 
-    def upstream_forward(self) -> Optional[Forward]:
+    def upstream_forward(self) -> Forward | None:
         """The Forward whose upstream this connection is on now (a tunnel's, or a request's
         with its upstream connection attached), if any."""
         if self.tunnel is not None:

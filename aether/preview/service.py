@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aether.ports.events import CLOSE, PortEvent
 from aether.preview import pages
@@ -63,7 +63,7 @@ class PreviewProxy:
 
     # -- the connector ----------------------------------------------------------------------
 
-    def check(self, forward: Forward) -> Optional[Unreachable]:
+    def check(self, forward: Forward) -> Unreachable | None:
         """An upstream must still be this host's: an address removed since the decision may
         belong to another host now."""
         if is_local(forward.address, self.local.addresses):
@@ -88,7 +88,9 @@ class PreviewProxy:
                     await asyncio.sleep(0.005)
                     continue
                 if port not in table:
-                    raise Unreachable(502, "Nothing is listening yet", pages.not_listening_text(port), pages.REFRESH_SECONDS) from None
+                    raise Unreachable(
+                        502, "Nothing is listening yet", pages.not_listening_text(port), pages.REFRESH_SECONDS
+                    ) from None
                 raise Unreachable(502, "Connection refused", f"Port {port} refused the connection.") from None
         refusal = self.check(forward)
         if refusal is not None:

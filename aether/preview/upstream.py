@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -38,12 +39,12 @@ CONNECT_TIMEOUT = 5.0
 
 async def dial(
     loop: asyncio.AbstractEventLoop,
-    factory: Callable[[], "Upstream"],
+    factory: Callable[[], Upstream],
     address: str,
     port: int,
     timeout: float = CONNECT_TIMEOUT,
-    name: Optional[str] = None,
-) -> "Upstream":
+    name: str | None = None,
+) -> Upstream:
     """A connection made with ``factory`` to ``address``:``port`` within ``timeout`` seconds.
 
     ``ConnectionRefusedError`` passes through, since what a refusal means is the caller's to
@@ -56,7 +57,9 @@ async def dial(
     except ConnectionRefusedError:
         raise
     except TimeoutError:
-        raise Unreachable(504, "Upstream timeout", f"{name[:1].upper()}{name[1:]} did not accept a connection within {timeout:g} s.") from None
+        raise Unreachable(
+            504, "Upstream timeout", f"{name[:1].upper()}{name[1:]} did not accept a connection within {timeout:g} s."
+        ) from None
     except OSError as exc:
         raise Unreachable(502, "Bad gateway", f"Could not connect to {name}: {pages.escape(exc.strerror or str(exc))}.") from None
     return up
@@ -69,17 +72,17 @@ class Upstream(asyncio.Protocol):
     #: ``write``, bound once as the connection is made.
     send: Callable[[bytes], None]
 
-    def __init__(self, pool: "Pool", key: tuple[str, int]):
+    def __init__(self, pool: Pool, key: tuple[str, int]):
         self.pool = pool
         self.key = key
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: Optional["ClientConnection"] = None
-        self.cycle: Optional["Cycle"] = None  # the request being answered (read, never written)
+        self.client: ClientConnection | None = None
+        self.cycle: Cycle | None = None  # the request being answered (read, never written)
         self.closed = False
         self.tunnel = False
         self.idle_since = 0.0
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []  # bytes for the browser, written once per read
         self._reset_response()
 
@@ -91,11 +94,11 @@ class Upstream(asyncio.Protocol):
         self.until_close = False  # the app delimits the body by closing
         self.informational = False
         self.finished_early = False  # a body-less response finished at its head
-        self._finish_after_read: Optional[bool] = None  # ... once the parser returns: keep-alive?
+        self._finish_after_read: bool | None = None  # ... once the parser returns: keep-alive?
 
     # -- what the browser's side calls ------------------------------------------------------
 
-    def bind(self, client: "ClientConnection", cycle: "Cycle") -> None:
+    def bind(self, client: ClientConnection, cycle: Cycle) -> None:
         """Answer ``cycle``'s request (its head and body follow with :meth:`send`) to ``client``."""
         self.client = client
         self.cycle = cycle
@@ -172,7 +175,7 @@ class Upstream(asyncio.Protocol):
             elif self._out:
                 self._flush()
         except httptools.HttpParserUpgrade as exc:
-            rest = data[exc.args[0]:]
+            rest = data[exc.args[0] :]
             if rest and self.client is not None:
                 self.client.send(rest)
         except httptools.HttpParserCallbackError:
@@ -184,7 +187,7 @@ class Upstream(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -224,7 +227,7 @@ class Upstream(asyncio.Protocol):
             self._fail("the app sent a response head without CRLF line ends")
             return
         head = h.ResponseHead(raw[:end])
-        self._raw = raw[end + 4:]
+        self._raw = raw[end + 4 :]
         if status < 200 and status != 101:
             self.informational = True
             self._out.append(head.for_client())
@@ -322,7 +325,7 @@ class Pool:
         self.loop = loop
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
 
-    def take(self, key: tuple[str, int]) -> Optional[Upstream]:
+    def take(self, key: tuple[str, int]) -> Upstream | None:
         conns = self.idle.get(key)
         while conns:
             conn = conns.pop()

@@ -5,7 +5,7 @@ Kept in the state directory's ``config.json`` as ``preview_public_ports`` so a r
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 PRIVATE = "private"
 PUBLIC = "public"
@@ -28,8 +28,6 @@ class Visibility:
 
 def load(raw: object) -> frozenset[int]:
     """The public ports from ``config.json``'s value, or ValueError saying what is wrong."""
-    if not isinstance(raw, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in raw
-    ):
+    if not isinstance(raw, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in raw):
         raise ValueError("preview_public_ports must be an array of port numbers")
     return frozenset(raw)

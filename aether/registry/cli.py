@@ -37,14 +37,17 @@ def add_commands(commands) -> None:
     command("get", "print KEY's port alone", json_flag=True).add_argument("key")
     command("list", "every entry, with what listens on it now")
     command("delete", "forget KEY").add_argument("key")
-    run = command("run", "run a command with PORT (and PORT_<LABEL>) from the registry; options go before KEY",
-                  json_flag=False)
+    run = command("run", "run a command with PORT (and PORT_<LABEL>) from the registry; options go before KEY", json_flag=False)
     run.add_argument("key")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     allocate = command("allocate", "register a contiguous block of ports for an app")
     allocate.add_argument("app")
     allocate.add_argument("--labels", required=True, help="comma-separated, e.g. api,ui,health")
-    allocate.add_argument("--range", default="apps", help="FIRST-LAST or a range's name: core, extensions, apps (default apps: 5570-5599) or one from config.json's port_ranges")
+    allocate.add_argument(
+        "--range",
+        default="apps",
+        help="FIRST-LAST or a range's name: core, extensions, apps (default apps: 5570-5599) or one from config.json's port_ranges",
+    )
     command("check", "conflicts between the registry and what listens")
 
 
@@ -113,14 +116,17 @@ def live_ports() -> dict[int, dict]:
 
     with sockdiag.DiagSocket() as diag:
         raw = diag.raw()
-    return {state.port: {"pid": state.pid, "process": state.process, "pids": list(state.pids)}
-            for state in procs.port_states(raw)}
+    return {
+        state.port: {"pid": state.pid, "process": state.process, "pids": list(state.pids)} for state in procs.port_states(raw)
+    }
 
 
 def _list(registry, args) -> int:
     live = live_ports()
-    rows = [entry.with_live((live[entry.port]["pid"], live[entry.port]["process"]) if entry.port in live else None)
-            for entry in registry.entries()]
+    rows = [
+        entry.with_live((live[entry.port]["pid"], live[entry.port]["process"]) if entry.port in live else None)
+        for entry in registry.entries()
+    ]
     if args.json:
         _print_json(rows)
         return 0
@@ -206,20 +212,39 @@ def conflicts(registry) -> list[dict]:
     for port, state in sorted(live.items()):
         names = {procs.process_name(pid) for pid in state["pids"]}
         if len(state["pids"]) > 1 and len(names) > 1:
-            found.append({"kind": "shared", "port": port, "pids": state["pids"],
-                          "message": f"port {port} is held by {len(state['pids'])} different programs: {', '.join(sorted(n or '?' for n in names))}"})
+            found.append(
+                {
+                    "kind": "shared",
+                    "port": port,
+                    "pids": state["pids"],
+                    "message": f"port {port} is held by {len(state['pids'])} different programs: {', '.join(sorted(n or '?' for n in names))}",
+                }
+            )
     registered = {entry.port: entry for entry in registry.entries()}
     for port, entry in sorted(registered.items()):
         state = live.get(port)
         if state and entry.app:
             app = _app_of(state["pid"])
             if app is not None and app != entry.app:
-                found.append({"kind": "other_app", "port": port, "key": entry.key, "pid": state["pid"],
-                              "message": f"port {port} ({entry.key}) belongs to app {entry.app} but pid {state['pid']} runs for app {app}"})
+                found.append(
+                    {
+                        "kind": "other_app",
+                        "port": port,
+                        "key": entry.key,
+                        "pid": state["pid"],
+                        "message": f"port {port} ({entry.key}) belongs to app {entry.app} but pid {state['pid']} runs for app {app}",
+                    }
+                )
     for port, state in sorted(live.items()):
         if port not in registered and port not in BY_NAME["ignored_ports"].default:
-            found.append({"kind": "unregistered", "port": port, "pid": state["pid"],
-                          "message": f"port {port} listens ({state['process'] or 'unknown process'}) with no registry entry"})
+            found.append(
+                {
+                    "kind": "unregistered",
+                    "port": port,
+                    "pid": state["pid"],
+                    "message": f"port {port} listens ({state['process'] or 'unknown process'}) with no registry entry",
+                }
+            )
     return found
 
 

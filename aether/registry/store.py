@@ -55,8 +55,16 @@ class Entry:
 
     __slots__ = ("key", "port", "app", "label", "description", "created", "updated")
 
-    def __init__(self, key: str, port: int, app: "str | None" = None, label: "str | None" = None,
-                 description: str = "", created: float = 0.0, updated: float = 0.0):
+    def __init__(
+        self,
+        key: str,
+        port: int,
+        app: str | None = None,
+        label: str | None = None,
+        description: str = "",
+        created: float = 0.0,
+        updated: float = 0.0,
+    ):
         self.key, self.port, self.app, self.label = key, port, app, label
         self.description, self.created, self.updated = description, created, updated
 
@@ -69,7 +77,7 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry{self.astuple()!r}"
 
-    def with_live(self, owner: "tuple[int | None, str | None] | None") -> dict:
+    def with_live(self, owner: tuple[int | None, str | None] | None) -> dict:
         """The JSON form joined with what listens on the port now: ``owner`` is its (pid,
         process), or None when nothing listens."""
         pid, process = owner if owner is not None else (None, None)
@@ -93,7 +101,9 @@ def _iso(ts: float) -> str:
 
 def check_key(key: str) -> str:
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
-        raise RegistryError(f"invalid key {excerpt(key)}: lower-case letters, digits and '-', 1-63 characters, not starting with '-'")
+        raise RegistryError(
+            f"invalid key {excerpt(key)}: lower-case letters, digits and '-', 1-63 characters, not starting with '-'"
+        )
     if key.isdigit():
         raise RegistryError(f"invalid key {excerpt(key)}: all digits would clash with {{port}}- preview URLs")
     return key
@@ -128,7 +138,9 @@ class Registry:
         except sqlite.SchemaTooNew as exc:
             raise RegistryError(f"{self.path}: {exc}", "unavailable") from None
         except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{self.path}: not a readable aether registry ({exc}); move it away to start a new one", "unavailable") from None
+            raise RegistryError(
+                f"{self.path}: not a readable aether registry ({exc}); move it away to start a new one", "unavailable"
+            ) from None
         except OSError as exc:
             raise RegistryError(f"{self.path}: {exc.strerror}", "unavailable") from None
 
@@ -139,7 +151,7 @@ class Registry:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,8 +183,7 @@ class Registry:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def set(self, key: str, port, app: str | None = None, label: str | None = None,
-            description: str | None = None) -> Entry:
+    def set(self, key: str, port, app: str | None = None, label: str | None = None, description: str | None = None) -> Entry:
         """Create or update ``key``; fields not given keep their value on an update."""
         key, port = check_key(key), check_port(port)
         app, label = check_word("app", app), check_word("label", label)
@@ -228,8 +239,9 @@ class Registry:
         avoid = set(avoid)
 
         def write(db):
-            existing = {row[0]: Entry(*row) for row in db.execute(
-                f"SELECT * FROM ports WHERE key IN ({','.join('?' * len(keys))})", keys)}
+            existing = {
+                row[0]: Entry(*row) for row in db.execute(f"SELECT * FROM ports WHERE key IN ({','.join('?' * len(keys))})", keys)
+            }
             if len(existing) == len(keys):
                 return [existing[key] for key in keys]
             if existing:

@@ -115,20 +115,31 @@ class WorkspaceServer:
         if failed:
             log.warning("state directory left readable by others", extra={"path": str(self.state.path), "failed": failed})
         self.hub = Hub(settings.ping_interval, settings.pong_timeout)
-        self.metrics = Metrics(Readings(
-            backend=lambda: monitor.backend,
-            ports_open=lambda: len(monitor.table),
-            monitor_stats=lambda: monitor.stats,
-            clients=lambda: len(self.hub.clients),
-            preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
-        ))
+        self.metrics = Metrics(
+            Readings(
+                backend=lambda: monitor.backend,
+                ports_open=lambda: len(monitor.table),
+                monitor_stats=lambda: monitor.stats,
+                clients=lambda: len(self.hub.clients),
+                preview_connections=lambda: len(self.previews.connections) if self.previews is not None else 0,
+            )
+        )
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
-        self.registry_api = RegistryApi(settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients))
+        self.registry_api = RegistryApi(
+            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients)
+        )
         self.channels: dict[str, Channel] = {
             "ports": PortsChannel(
-                monitor, monitor.table, self.hub, self.visibility, settings.preview_url_for, self.state.save_config,
-                own_port=settings.port, kill_grace=settings.kill_grace, sent=self.metrics.port_event,
+                monitor,
+                monitor.table,
+                self.hub,
+                self.visibility,
+                settings.preview_url_for,
+                self.state.save_config,
+                own_port=settings.port,
+                kill_grace=settings.kill_grace,
+                sent=self.metrics.port_event,
             ),
             "config": ConfigChannel(settings, monitor, self.hub, self.state.save_config, self._registry_entries),
             "files": FilesChannel(settings.workspace_root),
@@ -194,8 +205,8 @@ def banner(settings: Settings, show_token: bool = True) -> str:
             f"aether serving workspace {settings.workspace_id} on http://{host}:{settings.port}",
             f"  WebSocket URL: {url}",
             f"  token:         {shown}",
-            f"  connect:       wscat -c {url} -s \"Bearer, {token}\"",
-            f"  or:            wscat -c \"{url}?token={token}\"",
+            f'  connect:       wscat -c {url} -s "Bearer, {token}"',
+            f'  or:            wscat -c "{url}?token={token}"',
             f"  previews:      {settings.preview_url_pattern}",
             f"  dashboard:     http://{host}:{settings.port}/?token={token}",
         ]

@@ -21,7 +21,8 @@ import hmac
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Callable, MutableMapping, Optional, Protocol, Union
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Protocol
 
 import tornado.iostream
 import tornado.web
@@ -67,14 +68,14 @@ class Endpoint:
     max_message_bytes: int
     send_buffer_bytes: int
     write_timeout: float
-    hub: "Hub"
-    receive: Callable[["Client", Union[str, bytes]], None]
-    opened: Callable[["Client"], None]
-    closed: Callable[["Client"], None]
+    hub: Hub
+    receive: Callable[[Client, str | bytes], None]
+    opened: Callable[[Client], None]
+    closed: Callable[[Client], None]
     counts: Counts
 
 
-def bearer_token(request) -> Optional[str]:
+def bearer_token(request) -> str | None:
     """The token from ``Sec-WebSocket-Protocol: Bearer, TOKEN``, else from ``?token=``."""
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     if len(offered) >= 2 and offered[0] == "Bearer" and offered[1]:
@@ -91,10 +92,10 @@ class Client(tornado.websocket.WebSocketHandler):
         self.last_pong = time.monotonic()
         self._pending: collections.deque = collections.deque()
         self._pending_bytes = 0
-        self._write_timer: Optional[asyncio.TimerHandle] = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._on_drained: list = []
         #: (channel, type) pairs this client may send; None for all (it showed the token).
-        self.allowed: Optional[frozenset] = None
+        self.allowed: frozenset | None = None
 
     # -- before the upgrade -------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class Client(tornado.websocket.WebSocketHandler):
         if self.path_args[0] != endpoint.workspace_id:
             raise tornado.web.HTTPError(404)
 
-    def select_subprotocol(self, subprotocols: list[str]) -> Optional[str]:
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         # Answer with "Bearer" alone: the token is never echoed back.
         return "Bearer" if "Bearer" in subprotocols else None
 
@@ -133,7 +134,7 @@ class Client(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> None:
         return None
 
-    def get_websocket_protocol(self) -> Optional[tornado.websocket.WebSocketProtocol]:
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()
         if protocol is None:
             return None
@@ -168,7 +169,7 @@ class Client(tornado.websocket.WebSocketHandler):
         self.endpoint.hub.add(self)
         log.info("client connected", extra={"client": self.request.remote_ip, "clients": len(self.endpoint.hub.clients)})
 
-    def on_message(self, frame: Union[str, bytes]) -> None:
+    def on_message(self, frame: str | bytes) -> None:
         self.endpoint.receive(self, frame)
 
     def on_pong(self, data: bytes) -> None:
@@ -225,7 +226,7 @@ class Client(tornado.websocket.WebSocketHandler):
             except Exception:
                 log.exception("drain callback failed")
 
-    def send(self, message: Union[dict, bytes]) -> None:
+    def send(self, message: dict | bytes) -> None:
         """The one way out to this client: ``message``, or a whole frame built once for many
         (``aether.wire.frame``), queued on the connection's stream. What is sent, and every
         error reply, is counted here."""

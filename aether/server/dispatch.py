@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import TYPE_CHECKING, Callable, Collection, Coroutine, Mapping, MutableMapping, Union
+from collections.abc import Callable, Collection, Coroutine, Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 from aether import protocol, wire
 from aether.errors import Refusal
@@ -30,8 +31,7 @@ Reply = Callable[[dict], None]
 
 
 FORBIDDEN = (
-    "the dashboard's cookie opens the ports channel and config get/registry only: "
-    "connect with the workspace token for this"
+    "the dashboard's cookie opens the ports channel and config get/registry only: connect with the workspace token for this"
 )
 
 
@@ -39,22 +39,23 @@ class Dispatcher:
     """The channels by name, each with its table of handlers; ``received`` counts messages by
     (channel, type). A client that holds the dashboard's cookie hears ``heard`` channels only."""
 
-    def __init__(self, channels: Mapping[str, Channel], received: MutableMapping[tuple[str, str], int],
-                 heard: Collection[str] = ()):
+    def __init__(
+        self, channels: Mapping[str, Channel], received: MutableMapping[tuple[str, str], int], heard: Collection[str] = ()
+    ):
         self.channels = channels
         self.received = received
         self.heard = heard
 
-    def open(self, client: "Client") -> None:
+    def open(self, client: Client) -> None:
         for name, channel in self.channels.items():
             if client.allowed is None or name in self.heard:
                 channel.on_open(client)
 
-    def close(self, client: "Client") -> None:
+    def close(self, client: Client) -> None:
         for channel in self.channels.values():
             channel.on_close(client)
 
-    def receive(self, client: "Client", frame: Union[str, bytes]) -> None:
+    def receive(self, client: Client, frame: str | bytes) -> None:
         try:
             message = protocol.parse(frame)
         except protocol.ProtocolError as exc:
@@ -68,7 +69,7 @@ class Dispatcher:
             return
         self.dispatch(client, message)
 
-    def dispatch(self, client: "Client", message: Message) -> None:
+    def dispatch(self, client: Client, message: Message) -> None:
         """``message`` to its handler; what it raises to the channel's reply."""
         channel = self.channels[message.channel]
         try:

@@ -23,21 +23,21 @@ log = logging.getLogger("aether.server")
 
 class Hub:
     def __init__(self, ping_interval: float, pong_timeout: float):
-        self.clients: set["Client"] = set()
+        self.clients: set[Client] = set()
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
         self._last_ping = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
 
-    def add(self, client: "Client") -> None:
+    def add(self, client: Client) -> None:
         self.clients.add(client)
         self._closed.clear()
         if self._timer is None:
             self._last_ping = time.monotonic()
             self._schedule()
 
-    def remove(self, client: "Client") -> None:
+    def remove(self, client: Client) -> None:
         self.clients.discard(client)
         if not self.clients:
             self._closed.set()
@@ -87,6 +87,6 @@ class Hub:
         if self.clients:
             try:
                 await asyncio.wait_for(self._closed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 for client in list(self.clients):
                     client.abort("did not close in time at shutdown")

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Protocol
 
 import tornado.httpserver
 import tornado.iostream
@@ -41,7 +42,7 @@ CLASSIFY_TIMEOUT = 10.0
 _UPPER = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def address_key(ip: str) -> Union[str, bytes]:
+def address_key(ip: str) -> str | bytes:
     """What the per-address cap counts ``ip`` under: an IPv4 address (IPv4-mapped ones too),
     or the first 64 bits of an IPv6 one."""
     if ":" not in ip:
@@ -85,7 +86,7 @@ class _Unauthenticated:
                 del self.counts[key]
 
 
-def first_host(data: bytes) -> tuple[bool, Optional[bytes]]:
+def first_host(data: bytes) -> tuple[bool, bytes | None]:
     """(decided, Host value) from the start of a connection's bytes.
 
     Undecided while neither the Host line nor the end of the head has arrived; decided with
@@ -114,7 +115,7 @@ class _CountedStream(tornado.iostream.IOStream):
 
     def __init__(self, sock: socket.socket, on_close: Callable[[], None], pending: _Unauthenticated):
         super().__init__(sock)
-        self._on_close: Optional[Callable[[], None]] = on_close
+        self._on_close: Callable[[], None] | None = on_close
         self.answered = pending.release
 
     def close(self, exc_info=False) -> None:
@@ -150,7 +151,7 @@ class SharedListener:
         previews: Previews,
         limit: int,
         per_address: int = 0,
-        exempt: Optional[Callable[[str], bool]] = None,
+        exempt: Callable[[str], bool] | None = None,
     ):
         self.http = http
         self.previews = previews
@@ -199,7 +200,7 @@ class SharedListener:
         self._classifying[conn] = (deadline, pending)
         self.loop.add_reader(conn.fileno(), self._classify, conn, address, 0)
 
-    def _count(self, ip: str) -> Optional[_Unauthenticated]:
+    def _count(self, ip: str) -> _Unauthenticated | None:
         """The new connection's place in its address's count; None when that is full."""
         if not self.per_address or (self.exempt is not None and self.exempt(ip)):
             return _Unauthenticated(self.unauthenticated, None)

@@ -23,7 +23,8 @@ import bisect
 import collections
 import dataclasses
 import platform
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from aether import __version__
 from aether.server.registry_api import ApiHandler
@@ -68,7 +69,7 @@ class Readings:
     """What the server knows anyway, read at each scrape."""
 
     #: The backend watching ports (``ebpf``, ``sockdiag``), None before the monitor started.
-    backend: Callable[[], Optional[str]]
+    backend: Callable[[], str | None]
     #: TCP ports listening now, ignored ports left out.
     ports_open: Callable[[], int]
     #: The monitor's counters: ``resyncs`` and ``lost``.
@@ -128,34 +129,53 @@ class _Collector:
 
         m, readings = self.metrics, self.metrics.readings
         stats = readings.monitor_stats()
-        yield InfoMetricFamily("aether_build", "The running aether.", value={
-            "version": __version__, "python": platform.python_version(), "backend": readings.backend() or "none"})
+        yield InfoMetricFamily(
+            "aether_build",
+            "The running aether.",
+            value={"version": __version__, "python": platform.python_version(), "backend": readings.backend() or "none"},
+        )
 
-        yield GaugeMetricFamily("aether_ports_open", "TCP ports listening now, ignored ports left out.",
-                                value=readings.ports_open())
-        events = CounterMetricFamily("aether_port_events", "Port open, update and close events, by how they were seen "
-                                     "(ebpf: a probe record; sockdiag: a snapshot; config: ignored ports changed; "
-                                     "pidfd: a recorded owner exited).",
-                                     labels=("type", "backend"))
+        yield GaugeMetricFamily(
+            "aether_ports_open", "TCP ports listening now, ignored ports left out.", value=readings.ports_open()
+        )
+        events = CounterMetricFamily(
+            "aether_port_events",
+            "Port open, update and close events, by how they were seen "
+            "(ebpf: a probe record; sockdiag: a snapshot; config: ignored ports changed; "
+            "pidfd: a recorded owner exited).",
+            labels=("type", "backend"),
+        )
         for (kind, backend), count in sorted(m.port_events.items()):
             events.add_metric((kind, backend), count)
         yield events
-        latency = HistogramMetricFamily("aether_port_event_latency_seconds", "From the kernel's timestamp of a "
-                                        "port event (eBPF) or the snapshot that found it to its frame handed to "
-                                        "the clients' sockets; events no client was connected for are left out.",
-                                        labels=("backend",))
+        latency = HistogramMetricFamily(
+            "aether_port_event_latency_seconds",
+            "From the kernel's timestamp of a "
+            "port event (eBPF) or the snapshot that found it to its frame handed to "
+            "the clients' sockets; events no client was connected for are left out.",
+            labels=("backend",),
+        )
         for backend, histogram in sorted(m.port_latency.items()):
             latency.add_metric((backend,), histogram.buckets(), histogram.total)
         yield latency
-        yield CounterMetricFamily("aether_port_resyncs", "Snapshots diffed against the probe's view of the ports "
-                                  "(start-up, lost or uncertain records; sock_diag polls are not counted).",
-                                  value=stats["resyncs"])
-        yield CounterMetricFamily("aether_port_events_lost", "Probe records the kernel could not deliver "
-                                  "(each loss is followed by a resync).", value=stats["lost"])
+        yield CounterMetricFamily(
+            "aether_port_resyncs",
+            "Snapshots diffed against the probe's view of the ports "
+            "(start-up, lost or uncertain records; sock_diag polls are not counted).",
+            value=stats["resyncs"],
+        )
+        yield CounterMetricFamily(
+            "aether_port_events_lost",
+            "Probe records the kernel could not deliver (each loss is followed by a resync).",
+            value=stats["lost"],
+        )
 
         yield GaugeMetricFamily("aether_websocket_clients", "WebSocket clients connected now.", value=readings.clients())
-        received = CounterMetricFamily("aether_ws_messages_received", "Client messages, by channel and type "
-                                       "(unknown: not one the protocol has).", labels=("channel", "type"))
+        received = CounterMetricFamily(
+            "aether_ws_messages_received",
+            "Client messages, by channel and type (unknown: not one the protocol has).",
+            labels=("channel", "type"),
+        )
         for (channel, kind), count in sorted(m.ws_received.items()):
             received.add_metric((channel, kind), count)
         yield received
@@ -166,15 +186,21 @@ class _Collector:
             errors.add_metric((code,), count)
         yield errors
 
-        yield GaugeMetricFamily("aether_preview_connections", "Browser connections to previews open now.",
-                                value=readings.preview_connections())
-        responses = CounterMetricFamily("aether_preview_requests", "Preview requests answered, by the status sent "
-                                        "(the app's, or the proxy's own: 401, 502, 504...).", labels=("status",))
+        yield GaugeMetricFamily(
+            "aether_preview_connections", "Browser connections to previews open now.", value=readings.preview_connections()
+        )
+        responses = CounterMetricFamily(
+            "aether_preview_requests",
+            "Preview requests answered, by the status sent (the app's, or the proxy's own: 401, 502, 504...).",
+            labels=("status",),
+        )
         for status, count in sorted(m.preview_responses.items()):
             responses.add_metric((str(status),), count)
         yield responses
-        upstream = HistogramMetricFamily("aether_preview_upstream_latency_seconds", "From the proxy starting on a "
-                                         "request (connection included) to the app's response head.")
+        upstream = HistogramMetricFamily(
+            "aether_preview_upstream_latency_seconds",
+            "From the proxy starting on a request (connection included) to the app's response head.",
+        )
         upstream.add_metric((), m.preview_upstream_latency.buckets(), m.preview_upstream_latency.total)
         yield upstream
 
@@ -197,5 +223,5 @@ class MetricsHandler(ApiHandler):
         return None  # never the same twice: hashing each scrape would be wasted
 
 
-def routes(server: "WorkspaceServer") -> list:
+def routes(server: WorkspaceServer) -> list:
     return [(r"/metrics", MetricsHandler, {"server": server})]

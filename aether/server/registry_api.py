@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 import tornado.web
 import ujson
@@ -40,9 +41,9 @@ class RegistryApi:
         self.on_change = on_change
         self.watching = watching
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
-        self._writer: Optional[Registry] = None
+        self._writer: Registry | None = None
         self._version = self.reader.version()
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer: asyncio.TimerHandle | None = None
         self.ports_by_key: dict[str, int] = {}
         self._reload()
 
@@ -70,7 +71,7 @@ class RegistryApi:
             self._version = version
             self.on_change(self._reload())
 
-    def port_of(self, key: str) -> Optional[int]:
+    def port_of(self, key: str) -> int | None:
         """The port registered as ``key`` now, another process's latest write included (one
         ``PRAGMA data_version``, microseconds, before the lookup)."""
         self.check()
@@ -98,7 +99,7 @@ class RegistryApi:
 class ApiHandler(tornado.web.RequestHandler):
     """JSON in and out, the workspace token as ``Authorization: Bearer``."""
 
-    def initialize(self, server: "WorkspaceServer") -> None:
+    def initialize(self, server: WorkspaceServer) -> None:
         self.server = server
 
     def prepare(self) -> None:
@@ -138,7 +139,7 @@ class ApiHandler(tornado.web.RequestHandler):
         return self.server.registry_api
 
 
-def joined(server: "WorkspaceServer") -> list[dict]:
+def joined(server: WorkspaceServer) -> list[dict]:
     """The registry joined with what listens now (from the monitor, no /proc walk)."""
     live = {event.port: (event.pid, event.process) for event in server.monitor.open_events()}
     return [entry.with_live(live.get(entry.port)) for entry in server.registry_api.reader.entries()]
@@ -181,7 +182,7 @@ class AllocateHandler(ApiHandler):
         self.finish(ujson.dumps([entry.to_json() for entry in entries]))
 
 
-def routes(server: "WorkspaceServer") -> list:
+def routes(server: WorkspaceServer) -> list:
     return [
         (r"/api/ports", PortsHandler, {"server": server}),
         (r"/api/ports/([^/]+)", PortHandler, {"server": server}),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from typing import Optional
 
 import tornado.iostream
 import tornado.websocket
@@ -38,9 +37,9 @@ class Protocol13(tornado.websocket.WebSocketProtocol13):
     ends at once; only the socket lingers (and counts as a connection)."""
 
     _lingering = False
-    _linger_task: Optional[asyncio.Task] = None
+    _linger_task: asyncio.Task | None = None
 
-    def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
         if code == 1009 and not self.server_terminated and not self.stream.closed():
             self._lingering = True  # Tornado calls _abort right after
         super().close(code, reason)

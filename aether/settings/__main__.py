@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     fresh = markdown.rewrite(text)
     if args.check:
         if fresh != text:
-            print(f"{path}: its settings tables differ from aether/settings/table.py: "
-                  f"run python -m aether.settings --write {path}", file=sys.stderr)
+            print(
+                f"{path}: its settings tables differ from aether/settings/table.py: run python -m aether.settings --write {path}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if fresh != text:

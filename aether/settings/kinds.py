@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from aether.excerpt import excerpt
-
 
 _WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
-def _whole(raw: Any) -> Optional[int]:
+def _whole(raw: Any) -> int | None:
     """An int from a string of ASCII digits or a JSON integer (not a boolean); else None."""
     if isinstance(raw, str):
         return int(raw) if _WHOLE.fullmatch(raw) else None
@@ -37,7 +37,7 @@ class Kind:
 
     what = "a value"
     #: What ``--help`` calls the flag's value; None: the setting's name.
-    metavar: Optional[str] = None
+    metavar: str | None = None
 
     def __call__(self, raw: Any) -> Any:
         raise NotImplementedError
@@ -47,14 +47,14 @@ class Kind:
         is a list, which the file holds as an array."""
         return self(raw)
 
-    def refuse(self, raw: Any, what: Optional[str] = None) -> ValueError:
+    def refuse(self, raw: Any, what: str | None = None) -> ValueError:
         return ValueError(f"must be {what or self.what}, not {excerpt(raw)}")
 
 
 class Text(Kind):
     """A string; with ``choices``, one of them (``lower``: in any case, kept lower case)."""
 
-    def __init__(self, choices: Iterable[str] = (), lower: bool = False, metavar: Optional[str] = None):
+    def __init__(self, choices: Iterable[str] = (), lower: bool = False, metavar: str | None = None):
         self.choices = tuple(choices)
         self.lower = lower
         self.metavar = metavar
@@ -74,7 +74,7 @@ class Integer(Kind):
     means where it is the least (``0 (no cap) or more``); ``size``: a number of bytes, which
     the docs also give in KiB or MiB."""
 
-    def __init__(self, low: Optional[int] = None, high: Optional[int] = None, zero: str = "", size: bool = False):
+    def __init__(self, low: int | None = None, high: int | None = None, zero: str = "", size: bool = False):
         self.low, self.high, self.zero, self.size = low, high, zero, size
         self.metavar = "BYTES" if size else "N"
         if low is not None and high is not None:
@@ -168,7 +168,7 @@ class Command(Kind):
         return tuple(raw)
 
 
-def _items(raw: Any) -> Optional[list]:
+def _items(raw: Any) -> list | None:
     """A list from ``a,b,c`` (a flag or variable) or a JSON array; None for anything else."""
     if isinstance(raw, str):
         return [item.strip() for item in raw.split(",") if item.strip()]
@@ -232,7 +232,7 @@ class Directory(Kind):
     what = "a directory"
     metavar = "DIR"
 
-    def __call__(self, raw: Any) -> Optional[Path]:
+    def __call__(self, raw: Any) -> Path | None:
         if not isinstance(raw, str):
             raise self.refuse(raw)
         if not raw:

@@ -72,9 +72,7 @@ class Settings:
         return f"/workspaces/{self.workspace_id}/ws"
 
     def preview_url_for(self, port: int | str) -> str:
-        return self.preview_url.format(
-            port=port, prefix=self.project_prefix, domain=self.preview_domain, server_port=self.port
-        )
+        return self.preview_url.format(port=port, prefix=self.project_prefix, domain=self.preview_domain, server_port=self.port)
 
     @property
     def preview_url_pattern(self) -> str:
@@ -86,7 +84,7 @@ class Settings:
 AGENT_KEYS = {"command": "agent_command", "timeout": "agent_timeout", "max_output_bytes": "agent_max_output_bytes"}
 
 
-def add_arguments(parser: "argparse.ArgumentParser") -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``aether serve``."""
     sources.add_flags(parser, SERVE)
 
@@ -113,7 +111,7 @@ def config_file(state: StateDir) -> sources.ConfigFile:
     if nested is None:
         return sources.ConfigFile(values, path)
     if not isinstance(nested, dict):
-        raise ValueError(f"{path}: agent must be an object, e.g. {{\"command\": [\"my-agent\", \"--stdio\"]}}")
+        raise ValueError(f'{path}: agent must be an object, e.g. {{"command": ["my-agent", "--stdio"]}}')
     unknown = sorted(set(nested) - set(AGENT_KEYS))
     if unknown:
         raise ValueError(f"{path}: agent: unknown key {unknown[0]}; known: {', '.join(AGENT_KEYS)}")
@@ -121,19 +119,22 @@ def config_file(state: StateDir) -> sources.ConfigFile:
     return sources.ConfigFile({**{AGENT_KEYS[key]: value for key, value in nested.items()}, **values}, path, origins)
 
 
-def peek(name: str, args: "argparse.Namespace", file: dict, path: Path | str = "config.json") -> Any:
+def peek(name: str, args: argparse.Namespace, file: dict, path: Path | str = "config.json") -> Any:
     """One setting as :func:`resolve` picks it, from ``file``, the config.json at ``path``,
     without resolving the rest (which generates the project id and token): ``aether doctor``
     reads the host and port this way."""
     return sources.pick(BY_NAME[name], getattr(args, name, None), sources.ConfigFile(file, str(path)))
 
 
-def resolve(args: "argparse.Namespace") -> Settings:
+def resolve(args: argparse.Namespace) -> Settings:
     """Settings from flags, environment, state dir and defaults; ValueError naming a bad one."""
     state = StateDir(locate(args.state_dir))
     file = config_file(state)
-    values = {setting.name: sources.pick(setting, getattr(args, setting.name, None), file)
-              for setting in of(SERVE) if setting.name != "state_dir"}
+    values = {
+        setting.name: sources.pick(setting, getattr(args, setting.name, None), file)
+        for setting in of(SERVE)
+        if setting.name != "state_dir"
+    }
     if values["workspace_root"] is None:
         home = Path(os.path.expanduser("~")).resolve()
         if not home.is_dir():

@@ -9,7 +9,7 @@ ValueError naming where it was: ``--port must be 1-65535, not 0``, ``AETHER_PORT
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from aether.settings.table import BY_NAME, ENV, GATEWAY, GLOBAL, SERVE, SETTINGS, Setting
 
@@ -24,7 +24,7 @@ class ConfigFile:
     """The settings of a ``config.json``: its values by key, its path, and where a key was
     read from a nested object, the key as it is written there (``agent.timeout``)."""
 
-    def __init__(self, values: dict[str, Any], path: str = "config.json", origins: Optional[dict[str, str]] = None):
+    def __init__(self, values: dict[str, Any], path: str = "config.json", origins: dict[str, str] | None = None):
         self.values = values
         self.path = path
         self.origins = origins or {}
@@ -76,7 +76,7 @@ def plain(markdown: str) -> str:
     return re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", markdown).replace("`", "").replace("%", "%%")
 
 
-def add_flags(parser: "argparse.ArgumentParser", command: str, help: Optional[dict[str, str]] = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, command: str, help: dict[str, str] | None = None) -> None:
     """The flags of ``command`` (``"serve"``, ``"ports watch"``; ``""``: those before any
     command), each with its variable and default in its help. Values stay strings for
     :func:`pick` to parse, so a bad one gets the same one line from a flag as from a variable.
@@ -119,7 +119,10 @@ def shown_default(setting: Setting) -> str:
     if isinstance(default, float):
         return f"`{default:g}`"
     if isinstance(default, int) and getattr(setting.kind, "size", False):
-        unit, count = next((unit, default >> shift) for unit, shift in (("MiB", 20), ("KiB", 10), ("bytes", 0))
-                           if default >> shift and not default & ((1 << shift) - 1))
+        unit, count = next(
+            (unit, default >> shift)
+            for unit, shift in (("MiB", 20), ("KiB", 10), ("bytes", 0))
+            if default >> shift and not default & ((1 << shift) - 1)
+        )
         return f"`{default}` ({count} {unit})"
     return f"`{default}`"

@@ -19,7 +19,7 @@ A setting applies to one of four places:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from aether.log import FORMATS, LEVELS
 from aether.ports import BACKENDS, EBPF_BUFFERS
@@ -101,22 +101,41 @@ SETTINGS: tuple[Setting, ...] = (
     _serve("preview_url", Text(), "http://{port}-{prefix}.{domain}:{server_port}",
            "the template of each port's `url`; behind a TLS front, `https://{port}-{prefix}.{domain}`"),
     _serve("prefix_length", Integer(1, 32), 6, "how many characters of the project id make the `{prefix}`, 1-32"),
-    _serve("token", Text(), None, "the workspace token; never passed on to terminals or agent backends",
-           shown="generated once (URL-safe, 256 bits), kept 0600 in the state directory as `token`", secret=True),
+    _serve(
+        "token",
+        Text(),
+        None,
+        "the workspace token; never passed on to terminals or agent backends",
+        shown="generated once (URL-safe, 256 bits), kept 0600 in the state directory as `token`",
+        secret=True,
+    ),
     _serve("token_file", Text(), None, "a file to read the token from, when `token` is not given"),
-    _serve("backend", Text(BACKENDS), "auto",
-           "how ports are watched: `auto` (eBPF where the probe loads, else sock_diag), `ebpf` (exit 1 if the "
-           "probe cannot load) or `sockdiag`", commands=("ports list", "ports watch")),
-    _serve("ignored_ports", Ports(), (22, 2222, 3001),
-           "ports never reported nor previewed: SSH, internal SSH and aether's own. A comma-separated list; in "
-           "`config.json` an array of at most 1,024 ports, which the `config` channel's `set` writes",
-           flag="--ignore", commands=("ports list", "ports watch", "ports kill")),
+    _serve(
+        "backend",
+        Text(BACKENDS),
+        "auto",
+        "how ports are watched: `auto` (eBPF where the probe loads, else sock_diag), `ebpf` (exit 1 if the "
+        "probe cannot load) or `sockdiag`",
+        commands=("ports list", "ports watch"),
+    ),
+    _serve(
+        "ignored_ports",
+        Ports(),
+        (22, 2222, 3001),
+        "ports never reported nor previewed: SSH, internal SSH and aether's own. A comma-separated list; in "
+        "`config.json` an array of at most 1,024 ports, which the `config` channel's `set` writes",
+        flag="--ignore",
+        commands=("ports list", "ports watch", "ports kill"),
+    ),
     _serve("ping_interval", Seconds(), 45.0, "seconds between the server's WebSocket pings; positive"),
     _serve("pong_timeout", Seconds(), 120.0, "seconds without a pong before a client is dropped; positive"),
-    _serve("write_timeout", Seconds(), 30.0,
-           "seconds a client may take to take in a frame before it is dropped; positive"),
-    _serve("max_message_bytes", Integer(1, size=True), 1 << 20,
-           "the largest client message; a larger one closes the connection with 1009"),
+    _serve("write_timeout", Seconds(), 30.0, "seconds a client may take to take in a frame before it is dropped; positive"),
+    _serve(
+        "max_message_bytes",
+        Integer(1, size=True),
+        1 << 20,
+        "the largest client message; a larger one closes the connection with 1009",
+    ),
     # The kernel would otherwise grow a stalled client's send buffer to net.ipv4.tcp_wmem's
     # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
     _serve("send_buffer_bytes", Integer(1, size=True), 256 << 10,
@@ -138,17 +157,34 @@ SETTINGS: tuple[Setting, ...] = (
            "seconds without a byte either way before a proxied request ends (504 before the response); positive",
            commands=("gateway",)),
     # Dev servers refuse a Host they do not know: localhost:{port} is one they all accept.
-    _serve("preview_upstream_host", Text(("localhost", "original")), "localhost",
-           "the `Host` the app gets: `localhost` (`localhost:PORT`, which dev servers accept) or `original` "
-           "(the preview host)"),
-    _serve("workspace_root", Directory(), None, "where terminals start and what `files` may touch; must be a directory",
-           shown="the home directory"),
-    _serve("shell", Text(), None, "the login shell of a terminal session started without a command",
-           shown="`$SHELL`, else the passwd entry's shell, else `/bin/sh`"),
+    _serve(
+        "preview_upstream_host",
+        Text(("localhost", "original")),
+        "localhost",
+        "the `Host` the app gets: `localhost` (`localhost:PORT`, which dev servers accept) or `original` (the preview host)",
+    ),
+    _serve(
+        "workspace_root",
+        Directory(),
+        None,
+        "where terminals start and what `files` may touch; must be a directory",
+        shown="the home directory",
+    ),
+    _serve(
+        "shell",
+        Text(),
+        None,
+        "the login shell of a terminal session started without a command",
+        shown="`$SHELL`, else the passwd entry's shell, else `/bin/sh`",
+    ),
     _serve("terminal_max_sessions", Integer(1), 32, "terminal sessions running at once; at least 1"),
     _serve("terminal_scrollback_bytes", Integer(0, size=True), 256 << 10, "the output replayed on `attach`; 0 or more"),
-    _serve("terminal_idle_timeout", Seconds(positive=False, zero="never"), 0.0,
-           "seconds a session with nobody attached keeps running; 0: until its process ends"),
+    _serve(
+        "terminal_idle_timeout",
+        Seconds(positive=False, zero="never"),
+        0.0,
+        "seconds a session with nobody attached keeps running; 0: until its process ends",
+    ),
     _serve("terminal_max_input_bytes", Integer(1, size=True), 64 << 10, "the largest `input` message; at least 1"),
     _serve("agent_command", Command(), (),
            "the agent backend, started once per turn: one shell-quoted string, or a JSON array of strings "

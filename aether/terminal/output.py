@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def complete_prefix(data: bytes) -> int:

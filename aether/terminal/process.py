@@ -22,19 +22,19 @@ import shutil
 import signal
 import struct
 import termios
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from aether import spawn
 from aether.cgroup import Tree
-from aether.pidtree import ScanTree
 from aether.errors import Refusal
+from aether.pidtree import ScanTree
 from aether.settings.sources import child_environment
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 
 
-def child_env(extra: Optional[dict], session_id: str) -> dict:
+def child_env(extra: dict | None, session_id: str) -> dict:
     env = child_environment()
     # The client's emulator, not whatever terminal the daemon was started from; ``env`` may
     # say otherwise.
@@ -50,7 +50,7 @@ def set_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _status(returncode: int) -> tuple[int, Optional[str]]:
+def _status(returncode: int) -> tuple[int, str | None]:
     if returncode >= 0:
         return returncode, None
     try:
@@ -64,8 +64,7 @@ class PtyProcess:
     """The child and the master side of its PTY (non-blocking); ``tree`` is every process it
     starts, which :meth:`kill_tree` ends."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int,
-                 tree: Optional[Tree] = None):
+    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int, tree: Tree | None = None):
         try:
             spawn.check_program(argv[0], str(cwd), env)
         except spawn.NotFound as exc:
@@ -74,8 +73,9 @@ class PtyProcess:
         master, slave = os.openpty()
         try:
             set_size(master, cols, rows)
-            self.pid = spawn.spawn([SETSID, "--ctty", *argv], cwd=str(cwd), env=env, stdio=(slave, slave, slave),
-                                   cgroup_procs=self.tree.procs)
+            self.pid = spawn.spawn(
+                [SETSID, "--ctty", *argv], cwd=str(cwd), env=env, stdio=(slave, slave, slave), cgroup_procs=self.tree.procs
+            )
         except BaseException as exc:
             os.close(master)
             if isinstance(exc, OSError):
@@ -85,9 +85,9 @@ class PtyProcess:
             os.close(slave)
         self.tree.started(self.pid)
         os.set_blocking(master, False)
-        self.fd: Optional[int] = master
-        self.pidfd: Optional[int] = os.pidfd_open(self.pid)
-        self.returncode: Optional[int] = None  # once reaped: as subprocess has it
+        self.fd: int | None = master
+        self.pidfd: int | None = os.pidfd_open(self.pid)
+        self.returncode: int | None = None  # once reaped: as subprocess has it
         self.cols, self.rows = cols, rows
 
     def resize(self, cols: int, rows: int) -> None:
@@ -107,7 +107,7 @@ class PtyProcess:
         hang-up, background and ``setsid`` jobs included."""
         self.tree.kill()
 
-    def exit_status(self) -> Optional[tuple[int, Optional[str]]]:
+    def exit_status(self) -> tuple[int, str | None] | None:
         """``(code, signal name)`` once the child has exited, else None; it is not reaped.
         A death by signal N has code 128+N, as a shell reports it."""
         returncode = self.returncode if self.returncode is not None else spawn.exited(self.pid)

@@ -15,13 +15,14 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Protocol
 
 from aether.cgroup import Tree
 from aether.errors import Refusal
-from aether.wire import encode, frame
 from aether.terminal.output import OutputEncoder, Scrollback
 from aether.terminal.process import PtyProcess
+from aether.wire import encode, frame
 
 log = logging.getLogger("aether.terminal")
 
@@ -38,16 +39,23 @@ class Client(Protocol):
     @property
     def backlogged(self) -> bool: ...
 
-    def send(self, message: Union[dict, bytes]) -> None: ...
+    def send(self, message: dict | bytes) -> None: ...
     def when_drained(self, callback: Callable[[], None]) -> None: ...
 
 
 class Terminal:
     """A terminal session: ``session_id`` names it on the wire (``sessionId``)."""
 
-    def __init__(self, session_id: str, process: PtyProcess, command: list[str], cwd: str,
-                 scrollback: int, on_exit: Callable[["Terminal"], None],
-                 on_reaped: Callable[[Tree], None] = lambda tree: None):
+    def __init__(
+        self,
+        session_id: str,
+        process: PtyProcess,
+        command: list[str],
+        cwd: str,
+        scrollback: int,
+        on_exit: Callable[[Terminal], None],
+        on_reaped: Callable[[Tree], None] = lambda tree: None,
+    ):
         self.id = session_id
         self.process = process
         self.command = command
@@ -56,10 +64,10 @@ class Terminal:
         self.clients: set[Client] = set()
         #: Clients that sent ``close`` without being attached: they hear the ``exit`` too.
         self.closers: set[Client] = set()
-        self.exit: Optional[tuple[int, Optional[str]]] = None
+        self.exit: tuple[int, str | None] | None = None
         self.closing = False
         self._kill_pending = False
-        self.detached_since: Optional[float] = None
+        self.detached_since: float | None = None
         self.scrollback = Scrollback(scrollback)
         self._encoder = OutputEncoder()
         self._on_exit = on_exit

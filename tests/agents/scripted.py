@@ -84,8 +84,7 @@ elif mode == "error":
     time.sleep(30)
 elif mode == "escape":
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    pids = [subprocess.Popen(["setsid", "sleep", "1000"], **quiet).pid,
-            subprocess.Popen(["nohup", "sleep", "1000"], **quiet).pid]
+    pids = [subprocess.Popen(["setsid", "sleep", "1000"], **quiet).pid, subprocess.Popen(["nohup", "sleep", "1000"], **quiet).pid]
     if "no-orphan" not in words:
         orphan = subprocess.run(["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
         pids.append(int(orphan.stdout))

@@ -62,7 +62,7 @@ def read_frames(sock: socket.socket, buffer: bytearray) -> list[tuple[int, bytes
     taken out of it; [] at a read timeout. EOFError when the server closed the connection."""
     try:
         data = sock.recv(65536)
-    except socket.timeout:
+    except TimeoutError:
         return []
     if not data:
         raise EOFError("closed by the server")

@@ -37,6 +37,7 @@ class Listeners:
         proc = subprocess.Popen(cmd, **kw)
         self.procs.append(proc)
         if ready_port is not None:
+
             def ready() -> bool:
                 if proc.poll() is not None:
                     return True
@@ -70,12 +71,15 @@ class Listeners:
         return on_a_free_port(start, family=family)
 
     def http_server(self, port: int | None = None, bind: str = "127.0.0.1") -> subprocess.Popen:
-        return self._on(port, lambda p: self.spawn(
-            [sys.executable, "-m", "http.server", str(p), "--bind", bind],
-            p,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ))
+        return self._on(
+            port,
+            lambda p: self.spawn(
+                [sys.executable, "-m", "http.server", str(p), "--bind", bind],
+                p,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        )
 
     def node(self, port: int | None = None) -> subprocess.Popen:
         node = shutil.which("node") or pytest.fail("node is not installed (deploy/setup.sh installs it)")
@@ -115,8 +119,9 @@ http {{
             # Not a pipe: the master inherits it and would hold it open.
             errors = self.tmp / f"nginx-{p}.stderr"
             with errors.open("w") as stderr:
-                started = subprocess.run([nginx, "-c", str(conf), "-p", str(self.tmp)], stdout=subprocess.DEVNULL,
-                                         stderr=stderr, timeout=20)
+                started = subprocess.run(
+                    [nginx, "-c", str(conf), "-p", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=stderr, timeout=20
+                )
             if started.returncode != 0:
                 if "Address already in use" in errors.read_text():
                     raise PortTaken(f"port {p} is taken by another process")

@@ -11,9 +11,13 @@ import sys
 from support import AETHER, ROOT
 
 #: Runs a command as ``nohup`` leaves it, and more: SIGHUP and SIGQUIT ignored, SIGUSR2 blocked.
-NOHUP = (sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
-         "signal.signal(signal.SIGQUIT, signal.SIG_IGN); signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
-         "os.execv(sys.argv[1], sys.argv[1:])")
+NOHUP = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "signal.signal(signal.SIGQUIT, signal.SIG_IGN); signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2}); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+)
 
 #: ``python -c`` code for ``.format(port=N)``: listens on 127.0.0.1:N, forks a child that holds
 #: the socket (for a minute), prints the child's pid, and exits once its stdin closes: a
@@ -30,9 +34,7 @@ sys.stdin.readline()
 
 
 def aether(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*AETHER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw
-    )
+    return subprocess.run([*AETHER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
 def terminate(proc: subprocess.Popen) -> int:

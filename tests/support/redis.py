@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from support.ports import ATTEMPTS, free_port, held_sockets, listening_inodes
 
@@ -38,7 +37,7 @@ def ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _terminate(proc: Optional[subprocess.Popen]) -> None:
+def _terminate(proc: subprocess.Popen | None) -> None:
     """SIGTERM, then SIGKILL after 5 s."""
     if proc is not None and proc.poll() is None:
         proc.terminate()
@@ -53,18 +52,18 @@ class RedisServer:
     """``redis-server`` on 127.0.0.1:``port``: ``kill()`` is SIGKILL, ``start()`` again comes
     back empty on the same port (nothing is saved)."""
 
-    def __init__(self, port: Optional[int] = None, extra: tuple[str, ...] = ()):
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()):
         self.port = port or free_port()
         self._choose = port is None  # until a start succeeds: then restarts keep the port
         self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="aether-redis-"))
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         for attempt in range(ATTEMPTS):
             if self._start(timeout):
                 self._choose = False
@@ -77,9 +76,26 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on {self.port}: {log}")
 
     def _start(self, timeout: float) -> bool:
-        cmd = [SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
-               "--logfile", str(self.dir / "redis.log"), *self.extra]
+        cmd = [
+            SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not (_listens(self.proc, self.port) and ping(self.port)):
@@ -107,7 +123,7 @@ class RedisServer:
 
         return redis.Redis(port=self.port, host="127.0.0.1", socket_timeout=5)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -123,13 +139,13 @@ class Sentinel:
         self.name = name
         self.master = master
         self.dir = Path(tempfile.mkdtemp(prefix="aether-sentinel-"))
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.port}/{self.name}/0"
 
-    def start(self, timeout: float = 10.0) -> "Sentinel":
+    def start(self, timeout: float = 10.0) -> Sentinel:
         conf = self.dir / "sentinel.conf"  # Sentinel rewrites its config: it must be writable
         conf.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nprotected-mode no\n"

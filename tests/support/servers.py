@@ -27,15 +27,30 @@ class Server:
     ``wrap`` is a command that runs it (a sandbox), ending with its argv. On a port of its own
     choosing, a start that finds the port taken is tried again on another."""
 
-    def __init__(self, backend: str, state_dir: Path, *args: str, env: dict | None = None, port: int | None = None,
-                 wrap: tuple = ()):
+    def __init__(
+        self, backend: str, state_dir: Path, *args: str, env: dict | None = None, port: int | None = None, wrap: tuple = ()
+    ):
         self.state_dir = state_dir
         note_backend(backend)
 
         def start(chosen: int) -> None:
             self.port = chosen
-            cmd = [*wrap, *AETHER, "--log-level", "debug", "serve", "--port", str(chosen), "--backend", backend,
-                   "--state-dir", str(state_dir), "--workspace-id", "ws-test", *args]
+            cmd = [
+                *wrap,
+                *AETHER,
+                "--log-level",
+                "debug",
+                "serve",
+                "--port",
+                str(chosen),
+                "--backend",
+                backend,
+                "--state-dir",
+                str(state_dir),
+                "--workspace-id",
+                "ws-test",
+                *args,
+            ]
             self._start(cmd, env)
 
         if port is None:
@@ -49,8 +64,9 @@ class Server:
         self.url = f"ws://127.0.0.1:{self.port}/workspaces/ws-test/ws"
 
     def _start(self, cmd: list[str], env: dict | None) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})}, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT
+        )
         self.banner: list[str] = []
         self.log: list[dict] = []
         self.raw_stderr: list[str] = []
@@ -118,13 +134,15 @@ class Watcher:
             env={**os.environ, **(env or {})},
             cwd=ROOT,
         )
-        self.lines: "queue.Queue[dict]" = queue.Queue()
+        self.lines: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []
         self.log: list[dict] = []
         self._ready = threading.Event()
         self._started = False
-        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
         for reader in self._readers:
             reader.start()
         self._ready.wait(START_TIMEOUT)

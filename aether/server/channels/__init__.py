@@ -6,7 +6,8 @@ protocols here and in its module, never the whole server.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Optional, Protocol
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from aether.protocol import Message
 
@@ -22,13 +23,13 @@ class Channel:
     name: str
     handlers: Mapping[str, Handler]
 
-    def on_open(self, client: "Client") -> None:
+    def on_open(self, client: Client) -> None:
         """A client that hears this channel has connected."""
 
-    def on_close(self, client: "Client") -> None:
+    def on_close(self, client: Client) -> None:
         """A client has gone (whether it heard this channel or not)."""
 
-    def reply(self, client: "Client", message: dict) -> None:
+    def reply(self, client: Client, message: dict) -> None:
         """Send the reply to one of ``client``'s requests (an error reply too)."""
         client.send(message)
 
@@ -44,7 +45,7 @@ class Audience(Protocol):
 
     def broadcast(self, message: dict) -> None: ...
 
-    def announce(self, message: dict, sender: Optional["Client"] = None, id: Any = None) -> None: ...
+    def announce(self, message: dict, sender: Client | None = None, id: Any = None) -> None: ...
 
 
 #: Writes keys of the state directory's config.json (``StateDir.save_config``); OSError when it

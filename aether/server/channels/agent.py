@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from aether.agent.service import AgentService
 from aether.errors import Refusal
@@ -41,13 +42,13 @@ class _Outbox:
     """One client's agent messages (dicts, or frames built once for every client), in order: a
     reply still being read from the database holds back the messages after it."""
 
-    def __init__(self, client: "Client"):
+    def __init__(self, client: Client):
         self.client = client
         self.waiting = 0
         #: Places in line: [None] while a reply is read, then [its messages].
         self._queue: collections.deque[list] = collections.deque()
 
-    def send(self, message: Union[dict, bytes]) -> None:
+    def send(self, message: dict | bytes) -> None:
         if self._queue:
             self._queue.append([[message]])
         else:
@@ -60,7 +61,7 @@ class _Outbox:
         self.waiting += 1
         return slot
 
-    def fill(self, slot: list, messages: list[Union[dict, bytes]]) -> None:
+    def fill(self, slot: list, messages: list[dict | bytes]) -> None:
         """Put the reply's messages (maybe none) in its place; send what is ready."""
         slot[0] = messages
         self.waiting -= 1
@@ -76,13 +77,13 @@ class AgentChannel(Channel):
 
     def __init__(self, settings: Any):
         self.service = AgentService(settings, self._emit, self._answer_one)
-        self._outboxes: dict["Client", _Outbox] = {}
+        self._outboxes: dict[Client, _Outbox] = {}
         self._jobs = Jobs()
         self.handlers = {"prompt": self._prompt, "cancel": self._cancel, "history": self._history, "list": self._list}
 
     # -- clients ------------------------------------------------------------------------
 
-    def on_open(self, client: "Client") -> None:
+    def on_open(self, client: Client) -> None:
         outbox = self._outboxes[client] = _Outbox(client)
 
         def replay(histories: list[dict]) -> list[dict]:
@@ -90,21 +91,21 @@ class AgentChannel(Channel):
 
         self._answer(outbox, self.service.replay(), replay, REPLAY)
 
-    def on_close(self, client: "Client") -> None:
+    def on_close(self, client: Client) -> None:
         self._outboxes.pop(client, None)
 
-    def reply(self, client: "Client", message: dict) -> None:
+    def reply(self, client: Client, message: dict) -> None:
         outbox = self._outboxes.get(client)
         (outbox.send if outbox is not None else client.send)(message)
 
-    def _emit(self, message: dict, reply_to: Optional[tuple[Any, Message]]) -> None:
+    def _emit(self, message: dict, reply_to: tuple[Any, Message] | None) -> None:
         """``message`` to every client; the requester's copy carries its ``id``."""
         built = frame(message)
         sender, id_ = (reply_to[0], reply_to[1].id) if reply_to is not None else (None, None)
         for client, outbox in list(self._outboxes.items()):
             outbox.send(frame(with_id(message, id_)) if client is sender and id_ is not None else built)
 
-    def _answer_one(self, reply_to: tuple[Any, Message], message: Union[dict, Refusal]) -> None:
+    def _answer_one(self, reply_to: tuple[Any, Message], message: dict | Refusal) -> None:
         """``message`` to the requester of ``reply_to`` alone, as the answer to its request."""
         client, request = reply_to
         outbox = self._outboxes.get(client)
@@ -124,8 +125,9 @@ class AgentChannel(Channel):
             return
         self._jobs.start(self._answered(outbox, slot, read, render, request), request, lambda error: outbox.fill(slot, [error]))
 
-    async def _answered(self, outbox: _Outbox, slot: list, read: asyncio.Future, render: Callable[[Any], Any],
-                        request: Message) -> None:
+    async def _answered(
+        self, outbox: _Outbox, slot: list, read: asyncio.Future, render: Callable[[Any], Any], request: Message
+    ) -> None:
         try:
             result = await read
         except Exception as exc:
@@ -140,24 +142,24 @@ class AgentChannel(Channel):
 
     # -- messages -----------------------------------------------------------------------
 
-    def _outbox(self, client: "Client") -> Optional[_Outbox]:
+    def _outbox(self, client: Client) -> _Outbox | None:
         return self._outboxes.get(client)  # None: not open yet or gone, nothing to answer into
 
-    def _prompt(self, client: "Client", message: Message) -> None:
+    def _prompt(self, client: Client, message: Message) -> None:
         if self._outbox(client) is not None:
             self.service.start(message.body.get("conversationId"), message.body["text"], (client, message))
 
-    def _cancel(self, client: "Client", message: Message) -> None:
+    def _cancel(self, client: Client, message: Message) -> None:
         if self._outbox(client) is not None:
             self.service.cancel(message.body["conversationId"], (client, message))
 
-    def _history(self, client: "Client", message: Message) -> None:
+    def _history(self, client: Client, message: Message) -> None:
         outbox = self._outbox(client)
         if outbox is None:
             return
         wanted = message.body.get("conversationId")
 
-        def render(history: Optional[dict]) -> dict:
+        def render(history: dict | None) -> dict:
             if history is None and wanted is not None:
                 raise Refusal("not_found", f"no conversation {wanted}")
             if history is None:  # no conversation yet
@@ -166,7 +168,7 @@ class AgentChannel(Channel):
 
         self._answer(outbox, self.service.history(wanted), render, message)
 
-    def _list(self, client: "Client", message: Message) -> None:
+    def _list(self, client: Client, message: Message) -> None:
         outbox = self._outbox(client)
         if outbox is not None:
             self._answer(outbox, self.service.listing(), lambda found: {"channel": self.name, "type": "list", **found}, message)

@@ -7,7 +7,8 @@ that fails validation, or a state directory that cannot be written, changes noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aether.errors import Refusal
 from aether.excerpt import excerpt
@@ -24,7 +25,7 @@ class Monitor(Protocol):
     """What the channel uses of the port monitor."""
 
     @property
-    def backend(self) -> Optional[str]: ...
+    def backend(self) -> str | None: ...
 
     def set_ignored(self, ignored: Iterable[int]) -> None: ...
 
@@ -51,8 +52,14 @@ class ConfigChannel(Channel):
 
     name = "config"
 
-    def __init__(self, settings: "Settings", monitor: Monitor, clients: Audience, save_config: SaveConfig,
-                 registry: Callable[[], list[dict]]):
+    def __init__(
+        self,
+        settings: Settings,
+        monitor: Monitor,
+        clients: Audience,
+        save_config: SaveConfig,
+        registry: Callable[[], list[dict]],
+    ):
         self.settings, self.monitor, self.clients = settings, monitor, clients
         self.save_config, self.registry_entries = save_config, registry
         self.handlers = {"get": self._get, "set": self._set, "registry": self._registry}
@@ -89,13 +96,13 @@ class ConfigChannel(Channel):
             "mutable": list(MUTABLE),
         }
 
-    def _get(self, client: "Client", message: Message) -> None:
+    def _get(self, client: Client, message: Message) -> None:
         client.send(reply(message, "config", config=self.snapshot()))
 
-    def _registry(self, client: "Client", message: Message) -> None:
+    def _registry(self, client: Client, message: Message) -> None:
         client.send(reply(message, "registry", ports=self.registry_entries()))
 
-    def _set(self, client: "Client", message: Message) -> None:
+    def _set(self, client: Client, message: Message) -> None:
         changes = message.body["config"]
         if not changes:
             raise Refusal("invalid", "config holds no key to change")

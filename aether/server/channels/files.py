@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from aether.errors import Refusal
 from aether.files import FileError, ops, reading, writing
@@ -79,7 +80,7 @@ class _ClientState:
 
 #: One request's work, in its client's order: it returns the stream to send after (a read's
 #: chunks, a listing's pages), or None.
-Operation = Callable[["Client", _ClientState, Message], Awaitable[Optional[Awaitable[None]]]]
+Operation = Callable[["Client", _ClientState, Message], Awaitable[Awaitable[None] | None]]
 
 
 class FilesChannel(Channel):
@@ -91,21 +92,27 @@ class FilesChannel(Channel):
         self.root = str(root.resolve())
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="aether-files")
         self._inotify = Instance(self._blocking)
-        self._states: dict["Client", _ClientState] = {}
+        self._states: dict[Client, _ClientState] = {}
         self._jobs = Jobs()
         operations: dict[str, Operation] = {
-            "list": self._list, "stat": self._stat, "read": self._read, "write": self._write,
-            "mkdir": self._mkdir, "delete": self._delete, "rename": self._rename,
-            "watch": self._watch, "unwatch": self._unwatch,
+            "list": self._list,
+            "stat": self._stat,
+            "read": self._read,
+            "write": self._write,
+            "mkdir": self._mkdir,
+            "delete": self._delete,
+            "rename": self._rename,
+            "watch": self._watch,
+            "unwatch": self._unwatch,
         }
         self.handlers = {kind: functools.partial(self._request, operation) for kind, operation in operations.items()}
 
     # -- the channel's life ---------------------------------------------------------------
 
-    def on_open(self, client: "Client") -> None:
+    def on_open(self, client: Client) -> None:
         self._states[client] = _ClientState()
 
-    def on_close(self, client: "Client") -> None:
+    def on_close(self, client: Client) -> None:
         state = self._states.pop(client, None)
         if state is not None:
             for tree in state.watches.values():
@@ -119,7 +126,7 @@ class FilesChannel(Channel):
         self._jobs.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _request(self, operation: "Operation", client: "Client", message: Message) -> None:
+    def _request(self, operation: Operation, client: Client, message: Message) -> None:
         state = self._states.get(client)
         if state is None:
             return
@@ -129,7 +136,7 @@ class FilesChannel(Channel):
         task = self._jobs.start(self._serve(operation, client, state, message), message, client.send)
         task.add_done_callback(lambda _task: state.finished())
 
-    async def _serve(self, operation: "Operation", client: "Client", state: _ClientState, message: Message) -> None:
+    async def _serve(self, operation: Operation, client: Client, state: _ClientState, message: Message) -> None:
         async with state.lock:
             if client.closed or self._states.get(client) is not state:
                 return  # nobody to answer
@@ -143,11 +150,11 @@ class FilesChannel(Channel):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     @staticmethod
-    def _reply(client: "Client", message: Message, fields: dict) -> None:
+    def _reply(client: Client, message: Message, fields: dict) -> None:
         client.send(reply(message, message.type, **fields))
 
     @staticmethod
-    def _hold(client: "Client", resume: Callable[[], None]) -> bool:
+    def _hold(client: Client, resume: Callable[[], None]) -> bool:
         """For a watch: whether to keep its events back until the client has caught up."""
         if client.closed or not client.backlogged:
             return False
@@ -156,7 +163,7 @@ class FilesChannel(Channel):
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _list(self, client: "Client", state: _ClientState, message: Message):
+    async def _list(self, client: Client, state: _ClientState, message: Message):
         frames = await self._blocking(self._list_frames, message.body["path"], message.id)
         return self._stream_list(client, frames)
 
@@ -169,27 +176,34 @@ class FilesChannel(Channel):
         entries.clear()  # the pages hold them now
         frames = []
         for number, page in enumerate(pages, 1):
-            page_reply = {"channel": self.name, "type": "list", "path": rel, "entries": page, "total": total, "eof": number == len(pages)}
+            page_reply = {
+                "channel": self.name,
+                "type": "list",
+                "path": rel,
+                "entries": page,
+                "total": total,
+                "eof": number == len(pages),
+            }
             frames.append(frame(with_id(page_reply, id_)))
             page.clear()  # freed a page at a time (see ops.free)
         return frames
 
-    async def _stream_list(self, client: "Client", frames: list[bytes]) -> None:
+    async def _stream_list(self, client: Client, frames: list[bytes]) -> None:
         for built in frames:
             if not await client.caught_up():
                 return
             client.send(built)
 
-    async def _stat(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _stat(self, client: Client, state: _ClientState, message: Message) -> None:
         rel, info = await self._blocking(ops.stat, self.root, message.body["path"])
         self._reply(client, message, {"path": rel, "stat": info})
 
-    async def _read(self, client: "Client", state: _ClientState, message: Message):
+    async def _read(self, client: Client, state: _ClientState, message: Message):
         body = message.body
         reader = await self._blocking(reading.Reader, self.root, body["path"], body.get("offset", 0), body.get("length"))
         return self._stream_read(client, message, reader)
 
-    async def _stream_read(self, client: "Client", message: Message, reader: reading.Reader) -> None:
+    async def _stream_read(self, client: Client, message: Message, reader: reading.Reader) -> None:
         try:
             # Before reading a chunk, so a waiting read holds none; and again before sending
             # it, as another stream may have filled the client meanwhile.
@@ -203,7 +217,7 @@ class FilesChannel(Channel):
         finally:
             reader.close()
 
-    async def _write(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _write(self, client: Client, state: _ClientState, message: Message) -> None:
         body = message.body
         path = body["path"]
 
@@ -214,23 +228,25 @@ class FilesChannel(Channel):
         rel, size = await self._blocking(write)
         self._reply(client, message, {"path": rel, "size": size})
 
-    async def _mkdir(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _mkdir(self, client: Client, state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.mkdir, self.root, message.body["path"], message.body.get("parents", False))
         self._reply(client, message, {"path": rel})
 
-    async def _delete(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _delete(self, client: Client, state: _ClientState, message: Message) -> None:
         rel = await self._blocking(ops.delete, self.root, message.body["path"], message.body.get("recursive", False))
         self._reply(client, message, {"path": rel})
 
-    async def _rename(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _rename(self, client: Client, state: _ClientState, message: Message) -> None:
         body = message.body
         source, dest = await self._blocking(ops.rename, self.root, body["from"], body["to"], body.get("overwrite", False))
         self._reply(client, message, {"from": source, "to": dest})
 
-    async def _watch(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _watch(self, client: Client, state: _ClientState, message: Message) -> None:
         path, recursive = message.body["path"], message.body.get("recursive", False)
         if len(state.watches) >= MAX_WATCHES_PER_CONNECTION:
-            raise FileError("too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first")
+            raise FileError(
+                "too_large", path, f"{path}: a connection has at most {MAX_WATCHES_PER_CONNECTION} watches; unwatch one first"
+            )
         top = await self._blocking(locate, self.root, path)
         watch_id = f"w{state.next_watch}"
         state.next_watch += 1
@@ -240,7 +256,11 @@ class FilesChannel(Channel):
                 client.send({"channel": self.name, "type": event["type"], "watchId": watch_id, **event})
 
         tree = WatchTree(
-            self._inotify, top.real, top.rel, recursive, deliver,
+            self._inotify,
+            top.real,
+            top.rel,
+            recursive,
+            deliver,
             lambda resume: self._hold(client, resume),
             lambda _tree: state.watches.pop(watch_id, None),
             top.ident,
@@ -252,9 +272,9 @@ class FilesChannel(Channel):
         state.watches[watch_id] = tree
         self._reply(client, message, {"watchId": watch_id, "path": top.rel, "recursive": recursive})
 
-    async def _unwatch(self, client: "Client", state: _ClientState, message: Message) -> None:
+    async def _unwatch(self, client: Client, state: _ClientState, message: Message) -> None:
         watch_id = message.body["watchId"]
-        tree: Optional[WatchTree] = state.watches.pop(watch_id, None)
+        tree: WatchTree | None = state.watches.pop(watch_id, None)
         if tree is None:
             raise FileError("not_found", None, f"no watch {watch_id} on this connection")
         tree.close()

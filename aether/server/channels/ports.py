@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Collection, Iterable, Protocol
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from aether.errors import Refusal
 from aether.ports.events import CLOSE, OPEN, PortEvent
@@ -61,9 +62,18 @@ class PortsChannel(Channel):
 
     name = "ports"
 
-    def __init__(self, monitor: Monitor, table: OpenPorts, clients: Audience, visibility: Visibility,
-                 preview_url: Callable[[int], str], save_config: SaveConfig, own_port: int, kill_grace: float,
-                 sent: Callable[[PortEvent, int, bool], None]):
+    def __init__(
+        self,
+        monitor: Monitor,
+        table: OpenPorts,
+        clients: Audience,
+        visibility: Visibility,
+        preview_url: Callable[[int], str],
+        save_config: SaveConfig,
+        own_port: int,
+        kill_grace: float,
+        sent: Callable[[PortEvent, int, bool], None],
+    ):
         self.monitor, self.table, self.clients, self.visibility = monitor, table, clients, visibility
         self.preview_url, self.save_config, self.sent = preview_url, save_config, sent
         self.own_port, self.kill_grace = own_port, kill_grace
@@ -91,14 +101,14 @@ class PortsChannel(Channel):
         self.clients.broadcast(self.message(event))
         self.sent(event, time.monotonic_ns(), bool(self.clients.clients))
 
-    def on_open(self, client: "Client") -> None:
+    def on_open(self, client: Client) -> None:
         for event in self.monitor.open_events():
             client.send(self.message(event))
 
     def close(self) -> None:
         self._jobs.cancel()
 
-    def _set_visibility(self, client: "Client", message: Message) -> None:
+    def _set_visibility(self, client: Client, message: Message) -> None:
         """Persist, apply, then tell every client; a state dir that cannot be written
         changes nothing."""
         port, value = message.body["port"], message.body["visibility"]
@@ -112,7 +122,7 @@ class PortsChannel(Channel):
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
         self.clients.announce(changed, client, message.id)
 
-    def _kill(self, client: "Client", message: Message) -> None:
+    def _kill(self, client: Client, message: Message) -> None:
         self._jobs.start(self._killing(message), message, client.send)
 
     async def _killing(self, message: Message) -> None:
@@ -123,7 +133,9 @@ class PortsChannel(Channel):
             raise Refusal("busy", f"port {port} is being killed already")
         self._in_flight.add(port)
         try:
-            result = await kill_port(port, grace=self.kill_grace, ignored=self.table.ignored, wait_closed=self.monitor.wait_closed)
+            result = await kill_port(
+                port, grace=self.kill_grace, ignored=self.table.ignored, wait_closed=self.monitor.wait_closed
+            )
         finally:
             self._in_flight.discard(port)
         log.info("killed port", extra={"port": port, "pids": result.pids, "escalated": result.escalated})

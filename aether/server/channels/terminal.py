@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aether.cgroup import Trees
 from aether.errors import Refusal
@@ -65,7 +65,7 @@ class TerminalChannel(Channel):
         #: sessionId -> its terminal session
         self.terminals: dict[str, Terminal] = {}
         self.trees = Trees(str(settings.state_dir), "terminal")
-        self._sweeper: Optional[asyncio.TimerHandle] = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self.handlers = {
             "create": self._create,
             "attach": self._attach,
@@ -78,7 +78,7 @@ class TerminalChannel(Channel):
 
     # -- clients ------------------------------------------------------------------------
 
-    def on_close(self, client: "Client") -> None:
+    def on_close(self, client: Client) -> None:
         for terminal in list(self.terminals.values()):
             if client in terminal.clients or client in terminal.closers:
                 terminal.detach(client)
@@ -93,7 +93,7 @@ class TerminalChannel(Channel):
 
     # -- messages -----------------------------------------------------------------------
 
-    def _create(self, client: "Client", message: Message) -> None:
+    def _create(self, client: Client, message: Message) -> None:
         body, settings = message.body, self.settings
         session_id = body.get("sessionId") or f"t-{secrets.token_hex(6)}"
         if session_id in self.terminals and self.terminals[session_id].exit is None:
@@ -133,7 +133,7 @@ class TerminalChannel(Channel):
             raise Refusal(code, f"cwd {path}: {code.replace('_', ' ')}")
         return target.path, target.rel
 
-    def _attach(self, client: "Client", message: Message) -> None:
+    def _attach(self, client: Client, message: Message) -> None:
         terminal = self._get(message, running=False)
         if client in terminal.clients:
             raise Refusal("attached", f"already attached to terminal session {terminal.id}")
@@ -142,7 +142,7 @@ class TerminalChannel(Channel):
             del self.terminals[terminal.id]  # its end has been seen
         self._schedule_sweep()
 
-    def _detach(self, client: "Client", message: Message) -> None:
+    def _detach(self, client: Client, message: Message) -> None:
         terminal = self._get(message)
         if client not in terminal.clients:
             raise Refusal("not_attached", f"not attached to terminal session {terminal.id}")
@@ -150,7 +150,7 @@ class TerminalChannel(Channel):
         client.send(reply(message, "detached", sessionId=terminal.id))
         self._schedule_sweep()
 
-    def _input(self, client: "Client", message: Message) -> None:
+    def _input(self, client: Client, message: Message) -> None:
         terminal = self._get(message)
         data = message.body["data"]
         if message.body.get("encoding") == "base64":
@@ -165,7 +165,7 @@ class TerminalChannel(Channel):
             raise Refusal("too_large", f"input of {len(raw)} bytes; at most {limit} per message")
         terminal.write(raw)
 
-    def _resize(self, client: "Client", message: Message) -> None:
+    def _resize(self, client: Client, message: Message) -> None:
         terminal = self._get(message)
         cols, rows = message.body["cols"], message.body["rows"]
         terminal.resize(cols, rows)
@@ -173,7 +173,7 @@ class TerminalChannel(Channel):
         for other in list(terminal.clients | {client}):
             other.send(with_id(resized, message.id) if other is client else resized)
 
-    def _close(self, client: "Client", message: Message) -> None:
+    def _close(self, client: Client, message: Message) -> None:
         terminal = self._get(message)
         client.send(reply(message, "closing", sessionId=terminal.id))
         if client not in terminal.clients:
@@ -181,7 +181,7 @@ class TerminalChannel(Channel):
         terminal.hang_up(self.settings.kill_grace)
         log.info("terminal closing", extra={"session": terminal.id})
 
-    def _list(self, client: "Client", message: Message) -> None:
+    def _list(self, client: Client, message: Message) -> None:
         described = [t.describe() for t in sorted(self.terminals.values(), key=lambda t: t.created)]
         client.send(reply(message, "list", sessions=described))
 

@@ -59,7 +59,7 @@ def fill(template: str, **values: str) -> str:
 
 
 class DashboardHandler(tornado.web.RequestHandler):
-    def initialize(self, server: "WorkspaceServer") -> None:
+    def initialize(self, server: WorkspaceServer) -> None:
         self.server = server
 
     def set_default_headers(self) -> None:
@@ -132,7 +132,7 @@ class AssetHandler(DashboardHandler):
         self.finish(asset(name))
 
 
-def routes(server: "WorkspaceServer") -> list:
+def routes(server: WorkspaceServer) -> list:
     names = "|".join(name.replace(".", r"\.") for name in ASSETS)
     return [
         (r"/", PageHandler, {"server": server}),
