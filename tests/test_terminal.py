@@ -418,8 +418,8 @@ def test_idle_sessions_end_when_configured(start):
     pid = term.create(sessionId="idle")["pid"]
     stubborn = term.create(sessionId="stubborn", command="trap '' HUP; sleep 60")["pid"]
     term.close()
-    for gone in (pid, stubborn):
-        wait_for(lambda: not os.path.exists(f"/proc/{gone}"), 10)
+    for ended in (pid, stubborn):
+        wait_for(lambda: not os.path.exists(f"/proc/{ended}"), 10)
     other = Term(server)
     other.send(type="list")
     listed = {s["sessionId"]: s["exit"]["signal"] for s in other.reply()["sessions"]}

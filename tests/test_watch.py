@@ -324,7 +324,7 @@ def test_accepted_connections_are_not_closes(listeners, watch, backend):
 
 def test_watch_exits_when_its_reader_goes_away(listeners, backend):
     """`aether ports watch | head -1`: the pipe closes, watch ends quietly."""
-    port = listeners.http_server().port
+    listeners.http_server()  # something to print
     result = subprocess.run(
         f"{sys.executable} -m aether ports watch --backend {backend} | head -n 1",
         shell=True,
