@@ -29,7 +29,7 @@ WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 @pytest.fixture
 def start(workspace_server, tmp_path):
     """A server whose terminals run bash in a home of their own: login shells read no profile
-    of this machine's user (pyenv's rehash in root's .bashrc waits up to 60 s on a lock that a
+    of the host's user (pyenv's rehash in root's .bashrc waits up to 60 s on a lock that a
     shell killed mid-start leaves behind)."""
     home = tmp_path / "home"
     home.mkdir()
@@ -113,14 +113,14 @@ class Term:
         self.ws.close()
 
 
-def test_seed_example_input_runs_in_a_real_shell(start):
+def test_protocol_example_input_runs_in_a_real_shell(start):
     server = start()
     term = Term(server)
     created = term.create(sessionId="cli-123", id=1)
     assert created["type"] == "created" and created["id"] == 1 and created["sessionId"] == "cli-123"
     assert created["command"] == ["/bin/bash", "-l"] and created["cwd"] == "."
     (server.root / "marker.txt").write_text("x")
-    # Seed 001's example message, verbatim.
+    # The protocol's example message (docs/protocol.md), verbatim.
     term.ws.send('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls -la\\n"}')
     term.sees("cli-123", b"marker.txt")
     term.send(type="input", sessionId="cli-123", data="echo $((6*7)) $AETHER_TERMINAL_SESSION $TERM; tty\n")
@@ -418,8 +418,8 @@ def test_idle_sessions_end_when_configured(start):
     pid = term.create(sessionId="idle")["pid"]
     stubborn = term.create(sessionId="stubborn", command="trap '' HUP; sleep 60")["pid"]
     term.close()
-    for gone in (pid, stubborn):
-        wait_for(lambda: not os.path.exists(f"/proc/{gone}"), 10)
+    for ended in (pid, stubborn):
+        wait_for(lambda: not os.path.exists(f"/proc/{ended}"), 10)
     other = Term(server)
     other.send(type="list")
     listed = {s["sessionId"]: s["exit"]["signal"] for s in other.reply()["sessions"]}
