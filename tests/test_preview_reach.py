@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -159,6 +160,40 @@ def test_node_https_and_its_websocket_over_tls(server, listeners, cert):
     with ws_connect(f"ws://{host(server, port)}/ws", sock=sock, additional_headers=headers, open_timeout=10) as ws:
         ws.send("hi")
         assert ws.recv(timeout=5) == "tls-echo:hi"
+
+
+VITE = ROOT / ".tools" / "vite" / "node_modules"
+
+
+def test_vite_with_basic_ssl_and_its_hmr_websocket(server, listeners, tmp_path):
+    """Vite's own self-signed HTTPS (@vitejs/plugin-basic-ssl): its page, its client, and the
+    HMR WebSocket (Vite's token and subprotocol) through the proxy."""
+    tool("node")
+    if not (VITE / "vite" / "bin" / "vite.js").exists():
+        pytest.fail("vite is not installed in .tools/vite (deploy/setup.sh installs it)")
+    root = tmp_path / "vite-app"
+    root.mkdir()
+    (root / "index.html").write_text('<!doctype html><title>vite-app</title><script type="module" src="/main.js"></script>')
+    (root / "main.js").write_text("document.title = 'ran';\n")
+    plugin = VITE / "@vitejs" / "plugin-basic-ssl" / "dist" / "index.mjs"
+    (root / "vite.config.mjs").write_text(
+        f"import basicSsl from {json.dumps(str(plugin))};\n"
+        "export default { plugins: [basicSsl()], logLevel: 'silent', clearScreen: false,\n"
+        f"  cacheDir: {json.dumps(str(tmp_path / 'vite-cache'))},\n"
+        "  server: { host: '127.0.0.1', strictPort: true } };\n"
+    )
+    vite = [tool("node"), str(VITE / "vite" / "bin" / "vite.js"), "--config", str(root / "vite.config.mjs"), str(root)]
+    port = listeners.spawn_on(lambda p: [*vite, "--port", str(p)], env={"PATH": "/usr/bin:/bin"}, cwd=root).port
+    status, _, page = until_proxied(server, port)
+    assert status == 200 and b"/@vite/client" in page and b"vite-app" in page
+    status, _, client = get(server, port, "/@vite/client")
+    assert status == 200
+    token = re.search(rb'const wsToken = "([^"]+)"', client).group(1).decode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    url = f"ws://{host(server, port)}/?token={token}"
+    headers = {"Authorization": f"Bearer {server.token}"}
+    with ws_connect(url, sock=sock, subprotocols=["vite-hmr"], additional_headers=headers, open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "connected"
 
 
 # -- a port that does not speak HTTP ------------------------------------------------------------

@@ -299,7 +299,7 @@ class Gate:
         else:
             has_cookie = False
         if port not in self.visibility.public and not bearer:
-            if not has_cookie and method == b"OPTIONS" and self.own_preflight(head):
+            if not has_cookie and method == b"OPTIONS" and not close and self.own_preflight(head):
                 pass  # the app answers its own CORS preflight; the request after it is authenticated
             elif not has_cookie:
                 text = (
@@ -345,10 +345,13 @@ class Gate:
     def _not_a_preview(self, method: bytes, target: bytes, host: bytes, head_only: bool) -> Answer:
         """A request for neither a preview host nor a path preview. On a connection that began
         with a path preview it is the server's own (the dashboard, the API, on the same
-        origin): sent back to the same URL over a new connection, which the listener hands to
-        the API. Anything else is misdirected."""
-        if method in (b"GET", b"HEAD") and _AUTHORITY.fullmatch(host):
-            extra = [("Location", target.decode("latin-1"))]
+        origin): 307 to the same URL, and the connection closes, so the browser sends it again
+        (body and all) on a new connection, which the listener hands to the API. A Host that
+        is no name at all is misdirected (421)."""
+        if _AUTHORITY.fullmatch(host) and target.startswith(b"/"):
+            # One leading slash: ``//other.example`` would send the browser to another host.
+            location = b"/" + target.lstrip(b"/\\")
+            extra = [("Location", location.decode("latin-1"))]
             return Answer(307, pages.response(307, b"", extra, True, head_only=head_only), True)
         text = f"This connection serves previews; {pages.escape(host)} is not one."
         return self._answer(421, "Misdirected request", text, head_only, True)

@@ -21,7 +21,7 @@ import asyncio
 import ssl
 from collections.abc import Callable, Hashable
 
-from aether.ports.detect import HTTP, HTTPS, PROTOCOLS, Detector, client_context
+from aether.ports.detect import HTTP, HTTPS, TCP, Detector, client_context
 
 #: Seconds an on-demand look waits for a port's answer before the request goes as plain
 #: HTTP: a TLS server answers the probe within milliseconds (an alert, a 400, or a close), so
@@ -31,15 +31,18 @@ LOOK_WAIT = 2.0
 
 class UpstreamProtocols:
     """The protocol for each port; see the module docstring. ``identity(port)``: what the
-    port's listeners are now (their socket keys), so a verdict is dropped when they change."""
+    port's listeners are now (their socket keys), so a verdict is dropped when they change;
+    ``recheck(port)``: the owner's detection said ``tcp`` and a look here found HTTP."""
 
     def __init__(
         self,
         protocol_of: Callable[[int], str | None] | None,
         identity: Callable[[int], Hashable],
         detector: Detector | None = None,
+        recheck: Callable[[int], None] | None = None,
     ):
         self.protocol_of = protocol_of
+        self.recheck = recheck
         self.identity = identity
         self.detector = detector or Detector()
         self._found: dict[int, tuple[Hashable, str]] = {}  # port -> (listeners, protocol)
@@ -47,15 +50,17 @@ class UpstreamProtocols:
         self._context: ssl.SSLContext | None = None
 
     def known(self, port: int) -> str | None:
-        """The port's protocol without looking: the owner's, else a verdict kept here."""
+        """The port's protocol without looking: the owner's, else a verdict kept here.
+
+        The owner's ``tcp`` is looked at once more here before a page says the port speaks no
+        HTTP: its detection gives up on a port that has not answered for a minute, and a dev
+        server's first compile can take longer."""
         if self.protocol_of is not None:
             protocol = self.protocol_of(port)
-            if protocol in PROTOCOLS:
+            if protocol in (HTTP, HTTPS):
                 return protocol
         found = self._found.get(port)
-        if found is not None and found[0] == self.identity(port):
-            return found[1]
-        return None
+        return found[1] if found is not None and found[0] == self.identity(port) else None
 
     async def protocol(self, port: int, address: str) -> str:
         """``https``, ``http`` or ``tcp``; ``http`` while nothing better is known."""
@@ -77,6 +82,9 @@ class UpstreamProtocols:
             return HTTP
         if identity == self.identity(port):
             self._found[port] = (identity, look.protocol)
+            if look.protocol != TCP and self.recheck is not None and self.protocol_of is not None:
+                if self.protocol_of(port) == TCP:
+                    self.recheck(port)  # the owner's detection is behind: it looks again
         return look.protocol
 
     def forget(self, port: int) -> None:

@@ -2,7 +2,8 @@
 
 Its decider is the workspace's :class:`~.gate.Gate`. As connector it keeps upstreams on this
 host (loopback or an address of its own interfaces, :mod:`.local`, checked again as each
-request starts and as each connection is made) and retries a refused connection while the
+request starts and as each connection is made), speaks TLS to an ``https`` port and answers
+for a port that speaks no HTTP (:mod:`.protocols`), and retries a refused connection while the
 port is open. As sink it counts into the server's metrics and logs each port's failures.
 """
 
@@ -34,7 +35,16 @@ CONNECT_RETRY_SECONDS = 0.5
 class PreviewProxy:
     """The preview proxy of one workspace: the gate, the proxy and its connections."""
 
-    def __init__(self, settings, monitor, visibility: Visibility, named, metrics, protocol_of: ProtocolOf | None = None):
+    def __init__(
+        self,
+        settings,
+        monitor,
+        visibility: Visibility,
+        named,
+        metrics,
+        protocol_of: ProtocolOf | None = None,
+        recheck: Callable[[int], None] | None = None,
+    ):
         self.loop = asyncio.get_running_loop()
         self.monitor = monitor
         # Counted by the connections, read at scrape time (aether.server.metrics).
@@ -42,7 +52,7 @@ class PreviewProxy:
         self._latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)
         self.gate = Gate(settings, monitor, visibility, named, self.local.addresses)
-        self.protocols = UpstreamProtocols(protocol_of, self._listeners_of)
+        self.protocols = UpstreamProtocols(protocol_of, self._listeners_of, recheck=recheck)
         self.proxy = Proxy(self.gate, self, self, settings.preview_timeout)
         self.connections: set[ClientConnection] = self.proxy.connections
         self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)
