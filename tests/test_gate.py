@@ -392,6 +392,12 @@ def test_path_previews_decide_like_host_previews():
     assert status(decide(gate, b"/proxy/03000/", [SERVER_HOST, BEARER])) == 404
     assert status(decide(gate, b"/proxy/nokey/", [SERVER_HOST, BEARER])) == 404
     assert status(decide(gate, b"/proxy/3000", [SERVER_HOST, BEARER])) == 308
+    # The dashboard's cookie (same host) never reaches the app; the app's own cookies do.
+    dashboard = (b"Cookie", b"a=1; aether_dashboard=abc; b=2")
+    assert b"Cookie: a=1; b=2\r\n" in decide(gate, b"/proxy/3000/", [SERVER_HOST, BEARER, dashboard]).head
+    # The Host's port, for X-Forwarded-Port: none in a bracketed IPv6 address.
+    assert b"X-Forwarded-Port: 80\r\n" in decide(gate, b"/proxy/3000/", [(b"Host", b"[::1]"), BEARER]).head
+    assert b"X-Forwarded-Port: 3001\r\n" in decide(gate, b"/proxy/3000/", [(b"Host", b"[::1]:3001"), BEARER]).head
     # The server's own paths on a path-preview connection go back out, never off-site.
     back = decide(gate, b"//evil.example/x", [SERVER_HOST, BEARER])
     assert status(back) == 307 and b"Location: /evil.example/x\r\n" in back.response and back.close

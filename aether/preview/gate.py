@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from aether.ports.events import Listener
 
 COOKIE = b"aether_preview"
+#: The dashboard's cookie (``aether.server.cookie``): host-only on the server's host, so a path
+#: preview, on that host too, receives it; it never goes on to the app.
+DASHBOARD_COOKIE = b"aether_dashboard"
 #: A Host that is a name or an address (and a port): one a browser would send.
 _AUTHORITY = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 _MAX_CACHED_HOSTS = 1024
@@ -255,7 +258,8 @@ class Gate:
                 extra = [("Location", path.slash.decode("latin-1"))]
                 return Answer(308, pages.response(308, b"", extra, close, head_only=head_only), close)
             # The cookie of a path preview is its own, scoped to its prefix.
-            parsed = (path.name, True, b"path:" + path.prefix, host.rpartition(b":")[2] if b":" in host else b"80")
+            port_part = host.rpartition(b":")[2] if b":" in host.rpartition(b"]")[2] else b"80"
+            parsed = (path.name, True, b"path:" + path.prefix, port_part)
         port, prefix_ok, host_name, port_part = parsed
         if port is None:
             text = f"{pages.escape(host)} is no preview: a port is written in decimal, without leading zeros."
@@ -298,6 +302,8 @@ class Gate:
             has_cookie = credentials.has_cookie(head.cookie, COOKIE, self.cookie_value(host_name))
         else:
             has_cookie = False
+        if path is not None and cookie and any(DASHBOARD_COOKIE in value for value in cookie):
+            cookie = [c for c in (h.without_cookie(value, DASHBOARD_COOKIE) for value in cookie) if c]
         if port not in self.visibility.public and not bearer:
             if not has_cookie and method == b"OPTIONS" and not close and self.own_preflight(head):
                 pass  # the app answers its own CORS preflight; the request after it is authenticated
