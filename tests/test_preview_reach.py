@@ -80,8 +80,8 @@ def until_proxied(server: Server, port: int, path: str = "/") -> tuple[int, dict
 
 @pytest.fixture
 def app(listeners):
-    def start():
-        return listeners.spawn_on(lambda p: [sys.executable, APP, str(p)]).port
+    def start(port=None):
+        return listeners.spawn_on(lambda p: [sys.executable, APP, str(p)], port).port
 
     return start
 
@@ -194,6 +194,20 @@ def test_vite_with_basic_ssl_and_its_hmr_websocket(server, listeners, tmp_path):
     headers = {"Authorization": f"Bearer {server.token}"}
     with ws_connect(url, sock=sock, subprotocols=["vite-hmr"], additional_headers=headers, open_timeout=10) as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "connected"
+
+
+def test_a_port_that_changes_protocol_is_looked_at_again(server, listeners, cert, app):
+    """The protocol found for a port is kept until the port closes: the next server on the
+    same number is reached in its own protocol."""
+    tls = listeners.spawn_on(lambda p: [sys.executable, "-c", PYTHON_SSL, str(p), *cert])
+    port = tls.port
+    assert until_proxied(server, port, "/one")[2] == b"secure:/one:-"
+    tls.kill()
+    tls.wait()
+    wait_for(lambda: b"Nothing is listening" in get(server, port)[2], 10)
+    assert app(port) == port
+    status, _, body = until_proxied(server, port, "/echo")
+    assert status == 200 and json.loads(body)["target"] == "/echo"
 
 
 # -- a port that does not speak HTTP ------------------------------------------------------------
@@ -335,18 +349,27 @@ def test_path_preview_websocket(server, listeners):
     assert wait_for(talk, 10) == "echo:path"
 
 
+def read_to_close(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def test_api_and_path_previews_share_the_origin(server, app):
     """A browser reuses a connection for any path of one origin: each side sends a request of
-    the other's back to the same URL over a new connection."""
+    the other's back to the same URL, and closes, so it comes again on a new connection."""
     port = app()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("GET", "/healthz")
-    assert conn.getresponse().read()
-    conn.request("GET", f"/proxy/{port}/echo")
-    reply = conn.getresponse()
-    reply.read()
-    assert reply.status == 307 and reply.getheader("Location") == f"/proxy/{port}/echo"
-    conn.close()
+    until_proxied(server, port)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            + f"GET /proxy/{port}/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        replies = read_to_close(sock)  # the server closes after the 307
+    assert replies.startswith(b"HTTP/1.1 200") and b'"ok"' in replies
+    assert b"HTTP/1.1 307 Temporary Redirect\r\n" in replies
+    assert f"\r\nLocation: /proxy/{port}/echo\r\n".encode() in replies
     auth = {"Authorization": f"Bearer {server.token}"}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request("GET", f"/proxy/{port}/echo", headers=auth)
@@ -370,7 +393,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def _answer(self, body):
         with open(log, "a") as f:
-            f.write(json.dumps({"method": self.command, "origin": self.headers.get("Origin")}) + "\\n")
+            f.write(json.dumps({"method": self.command, "path": self.path, "origin": self.headers.get("Origin")}) + "\\n")
         self.send_response(200 if self.command != "OPTIONS" else 204)
         if self.headers.get("Origin") == allowed:
             self.send_header("Access-Control-Allow-Origin", allowed)
@@ -458,5 +481,6 @@ def test_chromium_page_on_one_port_calls_another_private_port(server, listeners,
     finally:
         driver.quit()
     assert result == "200:from-b"
-    methods = [json.loads(line)["method"] for line in log.read_text().splitlines()]
-    assert "OPTIONS" in methods and "PUT" in methods
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [(line["method"], line["origin"]) for line in seen if line["path"] == "/api"]
+    assert calls == [("OPTIONS", origin), ("PUT", origin)]  # the preflight reached the app
