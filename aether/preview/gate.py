@@ -289,8 +289,8 @@ class Gate:
                 status = 302 if method in (b"GET", b"HEAD") else 307
                 secure = b"; Secure" if proto == b"https" else b""
                 scope = path.prefix if path is not None else b"/"
-                cookie = b"%s=%s; Path=%s; HttpOnly; SameSite=Lax%s" % (COOKIE, self.cookie_value(host_name), scope, secure)
-                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie.decode())]
+                set_cookie = b"%s=%s; Path=%s; HttpOnly; SameSite=Lax%s" % (COOKIE, self.cookie_value(host_name), scope, secure)
+                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", set_cookie.decode())]
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.

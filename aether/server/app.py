@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+import tornado.http1connection
 import tornado.httpserver
 import tornado.web
 
@@ -103,8 +104,10 @@ class PathPreviewHandler(tornado.web.RequestHandler):
         self.set_status(307)
         self.set_header("Location", self.request.uri)
         self.set_header("Connection", "close")
+        connection = self.request.connection
         await self.finish()
-        self.request.connection.close()
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.close()
 
 
 class NotFoundHandler(tornado.web.RequestHandler):
