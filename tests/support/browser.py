@@ -1,5 +1,5 @@
 """Debian's Chromium driven by selenium through Debian's chromedriver, for the dashboard's test
-and benchmark: headless, with a fresh profile, and kept off the network (this machine has none:
+and benchmark: headless, with a fresh profile, and kept off the network (the test host has none:
 without these flags Chromium keeps trying to reach Google's services).
 
 Also what both measure with: a listener that prints the moment it listens, and an observer in
@@ -68,8 +68,9 @@ server.serve_forever()
 """
 
 
-def chromium(profile: Path):
-    """A selenium WebDriver for Debian's Chromium; fails plainly when it is not installed."""
+def chromium(profile: Path, flags: tuple[str, ...] = ()):
+    """A selenium WebDriver for Debian's Chromium (with ``flags`` besides its own); fails
+    plainly when it is not installed."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -80,7 +81,7 @@ def chromium(profile: Path):
     os.environ["SE_OFFLINE"] = "true"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS:
+    for flag in (*FLAGS, *flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     service = Service(executable_path=CHROMEDRIVER, log_output=subprocess.DEVNULL)
