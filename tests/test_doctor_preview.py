@@ -85,7 +85,7 @@ def test_no_http_and_an_unreachable_address(listeners, tmp_path):
         raw.close()
     assert status == 1 and checks["protocol"]["verdict"] == "fail"
     assert "it has no web page to preview" in checks["protocol"]["detail"]
-    # A listener on an address that is not loopback (IP_FREEBIND: one this machine need not
+    # A listener on an address that is not loopback (IP_FREEBIND: one the host need not
     # have, TEST-NET-1): the preview, which connects over loopback, cannot reach it.
     far = socket.socket()
     far.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)

@@ -61,6 +61,7 @@ def test_both_auth_methods_get_current_ports_with_urls(serve, listeners, how):
     opened = current[port].pop("opened")
     assert isinstance(opened, int) and abs(opened - time.time() * 1000) < 60_000
     assert current[port].pop("seenAtStart") is True  # it listened before the server started
+    assert current[port].pop("ownerStarted") <= opened  # and its owner before that
     assert current[port] == {
         "channel": "ports",
         "type": "open",
