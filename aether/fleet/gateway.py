@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aether.fleet import routes as r
 from aether.fleet.gate import RETRY_AFTER, FleetForward, Gate
@@ -43,9 +43,12 @@ CONNECT_TIMEOUT = 2.0
 
 
 def unavailable() -> Unreachable:
-    return Unreachable(503, "Workspace unavailable",
-                       "This workspace is not answering. This page reloads itself and shows the preview as soon "
-                       "as the workspace is back.", RETRY_AFTER)
+    return Unreachable(
+        503,
+        "Workspace unavailable",
+        "This workspace is not answering. This page reloads itself and shows the preview as soon as the workspace is back.",
+        RETRY_AFTER,
+    )
 
 
 class Gateway:
@@ -73,13 +76,19 @@ class Gateway:
 
     # -- the connector ----------------------------------------------------------------------
 
-    def check(self, forward: FleetForward) -> Optional[Unreachable]:
+    def check(self, forward: FleetForward) -> Unreachable | None:
         return None  # decided from the table a moment ago; a VM gone since refuses the connection
 
     async def connect(self, forward: FleetForward, factory: Callable[[], Upstream]) -> Upstream:
         try:
-            return await dial(self.loop, factory, forward.address, forward.port, CONNECT_TIMEOUT,
-                              name=f"the workspace's address {forward.address}:{forward.port}")
+            return await dial(
+                self.loop,
+                factory,
+                forward.address,
+                forward.port,
+                CONNECT_TIMEOUT,
+                name=f"the workspace's address {forward.address}:{forward.port}",
+            )
         except ConnectionRefusedError:
             self._failed(forward, "the workspace's address refused the connection")
         except Unreachable as refusal:
@@ -109,9 +118,16 @@ class Gateway:
         if len(self._failures) > 4096:
             self._failures.clear()
         self._failures[forward.prefix] = (now, 0)
-        log.info("fleet upstream failed", extra={"prefix": forward.prefix, "port": forward.app_port,
-                                                 "address": f"{forward.address}:{forward.port}", "why": why,
-                                                 "suppressed": suppressed})
+        log.info(
+            "fleet upstream failed",
+            extra={
+                "prefix": forward.prefix,
+                "port": forward.app_port,
+                "address": f"{forward.address}:{forward.port}",
+                "why": why,
+                "suppressed": suppressed,
+            },
+        )
 
     # -- what changes in the table ----------------------------------------------------------
 
@@ -122,8 +138,10 @@ class Gateway:
             closed = self.proxy.close_tunnels((prefix, port))
             if closed:
                 self.counters.tunnels_closed += closed
-                log.info("fleet tunnels closed: the port is no longer public",
-                         extra={"prefix": prefix, "port": port, "tunnels": closed})
+                log.info(
+                    "fleet tunnels closed: the port is no longer public",
+                    extra={"prefix": prefix, "port": port, "tunnels": closed},
+                )
 
     def close_all(self) -> None:
         self.proxy.close_all()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import collections
 import platform
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from aether import __version__
 from aether.fleet.follower import Histogram
@@ -51,7 +52,7 @@ def buckets(histogram: Histogram) -> list[tuple[str, int]]:
 class Metrics:
     """``render`` gives the exposition of ``counters``, ``follower`` and ``connections()``."""
 
-    def __init__(self, counters: Counters, follower: "Follower", connections: Callable[[], int]):
+    def __init__(self, counters: Counters, follower: Follower, connections: Callable[[], int]):
         self.counters = counters
         self.follower = follower
         self.connections = connections
@@ -79,46 +80,76 @@ class _Collector:
         m = self.metrics
         follower, counters = m.follower, m.counters
         workspaces, ports, alive = follower.routes.counts()
-        yield InfoMetricFamily("aether_gateway_build", "The running aether gateway.",
-                               value={"version": __version__, "python": platform.python_version()})
-        yield GaugeMetricFamily("aether_gateway_routes", "Open ports routed: each is a preview this gateway forwards.",
-                                value=ports)
-        yield GaugeMetricFamily("aether_gateway_workspaces", "Workspaces in the route table, available or not.",
-                                value=workspaces)
-        yield GaugeMetricFamily("aether_gateway_workspaces_alive", "Workspaces available: not stopped, not past "
-                                "their heartbeat deadline.", value=alive)
-        yield GaugeMetricFamily("aether_gateway_redis_up", "1 while Redis answers; 0 while the gateway serves the "
-                                "routes it holds without it.", value=int(follower.redis_up))
-        reloads = CounterMetricFamily("aether_gateway_reloads", "Full loads of the route table, by why (start, "
-                                      "reconnect, gap, boot: Redis lost its data, interval).", labels=("reason",))
+        yield InfoMetricFamily(
+            "aether_gateway_build",
+            "The running aether gateway.",
+            value={"version": __version__, "python": platform.python_version()},
+        )
+        yield GaugeMetricFamily(
+            "aether_gateway_routes", "Open ports routed: each is a preview this gateway forwards.", value=ports
+        )
+        yield GaugeMetricFamily("aether_gateway_workspaces", "Workspaces in the route table, available or not.", value=workspaces)
+        yield GaugeMetricFamily(
+            "aether_gateway_workspaces_alive",
+            "Workspaces available: not stopped, not past their heartbeat deadline.",
+            value=alive,
+        )
+        yield GaugeMetricFamily(
+            "aether_gateway_redis_up",
+            "1 while Redis answers; 0 while the gateway serves the routes it holds without it.",
+            value=int(follower.redis_up),
+        )
+        reloads = CounterMetricFamily(
+            "aether_gateway_reloads",
+            "Full loads of the route table, by why (start, reconnect, gap, boot: Redis lost its data, interval).",
+            labels=("reason",),
+        )
         for reason, count in sorted(follower.reloads.items()):
             reloads.add_metric((reason,), count)
         yield reloads
-        yield CounterMetricFamily("aether_gateway_merges", "Loads that kept workspaces Redis no longer had, "
-                                  "unconfirmed (Redis lost its data).", value=follower.merges)
-        yield CounterMetricFamily("aether_gateway_stream_entries", "Change stream entries applied.",
-                                  value=follower.applied)
-        yield CounterMetricFamily("aether_gateway_redis_stalls", "Liveness checks Redis ran late (no deadline "
-                                  "judged for a while after).", value=follower.stalls)
-        yield GaugeMetricFamily("aether_gateway_last_load_seconds", "How long the last full load took.",
-                                value=follower.last_load_seconds)
-        lag = HistogramMetricFamily("aether_gateway_stream_lag_seconds", "From Redis's time in a change's stream "
-                                    "id to the change applied to this gateway's table.")
+        yield CounterMetricFamily(
+            "aether_gateway_merges",
+            "Loads that kept workspaces Redis no longer had, unconfirmed (Redis lost its data).",
+            value=follower.merges,
+        )
+        yield CounterMetricFamily("aether_gateway_stream_entries", "Change stream entries applied.", value=follower.applied)
+        yield CounterMetricFamily(
+            "aether_gateway_redis_stalls",
+            "Liveness checks Redis ran late (no deadline judged for a while after).",
+            value=follower.stalls,
+        )
+        yield GaugeMetricFamily(
+            "aether_gateway_last_load_seconds", "How long the last full load took.", value=follower.last_load_seconds
+        )
+        lag = HistogramMetricFamily(
+            "aether_gateway_stream_lag_seconds",
+            "From Redis's time in a change's stream id to the change applied to this gateway's table.",
+        )
         lag.add_metric((), buckets(follower.lag), follower.lag.total)
         yield lag
 
-        yield GaugeMetricFamily("aether_gateway_connections", "Browser connections to previews open now.",
-                                value=m.connections())
-        requests = CounterMetricFamily("aether_gateway_requests", "Preview requests answered, by the status sent "
-                                       "(the VM's, or the gateway's own: 401, 404, 502, 503...).", labels=("status",))
+        yield GaugeMetricFamily("aether_gateway_connections", "Browser connections to previews open now.", value=m.connections())
+        requests = CounterMetricFamily(
+            "aether_gateway_requests",
+            "Preview requests answered, by the status sent (the VM's, or the gateway's own: 401, 404, 502, 503...).",
+            labels=("status",),
+        )
         for status, count in sorted(counters.responses.items()):
             requests.add_metric((str(status),), count)
         yield requests
-        upstream = HistogramMetricFamily("aether_gateway_upstream_latency_seconds", "From the gateway starting on a "
-                                         "request (connecting to the VM included) to the VM's response head.")
+        upstream = HistogramMetricFamily(
+            "aether_gateway_upstream_latency_seconds",
+            "From the gateway starting on a request (connecting to the VM included) to the VM's response head.",
+        )
         upstream.add_metric((), buckets(counters.upstream_latency), counters.upstream_latency.total)
         yield upstream
-        yield CounterMetricFamily("aether_gateway_upstream_failures", "Requests whose VM could not be reached or "
-                                  "broke off before answering.", value=counters.upstream_failures)
-        yield CounterMetricFamily("aether_gateway_tunnels_closed", "Public WebSocket tunnels closed because their "
-                                  "port turned private.", value=counters.tunnels_closed)
+        yield CounterMetricFamily(
+            "aether_gateway_upstream_failures",
+            "Requests whose VM could not be reached or broke off before answering.",
+            value=counters.upstream_failures,
+        )
+        yield CounterMetricFamily(
+            "aether_gateway_tunnels_closed",
+            "Public WebSocket tunnels closed because their port turned private.",
+            value=counters.tunnels_closed,
+        )

@@ -26,7 +26,7 @@ import logging
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import tornado.httpserver
 import tornado.web
@@ -45,15 +45,22 @@ access = logging.getLogger("aether.access")
 SHUTDOWN_TIMEOUT = 0.5
 
 #: Nothing here takes a body; a request head has no reason to be long or slow.
-HTTP_LIMITS = {"max_body_size": 4 << 10, "max_header_size": 16 << 10, "idle_connection_timeout": 10.0,
-               "body_timeout": 10.0}
+HTTP_LIMITS = {"max_body_size": 4 << 10, "max_header_size": 16 << 10, "idle_connection_timeout": 10.0, "body_timeout": 10.0}
 
 
 def _log(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
     answered(request)  # the listener stops counting the connection as unauthenticated
-    access.debug("request", extra={"method": request.method, "path": request.path, "status": handler.get_status(),
-                                   "ms": round(request.request_time() * 1000, 2), "client": request.remote_ip})
+    access.debug(
+        "request",
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": handler.get_status(),
+            "ms": round(request.request_time() * 1000, 2),
+            "client": request.remote_ip,
+        },
+    )
 
 
 class _Json(tornado.web.RequestHandler):
@@ -69,7 +76,7 @@ class _Json(tornado.web.RequestHandler):
 
 
 class HealthHandler(_Json):
-    def initialize(self, follower: "Follower") -> None:
+    def initialize(self, follower: Follower) -> None:
         self.follower = follower
 
     def get(self) -> None:
@@ -80,7 +87,7 @@ class HealthHandler(_Json):
 
 
 class MetricsHandler(_Json):
-    def initialize(self, metrics: "Metrics", token: Optional[str], public: bool) -> None:
+    def initialize(self, metrics: Metrics, token: str | None, public: bool) -> None:
         self.metrics, self.token, self.public = metrics, token, public
 
     def prepare(self) -> None:
@@ -106,7 +113,7 @@ class NotFoundHandler(_Json):
         self.fail(404, "not_found", f"no such endpoint: {self.request.path}; previews are on the hosts of the preview domain")
 
 
-def application(follower: "Follower", metrics: "Metrics", token: Optional[str], public: bool) -> tornado.web.Application:
+def application(follower: Follower, metrics: Metrics, token: str | None, public: bool) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/healthz", HealthHandler, {"follower": follower}),
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return runner.run(serve(settings))
 
 
-async def serve(settings: "GatewaySettings") -> int:
+async def serve(settings: GatewaySettings) -> int:
     from aether.fleet import connection
     from aether.fleet import routes as r
     from aether.fleet.follower import Follower
@@ -146,16 +153,23 @@ async def serve(settings: "GatewaySettings") -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     routes = r.Routes()
-    follower = Follower(settings.redis, routes, liveness_interval=settings.liveness_interval,
-                        reload_interval=settings.reload_interval)
+    follower = Follower(
+        settings.redis, routes, liveness_interval=settings.liveness_interval, reload_interval=settings.reload_interval
+    )
     gate = Gate(routes, settings.keys, settings.preview_domain, settings.trusted_proxies)
     counters = Counters()
     gateway = Gateway(routes, gate, counters, settings.preview_timeout)
     metrics = Metrics(counters, follower, gateway.connection_count)
     http = tornado.httpserver.HTTPServer(
-        application(follower, metrics, settings.metrics_token, settings.metrics_public), **HTTP_LIMITS)
-    listener = SharedListener(http, gateway, settings.max_connections, settings.max_unauthenticated_per_address,
-                              gate.is_trusted if settings.trusted_proxies else None)
+        application(follower, metrics, settings.metrics_token, settings.metrics_public), **HTTP_LIMITS
+    )
+    listener = SharedListener(
+        http,
+        gateway,
+        settings.max_connections,
+        settings.max_unauthenticated_per_address,
+        gate.is_trusted if settings.trusted_proxies else None,
+    )
     # The table first: a gateway that answered before it would call every workspace unknown.
     # A Redis that is down leaves it empty (5 s at most), loaded once Redis is back.
     await follower.start()
@@ -169,17 +183,26 @@ async def serve(settings: "GatewaySettings") -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"aether gateway on http://{host}:{settings.port}: previews of *.{settings.preview_domain}", flush=True)
     workspaces, ports, alive = routes.counts()
-    log.info("gateway serving", extra={
-        "host": settings.host, "port": settings.port, "domain": settings.preview_domain,
-        "redis": connection.describe(settings.redis), "redis_up": follower.redis_up, "workspaces": workspaces,
-        "alive": alive, "ports": ports})
+    log.info(
+        "gateway serving",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "domain": settings.preview_domain,
+            "redis": connection.describe(settings.redis),
+            "redis_up": follower.redis_up,
+            "workspaces": workspaces,
+            "alive": alive,
+            "ports": ports,
+        },
+    )
     await stop.wait()
     started = time.monotonic()
     listener.stop()
     gateway.close_all()
     try:
         await asyncio.wait_for(http.close_all_connections(), SHUTDOWN_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await follower.stop()
     log.info("gateway stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})

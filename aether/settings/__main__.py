@@ -1,8 +1,8 @@
 """``python -m aether.settings``: the settings tables of docs/settings.md.
 
-    python -m aether.settings --markdown [serve|global|gateway|env]   print a table (serve's by default)
-    python -m aether.settings --write [PATH]    rewrite the tables in PATH (docs/settings.md)
-    python -m aether.settings --check [PATH]    exit 1 if PATH's tables differ from the code's
+python -m aether.settings --markdown [serve|global|gateway|env]   print a table (serve's by default)
+python -m aether.settings --write [PATH]    rewrite the tables in PATH (docs/settings.md)
+python -m aether.settings --check [PATH]    exit 1 if PATH's tables differ from the code's
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ fleet key that can be used, a metrics token that is not empty."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from aether.settings import sources
 from aether.settings.table import GATEWAY
@@ -22,7 +22,7 @@ class GatewaySettings:
     port: int
     redis: str
     preview_domain: str
-    keys: "FleetKeys" = dataclasses.field(repr=False)
+    keys: FleetKeys = dataclasses.field(repr=False)
     trusted_proxies: tuple = ()
     max_connections: int = 10000
     max_unauthenticated_per_address: int = 128
@@ -30,26 +30,29 @@ class GatewaySettings:
     reload_interval: float = 300.0
     liveness_interval: float = 0.1
     metrics_public: bool = False
-    metrics_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
 
 
 def add_commands(commands) -> None:
     """``aether gateway`` and its flags (the gateway itself is imported only when it runs)."""
     parser = commands.add_parser("gateway", help="fleet mode: route the fleet's preview hosts to their VMs")
-    sources.add_flags(parser, GATEWAY, help={
-        "max_connections": "connections at once, previews and the gateway's own endpoints alike; past it a new one "
-                           "is closed at once; at least 1",
-        "trusted_proxies": "addresses or networks of a TLS front whose X-Forwarded-For, -Proto and -Port the gateway "
-                           "believes and passes on",
-        "fleet_redis": "the fleet's Redis: redis://HOST:PORT/DB, rediss://..., unix:///PATH or "
-                       "redis+sentinel://H1:P1,H2:P2/MASTER/DB",
-        "metrics_public": "serve GET /metrics without a token",
-        "fleet_key_file": "the fleet key, the same file as its VMs' (at least 32 bytes, mode 0600); NEW,OLD while "
-                          "rotating",
-    })
+    sources.add_flags(
+        parser,
+        GATEWAY,
+        help={
+            "max_connections": "connections at once, previews and the gateway's own endpoints alike; past it a new one "
+            "is closed at once; at least 1",
+            "trusted_proxies": "addresses or networks of a TLS front whose X-Forwarded-For, -Proto and -Port the gateway "
+            "believes and passes on",
+            "fleet_redis": "the fleet's Redis: redis://HOST:PORT/DB, rediss://..., unix:///PATH or "
+            "redis+sentinel://H1:P1,H2:P2/MASTER/DB",
+            "metrics_public": "serve GET /metrics without a token",
+            "fleet_key_file": "the fleet key, the same file as its VMs' (at least 32 bytes, mode 0600); NEW,OLD while rotating",
+        },
+    )
 
 
-def resolve(args: "argparse.Namespace") -> GatewaySettings:
+def resolve(args: argparse.Namespace) -> GatewaySettings:
     """The gateway's settings; ValueError naming a bad or missing one."""
     from aether.fleet import auth, connection
 

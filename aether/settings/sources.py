@@ -30,7 +30,7 @@ class ConfigFile:
         self.origins = origins or {}
 
 
-def pick(setting: Setting, given: Any = None, file: Optional[ConfigFile] = None, command: str = SERVE) -> Any:
+def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None, command: str = SERVE) -> Any:
     """The value of ``setting``: ``given`` (its flag's on ``command``, as argparse left it), else
     its variable (an empty one counts as unset, as systemd's ``Environment=NAME=`` leaves it),
     else its key in ``file``, else its default; ValueError naming the source of a bad value."""
@@ -99,8 +99,11 @@ def flags_of(command: str) -> list[Setting]:
     """The settings whose flag ``command`` takes (``""``: before any command)."""
     if command == "":
         return [setting for setting in SETTINGS if setting.scope == GLOBAL]
-    taken = [setting for setting in SETTINGS
-             if setting.flag and (command == setting.scope in (SERVE, GATEWAY) or command in setting.commands)]
+    taken = [
+        setting
+        for setting in SETTINGS
+        if setting.flag and (command == setting.scope in (SERVE, GATEWAY) or command in setting.commands)
+    ]
     # A command's own settings first, then those it shares with serve.
     return sorted(taken, key=lambda setting: setting.scope != command) if command == GATEWAY else taken
 

@@ -32,12 +32,22 @@ class Setting:
     """One row of the table. (A plain class: ``aether port`` reads the table at each start, and a
     dataclass would bring in ``inspect`` and ``ast``, a named tuple compile its annotations.)"""
 
-    __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret",
-                 "command_flag")
+    __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret", "command_flag")
 
-    def __init__(self, name: str, kind: Kind, default: Any, help: str, scope: str = SERVE, flag: Optional[str] = None,
-                 key: Optional[str] = None, shown: str = "", commands: tuple[str, ...] = (), secret: bool = False,
-                 command_flag: Optional[str] = None):
+    def __init__(
+        self,
+        name: str,
+        kind: Kind,
+        default: Any,
+        help: str,
+        scope: str = SERVE,
+        flag: str | None = None,
+        key: str | None = None,
+        shown: str = "",
+        commands: tuple[str, ...] = (),
+        secret: bool = False,
+        command_flag: str | None = None,
+    ):
         self.name = name
         self.kind = kind
         self.default = default
@@ -57,7 +67,7 @@ class Setting:
         #: Its flag on ``commands``, where that is not ``flag``.
         self.command_flag = command_flag
 
-    def flag_on(self, command: str) -> Optional[str]:
+    def flag_on(self, command: str) -> str | None:
         """Its flag on ``command`` (one that takes it)."""
         if self.command_flag and command in self.commands:
             return self.command_flag
@@ -88,18 +98,43 @@ def _env(name: str, kind: Kind, default: Any, help: str, **more) -> Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _serve("host", Text(), "127.0.0.1", "the address the server listens on (API, WebSocket, previews and dashboard alike)",
-           commands=("doctor",)),
-    _serve("port", Integer(1, 65535), 3001, "the port it listens on, 1-65535; never reported as an open port",
-           commands=("doctor",)),
-    _serve("workspace_id", Text(), None, "the `{workspaceId}` of the WebSocket path `/workspaces/{workspaceId}/ws`",
-           shown="the host name"),
-    _serve("project_id", Text(), None, "the project whose prefix names the preview hosts",
-           shown="generated once (32 hex digits), kept in the state directory as `project-id`"),
-    _serve("preview_domain", Text(), "preview.localhost",
-           "the domain under which previews are served: `{port}-{prefix}.{domain}`", commands=("gateway",)),
-    _serve("preview_url", Text(), "http://{port}-{prefix}.{domain}:{server_port}",
-           "the template of each port's `url`; behind a TLS front, `https://{port}-{prefix}.{domain}`"),
+    _serve(
+        "host",
+        Text(),
+        "127.0.0.1",
+        "the address the server listens on (API, WebSocket, previews and dashboard alike)",
+        commands=("doctor",),
+    ),
+    _serve(
+        "port", Integer(1, 65535), 3001, "the port it listens on, 1-65535; never reported as an open port", commands=("doctor",)
+    ),
+    _serve(
+        "workspace_id",
+        Text(),
+        None,
+        "the `{workspaceId}` of the WebSocket path `/workspaces/{workspaceId}/ws`",
+        shown="the host name",
+    ),
+    _serve(
+        "project_id",
+        Text(),
+        None,
+        "the project whose prefix names the preview hosts",
+        shown="generated once (32 hex digits), kept in the state directory as `project-id`",
+    ),
+    _serve(
+        "preview_domain",
+        Text(),
+        "preview.localhost",
+        "the domain under which previews are served: `{port}-{prefix}.{domain}`",
+        commands=("gateway",),
+    ),
+    _serve(
+        "preview_url",
+        Text(),
+        "http://{port}-{prefix}.{domain}:{server_port}",
+        "the template of each port's `url`; behind a TLS front, `https://{port}-{prefix}.{domain}`",
+    ),
     _serve("prefix_length", Integer(1, 32), 6, "how many characters of the project id make the `{prefix}`, 1-32"),
     _serve(
         "token",
@@ -138,24 +173,44 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # The kernel would otherwise grow a stalled client's send buffer to net.ipv4.tcp_wmem's
     # maximum (4 MiB here), hiding it from the write deadline and pinning memory per client.
-    _serve("send_buffer_bytes", Integer(1, size=True), 256 << 10,
-           "each client's kernel send buffer, capped so a stalled reader is noticed and costs bounded memory"),
-    _serve("max_connections", Integer(1), 10000,
-           "every connection at once (API, WebSocket and previews alike); past it a new one is closed at once; at least 1",
-           commands=("gateway",)),
+    _serve(
+        "send_buffer_bytes",
+        Integer(1, size=True),
+        256 << 10,
+        "each client's kernel send buffer, capped so a stalled reader is noticed and costs bounded memory",
+    ),
+    _serve(
+        "max_connections",
+        Integer(1),
+        10000,
+        "every connection at once (API, WebSocket and previews alike); past it a new one is closed at once; at least 1",
+        commands=("gateway",),
+    ),
     # A browser opens at most 6 connections per host, and each preview is its own host: the
     # dashboard and ten previews restored at once, each with its 6, is ~66 before one is
     # answered; 128 leaves as much again for tools beside it (curl loops, wscat, a test
     # runner). One address then holds at most 128 of the 10,000 connections.
-    _serve("max_unauthenticated_per_address", Integer(0, zero="no cap"), 128,
-           "connections one client address (an IPv6 /64) may hold before any of them authenticated or was "
-           "answered; past it a new one is closed at once; `0` turns the cap off; `--trusted-proxies` are exempt",
-           commands=("gateway",)),
-    _serve("kill_grace", Seconds(positive=False), 5.0,
-           "seconds between SIGTERM and SIGKILL: for a port's `kill`, and for what is left of a closed terminal session"),
-    _serve("preview_timeout", Seconds(), 60.0,
-           "seconds without a byte either way before a proxied request ends (504 before the response); positive",
-           commands=("gateway",)),
+    _serve(
+        "max_unauthenticated_per_address",
+        Integer(0, zero="no cap"),
+        128,
+        "connections one client address (an IPv6 /64) may hold before any of them authenticated or was "
+        "answered; past it a new one is closed at once; `0` turns the cap off; `--trusted-proxies` are exempt",
+        commands=("gateway",),
+    ),
+    _serve(
+        "kill_grace",
+        Seconds(positive=False),
+        5.0,
+        "seconds between SIGTERM and SIGKILL: for a port's `kill`, and for what is left of a closed terminal session",
+    ),
+    _serve(
+        "preview_timeout",
+        Seconds(),
+        60.0,
+        "seconds without a byte either way before a proxied request ends (504 before the response); positive",
+        commands=("gateway",),
+    ),
     # Dev servers refuse a Host they do not know: localhost:{port} is one they all accept.
     _serve(
         "preview_upstream_host",
@@ -186,75 +241,169 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a session with nobody attached keeps running; 0: until its process ends",
     ),
     _serve("terminal_max_input_bytes", Integer(1, size=True), 64 << 10, "the largest `input` message; at least 1"),
-    _serve("agent_command", Command(), (),
-           "the agent backend, started once per turn: one shell-quoted string, or a JSON array of strings "
-           "(`config.json`: an array, or `{\"agent\": {\"command\": [...]}}`)",
-           shown="none: a `prompt` gets `not_configured`"),
-    _serve("agent_timeout", Seconds(), 120.0,
-           "seconds without output from the backend before it is stopped (`timeout`); positive "
-           "(`config.json`: also `agent.timeout`)"),
-    _serve("agent_max_output_bytes", Integer(1, size=True), 4 << 20,
-           "what a backend may write in one turn, stdout and stderr together (`too_large` past it); at least 1 "
-           "(`config.json`: also `agent.max_output_bytes`)"),
+    _serve(
+        "agent_command",
+        Command(),
+        (),
+        "the agent backend, started once per turn: one shell-quoted string, or a JSON array of strings "
+        '(`config.json`: an array, or `{"agent": {"command": [...]}}`)',
+        shown="none: a `prompt` gets `not_configured`",
+    ),
+    _serve(
+        "agent_timeout",
+        Seconds(),
+        120.0,
+        "seconds without output from the backend before it is stopped (`timeout`); positive "
+        "(`config.json`: also `agent.timeout`)",
+    ),
+    _serve(
+        "agent_max_output_bytes",
+        Integer(1, size=True),
+        4 << 20,
+        "what a backend may write in one turn, stdout and stderr together (`too_large` past it); at least 1 "
+        "(`config.json`: also `agent.max_output_bytes`)",
+    ),
     _serve("metrics_public", Boolean(), False, "serve `GET /metrics` without a token", commands=("gateway",)),
     # From anyone else, X-Forwarded-Proto and -Port are replaced by what aether itself saw.
-    _serve("trusted_proxies", Networks(), (),
-           "addresses or networks (`127.0.0.1,::1,10.0.0.0/8`; in `config.json` an array) of a TLS front whose "
-           "`X-Forwarded-Proto` and `-Port` previews believe and pass on", commands=("gateway",)),
+    _serve(
+        "trusted_proxies",
+        Networks(),
+        (),
+        "addresses or networks (`127.0.0.1,::1,10.0.0.0/8`; in `config.json` an array) of a TLS front whose "
+        "`X-Forwarded-Proto` and `-Port` previews believe and pass on",
+        commands=("gateway",),
+    ),
     # A URL may carry the password: kept from the processes aether starts, as the token is.
-    _serve("fleet_redis", Text(metavar="URL"), None,
-           "fleet mode: the fleet's Redis, `redis://HOST:PORT/DB`, `rediss://...` or "
-           "`redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md)); `aether gateway` and "
-           "`aether fleet status` take it as `--redis`; without it nothing of fleet mode runs",
-           commands=("fleet status", "gateway"), command_flag="--redis", secret=True),
-    _serve("fleet_advertise", Text(metavar="HOST:PORT"), None,
-           "fleet mode: where the fleet's gateways reach this server (`10.0.0.5:3001`, `[fd00::5]:3001`); "
-           "needed with `--fleet-redis`"),
-    _serve("fleet_key_file", Text(metavar="PATH"), None,
-           "fleet mode: the fleet key, the same file on every VM and gateway (at least 32 bytes, mode 0600); "
-           "`NEW,OLD` while rotating; needed with `--fleet-redis`", commands=("gateway",)),
+    _serve(
+        "fleet_redis",
+        Text(metavar="URL"),
+        None,
+        "fleet mode: the fleet's Redis, `redis://HOST:PORT/DB`, `rediss://...` or "
+        "`redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md)); `aether gateway` and "
+        "`aether fleet status` take it as `--redis`; without it nothing of fleet mode runs",
+        commands=("fleet status", "gateway"),
+        command_flag="--redis",
+        secret=True,
+    ),
+    _serve(
+        "fleet_advertise",
+        Text(metavar="HOST:PORT"),
+        None,
+        "fleet mode: where the fleet's gateways reach this server (`10.0.0.5:3001`, `[fd00::5]:3001`); "
+        "needed with `--fleet-redis`",
+    ),
+    _serve(
+        "fleet_key_file",
+        Text(metavar="PATH"),
+        None,
+        "fleet mode: the fleet key, the same file on every VM and gateway (at least 32 bytes, mode 0600); "
+        "`NEW,OLD` while rotating; needed with `--fleet-redis`",
+        commands=("gateway",),
+    ),
     _serve("fleet_heartbeat", Seconds(), 1.0, "fleet mode: seconds between heartbeats; positive, below `--fleet-dead-after`"),
-    _serve("fleet_dead_after", Seconds(), 3.0,
-           "fleet mode: seconds after the last heartbeat when gateways take this workspace for dead (503)"),
-    _serve("state_dir", Text(), None, "the state directory", key=False,
-           shown="`~/.local/state/aether`, or systemd's (see [the state directory](#the-state-directory))",
-           commands=("doctor",)),
-
-    _global("log_format", Text(tuple(FORMATS)), "json",
-            "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))"),
+    _serve(
+        "fleet_dead_after",
+        Seconds(),
+        3.0,
+        "fleet mode: seconds after the last heartbeat when gateways take this workspace for dead (503)",
+    ),
+    _serve(
+        "state_dir",
+        Text(),
+        None,
+        "the state directory",
+        key=False,
+        shown="`~/.local/state/aether`, or systemd's (see [the state directory](#the-state-directory))",
+        commands=("doctor",),
+    ),
+    _global(
+        "log_format",
+        Text(tuple(FORMATS)),
+        "json",
+        "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))",
+    ),
     _global("log_level", Text(LEVELS, lower=True), "info", "`debug`, `info`, `warning` or `error`"),
-
-    _gateway("gateway_host", Text(metavar="HOST"), "127.0.0.1", "the address the gateway listens on (previews, `/healthz`, `/metrics`)",
-             flag="--host"),
+    _gateway(
+        "gateway_host",
+        Text(metavar="HOST"),
+        "127.0.0.1",
+        "the address the gateway listens on (previews, `/healthz`, `/metrics`)",
+        flag="--host",
+    ),
     _gateway("gateway_port", Integer(1, 65535), 8080, "the port it listens on, 1-65535", flag="--port"),
-    _gateway("gateway_reload_interval", Seconds(), 300.0,
-             "seconds between full loads of the route table besides those after a gap or a reconnect (±10 %)",
-             flag="--reload-interval"),
-    _gateway("gateway_liveness_interval", Seconds(), 0.1,
-             "seconds between checks of the workspaces' heartbeat deadlines", flag="--liveness-interval"),
-    _gateway("gateway_metrics_token_file", Text(metavar="PATH"), None,
-             "a file holding the token `GET /metrics` wants as `Authorization: Bearer` (else `--metrics-public`, "
-             "or no metrics)", flag="--metrics-token-file"),
-
-    _env("sockdiag_interval", Seconds(), 0.25,
-         "seconds between the `sockdiag` backend's snapshots, the minimum: the interval stretches to keep them "
-         "within 2% of a core (`aether ports watch --interval` overrides it)",
-         flag="--interval", commands=("ports watch",)),
-    _env("ebpf_buffer", Text(EBPF_BUFFERS), "auto",
-         "how probe records reach aether: `ring` (a BPF ring buffer), `perf` (per-CPU perf buffers), or `auto` "
-         "(ring on kernels 5.8 and later)"),
-    _env("ebpf_pages", PowerOfTwo(), None, "the buffer's size in pages (ring: in all; perf: per CPU), a power of two",
-         shown="ring `512`, perf `64`"),
-    _env("cache_dir", Text(), None, "where the compiled probe is cached ([ports](ports.md))",
-         shown="`$CACHE_DIRECTORY`, else `/var/cache/aether` (root) or `~/.cache/aether`"),
-    _env("bpf_dir", Text(), None, "the directory holding the probe's source, `listen_events.c`",
-         shown="the source tree's `bpf/`, else `share/aether/bpf` under the installation's prefix"),
-    _env("cgroups", Text(("auto", "off")), "auto",
-         "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
-         "trees found in /proc: see [the protocol](protocol.md#terminal-channel))"),
-    _env("files_no_openat2", Boolean(), False,
-         "`1`: paths of the `files` channel are walked one component at a time even where the kernel has "
-         "`openat2`, as on kernels without it (for testing that fallback)", shown="off"),
+    _gateway(
+        "gateway_reload_interval",
+        Seconds(),
+        300.0,
+        "seconds between full loads of the route table besides those after a gap or a reconnect (±10 %)",
+        flag="--reload-interval",
+    ),
+    _gateway(
+        "gateway_liveness_interval",
+        Seconds(),
+        0.1,
+        "seconds between checks of the workspaces' heartbeat deadlines",
+        flag="--liveness-interval",
+    ),
+    _gateway(
+        "gateway_metrics_token_file",
+        Text(metavar="PATH"),
+        None,
+        "a file holding the token `GET /metrics` wants as `Authorization: Bearer` (else `--metrics-public`, or no metrics)",
+        flag="--metrics-token-file",
+    ),
+    _env(
+        "sockdiag_interval",
+        Seconds(),
+        0.25,
+        "seconds between the `sockdiag` backend's snapshots, the minimum: the interval stretches to keep them "
+        "within 2% of a core (`aether ports watch --interval` overrides it)",
+        flag="--interval",
+        commands=("ports watch",),
+    ),
+    _env(
+        "ebpf_buffer",
+        Text(EBPF_BUFFERS),
+        "auto",
+        "how probe records reach aether: `ring` (a BPF ring buffer), `perf` (per-CPU perf buffers), or `auto` "
+        "(ring on kernels 5.8 and later)",
+    ),
+    _env(
+        "ebpf_pages",
+        PowerOfTwo(),
+        None,
+        "the buffer's size in pages (ring: in all; perf: per CPU), a power of two",
+        shown="ring `512`, perf `64`",
+    ),
+    _env(
+        "cache_dir",
+        Text(),
+        None,
+        "where the compiled probe is cached ([ports](ports.md))",
+        shown="`$CACHE_DIRECTORY`, else `/var/cache/aether` (root) or `~/.cache/aether`",
+    ),
+    _env(
+        "bpf_dir",
+        Text(),
+        None,
+        "the directory holding the probe's source, `listen_events.c`",
+        shown="the source tree's `bpf/`, else `share/aether/bpf` under the installation's prefix",
+    ),
+    _env(
+        "cgroups",
+        Text(("auto", "off")),
+        "auto",
+        "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
+        "trees found in /proc: see [the protocol](protocol.md#terminal-channel))",
+    ),
+    _env(
+        "files_no_openat2",
+        Boolean(),
+        False,
+        "`1`: paths of the `files` channel are walked one component at a time even where the kernel has "
+        "`openat2`, as on kernels without it (for testing that fallback)",
+        shown="off",
+    ),
 )
 
 #: name -> its setting.
