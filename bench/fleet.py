@@ -80,12 +80,17 @@ async def open_and_close(lab: Lab, vm, gateways, count: int, pause: float) -> tu
     through each gateway, then from its exit to the first 502. {gateway: [ms, ...]} each."""
     ports = random.sample(range(20000, 30000), count)
     app = App(lab, vm, ports)
+    sync = lab.redis.client()
+    last = sync.xrevrange(fleet_table.keys.CHANGES, count=1)
+    position = last[0][0] if last else b"0-0"
     clients = {g: [Client(("127.0.0.1", g.port), vm.host_name(p)) for p in ports] for g in gateways}
     try:
         waits = [asyncio.create_task(until(c, 200, pause)) for cs in clients.values() for c in cs]
         await asyncio.sleep(0.05)  # every client asking (502s) before the port opens
         listen_at = await asyncio.to_thread(app.go)
         oks = await asyncio.gather(*waits)
+        wall = time.time() - time.monotonic()
+        published = (await asyncio.to_thread(published_at, sync, position, vm.prefix, ports) - (listen_at + wall)) * 1e3
         waits = [asyncio.create_task(until(c, 502, pause)) for cs in clients.values() for c in cs]
         await asyncio.sleep(0.02)
         exit_at = await asyncio.to_thread(app.exit)
@@ -102,14 +107,26 @@ async def open_and_close(lab: Lab, vm, gateways, count: int, pause: float) -> tu
             opened[g].append((oks[i] - listen_at) * 1e3)
             closed[g].append((closes[i] - exit_at) * 1e3)
             i += 1
-    return opened, closed
+    return opened, closed, published
+
+
+def published_at(sync, position: bytes, prefix: str, ports: list[int]) -> float:
+    """Redis's time (s) of the first stream entry after ``position`` showing every port open."""
+    import json
+
+    for entry_id, fields in sync.xrange(fleet_table.keys.CHANGES, min=b"(" + position):
+        if fields[b"prefix"].decode() == prefix and fields[b"state"]:
+            if all(str(p) in json.loads(fields[b"state"])["ports"] for p in ports):
+                return int(entry_id.split(b"-")[0]) / 1e3
+    raise RuntimeError("no stream entry shows the ports open")
 
 
 def port_events(lab: Lab, vm, gateways, opens: int, concurrent_rounds: int) -> None:
     print(f"listen() -> first 200 and exit -> 502: {opens} fresh ports one at a time, GETs back to back through each gateway")
-    opened, closed = {g: [] for g in gateways}, {g: [] for g in gateways}
+    opened, closed, published = {g: [] for g in gateways}, {g: [] for g in gateways}, []
     for _ in range(opens):
-        o, c = asyncio.run(open_and_close(lab, vm, gateways, 1, 0.0))
+        o, c, p = asyncio.run(open_and_close(lab, vm, gateways, 1, 0.0))
+        published.append(p)
         for g in gateways:
             opened[g] += o[g]
             closed[g] += c[g]
@@ -125,15 +142,24 @@ def port_events(lab: Lab, vm, gateways, opens: int, concurrent_rounds: int) -> N
     for n, g in enumerate(gateways, 1):
         p99 = ms(closed[g], 99)
         row(f"port closed -> 502, gateway {n}", f"p50 {ms(closed[g], 50):.1f} ms, p99 {p99:.1f} ms", "p99 <= 20 ms", p99 <= 20)
-    all50 = {g: [] for g in gateways}
+    row(
+        "listen() -> its entry in Redis (the VM's share)",
+        f"p50 {ms(published, 50):.1f} ms, p99 {ms(published, 99):.1f} ms",
+        "-",
+        None,
+        "Redis's clock in the entry id, ms resolution",
+    )
+    all50, published50 = {g: [] for g in gateways}, []
     for _ in range(concurrent_rounds):
-        o, _ = asyncio.run(open_and_close(lab, vm, gateways, 50, 0.002))
+        o, _, p = asyncio.run(open_and_close(lab, vm, gateways, 50, 0.02))
+        published50.append(p)
         for g in gateways:
             all50[g] += o[g]
     for n, g in enumerate(gateways, 1):
         row(
             f"listen() -> first 200, 50 ports at once, gateway {n}",
-            f"p50 {ms(all50[g], 50):.1f} ms, p99 {ms(all50[g], 99):.1f} ms (GETs 2 ms apart)",
+            f"p50 {ms(all50[g], 50):.1f} ms, p99 {ms(all50[g], 99):.1f} ms (GETs 20 ms apart; all 50 in Redis at "
+            f"{statistics.median(published50):.0f} ms)",
             "-",
             None,
             "Traefik+Redis: 1.7 s at 50 concurrent",
@@ -214,35 +240,41 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
 
 
 def websocket_echo(lab: Lab, vm, gateway, trips: int, warmup: int) -> None:
+    """Round trips directly to a node echo server in the VM, through the gateway to a stand-in
+    VM (the echo server itself: the gateway's hop alone), and through the whole path."""
     from websockets.sync.client import connect
 
     port = random.randrange(30000, 31000)
     node = lab.node_echo(vm, port)
+    standin = stand_in(lab, f"{vm.address}:{port}", "sw", port)
 
     def nodelay(host: str, p: int) -> socket.socket:
         sock = socket.create_connection((host, p))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    deadline = time.monotonic() + 10
-    while True:  # until the gateway routes the port (the VM's probe saw it)
-        try:
-            through = connect(
-                f"ws://{vm.host_name(port)}/",
-                sock=nodelay("127.0.0.1", gateway.port),
-                additional_headers={"Authorization": AUTH},
-                compression=None,
-            )
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    times = {"direct": [], "gateway": []}
-    with through, connect(f"ws://{vm.address}:{port}/", sock=nodelay(vm.address, port), compression=None) as direct:
-        clients = {"direct": direct, "gateway": through}
+    def through(host: str):
+        deadline = time.monotonic() + 10
+        while True:  # until the gateway routes the port (the VM's probe saw it)
+            try:
+                sock = nodelay("127.0.0.1", gateway.port)
+                return connect(f"ws://{host}/", sock=sock, additional_headers={"Authorization": AUTH}, compression=None)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    times = {"direct": [], "gateway": [], "whole": []}
+    with contextlib.ExitStack() as stack:
+        clients = {
+            "direct": stack.enter_context(
+                connect(f"ws://{vm.address}:{port}/", sock=nodelay(vm.address, port), compression=None)
+            ),
+            "gateway": stack.enter_context(through(f"{port}-{standin}.{DOMAIN}")),
+            "whole": stack.enter_context(through(vm.host_name(port))),
+        }
         message = "x" * 32
-        for i in range(warmup + trips):
+        for i in range(warmup + trips):  # alternating: the machine's noise alike for each
             for name, ws in clients.items():
                 t0 = time.perf_counter_ns()
                 ws.send(message)
@@ -250,13 +282,13 @@ def websocket_echo(lab: Lab, vm, gateway, trips: int, warmup: int) -> None:
                 if i >= warmup:
                     times[name].append((time.perf_counter_ns() - t0) / 1e6)
     lab.end(node)
-    d50, g50 = ms(times["direct"], 50), ms(times["gateway"], 50)
+    d50, g50, w50 = (ms(times[k], 50) for k in ("direct", "gateway", "whole"))
     row(
         "WebSocket echo added (32 B)",
         f"p50 +{g50 - d50:.3f} ms (p99 +{ms(times['gateway'], 99) - ms(times['direct'], 99):.3f} ms)",
         "p50 <= 0.3 ms",
         g50 - d50 <= 0.3,
-        f"direct p50 {d50:.3f} ms, {trips} round trips alternating",
+        f"direct p50 {d50:.3f} ms; whole path (gateway + VM's aether) p50 +{w50 - d50:.3f} ms; {trips} round trips",
     )
 
 
@@ -303,7 +335,7 @@ def scale(lab: Lab, gateways, workspaces: int, rate: int, seconds: float) -> Non
     print(f"scale: {workspaces} workspaces x 5 ports claimed in {time.monotonic() - t0:.1f} s")
     for g in gateways:  # the followers applied every claim from the stream
         wait(lambda g=g: g.metrics().get("aether_gateway_workspaces", 0) >= workspaces, 30, "gateway took the claims")
-    fresh = lab.gateway(PROXY_CPU)
+    fresh = lab.gateway()
     load = fresh.metrics()["aether_gateway_last_load_seconds"]
     row(
         f"{workspaces:,} workspaces x 5 ports, full load",
@@ -374,8 +406,8 @@ def wait(check, timeout: float, what: str, pause: float = 0.02):
 # -- faults ----------------------------------------------------------------------------------
 
 
-async def first_status(gateways, vm, port: int, status: int, since: float, pause: float = 0.005) -> list[float]:
-    clients = [Client(("127.0.0.1", g.port), vm.host_name(port)) for g in gateways]
+async def first_status(gateways, vm, port: int, status: int, since: float, pause: float = 0.005, path: str = "/") -> list[float]:
+    clients = [Client(("127.0.0.1", g.port), vm.host_name(port), path=path) for g in gateways]
     try:
         return [(t - since) * 1e3 for t in await asyncio.gather(*(until(c, status, pause, 15) for c in clients))]
     finally:
@@ -383,13 +415,53 @@ async def first_status(gateways, vm, port: int, status: int, since: float, pause
             c.close()
 
 
-def marked_dead(gateways, alive_before: list[float], since: float) -> list[float]:
-    """ms from ``since`` until each gateway's table counts one workspace fewer alive."""
-    out = []
-    for g, before in zip(gateways, alive_before):
-        wait(lambda g=g, before=before: g.metrics()["aether_gateway_workspaces_alive"] < before, 15, "marked dead", 0.01)
-        out.append((time.monotonic() - since) * 1e3)
-    return out
+async def first_fresh(g, host: str, status: int, since: float, every: float = 0.01, timeout: float = 15) -> float:
+    """ms from ``since`` to the first ``status`` through ``g``, asking on a fresh connection every
+    ``every`` s without waiting for the last answer (one hung on a dead VM masks nothing)."""
+    done = asyncio.get_running_loop().create_future()
+    tasks: set[asyncio.Task] = set()
+
+    async def probe():
+        client = Client(("127.0.0.1", g.port), host)
+        try:
+            got, at = await client.get(timeout=2.0)
+            if got == status and not done.done():
+                done.set_result(at)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    deadline = time.monotonic() + timeout
+    while not done.done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {status} for {host}")
+        task = asyncio.create_task(probe())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        await asyncio.sleep(every)
+    for task in list(tasks):
+        task.cancel()
+    return (done.result() - since) * 1e3
+
+
+async def marked_dead(g, before: float, since: float) -> float:
+    """ms from ``since`` until ``g``'s table counts one workspace fewer alive."""
+    await asyncio.to_thread(wait, lambda: g.metrics()["aether_gateway_workspaces_alive"] < before, 15, "marked dead", 0.01)
+    return (time.monotonic() - since) * 1e3
+
+
+async def each(gateways, work) -> list:
+    return list(await asyncio.gather(*(work(g) for g in gateways)))
+
+
+async def outage(gateways, vm, port: int, cut) -> tuple[list[float], list[float]]:
+    alive = [g.metrics()["aether_gateway_workspaces_alive"] for g in gateways]
+    t0 = time.monotonic()
+    cut()
+    first = asyncio.gather(*(first_fresh(g, vm.host_name(port), 503, t0) for g in gateways))
+    dead = asyncio.gather(*(marked_dead(g, a, t0) for g, a in zip(gateways, alive)))
+    return list(await first), list(await dead)
 
 
 def faults(lab: Lab, gateways, vms, redis_port: int, apps: dict) -> None:
@@ -398,11 +470,7 @@ def faults(lab: Lab, gateways, vms, redis_port: int, apps: dict) -> None:
     for vm, what in ((vm2, "SIGKILL of a VM's aether"), (vm3, "a VM's link down")):
         port = apps[vm].ports[0]
         asyncio.run(first_status(gateways, vm, port, 200, time.monotonic()))
-        alive = [g.metrics()["aether_gateway_workspaces_alive"] for g in gateways]
-        t0 = time.monotonic()
-        vm.kill() if vm is vm2 else vm.link(False)
-        first = asyncio.run(first_status(gateways, vm, port, 503, t0))
-        dead = marked_dead(gateways, alive, t0)
+        first, dead = asyncio.run(outage(gateways, vm, port, vm.kill if vm is vm2 else lambda vm=vm: vm.link(False)))
         row(
             f"{what} -> 503",
             f"first 503 at {', '.join(f'{v:.0f}' for v in first)} ms; table dead at "
@@ -413,7 +481,7 @@ def faults(lab: Lab, gateways, vms, redis_port: int, apps: dict) -> None:
         )
     t0 = time.monotonic()
     vm3.link(True)
-    back = asyncio.run(first_status(gateways, vm3, apps[vm3].ports[0], 200, t0, 0.01))
+    back = asyncio.run(each(gateways, lambda g: first_fresh(g, vm3.host_name(apps[vm3].ports[0]), 200, t0)))
     row("link back up -> 200", f"{', '.join(f'{v:.0f}' for v in back)} ms", "-", None, "the next heartbeat revives it")
     vm2.serve(redis_port)
     asyncio.run(first_status(gateways, vm2, apps[vm2].ports[0], 200, time.monotonic(), 0.02))
@@ -448,7 +516,7 @@ def faults(lab: Lab, gateways, vms, redis_port: int, apps: dict) -> None:
             return False
         for prefix, port in every.items():
             raw = state.get(prefix.encode())
-            if raw is None or port not in blob.decode(raw, prefix).ports:
+            if raw is None or port not in blob.decode(raw, prefix).open:
                 return False
         return True
 
@@ -524,7 +592,7 @@ def main() -> int:
         redis = lab.start_redis([vm.host for vm in vms])
         for vm in vms:
             vm.serve(redis.port)
-        gateways = [lab.gateway(PROXY_CPU), lab.gateway(PROXY_CPU)]
+        gateways = [lab.gateway(), lab.gateway()]
         print(
             f"fleet: Redis on :{redis.port}, VMs {', '.join(f'{vm.prefix}@{vm.address}:{VM_PORT}' for vm in vms)}, "
             f"gateways on :{gateways[0].port} and :{gateways[1].port} (*.{DOMAIN})",
@@ -552,9 +620,9 @@ def main() -> int:
             f"upstream app {{ server {vms[0].address}:{up}; keepalive 64; keepalive_requests 1000000; }}",
             cpu=PROXY_CPU,
         )
-        standin = stand_in(lab, f"{vms[0].address}:{up}")
+        standin = stand_in(lab, f"{vms[0].address}:{up}", "sb")
         g = gateways[0]
-        asyncio.run(first_status([g], vms[0], up, 200, time.monotonic(), 0.01))
+        asyncio.run(first_status([g], vms[0], up, 200, time.monotonic(), 0.01, "/1k.html"))
         targets = {
             "direct to the app (baseline)": (f"http://{vms[0].address}:{up}/1k.html", (), None, ()),
             "nginx proxy, 1 worker (baseline)": (f"http://127.0.0.1:{nginx_port}/1k.html", (), nginx_pid, ()),
@@ -572,7 +640,9 @@ def main() -> int:
                 (),
             ),
         }
+        os.sched_setaffinity(g.pid, {PROXY_CPU})  # as nginx's worker, for wrk's runs
         proxies(targets, args.seconds, args.rounds)
+        os.sched_setaffinity(g.pid, {CLIENT_CPU, PROXY_CPU})
         websocket_echo(lab, vms[0], g, args.trips, 50 if args.quick else 200)
         faults(lab, gateways, vms, redis.port, apps)
     finally:
@@ -594,11 +664,12 @@ def busy_share(before) -> float:
     return busy / total if total else float("nan")
 
 
-def stand_in(lab: Lab, address: str) -> str:
-    """A workspace whose address is a plain nginx: the gateway's hop alone, as nginx's is."""
+def stand_in(lab: Lab, address: str, name: str, port: int = 8000) -> str:
+    """A workspace whose address is the app itself (an nginx, a node WebSocket server), which
+    ignores Host and the signature: the gateway's hop alone, as nginx's is. Its prefix."""
     from aether.fleet import auth, blob, keys
 
-    prefix, epoch = f"sb{lab.tag}", secrets.token_hex(8)
+    prefix, epoch = f"{name}{lab.tag}", secrets.token_hex(8)
     raw = blob.encode(
         prefix=prefix,
         project=prefix + "-standin",
@@ -609,8 +680,8 @@ def stand_in(lab: Lab, address: str) -> str:
         dead_after=3_600_000,
         verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), "x", prefix),
         alive=True,
-        ports={8000: "public"},
-        public=(8000,),
+        ports={port: "public"},
+        public=(port,),
         names={},
     )
     sync = lab.redis.client()

@@ -307,10 +307,10 @@ class Client:
     """One keep-alive connection to ``addr`` asking for ``host`` (with the token), reopened
     whenever the server closes it or a request fails."""
 
-    def __init__(self, addr: tuple[str, int], host: str, auth: bool = True):
+    def __init__(self, addr: tuple[str, int], host: str, auth: bool = True, path: str = "/"):
         self.addr = addr
         extra = f"Authorization: {AUTH}\r\n" if auth else ""
-        self.request = f"GET / HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+        self.request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
