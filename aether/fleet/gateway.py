@@ -62,6 +62,7 @@ class Gateway:
         self.proxy = Proxy(gate, self, self, timeout)
         self._failures: dict[str, tuple[float, int]] = {}  # prefix -> (last logged, suppressed since)
         routes.on_change = self.on_change
+        routes.on_dead = self.on_dead
 
     # -- what the listener uses -------------------------------------------------------------
 
@@ -142,6 +143,15 @@ class Gateway:
                     "fleet tunnels closed: the port is no longer public",
                     extra={"prefix": prefix, "port": port, "tunnels": closed},
                 )
+
+    def on_dead(self, prefix: str) -> None:
+        """A workspace's deadline passed: its VM is gone or cut off, so what waits on it (a
+        request in flight, a tunnel, an idle connection) would wait out the proxy's timeout.
+        They end now; the next request is the 503."""
+        self.proxy.abort_upstreams(lambda forward: getattr(forward, "prefix", None) == prefix)
+        ws = self.routes.workspaces.get(prefix)
+        if ws is not None:
+            self.proxy.pool.close_addresses({ws.host})
 
     def close_all(self) -> None:
         self.proxy.close_all()

@@ -421,7 +421,9 @@ class ClientConnection(asyncio.Protocol):
         close = cycle.close or not cycle.complete or cycle.upgrade
         self.proxy.sink.response(status)
         body = pages.render(status, title, text, refresh)
-        self.transport.write(pages.response(status, body, close=close, head_only=cycle.head_only))
+        # A 503 that reloads itself says when to ask again to clients that are not browsers too.
+        extra = [("Retry-After", str(refresh))] if status == 503 and refresh is not None else ()
+        self.transport.write(pages.response(status, body, extra, close=close, head_only=cycle.head_only))
         self._done(cycle, close)
 
     def _done(self, cycle: Cycle, close: bool) -> None:
