@@ -232,7 +232,7 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
     ratio = med["gateway -> stand-in VM"] / med["nginx proxy, 1 worker (baseline)"]
     row(
         "requests/s, one gateway process",
-        f"{med['gateway -> stand-in VM']:,.0f} req/s = {ratio:.2f} x nginx",
+        f"{med['gateway -> stand-in VM']:,.0f} req/s = {ratio:.3f} x nginx",
         ">= 0.5 x nginx",
         ratio >= 0.5,
         f"nginx 1 worker {med['nginx proxy, 1 worker (baseline)']:,.0f} req/s; whole path {med[WHOLE]:,.0f} req/s",

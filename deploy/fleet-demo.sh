@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A fleet on this machine, to try fleet mode (docs/fleet.md): Redis on 127.0.0.1, three VMs as
+# A fleet on one host, to try fleet mode (docs/fleet.md): Redis on 127.0.0.1, three VMs as
 # network namespaces (a veth pair each, 10.77.N.1 here and 10.77.N.2 in the VM), each running
 # `aether serve --fleet-...` with the eBPF probe and a demo http.server on port 8000, and two
 # gateways on 127.0.0.1:8081 and :8082 for *.fleet.localhost. It prints the URLs to open.
