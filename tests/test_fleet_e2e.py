@@ -20,10 +20,10 @@ import threading
 import time
 
 import pytest
-from support import AETHER, ROOT
+from support import ROOT
 from support.ebpf import need_ebpf
+from support.fleet import DOMAIN, Gateway
 from support.netns import Host
-from support.ports import PortTaken, on_a_free_port
 from support.processes import terminate
 from support.redis import RedisServer
 from support.servers import Server
@@ -31,7 +31,6 @@ from support.waiting import wait_for
 
 pytestmark = pytest.mark.ebpf  # every VM runs the probe
 
-DOMAIN = "fleet.test"
 VM_PORT = 3001  # each VM is a host of its own: the same port in each
 
 #: The workspaces' app: a page, its headers as seen, a WebSocket echo; "ready" once listening.
@@ -141,67 +140,6 @@ class VM:
             self.stop_app(port)
         if self.server is not None:
             self.server.stop()
-
-
-class Gateway:
-    """``aether gateway`` on a free loopback port; its stderr collected."""
-
-    def __init__(self, redis_url: str, key_file: str, *extra: str):
-        self.args = (redis_url, key_file, *extra)
-        self.start()
-
-    def start(self) -> Gateway:
-        redis_url, key_file, *extra = self.args
-
-        def start(port: int) -> None:
-            self.port = port
-            cmd = [*AETHER, "gateway", "--redis", redis_url, "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--preview-domain", DOMAIN, "--fleet-key-file", key_file, "--metrics-public", *extra]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            first = self.proc.stdout.readline()
-            if not first.startswith("aether gateway on"):
-                err = self.proc.stderr.read()
-                self.proc.wait()
-                if "address already in use" in err:
-                    raise PortTaken(port)
-                raise AssertionError(f"the gateway did not start: {first} {err}")
-            self.log: list[str] = []
-            threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-
-        on_a_free_port(start)
-        return self
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        terminate(self.proc)
-
-    def get(self, host: str, path: str = "/", headers: dict | None = None, method: str = "GET"):
-        """(status, response headers, body) of one request on a connection of its own."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, headers={"Host": host, **(headers or {})})
-            response = conn.getresponse()
-            return response.status, response, response.read()
-        finally:
-            conn.close()
-
-    def status(self, host: str, path: str = "/", headers: dict | None = None) -> int | None:
-        """The status, or None when the connection failed (a request in flight when its VM was
-        found dead is reset)."""
-        try:
-            return self.get(host, path, headers)[0]
-        except (OSError, http.client.HTTPException):
-            return None
-
-    def health(self) -> dict:
-        return json.loads(self.get(f"127.0.0.1:{self.port}", "/healthz")[2])
-
-    def metric(self, name: str) -> float:
-        body = self.get(f"127.0.0.1:{self.port}", "/metrics")[2].decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name))
 
 
 def websocket(gateway: Gateway, host: str, headers: dict | None = None):
