@@ -47,6 +47,14 @@ ws.onerror = () => { document.title = "error"; };
 class Root(tornado.web.RequestHandler):
     def get(self):
         self.write(f"app {name} {port}")
+    def post(self):
+        self.write(b"got " + self.request.body)
+class Events(tornado.web.RequestHandler):
+    async def get(self):
+        self.set_header("Content-Type", "text/event-stream")
+        self.write("data: one\n\n")
+        await self.flush()
+        await asyncio.Event().wait()  # the stream stays open: only a streaming proxy shows "one"
 class Headers(tornado.web.RequestHandler):
     def get(self):
         self.write({"uri": self.request.uri, "headers": [[k.lower(), v] for k, v in self.request.headers.get_all()]})
@@ -59,7 +67,7 @@ class Echo(tornado.websocket.WebSocketHandler):
     def on_message(self, message):
         self.write_message(message)
 async def main():
-    app = tornado.web.Application([(r"/", Root), (r"/headers", Headers), (r"/page", Page), (r"/ws", Echo)])
+    app = tornado.web.Application([(r"/", Root), (r"/headers", Headers), (r"/page", Page), (r"/ws", Echo), (r"/events", Events)])
     app.listen(port, "0.0.0.0")
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -215,6 +223,33 @@ def test_a_port_opened_is_served_by_every_gateway_and_closed_is_502(fleet):
     on_every_gateway(fleet, host, 502, bearer(a))
     status, response, body = fleet.gateways[0].get(host, headers=bearer(a))
     assert b"Nothing is listening yet" in body and b'http-equiv="refresh"' in body.replace(b"'", b'"')
+
+
+def test_bodies_keep_alive_events_and_registry_names_through_a_gateway(fleet):
+    a, g1 = fleet.a, fleet.gateways[0]
+    a.app(4060)
+    host = a.preview(4060)
+    wait_for(lambda: g1.status(host, headers=bearer(a)) == 200)
+    conn = http.client.HTTPConnection("127.0.0.1", g1.port, timeout=10)
+    body = os.urandom(300_000).hex().encode()
+    for _ in range(3):  # one connection, kept alive
+        conn.request("POST", "/", body=body, headers={"Host": host, **bearer(a)})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b"got " + body
+    conn.request("GET", "/events", headers={"Host": host, **bearer(a)})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    assert response.readline() == b"data: one\n"  # while the stream stays open
+    conn.close()
+    # A registry name routes like its port, on every gateway, with the change.
+    api = http.client.HTTPConnection(a.host.address, VM_PORT, timeout=10)
+    api.request("PUT", "/api/ports/web", body=json.dumps({"port": 4060}), headers=bearer(a))
+    assert api.getresponse().status == 200
+    api.close()
+    on_every_gateway(fleet, f"web-{a.prefix}.{DOMAIN}", 200, bearer(a))
+    assert g1.get(f"web-{a.prefix}.{DOMAIN}", headers=bearer(a))[2] == b"app a 4060"
+    assert g1.status(f"api-{a.prefix}.{DOMAIN}", headers=bearer(a)) == 404
+    a.stop_app(4060)
 
 
 def test_what_the_app_receives(fleet):

@@ -157,10 +157,28 @@ def open_gate(root, name: str, timeout: float = 10.0) -> None:
     os.close(fd)
 
 
+def _foreground_child(parent: int, name: str) -> bool:
+    """Whether a child of ``parent`` named ``name`` is its terminal's foreground process group."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().strip() != name:
+                    continue
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        # after the name: state ppid pgrp session tty_nr tpgid
+        if int(fields[1]) == parent and int(fields[2]) == int(fields[5]):
+            return True
+    return False
+
+
 def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     server = start()
     term = Term(server)
-    sid = term.create(cols=80, rows=24)["sessionId"]
+    created = term.create(cols=80, rows=24)
+    sid, shell = created["sessionId"], created["pid"]
     assert sid.startswith("t-")
     term.send(type="input", sessionId=sid, data="stty size\n")
     term.sees(sid, b"24 80\r\n")
@@ -171,7 +189,14 @@ def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     # A controlling terminal: ^C interrupts the foreground job, not the shell.
     term.send(type="input", sessionId=sid, data="echo sleeping-$((0)); sleep 30; echo not-$((0))-interrupted\n")
     term.sees(sid, b"sleeping-0")  # the shell runs the line (the echo of what was typed reads $((0)))
-    term.send(type="input", sessionId=sid, data="\x03echo after-$((1+1))\n")
+    # A ^C before `sleep` holds the terminal goes to the shell, which waits on: `sleep` must
+    # be the terminal's foreground process group first.
+    wait_for(lambda: _foreground_child(shell, "sleep"))
+    # The line discipline flushes pending input when it sends SIGINT, and the shell's readline
+    # drops what it had read ahead: the next line goes once the ^C has been echoed.
+    term.send(type="input", sessionId=sid, data="\x03")
+    term.sees(sid, b"^C")
+    term.send(type="input", sessionId=sid, data="echo after-$((1+1))\n")
     term.sees(sid, b"after-2")
     assert b"not-0-interrupted" not in term.output[sid]
     assert sid not in term.exits
