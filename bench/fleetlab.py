@@ -149,7 +149,23 @@ class VM:
         """`aether serve` in the namespace, in fleet mode: until it says it serves."""
         state = self.lab.tmp / f"state-{self.n}-{secrets.token_hex(3)}"
         state.mkdir()
-        cmd = [*self.enter, PY, "-m", "aether", "serve", "--host", "0.0.0.0", "--port", str(VM_PORT), "--backend", "ebpf"]
+        # On both CPUs: the bench's own processes keep to CPU 0, and its children inherit that.
+        cmd = [
+            *self.enter,
+            "taskset",
+            "-c",
+            "0,1",
+            PY,
+            "-m",
+            "aether",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(VM_PORT),
+            "--backend",
+            "ebpf",
+        ]
         cmd += ["--state-dir", str(state), "--project-id", self.project, "--workspace-id", self.workspace, "--token", TOKEN]
         cmd += ["--preview-domain", DOMAIN, "--fleet-redis", f"redis://{self.host}:{redis_port}/0"]
         cmd += ["--fleet-advertise", f"{self.address}:{VM_PORT}", "--fleet-key-file", str(self.lab.key_file)]
@@ -269,7 +285,7 @@ class Gateway:
     def __init__(self, lab: Lab, cpu: int | None, liveness: float):
         self.lab = lab
         self.port = free_port()
-        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        pin = ["taskset", "-c", "0,1" if cpu is None else str(cpu)]  # else it would inherit the bench's CPU 0
         cmd = [*pin, PY, "-m", "aether", "gateway", "--redis", lab.redis.url, "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--preview-domain", DOMAIN, "--fleet-key-file", str(lab.key_file), "--metrics-public"]
         cmd += ["--liveness-interval", str(liveness)]
