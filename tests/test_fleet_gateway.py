@@ -95,6 +95,7 @@ def test_settings_it_cannot_use_are_refused(key_file, tmp_path):
         assert out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.slow  # five starts of aether serve
 def test_serve_fleet_settings_are_checked_together(key_file, tmp_path):
     base = ["serve", "--backend", "sockdiag", "--state-dir", str(tmp_path / "state"), "--port", "1"]
     fleet = ["--fleet-redis", "redis://127.0.0.1:1/0"]

@@ -48,6 +48,7 @@ def unavailable() -> Unreachable:
         "Workspace unavailable",
         "This workspace is not answering. This page reloads itself and shows the preview as soon as the workspace is back.",
         RETRY_AFTER,
+        (("Retry-After", str(RETRY_AFTER)),),
     )
 
 
