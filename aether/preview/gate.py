@@ -263,8 +263,8 @@ class Gate:
             text = "This request has already been through this preview proxy: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
 
-        proto, forwarded_port = self.scheme(head, client_ip, port_part)
-        if b"token=" in target or b"aether_grant=" in target:
+        proto, forwarded_port = self.scheme(head, client_ip, port_part) if head.forwarded_proto else (b"http", port_part)
+        if b"?" in target and (b"token=" in target or b"aether_grant=" in target):
             location = _redirect_path(target, self.token, lambda value: self._redeem(host_name, value))
             if location is not None:
                 status = 302 if method in (b"GET", b"HEAD") else 307
@@ -274,7 +274,9 @@ class Gate:
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.
-        authorization = [value for value in head.authorization if not credentials.bearer(value, self.token)]
+        authorization = head.authorization
+        if authorization:
+            authorization = [value for value in authorization if not credentials.bearer(value, self.token)]
         bearer = len(authorization) != len(head.authorization)
         cookie = head.cookie
         if cookie and any(COOKIE in value for value in cookie):
