@@ -29,6 +29,7 @@ BENCHES = [
     ["bench/who.py", "--calls", "20000"],
     ["bench/detect.py", "--rounds", "20", "--burst", "1000"],
     ["bench/dashboard.py", "--samples", "20"],
+    ["bench/fleet.py", "--opens", "20", "--seconds", "5", "--rounds", "3", "--trips", "2000", "--workspaces", "10000"],
     ["bench/footprint.py", "--clients", "1000", "--pairs", "10000", "--starts", "5"],
 ]
 

@@ -5,7 +5,7 @@ Kept in the state directory's ``config.json`` as ``preview_public_ports`` so a r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 PRIVATE = "private"
 PUBLIC = "public"
@@ -14,7 +14,22 @@ VALUES = (PRIVATE, PUBLIC)
 
 class Visibility:
     def __init__(self, public: Iterable[int] = ()):
-        self.public: frozenset[int] = frozenset(public)
+        self._public: frozenset[int] = frozenset(public)
+        self._subscribers: list[Callable[[], None]] = []
+
+    @property
+    def public(self) -> frozenset[int]:
+        return self._public
+
+    @public.setter
+    def public(self, ports: frozenset[int]) -> None:
+        self._public = ports
+        for subscriber in self._subscribers:
+            subscriber()
+
+    def subscribe(self, subscriber: Callable[[], None]) -> None:
+        """Call ``subscriber`` after every change (fleet mode publishes it)."""
+        self._subscribers.append(subscriber)
 
     def of(self, port: int) -> str:
         return PUBLIC if port in self.public else PRIVATE

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+import tornado.http1connection
 import tornado.httpserver
 import tornado.web
 
@@ -94,6 +95,21 @@ class MisdirectedHandler(tornado.web.RequestHandler):
         self.finish({"error": "misdirected", "message": "open a new connection for a preview host"})
 
 
+class PathPreviewHandler(tornado.web.RequestHandler):
+    """A path preview on a connection that began with an API request (a browser reuses its
+    connections to one origin, and the API and path previews share one): the same URL again
+    over a new connection, which the listener hands to the preview proxy."""
+
+    async def prepare(self) -> None:
+        self.set_status(307)
+        self.set_header("Location", self.request.uri)
+        self.set_header("Connection", "close")
+        connection = self.request.connection
+        await self.finish()
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.close()
+
+
 class NotFoundHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.set_status(404)
@@ -126,8 +142,9 @@ class WorkspaceServer:
         )
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
+        self.registry_changed: list = []  # called with the entries after each change (fleet mode)
         self.registry_api = RegistryApi(
-            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients)
+            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients) or settings.fleet
         )
         self.channels: dict[str, Channel] = {
             "ports": PortsChannel(
@@ -165,6 +182,7 @@ class WorkspaceServer:
             [
                 (r"/workspaces/([^/]+)/ws", Client, {"endpoint": self.endpoint}),
                 (r"/healthz", HealthHandler),
+                (r"/(?:abs)?proxy/.*", PathPreviewHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
                 *metrics_routes(self),
@@ -190,6 +208,8 @@ class WorkspaceServer:
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
+        for subscriber in self.registry_changed:
+            subscriber(entries)
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:
@@ -252,6 +272,20 @@ async def serve(settings: Settings) -> int:
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
         return 1
+    publisher = None
+    if settings.fleet:
+        from aether.server import fleet
+
+        try:
+            publisher = await fleet.start(settings, server)
+        except fleet.PrefixTaken as exc:
+            listener.stop()
+            previews.close_all()
+            server.registry_api.close()
+            monitor.stop()
+            print(f"aether: fleet mode: {exc}", file=sys.stderr)
+            return 1
+        server.registry_api.watch()
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
@@ -260,6 +294,8 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     started = time.monotonic()
     listener.stop()
+    if publisher is not None:
+        await publisher.stop()  # gateways answer 503 at once, not after the deadline
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
