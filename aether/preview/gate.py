@@ -315,7 +315,9 @@ class Gate:
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.
-        authorization = [value for value in head.authorization if not credentials.bearer(value, self.token)]
+        authorization = head.authorization
+        if authorization:
+            authorization = [value for value in authorization if not credentials.bearer(value, self.token)]
         bearer = len(authorization) != len(head.authorization)
         cookie = head.cookie
         if cookie and any(COOKIE in value for value in cookie):
