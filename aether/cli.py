@@ -121,7 +121,10 @@ def _ports_list(args, values: dict) -> int:
 
     with sockdiag.DiagSocket() as diag:
         raw = [row for row in diag.raw() if row[1] not in values["ignored_ports"]]
-    result = [state.to_json() for state in procs.port_states(raw)]
+    from aether.ports import listing
+
+    # The table shows no protocol: only JSON waits for ports to answer.
+    result = listing.rows(procs.port_states(raw), _rules(), look=args.json)
     if args.json:
         print(ujson.dumps(result))
         return 0
@@ -131,6 +134,19 @@ def _ports_list(args, values: dict) -> int:
         process = row["process"] or "-"
         print(f"{row['port']:>5}  {pid:>7}  {process:<16}  {','.join(row['addresses'])}")
     return 0
+
+
+def _rules():
+    """The attribute rules ``serve`` would read: config.json in the state directory, the
+    workspace's files beneath its root (each from its variable, else its default)."""
+    from pathlib import Path
+
+    from aether.attributes.live import read_all
+    from aether.state import locate
+
+    root = sources.value("workspace_root") or Path(os.path.expanduser("~"))
+    ruleset, _problems = read_all(Path(root), locate(sources.value("state_dir")) / "config.json")
+    return ruleset
 
 
 def _ports_watch(args, values: dict) -> int:

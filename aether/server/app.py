@@ -262,6 +262,8 @@ async def serve(settings: Settings) -> int:
     try:
         listener.listen(settings.port, settings.host)
     except OSError as exc:
+        server.rules.close()
+        server.facts.close()
         monitor.stop()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
