@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
+    watch.add_argument(
+        "--plain",
+        action="store_true",
+        help="the monitor's events alone: no protocol, command line or attributes, no ready, no update for them",
+    )
     sources.add_flags(
         watch, "ports watch", help={"sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help}
     )
@@ -169,18 +174,33 @@ def _ports_watch(args, values: dict) -> int:
             except BrokenPipeError:
                 stop.set()  # the reader went away: nothing left to do
 
-        def emit(event) -> None:
+        facts = None
+
+        def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
             nonlocal flush_pending
             try:
-                out.write(ujson.dumps(event.to_message(), escape_forward_slashes=False).encode() + b"\n")
+                out.write(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
             except BrokenPipeError:
                 stop.set()
                 return
             if not flush_pending:
                 flush_pending = True
                 loop.call_soon(flush)
+
+        def emit(event, live: bool = True) -> None:
+            message = event.to_message()
+            if facts is not None and event.type != "close":
+                message.update(facts.fields(event.port, event.pid))
+            write(message)
+            if facts is not None and live:
+                facts.seen(event)  # after the line is written: lookups never delay it
+
+        def emit_found(event) -> None:
+            message = event.to_message()
+            message.update(facts.fields(event.port, event.pid))
+            write(message)
 
         monitor = PortMonitor(
             backend=values["backend"],
@@ -200,12 +220,26 @@ def _ports_watch(args, values: dict) -> int:
             # A pipe's write end never polls readable; it polls in error once the reader has
             # gone, so `watch | head -1` ends even when no further event would be written.
             loop.add_reader(out.fileno(), stop.set)
+        if not args.plain:
+            from aether.ports.facts import PortFacts
+
+            rules = await loop.run_in_executor(None, _rules)
+            facts = PortFacts(
+                monitor.table,
+                emit_found,
+                lambda port, protocol, ms: write(
+                    {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
+                ),
+                lambda: rules,
+            )
         try:
             for event in monitor.open_events():
-                emit(event)
+                emit(event, live=False)  # the facts look into the ports open when they start
             monitor.subscribe(emit)
             await stop.wait()
         finally:
+            if facts is not None:
+                facts.close()
             monitor.stop()
         return 0
 

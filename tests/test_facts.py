@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.clients import recv_until
-from support.servers import Server
+from support.servers import Server, Watcher
 
 PY = sys.executable
 
@@ -358,3 +358,22 @@ def test_open_is_not_held_back_by_lookups(server, listeners):
         proc = listeners.http_server()
         seen = port_messages(ws, proc.port, lambda m: m["type"] == "ready")
     assert seen[0]["type"] == "open" and seen[0]["command"] is None and seen[0]["protocol"] is None
+
+
+def test_ports_watch_carries_the_same_fields_and_ready(backend, listeners, workspace, tmp_path):
+    (workspace / ".gitpod.yml").write_text("ports:\n  - port: 1-65535\n    name: any port\n")
+    env = {"AETHER_WORKSPACE_ROOT": str(workspace), "AETHER_STATE_DIR": str(tmp_path / "state")}
+    watcher = Watcher(backend, env=env, plain=False)
+    try:
+        proc = listeners.http_server()
+        seen = []
+        while not seen or seen[-1]["type"] != "ready":
+            message = watcher.next(timeout=30)
+            if message["port"] == proc.port:
+                seen.append(message)
+    finally:
+        watcher.stop()
+    assert seen[0]["type"] == "open" and seen[0]["label"] == "any port" and seen[0]["command"] is None
+    told = [m for m in seen if m["type"] == "update"][-1]
+    assert told["protocol"] == "http" and "http.server" in told["command"] and told["cwd"] is not None
+    assert seen[-1]["protocol"] == "http" and seen[-1]["ms"] >= 0
