@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench docs clean
+.PHONY: setup run test lint bench docs clean
 
 setup:
 	@bash deploy/setup.sh
@@ -13,6 +13,12 @@ run: setup
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (format and lint) and mypy, configured in pyproject.toml; .ci/run runs this before the tests.
+lint: setup
+	@$(VENV)/bin/ruff format --check --quiet .
+	@$(VENV)/bin/ruff check --quiet .
+	@$(VENV)/bin/mypy
 
 bench: setup
 	@$(PY) bench/run_all.py

@@ -49,7 +49,7 @@ def main() -> None:
             (f"aether port get (registry of {args.entries})", [AETHER, "port", "get", f"app{args.entries // 2}"]),
         ]
         print(f"wall time of one whole process, {args.runs} runs each, interleaved warm-up of 3")
-        for name, cmd in contenders:
+        for _name, cmd in contenders:
             timed(cmd, env, 3)
         for name, cmd in contenders:
             ms = timed(cmd, env, args.runs)

@@ -118,7 +118,7 @@ fi
 
 # wscat, the WebSocket client the README shows, and ws, the WebSocket server of the preview
 # tests' node app, installed locally (not globally) from npm.
-# wscat 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (seed 001's command) as
+# wscat 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (the protocol's documented command) as
 # given; wscat 5 and 6 (ws 8) refuse a subprotocol containing ", " before connecting.
 WSCAT_VERSION=4.0.1
 WS_VERSION=8.18.3
@@ -128,6 +128,18 @@ if command -v npm >/dev/null && {
     say "installing wscat $WSCAT_VERSION and ws $WS_VERSION into .tools/"
     npm install --silent --no-audit --no-fund --prefix .tools "wscat@$WSCAT_VERSION" "ws@$WS_VERSION" >&2 ||
         say "npm could not install wscat and ws; the wscat and node WebSocket tests will fail"
+fi
+
+# Vite with @vitejs/plugin-basic-ssl (a self-signed HTTPS dev server, and its HMR WebSocket),
+# for the preview's TLS-upstream test; in its own prefix so wscat's install stays as it is.
+VITE_VERSION=8.4.1
+BASIC_SSL_VERSION=2.3.0
+if command -v npm >/dev/null && {
+    ! grep -qs "\"version\": \"$VITE_VERSION\"" .tools/vite/node_modules/vite/package.json ||
+        ! grep -qs "\"version\": \"$BASIC_SSL_VERSION\"" .tools/vite/node_modules/@vitejs/plugin-basic-ssl/package.json; }; then
+    say "installing vite $VITE_VERSION and @vitejs/plugin-basic-ssl $BASIC_SSL_VERSION into .tools/vite/"
+    npm install --silent --no-audit --no-fund --prefix .tools/vite "vite@$VITE_VERSION" "@vitejs/plugin-basic-ssl@$BASIC_SSL_VERSION" >&2 ||
+        say "npm could not install vite; the Vite preview test will fail"
 fi
 
 # One line on how ports will be watched.

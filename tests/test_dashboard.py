@@ -311,7 +311,10 @@ def test_two_browsers_opening_a_preview_in_the_same_second_both_get_in_once(serv
 
     def two_in_one_second():
         first, second = (get(server, f"/open/{port}", {"Cookie": cookie})[1]["Location"] for _ in range(2))
-        expiry = lambda location: location.partition("aether_grant=")[2].partition(".")[0]
+
+        def expiry(location):
+            return location.partition("aether_grant=")[2].partition(".")[0]
+
         return (first, second) if expiry(first) == expiry(second) else None
 
     first, second = wait_for(two_in_one_second, 10)

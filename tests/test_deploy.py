@@ -279,7 +279,7 @@ def test_locked_down_server_runs_the_probe_finds_owners_kills_and_proxies(locked
         assert response.status == 200 and b"Directory listing" in response.read()
         conn.close()
 
-        ws.send('{"channel": "ports", "type": "kill", "port": %d, "id": "k1"}' % port)
+        ws.send(f'{{"channel": "ports", "type": "kill", "port": {port}, "id": "k1"}}')
         closed = recv_until(ws, lambda m: m.get("port") == port and m.get("type") in ("close", "error"))
         assert closed == {"channel": "ports", "type": "close", "port": port}
         wait_for(lambda: app.poll() is not None)

@@ -135,7 +135,7 @@ def test_a_refusal_names_the_channel_once_it_is_known(frame, code, channel):
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.parse(frame)
     check_error(caught.value)
-    reply = caught.value.to_message()
+    reply = error_reply(caught.value)
     assert (reply.get("channel"), reply["code"]) == (channel, code)
 
 
@@ -289,6 +289,6 @@ def test_token_and_project_id_are_generated_once_and_kept(tmp_path, monkeypatch)
 @pytest.mark.parametrize("stored", ['"8080"', "[0]", "{}"])
 def test_bad_stored_ignored_ports_name_the_file(tmp_path, stored, monkeypatch):
     monkeypatch.delenv("AETHER_IGNORED_PORTS", raising=False)
-    (tmp_path / "config.json").write_text('{"ignored_ports": %s}' % stored)
+    (tmp_path / "config.json").write_text(f'{{"ignored_ports": {stored}}}')
     with pytest.raises(ValueError, match=f"^{tmp_path}/config.json key ignored_ports must be "):
         _resolve(["--state-dir", str(tmp_path)])

@@ -248,7 +248,7 @@ def test_rest_api(server, listeners):
     assert api(server, "PUT", "/api/ports/x", {"port": "nope"})[0] == 400
     # A deep or infinite value is refused as any bad one is, named briefly (no repr of it all).
     deep = "[" * 1000 + "]" * 1000
-    for body in ('{"port": %s}' % deep, '{"port": 1e400}', '{"port": 5591, "app": %s}' % deep):
+    for body in (f'{{"port": {deep}}}', '{"port": 1e400}', f'{{"port": 5591, "app": {deep}}}'):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("PUT", "/api/ports/x", body=body, headers={"Authorization": f"Bearer {server.token}"})
         reply = conn.getresponse()

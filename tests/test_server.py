@@ -149,7 +149,7 @@ def test_deeply_nested_values_are_bad_messages_not_internal(shared):
     with server.connect() as ws:
         opens(ws)
         deep = "[" * 1000 + "]" * 1000
-        ws.send('{"channel": "config", "type": "set", "id": "deep", "config": {"ignoredPorts": %s}}' % deep)
+        ws.send(f'{{"channel": "config", "type": "set", "id": "deep", "config": {{"ignoredPorts": {deep}}}}}')
         reply = recv_until(ws, lambda m: m.get("id") == "deep")
         assert (reply["type"], reply["code"]) == ("error", "bad_message") and "32 deep" in reply["message"]
         ws.send('{"channel": "config", "type": "set", "id": "some", "config": {"ignoredPorts": [%s]}}' % ("[" * 20 + "]" * 20))
@@ -371,7 +371,7 @@ def test_wscat_connects_both_ways(shared, how):
         pytest.fail("wscat is missing: deploy/setup.sh installs it into .tools/")
     server = shared
     if how == "header":
-        args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # seed 001's command, as given
+        args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # the protocol's documented command, as given
     else:
         args = ["-c", f"{server.url}?token={server.token}"]
     # wscat quits at once when its stdin ends: keep it open until wscat is done.
@@ -478,7 +478,10 @@ def test_a_loose_state_directory_is_tightened_at_start(tmp_path):
         [line] = [line for line in server.log if line.get("msg") == "state directory tightened"]
         assert line["path"] == str(state)
         assert set(line["changed"]) >= {". 0755 -> 0700", "token 0644 -> 0600", "agent.db 0644 -> 0600", "sub 0755 -> 0700"}
-        mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)
+
+        def mode(path):
+            return stat.S_IMODE(os.lstat(path).st_mode)
+
         assert mode(state) == 0o700 and mode(state / "sub") == 0o700
         files = [p for p in state.iterdir() if p.is_file() and not p.is_symlink()]
         assert {p.name for p in files} >= {"token", "project-id", "registry.db", "agent.db"}

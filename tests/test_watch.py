@@ -238,7 +238,7 @@ def test_ignored_ports_never_produce_events(listeners, watch, default):
     if default:
         ignored = 2222  # in the default set (22, 2222, 3001)
         if ignored in kernel_listening_ports():
-            pytest.skip("port 2222 is in use on this machine")
+            pytest.skip("port 2222 is in use on the host")
         w = watch()
     else:
         ignored = free_port()
@@ -324,7 +324,7 @@ def test_accepted_connections_are_not_closes(listeners, watch, backend):
 
 def test_watch_exits_when_its_reader_goes_away(listeners, backend):
     """`aether ports watch | head -1`: the pipe closes, watch ends quietly."""
-    port = listeners.http_server().port
+    listeners.http_server()  # something to print
     result = subprocess.run(
         f"{sys.executable} -m aether ports watch --backend {backend} | head -n 1",
         shell=True,

@@ -505,7 +505,7 @@ def test_parse_answer_refuses(raw):
 # -- the pure parts, fuzzed ----------------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import strategies as st  # noqa: E402
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),

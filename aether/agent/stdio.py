@@ -21,7 +21,6 @@ Nothing here does I/O, so every rule is tested without processes.
 from __future__ import annotations
 
 import json
-from typing import Union
 
 from aether.errors import Refusal
 from aether.protocol import is_text
@@ -67,7 +66,7 @@ class Failure:
         self.message = message
 
 
-Event = Union[Delta, Tool, Final, Failure]
+Event = Delta | Tool | Final | Failure
 
 
 def turn_request(conversation_id: str, turn_id: str, messages: list[dict], workspace: dict) -> bytes:

@@ -8,8 +8,6 @@ Only ``inotify``'s instance and ``watch`` know of an event loop.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from aether.errors import Refusal
 
 

@@ -335,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         self._attach(cycle, up)
 
     def _unreachable(self, cycle: Cycle, refusal: Unreachable) -> None:
-        self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh)
+        self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh, refusal.headers)
 
     def _attach(self, cycle: Cycle, up: Upstream) -> None:
         cycle.upstream = up
@@ -415,13 +415,13 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ends -------------------------------------------------------------------------------
 
-    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: int | None = None) -> None:
+    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: int | None = None, extra=()) -> None:
         if self.closed or self.active is not cycle:
             return
         close = cycle.close or not cycle.complete or cycle.upgrade
         self.proxy.sink.response(status)
         body = pages.render(status, title, text, refresh)
-        self.transport.write(pages.response(status, body, close=close, head_only=cycle.head_only))
+        self.transport.write(pages.response(status, body, extra, close=close, head_only=cycle.head_only))
         self._done(cycle, close)
 
     def _done(self, cycle: Cycle, close: bool) -> None:

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+import tornado.http1connection
 import tornado.httpserver
 import tornado.web
 
@@ -94,6 +95,21 @@ class MisdirectedHandler(tornado.web.RequestHandler):
         self.set_status(421)
         self.set_header("Connection", "close")
         self.finish({"error": "misdirected", "message": "open a new connection for a preview host"})
+
+
+class PathPreviewHandler(tornado.web.RequestHandler):
+    """A path preview on a connection that began with an API request (a browser reuses its
+    connections to one origin, and the API and path previews share one): the same URL again
+    over a new connection, which the listener hands to the preview proxy."""
+
+    async def prepare(self) -> None:
+        self.set_status(307)
+        self.set_header("Location", self.request.uri)
+        self.set_header("Connection", "close")
+        connection = self.request.connection
+        await self.finish()
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.close()
 
 
 class NotFoundHandler(tornado.web.RequestHandler):
@@ -178,6 +194,7 @@ class WorkspaceServer:
             [
                 (r"/workspaces/([^/]+)/ws", Client, {"endpoint": self.endpoint}),
                 (r"/healthz", HealthHandler),
+                (r"/(?:abs)?proxy/.*", PathPreviewHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
                 *metrics_routes(self),

@@ -214,7 +214,7 @@ class Client(tornado.websocket.WebSocketHandler):
         again: so the check is made again after each wait, just before the caller sends."""
         while self.backlogged and not self.closed:
             drained = asyncio.get_running_loop().create_future()
-            self.when_drained(lambda: drained.done() or drained.set_result(None))
+            self.when_drained(lambda drained=drained: drained.done() or drained.set_result(None))
             await drained
         return not self.closed
 

@@ -180,7 +180,7 @@ class Watcher:
             try:
                 msg = self.next(max(0.0, remaining))
             except queue.Empty:
-                raise AssertionError(f"no {type_} for port {port} within {timeout}s; saw {self.seen}")
+                raise AssertionError(f"no {type_} for port {port} within {timeout}s; saw {self.seen}") from None
             if msg["port"] == port:
                 assert msg["type"] == type_, f"expected {type_} for {port}, got {msg}"
                 return msg

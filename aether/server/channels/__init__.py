@@ -7,7 +7,7 @@ protocols here and in its module, never the whole server.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aether.protocol import Message
 
