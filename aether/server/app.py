@@ -268,7 +268,15 @@ async def serve(settings: Settings) -> int:
         return 1
     await server.rules.start()
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
+    previews = server.previews = PreviewProxy(
+        settings,
+        monitor,
+        server.visibility,
+        server.registry_api.port_of,
+        server.metrics,
+        protocol_of=server.facts.protocol_of,
+        recheck=server.facts.recheck,
+    )
     listener = SharedListener(
         http,
         previews,
