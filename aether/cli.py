@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aether.fleet import status as fleet_status  # redis itself is imported only when it runs
 
     fleet_status.add_commands(commands)
+
+    from aether.settings import gateway as gateway_settings
+
+    gateway_settings.add_commands(commands)
     return parser
 
 
@@ -113,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from aether.fleet import status as fleet_status
 
         return fleet_status.run(args)
+    if args.command == "gateway":
+        from aether.server import gateway
+
+        return gateway.run(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
         return handler(args, values)
@@ -274,7 +282,7 @@ def _ports_kill(args, values: dict) -> int:
     return 0 if result.closed else 1
 
 
-def _loop_factory():
+def loop_factory():
     try:
         import uvloop
     except ImportError:
@@ -299,5 +307,5 @@ def _serve(args) -> int:
 
     log.redact(cookie.value(settings.token))  # the dashboard's cookie opens the ports channel
     # uvloop moves bytes ~10% faster than asyncio's own loop: it shows in the preview proxy.
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(settings))

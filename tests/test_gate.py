@@ -352,6 +352,69 @@ def test_fuzzed_heads_never_raise_and_only_target_the_local_listener(method, tar
         assert b"<script" not in decision.response.lower()
 
 
+def fleet_gate(public=()) -> Gate:
+    from aether.fleet import auth
+
+    gate = make_gate(public)
+    gate.fleet_keys = auth.FleetKeys([b"f" * 32])
+    return gate
+
+
+def signed_headers(gate, access=b"token", when=None, host=HOST, target=b"/", xff=b"10.9.0.1", proto=b"https", port=b"443"):
+    from aether.fleet import auth
+
+    signature = auth.sign(gate.fleet_keys, access, b"GET", host, target, xff, proto, port, when)
+    return [
+        (b"Host", host),
+        (b"X-Forwarded-For", xff),
+        (b"X-Forwarded-Proto", proto),
+        (b"X-Forwarded-Port", port),
+        (b"X-Aether-Fleet", signature),
+    ]
+
+
+def test_fleet_mode_takes_only_loopback_or_signed_requests():
+    import time
+
+    gate = fleet_gate()
+    remote = "10.0.0.9"  # a gateway's address
+    # Unsigned from another host: 403 even with the token.
+    answer = gate.decide(b"GET", b"/", [(b"Host", HOST), BEARER], remote, False)
+    assert status(answer) == 403 and b"gateways" in answer.response
+    # From this host's loopback: as without a fleet.
+    assert isinstance(gate.decide(b"GET", b"/", [(b"Host", HOST), BEARER], "127.0.0.1", False), Forward)
+    assert status(gate.decide(b"GET", b"/", [(b"Host", HOST)], "::1", False)) == 401
+    # Signed: what the gateway admitted is believed, and so are its X-Forwarded-*.
+    forward = gate.decide(b"GET", b"/", signed_headers(gate), remote, False)
+    assert isinstance(forward, Forward)
+    assert b"x-aether-fleet" not in forward.head.lower()
+    assert b"X-Forwarded-Proto: https" in forward.head and b"X-Forwarded-For: 10.9.0.1, 10.0.0.9" in forward.head
+    assert isinstance(gate.decide(b"GET", b"/", signed_headers(gate, b"cookie"), remote, False), Forward)
+    # Admitted as public by a gateway whose view was stale: this VM holds the port private.
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, b"public"), remote, False)) == 401
+    assert isinstance(fleet_gate(public={3000}).decide(b"GET", b"/", signed_headers(gate, b"public"), remote, False), Forward)
+    # Not this request's signature, too old, too new, under another key, or twice: 403.
+    assert status(gate.decide(b"GET", b"/other", signed_headers(gate), remote, False)) == 403
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, when=time.time() - 61), remote, False)) == 403
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, when=time.time() + 61), remote, False)) == 403
+    forged = signed_headers(gate)
+    forged[1] = (b"X-Forwarded-For", b"6.6.6.6")
+    assert status(gate.decide(b"GET", b"/", forged, remote, False)) == 403
+    twice = signed_headers(gate)
+    assert status(gate.decide(b"GET", b"/", [*twice, twice[-1]], remote, False)) == 403
+    other = fleet_gate()
+    from aether.fleet import auth
+
+    other.fleet_keys = auth.FleetKeys([b"o" * 32])
+    assert status(other.decide(b"GET", b"/", signed_headers(gate), remote, False)) == 403
+
+
+def test_without_fleet_mode_a_client_cannot_claim_a_gateway_signature():
+    gate = make_gate()
+    headers = [(b"Host", HOST), (b"X-Forwarded-Proto", b"https"), (b"X-Aether-Fleet", b"v1 t=1 a=token s=" + b"x" * 43)]
+    assert status(gate.decide(b"GET", b"/", headers, "10.0.0.9", False)) == 401
+
+
 # -- path previews and preflights -----------------------------------------------------------
 
 SERVER_HOST = (b"Host", b"127.0.0.1:3001")

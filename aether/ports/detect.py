@@ -310,10 +310,12 @@ class Detector:
             return Look(None, "refused")
         reader, writer = opened
         try:
+            banner = None
             try:
-                banner = await asyncio.wait_for(reader.read(ANSWER_BYTES), self.banner_wait)
+                if self.banner_wait > 0:  # 0: the caller sends its request anyway (the preview)
+                    banner = await asyncio.wait_for(reader.read(ANSWER_BYTES), self.banner_wait)
             except TimeoutError:
-                banner = None
+                pass
             except OSError:
                 return Look(None, "closed")
             if banner is not None:

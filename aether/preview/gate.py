@@ -8,10 +8,15 @@ The checks run in this order, each answering on failure:
    ``{registry key}-{prefix}...`` (421: this connection only serves previews), with the port
    in its one spelling, decimal without leading zeros (404), of a registered key (404), of this
    project (404), for a port that is not ignored and not the server's own (403);
-3. the request has not been through this proxy already (508);
+3. the request has not been through this proxy already (508); in fleet mode
+   (``--fleet-redis``), one that is not from this host's loopback is signed by a gateway
+   (``X-Aether-Fleet``, :mod:`aether.fleet.auth`) or refused (403), and only a signed one's
+   ``X-Forwarded-*`` is believed;
 4. ``?token=`` equal to the workspace token, or ``?aether_grant=`` a live grant for this host
    (see ``grant``): a cookie for this preview host and a redirect to the same URL without it;
-5. a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
+5. a signed request the gateway admitted as ``public`` to a port private here: 401 (the
+   gateway's view was stale); one it admitted by token or cookie is let through; otherwise
+   a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
    cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
 6. the port must be open now (502, a page that reloads itself), on loopback or an address of
    this host's own interfaces (502: see ``local``).
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from aether import credentials
+from aether.fleet import auth as fleet_auth
 from aether.preview import grant, pages, paths
 from aether.preview import headers as h
 from aether.preview.local import LOOPBACK, is_local
@@ -99,6 +105,10 @@ def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool]
     return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
+def _loopback(client_ip: str) -> bool:
+    return client_ip.startswith(("127.", "::ffff:127.")) or client_ip == "::1"
+
+
 class Gate:
     """Decides for one workspace; ``settings`` and ``monitor`` are read live, so a change of
     ignored ports or a port opening applies to the next request."""
@@ -128,6 +138,8 @@ class Gate:
         self._trusted_networks = settings.trusted_proxies
         self._trusted: dict[str, bool] = {}  # client address -> is it a trusted front
         self._redeemed: dict[bytes, int] = {}  # grants used, until they expire
+        #: Fleet mode: the fleet key, which signs what the gateways forward (``aether.fleet.auth``).
+        self.fleet_keys = getattr(settings, "fleet_keys", None)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -185,10 +197,11 @@ class Gate:
             self._trusted[client_ip] = known
         return known
 
-    def scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes) -> tuple[bytes, bytes]:
-        """(proto, port) of the browser's own connection: what a trusted front says it saw,
-        else what this listener saw (plain http on the Host's port)."""
-        if not head.forwarded_proto or not self._trusted_networks or not self.is_trusted(client_ip):
+    def scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes, signed: bool = False) -> tuple[bytes, bytes]:
+        """(proto, port) of the browser's own connection: what a trusted front (or, in fleet
+        mode, a gateway's signed request) says it saw, else what this listener saw (plain http
+        on the Host's port)."""
+        if not head.forwarded_proto or not (signed or (self._trusted_networks and self.is_trusted(client_ip))):
             return b"http", port_part
         proto = b"https" if head.forwarded_proto == b"https" else b"http"
         port = head.forwarded_port if head.forwarded_port.isdigit() else None
@@ -282,7 +295,15 @@ class Gate:
             text = "This request has already been through this preview proxy: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
 
-        proto, forwarded_port = self.scheme(head, client_ip, port_part)
+        access = None
+        if self.fleet_keys is not None:
+            # Before anything else is believed: the signature covers X-Forwarded-*, and its
+            # header never reaches the app, whoever sent it.
+            access = fleet_auth.verify_head(self.fleet_keys, method, target, head)
+            if access is None and not _loopback(client_ip):
+                text = "Previews of this workspace are served through the fleet's gateways."
+                return self._answer(403, "Not through a gateway", text, head_only, close)
+        proto, forwarded_port = self.scheme(head, client_ip, port_part, access is not None)
         if b"token=" in target or b"aether_grant=" in target:
             location = _redirect_path(target, self.token, lambda value: self._redeem(host_name, value))
             if location is not None:
@@ -294,7 +315,9 @@ class Gate:
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.
-        authorization = [value for value in head.authorization if not credentials.bearer(value, self.token)]
+        authorization = head.authorization
+        if authorization:
+            authorization = [value for value in authorization if not credentials.bearer(value, self.token)]
         bearer = len(authorization) != len(head.authorization)
         cookie = head.cookie
         if cookie and any(COOKIE in value for value in cookie):
@@ -302,6 +325,13 @@ class Gate:
             has_cookie = credentials.has_cookie(head.cookie, COOKIE, self.cookie_value(host_name))
         else:
             has_cookie = False
+        if access == b"public" and port not in self.visibility.public:
+            # The gateway's view was stale: this VM holds the port private.
+            text = "This port is private now. Open it again with <code>?token=</code> and the workspace token."
+            extra = [("WWW-Authenticate", 'Bearer realm="aether preview"')]
+            return self._answer(401, "This preview is private", text, head_only, close, extra)
+        if access in (b"token", b"cookie"):
+            bearer = True  # the gateway checked the credential and took it out
         if path is not None and cookie and any(DASHBOARD_COOKIE in value for value in cookie):
             cookie = [c for c in (h.without_cookie(value, DASHBOARD_COOKIE) for value in cookie) if c]
         if port not in self.visibility.public and not bearer:

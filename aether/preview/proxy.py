@@ -348,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
         up.send(data)
         if self.writing_paused:
             up.pause()
-        self.resume_reading("buffer")
+        if self._paused:
+            self.resume_reading("buffer")
 
     # -- what the upstream calls ------------------------------------------------------------
 
@@ -426,7 +427,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _done(self, cycle: Cycle, close: bool) -> None:
         self.active = None
-        self.resume_reading("upstream")  # that upstream's full buffer is no longer in the way
+        if self._paused:
+            self.resume_reading("upstream")  # that upstream's full buffer is no longer in the way
         if self.queue and self.queue[0] is cycle:
             self.queue.popleft()
         if close:
@@ -437,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.refusal is not None:
             self._send_refusal(*self.refusal)
             return
-        if len(self.queue) <= MAX_QUEUED:
+        if self._paused and len(self.queue) <= MAX_QUEUED:
             self.resume_reading("pipeline")
 
     def _refuse(self, status: int, title: str, text: str) -> None:

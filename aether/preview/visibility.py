@@ -5,7 +5,7 @@ Kept in the state directory's ``config.json`` as ``preview_public_ports`` so a r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 PRIVATE = "private"
 PUBLIC = "public"
@@ -19,9 +19,24 @@ class Visibility:
 
     def __init__(self, public: Iterable[int] = ()):
         self.chosen: frozenset[int] = frozenset(public)
-        self.public: frozenset[int] = self.chosen
+        self._public: frozenset[int] = self.chosen
         self._rules: dict[int, str] = {}  # open port -> its rule's visibility
         self._chosen_since_open: set[int] = set()
+        self._subscribers: list[Callable[[], None]] = []
+
+    @property
+    def public(self) -> frozenset[int]:
+        return self._public
+
+    @public.setter
+    def public(self, ports: frozenset[int]) -> None:
+        self._public = ports
+        for subscriber in self._subscribers:
+            subscriber()
+
+    def subscribe(self, subscriber: Callable[[], None]) -> None:
+        """Call ``subscriber`` after every change (fleet mode publishes it)."""
+        self._subscribers.append(subscriber)
 
     def of(self, port: int) -> str:
         return PUBLIC if port in self.public else PRIVATE
@@ -57,7 +72,9 @@ class Visibility:
     def _update(self) -> None:
         ruled = {port for port, value in self._rules.items() if value == PUBLIC}
         private = {port for port, value in self._rules.items() if value == PRIVATE}
-        self.public = (self.chosen | ruled) - private
+        public = frozenset((self.chosen | ruled) - private)
+        if public != self._public:
+            self.public = public
 
 
 def load(raw: object) -> frozenset[int]:

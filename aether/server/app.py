@@ -144,8 +144,9 @@ class WorkspaceServer:
         )
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
+        self.registry_changed: list = []  # called with the entries after each change (fleet mode)
         self.registry_api = RegistryApi(
-            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients)
+            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients) or settings.fleet
         )
         # Port attributes from config.json and the workspace's files (read by ``serve``, and
         # again when they change), and what is found of each port off the event path.
@@ -220,6 +221,8 @@ class WorkspaceServer:
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
+        for subscriber in self.registry_changed:
+            subscriber(entries)
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:
@@ -293,6 +296,20 @@ async def serve(settings: Settings) -> int:
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
         return 1
+    publisher = None
+    if settings.fleet:
+        from aether.server import fleet
+
+        try:
+            publisher = await fleet.start(settings, server)
+        except fleet.PrefixTaken as exc:
+            listener.stop()
+            previews.close_all()
+            server.registry_api.close()
+            monitor.stop()
+            print(f"aether: fleet mode: {exc}", file=sys.stderr)
+            return 1
+        server.registry_api.watch()
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
@@ -301,6 +318,8 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     started = time.monotonic()
     listener.stop()
+    if publisher is not None:
+        await publisher.stop()  # gateways answer 503 at once, not after the deadline
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
