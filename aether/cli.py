@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
     watch.add_argument("--human", action="store_true", help="a table redrawn as ports come and go, for a terminal")
+    watch.add_argument(
+        "--plain",
+        action="store_true",
+        help="the monitor's events alone: no protocol, command line or attributes, no ready, no update for them",
+    )
     sources.add_flags(
         watch, "ports watch", help={"sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help}
     )
@@ -137,8 +142,11 @@ def _ports_list(args, values: dict) -> int:
 
     with sockdiag.DiagSocket() as diag:
         raw = [row for row in diag.raw() if row[1] not in values["ignored_ports"]]
+    from aether.ports import listing
+
+    # The table shows no protocol: only JSON waits for ports to answer.
     names = _registry_names()
-    result = [_described(state.to_json(), names) for state in procs.port_states(raw)]
+    result = [_described(row, names) for row in listing.rows(procs.port_states(raw), _rules(), look=args.json)]
     if args.json:
         print(ujson.dumps(result, escape_forward_slashes=False))
         return 0
@@ -199,6 +207,19 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _rules():
+    """The attribute rules ``serve`` would read: config.json in the state directory, the
+    workspace's files beneath its root (each from its variable, else its default)."""
+    from pathlib import Path
+
+    from aether.attributes.live import read_all
+    from aether.state import locate
+
+    root = sources.value("workspace_root") or Path(os.path.expanduser("~"))
+    ruleset, _problems = read_all(Path(root), locate(sources.value("state_dir")) / "config.json")
+    return ruleset
+
+
 def _ports_watch(args, values: dict) -> int:
     from aether.ports.ebpf import ProbeUnavailable
     from aether.ports.monitor import PortMonitor
@@ -221,12 +242,12 @@ def _ports_watch(args, values: dict) -> int:
 
         table: dict[int, dict] = {}
         names = _registry_names() if args.human else {}
+        facts = None
 
-        def emit(event) -> None:
+        def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
             nonlocal flush_pending
-            message = event.to_message()
             if args.human:
                 return redraw(message)
             try:
@@ -238,6 +259,19 @@ def _ports_watch(args, values: dict) -> int:
                 flush_pending = True
                 loop.call_soon(flush)
 
+        def emit(event, live: bool = True) -> None:
+            message = event.to_message()
+            if facts is not None and event.type != "close":
+                message.update(facts.fields(event.port, event.pid))
+            write(message)
+            if facts is not None and live:
+                facts.seen(event)  # after the line is written: lookups never delay it
+
+        def emit_found(event) -> None:
+            message = event.to_message()
+            message.update(facts.fields(event.port, event.pid))
+            write(message)
+
         redraw_pending = False
 
         def redraw(message: dict) -> None:
@@ -248,7 +282,10 @@ def _ports_watch(args, values: dict) -> int:
             elif message["type"] == "ready" and message["port"] in table:
                 table[message["port"]]["readyMs"] = message.get("ms")
             elif message["type"] in ("open", "update"):
-                table[message["port"]] = _described({**table.get(message["port"], {}), **message}, names)
+                row = _described({**table.get(message["port"], {}), **message}, names)
+                if row.get("ready") is not None:
+                    row["readyMs"] = row["ready"]
+                table[message["port"]] = row
             if not redraw_pending:
                 redraw_pending = True
                 loop.call_soon(draw)
@@ -282,12 +319,26 @@ def _ports_watch(args, values: dict) -> int:
             # A pipe's write end never polls readable; it polls in error once the reader has
             # gone, so `watch | head -1` ends even when no further event would be written.
             loop.add_reader(out.fileno(), stop.set)
+        if not args.plain:
+            from aether.ports.facts import PortFacts
+
+            rules = await loop.run_in_executor(None, _rules)
+            facts = PortFacts(
+                monitor.table,
+                emit_found,
+                lambda port, protocol, ms: write(
+                    {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
+                ),
+                lambda: rules,
+            )
         try:
             for event in monitor.open_events():
-                emit(event)
+                emit(event, live=False)  # the facts look into the ports open when they start
             monitor.subscribe(emit)
             await stop.wait()
         finally:
+            if facts is not None:
+                facts.close()
             monitor.stop()
         return 0
 

@@ -27,7 +27,7 @@ def test_list_json_and_table(listeners):
     result = aether("ports", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["port"]: row for row in json.loads(result.stdout)}
-    assert rows[port] == {
+    assert {key: rows[port][key] for key in ("port", "pid", "process", "addresses", "pids")} == {
         "port": port,
         "pid": server.pid,
         "process": proc_comm(server.pid),
@@ -36,6 +36,9 @@ def test_list_json_and_table(listeners):
         "command": " ".join(server.args),
         "names": [],
     }
+    # And what an open carries beside it: who the process is, what the port speaks.
+    assert rows[port]["protocol"] == "http" and rows[port]["cwd"] == os.getcwd()
+    assert rows[port]["command"] == f"{sys.executable} -m http.server {port} --bind 127.0.0.1"
     table = aether("ports", "list").stdout.splitlines()
     assert table[0].split() == ["PORT", "PID", "PROCESS", "NAMES", "ADDRESSES", "COMMAND"]
     assert [str(port), str(server.pid), proc_comm(server.pid), "-", "127.0.0.1"] in [line.split()[:5] for line in table]

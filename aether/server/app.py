@@ -24,7 +24,9 @@ import tornado.web
 
 from aether import running
 from aether.agent.store import AgentStoreError
+from aether.attributes.live import LiveRules
 from aether.ports.ebpf import ProbeUnavailable
+from aether.ports.facts import PortFacts
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
@@ -147,18 +149,29 @@ class WorkspaceServer:
         self.registry_api = RegistryApi(
             settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients) or settings.fleet
         )
+        # Port attributes from config.json and the workspace's files (read by ``serve``, and
+        # again when they change), and what is found of each port off the event path.
+        self.rules = LiveRules(settings.workspace_root, self.state.config_path, lambda: self.facts.rules_changed())
+        self.facts = PortFacts(
+            monitor.table,
+            lambda event: self.ports_channel.on_facts(event),
+            lambda port, protocol, ms: self.ports_channel.on_ready(port, protocol, ms),
+            self.rules,
+        )
+        self.ports_channel = PortsChannel(
+            monitor,
+            monitor.table,
+            self.hub,
+            self.visibility,
+            settings.preview_url_for,
+            self.state.save_config,
+            own_port=settings.port,
+            kill_grace=settings.kill_grace,
+            sent=self.metrics.port_event,
+            facts=self.facts,
+        )
         self.channels: dict[str, Channel] = {
-            "ports": PortsChannel(
-                monitor,
-                monitor.table,
-                self.hub,
-                self.visibility,
-                settings.preview_url_for,
-                self.state.save_config,
-                own_port=settings.port,
-                kill_grace=settings.kill_grace,
-                sent=self.metrics.port_event,
-            ),
+            "ports": self.ports_channel,
             "config": ConfigChannel(settings, monitor, self.hub, self.state.save_config, self._registry_entries),
             "files": FilesChannel(settings.workspace_root),
             "terminal": TerminalChannel(settings),
@@ -257,8 +270,17 @@ async def serve(settings: Settings) -> int:
         monitor.stop()
         print(f"aether: {exc}", file=sys.stderr)
         return 1
+    await server.rules.start()
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
+    previews = server.previews = PreviewProxy(
+        settings,
+        monitor,
+        server.visibility,
+        server.registry_api.port_of,
+        server.metrics,
+        protocol_of=server.facts.protocol_of,
+        recheck=server.facts.recheck,
+    )
     listener = SharedListener(
         http,
         previews,
@@ -269,6 +291,8 @@ async def serve(settings: Settings) -> int:
     try:
         listener.listen(settings.port, settings.host)
     except OSError as exc:
+        server.rules.close()
+        server.facts.close()
         monitor.stop()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
@@ -304,6 +328,8 @@ async def serve(settings: Settings) -> int:
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
+    server.rules.close()
+    server.facts.close()
     server.registry_api.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
