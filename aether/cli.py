@@ -179,8 +179,8 @@ def _described(row: dict, names: dict[int, list[str]]) -> dict:
     """A port's JSON with its registry names and, unless the monitor gave it, its command."""
     from aether.ports import procs
 
-    if "command" not in row:
-        row["command"] = procs.command_line(row.get("pid"))
+    if row.get("command") is None and "hideCommand" not in (row.get("sources") or {}):
+        row["command"] = procs.command_line(row.get("pid"))  # not read yet (an open's first line)
     row["names"] = names.get(row["port"], [])
     return row
 
