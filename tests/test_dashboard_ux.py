@@ -51,6 +51,13 @@ def dashboard_cookie(server: Server, origin: str | None) -> dict:
     return headers
 
 
+def press(driver, element) -> None:
+    """Click ``element`` once it is in the middle of the window: scrolled to the top, the
+    dashboard's sticky header (the connection's state) would take the click."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    element.click()
+
+
 def shown_ports(driver) -> set[int]:
     return set(driver.execute_script("return [...document.querySelectorAll('#ports tbody tr')].map((tr) => +tr.dataset.port)"))
 
@@ -104,10 +111,10 @@ def test_filter_hide_label_copy_and_narrow_widths(driver, tmp_path):
         assert driver_port not in shown_ports(driver)
         toggle = driver.find_element(By.ID, "show-hidden")
         assert toggle.text.startswith("show ") and toggle.text.endswith(" hidden")
-        toggle.click()
+        press(driver, toggle)
         wait(driver, lambda d: row(d, driver_port), what="the driver's row once shown")
         assert "(browser)" in row(driver, driver_port).text
-        toggle.click()
+        press(driver, toggle)
         wait(driver, lambda d: row(d, driver_port) is None, what="the driver's row hidden again")
 
         # The filter: one port by its number, then nothing, then both again.
@@ -128,14 +135,14 @@ def test_filter_hide_label_copy_and_narrow_widths(driver, tmp_path):
         driver.refresh()
         wait(driver, lambda d: connection(d) == "connected" and row(d, second_port), what="the page after a reload")
         assert row(driver, first_port) is None
-        driver.find_element(By.ID, "show-hidden").click()
+        press(driver, driver.find_element(By.ID, "show-hidden"))
         wait(driver, lambda d: row(d, first_port), what="the hidden row on request")
         assert "hidden-row" in row(driver, first_port).get_attribute("class")
         unhide = row(driver, first_port).find_element(By.CSS_SELECTOR, 'button[data-action="hide-port"]')
         assert unhide.text == "unhide"
-        unhide.click()
+        press(driver, unhide)
         wait(driver, lambda d: "hidden-row" not in (row(d, first_port).get_attribute("class") or ""), what="unhidden")
-        driver.find_element(By.ID, "show-hidden").click()  # back to hiding aether's and the browser's
+        press(driver, driver.find_element(By.ID, "show-hidden"))  # back to hiding aether's and the browser's
 
         # Hide a process: every row of that program goes at once.
         name = proc_comm(late.pid)
@@ -198,11 +205,11 @@ def test_filter_hide_label_copy_and_narrow_widths(driver, tmp_path):
             "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
         )
         wait(driver, lambda d: d.execute_script("return document.documentElement.clientWidth") == 390)
-        driver.find_element(By.ID, "show-hidden").click()  # the widest rows too: the browser's
+        press(driver, driver.find_element(By.ID, "show-hidden"))  # the widest rows too: the browser's
         wait(driver, lambda d: row(d, driver_port))
         assert no_horizontal_scroll(driver) == ""
         screenshot(driver, "dashboard-390.png")
-        row(driver, second_port).find_element(By.CSS_SELECTOR, 'button[data-action="kill"]').click()
+        press(driver, row(driver, second_port).find_element(By.CSS_SELECTOR, 'button[data-action="kill"]'))
         driver.switch_to.alert.dismiss()  # reachable: it asked
     finally:
         for proc in procs:

@@ -59,7 +59,14 @@ def test_names_flags_variables_and_keys_are_each_one_settings():
 
 #: AETHER_* names in the code that are not settings: what aether sets for the processes it
 #: starts, and the probe's compile-time macros.
-NOT_SETTINGS = {"AETHER_APP", "AETHER_TERMINAL_SESSION", "AETHER_AGENT_CONVERSATION", "AETHER_RING_PAGES", "AETHER_PERF_BUFFER"}
+NOT_SETTINGS = {
+    "AETHER_APP",
+    "AETHER_TERMINAL_SESSION",
+    "AETHER_AGENT_CONVERSATION",
+    "AETHER_RING_PAGES",
+    "AETHER_PERF_BUFFER",
+    "AETHER_PORT_KEY",
+}
 
 
 def test_every_variable_the_code_reads_is_a_setting():
