@@ -50,7 +50,7 @@ def _request(family: int, sequence: int) -> bytes:
     )
 
 
-_REQUESTS = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
+_REQUESTS: dict[int, bytes] = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
 
 
 def _format_address(family: int, raw: bytes) -> str:
@@ -105,7 +105,7 @@ class DiagSocket:
 
     def raw(self) -> list[tuple[int, int, str, int]]:
         """(family, port, address, inode) of every listening TCP socket, without pids."""
-        out = []
+        out: list[tuple[int, int, str, int]] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             out.extend((family, port, address, inode) for port, address, inode in _dump(self._sock, family))
         return out
