@@ -15,6 +15,7 @@ from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, Setting
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
 
 #: Variables no process the daemon starts (terminals, agent backends) may inherit.
 PRIVATE_ENV = tuple(setting.env for setting in SETTINGS if setting.secret)
@@ -34,7 +35,7 @@ def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None) ->
     """The value of ``setting``: ``given`` (its flag's, as argparse left it), else its variable
     (an empty one counts as unset, as systemd's ``Environment=NAME=`` leaves it), else its key
     in ``file``, else its default; ValueError naming the source of a bad value."""
-    parse = setting.kind
+    parse: Callable[[Any], Any] = setting.kind
     if given is not None:
         raw, source = given, setting.flag
     elif os.environ.get(setting.env):
@@ -84,14 +85,16 @@ def add_flags(parser: argparse.ArgumentParser, command: str, help: dict[str, str
     from aether.settings.kinds import Boolean, Text
 
     for setting in flags_of(command):
+        flag = setting.flag
+        assert flag is not None  # flags_of gives only settings with one
         text = (help or {}).get(setting.name) or plain(setting.help)
         text = f"{text} (env {setting.env}; default {plain(shown_default(setting))})"
         if isinstance(setting.kind, Boolean):
-            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const=True, default=None, help=text)
+            parser.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None, help=text)
             continue
         choices = getattr(setting.kind, "choices", ()) if isinstance(setting.kind, Text) else ()
         metavar = "{" + ",".join(choices) + "}" if choices else setting.kind.metavar or setting.name.upper()
-        parser.add_argument(setting.flag, dest=setting.name, default=None, metavar=metavar, help=text)
+        parser.add_argument(flag, dest=setting.name, default=None, metavar=metavar, help=text)
 
 
 def flags_of(command: str) -> list[Setting]:
