@@ -2,7 +2,7 @@
 page's DOM, and from its process being killed to its row going, beside a plain WebSocket client
 (the `websockets` library) receiving the same `open` in the same run.
 
-Both clocks are this machine's: the listener prints `time.time()` right after `listen()`, the
+Both clocks are the host's: the listener prints `time.time()` right after `listen()`, the
 page stamps `Date.now()` in a MutationObserver when the row is inserted or removed.
 
     .venv/bin/python bench/dashboard.py [--samples 20] [--backend auto]

@@ -1,4 +1,4 @@
-"""Files channel benchmark (issue 6): how soon a change made by another process is told, and how
+"""Files channel benchmark: how soon a change made by another process is told, and how
 fast a large file reads through the channel.
 
 1. Another process writes a new file in a watched tree; the time until the `created` event

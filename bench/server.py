@@ -1,4 +1,4 @@
-"""`aether serve` benchmarks (issue 3), each against a baseline from the same run.
+"""`aether serve` benchmarks, each against a baseline from the same run.
 
 1. One client: listen() returning in this process -> the `open` message read by a WebSocket client
    (the websockets library). Baseline: the same through `aether ports watch` on a pipe.

@@ -1,4 +1,4 @@
-"""Terminal flood benchmark (issue 6): `cat` of a large file in a terminal session.
+"""Terminal flood benchmark: `cat` of a large file in a terminal session.
 
 While one client reads a session's output as fast as it can, another client measures
 listen() -> `open` on the ports channel; the same measurement with no flood is the baseline

@@ -118,7 +118,7 @@ fi
 
 # wscat, the WebSocket client the README shows, and ws, the WebSocket server of the preview
 # tests' node app, installed locally (not globally) from npm.
-# wscat 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (seed 001's command) as
+# wscat 4: it is the last on ws 7, which sends `-s "Bearer, TOKEN"` (the protocol's documented command) as
 # given; wscat 5 and 6 (ws 8) refuse a subprotocol containing ", " before connecting.
 WSCAT_VERSION=4.0.1
 WS_VERSION=8.18.3

@@ -197,3 +197,24 @@ def test_no_document_speaks_of_seeds_issues_or_this_machine(path):
         if _HISTORY.search(line)
     ]
     assert found == []
+
+
+#: Code speaks of random seeds (the fuzzers print theirs); the project's seeds it never names.
+_CODE_HISTORY = re.compile(r"\bseeds? \d{3}\b|\bseed's\b|\bissues? #?\d+|\bthis machine\b|\bthese machines\b", re.I)
+_CODE = sorted(
+    path
+    for top in ("aether", "bench", "tests", "deploy")
+    for path in (ROOT / top).rglob("*")
+    if path.suffix in (".py", ".sh", ".service", ".js", ".html", ".css", ".c") and "__pycache__" not in path.parts
+)
+
+
+def test_no_code_speaks_of_seeds_issues_or_this_machine():
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _CODE
+        if path != Path(__file__)
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if _CODE_HISTORY.search(line)
+    ]
+    assert found == []

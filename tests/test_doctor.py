@@ -1,4 +1,4 @@
-"""`aether doctor` as a whole process: on this machine as it is, with each thing it checks
+"""`aether doctor` as a whole process: on the host as it is, with each thing it checks
 broken for real, and as user nobody without capabilities and with the minimal set the README
 gives for a dedicated user."""
 

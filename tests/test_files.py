@@ -488,7 +488,7 @@ def test_watches_end_with_the_connection(server, root):
     with server.connect() as ws:
         f = Files(ws)
         f.error("unwatch", "not_found", watchId="w1")
-        assert f.events == []  # nothing replayed (seed 001): it would have come before the reply
+        assert f.events == []  # nothing replayed (the protocol says so): it would have come before the reply
         assert [e["name"] for e in f.ok("list", path=".")["entries"]] == ["made_while_away"]
         assert f.read("made_while_away/f")[0] == b"x\n"
     # with no watch left, the inotify instance is closed

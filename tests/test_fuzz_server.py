@@ -9,7 +9,7 @@ What must hold: no answer anywhere is ``internal``; the server logs no error and
 traceback (at any level: Tornado logs some at debug); the tree outside the workspace root is
 untouched; the server still answers at the end and exits 0.
 
-What must not happen, whatever the fuzzing finds: anything harmful on this machine. Every frame
+What must not happen, whatever the fuzzing finds: anything harmful to the host. Every frame
 is parsed here first, with the server's own parser, and not sent if the server would act on it
 beyond the test's own things: a terminal runs ``cat``, ``true`` or a ``sleep`` (the "shell" is a
 script that runs ``cat``, so a command string runs nothing), with a few harmless variables; a

@@ -2,7 +2,7 @@
 listeners, WebSocket clients and preview requests make it move. The exposition is read with
 prometheus_client's own parser.
 
-Other tests on this machine open and close ports meanwhile, so port counts are compared with
+Other tests on the host open and close ports meanwhile, so port counts are compared with
 the kernel's (retried until both agree) or as deltas that concurrent events cannot fake."""
 
 from __future__ import annotations

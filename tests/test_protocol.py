@@ -135,7 +135,7 @@ def test_a_refusal_names_the_channel_once_it_is_known(frame, code, channel):
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.parse(frame)
     check_error(caught.value)
-    reply = caught.value.to_message()
+    reply = error_reply(caught.value)
     assert (reply.get("channel"), reply["code"]) == (channel, code)
 
 

@@ -363,7 +363,7 @@ def test_wscat_connects_both_ways(shared, how):
         pytest.fail("wscat is missing: deploy/setup.sh installs it into .tools/")
     server = shared
     if how == "header":
-        args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # seed 001's command, as given
+        args = ["-c", server.url, "-s", f"Bearer, {server.token}"]  # the protocol's documented command, as given
     else:
         args = ["-c", f"{server.url}?token={server.token}"]
     # wscat quits at once when its stdin ends: keep it open until wscat is done.

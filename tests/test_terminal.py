@@ -29,7 +29,7 @@ WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 @pytest.fixture
 def start(workspace_server, tmp_path):
     """A server whose terminals run bash in a home of their own: login shells read no profile
-    of this machine's user (pyenv's rehash in root's .bashrc waits up to 60 s on a lock that a
+    of the host's user (pyenv's rehash in root's .bashrc waits up to 60 s on a lock that a
     shell killed mid-start leaves behind)."""
     home = tmp_path / "home"
     home.mkdir()
@@ -113,14 +113,14 @@ class Term:
         self.ws.close()
 
 
-def test_seed_example_input_runs_in_a_real_shell(start):
+def test_protocol_example_input_runs_in_a_real_shell(start):
     server = start()
     term = Term(server)
     created = term.create(sessionId="cli-123", id=1)
     assert created["type"] == "created" and created["id"] == 1 and created["sessionId"] == "cli-123"
     assert created["command"] == ["/bin/bash", "-l"] and created["cwd"] == "."
     (server.root / "marker.txt").write_text("x")
-    # Seed 001's example message, verbatim.
+    # The protocol's example message (docs/protocol.md), verbatim.
     term.ws.send('{"channel": "terminal", "type": "input", "sessionId": "cli-123", "data": "ls -la\\n"}')
     term.sees("cli-123", b"marker.txt")
     term.send(type="input", sessionId="cli-123", data="echo $((6*7)) $AETHER_TERMINAL_SESSION $TERM; tty\n")
@@ -157,10 +157,28 @@ def open_gate(root, name: str, timeout: float = 10.0) -> None:
     os.close(fd)
 
 
+def _foreground_child(parent: int, name: str) -> bool:
+    """Whether a child of ``parent`` named ``name`` is its terminal's foreground process group."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().strip() != name:
+                    continue
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        # after the name: state ppid pgrp session tty_nr tpgid
+        if int(fields[1]) == parent and int(fields[2]) == int(fields[5]):
+            return True
+    return False
+
+
 def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     server = start()
     term = Term(server)
-    sid = term.create(cols=80, rows=24)["sessionId"]
+    created = term.create(cols=80, rows=24)
+    sid, shell = created["sessionId"], created["pid"]
     assert sid.startswith("t-")
     term.send(type="input", sessionId=sid, data="stty size\n")
     term.sees(sid, b"24 80\r\n")
@@ -171,7 +189,14 @@ def test_resize_reaches_stty_and_ctrl_c_the_foreground_job(start):
     # A controlling terminal: ^C interrupts the foreground job, not the shell.
     term.send(type="input", sessionId=sid, data="echo sleeping-$((0)); sleep 30; echo not-$((0))-interrupted\n")
     term.sees(sid, b"sleeping-0")  # the shell runs the line (the echo of what was typed reads $((0)))
-    term.send(type="input", sessionId=sid, data="\x03echo after-$((1+1))\n")
+    # A ^C before `sleep` holds the terminal goes to the shell, which waits on: `sleep` must
+    # be the terminal's foreground process group first.
+    wait_for(lambda: _foreground_child(shell, "sleep"))
+    # The line discipline flushes pending input when it sends SIGINT, and the shell's readline
+    # drops what it had read ahead: the next line goes once the ^C has been echoed.
+    term.send(type="input", sessionId=sid, data="\x03")
+    term.sees(sid, b"^C")
+    term.send(type="input", sessionId=sid, data="echo after-$((1+1))\n")
     term.sees(sid, b"after-2")
     assert b"not-0-interrupted" not in term.output[sid]
     assert sid not in term.exits

@@ -238,7 +238,7 @@ def test_ignored_ports_never_produce_events(listeners, watch, default):
     if default:
         ignored = 2222  # in the default set (22, 2222, 3001)
         if ignored in kernel_listening_ports():
-            pytest.skip("port 2222 is in use on this machine")
+            pytest.skip("port 2222 is in use on the host")
         w = watch()
     else:
         ignored = free_port()

@@ -60,7 +60,7 @@ def run(host: str, port: int, state_dir: Path, backend: str = "auto", config_err
 
 
 def _checked(name: str, step: Callable[[], Check]) -> Check:
-    """The step's verdict; a check that breaks on something this machine does (a kernel without
+    """The step's verdict; a check that breaks on something the host does (a kernel without
     IPv6, a truncated /proc/config.gz) fails with what broke, and the others still run."""
     try:
         return step()

@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import stat as stat_
+import threading
 from typing import NamedTuple
 
 from aether.files import FileError, libc
@@ -47,11 +48,16 @@ log = logging.getLogger("aether.files")
 
 #: Whether openat2 is used: None until first asked.
 OPENAT2: bool | None = None
+_probing = threading.Lock()  # file operations run in executor threads: one probe, one log line
 
 
 def has_openat2() -> bool:
     global OPENAT2
-    if OPENAT2 is None:
+    if OPENAT2 is not None:
+        return OPENAT2
+    with _probing:
+        if OPENAT2 is not None:
+            return OPENAT2
         why = None
         from aether.settings import sources
 

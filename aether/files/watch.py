@@ -223,7 +223,12 @@ class WatchTree:
                     was = self._path(from_wd, from_name)
                     self._add(CREATED if was is None else MOVED, event.wd, name, kind, was)
                 if is_dir:
-                    self.dirs.move(from_wd, from_name, event.wd, name)
+                    if self.dirs.child(from_wd, from_name) is not None:
+                        self.dirs.move(from_wd, from_name, event.wd, name)
+                    elif self.recursive:
+                        # Never watched where it was: its grow found it moved on already (a
+                        # rename storm). Nothing else would watch it where it is now.
+                        self.grow(event.wd, name, report=False)
             else:
                 self._add(CREATED, event.wd, name, kind)
                 if is_dir and self.recursive:

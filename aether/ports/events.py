@@ -35,8 +35,8 @@ class PortEvent:
     state changed (``update``: another owner, say once a daemonizing server's parent exits, or
     a listener on another address); ``open`` and ``update`` carry the port's whole state.
 
-    ``to_message`` gives the wire form of seed 000's ``ports`` channel; the fields beyond the
-    seed's (``addresses``) and the ``update`` type are allowed extras.
+    ``to_message`` gives the wire form of the ``ports`` channel (docs/protocol.md); the fields beyond the
+    original ones (``addresses``) and the ``update`` type are allowed extras.
 
     ``seen_ns`` and ``backend`` say when and how the monitor learnt of it (they are not part of
     the event's identity): the probe record's kernel timestamp (``bpf_ktime_get_ns``) and

@@ -1,4 +1,4 @@
-"""What allocation avoids, and the ranges it picks from (seed 002)."""
+"""What allocation avoids, and the ranges it picks from (the built-in ranges)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ BAD_PORTS = frozenset(
         10080,
     }
 )
-#: Seed 002's ranges: name -> (first, last, purpose). ``config.json``'s ``port_ranges`` adds or
+#: The built-in ranges: name -> (first, last, purpose). ``config.json``'s ``port_ranges`` adds or
 #: replaces ranges, e.g. ``{"ml": [7000, 7099, "notebooks"]}``; ``--range`` picks one by name.
 RANGES = {
     "core": (5554, 5560, "core services"),
@@ -146,7 +146,7 @@ def udp_ports() -> set[int]:
 
 
 def ranges(state_dir) -> dict[str, tuple[int, int, str]]:
-    """Seed 002's ranges with ``config.json``'s ``port_ranges`` over them."""
+    """The built-in ranges with ``config.json``'s ``port_ranges`` over them."""
     import json
     from pathlib import Path
 

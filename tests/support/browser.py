@@ -1,5 +1,5 @@
 """Debian's Chromium driven by selenium through Debian's chromedriver, for the dashboard's test
-and benchmark: headless, with a fresh profile, and kept off the network (this machine has none:
+and benchmark: headless, with a fresh profile, and kept off the network (the test host has none:
 without these flags Chromium keeps trying to reach Google's services).
 
 Also what both measure with: a listener that prints the moment it listens, and an observer in
