@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from aether.ports.events import INODE, Listener
 
@@ -111,6 +111,6 @@ class DiagSocket:
         return out
 
 
-def to_listeners(raw: list[tuple[int, int, str, int]], pids: dict[int, int]) -> list[Listener]:
+def to_listeners(raw: list[tuple[int, int, str, int]], pids: Mapping[int, int | None]) -> list[Listener]:
     """Listeners from a raw dump, with pids from an inode-to-pid map where known."""
     return [Listener((INODE, inode), port, family, address, pids.get(inode), inode) for family, port, address, inode in raw]
