@@ -304,11 +304,10 @@ class PortMonitor:
         key = (SKADDR, record.skaddr)
         if self._orphan_closes.get(record.skaddr, -1) > record.ts_ns:
             return  # its close came first (perf buffers of two CPUs): it is long gone
-        if key in table:
-            # A live address names one socket: this one re-listened after its close was lost.
-            _known, event = table.remove(key)
-            if event is not None:
-                self._publish(event, record.ts_ns, "ebpf")
+        # A live address names one socket: one the table knows re-listened after its close was lost.
+        _known, event = table.remove(key)
+        if event is not None:
+            self._publish(event, record.ts_ns, "ebpf")
         if table.is_uncertain(port):
             self._schedule_resync("listen on a port known from a snapshot", record.tgid, port=port)
         event = table.add(Listener(key, port, record.family, record.address, record.tgid))
