@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import ujson
 
@@ -92,7 +92,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNESCAPED_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
-def is_text(value: Any) -> bool:
+def is_text(value: Any) -> TypeGuard[str]:
     """A string that is valid Unicode. (Also what the agent takes from its backend's JSON.)"""
     return isinstance(value, str) and _SURROGATE.search(value) is None
 

@@ -80,7 +80,7 @@ def spawn(
 ) -> int:
     """Start ``argv`` with ``stdio`` as its fds 0, 1 and 2; its pid (the command's, once it has
     exec'd). OSError when the spawn itself fails."""
-    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inherited_fds(stdio)]
     return os.posix_spawn(
         SH,

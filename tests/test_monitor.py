@@ -347,3 +347,28 @@ def test_exit_watch_lets_go_of_a_process_that_owns_nothing_after_a_grace(monkeyp
             watch.close()
 
     asyncio.run(main())
+
+
+def test_a_socket_listening_again_after_its_close_was_lost_moves_to_its_new_port():
+    # The probe's records, as the ring delivers them, for one kernel socket address: a listen
+    # on one port, its close lost, then a listen on another (the address reused).
+    from aether.ports.ebpf import TCP_CLOSE, TCP_LISTEN, ListenRecord
+
+    async def scenario(monitor):
+        seen = []
+        monitor.subscribe(seen.append)
+        first, second = free_port(), free_port()
+        pid = os.getpid()
+
+        def listen(port, ts):
+            return ListenRecord(0xFFFF0000DEAD, pid, pid, ts, socket.AF_INET, port, TCP_CLOSE, TCP_LISTEN, "127.0.0.1", "x")
+
+        monitor._on_records([listen(first, 1), listen(second, 2)])
+        assert [(e.type, e.port) for e in seen if e.port in (first, second)] == [
+            ("open", first),
+            ("close", first),
+            ("open", second),
+        ]
+        assert first not in monitor.table and second in monitor.table
+
+    run("sockdiag", scenario)

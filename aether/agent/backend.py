@@ -21,6 +21,7 @@ of the tree when the turn ends gets SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -92,7 +93,7 @@ class Child:
 
     async def connect(self) -> None:
         for pipe, reader in zip(self._pipes, (self.stdout, self.stderr)):
-            transport, _ = await self._loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+            transport, _ = await self._loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader), pipe)
             self._transports.append(transport)
 
     def _exit_seen(self) -> None:
@@ -106,17 +107,19 @@ class Child:
 
     async def write(self, data: bytes) -> None:
         """All of ``data`` to its stdin; OSError (EPIPE) if it closed it."""
+        stdin = self.stdin
+        assert stdin is not None  # closed only once the turn is written
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.stdin, view) :]
+                view = view[os.write(stdin, view) :]
             except BlockingIOError:
                 ready = self._loop.create_future()
-                self._loop.add_writer(self.stdin, ready.set_result, None)
+                self._loop.add_writer(stdin, ready.set_result, None)
                 try:
                     await ready
                 finally:
-                    self._loop.remove_writer(self.stdin)
+                    self._loop.remove_writer(stdin)
 
     def close_stdin(self) -> None:
         if self.stdin is not None:
@@ -194,8 +197,8 @@ class BackendRun:
             await proc.connect()
             if self._cancelled:
                 self._stop(None)
-            helpers = [asyncio.ensure_future(self._feed()), asyncio.ensure_future(self._read_stderr())]
-            await self._read_stdout(exited)
+            helpers = [asyncio.ensure_future(self._feed(proc)), asyncio.ensure_future(self._read_stderr(proc))]
+            await self._read_stdout(proc, exited)
             await self._wait(exited)
             # stderr ends with the process (or its tree, killed below); its tail may still be in flight.
             await asyncio.wait([helpers[1]], timeout=0.2)
@@ -229,21 +232,21 @@ class BackendRun:
 
     # -- the process --------------------------------------------------------------------
 
-    async def _feed(self) -> None:
+    async def _feed(self, proc: Child) -> None:
         try:
-            await self._proc.write(self.request)
+            await proc.write(self.request)
         except OSError:
             pass  # it exited, or closed stdin, without reading the turn: its own business
         finally:
-            self._proc.close_stdin()
+            proc.close_stdin()
 
-    async def _read_stdout(self, exited: asyncio.Future) -> None:
+    async def _read_stdout(self, proc: Child, exited: asyncio.Future) -> None:
         splitter = stdio.LineSplitter()
         read: asyncio.Future | None = None
         try:
             while self._fault is None and not self._cancelled:
                 if read is None:
-                    read = asyncio.ensure_future(self._proc.stdout.read(READ_CHUNK))
+                    read = asyncio.ensure_future(proc.stdout.read(READ_CHUNK))
                 waiting = {read} if exited.done() else {read, exited}
                 done, _ = await asyncio.wait(
                     waiting, timeout=EXIT_DRAIN if exited.done() else self.timeout, return_when=asyncio.FIRST_COMPLETED
@@ -295,8 +298,8 @@ class BackendRun:
             self._deltas.clear()
             self.on_event(stdio.Delta(text))
 
-    async def _read_stderr(self) -> None:
-        while chunk := await self._proc.stderr.read(READ_CHUNK):
+    async def _read_stderr(self, proc: Child) -> None:
+        while chunk := await proc.stderr.read(READ_CHUNK):
             self._stderr += chunk
             del self._stderr[:-STDERR_TAIL]
             try:

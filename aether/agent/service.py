@@ -121,6 +121,13 @@ class AgentService:
         if self.unavailable is not None:
             raise Refusal("unavailable", self.unavailable)
 
+    @property
+    def _store(self) -> AgentStore:
+        """The store, for work that runs once :meth:`_check_available` has passed: it is None
+        only while the channel is unavailable."""
+        assert self.store is not None
+        return self.store
+
     # -- the database -------------------------------------------------------------------
 
     def read(self, work: Callable[[], Any]) -> asyncio.Future:
@@ -144,7 +151,7 @@ class AgentService:
         most recent turns, running ones as of now; None if there is no such conversation."""
         self._check_available()
         now = self._running_now()
-        return lambda: self._history(conversation_id or self.store.active(), now)
+        return lambda: self._history(conversation_id or self._store.active(), now)
 
     def replay(self) -> Callable[[], list[dict]]:
         """Work for :meth:`read`: what a new connection is told, as of now: the conversation
@@ -157,7 +164,7 @@ class AgentService:
         running = {cid: turn.id for cid, turn in self.running.items()}
 
         def work() -> list[dict]:
-            active = self.store.active()
+            active = self._store.active()
             found = [history] if active and (history := self._history(active, now)) is not None else []
             for cid, turn_id in running.items():
                 if cid != active and (stub := self._stub(cid, turn_id, now)) is not None:
@@ -168,8 +175,8 @@ class AgentService:
 
     def _stub(self, conversation_id: str, turn_id: str, now: dict[str, dict]) -> dict | None:
         """In the worker thread: the conversation with only its running turn, marked truncated."""
-        conversation = self.store.conversation(conversation_id)
-        turn = next((t for t in self.store.turns(conversation_id) if t["turnId"] == turn_id), None)
+        conversation = self._store.conversation(conversation_id)
+        turn = next((t for t in self._store.turns(conversation_id) if t["turnId"] == turn_id), None)
         if conversation is None or turn is None:
             return None
         turn = shortened({**turn, **now.get(turn_id, {})}, STUB_TEXT)
@@ -180,10 +187,12 @@ class AgentService:
 
     def _history(self, conversation_id: str | None, now: dict[str, dict]) -> dict | None:
         """In the worker thread: a conversation's history, ``now`` the running turns' text."""
-        conversation = self.store.conversation(conversation_id) if conversation_id else None
+        if not conversation_id:
+            return None
+        conversation = self._store.conversation(conversation_id)
         if conversation is None:
             return None
-        turns = [{**t, **now[t["turnId"]]} if t["turnId"] in now else t for t in self.store.turns(conversation_id)]
+        turns = [{**t, **now[t["turnId"]]} if t["turnId"] in now else t for t in self._store.turns(conversation_id)]
         for turn in turns:
             if not turn.get("tools"):
                 turn.pop("tools", None)
@@ -197,8 +206,8 @@ class AgentService:
         self._check_available()
 
         def work() -> dict:
-            conversations, more = self.store.conversations(MAX_LISTED)
-            answer = {"conversations": conversations}
+            conversations, more = self._store.conversations(MAX_LISTED)
+            answer: dict[str, Any] = {"conversations": conversations}
             if more:
                 answer["truncated"] = True
             return answer
@@ -256,7 +265,7 @@ class AgentService:
             started["title"] = title
 
         def begin() -> None:
-            self.store.begin_turn(conversation_id, title, (user_id, seq, text), (turn_id, seq + 1), now)
+            self._store.begin_turn(conversation_id, title, (user_id, seq, text), (turn_id, seq + 1), now)
 
         def undo() -> None:
             if self.running.get(conversation_id) is turn:
@@ -339,7 +348,7 @@ class AgentService:
         """The conversation up to the prompt, for the backend (runs in the worker thread)."""
         return [
             {"role": t["role"], "text": t["text"], "status": t["status"]}
-            for t in self.store.turns(turn.conversation_id)
+            for t in self._store.turns(turn.conversation_id)
             if t["seq"] < turn.seq
         ]
 
@@ -368,7 +377,7 @@ class AgentService:
         turn.save_timer = None
         if self.running.get(turn.conversation_id) is turn:
             reply = turn.reply
-            self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools))
+            self._write(self._store.save_turn, turn.id, reply.text, list(reply.tools))
 
     async def _finish(self, turn: Turn, outcome: Outcome) -> None:
         if self.closed:
@@ -380,7 +389,7 @@ class AgentService:
         turn.finishing = True
         end = (turn.id, reply.text, list(reply.tools), outcome.status, outcome.error, time.time())
         try:
-            await self.read(lambda: self.store.save_turn(*end))
+            await self.read(lambda: self._store.save_turn(*end))
         except asyncio.CancelledError:
             raise  # the daemon is stopping; the write is queued before its thread ends
         except Exception as exc:
@@ -423,7 +432,7 @@ class AgentService:
             if turn.task is not None:
                 turn.task.cancel()
             reply = turn.reply
-            self._write(self.store.save_turn, turn.id, reply.text, list(reply.tools), "failed", INTERRUPTED, time.time())
+            self._write(self._store.save_turn, turn.id, reply.text, list(reply.tools), "failed", INTERRUPTED, time.time())
         self.running.clear()
         self.trees.close()
         self.closed = True

@@ -113,16 +113,16 @@ def recent(turns: list[dict], budget: int) -> tuple[list[dict], bool]:
 class AgentStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
+        db: sqlite3.Connection | None = None
         try:
             # Used from one thread at a time: opened here, then only in the server's worker.
-            self._db = sqlite.connect(self.path, check_same_thread=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
-            self._db.execute("PRAGMA foreign_keys = ON")
-            sqlite.migrate(self._db, MIGRATIONS)
+            self._db = db = sqlite.connect(self.path, check_same_thread=False, busy_timeout_ms=BUSY_TIMEOUT_MS)
+            db.execute("PRAGMA foreign_keys = ON")
+            sqlite.migrate(db, MIGRATIONS)
             self.interrupted = self._close_interrupted()
         except BaseException:
-            if self._db is not None:
-                self._db.close()  # a server that goes on without it must not keep the file open
+            if db is not None:
+                db.close()  # a server that goes on without it must not keep the file open
             self._translate_open_error()
 
     def _translate_open_error(self) -> None:

@@ -244,6 +244,7 @@ def _load_and_unload() -> tuple[str | None, str]:
                 how = "compiled by bcc in this process"
             else:
                 how = f"compiled by the helper `{describe()}` in {probe.compile_seconds:.2f} s"
+                assert probe.cache_file is not None  # named before the helper compiles
                 cached = "cached" if os.path.exists(probe.cache_file) else "to be cached"
                 how += f"; {cached} at {probe.cache_file} for restarts"
             return None, f"{probe.buffer} buffer of {probe.pages} pages, {how}"

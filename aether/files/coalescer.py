@@ -72,7 +72,7 @@ class Coalescer:
                 del self.pending[path]
             else:
                 self.pending[path] = (DELETED, kind, None)
-                if was == MOVED and source not in self.pending:
+                if was == MOVED and source is not None and source not in self.pending:
                     self.pending[source] = (DELETED, kind, None)
         elif was == DELETED:
             self.pending[path] = (MODIFIED, kind, None)
@@ -80,6 +80,7 @@ class Coalescer:
 
     def _move(self, source: str, path: str, kind: str) -> None:
         prev = self.pending.pop(source, None)
+        new: tuple[str, str, str | None]
         if prev is not None and prev[0] == CREATED:
             new = (CREATED, kind, None)
         elif prev is not None and prev[0] == MOVED:

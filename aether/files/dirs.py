@@ -63,7 +63,7 @@ class Directories:
 
     def path(self, wd: int) -> str | None:
         """``wd``'s path in the watch (``""`` for the top), or None when it is not in it."""
-        parts = []
+        parts: list[str] = []
         node = self._nodes.get(wd)
         for _ in range(_MAX_DEPTH):
             if node is None:

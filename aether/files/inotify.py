@@ -301,6 +301,7 @@ class Instance:
                 del self.users[wd]
                 if self._scanning:
                     self._dead.add(wd)
+                assert self.fd is not None  # open while any descriptor has a user
                 rm_watch(self.fd, wd)
 
     def remove(self, tree: WatchTree) -> None:
@@ -309,6 +310,8 @@ class Instance:
         self._close_if_idle()
 
     def _register(self, tree: WatchTree, parent: int | None, dirs: list[tuple[str, int, int]]) -> None:
+        fd = self.fd
+        assert fd is not None  # watch, the one caller, has checked
         placed: list[int | None] = []  # each scanned directory's descriptor as registered
         orphans = False
         for rel, wd, up in dirs:
@@ -317,11 +320,11 @@ class Instance:
                 # Ended meanwhile, or its parent is no longer in the tree: not watched here.
                 placed.append(None)
                 if wd not in self.users and wd not in self._dead:
-                    rm_watch(self.fd, wd)
+                    rm_watch(fd, wd)
                 continue
             if wd in self._dead:  # removed by another user while this scan ran: watch again
                 try:
-                    wd = add_watch_below(self.fd, tree.real, tree.ident, rel)
+                    wd = add_watch_below(fd, tree.real, tree.ident, rel)
                 except OSError:
                     placed.append(None)
                     continue

@@ -51,7 +51,7 @@ def entry(name: str, st: os.stat_result, dir_fd: int) -> dict:
 def list_dir(root: str, path: str) -> tuple[str, list[dict]]:
     """The directory's rel path and its entries sorted by name (links not followed);
     ``too_large`` past ``MAX_LIST_ENTRIES``."""
-    entries = []
+    entries: list[dict] = []
     try:
         with Root(root) as beneath:
             fd, rel = beneath.open(path, os.O_RDONLY | os.O_DIRECTORY)

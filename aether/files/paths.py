@@ -35,7 +35,7 @@ import os
 
 from aether.files import FileError
 
-_CODES = {
+_CODES: dict[int | None, str] = {  # keyed by OSError.errno, which may be None
     errno.ENOENT: "not_found",
     errno.ENOTDIR: "not_a_directory",
     errno.EISDIR: "is_a_directory",
@@ -115,6 +115,7 @@ def parse(root: str, path: str, follow: bool) -> Parsed:
     special = name in ("", ".", "..")
     dotdot = ".." in path.split("/")
     lexical = os.path.normpath(joined)
+    rel: str | None
     if not inside(root, joined):
         # An absolute path elsewhere: it may reach the root through a link (an alias of
         # it), which the kernel follows from /. Only what it names below the root is used,

@@ -62,7 +62,7 @@ class WatchTree:
         recursive: bool,
         deliver: Callable[[list[dict]], None],
         hold: Callable[[Callable[[], None]], bool],
-        ended: Callable[[WatchTree], None],
+        ended: Callable[[WatchTree], object],  # what it returns is not used
         ident: tuple[int, int] | None = None,
     ):
         self.instance = instance
@@ -120,8 +120,9 @@ class WatchTree:
         """Watch directory ``name`` that appeared in ``parent`` (None: the whole tree again),
         and below it; with ``report``, tell what it holds already as created (it may have
         filled before its watch was in place)."""
+        rel: str | None
         if parent is None:
-            rel: str | None = ""
+            rel = ""
         else:
             rel = self._path(parent, name)
             if rel is None:

@@ -26,7 +26,7 @@ class PerfProbe:
         self._lost_map = self._bpf[b"lost"]
         self._pending: list[bytes] = []
         self._fds: list[int] = []
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.lost_reported = 0
 
     def start(self, loop: asyncio.AbstractEventLoop, pages: int, on_wake: Callable[[], None]) -> None:

@@ -56,6 +56,8 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 class BpfError(OSError):
     """A bpf(2) or perf_event_open(2) call failed; ``log`` holds the verifier's words, if any."""
 
+    errno: int  # always given, where OSError's may be None
+
     def __init__(self, errnum: int, what: str, log: str = ""):
         super().__init__(errnum, f"{what}: {os.strerror(errnum)}")
         self.log = log
@@ -221,14 +223,15 @@ class Counter:
         self._address = map_memory(fd, mmap.PAGESIZE, mmap.PROT_READ)
         self._view = memory_view(self._address, mmap.PAGESIZE).cast("Q")
         self._index = index
+        self._mapped = True
 
     def __call__(self) -> int:
         return self._view[self._index]
 
     def close(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+        if self._mapped:
+            self._mapped = False
+            self._view.release()  # a read after this raises ValueError, never touches the unmapped page
             unmap_memory(self._address, mmap.PAGESIZE)
 
 

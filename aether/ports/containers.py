@@ -122,8 +122,10 @@ def publishers(listing: object, port: int, target: ProxyTarget | None = None) ->
             continue
         names = entry.get("Names")
         name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
-        ident = entry.get("Id") if isinstance(entry.get("Id"), str) else ""
-        image = entry.get("Image") if isinstance(entry.get("Image"), str) else ""
+        ident = entry.get("Id")
+        ident = ident if isinstance(ident, str) else ""
+        image = entry.get("Image")
+        image = image if isinstance(image, str) else ""
         name = name.lstrip("/") or ident[:12]
         container = Container(ident[:64], name[:MAX_NAME], image[:MAX_NAME])
         found.append((target is not None and target.container_ip in _addresses(entry), container))
@@ -174,7 +176,8 @@ def parse_answer(raw: bytes) -> tuple[int, bytes]:
 
 
 def _dechunk(data: bytes) -> bytes:
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while True:
         end = data.find(b"\r\n", pos)
         if end < 0:

@@ -24,10 +24,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from aether import caps
 from aether.ports import EBPF_BUFFERS
+
+if TYPE_CHECKING:  # imported where used: a daemon on one buffer has no use for the other's modules
+    from aether.ports.bccperf import PerfProbe
+    from aether.ports.bpfsys import Counter
+    from aether.ports.compiled import LoadedProbe
+    from aether.ports.ringbuf import RingReader
 
 log = logging.getLogger("aether.ports")
 
@@ -233,10 +239,10 @@ class Probe:
         self.compile_seconds: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_batch: Callable[[list[ListenRecord]], None] | None = None
-        self._perf = None
-        self._loaded = None
-        self._ring = None
-        self._lost = None
+        self._perf: PerfProbe | None = None
+        self._loaded: LoadedProbe | None = None
+        self._ring: RingReader | None = None
+        self._lost: Counter | None = None
         cflags = [f"-DAETHER_RING_PAGES={self.pages}"]
         source = program_path().read_bytes()
         if self.buffer == "perf":
@@ -289,6 +295,7 @@ class Probe:
                 error = compiled.write_cache(key, program)
                 if error:
                     log.info("compiled probe not cached", extra={"reason": error})
+        assert program is not None  # the one ``loaded`` came from
         self._loaded = loaded
         self.ring_fd = loaded.maps["events"]
         self.ring_size = program.maps[program.map_named("events")].max_entries
@@ -319,6 +326,7 @@ class Probe:
             batch = self._ring.drain(_decode_ring)
         else:
             return
+        assert self._on_batch is not None  # drain runs from the readers start registers
         self._on_batch(batch)
 
     @property

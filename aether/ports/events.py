@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
 
 OPEN = "open"
 CLOSE = "close"
@@ -15,13 +14,15 @@ UPDATE = "update"
 #: report the address), which is why the table reconciles snapshots port by port.
 SKADDR = "sk"
 INODE = "ino"
+#: A socket's key: ``(SKADDR, its kernel address)`` or ``(INODE, its inode)``.
+Key = tuple[str, int]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Listener:
     """One listening TCP socket in this network namespace."""
 
-    key: Hashable
+    key: Key
     port: int
     family: int  # socket.AF_INET or socket.AF_INET6
     address: str

@@ -177,14 +177,16 @@ class PortMonitor:
         unnoticed: Exited = {}
         for port in self.table.ports():
             event = self.table.open_event(port)
+            assert event is not None  # a port of the table's
             listeners = self.table.listeners(port)
             pid = next((l.pid for l in listeners if procs.is_alive(l.pid)), None)
             if pid is None:
                 pid = event.pid
                 if self._owners is not None:
-                    unnoticed.update((l.pid, None) for l in listeners if self._owners.unnoticed(l.pid))
+                    unnoticed.update((l.pid, None) for l in listeners if l.pid is not None and self._owners.unnoticed(l.pid))
             events.append(dataclasses.replace(event, pid=pid, process=procs.process_name(pid)))
         if unnoticed:
+            assert self._owners is not None  # it found them
             self._owners.exited(unnoticed)
         return events
 
@@ -203,6 +205,7 @@ class PortMonitor:
         """True once ``port`` is not open (at once if it is not), False after ``timeout``."""
         if port not in self.table:
             return True
+        assert self._loop is not None  # a port is open only once started
         waiter = self._loop.create_future()
         self._closed_waiters.setdefault(port, []).append(waiter)
         try:
@@ -247,6 +250,7 @@ class PortMonitor:
                 log.exception("port event subscriber failed", extra={"port": event.port})
 
     def _on_records(self, records) -> None:
+        assert self._loop is not None  # records come once started
         self.stats["records"] += len(records)
         # A burst comes from few processes: read each one's namespace and name once a batch.
         self._batch_netns, self._batch_names = {}, {}
@@ -288,6 +292,7 @@ class PortMonitor:
             self._schedule_resync("auto-bound listener", record.tgid, delay=0.002)
             return
         task = (record.tgid, record.tid)
+        assert self._batch_netns is not None  # set for the batch by _on_records
         netns = self._batch_netns.get(task)
         if netns is None:
             netns = self._batch_netns[task] = procs.net_namespace(record.tgid, record.tid)
@@ -299,11 +304,10 @@ class PortMonitor:
         key = (SKADDR, record.skaddr)
         if self._orphan_closes.get(record.skaddr, -1) > record.ts_ns:
             return  # its close came first (perf buffers of two CPUs): it is long gone
-        if key in table:
-            # A live address names one socket: this one re-listened after its close was lost.
-            _known, event = table.remove(key)
-            if event is not None:
-                self._publish(event, record.ts_ns, "ebpf")
+        # A live address names one socket: one the table knows re-listened after its close was lost.
+        _known, event = table.remove(key)
+        if event is not None:
+            self._publish(event, record.ts_ns, "ebpf")
         if table.is_uncertain(port):
             self._schedule_resync("listen on a port known from a snapshot", record.tgid, port=port)
         event = table.add(Listener(key, port, record.family, record.address, record.tgid))
@@ -361,6 +365,7 @@ class PortMonitor:
         seen_ns = time.monotonic_ns()
         raw = self._diag.raw()
         owners = self._owners
+        assert owners is not None  # made with _diag, in start
         unknown = owners.unknown({entry[3] for entry in raw}, hints)
         held: set[int] = set()
         if unknown:
@@ -411,6 +416,7 @@ class PortMonitor:
                 self._poll_cost = spent if not self._poll_cost else 0.7 * self._poll_cost + 0.3 * spent
             delay = max(self.interval, self._poll_cost / self.cpu_budget - self._poll_cost)
             if self._diag is not None:
+                assert self._loop is not None  # set with _diag, in start
                 self._poll_handle = self._loop.call_later(delay, self._poll)
 
     # -- owners ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def search(inodes: set[int], hints: Iterable[int], exited: Exited) -> tuple[dict
     first = list(dict.fromkeys(hints))
     starts = list(exited.values())
     if starts and None not in starts:
-        first += procs.younger(min(starts))
+        first += procs.younger(min(start for start in starts if start is not None))  # all of them, as checked
     holders = procs.find_holders(inodes, first)
     living = {inode: [pid for pid in pids if procs.is_alive(pid)] for inode, pids in holders.items()}
     living = {inode: pids for inode, pids in living.items() if pids}
@@ -111,6 +111,7 @@ class OwnerSearch:
 
     def _start(self) -> None:
         request, self._next = self._next, None
+        assert request is not None  # started only with a request waiting
         try:
             future = self._loop.run_in_executor(None, search, request.inodes, request.hints, request.exited)
         except RuntimeError:  # the loop is shutting down: nothing would apply the answer
@@ -121,6 +122,7 @@ class OwnerSearch:
 
     def _done(self, future: asyncio.Future) -> None:
         request, self._running = self._running, None
+        assert request is not None  # the search _start ran
         if self._closed:
             return
         try:
@@ -195,7 +197,7 @@ class Owners:
             unknown -= self.by_inode.keys()
         return unknown
 
-    def request(self, inodes: set[int], hints: set[int] = frozenset()) -> int:
+    def request(self, inodes: set[int], hints: Iterable[int] = frozenset()) -> int:
         """Look for the owners of ``inodes`` off the loop; the ticket ``on_found`` will get."""
         return self._search.request(inodes, hints)
 
@@ -287,6 +289,7 @@ class Owners:
                     continue
                 if listener.key[0] == INODE:
                     # A snapshot's socket: its own holders decide, as the next snapshot will.
+                    assert listener.inode is not None  # keyed by it
                     own = found.owners.get(listener.inode)
                     pid = own if procs.is_alive(own) else heir
                     if listener.inode in self.by_inode:

@@ -161,10 +161,10 @@ def owner(pids: Iterable[int]) -> int | None:
     master rather than a worker. The lowest pid where that does not decide."""
     pids = sorted(set(pids))
     roots = [pid for pid in pids if parent(pid) not in pids]
-    return (roots or pids or [None])[0]
+    return roots[0] if roots else pids[0] if pids else None
 
 
-def socket_owners(inodes: Iterable[int], hints: Iterable[int] = ()) -> dict[int, int]:
+def socket_owners(inodes: Iterable[int], hints: Iterable[int] = ()) -> dict[int, int | None]:
     """One owning pid per socket inode (see :func:`owner`).
 
     The ``hints`` processes (say, the task a probe record names) are searched first; the

@@ -46,9 +46,19 @@ class _Atomics:
 _ACQUIRE, _RELEASE = 2, 3  # __ATOMIC_ACQUIRE, __ATOMIC_RELEASE
 
 
+def _unmapped(*_args: int) -> int:
+    """What a closed reader's loads and stores become: its pages are gone."""
+    raise ValueError("the ring buffer is unmapped")
+
+
 class RingReader:
     """Reads one ring buffer map. ``drain(decode)`` returns every committed record's decoded
     value, in the order the producer reserved them, and frees their space."""
+
+    _load_header: Callable[[int], int]
+    _load_producer: Callable[[int], int]
+    _load_consumer: Callable[[int], int]
+    _store_consumer: Callable[[int, int], object]
 
     def __init__(self, map_fd: int, size: int, ordered: bool | None = None):
         if size <= 0 or size & (size - 1) or size % mmap.PAGESIZE:
@@ -82,7 +92,7 @@ class RingReader:
         if ordered:
             atomics = _Atomics()
             base = producer + page
-            self._load_header: Callable[[int], int] = lambda index: atomics.load4(base + 4 * index, _ACQUIRE)
+            self._load_header = lambda index: atomics.load4(base + 4 * index, _ACQUIRE)
             self._load_producer = lambda _index: atomics.load8(producer, _ACQUIRE)
             self._load_consumer = lambda _index: atomics.load8(consumer, _ACQUIRE)
             self._store_consumer = lambda _index, value: atomics.store8(consumer, value, _RELEASE)
@@ -135,8 +145,8 @@ class RingReader:
             view.release()
         self._views = []
         self.data = None
-        self._load_header = self._load_producer = self._load_consumer = None
-        self._store_consumer = None
+        self._load_header = self._load_producer = self._load_consumer = _unmapped
+        self._store_consumer = _unmapped
         for address, length in self._regions:
             unmap_memory(address, length)
         self._regions = []

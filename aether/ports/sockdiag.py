@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from aether.ports.events import INODE, Listener
 
@@ -50,7 +50,7 @@ def _request(family: int, sequence: int) -> bytes:
     )
 
 
-_REQUESTS = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
+_REQUESTS: dict[int, bytes] = {family: _request(family, family) for family in (socket.AF_INET, socket.AF_INET6)}
 
 
 def _format_address(family: int, raw: bytes) -> str:
@@ -105,12 +105,12 @@ class DiagSocket:
 
     def raw(self) -> list[tuple[int, int, str, int]]:
         """(family, port, address, inode) of every listening TCP socket, without pids."""
-        out = []
+        out: list[tuple[int, int, str, int]] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             out.extend((family, port, address, inode) for port, address, inode in _dump(self._sock, family))
         return out
 
 
-def to_listeners(raw: list[tuple[int, int, str, int]], pids: dict[int, int]) -> list[Listener]:
+def to_listeners(raw: list[tuple[int, int, str, int]], pids: Mapping[int, int | None]) -> list[Listener]:
     """Listeners from a raw dump, with pids from an inode-to-pid map where known."""
     return [Listener((INODE, inode), port, family, address, pids.get(inode), inode) for family, port, address, inode in raw]

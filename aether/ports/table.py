@@ -10,9 +10,9 @@ be tested exhaustively.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 
-from aether.ports.events import CLOSE, INODE, OPEN, SKADDR, UPDATE, Listener, PortEvent
+from aether.ports.events import CLOSE, INODE, OPEN, SKADDR, UPDATE, Key, Listener, PortEvent
 
 State = tuple[int | None, tuple[str, ...]]  # (pid, addresses)
 
@@ -22,9 +22,9 @@ class PortTable:
 
     def __init__(self, ignored: Iterable[int] = ()):
         self._ignored = frozenset(ignored)
-        self._sockets: dict[Hashable, Listener] = {}
-        self._ports: dict[int, dict[Hashable, Listener]] = {}
-        self._by_pid: dict[int, set[Hashable]] = {}  # recorded pid -> its sockets' keys
+        self._sockets: dict[Key, Listener] = {}
+        self._ports: dict[int, dict[Key, Listener]] = {}
+        self._by_pid: dict[int, set[Key]] = {}  # recorded pid -> its sockets' keys
         # port -> bound address -> sockets on it: a port's state costs its few distinct
         # addresses, not its sockets (an SO_REUSEPORT group can be hundreds).
         self._addresses: dict[int, dict[str, int]] = {}
@@ -73,7 +73,7 @@ class PortTable:
         self._put(listener)
         return self._changed(listener.port, before)
 
-    def remove(self, key: Hashable) -> tuple[bool, PortEvent | None]:
+    def remove(self, key: Key) -> tuple[bool, PortEvent | None]:
         """Forget a socket: (whether it was known, ``close`` if its port emptied, ``update`` if
         the port stays open in another state)."""
         listener = self._sockets.get(key)
@@ -85,7 +85,7 @@ class PortTable:
             return True, PortEvent(CLOSE, listener.port)
         return True, self._changed(listener.port, before)
 
-    def set_pids(self, port: int, pids: dict[Hashable, int | None]) -> PortEvent | None:
+    def set_pids(self, port: int, pids: dict[Key, int | None]) -> PortEvent | None:
         """Give the port's sockets named by key new owners (a recorded owner exited and
         another process holds the socket): ``update`` if the port's state changed."""
         group = self._ports.get(port)
@@ -108,7 +108,7 @@ class PortTable:
         snapshot's (an ``update`` if that changes the port's state), and the port is uncertain.
         A port new to the table opens with all of the snapshot's sockets.
         """
-        wanted: dict[int, dict[Hashable, Listener]] = {}
+        wanted: dict[int, dict[Key, Listener]] = {}
         for listener in snapshot:
             if listener.port not in self._ignored:
                 wanted.setdefault(listener.port, {})[listener.key] = listener
@@ -177,7 +177,7 @@ class PortTable:
         if listener.pid is not None:
             self._by_pid.setdefault(listener.pid, set()).add(listener.key)
 
-    def _drop(self, key: Hashable) -> None:
+    def _drop(self, key: Key) -> None:
         """Forget a known socket, and its port when it was the last."""
         listener = self._sockets.pop(key)
         self._unindex(listener)
@@ -193,14 +193,15 @@ class PortTable:
             del counts[listener.address]
             if not counts:
                 del self._addresses[listener.port]
-        keys = self._by_pid.get(listener.pid)
-        if keys is not None:
-            keys.discard(listener.key)
-            if not keys:
-                del self._by_pid[listener.pid]
+        if listener.pid is not None:
+            keys = self._by_pid.get(listener.pid)
+            if keys is not None:
+                keys.discard(listener.key)
+                if not keys:
+                    del self._by_pid[listener.pid]
 
     @staticmethod
-    def _trusted(have: dict[Hashable, Listener], sockets: int, trust_probe: bool) -> bool:
+    def _trusted(have: dict[Key, Listener], sockets: int, trust_probe: bool) -> bool:
         """The probe's sockets of a port stand against a snapshot of as many (see :meth:`sync`)."""
         return trust_probe and len(have) == sockets and any(key[0] == SKADDR for key in have)
 

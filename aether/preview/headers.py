@@ -186,7 +186,7 @@ class ResponseHead:
         self.status_line = status_line
         self.block = block = b"\r\n" + block if block else b""
         self.hops = hops = _HOP_LINE.findall(block)
-        codings = [value for name, value in hops if name.lower() == b"transfer-encoding"] if hops else ()
+        codings = [value for name, value in hops if name.lower() == b"transfer-encoding"] if hops else []
         self.chunked = bool(codings) and codings[-1].rpartition(b",")[2].strip().lower() == b"chunked"
         self.has_length = not codings and b"\r\ncontent-length:" in block.lower()
 

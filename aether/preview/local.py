@@ -57,7 +57,7 @@ def parse(data: bytes) -> list[tuple[int, tuple[bool, int, str] | None]]:
     address message, (type, None) for any other; ``assigned`` is False for a deletion and
     for an address not yet usable (tentative, or failed duplicate address detection).
     An error message raises ``OSError``."""
-    out = []
+    out: list[tuple[int, tuple[bool, int, str] | None]] = []
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, kind, _flags, _sequence, _port = _HEADER.unpack_from(data, offset)
@@ -195,6 +195,7 @@ class LocalAddresses:
 
     def _readable(self) -> None:
         sock = self._sock
+        assert sock is not None  # the reader is registered only while it is open
         added: set[str] = set()
         removed: set[str] = set()
         try:

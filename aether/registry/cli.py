@@ -162,8 +162,8 @@ def _list(registry, args) -> int:
         else:
             print(f"{app} ({','.join(_pair(m['label'] or m['key'], m['port']) for m in members)})")
         for m in members:
-            live = f"listening pid {m['pid']} {m['process'] or '?'}" if m["listening"] else "not listening"
-            print(f"  {m['key']:<24} {m['port']:>5}  {m['label'] or '-':<8} {live}  {m['description']}".rstrip())
+            held = f"listening pid {m['pid']} {m['process'] or '?'}" if m["listening"] else "not listening"
+            print(f"  {m['key']:<24} {m['port']:>5}  {m['label'] or '-':<8} {held}  {m['description']}".rstrip())
     return 0
 
 
@@ -262,7 +262,7 @@ def conflicts(registry) -> list[dict]:
             )
     registered = {entry.port: entry for entry in registry.entries()}
     for port, entry in sorted(registered.items()):
-        state = live.get(port)
+        state = live.get(port, {})
         if state and entry.app:
             app = _app_of(state["pid"])
             if app is not None and app != entry.app:

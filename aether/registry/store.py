@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from aether import sqlite
@@ -247,16 +248,18 @@ class Registry:
         key = check_key(key)
         return self._write(lambda db: db.execute("DELETE FROM ports WHERE key = ?", (key,)).rowcount > 0)
 
-    def allocate(self, app: str, labels: list[str], first: int, last: int, avoid: set[int] | frozenset[int] = ()) -> list[Entry]:
+    def allocate(self, app: str, labels: list[str], first: int, last: int, avoid: Iterable[int] = ()) -> list[Entry]:
         """Register a contiguous block for ``app``'s ``labels`` (keys ``{app}-{label}``) inside
         ``first``-``last``, skipping registered ports and ``avoid``. An app that already has all
         these labels gets its ports back unchanged."""
-        app = check_word("app", app)
-        if app is None:
+        name = check_word("app", app)
+        if name is None:
             raise RegistryError("allocate needs an app name")
-        labels = [check_word("label", label) for label in labels]
-        if not labels or None in labels or len(set(labels)) != len(labels):
+        app = name
+        words = [check_word("label", label) for label in labels]
+        if not words or None in words or len(set(words)) != len(words):
             raise RegistryError("allocate needs distinct labels, e.g. --labels api,ui,health")
+        labels = [word for word in words if word is not None]  # every one, after that check
         keys = [check_key(f"{app}-{label}".lower()) for label in labels]
         first, last = check_port(first), check_port(last)
         if first > last:

@@ -87,6 +87,8 @@ def bearer_token(request) -> str | None:
 class Client(tornado.websocket.WebSocketHandler):
     """One WebSocket client of the endpoint; :meth:`send` is the one way out to it."""
 
+    ws_connection: Protocol13 | None  # what get_websocket_protocol makes
+
     def initialize(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.last_pong = time.monotonic()
@@ -134,10 +136,11 @@ class Client(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> None:
         return None
 
-    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+    def get_websocket_protocol(self) -> Protocol13 | None:
         protocol = super().get_websocket_protocol()
         if protocol is None:
             return None
+        assert isinstance(protocol, tornado.websocket.WebSocketProtocol13)  # the one kind Tornado makes
         return Protocol13(self, False, protocol.params)
 
     def _request_summary(self) -> str:
@@ -157,6 +160,7 @@ class Client(tornado.websocket.WebSocketHandler):
 
     def open(self, *args) -> None:
         self.last_pong = time.monotonic()
+        assert self.ws_connection is not None  # open comes once the connection is accepted
         stream_socket = self.ws_connection.stream.socket
         if stream_socket is not None:
             stream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.endpoint.send_buffer_bytes)

@@ -73,7 +73,7 @@ class Readings:
     #: TCP ports listening now, ignored ports left out.
     ports_open: Callable[[], int]
     #: The monitor's counters: ``resyncs`` and ``lost``.
-    monitor_stats: Callable[[], Mapping[str, int]]
+    monitor_stats: Callable[[], Mapping[str, float]]
     #: WebSocket clients connected now.
     clients: Callable[[], int]
     #: Browser connections to previews open now.

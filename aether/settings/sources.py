@@ -15,6 +15,7 @@ from aether.settings.table import BY_NAME, ENV, GATEWAY, GLOBAL, SERVE, SETTINGS
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
 
 #: Variables no process the daemon starts (terminals, agent backends) may inherit.
 PRIVATE_ENV = tuple(setting.env for setting in SETTINGS if setting.secret)
@@ -34,7 +35,7 @@ def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None, co
     """The value of ``setting``: ``given`` (its flag's on ``command``, as argparse left it), else
     its variable (an empty one counts as unset, as systemd's ``Environment=NAME=`` leaves it),
     else its key in ``file``, else its default; ValueError naming the source of a bad value."""
-    parse = setting.kind
+    parse: Callable[[Any], Any] = setting.kind
     if given is not None:
         raw, source = given, setting.flag_on(command)
     elif os.environ.get(setting.env):
@@ -87,6 +88,7 @@ def add_flags(parser: argparse.ArgumentParser, command: str, help: dict[str, str
         text = (help or {}).get(setting.name) or plain(setting.help)
         text = f"{text} (env {setting.env}; default {plain(shown_default(setting))})"
         flag = setting.flag_on(command)
+        assert flag is not None  # flags_of gives only settings with one
         if isinstance(setting.kind, Boolean):
             parser.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None, help=text)
             continue

@@ -64,7 +64,7 @@ class PtyProcess:
     """The child and the master side of its PTY (non-blocking); ``tree`` is every process it
     starts, which :meth:`kill_tree` ends."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: dict, cols: int, rows: int, tree: Tree | None = None):
+    def __init__(self, argv: Sequence[str], cwd: str | Path, env: dict, cols: int, rows: int, tree: Tree | None = None):
         try:
             spawn.check_program(argv[0], str(cwd), env)
         except spawn.NotFound as exc:

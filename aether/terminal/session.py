@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import time
@@ -77,7 +78,7 @@ class Terminal:
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._resume_reading()
-        self._loop.add_reader(process.pidfd, self._process_exited)
+        self._loop.add_reader(self._pidfd(), self._process_exited)
 
     # -- clients ------------------------------------------------------------------------
 
@@ -166,7 +167,7 @@ class Terminal:
             for client in backlogged:
                 if client not in self._waiting_for:
                     self._waiting_for.add(client)
-                    client.when_drained(lambda c=client: self._drained(c))
+                    client.when_drained(functools.partial(self._drained, client))
 
     def _drained(self, client: Client) -> None:
         self._waiting_for.discard(client)
@@ -251,7 +252,7 @@ class Terminal:
         status = self.process.exit_status()
         if status is None:
             return
-        self._loop.remove_reader(self.process.pidfd)
+        self._loop.remove_reader(self._pidfd())
         # What the program wrote before it ended is still in the PTY: send it first (a bounded
         # amount: a background job may keep writing to the terminal).
         for _ in range(4):
@@ -273,14 +274,21 @@ class Terminal:
         self._broadcast({"channel": "terminal", "type": "exit", "sessionId": self.id, **self._exit_fields()})
         self._on_exit(self)
 
+    def _pidfd(self) -> int:
+        """The process's pidfd: open until ``process.release()``, which comes after every use here."""
+        pidfd = self.process.pidfd
+        assert pidfd is not None
+        return pidfd
+
     def _exit_fields(self) -> dict:
+        assert self.exit is not None  # asked only once the process has exited
         code, signame = self.exit
         return {"code": code, "signal": signame} if signame else {"code": code}
 
     def shutdown(self) -> None:
         """At daemon exit: hang up without waiting; see :meth:`finish_shutdown`."""
         if self.exit is None:
-            self._loop.remove_reader(self.process.pidfd)
+            self._loop.remove_reader(self._pidfd())
             self._stop_io()
             self.process.tree.hold()
         self.process.release()

@@ -194,7 +194,8 @@ class TerminalChannel(Channel):
             terminal.clients.clear()
             return
         terminal.detached_since = time.monotonic()
-        ended = sorted((t for t in self.terminals.values() if t.exit is not None), key=lambda t: t.detached_since)
+        # Every ended session kept has detached_since: it ended detached, or was left after.
+        ended = sorted((t for t in self.terminals.values() if t.exit is not None), key=lambda t: t.detached_since or 0.0)
         for old in ended[: max(0, len(ended) - self.settings.terminal_max_sessions)]:
             del self.terminals[old.id]  # the oldest unseen ends go first
         self._schedule_sweep()
