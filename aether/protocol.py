@@ -65,6 +65,10 @@ def _visibility(value: Any) -> bool:
     return value in ("private", "public")
 
 
+def _protocol(value: Any) -> bool:
+    return value in ("https", "http", "tcp", "auto")
+
+
 def depth(value: Any) -> int:
     """How deep arrays and objects nest in ``value`` (0 for a scalar); a walk, not recursion."""
     deepest, stack = 0, [(value, 1)]
@@ -159,6 +163,7 @@ _CONVERSATION = _SESSION
 SCHEMAS: dict[tuple[str, str], dict[str, _Field]] = {
     ("ports", "kill"): {"port": _PORT},
     ("ports", "visibility"): {"port": _PORT, "visibility": (_visibility, '"private" or "public"')},
+    ("ports", "protocol"): {"port": _PORT, "protocol": (_protocol, '"https", "http", "tcp" or "auto"')},
     ("config", "get"): {},
     ("config", "set"): {"config": (_object, f"an object of keys to new values, nested at most {MAX_DEPTH} deep")},
     ("config", "registry"): {},

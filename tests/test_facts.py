@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.clients import recv_until
+from support.ports import free_port
 from support.servers import Server, Watcher
 
 PY = sys.executable
@@ -377,3 +378,44 @@ def test_ports_watch_carries_the_same_fields_and_ready(backend, listeners, works
     told = [m for m in seen if m["type"] == "update"][-1]
     assert told["protocol"] == "http" and "http.server" in told["command"] and told["cwd"] is not None
     assert seen[-1]["protocol"] == "http" and seen[-1]["ms"] >= 0
+
+
+def test_a_person_chooses_a_ports_protocol_and_the_preview_follows(server, listeners):
+    """`protocol` on the ports channel: every client hears it and the port's `update`; the
+    preview speaks what was chosen (TLS to a plain server fails its handshake); `auto` gives
+    back what detection found; a port not open, or a value not offered, changes nothing."""
+    srv = server()
+    port = listeners.http_server().port
+    headers = {"Authorization": f"Bearer {srv.token}"}
+
+    def preview() -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{srv.port}/", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with srv.connect() as ws, srv.connect() as other:
+        opened, _ = protocol_told(ws, port)
+        headers["Host"] = urllib.parse.urlsplit(opened["url"]).netloc.split(":")[0]
+        assert preview() == 200
+        ws.send(json.dumps({"channel": "ports", "type": "protocol", "port": port, "protocol": "https", "id": "p"}))
+        told = recv_until(ws, lambda m: m.get("id") == "p", timeout=10)
+        assert told == {"channel": "ports", "type": "protocol", "port": port, "protocol": "https", "id": "p"}
+        seen = port_messages(other, port, lambda m: m["type"] == "update" and m["protocol"] == "https")
+        assert {"channel": "ports", "type": "protocol", "port": port, "protocol": "https"} in seen
+        assert preview() == 502  # TLS to a plain HTTP server: the handshake fails
+        ws.send(json.dumps({"channel": "ports", "type": "protocol", "port": port, "protocol": "auto", "id": "a"}))
+        recv_until(ws, lambda m: m.get("id") == "a", timeout=10)
+        port_messages(other, port, lambda m: m["type"] == "update" and m["protocol"] == "http")
+        assert preview() == 200
+        closed = free_port()
+        for body, code in (
+            ({"port": closed, "protocol": "http"}, "not_open"),
+            ({"port": port, "protocol": "ftp"}, "bad_message"),
+        ):
+            ws.send(json.dumps({"channel": "ports", "type": "protocol", "id": "x", **body}))
+            reply = recv_until(ws, lambda m: m.get("id") == "x", timeout=10)
+            assert (reply["type"], reply["code"]) == ("error", code), reply
+        assert preview() == 200

@@ -148,7 +148,7 @@ def test_valid_messages_and_id_echo():
         "channel": "ports",
         "type": "error",
         "code": "unknown_type",
-        "message": "unknown type for channel ports; one of kill, visibility",
+        "message": "unknown type for channel ports; one of kill, protocol, visibility",
         "id": 7,
     }
 

@@ -100,6 +100,9 @@ class PortFacts:
         self._closed = False
         #: Attributes last told per port, so that a rules reload tells only the ports it changed.
         self._told: dict[int, Attributes] = {}
+        #: A person's choice of protocol for a port (the ports channel's ``protocol``), over the
+        #: attributes' and detection's, until the port closes.
+        self._chosen: dict[int, str] = {}
         now = time.monotonic()
         for port in table.ports():
             event = table.open_event(port)
@@ -113,6 +116,9 @@ class PortFacts:
     def protocol_of(self, port: int) -> str | None:
         """``https``, ``http`` or ``tcp``: what the attributes say the port speaks, else what
         detection found; None while the port is not open or not looked at yet."""
+        chosen = self._chosen.get(port)
+        if chosen is not None:
+            return chosen
         state = self._ports.get(port)
         if state is None:
             return None
@@ -138,7 +144,7 @@ class PortFacts:
         command = attrs.shown_command(found.command) if found is not None else None
         container = state.container if state is not None else None
         ready = detection.ready if detection is not None else None
-        protocol = attrs.protocol or (detection.protocol if detection is not None else None)
+        protocol = self._chosen.get(port) or attrs.protocol or (detection.protocol if detection is not None else None)
         return {
             "protocol": protocol,
             "ready": None if ready is None else round(ready * 1000),
@@ -159,6 +165,18 @@ class PortFacts:
             return
         self._queue.append(event)
         self._schedule()
+
+    def choose(self, port: int, protocol: str | None) -> None:
+        """A person says what ``port`` speaks (None: what the attributes or detection say
+        again), until it closes; an ``update`` tells every client."""
+        if protocol is None:
+            self._chosen.pop(port, None)
+        else:
+            self._chosen[port] = protocol
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if port in self._ports:
+            self._tell(port)
 
     def recheck(self, port: int) -> None:
         """Look at ``port``'s protocol again (a ``tcp`` port the proxy saw answer HTTP)."""
@@ -206,6 +224,7 @@ class PortFacts:
             if event.type == CLOSE:
                 self._ports.pop(port, None)
                 self._told.pop(port, None)
+                self._chosen.pop(port, None)
                 self.detector.stop(port)
                 lookups.pop(port, None)
                 continue

@@ -87,7 +87,7 @@ class PortsChannel(Channel):
         self.preview_url, self.save_config, self.sent = preview_url, save_config, sent
         self.own_port, self.kill_grace = own_port, kill_grace
         self.facts = facts
-        self.handlers = {"kill": self._kill, "visibility": self._set_visibility}
+        self.handlers = {"kill": self._kill, "visibility": self._set_visibility, "protocol": self._set_protocol}
         self._jobs = Jobs()
         self._in_flight: set[int] = set()
         started = _now_ms()
@@ -157,6 +157,20 @@ class PortsChannel(Channel):
         self.visibility.choose(port, value)
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
+        self.clients.announce(changed, client, message.id)
+
+    def _set_protocol(self, client: Client, message: Message) -> None:
+        """What an open port speaks, as a person says (``auto``: as found again), until it
+        closes: the preview follows it at once, and every client gets ``protocol`` then the
+        port's ``update``."""
+        port, value = message.body["port"], message.body["protocol"]
+        if self.facts is None:
+            raise Refusal("unavailable", "this server does not look into ports")
+        if port not in self._opened:
+            raise Refusal("not_open", f"port {port} is not open")
+        self.facts.choose(port, None if value == "auto" else value)
+        log.info("port protocol chosen", extra={"port": port, "protocol": value})
+        changed = {"channel": self.name, "type": "protocol", "port": port, "protocol": value}
         self.clients.announce(changed, client, message.id)
 
     def _kill(self, client: Client, message: Message) -> None:
