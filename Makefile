@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench docs clean
+.PHONY: setup run test lint bench docs clean fleet-demo
 
 setup:
 	@bash deploy/setup.sh
@@ -22,6 +22,11 @@ lint: setup
 
 bench: setup
 	@$(PY) bench/run_all.py
+
+# A local fleet (Redis, three VMs as network namespaces, two gateways), as root; docs/fleet.md.
+# `deploy/fleet-demo.sh stop` removes it.
+fleet-demo: setup
+	@bash deploy/fleet-demo.sh
 
 # The settings tables of docs/settings.md, from aether/settings/table.py.
 docs: setup

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     watch = ports.add_parser("watch", help="one JSON line per port open/close, current ports first")
+    watch.add_argument("--human", action="store_true", help="a table redrawn as ports come and go, for a terminal")
+    watch.add_argument(
+        "--plain",
+        action="store_true",
+        help="the monitor's events alone: no protocol, command line or attributes, no ready, no update for them",
+    )
     sources.add_flags(
         watch, "ports watch", help={"sockdiag_interval": "seconds between sock_diag snapshots, the minimum", **ignore_help}
     )
@@ -65,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     doctor.add_argument(
+        "--preview",
+        type=int,
+        metavar="PORT",
+        help="explain why PORT's preview does not work: nothing listens, an address the proxy cannot reach, "
+        "TLS or no HTTP, the app refusing the preview's Host",
+    )
+    doctor.add_argument(
         "--service",
         action="store_true",
         help="check what the installed aether.service runs with: /etc/aether/aether.env's "
@@ -78,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aether.fleet import status as fleet_status  # redis itself is imported only when it runs
 
     fleet_status.add_commands(commands)
+
+    from aether.settings import gateway as gateway_settings
+
+    gateway_settings.add_commands(commands)
     return parser
 
 
@@ -108,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from aether.fleet import status as fleet_status
 
         return fleet_status.run(args)
+    if args.command == "gateway":
+        from aether.server import gateway
+
+        return gateway.run(args)
     if args.command == "ports":
         handler = {"list": _ports_list, "watch": _ports_watch, "kill": _ports_kill}[args.ports_command]
         return handler(args, values)
@@ -121,16 +142,82 @@ def _ports_list(args, values: dict) -> int:
 
     with sockdiag.DiagSocket() as diag:
         raw = [row for row in diag.raw() if row[1] not in values["ignored_ports"]]
-    result = [state.to_json() for state in procs.port_states(raw)]
+    from aether.ports import listing
+
+    # The table shows no protocol: only JSON waits for ports to answer.
+    names = _registry_names()
+    result = [_described(row, names) for row in listing.rows(procs.port_states(raw), _rules(), look=args.json)]
     if args.json:
-        print(ujson.dumps(result))
+        print(ujson.dumps(result, escape_forward_slashes=False))
         return 0
-    print(f"{'PORT':>5}  {'PID':>7}  {'PROCESS':<16}  ADDRESSES")
-    for row in result:
-        pid = "-" if row["pid"] is None else str(row["pid"])
-        process = row["process"] or "-"
-        print(f"{row['port']:>5}  {pid:>7}  {process:<16}  {','.join(row['addresses'])}")
+    print("\n".join(_table(result)))
     return 0
+
+
+def _registry_names() -> dict[int, list[str]]:
+    """port -> the registry's keys for it, from the running server's registry (or the
+    default one); nothing when there is none. Never creates a registry."""
+    from aether import running
+
+    path = running.state_dir(None)[0] / "registry.db"
+    if not path.exists():
+        return {}
+    from aether.registry.store import Registry, RegistryError
+
+    try:
+        with Registry(path) as registry:
+            entries = registry.entries()
+    except RegistryError:
+        return {}
+    names: dict[int, list[str]] = {}
+    for entry in entries:
+        names.setdefault(entry.port, []).append(entry.key)
+    return names
+
+
+def _described(row: dict, names: dict[int, list[str]]) -> dict:
+    """A port's JSON with its registry names and, unless the monitor gave it, its command."""
+    from aether.ports import procs
+
+    if row.get("command") is None and "hideCommand" not in (row.get("sources") or {}):
+        row["command"] = procs.command_line(row.get("pid"))  # not read yet (an open's first line)
+    row["names"] = names.get(row["port"], [])
+    return row
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """The human table, one line a port, the command cut to the terminal's width."""
+    import shutil
+
+    width = shutil.get_terminal_size((120, 24)).columns
+    lines = [f"{'PORT':>5}  {'PID':>7}  {'PROCESS':<16}  {'NAMES':<16}  {'ADDRESSES':<22}  COMMAND"]
+    for row in rows:
+        pid = "-" if row.get("pid") is None else str(row["pid"])
+        names = ",".join(row.get("names") or []) or "-"
+        label = row.get("label")
+        names = f"{names} ({label})" if label else names
+        addresses = ",".join(row.get("addresses") or [])
+        line = f"{row['port']:>5}  {pid:>7}  {row.get('process') or '-':<16}  {names:<16}  {addresses:<22}  "
+        extra = [row["protocol"]] if row.get("protocol") else []
+        if row.get("readyMs") is not None:
+            extra.append(f"ready {row['readyMs']} ms")
+        command = (f"[{' '.join(extra)}] " if extra else "") + (row.get("command") or "-")
+        room = max(10, width - len(line))
+        lines.append(line + (command if len(command) <= room else command[: room - 1] + "…"))
+    return lines
+
+
+def _rules():
+    """The attribute rules ``serve`` would read: config.json in the state directory, the
+    workspace's files beneath its root (each from its variable, else its default)."""
+    from pathlib import Path
+
+    from aether.attributes.live import read_all
+    from aether.state import locate
+
+    root = sources.value("workspace_root") or Path(os.path.expanduser("~"))
+    ruleset, _problems = read_all(Path(root), locate(sources.value("state_dir")) / "config.json")
+    return ruleset
 
 
 def _ports_watch(args, values: dict) -> int:
@@ -153,18 +240,66 @@ def _ports_watch(args, values: dict) -> int:
             except BrokenPipeError:
                 stop.set()  # the reader went away: nothing left to do
 
-        def emit(event) -> None:
+        table: dict[int, dict] = {}
+        names = _registry_names() if args.human else {}
+        facts = None
+
+        def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
             nonlocal flush_pending
+            if args.human:
+                return redraw(message)
             try:
-                out.write(ujson.dumps(event.to_message(), escape_forward_slashes=False).encode() + b"\n")
+                out.write(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
             except BrokenPipeError:
                 stop.set()
                 return
             if not flush_pending:
                 flush_pending = True
                 loop.call_soon(flush)
+
+        def emit(event, live: bool = True) -> None:
+            message = event.to_message()
+            if facts is not None and event.type != "close":
+                message.update(facts.fields(event.port, event.pid))
+            write(message)
+            if facts is not None and live:
+                facts.seen(event)  # after the line is written: lookups never delay it
+
+        def emit_found(event) -> None:
+            message = event.to_message()
+            message.update(facts.fields(event.port, event.pid))
+            write(message)
+
+        redraw_pending = False
+
+        def redraw(message: dict) -> None:
+            # The whole table again, once per batch of events: clear the screen, home, print.
+            nonlocal redraw_pending
+            if message["type"] == "close":
+                table.pop(message["port"], None)
+            elif message["type"] == "ready" and message["port"] in table:
+                table[message["port"]]["readyMs"] = message.get("ms")
+            elif message["type"] in ("open", "update"):
+                row = _described({**table.get(message["port"], {}), **message}, names)
+                if row.get("ready") is not None:
+                    row["readyMs"] = row["ready"]
+                table[message["port"]] = row
+            if not redraw_pending:
+                redraw_pending = True
+                loop.call_soon(draw)
+
+        def draw() -> None:
+            nonlocal redraw_pending
+            redraw_pending = False
+            rows = [table[port] for port in sorted(table)]
+            text = "\x1b[H\x1b[2J" + "\n".join(_table(rows)) + f"\n{len(rows)} open; ^C to stop\n"
+            try:
+                out.write(text.encode())
+                out.flush()
+            except BrokenPipeError:
+                stop.set()
 
         monitor = PortMonitor(
             backend=values["backend"],
@@ -184,12 +319,26 @@ def _ports_watch(args, values: dict) -> int:
             # A pipe's write end never polls readable; it polls in error once the reader has
             # gone, so `watch | head -1` ends even when no further event would be written.
             loop.add_reader(out.fileno(), stop.set)
+        if not args.plain:
+            from aether.ports.facts import PortFacts
+
+            rules = await loop.run_in_executor(None, _rules)
+            facts = PortFacts(
+                monitor.table,
+                emit_found,
+                lambda port, protocol, ms: write(
+                    {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
+                ),
+                lambda: rules,
+            )
         try:
             for event in monitor.open_events():
-                emit(event)
+                emit(event, live=False)  # the facts look into the ports open when they start
             monitor.subscribe(emit)
             await stop.wait()
         finally:
+            if facts is not None:
+                facts.close()
             monitor.stop()
         return 0
 
@@ -224,7 +373,7 @@ def _ports_kill(args, values: dict) -> int:
     return 0 if result.closed else 1
 
 
-def _loop_factory():
+def loop_factory():
     try:
         import uvloop
     except ImportError:
@@ -249,5 +398,5 @@ def _serve(args) -> int:
 
     log.redact(cookie.value(settings.token))  # the dashboard's cookie opens the ports channel
     # uvloop moves bytes ~10% faster than asyncio's own loop: it shows in the preview proxy.
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(settings))

@@ -21,6 +21,7 @@ BENCHES = [
     ["bench/server.py", "--cycles", "500", "--clients", "1000", "--rounds", "20"],
     ["bench/daemonize.py", "--cycles", "50"],
     ["bench/preview.py", "--seconds", "5", "--rounds", "3", "--trips", "2000", "--opens", "20"],
+    ["bench/proxy_bulk.py", "--gib", "1", "--ws-mib", "1024", "--rounds", "3"],
     ["bench/registry.py", "--runs", "30", "--entries", "1000"],
     ["bench/terminal.py", "--megabytes", "200", "--idle-cycles", "200"],
     ["bench/spawn.py", "--runs", "300"],
@@ -28,6 +29,7 @@ BENCHES = [
     ["bench/who.py", "--calls", "20000"],
     ["bench/detect.py", "--rounds", "20", "--burst", "1000"],
     ["bench/dashboard.py", "--samples", "20"],
+    ["bench/fleet.py", "--opens", "20", "--seconds", "5", "--rounds", "3", "--trips", "2000", "--workspaces", "10000"],
     ["bench/footprint.py", "--clients", "1000", "--pairs", "10000", "--starts", "5"],
 ]
 

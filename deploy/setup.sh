@@ -130,6 +130,18 @@ if command -v npm >/dev/null && {
         say "npm could not install wscat and ws; the wscat and node WebSocket tests will fail"
 fi
 
+# Vite with @vitejs/plugin-basic-ssl (a self-signed HTTPS dev server, and its HMR WebSocket),
+# for the preview's TLS-upstream test; in its own prefix so wscat's install stays as it is.
+VITE_VERSION=8.4.1
+BASIC_SSL_VERSION=2.3.0
+if command -v npm >/dev/null && {
+    ! grep -qs "\"version\": \"$VITE_VERSION\"" .tools/vite/node_modules/vite/package.json ||
+        ! grep -qs "\"version\": \"$BASIC_SSL_VERSION\"" .tools/vite/node_modules/@vitejs/plugin-basic-ssl/package.json; }; then
+    say "installing vite $VITE_VERSION and @vitejs/plugin-basic-ssl $BASIC_SSL_VERSION into .tools/vite/"
+    npm install --silent --no-audit --no-fund --prefix .tools/vite "vite@$VITE_VERSION" "@vitejs/plugin-basic-ssl@$BASIC_SSL_VERSION" >&2 ||
+        say "npm could not install vite; the Vite preview test will fail"
+fi
+
 # One line on how ports will be watched.
 "$VENV/bin/python" - <<'PY' >&2
 from aether.ports.ebpf import ProbeUnavailable, check_environment

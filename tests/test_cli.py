@@ -27,16 +27,20 @@ def test_list_json_and_table(listeners):
     result = aether("ports", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["port"]: row for row in json.loads(result.stdout)}
-    assert rows[port] == {
+    assert {key: rows[port][key] for key in ("port", "pid", "process", "addresses", "pids")} == {
         "port": port,
         "pid": server.pid,
         "process": proc_comm(server.pid),
         "addresses": ["127.0.0.1"],
         "pids": [server.pid],
     }
+    assert rows[port]["names"] == []
+    # And what an open carries beside it: who the process is, what the port speaks.
+    assert rows[port]["protocol"] == "http" and rows[port]["cwd"] == os.getcwd()
+    assert rows[port]["command"] == f"{sys.executable} -m http.server {port} --bind 127.0.0.1"
     table = aether("ports", "list").stdout.splitlines()
-    assert table[0].split() == ["PORT", "PID", "PROCESS", "ADDRESSES"]
-    assert [str(port), str(server.pid), proc_comm(server.pid), "127.0.0.1"] in [line.split() for line in table]
+    assert table[0].split() == ["PORT", "PID", "PROCESS", "NAMES", "ADDRESSES", "COMMAND"]
+    assert [str(port), str(server.pid), proc_comm(server.pid), "-", "127.0.0.1"] in [line.split()[:5] for line in table]
 
 
 def test_list_leaves_out_ignored_ports(listeners):

@@ -316,3 +316,53 @@ def test_probe_needs_each_capability_it_is_given():
         assert result.returncode == 1, (missing, result.stderr)
         assert result.stderr.startswith("aether: eBPF backend unavailable: "), result.stderr
         assert "Traceback" not in result.stderr
+
+
+# -- the fleet gateway's unit ----------------------------------------------------------------
+
+GATEWAY_UNIT = ROOT / "deploy" / "aether-gateway.service"
+
+
+def gateway_unit(root: Path) -> Path:
+    """The gateway's unit under ``root``, pointing at this checkout, with its environment file."""
+    unit = root / "etc/systemd/system/aether-gateway.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(GATEWAY_UNIT.read_text().replace("/opt/aether", str(ROOT)))
+    (root / "etc/aether").mkdir(parents=True)
+    (root / "etc/aether/gateway.env").write_text("AETHER_FLEET_REDIS=redis://127.0.0.1:6379/0\n")
+    return unit
+
+
+def test_gateway_unit_verifies_runs_as_its_own_user_without_capabilities(tmp_path):
+    unit = gateway_unit(tmp_path)
+    checked = verify(unit)
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
+    values = settings(unit)
+    assert values["ExecStart"] == [f"{ROOT}/.venv/bin/aether gateway"]
+    assert values["DynamicUser"] == ["yes"] and "User" not in values
+    assert values["CapabilityBoundingSet"] == [""] and values["AmbientCapabilities"] == [""]
+    assert values["Documentation"] == [f"file://{ROOT}/docs/fleet.md"] and (ROOT / "docs/fleet.md").exists()
+    # The key reaches it as a credential, under the name the gateway is told.
+    assert values["LoadCredential"] == ["fleet.key:/etc/aether/fleet.key"]
+    assert values["Environment"] == ["AETHER_FLEET_KEY_FILE=%d/fleet.key"]
+
+    bad = unit.with_name("bad.service")
+    bad.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystem=sometimes"))
+    assert "sometimes" in verify(bad).stderr  # verify does read the sandbox's lines
+
+
+def test_gateway_unit_is_far_less_exposed_than_the_vm_unit(tmp_path):
+    gateway_unit(tmp_path)
+    assert install(destdir=tmp_path / "vm").returncode == 0
+
+    def exposure(root: Path, name: str) -> float:
+        out = subprocess.run(
+            [tool("systemd-analyze"), "security", "--offline=yes", f"--root={root}", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return float(re.search(rf"Overall exposure level for {name}: ([\d.]+)", out).group(1))
+
+    gateway, vm = exposure(tmp_path, "aether-gateway.service"), exposure(tmp_path / "vm", "aether.service")
+    assert gateway < 2.0 < vm, (gateway, vm)

@@ -218,3 +218,14 @@ def test_no_code_speaks_of_seeds_issues_or_this_machine():
         if _CODE_HISTORY.search(line)
     ]
     assert found == []
+
+
+def test_no_merge_conflict_is_left_in_a_file():
+    marker = re.compile(r"^(<{7}|>{7}) ")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in [*_CODE, *ALL_MARKDOWN]
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if marker.match(line)
+    ]
+    assert found == []

@@ -206,13 +206,18 @@ def test_became_private():
 
 def test_liveness_marks_and_revives():
     routes = r.Routes()
+    died: list[str] = []
+    routes.on_dead = died.append  # the gateway ends what waits on a dead VM
     routes.load(
         snapshot({"abc123": make_blob(), "late01": make_blob("late01")}, deadlines={"abc123": 4000, "late01": 500}, now_ms=1000)
     )
     assert routes.route("late01", 3000)[2] == r.UNAVAILABLE  # judged at the load: deadline passed
     assert routes.route("abc123", 3000)[2] == r.OPEN
+    assert died == ["late01"]
     assert routes.expire([("abc123", 4000.0)]) == ["abc123"]
     assert routes.route("abc123", 3000)[2] == r.UNAVAILABLE
+    assert died == ["late01", "abc123"]
+    assert routes.expire([("abc123", 4000.0)]) == [] and len(died) == 2  # once
     assert set(routes.to_revive(10)) == {"abc123", "late01"}
     assert routes.revive([("abc123", 6000.0), ("late01", None)], now_ms=5000) == ["abc123"]
     assert routes.route("abc123", 3000)[2] == r.OPEN and "late01" in routes.dead

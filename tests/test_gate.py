@@ -61,7 +61,9 @@ def test_routing_decisions():
     assert status(decide(gate, headers=[(b"Host", b"22-abc123.preview.localhost"), BEARER])) == 403
     assert status(decide(gate, headers=[(b"Host", b"3001-abc123.preview.localhost"), BEARER])) == 403
     assert status(decide(gate, headers=[(b"Host", b"4000-abc123.preview.localhost"), BEARER])) == 502
-    assert status(decide(gate, headers=[(b"Host", b"localhost:3001"), BEARER])) == 421
+    # The server's own host on a preview connection: sent again on a new connection (307).
+    assert status(decide(gate, headers=[(b"Host", b"localhost:3001"), BEARER])) == 307
+    assert status(decide(gate, headers=[(b"Host", b"<script>"), BEARER])) == 421
     assert status(decide(gate, headers=[BEARER])) == 400
     assert status(decide(gate, headers=[(b"Host", HOST), (b"Host", HOST), BEARER])) == 400
     assert status(decide(gate, b"http://127.0.0.1:22/", [(b"Host", HOST), BEARER])) == 400
@@ -302,6 +304,7 @@ header_values = st.sampled_from(
 ) | st.binary(max_size=20)
 targets = st.sampled_from(
     [b"/", b"/?token=" + TOKEN.encode(), b"//x?token=" + TOKEN.encode(), b"http://x/", b"*", b"/%2e%2e/"]
+    + [b"/proxy/3000/", b"/proxy/22/", b"/absproxy/3000/x?token=" + TOKEN.encode(), b"/proxy/3000", b"/proxy//"]
 ) | st.binary(min_size=1, max_size=20)
 
 
@@ -347,3 +350,158 @@ def test_fuzzed_heads_never_raise_and_only_target_the_local_listener(method, tar
     else:
         assert decision.response.startswith(b"HTTP/1.1 %d " % decision.status)
         assert b"<script" not in decision.response.lower()
+
+
+def fleet_gate(public=()) -> Gate:
+    from aether.fleet import auth
+
+    gate = make_gate(public)
+    gate.fleet_keys = auth.FleetKeys([b"f" * 32])
+    return gate
+
+
+def signed_headers(gate, access=b"token", when=None, host=HOST, target=b"/", xff=b"10.9.0.1", proto=b"https", port=b"443"):
+    from aether.fleet import auth
+
+    signature = auth.sign(gate.fleet_keys, access, b"GET", host, target, xff, proto, port, when)
+    return [
+        (b"Host", host),
+        (b"X-Forwarded-For", xff),
+        (b"X-Forwarded-Proto", proto),
+        (b"X-Forwarded-Port", port),
+        (b"X-Aether-Fleet", signature),
+    ]
+
+
+def test_fleet_mode_takes_only_loopback_or_signed_requests():
+    import time
+
+    gate = fleet_gate()
+    remote = "10.0.0.9"  # a gateway's address
+    # Unsigned from another host: 403 even with the token.
+    answer = gate.decide(b"GET", b"/", [(b"Host", HOST), BEARER], remote, False)
+    assert status(answer) == 403 and b"gateways" in answer.response
+    # From this host's loopback: as without a fleet.
+    assert isinstance(gate.decide(b"GET", b"/", [(b"Host", HOST), BEARER], "127.0.0.1", False), Forward)
+    assert status(gate.decide(b"GET", b"/", [(b"Host", HOST)], "::1", False)) == 401
+    # Signed: what the gateway admitted is believed, and so are its X-Forwarded-*.
+    forward = gate.decide(b"GET", b"/", signed_headers(gate), remote, False)
+    assert isinstance(forward, Forward)
+    assert b"x-aether-fleet" not in forward.head.lower()
+    assert b"X-Forwarded-Proto: https" in forward.head and b"X-Forwarded-For: 10.9.0.1, 10.0.0.9" in forward.head
+    assert isinstance(gate.decide(b"GET", b"/", signed_headers(gate, b"cookie"), remote, False), Forward)
+    # Admitted as public by a gateway whose view was stale: this VM holds the port private.
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, b"public"), remote, False)) == 401
+    assert isinstance(fleet_gate(public={3000}).decide(b"GET", b"/", signed_headers(gate, b"public"), remote, False), Forward)
+    # Not this request's signature, too old, too new, under another key, or twice: 403.
+    assert status(gate.decide(b"GET", b"/other", signed_headers(gate), remote, False)) == 403
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, when=time.time() - 61), remote, False)) == 403
+    assert status(gate.decide(b"GET", b"/", signed_headers(gate, when=time.time() + 61), remote, False)) == 403
+    forged = signed_headers(gate)
+    forged[1] = (b"X-Forwarded-For", b"6.6.6.6")
+    assert status(gate.decide(b"GET", b"/", forged, remote, False)) == 403
+    twice = signed_headers(gate)
+    assert status(gate.decide(b"GET", b"/", [*twice, twice[-1]], remote, False)) == 403
+    other = fleet_gate()
+    from aether.fleet import auth
+
+    other.fleet_keys = auth.FleetKeys([b"o" * 32])
+    assert status(other.decide(b"GET", b"/", signed_headers(gate), remote, False)) == 403
+
+
+def test_without_fleet_mode_a_client_cannot_claim_a_gateway_signature():
+    gate = make_gate()
+    headers = [(b"Host", HOST), (b"X-Forwarded-Proto", b"https"), (b"X-Aether-Fleet", b"v1 t=1 a=token s=" + b"x" * 43)]
+    assert status(gate.decide(b"GET", b"/", headers, "10.0.0.9", False)) == 401
+
+
+# -- path previews and preflights -----------------------------------------------------------
+
+SERVER_HOST = (b"Host", b"127.0.0.1:3001")
+
+
+def test_path_preview_targets():
+    from aether.preview import paths
+
+    stripped = paths.parse(b"/proxy/3000/a/b?c=1")
+    assert (stripped.name, stripped.prefix, stripped.upstream, stripped.stripped) == (3000, b"/proxy/3000", b"/a/b?c=1", True)
+    kept = paths.parse(b"/absproxy/3000/a?c")
+    assert (kept.name, kept.upstream, kept.stripped) == (3000, b"/absproxy/3000/a?c", False)
+    assert paths.parse(b"/proxy/3000").slash == b"/proxy/3000/"
+    assert paths.parse(b"/proxy/3000?x=1").slash == b"/proxy/3000/?x=1"
+    assert paths.parse(b"/proxy/03000/").name is None
+    assert paths.parse(b"/proxy/Web-App/").name == "web-app"
+    for bad in (b"/proxy//", b"/proxy/", b"/proxy/30%30/", b"/proxy/a.b/", b"/proxy/" + b"9" * 64 + b"/"):
+        assert paths.parse(bad) is None, bad
+
+
+def test_path_previews_decide_like_host_previews():
+    gate = make_gate(named=lambda key: 3000 if key == "web" else None)
+    forward = decide(gate, b"/proxy/3000/x?y=1", [SERVER_HOST, BEARER])
+    assert isinstance(forward, Forward) and forward.port == 3000
+    assert forward.head.startswith(b"GET /x?y=1 HTTP/1.1\r\nHost: localhost:3000\r\n")
+    assert b"\r\nX-Forwarded-Prefix: /proxy/3000\r\n\r\n" in forward.head and TOKEN.encode() not in forward.head
+    # A client's own X-Forwarded-Prefix never reaches the app.
+    spoofed = decide(gate, b"/proxy/3000/", [SERVER_HOST, BEARER, (b"X-Forwarded-Prefix", b"/evil")])
+    assert b"/evil" not in spoofed.head
+    kept = decide(gate, b"/absproxy/3000/x", [SERVER_HOST, BEARER])
+    assert kept.head.startswith(b"GET /absproxy/3000/x HTTP/1.1\r\n") and b"X-Forwarded-Prefix" not in kept.head
+    assert decide(gate, b"/proxy/web/", [SERVER_HOST, BEARER]).port == 3000
+    assert status(decide(gate, b"/proxy/3000/", [SERVER_HOST])) == 401
+    assert status(decide(make_gate(public=[3000]), b"/proxy/3000/", [SERVER_HOST])) == 0
+    assert status(decide(gate, b"/proxy/22/", [SERVER_HOST, BEARER])) == 403
+    assert status(decide(gate, b"/proxy/3001/", [SERVER_HOST, BEARER])) == 403  # the server's own port
+    assert status(decide(gate, b"/proxy/4000/", [SERVER_HOST, BEARER])) == 502
+    assert status(decide(gate, b"/proxy/03000/", [SERVER_HOST, BEARER])) == 404
+    assert status(decide(gate, b"/proxy/nokey/", [SERVER_HOST, BEARER])) == 404
+    assert status(decide(gate, b"/proxy/3000", [SERVER_HOST, BEARER])) == 308
+    # The dashboard's cookie (same host) never reaches the app; the app's own cookies do.
+    dashboard = (b"Cookie", b"a=1; aether_dashboard=abc; b=2")
+    assert b"Cookie: a=1; b=2\r\n" in decide(gate, b"/proxy/3000/", [SERVER_HOST, BEARER, dashboard]).head
+    # The Host's port, for X-Forwarded-Port: none in a bracketed IPv6 address.
+    assert b"X-Forwarded-Port: 80\r\n" in decide(gate, b"/proxy/3000/", [(b"Host", b"[::1]"), BEARER]).head
+    assert b"X-Forwarded-Port: 3001\r\n" in decide(gate, b"/proxy/3000/", [(b"Host", b"[::1]:3001"), BEARER]).head
+    # The server's own paths on a path-preview connection go back out, never off-site.
+    back = decide(gate, b"//evil.example/x", [SERVER_HOST, BEARER])
+    assert status(back) == 307 and b"Location: /evil.example/x\r\n" in back.response and back.close
+
+
+def test_path_preview_cookie_is_scoped_to_its_prefix():
+    gate = make_gate(listeners=(("127.0.0.1", 3000), ("127.0.0.1", 4000)))
+    answer = decide(gate, b"/proxy/3000/a?token=" + TOKEN.encode(), [SERVER_HOST])
+    assert answer.status == 302 and b"Location: /proxy/3000/a\r\n" in answer.response
+    cookie = answer.response.split(b"Set-Cookie: ")[1].split(b"\r\n")[0]
+    assert b"; Path=/proxy/3000; HttpOnly; SameSite=Lax" in cookie
+    pair = (b"Cookie", cookie.split(b";")[0])
+    forward = decide(gate, b"/proxy/3000/a", [SERVER_HOST, pair])
+    assert isinstance(forward, Forward) and b"aether_preview" not in forward.head
+    # Not the host preview's cookie, and not another port's path.
+    assert status(decide(gate, b"/proxy/4000/a", [SERVER_HOST, pair])) == 401
+    assert status(decide(gate, headers=[(b"Host", HOST), pair])) == 401
+    host_cookie = (b"Cookie", b"aether_preview=" + gate.cookie_value(b"3000-abc123.preview.localhost"))
+    assert status(decide(gate, b"/proxy/3000/", [SERVER_HOST, host_cookie])) == 401
+
+
+def test_preflights_from_own_previews_reach_the_private_app():
+    gate = make_gate()
+    own = (b"Origin", b"http://4000-abc123.preview.localhost:3001")
+    asks = (b"Access-Control-Request-Method", b"PUT")
+    preflight = decide(gate, b"/api", [(b"Host", HOST), own, asks], method=b"OPTIONS")
+    assert isinstance(preflight, Forward) and b"Origin: http://4000-abc123" in preflight.head
+    assert isinstance(
+        decide(gate, b"/api", [(b"Host", HOST), (b"Origin", b"https://web-abc123.preview.localhost"), asks], method=b"OPTIONS"),
+        Forward,
+    )
+    for origin in (
+        b"http://evil.example",
+        b"http://4000-zzz999.preview.localhost:3001",
+        b"null",
+        b"http://04000-abc123.preview.localhost",
+    ):
+        assert status(decide(gate, b"/api", [(b"Host", HOST), (b"Origin", origin), asks], method=b"OPTIONS")) == 401, origin
+    # Not a preflight: no Access-Control-Request-Method, another method, a body, two Origins.
+    assert status(decide(gate, b"/api", [(b"Host", HOST), own], method=b"OPTIONS")) == 401
+    assert status(decide(gate, b"/api", [(b"Host", HOST), own, asks], method=b"PUT")) == 401
+    body = (b"Content-Length", b"5")
+    assert status(decide(gate, b"/api", [(b"Host", HOST), own, asks, body], method=b"OPTIONS")) == 401
+    assert status(decide(gate, b"/api", [(b"Host", HOST), own, own, asks], method=b"OPTIONS")) == 401

@@ -202,11 +202,14 @@ def test_cli_check_reports_conflicts(tmp_path, listeners):
         [*AETHER, "port", "run", "--state-dir", str(tmp_path), "a-api", "--", sys.executable, "-c", code], theirs, cwd=ROOT
     )
     stray = listeners.http_server().port
-    result = port_cli(tmp_path, "check", "--json")
+    result = port_cli(tmp_path, "check", "--json", "--all")
     found = json.loads(result.stdout)
     kinds = {(f["kind"], f["port"]) for f in found}
     assert ("other_app", theirs) in kinds and ("unregistered", stray) in kinds
+    # The process has a-api's PORT but listens elsewhere: a-api's port is not listening.
+    assert ("not_listening", mine) in kinds
     assert result.returncode == 1
+    assert "unregistered" not in port_cli(tmp_path, "check").stdout
 
 
 # -- through the server -----------------------------------------------------------------------

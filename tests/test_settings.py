@@ -20,7 +20,7 @@ from support.processes import aether
 from aether import state
 from aether.settings import kinds, markdown, sources
 from aether.settings.serve import Settings, add_arguments, resolve
-from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, of
+from aether.settings.table import BY_NAME, ENV, GATEWAY, GLOBAL, SERVE, SETTINGS, of
 
 
 def _resolve(argv):
@@ -40,7 +40,7 @@ def clean_env(monkeypatch):
 def test_every_setting_of_serve_is_a_field_of_settings():
     fields = {field.name for field in dataclasses.fields(Settings)}
     read_into_others = {"token_file"}  # read into token and token_source
-    computed = {"token_source", "preview_public_ports"}
+    computed = {"token_source", "preview_public_ports", "fleet_keys"}
     assert fields == {s.name for s in of(SERVE)} - read_into_others | computed
 
 
@@ -49,17 +49,24 @@ def test_names_flags_variables_and_keys_are_each_one_settings():
         values = [getattr(s, attribute) for s in SETTINGS if getattr(s, attribute)]
         assert len(values) == len(set(values)), attribute
     # A flag is one setting's on each command that takes it.
-    for command in ("", "serve", "ports list", "ports watch", "ports kill", "doctor"):
+    for command in ("", "serve", "ports list", "ports watch", "ports kill", "doctor", "gateway", "fleet status"):
         flags = [s.flag for s in sources.flags_of(command)]
         assert len(flags) == len(set(flags)), command
-    assert {s.scope for s in SETTINGS} == {SERVE, GLOBAL, ENV}
+    assert {s.scope for s in SETTINGS} == {SERVE, GLOBAL, ENV, GATEWAY}
     # The one variable read outside the table, for `aether port`'s start (see aether.state).
     assert state.ENV == BY_NAME["state_dir"].env
 
 
 #: AETHER_* names in the code that are not settings: what aether sets for the processes it
 #: starts, and the probe's compile-time macros.
-NOT_SETTINGS = {"AETHER_APP", "AETHER_TERMINAL_SESSION", "AETHER_AGENT_CONVERSATION", "AETHER_RING_PAGES", "AETHER_PERF_BUFFER"}
+NOT_SETTINGS = {
+    "AETHER_APP",
+    "AETHER_TERMINAL_SESSION",
+    "AETHER_AGENT_CONVERSATION",
+    "AETHER_RING_PAGES",
+    "AETHER_PERF_BUFFER",
+    "AETHER_PORT_KEY",
+}
 
 
 def test_every_variable_the_code_reads_is_a_setting():

@@ -400,7 +400,9 @@ def test_invalid_unicode_is_refused_and_leaks_nothing(start):
     for frame in frames * 5:
         term.ws.send(frame)
         assert term.reply()["code"] == "bad_message"
-    assert len(os.listdir(f"/proc/{server.proc.pid}/fd")) == fds
+    # No more than before: a descriptor the server held a moment for something else (a port's
+    # look, a rules file read) may be gone by now.
+    wait_for(lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd")) <= fds, 5)
 
 
 def test_bad_requests_get_clear_errors_and_change_nothing(start):

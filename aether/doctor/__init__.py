@@ -117,6 +117,7 @@ def service_environment(path: Path, environ=None) -> None:
 def command(args) -> int:
     """``aether doctor``: the report on stdout; 0 iff the eBPF backend will run, 2 for bad
     settings. Host, port and state directory are found as ``aether serve`` finds them."""
+    import os
     import sys
 
     import ujson
@@ -131,6 +132,14 @@ def command(args) -> int:
             print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
             return 2
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
+    running_port = None
+    if not args.state_dir and not args.service:
+        # No flags: the server running here, if one is (see aether.running).
+        from aether import running as running_servers
+
+        found = running_servers.servers()
+        if len(found) == 1 and not os.environ.get("AETHER_STATE_DIR"):
+            args.state_dir, running_port = found[0]["stateDir"], found[0]["port"]
     try:
         sources.check_environment()  # again: --service may have read more of it
         state = StateDir(locate(args.state_dir))
@@ -141,12 +150,48 @@ def command(args) -> int:
         except OSError as exc:
             file, config_error = {}, f"{exc.filename}: {exc.strerror}"
         host, port, backend = (serve.peek(name, args, file, state.config_path) for name in ("host", "port", "backend"))
+        if running_port is not None and args.port is None and not os.environ.get("AETHER_PORT"):
+            port = running_port
+        domain = serve.peek("preview_domain", args, file, state.config_path)
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
+    if args.preview is not None:
+        return _preview(args, args.preview, domain, state.path, as_json=args.json)
     report = run(host, port, state.path, backend, config_error)
     if args.json:
         print(ujson.dumps(report.to_json(), escape_forward_slashes=False))
     else:
         print("\n".join(report.lines()))
     return 0 if report.ebpf else 1
+
+
+def _preview(args, port: int, domain: str, state_dir: Path, as_json: bool) -> int:
+    """``--preview PORT``: the preview checks alone; 0 when none failed."""
+    import sys
+
+    import ujson
+
+    from aether.doctor import preview
+
+    if not 1 <= port <= 65535:
+        print(f"aether: --preview {port}: a port number 1-65535", file=sys.stderr)
+        return 2
+    try:
+        prefix = (Path(state_dir) / "project-id").read_text().strip()[:6] or "project"
+    except OSError:
+        prefix = "project"
+    host = f"{port}-{prefix}.{domain}"
+    found = preview.check(port, host, domain)
+    failed = [check.name for check in found if check.verdict == FAIL]
+    verdict = f"doctor: the preview of port {port} " + (f"fails ({', '.join(failed)})" if failed else "should work")
+    report = Report(found, not failed, verdict)
+    if as_json:
+        print(
+            ujson.dumps(
+                {"checks": [c.to_json() for c in found], "ok": not failed, "summary": verdict}, escape_forward_slashes=False
+            )
+        )
+    else:
+        print("\n".join(report.lines()))
+    return 1 if failed else 0

@@ -335,15 +335,6 @@ def check_state_dir(path: Path, config_error: str | None = None) -> Check:
     return Check("state-dir", OK, f"{path} does not exist yet; {existing} is writable, so aether serve can create it")
 
 
-def _is_aether_serve(pid: int) -> bool:
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    named = any(os.path.basename(arg) == b"aether" for arg in args[:3]) or b"aether" in args[1:4]
-    return named and b"serve" in args
-
-
 def _holders(port: int) -> str:
     """Who listens on ``port``, in words."""
     from aether.ports import procs
@@ -358,7 +349,7 @@ def _holders(port: int) -> str:
     if state.pid is None:
         return "by a process this user cannot see (CAP_SYS_PTRACE shows it)"
     who = f"by pid {state.pid} ({state.process})"
-    return f"{who}: that is aether itself" if _is_aether_serve(state.pid) else who
+    return f"{who}: that is aether itself" if procs.is_aether_server(state.pid) else who
 
 
 def check_port(host: str, port: int) -> Check:
@@ -379,11 +370,12 @@ def check_port(host: str, port: int) -> Check:
                 if exc.errno == errno.EADDRINUSE:
                     held = _holders(port)
                     fix = (
-                        "nothing: it is running"
+                        "nothing: aether serve is running on it"
                         if "aether itself" in held
                         else f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT"
                     )
-                    verdict = WARN if "aether itself" in held else FAIL
+                    # The server running is what a port taken by it means: fine, not a warning.
+                    verdict = OK if "aether itself" in held else FAIL
                     return Check("port", verdict, f"{where} is taken, {held}", fix)
                 if exc.errno == errno.EACCES:
                     return Check(

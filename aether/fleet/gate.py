@@ -48,12 +48,13 @@ RETRY_AFTER = 2
 class FleetForward(Forward):
     """A :class:`Forward` to a VM (``address``:``port`` is its advertised address), with what
     the gateway's connection bookkeeping needs: the workspace, the app's port, and what admitted
-    the request (a ``public`` tunnel closes when its port turns private)."""
+    the request. One admitted as ``public`` is tagged ``(prefix, app_port)``: its tunnel closes
+    when that port turns private (:meth:`aether.preview.core.Proxy.close_tunnels`)."""
 
     __slots__ = ("prefix", "app_port", "access")
 
     def __init__(self, port: int, address: str, head: bytes, prefix: str, app_port: int, access: bytes):
-        super().__init__(port, address, head)
+        super().__init__(port, address, head, (prefix, app_port) if access == b"public" else None)
         self.prefix, self.app_port, self.access = prefix, app_port, access
 
 

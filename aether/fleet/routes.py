@@ -93,6 +93,8 @@ class Routes:
         self.unconfirmed: dict[str, float] = {}  # prefix -> end of its grace (clock)
         self._seen: dict[str, int] = {}  # prefix -> Redis ms of the entry or load that wrote it
         self._revive_from = 0
+        #: Called with each prefix a deadline or a load newly marks dead (its VM is not answering).
+        self.on_dead: Callable[[str], None] | None = None
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -172,7 +174,11 @@ class Routes:
                 seen[prefix] = self._seen.get(prefix, 0)
                 if prefix in self.dead:
                     dead.add(prefix)
+        newly_dead = dead - self.dead
         self.workspaces, self.dead, self._seen, self.unconfirmed = table, dead, seen, unconfirmed
+        if self.on_dead is not None:
+            for prefix in newly_dead:
+                self.on_dead(prefix)
         self.seq, self.position, self.boot = snapshot.seq, snapshot.position, snapshot.boot
         if self.on_change is not None:
             for prefix, ws in old.items():
@@ -217,6 +223,9 @@ class Routes:
                 if self._seen.get(prefix, 0) < deadline:
                     self.dead.add(prefix)
                     marked.append(prefix)
+        if self.on_dead is not None:
+            for prefix in marked:
+                self.on_dead(prefix)
         return marked
 
     def to_revive(self, limit: int) -> list[str]:

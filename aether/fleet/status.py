@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from aether.fleet import connection
     from aether.settings import sources
 
-    url = sources.value("fleet_redis", args.fleet_redis)
+    url = sources.value("fleet_redis", args.fleet_redis, "fleet status")
     if not url:
         print("aether: fleet status needs --redis URL (or AETHER_FLEET_REDIS)", file=sys.stderr)
         return 2

@@ -129,6 +129,25 @@ class Detection:
         }
 
 
+def _cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop. Python 3.11's ``wait_for`` can
+    swallow a cancellation that lands as its awaitable finishes; a look loop that went on
+    would then hold up the loop's shutdown until its deadline."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def local_source(host: str) -> tuple[str, int] | None:
+    """Where a look at ``host`` is made from: loopback needs nothing; any other address is
+    bound as the connection's own source first, which the kernel allows only for an address
+    this host has. A listener bound (IP_FREEBIND) to another host's address is then refused
+    a look, EADDRNOTAVAIL, rather than a connection leaving for that host."""
+    if host.startswith("127.") or host == "::1":
+        return None
+    return (host, 0)
+
+
 def client_context() -> ssl.SSLContext:
     """TLS to one of the workspace's own listeners: a dev server's certificate is self-signed,
     or for another name, so nothing is verified. No CA store is loaded (that is ~10 ms)."""
@@ -250,6 +269,7 @@ class Detector:
                 # deadline waits no more.
                 look = await self.look(host, port, max(0.0, min(self.refresh, end - time.monotonic())))
             attempts += 1
+            _cancelled()
             now = time.monotonic()
             if look.protocol is not None:
                 return Detection(port, look.protocol, now - opened, look.reason, attempts, look.status, look.sample)
@@ -260,6 +280,7 @@ class Detector:
             if pause:
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, MAX_RETRY)
+            _cancelled()
 
     async def look(self, host: str, port: int, wait: float = REFRESH) -> Look:
         """One look (see the module docstring), waiting up to ``wait`` seconds for an answer."""
@@ -270,7 +291,9 @@ class Detector:
 
     async def _open(self, host: str, port: int):
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=local_source(host)), CONNECT_TIMEOUT
+            )
         except (TimeoutError, OSError):
             return None
         self.connections += 1
@@ -287,10 +310,12 @@ class Detector:
             return Look(None, "refused")
         reader, writer = opened
         try:
+            banner = None
             try:
-                banner = await asyncio.wait_for(reader.read(ANSWER_BYTES), self.banner_wait)
+                if self.banner_wait > 0:  # 0: the caller sends its request anyway (the preview)
+                    banner = await asyncio.wait_for(reader.read(ANSWER_BYTES), self.banner_wait)
             except TimeoutError:
-                banner = None
+                pass
             except OSError:
                 return Look(None, "closed")
             if banner is not None:

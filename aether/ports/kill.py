@@ -135,6 +135,16 @@ def check(port: int, ignored: Iterable[int], protected: Iterable[int]) -> dict[i
         raise KillRefused("forbidden", f"port {port} is held by pid {who}, which we may not signal") from None
     if not held:
         raise KillRefused("no_owner", f"no visible process holds port {port}")
+    # An aether server's listener, whichever instance: its clients would lose it. Read while
+    # its pidfd is held, then proved alive, so the command line read was that process's.
+    for pid, pidfd in held.items():
+        if procs.is_aether_server(pid):
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+            except ProcessLookupError:
+                continue
+            close_all(held)
+            raise KillRefused("forbidden", f"port {port} is held by pid {pid}, an aether server: stop it as you started it")
     return held
 
 

@@ -6,6 +6,7 @@ Everything here reads /proc directly; a process that exits mid-read is simply no
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 from aether.ports.events import PortState
@@ -33,6 +34,39 @@ def is_alive(pid: int | None) -> bool:
     # The state follows the comm, which is parenthesised and may itself contain ')'.
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
     return state not in (b"Z", b"X")
+
+
+def started_ms(pid: int | None) -> int | None:
+    """When the process started, Unix ms, or None if unknowable: /proc/<pid>/stat field 22
+    (clock ticks since boot) against /proc/uptime, both to 10 ms (/proc/stat's ``btime`` is
+    whole seconds, up to a second off). A port's owner started before the port opened: a lower
+    bound of its opening that a restart of the daemon does not lose."""
+    stat = None if pid is None else _read(f"/proc/{pid}/stat")
+    uptime = _read("/proc/uptime")
+    if stat is None or uptime is None:
+        return None
+    try:
+        ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
+        up = float(uptime.split()[0])
+    except (IndexError, ValueError):
+        return None
+    return round((time.time() - up + ticks / os.sysconf("SC_CLK_TCK")) * 1000)
+
+
+def is_aether_server(pid: int | None) -> bool:
+    """Whether the process runs ``aether serve`` (``aether serve``, ``python -m aether serve``,
+    a venv's ``bin/aether serve``), by its command line."""
+    args = [] if pid is None else (_read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+    named = any(os.path.basename(arg) == b"aether" for arg in args[:3]) or b"aether" in args[1:4]
+    return named and b"serve" in args
+
+
+def command_line(pid: int | None, limit: int = 4096) -> str | None:
+    """The process's command line, arguments joined by spaces, at most ``limit`` bytes read."""
+    raw = None if pid is None else _read(f"/proc/{pid}/cmdline")
+    if not raw:
+        return None
+    return raw[:limit].rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
 
 
 def _read(path: str) -> bytes | None:

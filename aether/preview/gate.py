@@ -8,10 +8,15 @@ The checks run in this order, each answering on failure:
    ``{registry key}-{prefix}...`` (421: this connection only serves previews), with the port
    in its one spelling, decimal without leading zeros (404), of a registered key (404), of this
    project (404), for a port that is not ignored and not the server's own (403);
-3. the request has not been through this proxy already (508);
+3. the request has not been through this proxy already (508); in fleet mode
+   (``--fleet-redis``), one that is not from this host's loopback is signed by a gateway
+   (``X-Aether-Fleet``, :mod:`aether.fleet.auth`) or refused (403), and only a signed one's
+   ``X-Forwarded-*`` is believed;
 4. ``?token=`` equal to the workspace token, or ``?aether_grant=`` a live grant for this host
    (see ``grant``): a cookie for this preview host and a redirect to the same URL without it;
-5. a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
+5. a signed request the gateway admitted as ``public`` to a port private here: 401 (the
+   gateway's view was stale); one it admitted by token or cookie is let through; otherwise
+   a private port needs the token (``Authorization: Bearer``) or the cookie (401); a
    cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
 6. the port must be open now (502, a page that reloads itself), on loopback or an address of
    this host's own interfaces (502: see ``local``).
@@ -28,7 +33,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from aether import credentials
-from aether.preview import grant, pages
+from aether.fleet import auth as fleet_auth
+from aether.preview import grant, pages, paths
 from aether.preview import headers as h
 from aether.preview.local import LOOPBACK, is_local
 from aether.preview.owner import Answer, Forward
@@ -38,6 +44,11 @@ if TYPE_CHECKING:
     from aether.ports.events import Listener
 
 COOKIE = b"aether_preview"
+#: The dashboard's cookie (``aether.server.cookie``): host-only on the server's host, so a path
+#: preview, on that host too, receives it; it never goes on to the app.
+DASHBOARD_COOKIE = b"aether_dashboard"
+#: A Host that is a name or an address (and a port): one a browser would send.
+_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 _MAX_CACHED_HOSTS = 1024
 
 
@@ -94,6 +105,10 @@ def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool]
     return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
+def _loopback(client_ip: str) -> bool:
+    return client_ip.startswith(("127.", "::ffff:127.")) or client_ip == "::1"
+
+
 class Gate:
     """Decides for one workspace; ``settings`` and ``monitor`` are read live, so a change of
     ignored ports or a port opening applies to the next request."""
@@ -123,6 +138,8 @@ class Gate:
         self._trusted_networks = settings.trusted_proxies
         self._trusted: dict[str, bool] = {}  # client address -> is it a trusted front
         self._redeemed: dict[bytes, int] = {}  # grants used, until they expire
+        #: Fleet mode: the fleet key, which signs what the gateways forward (``aether.fleet.auth``).
+        self.fleet_keys = getattr(settings, "fleet_keys", None)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -180,10 +197,11 @@ class Gate:
             self._trusted[client_ip] = known
         return known
 
-    def scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes) -> tuple[bytes, bytes]:
-        """(proto, port) of the browser's own connection: what a trusted front says it saw,
-        else what this listener saw (plain http on the Host's port)."""
-        if not head.forwarded_proto or not self._trusted_networks or not self.is_trusted(client_ip):
+    def scheme(self, head: h.RequestHead, client_ip: str, port_part: bytes, signed: bool = False) -> tuple[bytes, bytes]:
+        """(proto, port) of the browser's own connection: what a trusted front (or, in fleet
+        mode, a gateway's signed request) says it saw, else what this listener saw (plain http
+        on the Host's port)."""
+        if not head.forwarded_proto or not (signed or (self._trusted_networks and self.is_trusted(client_ip))):
             return b"http", port_part
         proto = b"https" if head.forwarded_proto == b"https" else b"http"
         port = head.forwarded_port if head.forwarded_port.isdigit() else None
@@ -238,9 +256,23 @@ class Gate:
                 400, "Bad request", "The proxy takes origin-form request targets only (a path, not a URL).", head_only, close
             )
         parsed = self.preview_host(host)
+        path = None
         if parsed is None:
-            text = f"This connection serves previews; {pages.escape(host)} is not one."
-            return self._answer(421, "Misdirected request", text, head_only, True)
+            if not paths.is_path_preview(target):
+                return self._not_a_preview(method, target, host, head_only)
+            path = paths.parse(target)
+            if path is None or path.name is None:
+                text = (
+                    "No such path preview: <code>/proxy/{port}/</code> or <code>/absproxy/{port}/</code>, "
+                    "the port in decimal without leading zeros, or a registry key."
+                )
+                return self._answer(404, "No such preview", text, head_only, close)
+            if path.slash is not None:
+                extra = [("Location", path.slash.decode("latin-1"))]
+                return Answer(308, pages.response(308, b"", extra, close, head_only=head_only), close)
+            # The cookie of a path preview is its own, scoped to its prefix.
+            port_part = host.rpartition(b":")[2] if b":" in host.rpartition(b"]")[2] else b"80"
+            parsed = (path.name, True, b"path:" + path.prefix, port_part)
         port, prefix_ok, host_name, port_part = parsed
         if port is None:
             text = f"{pages.escape(host)} is no preview: a port is written in decimal, without leading zeros."
@@ -263,18 +295,29 @@ class Gate:
             text = "This request has already been through this preview proxy: the app forwards it back here."
             return self._answer(508, "Loop detected", text, head_only, close)
 
-        proto, forwarded_port = self.scheme(head, client_ip, port_part)
+        access = None
+        if self.fleet_keys is not None:
+            # Before anything else is believed: the signature covers X-Forwarded-*, and its
+            # header never reaches the app, whoever sent it.
+            access = fleet_auth.verify_head(self.fleet_keys, method, target, head)
+            if access is None and not _loopback(client_ip):
+                text = "Previews of this workspace are served through the fleet's gateways."
+                return self._answer(403, "Not through a gateway", text, head_only, close)
+        proto, forwarded_port = self.scheme(head, client_ip, port_part, access is not None)
         if b"token=" in target or b"aether_grant=" in target:
             location = _redirect_path(target, self.token, lambda value: self._redeem(host_name, value))
             if location is not None:
                 status = 302 if method in (b"GET", b"HEAD") else 307
                 secure = b"; Secure" if proto == b"https" else b""
-                cookie = b"%s=%s; Path=/; HttpOnly; SameSite=Lax%s" % (COOKIE, self.cookie_value(host_name), secure)
-                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie.decode())]
+                scope = path.prefix if path is not None else b"/"
+                set_cookie = b"%s=%s; Path=%s; HttpOnly; SameSite=Lax%s" % (COOKIE, self.cookie_value(host_name), scope, secure)
+                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", set_cookie.decode())]
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; ours never do.
-        authorization = [value for value in head.authorization if not credentials.bearer(value, self.token)]
+        authorization = head.authorization
+        if authorization:
+            authorization = [value for value in authorization if not credentials.bearer(value, self.token)]
         bearer = len(authorization) != len(head.authorization)
         cookie = head.cookie
         if cookie and any(COOKIE in value for value in cookie):
@@ -282,8 +325,19 @@ class Gate:
             has_cookie = credentials.has_cookie(head.cookie, COOKIE, self.cookie_value(host_name))
         else:
             has_cookie = False
+        if access == b"public" and port not in self.visibility.public:
+            # The gateway's view was stale: this VM holds the port private.
+            text = "This port is private now. Open it again with <code>?token=</code> and the workspace token."
+            extra = [("WWW-Authenticate", 'Bearer realm="aether preview"')]
+            return self._answer(401, "This preview is private", text, head_only, close, extra)
+        if access in (b"token", b"cookie"):
+            bearer = True  # the gateway checked the credential and took it out
+        if path is not None and cookie and any(DASHBOARD_COOKIE in value for value in cookie):
+            cookie = [c for c in (h.without_cookie(value, DASHBOARD_COOKIE) for value in cookie) if c]
         if port not in self.visibility.public and not bearer:
-            if not has_cookie:
+            if not has_cookie and method == b"OPTIONS" and not close and self.own_preflight(head):
+                pass  # the app answers its own CORS preflight; the request after it is authenticated
+            elif not has_cookie:
                 text = (
                     "Open it once with <code>?token=</code> and the workspace token, or send "
                     "<code>Authorization: Bearer</code> with it. The owner can make the port "
@@ -304,6 +358,9 @@ class Gate:
             )
         if not is_local(address, self.local):
             return self._answer(502, pages.NOT_LOCAL_TITLE, pages.not_local_text(port, address), head_only, close)
+        if path is not None:
+            target = path.upstream
+            head.lines = [line for line in head.lines if line[:19].lower() != b"x-forwarded-prefix:"]
         upstream_head = head.upstream(
             method,
             target,
@@ -317,4 +374,34 @@ class Gate:
             authorization=authorization,
             cookie=cookie,
         )
+        if path is not None and path.stripped:
+            upstream_head = upstream_head[:-2] + b"X-Forwarded-Prefix: " + path.prefix + b"\r\n\r\n"
         return Forward(port, address, upstream_head)
+
+    def _not_a_preview(self, method: bytes, target: bytes, host: bytes, head_only: bool) -> Answer:
+        """A request for neither a preview host nor a path preview. On a connection that began
+        with a path preview it is the server's own (the dashboard, the API, on the same
+        origin): 307 to the same URL, and the connection closes, so the browser sends it again
+        (body and all) on a new connection, which the listener hands to the API. A Host that
+        is no name at all is misdirected (421)."""
+        if _AUTHORITY.fullmatch(host) and target.startswith(b"/"):
+            # One leading slash: ``//other.example`` would send the browser to another host.
+            location = b"/" + target.lstrip(b"/\\")
+            extra = [("Location", location.decode("latin-1"))]
+            return Answer(307, pages.response(307, b"", extra, True, head_only=head_only), True)
+        text = f"This connection serves previews; {pages.escape(host)} is not one."
+        return self._answer(421, "Misdirected request", text, head_only, True)
+
+    def own_preflight(self, head: h.RequestHead) -> bool:
+        """Whether the request is a CORS preflight (``Access-Control-Request-Method``) from a
+        page of one of this workspace's own previews: it carries no credentials (Fetch never
+        sends them on one), so the app, which decides its CORS, answers it."""
+        if len(head.origin) != 1:
+            return False
+        scheme, sep, rest = head.origin[0].strip().partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https") or not rest or b"/" in rest:
+            return False
+        parsed = self.preview_host(rest)
+        if parsed is None or parsed[0] is None or not parsed[1]:
+            return False
+        return any(line[:30].lower() == b"access-control-request-method:" for line in head.lines)

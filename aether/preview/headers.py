@@ -128,23 +128,33 @@ class RequestHead:
         cookie: Iterable[bytes] = (),
     ) -> bytes:
         """The head sent upstream, with the given credentials (the app's own) put back."""
+        # One join of a few parts: this runs for every request (a part per header line, or a
+        # generator per credential, cost ~2 us more per request).
         ip = client_ip.encode()
-        lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
-        lines += self.lines
-        lines.extend(b"Authorization: " + value for value in authorization)
-        lines.extend(b"Cookie: " + value for value in cookie)
-        lines.append(b"X-Forwarded-For: " + (self.forwarded_for + b", " + ip if self.forwarded_for else ip))
-        lines.append(b"X-Forwarded-Host: " + forwarded_host)
-        lines.append(b"X-Forwarded-Proto: " + proto)
-        lines.append(b"X-Forwarded-Port: " + forwarded_port)
-        lines.append(b"Via: " + (self.via + b", " + via if self.via else via))
+        parts = [method + b" " + target + b" HTTP/1.1\r\nHost: " + host]
+        if self.lines:
+            parts.append(b"\r\n".join(self.lines))
+        if authorization:
+            parts += [b"Authorization: " + value for value in authorization]
+        if cookie:
+            parts += [b"Cookie: " + value for value in cookie]
+        parts.append(
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Host: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Port: %s\r\nVia: %s"
+            % (
+                self.forwarded_for + b", " + ip if self.forwarded_for else ip,
+                forwarded_host,
+                proto,
+                forwarded_port,
+                self.via + b", " + via if self.via else via,
+            )
+        )
         if self.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
+            parts.append(b"Transfer-Encoding: chunked")
         if upgrade:
-            lines.append(b"Connection: Upgrade")
-            lines.extend(b"Upgrade: " + value for value in self.upgrade)
-        lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+            parts.append(b"Connection: Upgrade")
+            parts += [b"Upgrade: " + value for value in self.upgrade]
+        parts.append(b"\r\n")
+        return b"\r\n".join(parts)
 
 
 #: Names a ``Connection`` header may not remove: the framing, and what the proxy checks.

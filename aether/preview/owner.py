@@ -55,12 +55,20 @@ class Unreachable(Exception):
     """A Forward's upstream cannot be used: the browser gets this page (``refresh``: seconds
     after which it reloads itself)."""
 
-    def __init__(self, status: int, title: str, text: str, refresh: int | None = None):
+    def __init__(self, status: int, title: str, text: str, refresh: int | None = None, headers: tuple = ()):
         super().__init__(status, title)
         self.status = status
         self.title = title
         self.text = text  # HTML, escaped already
         self.refresh = refresh
+        self.headers = headers  # (name, value) pairs for the page's response: its code, say
+
+
+class ProtocolOf(Protocol):
+    def __call__(self, port: int) -> str | None:
+        """A port's protocol, ``https``, ``http`` or ``tcp``, or None while it is not known
+        (not open, not detected yet). A lookup: never blocks, never raises."""
+        ...
 
 
 class Decider(Protocol):

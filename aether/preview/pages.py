@@ -11,6 +11,7 @@ from collections.abc import Iterable
 REASONS = {
     302: "Found",
     307: "Temporary Redirect",
+    308: "Permanent Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -86,4 +87,17 @@ def not_local_text(port: int, address: str) -> str:
         f"Port {int(port)} listens on {escape(address)}, which is not an address of this workspace: "
         "the preview proxy connects only to the workspace itself (loopback, or an address of its "
         "own network interfaces)."
+    )
+
+
+NOT_HTTP_TITLE = "Not HTTP"
+#: The code of the "answers, but not with HTTP" page, in ``X-Aether-Error``, for tools.
+NOT_HTTP_CODE = "not_http"
+
+
+def not_http_text(port: int) -> str:
+    return (
+        f"Port {int(port)} answers, but not with HTTP: it speaks another protocol (a database, "
+        "a message broker, SSH...), which a browser cannot show. Connect to it with that "
+        "protocol's own client, or set the port's protocol if it does speak HTTP."
     )

@@ -335,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         self._attach(cycle, up)
 
     def _unreachable(self, cycle: Cycle, refusal: Unreachable) -> None:
-        self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh)
+        self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh, refusal.headers)
 
     def _attach(self, cycle: Cycle, up: Upstream) -> None:
         cycle.upstream = up
@@ -348,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
         up.send(data)
         if self.writing_paused:
             up.pause()
-        self.resume_reading("buffer")
+        if self._paused:
+            self.resume_reading("buffer")
 
     # -- what the upstream calls ------------------------------------------------------------
 
@@ -415,18 +416,19 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ends -------------------------------------------------------------------------------
 
-    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: int | None = None) -> None:
+    def _fail(self, cycle: Cycle, status: int, title: str, text: str, refresh: int | None = None, extra=()) -> None:
         if self.closed or self.active is not cycle:
             return
         close = cycle.close or not cycle.complete or cycle.upgrade
         self.proxy.sink.response(status)
         body = pages.render(status, title, text, refresh)
-        self.transport.write(pages.response(status, body, close=close, head_only=cycle.head_only))
+        self.transport.write(pages.response(status, body, extra, close=close, head_only=cycle.head_only))
         self._done(cycle, close)
 
     def _done(self, cycle: Cycle, close: bool) -> None:
         self.active = None
-        self.resume_reading("upstream")  # that upstream's full buffer is no longer in the way
+        if self._paused:
+            self.resume_reading("upstream")  # that upstream's full buffer is no longer in the way
         if self.queue and self.queue[0] is cycle:
             self.queue.popleft()
         if close:
@@ -437,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.refusal is not None:
             self._send_refusal(*self.refusal)
             return
-        if len(self.queue) <= MAX_QUEUED:
+        if self._paused and len(self.queue) <= MAX_QUEUED:
             self.resume_reading("pipeline")
 
     def _refuse(self, status: int, title: str, text: str) -> None:

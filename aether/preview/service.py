@@ -2,7 +2,8 @@
 
 Its decider is the workspace's :class:`~.gate.Gate`. As connector it keeps upstreams on this
 host (loopback or an address of its own interfaces, :mod:`.local`, checked again as each
-request starts and as each connection is made) and retries a refused connection while the
+request starts and as each connection is made), speaks TLS to an ``https`` port and answers
+for a port that speaks no HTTP (:mod:`.protocols`), and retries a refused connection while the
 port is open. As sink it counts into the server's metrics and logs each port's failures.
 """
 
@@ -12,12 +13,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from aether.ports.detect import TCP
 from aether.ports.events import CLOSE, PortEvent
 from aether.preview import pages
 from aether.preview.core import Proxy
 from aether.preview.gate import Gate
 from aether.preview.local import LocalAddresses, is_local
-from aether.preview.owner import Forward, Unreachable
+from aether.preview.owner import Forward, ProtocolOf, Unreachable
+from aether.preview.protocols import UpstreamProtocols
 from aether.preview.proxy import ClientConnection
 from aether.preview.upstream import Upstream, dial
 from aether.preview.visibility import Visibility
@@ -32,7 +35,16 @@ CONNECT_RETRY_SECONDS = 0.5
 class PreviewProxy:
     """The preview proxy of one workspace: the gate, the proxy and its connections."""
 
-    def __init__(self, settings, monitor, visibility: Visibility, named, metrics):
+    def __init__(
+        self,
+        settings,
+        monitor,
+        visibility: Visibility,
+        named,
+        metrics,
+        protocol_of: ProtocolOf | None = None,
+        recheck: Callable[[int], None] | None = None,
+    ):
         self.loop = asyncio.get_running_loop()
         self.monitor = monitor
         # Counted by the connections, read at scrape time (aether.server.metrics).
@@ -40,6 +52,7 @@ class PreviewProxy:
         self._latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)
         self.gate = Gate(settings, monitor, visibility, named, self.local.addresses)
+        self.protocols = UpstreamProtocols(protocol_of, self._listeners_of, recheck=recheck)
         self.proxy = Proxy(self.gate, self, self, settings.preview_timeout)
         self.connections: set[ClientConnection] = self.proxy.connections
         self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)
@@ -79,8 +92,14 @@ class PreviewProxy:
             refusal = self.check(forward)
             if refusal is not None:
                 raise refusal
+            protocol = await self.protocols.protocol(port, forward.address)
+            if protocol == TCP:
+                self.log_failure(port, "the port does not speak HTTP")
+                raise Unreachable(
+                    502, pages.NOT_HTTP_TITLE, pages.not_http_text(port), headers=(("X-Aether-Error", pages.NOT_HTTP_CODE),)
+                )
             try:
-                up = await dial(self.loop, factory, forward.address, port)
+                up = await dial(self.loop, factory, forward.address, port, ssl=self.protocols.ssl_for(protocol))
                 break
             except ConnectionRefusedError:
                 self.gate.forget(port)
@@ -125,7 +144,11 @@ class PreviewProxy:
     def _on_event(self, event: PortEvent) -> None:
         self.gate.forget(event.port)
         if event.type == CLOSE:
+            self.protocols.forget(event.port)
             self.proxy.pool.close_port(event.port)
+
+    def _listeners_of(self, port: int) -> tuple:
+        return tuple(sorted(str(listener.key) for listener in self.monitor.table.listeners(port)))
 
     def _on_addresses(self, added: set[str], removed: set[str]) -> None:
         """This host's addresses changed: choose upstreams again, and drop every connection to

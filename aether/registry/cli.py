@@ -1,8 +1,8 @@
 """``aether port ...``: the registry from the command line.
 
 Each command opens the registry in the state directory (``--state-dir``, ``AETHER_STATE_DIR``,
-or the default of ``aether serve``), does one thing and exits: 0 done, 1 refused (one line on
-stderr saying why). Reads print a stable text form, or JSON with ``--json``. Imports stay lazy:
+the running server's (see ``aether.running``), or the default of ``aether serve``), does one
+thing and exits: 0 done, 1 refused (one line on stderr saying why). Reads print a stable text form, or JSON with ``--json``. Imports stay lazy:
 ``aether port get`` runs inside shell substitutions and must start fast.
 """
 
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 APP_ENV = "AETHER_APP"
+KEY_ENV = "AETHER_PORT_KEY"
 
 
 def add_commands(commands) -> None:
@@ -28,9 +29,12 @@ def add_commands(commands) -> None:
             sub.add_argument("--json", action="store_true")
         return sub
 
-    set_ = command("set", "register KEY at PORT (or change it)")
-    set_.add_argument("key")
-    set_.add_argument("port")
+    set_ = command("set", "register KEY at PORT (or change it); also --key KEY --value PORT")
+    set_.add_argument("key", nargs="?")
+    set_.add_argument("port", nargs="?")
+    # The spelling users of daemon-style registries type: `set --key web --value 5173`.
+    set_.add_argument("--key", dest="key_option", metavar="KEY")
+    set_.add_argument("--value", dest="port_option", metavar="PORT")
     set_.add_argument("--app")
     set_.add_argument("--label")
     set_.add_argument("--description")
@@ -48,13 +52,18 @@ def add_commands(commands) -> None:
         default="apps",
         help="FIRST-LAST or a range's name: core, extensions, apps (default apps: 5570-5599) or one from config.json's port_ranges",
     )
-    command("check", "conflicts between the registry and what listens")
+    check = command("check", "conflicts between the registry and what listens; port run commands not listening")
+    check.add_argument("--all", action="store_true", help="also every listening port with no registry entry")
 
 
 def _state_dir(args) -> Path:
-    from aether.state import locate
+    from aether import running
 
-    return locate(args.state_dir)
+    path, note = running.state_dir(args.state_dir)
+    if note and not getattr(args, "_noted", False):
+        args._noted = True
+        print(f"aether: {note}", file=sys.stderr)
+    return path
 
 
 def _registry(args):
@@ -86,12 +95,25 @@ def _print_json(value) -> None:
 
 
 def _set(registry, args) -> int:
-    entry = registry.set(args.key, args.port, args.app, args.label, args.description)
+    key, port = _one("key", args.key, args.key_option), _one("port", args.port, args.port_option)
+    entry = registry.set(key, port, args.app, args.label, args.description)
     if args.json:
         _print_json(entry.to_json())
     else:
         print(f"{entry.key} {entry.port}")
     return 0
+
+
+def _one(what: str, positional: str | None, option: str | None) -> str:
+    from aether.registry.store import RegistryError
+
+    if positional is not None and option is not None and positional != option:
+        raise RegistryError(f"two {what}s given: {positional} and {option}")
+    value = positional if positional is not None else option
+    if value is None:
+        flag = "--key" if what == "key" else "--value"
+        raise RegistryError(f"port set needs a {what}: aether port set KEY PORT, or {flag}")
+    return value
 
 
 def _get(registry, args) -> int:
@@ -162,7 +184,8 @@ def _run(registry, args) -> int:
     if entry is None:
         print(f"aether: no port registered as {args.key}", file=sys.stderr)
         return 1
-    env = dict(os.environ, PORT=str(entry.port))
+    # KEY_ENV marks the command as started for ``key``: ``port check`` finds it by it.
+    env = dict(os.environ, PORT=str(entry.port), **{KEY_ENV: entry.key})
     if entry.app:
         env[APP_ENV] = entry.app
         for other in registry.entries(entry.app):
@@ -189,18 +212,35 @@ def _allocate(registry, args) -> int:
     return 0
 
 
+def _environ(pid) -> dict[bytes, bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.split(b"=", 1) for item in items if b"=" in item)
+
+
 def _app_of(pid) -> str | None:
     """The app a process was started for by ``aether port run``, if it was."""
     if pid is None:
         return None
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(APP_ENV.encode() + b"="):
-                    return item.split(b"=", 1)[1].decode(errors="replace")
-    except OSError:
-        return None
-    return None
+    app = _environ(pid).get(APP_ENV.encode())
+    return None if app is None else app.decode(errors="replace")
+
+
+def _port_runs() -> dict[tuple[str, int], list[int]]:
+    """(key, PORT) -> the pids started by ``aether port run KEY`` (and their children, which
+    inherit the environment), from every process's environment this user may read."""
+    found: dict[tuple[str, int], list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        env = _environ(name)
+        key, port = env.get(KEY_ENV.encode()), env.get(b"PORT")
+        if key is not None and port is not None and port.isdigit():
+            found.setdefault((key.decode(errors="replace"), int(port)), []).append(int(name))
+    return found
 
 
 def conflicts(registry) -> list[dict]:
@@ -235,6 +275,18 @@ def conflicts(registry) -> list[dict]:
                         "message": f"port {port} ({entry.key}) belongs to app {entry.app} but pid {state['pid']} runs for app {app}",
                     }
                 )
+    for (key, port), pids in sorted(_port_runs().items()):
+        if port not in live and (port not in registered or registered[port].key == key):
+            found.append(
+                {
+                    "kind": "not_listening",
+                    "port": port,
+                    "key": key,
+                    "pids": sorted(pids),
+                    "message": f"pid {min(pids)} was started by aether port run {key} with PORT={port}, "
+                    f"but nothing listens on {port}: does it read $PORT?",
+                }
+            )
     for port, state in sorted(live.items()):
         if port not in registered and port not in BY_NAME["ignored_ports"].default:
             found.append(
@@ -248,14 +300,18 @@ def conflicts(registry) -> list[dict]:
     return found
 
 
+#: What ``port check`` reports without being asked for more; ``--all`` adds the rest.
+WARNINGS = frozenset({"not_listening"})
+
+
 def _check(registry, args) -> int:
-    found = conflicts(registry)
+    found = [item for item in conflicts(registry) if args.all or item["kind"] != "unregistered"]
     if args.json:
         _print_json(found)
     else:
         for item in found:
             print(f"{item['kind']}: {item['message']}")
-    return 1 if any(item["kind"] != "unregistered" for item in found) else 0
+    return 1 if any(item["kind"] not in WARNINGS | {"unregistered"} for item in found) else 0
 
 
 COMMANDS = {"set": _set, "get": _get, "list": _list, "delete": _delete, "run": _run, "allocate": _allocate, "check": _check}

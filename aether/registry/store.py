@@ -219,6 +219,31 @@ class Registry:
 
         return self._write(write)
 
+    def label(self, key: str, port, label: str | None) -> Entry:
+        """Set (or, given None or "", clear) ``key``'s label, creating ``key`` at ``port`` when
+        it does not exist; never moves a key: one registered at another port is a conflict.
+        What the dashboard may do with its cookie (see ``aether.server.registry_api``)."""
+        key, port, label = check_key(key), check_port(port), check_word("label", label)
+
+        def write(db):
+            old = db.execute("SELECT * FROM ports WHERE key = ?", (key,)).fetchone()
+            if old is None:
+                holder = db.execute("SELECT key FROM ports WHERE port = ?", (port,)).fetchone()
+                if holder:
+                    raise RegistryError(f"port {port} is registered to key {holder[0]}", "conflict")
+                now = time.time()
+                entry = Entry(key, port, None, label, "", now, now)
+                db.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", entry.astuple())
+                return entry
+            current = Entry(*old)
+            if current.port != port:
+                raise RegistryError(f"key {key} is registered at port {current.port}, not {port}", "conflict")
+            now = time.time()
+            db.execute("UPDATE ports SET label = ?, updated = ? WHERE key = ?", (label, now, key))
+            return Entry(key, port, current.app, label, current.description, current.created, now)
+
+        return self._write(write)
+
     def delete(self, key: str) -> bool:
         key = check_key(key)
         return self._write(lambda db: db.execute("DELETE FROM ports WHERE key = ?", (key,)).rowcount > 0)

@@ -18,11 +18,15 @@ import signal
 import sys
 import time
 
+import tornado.http1connection
 import tornado.httpserver
 import tornado.web
 
+from aether import running
 from aether.agent.store import AgentStoreError
+from aether.attributes.live import LiveRules
 from aether.ports.ebpf import ProbeUnavailable
+from aether.ports.facts import PortFacts
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
 from aether.preview.service import PreviewProxy
@@ -94,6 +98,21 @@ class MisdirectedHandler(tornado.web.RequestHandler):
         self.finish({"error": "misdirected", "message": "open a new connection for a preview host"})
 
 
+class PathPreviewHandler(tornado.web.RequestHandler):
+    """A path preview on a connection that began with an API request (a browser reuses its
+    connections to one origin, and the API and path previews share one): the same URL again
+    over a new connection, which the listener hands to the preview proxy."""
+
+    async def prepare(self) -> None:
+        self.set_status(307)
+        self.set_header("Location", self.request.uri)
+        self.set_header("Connection", "close")
+        connection = self.request.connection
+        await self.finish()
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.close()
+
+
 class NotFoundHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.set_status(404)
@@ -126,21 +145,33 @@ class WorkspaceServer:
         )
         self.visibility = Visibility(settings.preview_public_ports)
         self.previews: PreviewProxy | None = None  # made by ``serve``, inside the event loop
+        self.registry_changed: list = []  # called with the entries after each change (fleet mode)
         self.registry_api = RegistryApi(
-            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients)
+            settings.state_dir / "registry.db", self._registry_changed, lambda: bool(self.hub.clients) or settings.fleet
+        )
+        # Port attributes from config.json and the workspace's files (read by ``serve``, and
+        # again when they change), and what is found of each port off the event path.
+        self.rules = LiveRules(settings.workspace_root, self.state.config_path, lambda: self.facts.rules_changed())
+        self.facts = PortFacts(
+            monitor.table,
+            lambda event: self.ports_channel.on_facts(event),
+            lambda port, protocol, ms: self.ports_channel.on_ready(port, protocol, ms),
+            self.rules,
+        )
+        self.ports_channel = PortsChannel(
+            monitor,
+            monitor.table,
+            self.hub,
+            self.visibility,
+            settings.preview_url_for,
+            self.state.save_config,
+            own_port=settings.port,
+            kill_grace=settings.kill_grace,
+            sent=self.metrics.port_event,
+            facts=self.facts,
         )
         self.channels: dict[str, Channel] = {
-            "ports": PortsChannel(
-                monitor,
-                monitor.table,
-                self.hub,
-                self.visibility,
-                settings.preview_url_for,
-                self.state.save_config,
-                own_port=settings.port,
-                kill_grace=settings.kill_grace,
-                sent=self.metrics.port_event,
-            ),
+            "ports": self.ports_channel,
             "config": ConfigChannel(settings, monitor, self.hub, self.state.save_config, self._registry_entries),
             "files": FilesChannel(settings.workspace_root),
             "terminal": TerminalChannel(settings),
@@ -165,6 +196,7 @@ class WorkspaceServer:
             [
                 (r"/workspaces/([^/]+)/ws", Client, {"endpoint": self.endpoint}),
                 (r"/healthz", HealthHandler),
+                (r"/(?:abs)?proxy/.*", PathPreviewHandler),
                 *registry_routes(self),
                 *dashboard_routes(self),
                 *metrics_routes(self),
@@ -190,6 +222,8 @@ class WorkspaceServer:
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
+        for subscriber in self.registry_changed:
+            subscriber(entries)
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:
@@ -236,8 +270,17 @@ async def serve(settings: Settings) -> int:
         monitor.stop()
         print(f"aether: {exc}", file=sys.stderr)
         return 1
+    await server.rules.start()
     http = tornado.httpserver.HTTPServer(server.application(), **HTTP_LIMITS)
-    previews = server.previews = PreviewProxy(settings, monitor, server.visibility, server.registry_api.port_of, server.metrics)
+    previews = server.previews = PreviewProxy(
+        settings,
+        monitor,
+        server.visibility,
+        server.registry_api.port_of,
+        server.metrics,
+        protocol_of=server.facts.protocol_of,
+        recheck=server.facts.recheck,
+    )
     listener = SharedListener(
         http,
         previews,
@@ -248,21 +291,45 @@ async def serve(settings: Settings) -> int:
     try:
         listener.listen(settings.port, settings.host)
     except OSError as exc:
+        server.rules.close()
+        server.facts.close()
         monitor.stop()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
         return 1
+    publisher = None
+    if settings.fleet:
+        from aether.server import fleet
+
+        try:
+            publisher = await fleet.start(settings, server)
+        except fleet.PrefixTaken as exc:
+            listener.stop()
+            previews.close_all()
+            server.registry_api.close()
+            monitor.stop()
+            print(f"aether: fleet mode: {exc}", file=sys.stderr)
+            return 1
+        server.registry_api.watch()
+    announced = running.announce(settings.state_dir, settings.host, settings.port)
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
         extra={"host": settings.host, "port": settings.port, "workspace": settings.workspace_id, "backend": monitor.backend},
     )
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        running.withdraw(announced)
     started = time.monotonic()
     listener.stop()
+    if publisher is not None:
+        await publisher.stop()  # gateways answer 503 at once, not after the deadline
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
     server.close_channels()
+    server.rules.close()
+    server.facts.close()
     server.registry_api.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})

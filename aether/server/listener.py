@@ -1,7 +1,8 @@
 """The server's listening socket, shared by the API and the previews.
 
 Each accepted connection is classified by the ``Host`` of its first request, read with
-``MSG_PEEK`` so that nothing is consumed: a preview host goes to the preview proxy (an
+``MSG_PEEK`` so that nothing is consumed: a preview host, or a path preview (``/proxy/{port}/``,
+``/absproxy/{port}/``, :mod:`aether.preview.paths`), goes to the preview proxy (an
 asyncio protocol built for throughput), anything else to Tornado's ``HTTPServer`` exactly as
 if Tornado had accepted it. Browsers keep one connection per origin, and a preview host is
 its own origin, so a connection keeps its kind; a request that changes kind on the way gets
@@ -32,6 +33,8 @@ from typing import Protocol
 import tornado.httpserver
 import tornado.iostream
 import tornado.netutil
+
+from aether.preview.paths import is_path_preview
 
 log = logging.getLogger("aether.server")
 
@@ -107,6 +110,12 @@ def first_host(data: bytes) -> tuple[bool, bytes | None]:
         if line[:5].lower() == b"host:":
             return True, line[5:].strip(b" \t")
     return len(data) >= MAX_PEEK_BYTES, None
+
+
+def first_target(data: bytes) -> bytes:
+    """The request target of the first request line in ``data`` (empty if there is none)."""
+    parts = data.split(b"\n", 1)[0].split(b" ")
+    return parts[1] if len(parts) == 3 else b""
 
 
 class _CountedStream(tornado.iostream.IOStream):
@@ -249,7 +258,7 @@ class SharedListener:
             self._drop(conn)
             return
         decided, host = first_host(data)
-        preview = decided and host is not None and self.previews.is_preview(host)
+        preview = decided and host is not None and (self.previews.is_preview(host) or is_path_preview(first_target(data)))
         self.loop.remove_reader(conn.fileno())
         if not decided or (preview and not head_complete(data)):
             # Peeked bytes stay readable, so the socket would wake us at once: look again a

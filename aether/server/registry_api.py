@@ -24,6 +24,7 @@ from aether import credentials
 from aether.errors import Refusal
 from aether.registry import rules
 from aether.registry.store import Entry, Registry, RegistryError
+from aether.server import cookie
 
 if TYPE_CHECKING:
     from aether.server.app import WorkspaceServer
@@ -97,16 +98,32 @@ class RegistryApi:
 
 
 class ApiHandler(tornado.web.RequestHandler):
-    """JSON in and out, the workspace token as ``Authorization: Bearer``."""
+    """JSON in and out, the workspace token as ``Authorization: Bearer``; or, for the methods in
+    ``COOKIE_METHODS``, the dashboard's cookie from a page of this origin (``by_cookie``)."""
+
+    COOKIE_METHODS: frozenset[str] = frozenset()
 
     def initialize(self, server: WorkspaceServer) -> None:
         self.server = server
+        self.by_cookie = False
 
     def prepare(self) -> None:
         header = self.request.headers.get("Authorization", "").encode("latin-1", "replace")
-        if not credentials.bearer(header, self.server.settings.token.encode()):
-            self.set_header("WWW-Authenticate", 'Bearer realm="aether"')
-            self.fail(401, "unauthorized", "send Authorization: Bearer with the workspace token")
+        if credentials.bearer(header, self.server.settings.token.encode()):
+            return
+        # The cookie is sent by the browser to any server on this host, which could replay it:
+        # it opens only what the handler allows it (a label), and only with this origin's
+        # ``Origin``, which a cross-site page cannot forge (its PUT would need a CORS preflight
+        # that is never granted).
+        if (
+            self.request.method in self.COOKIE_METHODS
+            and cookie.present(self.request, self.server.settings.token)
+            and cookie.same_origin(self.request)
+        ):
+            self.by_cookie = True
+            return
+        self.set_header("WWW-Authenticate", 'Bearer realm="aether"')
+        self.fail(401, "unauthorized", "send Authorization: Bearer with the workspace token")
 
     def fail(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
@@ -157,8 +174,16 @@ class PortHandler(ApiHandler):
             return self.fail(404, "not_found", f"no port registered as {key}")
         self.finish(entry.to_json())
 
+    COOKIE_METHODS = frozenset({"PUT"})
+
     async def put(self, key: str) -> None:
         body = self.body()
+        if self.by_cookie:
+            # The dashboard names a port's entry (or a new one) and its label, nothing else.
+            if not set(body) <= {"port", "label"} or "port" not in body:
+                return self.fail(403, "forbidden", "the dashboard's cookie may set a label only: send port and label")
+            entry = await self.api.write("label", key, body["port"], body.get("label"))
+            return self.finish(entry.to_json())
         entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
         self.finish(entry.to_json())
 

@@ -1,6 +1,6 @@
 """``python -m aether.settings``: the settings tables of docs/settings.md.
 
-python -m aether.settings --markdown [serve|global|env]   print a table (serve's by default)
+python -m aether.settings --markdown [serve|global|gateway|env]   print a table (serve's by default)
 python -m aether.settings --write [PATH]    rewrite the tables in PATH (docs/settings.md)
 python -m aether.settings --check [PATH]    exit 1 if PATH's tables differ from the code's
 """
@@ -19,7 +19,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aether.settings", description=__doc__.split("\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--markdown", nargs="?", const="serve", choices=("serve", "global", "env"))
+    action.add_argument("--markdown", nargs="?", const="serve", choices=("serve", "global", "gateway", "env"))
     action.add_argument("--write", nargs="?", const=DOC, type=Path, metavar="PATH")
     action.add_argument("--check", nargs="?", const=DOC, type=Path, metavar="PATH")
     args = parser.parse_args(argv)

@@ -2,19 +2,20 @@
 
 Each table stands between two markers in the document, which :func:`rewrite` replaces with
 what the table says now: ``<!-- settings:begin -->`` and ``<!-- settings:end -->`` around
-``aether serve``'s, and the same with ``global`` or ``env`` for those of every command and of
-the environment alone.
+``aether serve``'s, and the same with ``global``, ``gateway`` or ``env`` for those of every command, of
+``aether gateway`` (each flag it takes, those it shares with ``serve`` too) and of the
+environment alone.
 """
 
 from __future__ import annotations
 
 import re
 
-from aether.settings.sources import shown_default
-from aether.settings.table import ENV, GLOBAL, SERVE, Setting, of
+from aether.settings.sources import flags_of, shown_default
+from aether.settings.table import ENV, GATEWAY, GLOBAL, SERVE, Setting, of
 
 #: The block name in the markers -> the scope whose table it holds.
-BLOCKS = {"": SERVE, "global": GLOBAL, "env": ENV}
+BLOCKS = {"": SERVE, "global": GLOBAL, "gateway": GATEWAY, "env": ENV}
 _MARKERS = re.compile(r"(<!-- settings:begin( \w+|) -->\n)(.*?)(<!-- settings:end\2 -->)", re.S)
 
 
@@ -27,16 +28,18 @@ def _rows(scope: str) -> list[list[str]]:
         cells = {
             SERVE: [_code(setting.key) if setting.key else "", _code(setting.flag or "")],
             GLOBAL: [_code(setting.flag or "")],
+            GATEWAY: [_code(setting.flag_on(GATEWAY) or "")],
             ENV: [],
         }[scope]
         return [*cells, _code(setting.env), shown_default(setting), setting.help]
 
-    return [row(setting) for setting in of(scope)]
+    return [row(setting) for setting in (flags_of(GATEWAY) if scope == GATEWAY else of(scope))]
 
 
 _HEADS = {
     SERVE: ["`config.json` key", "flag", "variable", "default", "what it is"],
     GLOBAL: ["flag (before the command)", "variable", "default", "what it is"],
+    GATEWAY: ["flag", "variable", "default", "what it is"],
     ENV: ["variable", "default", "what it is"],
 }
 

@@ -57,6 +57,18 @@ class Settings:
     preview_public_ports: frozenset[int] = frozenset()
     metrics_public: bool = False
     trusted_proxies: tuple = ()
+    fleet_redis: str | None = dataclasses.field(default=None, repr=False)  # may carry a password
+    fleet_advertise: str | None = None
+    fleet_key_file: str | None = None
+    fleet_heartbeat: float = 1.0
+    fleet_dead_after: float = 3.0
+    #: The fleet key (``aether.fleet.auth.FleetKeys``), read from ``fleet_key_file`` in fleet mode.
+    fleet_keys: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def fleet(self) -> bool:
+        """Whether this server is a VM of a fleet (``--fleet-redis``)."""
+        return bool(self.fleet_redis)
 
     @property
     def monitor_ignored(self) -> frozenset[int]:
@@ -164,4 +176,23 @@ def resolve(args: argparse.Namespace) -> Settings:
         public = visibility.load(file.values.get("preview_public_ports", []))
     except ValueError as exc:
         raise ValueError(f"{state.config_path}: {exc}") from None
-    return Settings(**values, token_source=source, state_dir=state.path, preview_public_ports=public)
+    keys = _fleet(values) if values["fleet_redis"] else None
+    return Settings(**values, token_source=source, state_dir=state.path, preview_public_ports=public, fleet_keys=keys)
+
+
+def _fleet(values: dict):
+    """Fleet mode's settings checked together; its key read. (Nothing here imports redis.)"""
+    from aether.fleet import auth, blob, connection
+
+    connection.check(values["fleet_redis"])
+    if not values["fleet_advertise"]:
+        raise ValueError("--fleet-redis needs --fleet-advertise HOST:PORT: where the fleet's gateways reach this server")
+    try:
+        blob.split_address(values["fleet_advertise"])
+    except ValueError as exc:
+        raise ValueError(f"--fleet-advertise {values['fleet_advertise']}: {exc}") from None
+    if not values["fleet_key_file"]:
+        raise ValueError("--fleet-redis needs --fleet-key-file: the fleet key its gateways have")
+    if not 0 < values["fleet_heartbeat"] < values["fleet_dead_after"]:
+        raise ValueError("--fleet-heartbeat must be positive and shorter than --fleet-dead-after")
+    return auth.FleetKeys.load(values["fleet_key_file"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from aether.settings.table import BY_NAME, ENV, GLOBAL, SERVE, SETTINGS, Setting
+from aether.settings.table import BY_NAME, ENV, GATEWAY, GLOBAL, SERVE, SETTINGS, Setting
 
 if TYPE_CHECKING:
     import argparse
@@ -31,13 +31,13 @@ class ConfigFile:
         self.origins = origins or {}
 
 
-def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None) -> Any:
-    """The value of ``setting``: ``given`` (its flag's, as argparse left it), else its variable
-    (an empty one counts as unset, as systemd's ``Environment=NAME=`` leaves it), else its key
-    in ``file``, else its default; ValueError naming the source of a bad value."""
+def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None, command: str = SERVE) -> Any:
+    """The value of ``setting``: ``given`` (its flag's on ``command``, as argparse left it), else
+    its variable (an empty one counts as unset, as systemd's ``Environment=NAME=`` leaves it),
+    else its key in ``file``, else its default; ValueError naming the source of a bad value."""
     parse: Callable[[Any], Any] = setting.kind
     if given is not None:
-        raw, source = given, setting.flag
+        raw, source = given, setting.flag_on(command)
     elif os.environ.get(setting.env):
         raw, source = os.environ[setting.env], setting.env
     elif file is not None and setting.key is not None and setting.key in file.values:
@@ -51,10 +51,10 @@ def pick(setting: Setting, given: Any = None, file: ConfigFile | None = None) ->
         raise ValueError(f"{source} {exc}") from None
 
 
-def value(name: str, given: Any = None) -> Any:
-    """One setting from its flag's value (``given``), its variable or its default: what every
-    command but ``serve`` reads (none of them reads ``config.json``)."""
-    return pick(BY_NAME[name], given)
+def value(name: str, given: Any = None, command: str = SERVE) -> Any:
+    """One setting from its flag's value on ``command`` (``given``), its variable or its
+    default: what every command but ``serve`` reads (none of them reads ``config.json``)."""
+    return pick(BY_NAME[name], given, command=command)
 
 
 def check_environment() -> None:
@@ -85,10 +85,10 @@ def add_flags(parser: argparse.ArgumentParser, command: str, help: dict[str, str
     from aether.settings.kinds import Boolean, Text
 
     for setting in flags_of(command):
-        flag = setting.flag
-        assert flag is not None  # flags_of gives only settings with one
         text = (help or {}).get(setting.name) or plain(setting.help)
         text = f"{text} (env {setting.env}; default {plain(shown_default(setting))})"
+        flag = setting.flag_on(command)
+        assert flag is not None  # flags_of gives only settings with one
         if isinstance(setting.kind, Boolean):
             parser.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None, help=text)
             continue
@@ -101,11 +101,13 @@ def flags_of(command: str) -> list[Setting]:
     """The settings whose flag ``command`` takes (``""``: before any command)."""
     if command == "":
         return [setting for setting in SETTINGS if setting.scope == GLOBAL]
-    return [
+    taken = [
         setting
         for setting in SETTINGS
-        if setting.flag and ((command == SERVE and setting.scope == SERVE) or command in setting.commands)
+        if setting.flag and (command == setting.scope in (SERVE, GATEWAY) or command in setting.commands)
     ]
+    # A command's own settings first, then those it shares with serve.
+    return sorted(taken, key=lambda setting: setting.scope != command) if command == GATEWAY else taken
 
 
 def shown_default(setting: Setting) -> str:

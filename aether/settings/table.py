@@ -3,10 +3,14 @@ variable, kind, default, where it applies and what it is. The command line (``ad
 the environment and ``config.json`` (``sources``, ``serve``) are read from it, and the tables
 of docs/settings.md are written from it (``markdown``: ``python -m aether.settings --write``).
 
-A setting applies to one of three places:
+A setting applies to one of four places:
 
 - ``serve``: a flag of ``aether serve``, its variable, and its key in the state directory's
-  ``config.json``; ``commands`` names the other commands that take the same flag;
+  ``config.json``; ``commands`` names the other commands that take the same flag (as
+  ``command_flag`` where it has another name there: ``--fleet-redis`` is ``--redis`` on
+  ``aether gateway``);
+- ``gateway``: a flag of ``aether gateway`` and its variable (the gateway reads no
+  ``config.json``), beside the ``serve`` settings it shares;
 - ``global``: a flag given before the command (``aether --log-level debug serve``), or its
   variable;
 - ``env``: the variable alone, read by whichever part it concerns; one may also have a flag of
@@ -21,14 +25,14 @@ from aether.log import FORMATS, LEVELS
 from aether.ports import BACKENDS, EBPF_BUFFERS
 from aether.settings.kinds import Boolean, Command, Directory, Integer, Kind, Networks, Ports, PowerOfTwo, Seconds, Text
 
-SERVE, GLOBAL, ENV = "serve", "global", "env"
+SERVE, GLOBAL, ENV, GATEWAY = "serve", "global", "env", "gateway"
 
 
 class Setting:
     """One row of the table. (A plain class: ``aether port`` reads the table at each start, and a
     dataclass would bring in ``inspect`` and ``ast``, a named tuple compile its annotations.)"""
 
-    __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret")
+    __slots__ = ("name", "kind", "default", "help", "scope", "flag", "key", "shown", "commands", "secret", "command_flag")
 
     def __init__(
         self,
@@ -42,6 +46,7 @@ class Setting:
         shown: str = "",
         commands: tuple[str, ...] = (),
         secret: bool = False,
+        command_flag: str | None = None,
     ):
         self.name = name
         self.kind = kind
@@ -59,6 +64,14 @@ class Setting:
         self.commands = commands
         #: Never passed on to a process aether starts (a terminal, an agent backend).
         self.secret = secret
+        #: Its flag on ``commands``, where that is not ``flag``.
+        self.command_flag = command_flag
+
+    def flag_on(self, command: str) -> str | None:
+        """Its flag on ``command`` (one that takes it)."""
+        if self.command_flag and command in self.commands:
+            return self.command_flag
+        return self.flag
 
     @property
     def env(self) -> str:
@@ -74,6 +87,10 @@ def _serve(name: str, kind: Kind, default: Any, help: str, *, flag: str = "", ke
 
 def _global(name: str, kind: Kind, default: Any, help: str, **more) -> Setting:
     return Setting(name, kind, default, help, GLOBAL, "--" + name.replace("_", "-"), **more)
+
+
+def _gateway(name: str, kind: Kind, default: Any, help: str, *, flag: str = "", **more) -> Setting:
+    return Setting(name, kind, default, help, GATEWAY, flag or "--" + name.replace("_", "-"), **more)
 
 
 def _env(name: str, kind: Kind, default: Any, help: str, **more) -> Setting:
@@ -106,7 +123,11 @@ SETTINGS: tuple[Setting, ...] = (
         shown="generated once (32 hex digits), kept in the state directory as `project-id`",
     ),
     _serve(
-        "preview_domain", Text(), "preview.localhost", "the domain under which previews are served: `{port}-{prefix}.{domain}`"
+        "preview_domain",
+        Text(),
+        "preview.localhost",
+        "the domain under which previews are served: `{port}-{prefix}.{domain}`",
+        commands=("gateway",),
     ),
     _serve(
         "preview_url",
@@ -162,7 +183,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         Integer(1),
         10000,
-        "API, WebSocket and preview connections together; past it a new connection is closed at once; at least 1",
+        "every connection at once (API, WebSocket and previews alike); past it a new one is closed at once; at least 1",
+        commands=("gateway",),
     ),
     # A browser opens at most 6 connections per host, and each preview is its own host: the
     # dashboard and ten previews restored at once, each with its 6, is ~66 before one is
@@ -174,6 +196,7 @@ SETTINGS: tuple[Setting, ...] = (
         128,
         "connections one client address (an IPv6 /64) may hold before any of them authenticated or was "
         "answered; past it a new one is closed at once; `0` turns the cap off; `--trusted-proxies` are exempt",
+        commands=("gateway",),
     ),
     _serve(
         "kill_grace",
@@ -186,6 +209,7 @@ SETTINGS: tuple[Setting, ...] = (
         Seconds(),
         60.0,
         "seconds without a byte either way before a proxied request ends (504 before the response); positive",
+        commands=("gateway",),
     ),
     # Dev servers refuse a Host they do not know: localhost:{port} is one they all accept.
     _serve(
@@ -239,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
         "what a backend may write in one turn, stdout and stderr together (`too_large` past it); at least 1 "
         "(`config.json`: also `agent.max_output_bytes`)",
     ),
-    _serve("metrics_public", Boolean(), False, "serve `GET /metrics` without the token"),
+    _serve("metrics_public", Boolean(), False, "serve `GET /metrics` without a token", commands=("gateway",)),
     # From anyone else, X-Forwarded-Proto and -Port are replaced by what aether itself saw.
     _serve(
         "trusted_proxies",
@@ -247,6 +271,41 @@ SETTINGS: tuple[Setting, ...] = (
         (),
         "addresses or networks (`127.0.0.1,::1,10.0.0.0/8`; in `config.json` an array) of a TLS front whose "
         "`X-Forwarded-Proto` and `-Port` previews believe and pass on",
+        commands=("gateway",),
+    ),
+    # A URL may carry the password: kept from the processes aether starts, as the token is.
+    _serve(
+        "fleet_redis",
+        Text(metavar="URL"),
+        None,
+        "fleet mode: the fleet's Redis, `redis://HOST:PORT/DB`, `rediss://...` or "
+        "`redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md)); `aether gateway` and "
+        "`aether fleet status` take it as `--redis`; without it nothing of fleet mode runs",
+        commands=("fleet status", "gateway"),
+        command_flag="--redis",
+        secret=True,
+    ),
+    _serve(
+        "fleet_advertise",
+        Text(metavar="HOST:PORT"),
+        None,
+        "fleet mode: where the fleet's gateways reach this server (`10.0.0.5:3001`, `[fd00::5]:3001`); "
+        "needed with `--fleet-redis`",
+    ),
+    _serve(
+        "fleet_key_file",
+        Text(metavar="PATH"),
+        None,
+        "fleet mode: the fleet key, the same file on every VM and gateway (at least 32 bytes, mode 0600); "
+        "`NEW,OLD` while rotating; needed with `--fleet-redis`",
+        commands=("gateway",),
+    ),
+    _serve("fleet_heartbeat", Seconds(), 1.0, "fleet mode: seconds between heartbeats; positive, below `--fleet-dead-after`"),
+    _serve(
+        "fleet_dead_after",
+        Seconds(),
+        3.0,
+        "fleet mode: seconds after the last heartbeat when gateways take this workspace for dead (503)",
     ),
     _serve(
         "state_dir",
@@ -264,6 +323,35 @@ SETTINGS: tuple[Setting, ...] = (
         "`json` or `logfmt`, one record a line on stderr ([logs](metrics-and-logs.md#logs))",
     ),
     _global("log_level", Text(LEVELS, lower=True), "info", "`debug`, `info`, `warning` or `error`"),
+    _gateway(
+        "gateway_host",
+        Text(metavar="HOST"),
+        "127.0.0.1",
+        "the address the gateway listens on (previews, `/healthz`, `/metrics`)",
+        flag="--host",
+    ),
+    _gateway("gateway_port", Integer(1, 65535), 8080, "the port it listens on, 1-65535", flag="--port"),
+    _gateway(
+        "gateway_reload_interval",
+        Seconds(),
+        300.0,
+        "seconds between full loads of the route table besides those after a gap or a reconnect (±10 %)",
+        flag="--reload-interval",
+    ),
+    _gateway(
+        "gateway_liveness_interval",
+        Seconds(),
+        0.1,
+        "seconds between checks of the workspaces' heartbeat deadlines",
+        flag="--liveness-interval",
+    ),
+    _gateway(
+        "gateway_metrics_token_file",
+        Text(metavar="PATH"),
+        None,
+        "a file holding the token `GET /metrics` wants as `Authorization: Bearer` (else `--metrics-public`, or no metrics)",
+        flag="--metrics-token-file",
+    ),
     _env(
         "sockdiag_interval",
         Seconds(),
@@ -307,17 +395,6 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         "`auto` (a cgroup v2 per terminal session and agent turn where the kernel allows) or `off` (process "
         "trees found in /proc: see [the protocol](protocol.md#terminal-channel))",
-    ),
-    # A URL may carry the password: kept from the processes aether starts, as the token is.
-    _env(
-        "fleet_redis",
-        Text(metavar="URL"),
-        None,
-        "the fleet's Redis, for `aether fleet status` (its `--redis`): `redis://HOST:PORT/DB`, `rediss://...` "
-        "or `redis+sentinel://H1:P1,H2:P2/MASTER/DB` ([fleet mode](fleet.md))",
-        flag="--redis",
-        commands=("fleet status",),
-        secret=True,
     ),
     _env(
         "files_no_openat2",

@@ -11,6 +11,8 @@ WebSocket. ``tests/conftest.py`` holds the fixtures only, built from these.
 - :mod:`support.clients`: WebSocket messages, raw upgrades and frames
 - :mod:`support.browser`: Debian's Chromium under selenium
 - :mod:`support.redis`: a real ``redis-server``, and a Sentinel watching it
+- :mod:`support.netns`: other hosts, as network namespaces a veth pair away
+- :mod:`support.fleet`: ``aether gateway`` (``Gateway``) and requests to it
 """
 
 from __future__ import annotations

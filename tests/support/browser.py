@@ -68,8 +68,9 @@ server.serve_forever()
 """
 
 
-def chromium(profile: Path):
-    """A selenium WebDriver for Debian's Chromium; fails plainly when it is not installed."""
+def chromium(profile: Path, flags: tuple[str, ...] = ()):
+    """A selenium WebDriver for Debian's Chromium (with ``flags`` besides its own); fails
+    plainly when it is not installed."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -80,7 +81,7 @@ def chromium(profile: Path):
     os.environ["SE_OFFLINE"] = "true"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS:
+    for flag in (*FLAGS, *flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     service = Service(executable_path=CHROMEDRIVER, log_output=subprocess.DEVNULL)

@@ -122,9 +122,10 @@ class Watcher:
     """`aether ports watch` in a subprocess; its JSON lines collected by a thread. ``wrap`` is
     a command that runs it (``nsenter`` into a namespace), ending with its argv."""
 
-    def __init__(self, backend: str, *args: str, env: dict | None = None, wrap: tuple = ()):
+    def __init__(self, backend: str, *args: str, env: dict | None = None, wrap: tuple = (), plain: bool = True):
         note_backend(backend)
-        cmd = [*AETHER, "--log-level", "debug", "ports", "watch", "--backend", backend]
+        # ``plain``: the monitor's events alone (what else is found of a port is test_facts.py's).
+        cmd = [*AETHER, "--log-level", "debug", "ports", "watch", *(["--plain"] if plain else []), "--backend", backend]
         if backend == "sockdiag":
             cmd += ["--interval", "0.05"]
         self.proc = subprocess.Popen(

@@ -5,7 +5,13 @@ preview) per port.
 An ``update`` is an open port's whole state again, as an ``open`` gives it, once its owner,
 process or addresses changed. Each ``open`` says since when the port listens (``opened``, Unix
 ms), as this server saw it; a port already listening when the server started has the start
-time and ``seenAtStart``.
+time and ``seenAtStart``, and, when its owner is known, ``ownerStarted``: when that process
+started (Unix ms), a lower bound of the opening that a restart of this server does not lose.
+
+Each ``open`` and ``update`` also carries what :class:`~aether.ports.facts.PortFacts` knows of
+the port then (protocol, command line, working directory, attributes); what it learns later is
+an ``update``, and a port's first HTTP answer or TLS handshake is a ``ready``. The rules'
+visibility is a port's initial one, as it opens.
 
 Each event is encoded once and the same frame is written to every client. A new client first
 gets an ``open`` for every port already listening; both happen synchronously with the event
@@ -20,7 +26,9 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from aether.errors import Refusal
+from aether.ports import procs
 from aether.ports.events import CLOSE, OPEN, PortEvent
+from aether.ports.facts import PortFacts
 from aether.ports.kill import kill_port
 from aether.preview.visibility import Visibility
 from aether.protocol import Message
@@ -73,16 +81,19 @@ class PortsChannel(Channel):
         own_port: int,
         kill_grace: float,
         sent: Callable[[PortEvent, int, bool], None],
+        facts: PortFacts | None = None,
     ):
         self.monitor, self.table, self.clients, self.visibility = monitor, table, clients, visibility
         self.preview_url, self.save_config, self.sent = preview_url, save_config, sent
         self.own_port, self.kill_grace = own_port, kill_grace
+        self.facts = facts
         self.handlers = {"kill": self._kill, "visibility": self._set_visibility}
         self._jobs = Jobs()
         self._in_flight: set[int] = set()
         started = _now_ms()
         #: port -> (when it opened, whether it was open already when the server started)
         self._opened: dict[int, tuple[int, bool]] = {port: (started, True) for port in table.ports()}
+        self._started_cache: dict[int | None, int | None] = {}
         monitor.subscribe(self._on_event)
 
     def message(self, event: PortEvent) -> dict:
@@ -91,15 +102,41 @@ class PortsChannel(Channel):
             message["url"] = self.preview_url(event.port)
             message["visibility"] = self.visibility.of(event.port)
             message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
+            if message["seenAtStart"]:
+                message["ownerStarted"] = self._owner_started(event.pid)
+            if self.facts is not None:
+                message.update(self.facts.fields(event.port, event.pid))
         return message
+
+    def _owner_started(self, pid: int | None) -> int | None:
+        # Only for ports open before this server: never on a new port's path. Cached by pid.
+        if pid not in self._started_cache:
+            self._started_cache[pid] = procs.started_ms(pid)
+        return self._started_cache[pid]
 
     def _on_event(self, event: PortEvent) -> None:
         if event.type == OPEN:
             self._opened[event.port] = (_now_ms(), False)
+            if self.facts is not None:
+                self.visibility.rule(event.port, self.facts.attributes(event.port).visibility)
         elif event.type == CLOSE:
             self._opened.pop(event.port, None)
+            self.visibility.closed(event.port)
         self.clients.broadcast(self.message(event))
         self.sent(event, time.monotonic_ns(), bool(self.clients.clients))
+        if self.facts is not None:
+            self.facts.seen(event)  # after the event is sent: lookups never delay it
+
+    def on_facts(self, event: PortEvent) -> None:
+        """An ``update`` from what the facts found (a command line, a protocol, new rules)."""
+        if event.port not in self._opened:
+            return
+        if self.facts is not None:
+            self.visibility.rule(event.port, self.facts.attributes(event.port).visibility)
+        self.clients.broadcast(self.message(event))
+
+    def on_ready(self, port: int, protocol: str, ms: int) -> None:
+        self.clients.broadcast({"channel": self.name, "type": "ready", "port": port, "protocol": protocol, "ms": ms})
 
     def on_open(self, client: Client) -> None:
         for event in self.monitor.open_events():
@@ -117,7 +154,7 @@ class PortsChannel(Channel):
             self.save_config({"preview_public_ports": sorted(public)})
         except OSError as exc:
             raise Refusal("unavailable", f"could not persist the change: {exc.strerror}") from None
-        self.visibility.public = public
+        self.visibility.choose(port, value)
         log.info("preview visibility", extra={"port": port, "visibility": value})
         changed = {"channel": self.name, "type": "visibility", "port": port, "visibility": value}
         self.clients.announce(changed, client, message.id)

@@ -99,7 +99,11 @@ class PageHandler(DashboardHandler):
             return self.sign_in_page(SIGN_IN)
         settings = self.server.settings
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(fill(asset("index.html").decode(), workspace=settings.workspace_id, wsPath=settings.ws_path))
+        self.finish(
+            fill(
+                asset("index.html").decode(), workspace=settings.workspace_id, wsPath=settings.ws_path, ownPort=str(settings.port)
+            )
+        )
 
 
 class OpenHandler(DashboardHandler):

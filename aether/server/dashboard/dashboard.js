@@ -1,6 +1,8 @@
 // The ports dashboard: one WebSocket (authenticated by the HttpOnly cookie this page cannot
 // read), the `ports` channel's snapshot and events, `kill`, `visibility`, and the port
-// registry from the `config` channel. Everything shown is set as text, never as HTML.
+// registry from the `config` channel; labels are written through the registry's REST API
+// (`PUT /api/ports/KEY`, which takes this page's cookie for a label). What a person hides is
+// kept in localStorage. Everything shown is set as text, never as HTML.
 "use strict";
 
 (() => {
@@ -19,6 +21,11 @@
   let everConnected = false;
   let nextId = 1;
   let lostBecause = "";         // why the last connection ended, while reconnecting
+  let protocolsKnown = false;   // the server detects protocols (it has sent one)
+  let showHidden = false;       // the hidden rows shown, faded, for a moment
+  const ownPort = Number(body.dataset.ownPort);
+  const HIDDEN_KEY = "aether.dashboard.hidden";
+  let hidden = loadHidden();    // {ports: [port], processes: [name]} the person chose to hide
 
   const $ = (id) => document.getElementById(id);
   const connection = $("connection");
@@ -115,12 +122,16 @@
   function handle(message) {
     const table = snapshot || ports;
     if (message.channel === "ports") {
+      if ("protocol" in message) protocolsKnown = true;
       if (message.type === "open") {
         table.set(message.port, {...message});
       } else if (message.type === "update") {
         // The port's whole state again (a new owner, another address): replace the server's
-        // fields, keep ours (a kill or a toggle in flight).
+        // fields, keep ours (a kill or a toggle in flight, the time it first answered).
         table.set(message.port, {...table.get(message.port), ...message});
+      } else if (message.type === "ready") {
+        const row = table.get(message.port);
+        if (row) row.readyMs = message.ms;
       } else if (message.type === "close") {
         table.delete(message.port);
       } else if (message.type === "visibility") {
@@ -166,6 +177,110 @@
     }
   }
 
+  function registryKey(port) {
+    return namesOf(port)[0] || null;
+  }
+
+  // A label goes to the port's registry entry; a port with none gets one, named after the label.
+  async function editLabel(row) {
+    const current = labelOf(row) || "";
+    const label = window.prompt(`Label for port ${row.port} (one word; empty to clear)`, current);
+    if (label === null || label.trim() === current) return;
+    const word = label.trim();
+    let key = registryKey(row.port);
+    if (!key) {
+      if (!word) return;
+      key = word.toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 63);
+      if (!key || /^\d+$/.test(key)) key = `port-${row.port}`;
+    }
+    try {
+      const response = await fetch(`/api/ports/${encodeURIComponent(key)}`, {
+        method: "PUT", credentials: "same-origin", cache: "no-store",
+        headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({port: row.port, label: word}),
+      });
+      if (!response.ok) {
+        const answer = await response.json().catch(() => ({}));
+        return showError(`label for port ${row.port}: ${answer.message || response.status}`);
+      }
+      // The registry's push on the config channel updates the tables; this asks at once.
+      send({channel: "config", type: "registry", id: `registry-${nextId++}`});
+    } catch (_) {
+      showError(`label for port ${row.port}: the server could not be reached`);
+    }
+  }
+
+  async function copyUrl(row, button) {
+    let done = false;
+    try {
+      await navigator.clipboard.writeText(row.url);
+      done = true;
+    } catch (_) {
+      // Not a secure context (plain HTTP on a host other than localhost): the old way.
+      const area = el("textarea", {class: "sr-only", readonly: ""});
+      area.value = row.url;
+      body.append(area);
+      area.select();
+      try { done = document.execCommand("copy"); } catch (_) { done = false; }
+      area.remove();
+    }
+    button.textContent = done ? "copied" : "copy failed";
+    button.dataset.copied = String(done);
+    setTimeout(() => { button.textContent = "copy"; delete button.dataset.copied; }, 1500);
+  }
+
+  // -- hiding ------------------------------------------------------------------------------
+
+  function loadHidden() {
+    try {
+      const value = JSON.parse(localStorage.getItem(HIDDEN_KEY) || "{}");
+      return {ports: Array.isArray(value.ports) ? value.ports : [],
+        processes: Array.isArray(value.processes) ? value.processes : []};
+    } catch (_) {
+      return {ports: [], processes: []};
+    }
+  }
+
+  function saveHidden() {
+    try { localStorage.setItem(HIDDEN_KEY, JSON.stringify(hidden)); } catch (_) { /* private mode */ }
+    render();
+  }
+
+  function toggleHidden(list, value) {
+    const at = hidden[list].indexOf(value);
+    if (at >= 0) hidden[list].splice(at, 1);
+    else hidden[list].push(value);
+    saveHidden();
+  }
+
+  const BROWSERS = /^(chrome|chromium|chromium-browse|chrome_crashpad|headless_shell|firefox|firefox-esr|msedge|brave|opera|chromedriver|geckodriver)\b/i;
+  const DEVTOOLS = /(^|\s)--(remote-debugging-port|inspect|inspect-brk|inspect-port)(=|\s|$)/;
+  const AETHER = /(^|[\s/])aether(\s+\S+)*\s+serve(\s|$)|-m\s+aether\b.*\sserve(\s|$)/;
+
+  // Why a port is hidden without being asked to, or null: browsers' and debuggers' own ports
+  // (a devtools endpoint, node --inspect), this server's listener, a rule's onOpen "ignore".
+  function hiddenByDefault(row) {
+    const command = row.command || "";
+    if (row.on_open === "ignore") return "ignored by a rule";
+    if (row.port === ownPort || AETHER.test(command)) return "aether";
+    if (DEVTOOLS.test(command) || (row.process === "node" && row.port === 9229)) return "devtools";
+    if (BROWSERS.test(row.process || "") || BROWSERS.test(command.split(/\s/)[0].split("/").pop() || "")) return "browser";
+    return null;
+  }
+
+  function hiddenWhy(row) {
+    if (hidden.ports.includes(row.port)) return "hidden";
+    if (row.process && hidden.processes.includes(row.process)) return `${row.process} hidden`;
+    return hiddenByDefault(row);
+  }
+
+  function matches(row, terms) {
+    if (!terms.length) return true;
+    const text = [row.port, row.process, row.command, row.cwd, labelOf(row), row.protocol, row.url,
+      ...(row.addresses || []), ...namesOf(row.port)].filter((v) => v != null).join(" ").toLowerCase();
+    return terms.every((term) => text.includes(term));
+  }
+
   function showError(text) {
     const item = el("p", {class: "error"}, el("span", {text}),
       el("button", {type: "button", text: "dismiss", onclick: () => item.remove()}));
@@ -188,8 +303,28 @@
 
   function openFor(row) {
     // `opened` is the server's clock; a browser whose clock is behind must not show less than 0.
+    // A port open before the server started opened after its owner did: that start time is
+    // a bound a restart does not lose.
+    if (row.seenAtStart && row.ownerStarted) return `≤ ${duration(Date.now() - row.ownerStarted)}`;
     const text = duration(Date.now() - row.opened);
     return row.seenAtStart ? `≥ ${text}` : text;
+  }
+
+  function openForTitle(row) {
+    if (!row.seenAtStart) return `since ${new Date(row.opened).toLocaleString()}`;
+    const at = `already listening when the server started, at ${new Date(row.opened).toLocaleString()}`;
+    return row.ownerStarted ? `${at}; its process started at ${new Date(row.ownerStarted).toLocaleString()}` : at;
+  }
+
+  function labelOf(row) {
+    const entry = registry.find((e) => e.port === row.port && e.label);
+    return entry ? entry.label : (row.label || null);
+  }
+
+  function readyText(row) {
+    if (row.readyMs != null) return `ready in ${row.readyMs} ms`;
+    if (row.protocol === "tcp") return "";
+    return protocolsKnown ? "not answering yet" : "";
   }
 
   function namesOf(port) {
@@ -210,32 +345,49 @@
   const views = new Map();
 
   function makeView(port) {
+    const act = (fn) => () => ports.has(port) && fn(ports.get(port));
     const view = {
-      process: el("span"),
+      process: el("span", {class: "process"}),
+      label: el("span", {class: "label"}),
+      command: el("div", {class: "command"}),
+      cwd: el("div", {class: "cwd"}),
       names: el("div", {class: "key"}),
-      pid: el("td", {class: "num"}),
-      address: el("td", {class: "address"}),
+      pid: el("td", {class: "num", "data-label": "PID"}),
+      address: el("td", {class: "address", "data-label": "Address"}),
       badge: el("span"),
-      toggle: el("button", {type: "button", class: "toggle", "data-action": "visibility",
-        onclick: () => ports.has(port) && toggle(ports.get(port))}),
-      duration: el("td", {class: "duration"}),
+      toggle: el("button", {type: "button", class: "toggle", "data-action": "visibility", onclick: act(toggle)}),
+      duration: el("td", {class: "duration", "data-label": "Open for"}),
       link: el("a", {target: "_blank", rel: "noopener noreferrer", class: "preview"}),
-      kill: el("button", {type: "button", class: "kill", "data-action": "kill",
-        onclick: () => ports.has(port) && kill(ports.get(port))}),
+      protocol: el("span", {class: "protocol"}),
+      ready: el("span", {class: "ready"}),
+      copy: el("button", {type: "button", class: "copy", "data-action": "copy", text: "copy"}),
+      labelButton: el("button", {type: "button", "data-action": "label", text: "label", onclick: act(editLabel)}),
+      hidePort: el("button", {type: "button", "data-action": "hide-port", onclick: act((row) => toggleHidden("ports", row.port))}),
+      hideProcess: el("button", {type: "button", "data-action": "hide-process",
+        onclick: act((row) => row.process && toggleHidden("processes", row.process))}),
+      why: el("span", {class: "why"}),
+      kill: el("button", {type: "button", class: "kill", "data-action": "kill", onclick: act(kill)}),
     };
+    view.copy.addEventListener("click", () => ports.has(port) && copyUrl(ports.get(port), view.copy));
     view.tr = el("tr", {"data-port": String(port)},
-      el("td", {class: "num port", text: String(port)}),
-      el("td", {}, view.process, view.names),
+      el("td", {class: "num port", "data-label": "Port", text: String(port)}),
+      el("td", {class: "who", "data-label": "Process"}, el("div", {}, view.process, view.label), view.command, view.cwd, view.names),
       view.pid, view.address,
-      el("td", {}, view.badge, view.toggle),
+      el("td", {"data-label": "Visibility"}, view.badge, view.toggle),
       view.duration,
-      el("td", {}, view.link),
-      el("td", {class: "actions"}, view.kill));
+      el("td", {class: "preview-cell", "data-label": "Preview"}, view.link,
+        el("div", {class: "states"}, view.protocol, view.ready, view.copy)),
+      el("td", {class: "actions"}, el("div", {class: "action-list"},
+        view.why, view.labelButton, view.hidePort, view.hideProcess, view.kill)));
     return view;
   }
 
-  function updateView(view, row) {
+  function updateView(view, row, why) {
     setText(view.process, row.process || "—");
+    setText(view.label, labelOf(row) || "");
+    setText(view.command, row.command || "");
+    setAttr(view.command, "title", row.command || null);
+    setText(view.cwd, row.cwd ? `in ${row.cwd}` : "");
     setText(view.names, namesOf(row.port).join(", "));
     setText(view.pid, row.pid == null ? "—" : String(row.pid));
     setText(view.address, (row.addresses || []).join(", ") || "—");
@@ -244,11 +396,21 @@
     setText(view.toggle, row.visibility === "public" ? "make private" : "make public");
     view.toggle.disabled = Boolean(row.toggling);
     setText(view.duration, openFor(row));
-    setAttr(view.duration, "title", (row.seenAtStart ? "already listening when the server started, at " : "since ") +
-      new Date(row.opened).toLocaleString());
+    setAttr(view.duration, "title", openForTitle(row));
     // A private preview needs a grant that only the server can make: /open/ redirects with one.
     setAttr(view.link, "href", row.visibility === "public" ? row.url : `/open/${row.port}`);
     setText(view.link, row.url);
+    setAttr(view.protocol, "class", row.protocol ? `protocol badge ${row.protocol}` : "protocol");
+    setText(view.protocol, row.protocol || "");
+    setAttr(view.ready, "class", row.readyMs != null ? "ready badge open" : "ready");
+    setText(view.ready, readyText(row));
+    const byUser = hidden.ports.includes(row.port);
+    setText(view.hidePort, byUser ? "unhide" : "hide");
+    const processHidden = row.process && hidden.processes.includes(row.process);
+    view.hideProcess.hidden = !row.process;
+    setText(view.hideProcess, row.process ? `${processHidden ? "unhide" : "hide"} all ${row.process}` : "");
+    setText(view.why, why ? `(${why})` : "");
+    setAttr(view.tr, "class", why ? "hidden-row" : null);
     setText(view.kill, row.killing ? "killing…" : "kill");
     view.kill.disabled = Boolean(row.killing);
   }
@@ -267,14 +429,32 @@
         views.delete(port);
       }
     }
-    const sorted = [...ports.values()].sort((a, b) => a.port - b.port);
-    sorted.forEach((row, index) => {
+    const terms = $("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
+    let hiddenCount = 0;
+    const shown = [];
+    for (const row of [...ports.values()].sort((a, b) => a.port - b.port)) {
+      const why = hiddenWhy(row);
+      if (why) hiddenCount += 1;
+      if ((why && !showHidden) || !matches(row, terms)) continue;
+      shown.push([row, why]);
+    }
+    for (const [port, view] of views) {
+      if (!shown.some(([row]) => row.port === port)) view.tr.remove();
+    }
+    shown.forEach(([row, why], index) => {
       let view = views.get(row.port);
       if (!view) views.set(row.port, view = makeView(row.port));
-      updateView(view, row);
+      updateView(view, row, why);
       if (tbody.children[index] !== view.tr) tbody.insertBefore(view.tr, tbody.children[index] || null);
     });
-    setText($("port-count"), ports.size ? `(${ports.size})` : "");
+    const total = ports.size;
+    setText($("port-count"), !total ? "" : shown.length === total ? `(${total})` : `(${shown.length} of ${total})`);
+    const button = $("show-hidden");
+    button.hidden = hiddenCount === 0;
+    setText(button, showHidden ? `hide ${hiddenCount} again` : `show ${hiddenCount} hidden`);
+    const none = $("all-filtered");
+    none.hidden = !(total && !shown.length);
+    setText(none, terms.length ? "No port matches the filter." : "Every open port is hidden.");
   }
 
   let registryShown = null;  // what the registry table shows now, to leave it be when unchanged
@@ -286,11 +466,11 @@
     const rows = registry.map((entry) => {
       const open = ports.has(entry.port);
       return el("tr", {"data-key": entry.key},
-        el("td", {class: "mono", text: entry.key}),
-        el("td", {text: entry.app || "—"}),
-        el("td", {text: entry.label || "—"}),
-        el("td", {class: "num", text: String(entry.port)}),
-        el("td", {}, el("span", {class: `badge ${open ? "open" : "closed"}`, text: open ? "listening" : "not listening"})),
+        el("td", {class: "mono", "data-label": "Name", text: entry.key}),
+        el("td", {"data-label": "App", text: entry.app || "—"}),
+        el("td", {"data-label": "Label", text: entry.label || "—"}),
+        el("td", {class: "num", "data-label": "Port", text: String(entry.port)}),
+        el("td", {"data-label": "Status"}, el("span", {class: `badge ${open ? "open" : "closed"}`, text: open ? "listening" : "not listening"})),
         el("td", {class: "muted", text: entry.description || ""}));
     });
     document.querySelector("#registry tbody").replaceChildren(...rows);
@@ -303,6 +483,12 @@
       if (row) setText(view.duration, openFor(row));
     }
   }, 1000);
+
+  $("filter").addEventListener("input", () => renderPorts());
+  $("show-hidden").addEventListener("click", () => { showHidden = !showHidden; renderPorts(); });
+  window.addEventListener("storage", (event) => {
+    if (event.key === HIDDEN_KEY) { hidden = loadHidden(); render(); }
+  });
 
   setConnection("connecting", "connecting…");
   connect();

@@ -1,0 +1,76 @@
+"""``aether ports list``'s rows: each open port's state (:func:`aether.ports.procs.port_states`)
+with the fields a ``ports`` ``open`` carries beside it: command line and working directory,
+container, protocol and attributes (see :mod:`aether.ports.facts`).
+
+A listing is one look, not a watch: each port is looked at once, all at a time, for at most
+:data:`LOOK_SECONDS`; a port that has not answered by then (a dev server still compiling) is
+listed with ``protocol`` null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aether.attributes.rules import EMPTY, Ruleset
+from aether.ports.containers import Containers, is_docker, proxy_target
+from aether.ports.detect import Detector
+from aether.ports.events import PortState
+from aether.ports.facts import probe_host
+from aether.ports.who import who
+
+#: Seconds the whole listing waits for ports to answer. An answering server does so in
+#: milliseconds (a look that finds HTTP takes the banner wait, 50 ms, and a round trip; one
+#: that finds TLS a handshake more: bench/detect.py); this bounds the listing for ports that
+#: do not answer.
+LOOK_SECONDS = 1.0
+
+
+def rows(states: Sequence[PortState], rules: Ruleset = EMPTY, look: bool = True) -> list[dict]:
+    """The JSON rows of ``states``: what :meth:`PortState.to_json` gives, and ``command``,
+    ``cwd``, ``started``, ``container``, ``protocol``, ``label``, ``onOpen`` and ``sources``."""
+    return asyncio.run(_rows(states, rules, look))
+
+
+async def _rows(states: Sequence[PortState], rules: Ruleset, look: bool) -> list[dict]:
+    found = {state.port: who(state.pid) for state in states}
+    detector = Detector(deadline=LOOK_SECONDS)
+    containers = Containers()
+
+    async def protocol(state: PortState) -> str | None:
+        if not look:
+            return None
+        try:
+            result = await asyncio.wait_for(detector.look(probe_host(state.addresses), state.port, LOOK_SECONDS), LOOK_SECONDS)
+        except TimeoutError:
+            return None
+        return result.protocol
+
+    async def container(state: PortState):
+        holder = found[state.port]
+        if holder is None or not is_docker(state.process, holder.argv):
+            return None
+        return await containers.publisher(state.port, proxy_target(holder.argv or ()))
+
+    protocols = await asyncio.gather(*(protocol(state) for state in states))
+    boxes = await asyncio.gather(*(container(state) for state in states))
+    out = []
+    for state, detected, box in zip(states, protocols, boxes, strict=True):
+        holder = found[state.port]
+        attrs = rules.resolve(state.port, holder.argv if holder is not None else None)
+        row = state.to_json()
+        row.update(
+            {
+                "protocol": attrs.protocol or detected,
+                "command": attrs.shown_command(holder.command) if holder is not None else None,
+                "cwd": holder.cwd if holder is not None else None,
+                "started": holder.started_ms if holder is not None else None,
+                "container": box.to_json() if box is not None else None,
+                "label": attrs.label,
+                "onOpen": attrs.on_open,
+                "visibility": attrs.visibility,
+                "sources": attrs.as_dict().get("sources", {}),
+            }
+        )
+        out.append(row)
+    return out
