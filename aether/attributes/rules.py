@@ -36,7 +36,7 @@ import itertools
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Union, cast
 
 #: What a client does when the port opens: tell the person; open its preview; list it, no
 #: notice; leave it out of lists and notices.
@@ -217,7 +217,7 @@ class Layer:
         if style == "vscode":
             # VS Code sorts by a rule's first port (stable), and a later exact key overrides.
             self._exact = {port: tuple(reversed(found)) for port, found in exact.items()}
-            ranges.sort(key=lambda rule: rule.selector.first)
+            ranges.sort(key=lambda rule: cast(Range, rule.selector).first)
         else:
             self._exact = {port: (found[0],) for port, found in exact.items()}
         self._ranges = tuple(ranges)
@@ -227,7 +227,7 @@ class Layer:
         """The expression rules that match the command line ``text``, in declaration order."""
         if not text:
             return ()  # as VS Code: no command line, no expression matches
-        return tuple(rule for rule in self._commands if rule.selector.regex.search(text) is not None)
+        return tuple(rule for rule in self._commands if cast(Command, rule.selector).regex.search(text) is not None)
 
     def match(self, port: int, commands: tuple[Rule, ...] = ()) -> list[Rule]:
         """The rules that match ``port`` (and ``commands``, what :meth:`commands` found for
@@ -235,9 +235,11 @@ class Layer:
         found = list(self._exact.get(port, ()))
         if self.style == "gitpod":
             if not found:
-                found = [rule for rule in self._ranges if rule.selector.first <= port <= rule.selector.last][:1]
+                found = [
+                    rule for rule in self._ranges if cast(Range, rule.selector).first <= port <= cast(Range, rule.selector).last
+                ][:1]
             return found
-        found += [rule for rule in self._ranges if rule.selector.first <= port <= rule.selector.last]
+        found += [rule for rule in self._ranges if cast(Range, rule.selector).first <= port <= cast(Range, rule.selector).last]
         found += commands
         return found
 

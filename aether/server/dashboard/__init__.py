@@ -29,6 +29,8 @@ from aether.preview import grant
 from aether.server import cookie
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from aether.server.app import WorkspaceServer
 
 HERE = Path(__file__).resolve().parent
@@ -121,12 +123,13 @@ class OpenHandler(DashboardHandler):
 
 
 class SignedInHandler(DashboardHandler):
-    def get(self) -> None:
+    def get(self) -> Awaitable[None] | None:  # finish's, which Tornado awaits
         if not self.signed_in:
             self.set_status(401)
             return self.finish({"signedIn": False})
         settings = self.server.settings
         self.finish({"signedIn": True, "workspaceId": settings.workspace_id, "wsPath": settings.ws_path})
+        return None
 
 
 class AssetHandler(DashboardHandler):
