@@ -79,6 +79,23 @@ class Workspace:
         "names",
         "raw",
     )
+    # Annotated for the type checker only: a bare annotation makes no class attribute, so the
+    # slots stay as they are.
+    prefix: str
+    project: str
+    workspace: str
+    address: str
+    host: str
+    port: int
+    epoch: str
+    started: int
+    dead_after: int
+    verifier: bytes
+    alive: bool
+    open: dict[int, bool]
+    closed_public: frozenset[int]
+    names: dict[str, int]
+    raw: bytes
 
     def is_public(self, port: int) -> bool:
         public = self.open.get(port)

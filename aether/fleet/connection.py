@@ -70,14 +70,14 @@ def parse_sentinel(url: str) -> dict[str, Any]:
     parts = [part for part in path.split("/") if part]
     if not sentinels or not 1 <= len(parts) <= 2 or (len(parts) == 2 and not parts[1].isdigit()):
         raise ValueError(f"{describe(url)} is not redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]")
-    options = parse_qs(query)
+    sentinel_password = parse_qs(query).get("sentinel_password")
     return {
         "sentinels": sentinels,
         "service": unquote(parts[0]),
         "db": int(parts[1]) if len(parts) == 2 else 0,
         "username": username,
         "password": password,
-        "sentinel_password": (options.get("sentinel_password") or [None])[0],
+        "sentinel_password": sentinel_password[0] if sentinel_password else None,
         "ssl": scheme == "rediss+sentinel",
     }
 
@@ -89,7 +89,7 @@ def client(url: str, *, socket_timeout: float = 2.0, connect_timeout: float = 1.
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    common = {
+    common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
         "retry": Retry(NoBackoff(), 0),

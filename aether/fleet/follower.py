@@ -30,9 +30,14 @@ import logging
 import random
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from aether.fleet import connection, keys
 from aether.fleet import routes as r
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 log = logging.getLogger("aether.fleet")
 
@@ -103,10 +108,10 @@ class Follower:
         self.offset_ms = 0.0
         self._offset_known = False
         # -- the machinery ------------------------------------------------------------------
-        self._main = None  # loads, liveness, reaping
-        self._stream = None  # XREAD BLOCK only
-        self._liveness = None
-        self._reap = None
+        self._main: Redis | None = None  # loads, liveness, reaping
+        self._stream: Redis | None = None  # XREAD BLOCK only
+        self._liveness: AsyncScript | None = None
+        self._reap: AsyncScript | None = None
         self._reason: str | None = "start"
         self._prev: int | None = None
         self._quiet_until = 0.0
@@ -271,6 +276,7 @@ class Follower:
             since = ("" if self._prev is None else self._prev) if judging else "+inf"
             loads = self._loads
             sent = time.time() * 1000
+            assert self._liveness is not None  # registered by _clients with the first client
             try:
                 now_ms, boot, expired, deadlines = await connection.call(
                     self._liveness(keys=keys.LIVENESS_KEYS, args=[since, *batch])
@@ -334,6 +340,7 @@ class Follower:
         """Forget workspaces dead longer than ``retain`` s; how many (0 when Redis is down)."""
         if self._main is None or not self.redis_up:
             return 0
+        assert self._reap is not None  # registered by _clients with the first client
         try:
             count = await connection.call(
                 self._reap(keys=keys.CHANGE_KEYS, args=[int(self.retain * 1000), self.reap_batch, keys.STREAM_MAXLEN])

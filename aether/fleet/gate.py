@@ -186,6 +186,7 @@ class Gate:
         if kind == r.NO_KEY:
             text = f"No port is registered as <code>{pages.escape(wanted)}</code> in this workspace."
             return self._answer(404, "No such preview", text, head_only, close)
+        assert ws is not None and port is not None  # only UNKNOWN and NO_KEY come without them
         if kind == r.UNAVAILABLE:
             text = (
                 "This workspace is stopped or not answering. This page reloads itself and shows the "
@@ -207,8 +208,8 @@ class Gate:
                 status = 302 if method in (b"GET", b"HEAD") else 307
                 secure = "; Secure" if proto == b"https" else ""
                 value = auth.mint_cookie(self.keys, host_name, verifier, self.clock()).decode()
-                cookie = f"{auth.COOKIE.decode()}={value}; Path=/; Max-Age={auth.COOKIE_TTL}; HttpOnly; SameSite=Lax{secure}"
-                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", cookie)]
+                set_cookie = f"{auth.COOKIE.decode()}={value}; Path=/; Max-Age={auth.COOKIE_TTL}; HttpOnly; SameSite=Lax{secure}"
+                extra = [("Location", location.decode("latin-1")), ("Set-Cookie", set_cookie)]
                 return Answer(status, pages.response(status, b"", extra, close, head_only=head_only), close)
 
         # The app's own credentials go on; the fleet's never do.

@@ -30,7 +30,7 @@ from aether.fleet import routes as r
 from aether.fleet.gate import RETRY_AFTER, FleetForward, Gate
 from aether.fleet.metrics import Counters
 from aether.preview.core import Proxy
-from aether.preview.owner import Unreachable
+from aether.preview.owner import Forward, Unreachable
 from aether.preview.proxy import ClientConnection
 from aether.preview.upstream import Upstream, dial
 
@@ -78,10 +78,10 @@ class Gateway:
 
     # -- the connector ----------------------------------------------------------------------
 
-    def check(self, forward: FleetForward) -> Unreachable | None:
+    def check(self, forward: Forward) -> Unreachable | None:
         return None  # decided from the table a moment ago; a VM gone since refuses the connection
 
-    async def connect(self, forward: FleetForward, factory: Callable[[], Upstream]) -> Upstream:
+    async def connect(self, forward: Forward, factory: Callable[[], Upstream]) -> Upstream:
         try:
             return await dial(
                 self.loop,
@@ -105,12 +105,13 @@ class Gateway:
     def upstream_latency(self, seconds: float) -> None:
         self.counters.upstream_latency.observe(seconds)
 
-    def upstream_failed(self, forward: FleetForward, why: str) -> None:
+    def upstream_failed(self, forward: Forward, why: str) -> None:
         self._failed(forward, why)
 
-    def _failed(self, forward: FleetForward, why: str) -> None:
+    def _failed(self, forward: Forward, why: str) -> None:
         """One line per workspace per second at most: a VM going away under load must not
         flood the log; the lines left out are counted in the next one."""
+        assert isinstance(forward, FleetForward)  # the proxy hands back what the gate decided
         self.counters.upstream_failures += 1
         now = self.loop.time()
         last, suppressed = self._failures.get(forward.prefix, (0.0, 0))

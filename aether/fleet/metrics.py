@@ -31,7 +31,7 @@ UPSTREAM_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 class Counters:
     """What the gateway's proxy counts: responses by status, upstream latency, tunnels closed."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.responses: collections.defaultdict[int, int] = collections.defaultdict(int)
         self.upstream_latency = Histogram(UPSTREAM_LATENCY_BUCKETS)
         self.upstream_failures = 0

@@ -103,7 +103,7 @@ class Routes:
         ws = self.workspaces.get(prefix)
         if ws is None:
             return None, None, UNKNOWN
-        if type(target) is str:
+        if isinstance(target, str):
             port = ws.names.get(target)
             if port is None:
                 return ws, None, NO_KEY
