@@ -155,6 +155,7 @@ def _field_values(guard: Guard, outside: Path) -> dict[str, st.SearchStrategy]:
     return {
         "port": ports,
         "visibility": st.sampled_from(["private", "public", "secret"]),
+        "protocol": st.sampled_from(["https", "http", "tcp", "auto", "ftp"]),
         "config": st.fixed_dictionaries(
             {}, optional={"ignoredPorts": st.lists(st.integers(-1, 70000), max_size=6), "workspaceId": text, "x": json_values}
         ),
