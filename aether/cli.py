@@ -13,11 +13,15 @@ import os
 import signal
 import stat
 import sys
+from typing import TYPE_CHECKING
 
 import ujson
 
 from aether import __version__, log
 from aether.settings import sources
+
+if TYPE_CHECKING:
+    from aether.ports.facts import PortFacts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +246,7 @@ def _ports_watch(args, values: dict) -> int:
 
         table: dict[int, dict] = {}
         names = _registry_names() if args.human else {}
-        facts = None
+        facts: PortFacts | None = None
 
         def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
@@ -268,6 +272,7 @@ def _ports_watch(args, values: dict) -> int:
                 facts.seen(event)  # after the line is written: lookups never delay it
 
         def emit_found(event) -> None:
+            assert facts is not None  # only the facts call this, once they exist
             message = event.to_message()
             message.update(facts.fields(event.port, event.pid))
             write(message)

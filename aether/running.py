@@ -69,9 +69,11 @@ def withdraw(path: Path | None) -> None:
 def servers() -> list[dict]:
     """The servers running now, as they announced themselves."""
     base = runtime_dir()
+    if base is None:
+        return []
     found = []
     try:
-        names = sorted(os.listdir(base)) if base is not None else []
+        names = sorted(os.listdir(base))
     except OSError:
         return []
     for name in names:

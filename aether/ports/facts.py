@@ -244,6 +244,7 @@ class PortFacts:
             self._lookups.update(lookups)
             if not self._lookup_pending:
                 self._lookup_pending = True
+                assert self._loop is not None  # set by _schedule, which every callback here follows
                 self._loop.call_soon(self._lookup)
 
     def _lookup(self) -> None:
@@ -253,6 +254,7 @@ class PortFacts:
         self._lookup_pending = False
         if self._closed:
             return
+        assert self._loop is not None  # set by _schedule, which every callback here follows
         ports = list(itertools.islice(self._lookups, WHO_BATCH))
         for port in ports:
             pid = self._lookups.pop(port)
@@ -295,6 +297,7 @@ class PortFacts:
         self._dirty[port] = None
         if not self._tell_pending:
             self._tell_pending = True
+            assert self._loop is not None  # set by _schedule, which every callback here follows
             self._loop.call_soon(self._tell_all)
 
     def _tell_all(self) -> None:

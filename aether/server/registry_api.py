@@ -183,7 +183,8 @@ class PortHandler(ApiHandler):
             if not set(body) <= {"port", "label"} or "port" not in body:
                 return self.fail(403, "forbidden", "the dashboard's cookie may set a label only: send port and label")
             entry = await self.api.write("label", key, body["port"], body.get("label"))
-            return self.finish(entry.to_json())
+            self.finish(entry.to_json())
+            return
         entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
         self.finish(entry.to_json())
 

@@ -126,7 +126,8 @@ class SignedInHandler(DashboardHandler):
     def get(self) -> Awaitable[None] | None:  # finish's, which Tornado awaits
         if not self.signed_in:
             self.set_status(401)
-            return self.finish({"signedIn": False})
+            self.finish({"signedIn": False})
+            return
         settings = self.server.settings
         self.finish({"signedIn": True, "workspaceId": settings.workspace_id, "wsPath": settings.ws_path})
         return None
