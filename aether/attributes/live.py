@@ -119,9 +119,11 @@ class LiveRules:
 
     def _watch(self, rel: str) -> None:
         rel = "" if rel in (".", "") else rel
+        assert self.root is not None  # only a rooted instance watches the workspace
         self._watch_path(str(self.root / rel) if rel else str(self.root), rel)
 
     def _watch_path(self, path: str, rel: str) -> None:
+        assert self._fd is not None  # start made it before any watch
         try:
             # A link is not followed: .devcontainer leading elsewhere is not watched (nor read).
             wd = libc.inotify_add_watch(self._fd, path, _MASK | 0x02000000)  # IN_DONT_FOLLOW
@@ -130,13 +132,15 @@ class LiveRules:
         self._watches[wd] = rel
 
     def _readable(self) -> None:
+        assert self._fd is not None and self._loop is not None  # start added this reader
+        loop = self._loop
         try:
             data = os.read(self._fd, 64 << 10)
         except BlockingIOError:
             return
         except OSError as exc:
             log.warning("rules files no longer followed", extra={"error": str(exc)})
-            self._loop.remove_reader(self._fd)
+            loop.remove_reader(self._fd)
             return
         offset, relevant = 0, False
         while offset + _HEADER <= len(data):
@@ -156,7 +160,7 @@ class LiveRules:
             if where == "" and name == ".devcontainer" and mask & (_IN_CREATE | _IN_MOVED_TO):
                 self._watch(".devcontainer")
         if relevant and self._pending is None:
-            self._pending = self._loop.call_later(SETTLE, lambda: self._loop.create_task(self._read()))
+            self._pending = loop.call_later(SETTLE, lambda: loop.create_task(self._read()))
 
     async def _read(self) -> None:
         self._pending = None
@@ -164,6 +168,7 @@ class LiveRules:
             self._again = True
             return
         self._reading = True
+        assert self._loop is not None  # start set it; only its reader schedules this
         try:
             while True:
                 self._again = False

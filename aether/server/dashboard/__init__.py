@@ -127,7 +127,7 @@ class SignedInHandler(DashboardHandler):
         if not self.signed_in:
             self.set_status(401)
             self.finish({"signedIn": False})
-            return
+            return None
         settings = self.server.settings
         self.finish({"signedIn": True, "workspaceId": settings.workspace_id, "wsPath": settings.ws_path})
         return None
