@@ -111,13 +111,13 @@ start() {
     for n in "${VMS[@]}"; do
         local project token
         project=$("$PY" -c 'import secrets; print(secrets.token_hex(8))')
-        token=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(16))')
+        token=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
         echo "$project $token" > "$DIR/vm-$n.id"
         mkdir -p "$DIR/vm-$n/state" "$DIR/vm-$n/www"
         echo "<h1>Hello from VM $n</h1><p>workspace demo-$n, served through a fleet gateway.</p>" > "$DIR/vm-$n/www/index.html"
         # nsenter and nohup exec() what they run: $! is aether's pid.
         nsenter "$(enter "$n")" nohup "$AETHER" serve --host 0.0.0.0 --port "$VM_PORT" --backend ebpf \
-            --state-dir "$DIR/vm-$n/state" --project-id "$project" --workspace-id "demo-$n" --token "$token" \
+            --state-dir "$DIR/vm-$n/state" --project-id "$project" --workspace-id "demo-$n" --token="$token" \
             --preview-domain "$DOMAIN" --fleet-redis "redis://$NET.$n.1:$REDIS_PORT/0" \
             --fleet-advertise "$NET.$n.2:$VM_PORT" --fleet-key-file "$DIR/fleet.key" \
             > "$DIR/vm-$n.out" 2> "$DIR/vm-$n.log" < /dev/null &
