@@ -227,8 +227,9 @@ class WatchTree:
                         self.dirs.move(from_wd, from_name, event.wd, name)
                     elif self.recursive:
                         # Never watched where it was: its grow found it moved on already (a
-                        # rename storm). Nothing else would watch it where it is now.
-                        self.grow(event.wd, name, report=False)
+                        # rename storm). Nothing else would watch it where it is now, nor tell
+                        # what was made in it before any watch: report what it holds.
+                        self.grow(event.wd, name, report=True)
             else:
                 self._add(CREATED, event.wd, name, kind)
                 if is_dir and self.recursive:

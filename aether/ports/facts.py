@@ -163,6 +163,8 @@ class PortFacts:
         """A port event, after (or as) it is sent: queued, looked into once the loop is free."""
         if self._closed:
             return
+        if event.type == CLOSE:
+            self._chosen.pop(event.port, None)  # now: a choice for the port's next life is kept
         self._queue.append(event)
         self._schedule()
 
@@ -224,7 +226,6 @@ class PortFacts:
             if event.type == CLOSE:
                 self._ports.pop(port, None)
                 self._told.pop(port, None)
-                self._chosen.pop(port, None)
                 self.detector.stop(port)
                 lookups.pop(port, None)
                 continue
