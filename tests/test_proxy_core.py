@@ -69,7 +69,7 @@ class Owner:
         self.latencies: list[float] = []
         self.failures: list[tuple[bytes, str]] = []
 
-    def decide(self, method, target, headers, client_ip, upgrade):
+    def decide(self, method, target, headers, client_ip, upgrade, previous=None):
         head = h.RequestHead(headers)
         path = target.partition(b"?")[0]
         port = self.ws_port if path.startswith(b"/ws/") else self.down_port if path == b"/down" else self.app_port

@@ -152,7 +152,9 @@ class Gate:
 
     # -- the decision -----------------------------------------------------------------------
 
-    def decide(self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool) -> Forward | Answer:
+    def decide(
+        self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool, previous: Forward | None = None
+    ) -> Forward | Answer:
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
         decision = self._decide(method, target, head, client_ip, upgrade, head_only, head.has_body or upgrade)

@@ -20,6 +20,16 @@ The checks run in this order, each answering on failure:
    cookie-authenticated WebSocket upgrade needs a same-origin ``Origin`` (403);
 6. the port must be open now (502, a page that reloads itself), on loopback or an address of
    this host's own interfaces (502: see ``local``).
+
+A forwarded request's decision is kept by its connection (:class:`Route`, in the Forward's
+``memo``): the next request on that connection with the same method and the very same header
+lines, and a target that carries no credential, goes the same way without the checks, unless
+something a check reads changed in between. Every such change bumps :attr:`Gate.generation`
+(a port opening, closing or changing its addresses, this host's addresses, a visibility), and
+a route of another generation, or made before a change of the ignored ports or of its registry
+key's port, is decided afresh. Nothing else a check reads changes while the process runs (the
+token, the fleet key, the trusted fronts); what a grant or a signature opens (they are in the
+target or vary with it) is never kept.
 """
 
 from __future__ import annotations
@@ -105,6 +115,26 @@ def _redirect_path(target: bytes, token: bytes, granted: Callable[[bytes], bool]
     return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
+class Route:
+    """What a forwarded request's decision read, for its connection's next request (see the
+    module docstring): the request's ``method`` and ``headers`` (the list, as parsed), the
+    gate's ``generation`` and ignored ports then, the registry ``key`` its Host named (None:
+    a port number), its ``target``, and the upstream head after the target (``tail``)."""
+
+    __slots__ = ("generation", "ignored", "method", "headers", "key", "target", "tail")
+
+    def __init__(
+        self, generation: int, ignored: frozenset[int], method: bytes, headers: h.Headers, key, target: bytes, tail: bytes
+    ):
+        self.generation = generation
+        self.ignored = ignored
+        self.method = method
+        self.headers = headers
+        self.key = key
+        self.target = target
+        self.tail = tail
+
+
 def _loopback(client_ip: str) -> bool:
     return client_ip.startswith(("127.", "::ffff:127.")) or client_ip == "::1"
 
@@ -140,6 +170,9 @@ class Gate:
         self._redeemed: dict[bytes, int] = {}  # grants used, until they expire
         #: Fleet mode: the fleet key, which signs what the gateways forward (``aether.fleet.auth``).
         self.fleet_keys = getattr(settings, "fleet_keys", None)
+        #: Bumped by every change of what a kept decision (:class:`Route`) read.
+        self.generation = 0
+        visibility.subscribe(self.changed)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -214,13 +247,19 @@ class Gate:
         Single use: a grant left in a history or a log after it opened its host opens nothing."""
         return grant.redeem(self._redeemed, self.token, host_name, value)
 
+    def changed(self) -> None:
+        """Something a decision reads changed: no kept decision (:class:`Route`) holds."""
+        self.generation += 1
+
     def forget(self, port: int) -> None:
-        """The port opened, closed or refused: look its upstream address up again."""
+        """The port opened, closed, changed or refused: look its upstream address up again."""
         self._addresses.pop(port, None)
+        self.generation += 1
 
     def forget_all(self) -> None:
         """This host's addresses changed: choose every port's upstream address again."""
         self._addresses.clear()
+        self.generation += 1
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -235,14 +274,40 @@ class Gate:
         headers: h.Headers,
         client_ip: str,
         upgrade: bool,
+        previous: Forward | None = None,
     ) -> Forward | Answer:
-        """What to do with a request whose head is ``method``, ``target`` and ``headers``."""
+        """What to do with a request whose head is ``method``, ``target`` and ``headers``;
+        ``previous``: the connection's last Forward, whose :class:`Route` may decide it."""
+        if previous is not None:
+            route = previous.memo
+            # One line per condition on purpose: each is a reason the kept route does not hold.
+            if (
+                type(route) is Route
+                and route.generation == self.generation
+                and route.method == method
+                and route.headers == headers
+                and not upgrade
+                and target[:1] == b"/"
+                and b"token=" not in target
+                and b"aether_grant=" not in target
+                and route.ignored is self.monitor.table.ignored
+                and (route.key is None or self.named(route.key) == previous.port)
+            ):
+                if target == route.target:
+                    return previous
+                forward = Forward(previous.port, previous.address, method + b" " + target + route.tail)
+                forward.has_body = previous.has_body
+                forward.chunked = previous.chunked
+                forward.memo = route
+                return forward
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
         close = head.has_body or upgrade
         decision = self._decide(method, target, head, client_ip, upgrade, head_only, close)
         decision.has_body = head.has_body
         decision.chunked = head.chunked
+        if type(decision) is Forward and type(decision.memo) is Route:
+            decision.memo.headers = headers
         return decision
 
     def _decide(self, method, target, head: h.RequestHead, client_ip, upgrade, head_only, close):
@@ -274,6 +339,7 @@ class Gate:
             port_part = host.rpartition(b":")[2] if b":" in host.rpartition(b"]")[2] else b"80"
             parsed = (path.name, True, b"path:" + path.prefix, port_part)
         port, prefix_ok, host_name, port_part = parsed
+        key = None
         if port is None:
             text = f"{pages.escape(host)} is no preview: a port is written in decimal, without leading zeros."
             return self._answer(404, "No such preview", text, head_only, close)
@@ -376,7 +442,12 @@ class Gate:
         )
         if path is not None and path.stripped:
             upstream_head = upstream_head[:-2] + b"X-Forwarded-Prefix: " + path.prefix + b"\r\n\r\n"
-        return Forward(port, address, upstream_head)
+        forward = Forward(port, address, upstream_head)
+        if path is None and access is None and not upgrade:
+            # Kept for the connection's next request (its headers set by ``decide``).
+            tail = upstream_head[len(method) + 1 + len(target) :]
+            forward.memo = Route(self.generation, self.monitor.table.ignored, method, [], key, target, tail)
+        return forward
 
     def _not_a_preview(self, method: bytes, target: bytes, host: bytes, head_only: bool) -> Answer:
         """A request for neither a preview host nor a path preview. On a connection that began

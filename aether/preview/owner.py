@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 class Forward:
     """Send ``head`` (then the body) to ``address``:``port``. ``tag`` names what the request
     reaches, for its owner (None: nothing to name); the proxy keeps the WebSocket tunnels of
-    each tag so that its owner can close them (:meth:`.core.Proxy.close_tunnels`)."""
+    each tag so that its owner can close them (:meth:`.core.Proxy.close_tunnels`). ``memo`` is
+    the decider's own, for its next decision on the same connection (see :class:`Decider`)."""
 
-    __slots__ = ("port", "address", "head", "has_body", "chunked", "tag")
+    __slots__ = ("port", "address", "head", "has_body", "chunked", "tag", "memo")
 
     def __init__(self, port: int, address: str, head: bytes, tag: Hashable | None = None):
         self.has_body = self.chunked = False
@@ -37,6 +38,7 @@ class Forward:
         self.address = address
         self.head = head
         self.tag = tag
+        self.memo: object = None
 
 
 class Answer:
@@ -79,10 +81,13 @@ class Decider(Protocol):
         headers: Headers,
         client_ip: str,
         upgrade: bool,
+        previous: Forward | None = None,
     ) -> Forward | Answer:
         """What to do with the request whose head is ``method``, ``target`` and ``headers``
         (in the order received), from ``client_ip``; ``upgrade``: it asks for one. Sets the
-        decision's ``has_body`` and ``chunked`` from the head's framing."""
+        decision's ``has_body`` and ``chunked`` from the head's framing. ``previous``: the last
+        Forward decided on the same connection, whose ``memo`` the decider may reuse (it must
+        never outlive a change of what the decision read)."""
         ...
 
 

@@ -129,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: h.Headers = []
+        self.previous: Forward | None = None  # the last request forwarded: the decider may reuse it
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         http10 = parser.get_http_version() != "1.1"
         upgrade = parser.should_upgrade()
-        decision = self.proxy.decider.decide(method, self._url, self._headers, self.client_ip, upgrade)
+        decision = self.proxy.decider.decide(method, self._url, self._headers, self.client_ip, upgrade, self.previous)
         close = http10 or not parser.should_keep_alive()
         cycle = Cycle(method, upgrade, close, http10, decision.has_body, decision.chunked)
         if isinstance(decision, Answer):
@@ -253,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
             if decision.status >= 500 and decision.status != 502:
                 log.info("preview answered", extra={"status": decision.status, "client": self.client_ip})
         else:
-            cycle.forward = decision
+            cycle.forward = self.previous = decision
         self.parsing = cycle
         self.queue.append(cycle)
         if self.active is None:
