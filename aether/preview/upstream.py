@@ -98,6 +98,9 @@ class Upstream(asyncio.Protocol):
         self.idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []  # bytes for the browser, written once per read
+        #: The last final response head and its rewrite: (head, no body, close, HTTP/1.0 browser,
+        #: the browser's head, chunked_out, until_close, close after it).
+        self._memo: tuple | None = None
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -240,40 +243,55 @@ class Upstream(asyncio.Protocol):
         if end < 0:
             self._fail("the app sent a response head without CRLF line ends")
             return
-        head = h.ResponseHead(raw[:end])
-        if status < 200 and status != 101:
-            self._raw = raw[end + 4 :]  # the final response's head is still to come
-            self.informational = True
-            self._out.append(head.for_client())
-            return
-        self._want_head = False
-        self._raw = b""
+        raw_head = raw[:end]
         cycle = self.cycle
-        if status == 101 and not cycle.upgrade:
-            self._fail("the app switched protocols on a request that asked for no upgrade")
-            return
-        if status == 101:
-            client.response_started(status, False)
-            self._out.append(head.for_client(upgrade=True))
-            self._flush()
-            self.started = self.tunnel = True
-            client.start_tunnel(self)
-            return
         no_body = cycle.head_only or status == 204 or status == 304
-        close = cycle.close or cycle.upgrade
-        if not no_body:
-            if head.chunked:
-                self.chunked_out = True
-            elif not head.has_length:  # read to the end of the connection
-                self.until_close = True
-                self.chunked_out = True
-            if self.chunked_out and cycle.http10:
-                # An HTTP/1.0 browser reads to the end of the connection instead.
-                self.chunked_out = False
-                close = True
-        self.started = True
-        self._out.append(head.for_client(chunked=self.chunked_out, close=close))
-        client.response_started(status, close)
+        close = memo_close = cycle.close or cycle.upgrade
+        memo = self._memo
+        if memo is not None and memo[0] == raw_head and memo[1] == no_body and memo[2] == close and memo[3] == cycle.http10:
+            # The same head as this connection's last response (an app's differ in Date, once
+            # a second): the same rewrite, without scanning it again.
+            self._want_head = False
+            self._raw = b""
+            self.chunked_out, self.until_close, close = memo[5], memo[6], memo[7]
+            self.started = True
+            self._out.append(memo[4])
+            client.response_started(status, close)
+        else:
+            head = h.ResponseHead(raw_head)
+            if status < 200 and status != 101:
+                self._raw = raw[end + 4 :]  # the final response's head is still to come
+                self.informational = True
+                self._out.append(head.for_client())
+                return
+            self._want_head = False
+            self._raw = b""
+            if status == 101 and not cycle.upgrade:
+                self._fail("the app switched protocols on a request that asked for no upgrade")
+                return
+            if status == 101:
+                client.response_started(status, False)
+                self._out.append(head.for_client(upgrade=True))
+                self._flush()
+                self.started = self.tunnel = True
+                client.start_tunnel(self)
+                return
+            http10 = cycle.http10
+            if not no_body:
+                if head.chunked:
+                    self.chunked_out = True
+                elif not head.has_length:  # read to the end of the connection
+                    self.until_close = True
+                    self.chunked_out = True
+                if self.chunked_out and http10:
+                    # An HTTP/1.0 browser reads to the end of the connection instead.
+                    self.chunked_out = False
+                    close = True
+            out = head.for_client(chunked=self.chunked_out, close=close)
+            self._memo = (raw_head, no_body, memo_close, http10, out, self.chunked_out, self.until_close, close)
+            self.started = True
+            self._out.append(out)
+            client.response_started(status, close)
         if no_body:
             self.finished_early = True
             self._finish_after_read = self.parser.should_keep_alive()
