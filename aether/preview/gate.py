@@ -298,7 +298,8 @@ class Gate:
                 forward = Forward(previous.port, previous.address, method + b" " + target + route.tail)
                 forward.has_body = previous.has_body
                 forward.chunked = previous.chunked
-                forward.memo = route
+                # Its own route: ``previous`` is returned only for its own target.
+                forward.memo = Route(route.generation, route.ignored, method, headers, route.key, target, route.tail)
                 return forward
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
