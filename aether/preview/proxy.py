@@ -25,7 +25,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -102,11 +102,12 @@ class ClientConnection(asyncio.Protocol):
     #: Response bytes (or, in a tunnel, the app's bytes) for the browser, called by the
     #: upstream: the transport's own ``write``, bound once as the connection is made.
     send: Callable[[bytes], None]
+    #: Set as the connection is made, before anything else here is called.
+    transport: asyncio.Transport
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.loop = proxy.loop
-        self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Cycle] = collections.deque()
@@ -133,8 +134,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's
         self.send = transport.write
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
@@ -193,7 +194,8 @@ class ClientConnection(asyncio.Protocol):
             self._connecting.cancel()  # nobody is left to answer
             self._connecting = None
         if self.tunnel is not None:
-            self.proxy.untunneled(self, self.tunnel_forward)
+            if self.tunnel_forward is not None:
+                self.proxy.untunneled(self, self.tunnel_forward)
             self.tunnel.close()
             return
         cycle = self.active
@@ -294,13 +296,15 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.active = cycle
-        if cycle.answer is not None:
-            self.proxy.sink.response(cycle.answer.status)
-            self.transport.write(cycle.answer.response)
+        forward = cycle.forward
+        if forward is None:
+            answer = cycle.answer
+            assert answer is not None  # a cycle holds one of the two
+            self.proxy.sink.response(answer.status)
+            self.transport.write(answer.response)
             # Answered from its head: a body still to come would be read as the next request.
             self._done(cycle, cycle.close or (cycle.has_body and not cycle.complete))
             return
-        forward = cycle.forward
         # Not loop.time(): uvloop's counts whole milliseconds.
         cycle.started = time.monotonic()
         refusal = self.proxy.connector.check(forward)
@@ -310,12 +314,13 @@ class ClientConnection(asyncio.Protocol):
         up = self.proxy.pool.take((forward.address, forward.port))
         if up is not None:
             cycle.pooled = True
-            self._attach(cycle, up)
+            self._attach(cycle, forward, up)
         else:
             self._connecting = self.proxy.spawn(self._connect(cycle))
 
     async def _connect(self, cycle: Cycle) -> None:
         forward = cycle.forward
+        assert forward is not None  # only a forwarded request connects
         key = (forward.address, forward.port)
         pool = self.proxy.pool
         try:
@@ -333,15 +338,15 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.active is not cycle:
             up.close()
             return
-        self._attach(cycle, up)
+        self._attach(cycle, forward, up)
 
     def _unreachable(self, cycle: Cycle, refusal: Unreachable) -> None:
         self._fail(cycle, refusal.status, refusal.title, refusal.text, refusal.refresh, refusal.headers)
 
-    def _attach(self, cycle: Cycle, up: Upstream) -> None:
+    def _attach(self, cycle: Cycle, forward: Forward, up: Upstream) -> None:
         cycle.upstream = up
         up.bind(self, cycle)
-        data = cycle.forward.head
+        data = forward.head
         if cycle.body:
             data += b"".join(cycle.body)
             cycle.body = []
@@ -362,6 +367,7 @@ class ClientConnection(asyncio.Protocol):
         """The app's response head (``status``, not an informational one) is going to the
         browser; ``close``: the connection closes after this response."""
         cycle = self.active
+        assert cycle is not None  # an upstream is bound to the active request only
         cycle.responded = True
         self.close_after = close
         sink = self.proxy.sink
@@ -394,12 +400,15 @@ class ClientConnection(asyncio.Protocol):
             cycle.pooled = False
             self._connecting = self.proxy.spawn(self._connect(cycle))
             return
-        self.proxy.sink.upstream_failed(cycle.forward, why)
+        if cycle.forward is not None:
+            self.proxy.sink.upstream_failed(cycle.forward, why)
         self._fail(cycle, 502, "Bad gateway", pages.escape(why[0].upper() + why[1:]) + ".")
 
     def start_tunnel(self, up: Upstream) -> None:
         """The app switched protocols: from now on bytes pass unchanged both ways."""
-        forward = self.active.forward
+        cycle = self.active
+        assert cycle is not None and cycle.forward is not None  # an upgrade was forwarded
+        forward = cycle.forward
         self.tunnel = up
         self.tunnel_forward = forward
         self.active = None

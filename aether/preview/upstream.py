@@ -19,7 +19,7 @@ import logging
 import socket
 import ssl as ssl_module
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -85,11 +85,12 @@ class Upstream(asyncio.Protocol):
     #: Request bytes (or, in a tunnel, the browser's bytes) for the app: the transport's own
     #: ``write``, bound once as the connection is made.
     send: Callable[[bytes], None]
+    #: Set as the connection is made, before anything else here is called.
+    transport: asyncio.Transport
 
     def __init__(self, pool: Pool, key: tuple[str, int]):
         self.pool = pool
         self.key = key
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: ClientConnection | None = None
         self.cycle: Cycle | None = None  # the request being answered (read, never written)
@@ -120,8 +121,6 @@ class Upstream(asyncio.Protocol):
         self.client = client
         self.cycle = cycle
         self._reset_response()
-        if self.parser is None:
-            self.parser = httptools.HttpResponseParser(self)
 
     def pause(self) -> None:
         """The browser is not reading: stop reading the app."""
@@ -162,8 +161,8 @@ class Upstream(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's
         self.send = transport.write
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -171,12 +170,12 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        if self.tunnel:
-            client.send(data)
-            return
         if client is None:
             # Bytes from an idle pooled connection: the app broke the framing. Drop it.
             self.abort()
+            return
+        if self.tunnel:
+            client.send(data)
             return
         client.last_activity = client.loop.time()  # client.touch(), inlined: once per read
         if self._want_head:
@@ -187,7 +186,8 @@ class Upstream(asyncio.Protocol):
                 # Not from inside the parser's callback: finishing may start the browser's next
                 # request on this very connection, and this parser must not see its response.
                 keep, self._finish_after_read = self._finish_after_read, None
-                self.parser = None  # httptools cannot be told a HEAD's response has no body
+                # httptools cannot be told a HEAD's response has no body: a new one for the next.
+                self.parser = httptools.HttpResponseParser(self)
                 self._finish(keep=keep)
             elif self._out:
                 self._flush()
@@ -245,6 +245,7 @@ class Upstream(asyncio.Protocol):
             return
         raw_head = raw[:end]
         cycle = self.cycle
+        assert cycle is not None  # bound with the client
         no_body = cycle.head_only or status == 204 or status == 304
         close = memo_close = cycle.close or cycle.upgrade
         memo = self._memo
@@ -320,8 +321,10 @@ class Upstream(asyncio.Protocol):
     def _finish(self, keep: bool) -> None:
         """The response is whole; the browser's side says whether this connection is kept
         (:meth:`release`)."""
+        client = self.client
         self._flush()
-        self.client.response_done(self, keep)
+        if client is not None:
+            client.response_done(self, keep)
 
     def _fail(self, why: str) -> None:
         self._out = []
