@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from support.clients import recv_until
+from support.clients import port_messages, recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port
 from support.servers import Server
@@ -90,20 +90,6 @@ def without_connecting(port: int, call):
     answer = call()
     assert accepted(port) == before + 1, "the preview connected to the port"
     return answer
-
-
-def port_messages(ws, port: int, until, timeout: float = 30.0) -> list[dict]:
-    """Every message about ``port`` until one satisfies ``until`` (included)."""
-    seen: list[dict] = []
-
-    def matched(message: dict) -> bool:
-        if message.get("port") == port:
-            seen.append(message)
-            return until(message)
-        return False
-
-    recv_until(ws, matched, timeout=timeout)
-    return seen
 
 
 def choose(ws, port: int, protocol: str) -> None:
