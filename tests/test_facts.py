@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import recv_until
+from support.clients import port_messages, recv_until
 from support.ports import free_port
 from support.servers import Server, Watcher
 
@@ -73,20 +73,6 @@ def opens_done(ws) -> None:
     """Past the opens sent on connect: the answer to a request sent now ends them."""
     ws.send(json.dumps({"channel": "config", "type": "get", "id": "end"}))
     recv_until(ws, lambda m: m.get("id") == "end", timeout=10)
-
-
-def port_messages(ws, port: int, until, timeout: float = 30.0) -> list[dict]:
-    """Every message about ``port`` until one satisfies ``until`` (included)."""
-    seen: list[dict] = []
-
-    def matched(message: dict) -> bool:
-        if message.get("port") == port:
-            seen.append(message)
-            return until(message)
-        return False
-
-    recv_until(ws, matched, timeout=timeout)
-    return seen
 
 
 def latest(ws, ports, until, timeout: float = 30.0) -> dict[int, dict]:

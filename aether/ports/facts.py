@@ -94,7 +94,7 @@ class PortFacts:
         self._flush_pending = False
         self._lookups: dict[int, int] = {}  # port -> owner whose command line is to be read
         self._lookup_pending = False
-        self._dirty: dict[int, None] = {}  # ports to tell, in order
+        self._dirty: dict[int, bool] = {}  # ports to tell, in order: whether before their look
         self._ready: list[Detection] = []
         self._tell_pending = False
         self._closed = False
@@ -126,6 +126,17 @@ class PortFacts:
         if override is not None:
             return override
         return state.detection.protocol if state.detection is not None else None
+
+    def chosen_protocol(self, port: int) -> str | None:
+        """What a person or an attribute rule says ``port`` speaks (``https``, ``http`` or
+        ``tcp``), whatever detection found: None where neither says. Known before the port is
+        looked at, so the preview uses it without a look of its own."""
+        chosen = self._chosen.get(port)
+        if chosen is not None:
+            return chosen
+        if port not in self._ports and self._table.open_event(port) is None:
+            return None
+        return self.attributes(port).protocol
 
     def attributes(self, port: int) -> Attributes:
         state = self._ports.get(port)
@@ -177,8 +188,10 @@ class PortFacts:
             self._chosen[port] = protocol
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if port in self._ports:
-            self._tell(port)
+        if port in self._ports or self._table.open_event(port) is not None:
+            # At once, even before the port's first look: that look's findings come in a later
+            # update, under the choice.
+            self._tell(port, before_look=True)
 
     def recheck(self, port: int) -> None:
         """Look at ``port``'s protocol again (a ``tcp`` port the proxy saw answer HTTP)."""
@@ -292,10 +305,11 @@ class PortFacts:
         if detection.protocol in (HTTP, HTTPS):
             self._ready.append(detection)
 
-    def _tell(self, port: int) -> None:
+    def _tell(self, port: int, before_look: bool = False) -> None:
         """An ``update`` for ``port``, once the current callback is done: what several
-        lookups found meanwhile is one update."""
-        self._dirty[port] = None
+        lookups found meanwhile is one update. ``before_look``: told though the port has not
+        been looked at yet (a choice of protocol)."""
+        self._dirty[port] = self._dirty.get(port, False) or before_look
         if not self._tell_pending:
             self._tell_pending = True
             assert self._loop is not None  # set by _schedule, which every callback here follows
@@ -307,9 +321,9 @@ class PortFacts:
         ready, self._ready = self._ready, []
         if self._closed:
             return
-        for port in dirty:
+        for port, before_look in dirty.items():
             event = self._table.open_event(port)
-            if event is None or port not in self._ports:
+            if event is None or (port not in self._ports and not before_look):
                 continue
             self._told[port] = self.attributes(port)
             update = dataclasses.replace(event, type=UPDATE, process=procs.process_name(event.pid), seen_ns=time.monotonic_ns())

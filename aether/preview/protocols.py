@@ -1,8 +1,10 @@
 """Which protocol the proxy speaks to a port: TLS to an ``https`` one, plain HTTP to an
 ``http`` one, and none to a ``tcp`` one (the browser gets a page saying so).
 
-The owner's ``protocol_of`` (the ports table's detection, with its overrides) is asked first:
-a dict lookup. Where it has no answer yet (the port's detection has not finished, or the
+What a person or an attribute rule chose (the owner's ``chosen``) is used as it is, without a
+look: a chosen ``tcp`` is the not-HTTP page at once, with no connection to the port. Else the
+owner's ``protocol_of`` (the ports table's detection, with its overrides) is asked: a dict
+lookup. Where it has no answer yet (the port's detection has not finished, or the
 proxy runs without one), the port is looked at here, once, with the ports' own
 :class:`~aether.ports.detect.Detector`, and the verdict is kept until a listener of that port
 changes (it closed, or another socket took the number). A look that finds nothing yet (the
@@ -40,8 +42,10 @@ class UpstreamProtocols:
         identity: Callable[[int], Hashable],
         detector: Detector | None = None,
         recheck: Callable[[int], None] | None = None,
+        chosen: Callable[[int], str | None] | None = None,
     ):
         self.protocol_of = protocol_of
+        self.chosen = chosen
         self.recheck = recheck
         self.identity = identity
         # No wait for a banner: a browser is asking for this port over HTTP, so sending it the
@@ -54,11 +58,16 @@ class UpstreamProtocols:
         self._context: ssl.SSLContext | None = None
 
     def known(self, port: int) -> str | None:
-        """The port's protocol without looking: the owner's, else a verdict kept here.
+        """The port's protocol without looking: the one chosen, else the owner's, else a
+        verdict kept here.
 
-        The owner's ``tcp`` is looked at once more here before a page says the port speaks no
-        HTTP: its detection gives up on a port that has not answered for a minute, and a dev
-        server's first compile can take longer."""
+        The owner's detected ``tcp`` is looked at once more here before a page says the port
+        speaks no HTTP: its detection gives up on a port that has not answered for a minute, and
+        a dev server's first compile can take longer. A chosen ``tcp`` is not: a person said so."""
+        if self.chosen is not None:
+            chosen = self.chosen(port)
+            if chosen is not None:
+                return chosen
         if self.protocol_of is not None:
             protocol = self.protocol_of(port)
             if protocol in (HTTP, HTTPS):

@@ -44,6 +44,7 @@ class PreviewProxy:
         metrics,
         protocol_of: ProtocolOf | None = None,
         recheck: Callable[[int], None] | None = None,
+        chosen: ProtocolOf | None = None,
     ):
         self.loop = asyncio.get_running_loop()
         self.monitor = monitor
@@ -52,7 +53,7 @@ class PreviewProxy:
         self._latency = metrics.preview_upstream_latency
         self.local = LocalAddresses(self.loop, self._on_addresses)
         self.gate = Gate(settings, monitor, visibility, named, self.local.addresses)
-        self.protocols = UpstreamProtocols(protocol_of, self._listeners_of, recheck=recheck)
+        self.protocols = UpstreamProtocols(protocol_of, self._listeners_of, recheck=recheck, chosen=chosen)
         self.proxy = Proxy(self.gate, self, self, settings.preview_timeout)
         self.connections: set[ClientConnection] = self.proxy.connections
         self._failures: dict[int, tuple[float, int]] = {}  # port -> (last logged, suppressed since)

@@ -280,6 +280,7 @@ async def serve(settings: Settings) -> int:
         server.metrics,
         protocol_of=server.facts.protocol_of,
         recheck=server.facts.recheck,
+        chosen=server.facts.chosen_protocol,
     )
     listener = SharedListener(
         http,

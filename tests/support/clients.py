@@ -26,6 +26,20 @@ def recv_until(ws, predicate, timeout: float = 5.0) -> dict:
             return msg
 
 
+def port_messages(ws, port: int, until, timeout: float = 30.0) -> list[dict]:
+    """Every message about ``port`` until one satisfies ``until`` (included)."""
+    seen: list[dict] = []
+
+    def matched(message: dict) -> bool:
+        if message.get("port") == port:
+            seen.append(message)
+            return until(message)
+        return False
+
+    recv_until(ws, matched, timeout=timeout)
+    return seen
+
+
 def raw_upgrade(server, rcvbuf: int | None = None) -> socket.socket:
     """A bare TCP client that completes the upgrade and then does nothing at all."""
     sock = socket.socket()

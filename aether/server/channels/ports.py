@@ -5,8 +5,9 @@ preview) per port.
 An ``update`` is an open port's whole state again, as an ``open`` gives it, once its owner,
 process or addresses changed. Each ``open`` says since when the port listens (``opened``, Unix
 ms), as this server saw it; a port already listening when the server started has the start
-time and ``seenAtStart``, and, when its owner is known, ``ownerStarted``: when that process
-started (Unix ms), a lower bound of the opening that a restart of this server does not lose.
+time and ``seenAtStart``, and, when its owner is known, ``started``: when that process
+started (Unix ms), a lower bound of the opening that a restart of this server does not lose
+(read here for such a port until the facts' own read of its owner has it).
 
 Each ``open`` and ``update`` also carries what :class:`~aether.ports.facts.PortFacts` knows of
 the port then (protocol, command line, working directory, attributes); what it learns later is
@@ -102,10 +103,10 @@ class PortsChannel(Channel):
             message["url"] = self.preview_url(event.port)
             message["visibility"] = self.visibility.of(event.port)
             message["opened"], message["seenAtStart"] = self._opened.get(event.port) or (_now_ms(), False)
-            if message["seenAtStart"]:
-                message["ownerStarted"] = self._owner_started(event.pid)
             if self.facts is not None:
                 message.update(self.facts.fields(event.port, event.pid))
+            if message["seenAtStart"] and message.get("started") is None:
+                message["started"] = self._owner_started(event.pid)
         return message
 
     def _owner_started(self, pid: int | None) -> int | None:

@@ -305,7 +305,7 @@
     // `opened` is the server's clock; a browser whose clock is behind must not show less than 0.
     // A port open before the server started opened after its owner did: that start time is
     // a bound a restart does not lose.
-    if (row.seenAtStart && row.ownerStarted) return `≤ ${duration(Date.now() - row.ownerStarted)}`;
+    if (row.seenAtStart && row.started) return `≤ ${duration(Date.now() - row.started)}`;
     const text = duration(Date.now() - row.opened);
     return row.seenAtStart ? `≥ ${text}` : text;
   }
@@ -313,7 +313,7 @@
   function openForTitle(row) {
     if (!row.seenAtStart) return `since ${new Date(row.opened).toLocaleString()}`;
     const at = `already listening when the server started, at ${new Date(row.opened).toLocaleString()}`;
-    return row.ownerStarted ? `${at}; its process started at ${new Date(row.ownerStarted).toLocaleString()}` : at;
+    return row.started ? `${at}; its process started at ${new Date(row.started).toLocaleString()}` : at;
   }
 
   function labelOf(row) {
