@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from support.clients import port_messages, recv_until
+from support.clients import opens, port_messages, recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port
 from support.servers import Server
@@ -96,11 +96,6 @@ def choose(ws, port: int, protocol: str) -> None:
     ws.send(json.dumps({"channel": "ports", "type": "protocol", "port": port, "protocol": protocol, "id": protocol}))
 
 
-def opens_done(ws) -> None:
-    ws.send(json.dumps({"channel": "config", "type": "get", "id": "end"}))
-    recv_until(ws, lambda m: m.get("id") == "end", timeout=10)
-
-
 def test_a_chosen_tcp_is_the_not_http_page_without_connecting(serve, backend, listeners):
     srv = serve(backend)
     port = counting(listeners).port
@@ -124,7 +119,7 @@ def test_a_rules_tcp_and_https_hold_from_the_open(serve, backend, listeners):
     rules = {str(tcp_port): {"protocol": "tcp"}, str(https_port): {"protocol": "https"}}
     srv = serve(backend, {"ports_attributes": rules})
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         counting(listeners, tcp_port)
         opened = port_messages(ws, tcp_port, lambda m: m["type"] == "open")[-1]
         assert ask(srv, opened) == (502, "not_http")
@@ -145,7 +140,7 @@ def test_a_choice_before_the_first_look_is_told_at_once_and_kept(serve, listener
     srv = serve("ebpf")
     port = free_port()
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         os.kill(srv.proc.pid, signal.SIGSTOP)
         try:
             counting(listeners, port)
