@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from support import AETHER, ROOT
@@ -17,6 +19,8 @@ from support.processes import proc_comm
 from support.servers import Server
 from support.waiting import wait_for
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from aether import cgroup
 
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
@@ -354,16 +358,22 @@ def test_token_never_logged(serve):
 
 def test_port_in_use_is_one_clear_line(serve):
     server = serve()
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [*AETHER, "serve", "--port", str(server.port), "--state-dir", str(server.state_dir)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=30,
         cwd=ROOT,
     )
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{server.port}: address already in use" in result.stderr
-    assert "Traceback" not in result.stderr
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}: address already in use" in stderr
+    assert "Traceback" not in stderr
+    # What it made on the way is gone: its process trees' cgroup beside the running server's.
+    mount = cgroup.mount_point(open("/proc/self/mountinfo").read())
+    if mount is not None:
+        state = Path(mount[0], "aether", hashlib.sha256(str(server.state_dir.resolve()).encode()).hexdigest()[:16])
+        assert not [p.name for p in state.glob(f"{proc.pid}.*")]
 
 
 @pytest.mark.parametrize("how", ["header", "query"])
