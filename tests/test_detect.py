@@ -180,6 +180,56 @@ def test_server_that_closes_on_every_probe_is_tcp_at_the_deadline_bounded(pool, 
     assert connections and len(log.read_text().split()) == 2 * found.attempts
 
 
+def test_a_reset_as_the_banner_wait_ends_is_a_closed_look_not_a_crash():
+    """A port that resets the connection while the loop is held (a busy server's loop) has its
+    reset and the end of the banner wait come due together: the look finds the connection
+    closed, and sends nothing into it (on uvloop that write raised RuntimeError, and the
+    port's detection died with a traceback). Twenty rounds: the coincidence is the kernel's
+    and the loop's to order, most rounds hit it."""
+    import struct
+    import threading
+
+    import uvloop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    go, reset = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed at the end of the test
+            go.wait(10)
+            go.clear()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset, not a FIN
+            reset.set()
+
+    class Held(Detector):
+        """Holds the loop, once the connection is open, until the port has reset it."""
+
+        async def _open(self, host, port):
+            opened = await super()._open(host, port)
+
+            def hold() -> None:
+                go.set()
+                reset.wait(10)
+                reset.clear()
+
+            asyncio.get_running_loop().call_soon(hold)
+            return opened
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for _ in range(20):
+            found = uvloop.run(Held(banner_wait=1e-6).look("127.0.0.1", port, 0.2))
+            assert (found.protocol, found.reason) in ((None, "closed"), (None, "silent")), found
+    finally:
+        listener.close()
+
+
 def test_server_that_speaks_first_is_tcp_and_is_sent_nothing(pool, tmp_path):
     port, log = free_port(), tmp_path / "banner.log"
     pool.spawn([PY, "-c", BANNER, str(port), str(log)], port)
