@@ -12,6 +12,7 @@ WebSocket. ``tests/conftest.py`` holds the fixtures only, built from these.
 - :mod:`support.browser`: Debian's Chromium under selenium
 - :mod:`support.redis`: a real ``redis-server``, and a Sentinel watching it
 - :mod:`support.netns`: other hosts, as network namespaces a veth pair away
+- :mod:`support.docker`: a dockerd of a test's own (``Dockerd``), its busybox image made here
 - :mod:`support.fleet`: ``aether gateway`` (``Gateway``) and requests to it
 """
 
