@@ -12,24 +12,25 @@ import os
 import time
 
 import pytest
-from support.clients import port_messages, recv_until
+from support.clients import opens_done, port_messages, recv_until
 from support.docker import IMAGE, Dockerd
 from support.ebpf import need_ebpf
-from support.ports import free_port
 from support.processes import aether
 from support.servers import Server
 
 
 def started(userland_proxy: bool):
-    began = time.monotonic()
+    """A module's dockerd, how long it took to start and to go printed (``pytest -s``)."""
+    mode = "on" if userland_proxy else "off"
     dockerd = Dockerd(userland_proxy=userland_proxy)
-    print(f"\ndockerd (userland proxy {'on' if userland_proxy else 'off'}) answered and had its image in {dockerd.started:.2f} s")
+    print(f"\ndockerd (userland proxy {mode}): answering, its image imported, in {dockerd.started:.2f} s")
     try:
         yield dockerd
     finally:
+        began = time.monotonic()
         dockerd.close()
         print(
-            f"\ndockerd (userland proxy {'on' if userland_proxy else 'off'}): {time.monotonic() - began:.2f} s from start to gone"
+            f"\ndockerd (userland proxy {mode}): its containers, processes, mounts and bridge gone in {time.monotonic() - began:.2f} s"
         )
 
 
@@ -47,73 +48,71 @@ def dockerd_direct():
 
 
 @pytest.fixture
-def server(backend, tmp_path):
-    servers = []
-
-    def start(dockerd: Dockerd) -> Server:
-        started = Server(backend, tmp_path / f"state{len(servers)}", "--docker-socket", dockerd.socket)
-        servers.append(started)
-        return started
-
-    yield start
-    for started in servers:
-        started.stop()
+def server(backend, tmp_path, dockerd):
+    """`aether serve` on ``backend``, told the socket of the tests' dockerd."""
+    started = Server(backend, tmp_path / "state", "--docker-socket", dockerd.socket)
+    yield started
+    started.stop()
 
 
-def opens_done(ws) -> None:
-    """Past the opens sent on connect: the answer to a request sent now ends them."""
-    ws.send(json.dumps({"channel": "config", "type": "get", "id": "end"}))
-    recv_until(ws, lambda m: m.get("id") == "end", timeout=10)
-
-
-def named(ws, port: int) -> tuple[dict, list[dict]]:
+def named(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
     """The port's messages up to the one carrying a container: (that one, all of them)."""
-    seen = port_messages(ws, port, lambda m: m.get("container") is not None or m.get("type") == "close", timeout=30)
+    seen: list[dict] = []
+
+    def done(message: dict) -> bool:
+        if message.get("port") == port:
+            seen.append(message)
+            return message.get("container") is not None or message["type"] == "close"
+        return False
+
+    try:
+        recv_until(ws, done, timeout=timeout)
+    except TimeoutError:
+        raise AssertionError(f"port {port} was not named by its container within {timeout}s: {seen}") from None
     assert seen[-1]["type"] != "close", seen
     return seen[-1], seen
 
 
 def test_published_port_named_by_its_container(server, dockerd):
-    srv = server(dockerd)
-    with srv.connect() as ws:
+    with server.connect() as ws:
         opens_done(ws)
-        port = free_port()
-        ident = dockerd.run("aether-web", port)
+        web = f"aether-web-{os.urandom(3).hex()}"  # a fresh name on each backend's run
+        port, ident = dockerd.run(web)
         message, seen = named(ws, port)
         opened = seen[0]
         assert opened["type"] == "open" and opened["process"] == "docker-proxy", seen
         # The open goes out at once, before dockerd is asked; the container follows in an update.
         assert opened["container"] is None and message["type"] == "update"
-        assert message["container"] == {"id": ident, "name": "aether-web", "image": IMAGE}
+        assert message["container"] == {"id": ident, "name": web, "image": IMAGE}
         assert len(ident) == 64
         assert "-host-port" in message["command"] and "-container-port 8000" in message["command"]
 
         # A second container, published moments after the first was named (within the 2 s
         # one answer serves): the answer asked for before its port opened does not hide it.
-        second_port = free_port()
-        second = dockerd.run("aether-api", second_port)
+        api = f"aether-api-{os.urandom(3).hex()}"
+        second_port, second = dockerd.run(api)
         message, _ = named(ws, second_port)
-        assert message["container"] == {"id": second, "name": "aether-api", "image": IMAGE}
+        assert message["container"] == {"id": second, "name": api, "image": IMAGE}
 
         # `aether ports list` asks the same dockerd: by its flag, and by DOCKER_HOST.
         listed = aether("ports", "list", "--json", "--docker-socket", dockerd.socket)
         assert listed.returncode == 0, listed.stderr
         rows = {row["port"]: row for row in json.loads(listed.stdout)}
-        assert rows[port]["container"] == {"id": ident, "name": "aether-web", "image": IMAGE}
-        assert rows[second_port]["container"]["name"] == "aether-api"
+        assert rows[port]["container"] == {"id": ident, "name": web, "image": IMAGE}
+        assert rows[second_port]["container"]["name"] == api
         table = aether("ports", "list", env={**os.environ, "DOCKER_HOST": f"unix://{dockerd.socket}", "COLUMNS": "400"})
         assert table.returncode == 0, table.stderr
         line = next(line for line in table.stdout.splitlines() if line.split()[0] == str(port))
-        assert f"container: aether-web ({IMAGE})" in line and "docker-proxy" in line
+        assert f"container: {web} ({IMAGE})" in line and "docker-proxy" in line
 
         # The container stops: docker-proxy goes, and the port closes.
-        dockerd.remove("aether-web")
+        dockerd.remove(web)
         closing = port_messages(ws, port, lambda m: m["type"] == "close", timeout=30)
         assert closing[-1]["type"] == "close"
         # The other is still named (its update, if any, still carries it).
-        dockerd.remove("aether-api")
+        dockerd.remove(api)
         for message in port_messages(ws, second_port, lambda m: m["type"] == "close", timeout=30)[:-1]:
-            assert message["container"]["name"] == "aether-api"
+            assert message["container"]["name"] == api
 
 
 @pytest.mark.ebpf
@@ -125,8 +124,7 @@ def test_port_dockerd_holds_itself_named_by_its_container(tmp_path, dockerd_dire
     try:
         with srv.connect() as ws:
             opens_done(ws)
-            port = free_port()
-            ident = dockerd_direct.run("aether-direct", port)
+            port, ident = dockerd_direct.run("aether-direct")
             message, seen = named(ws, port)
             assert seen[0]["type"] == "open" and seen[0]["process"] == "dockerd", seen
             assert message["container"] == {"id": ident, "name": "aether-direct", "image": IMAGE}

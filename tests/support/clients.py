@@ -26,6 +26,12 @@ def recv_until(ws, predicate, timeout: float = 5.0) -> dict:
             return msg
 
 
+def opens_done(ws) -> None:
+    """Past the opens sent on connect: the answer to a request sent now ends them."""
+    ws.send(json.dumps({"channel": "config", "type": "get", "id": "end"}))
+    recv_until(ws, lambda m: m.get("id") == "end", timeout=10)
+
+
 def port_messages(ws, port: int, until, timeout: float = 30.0) -> list[dict]:
     """Every message about ``port`` until one satisfies ``until`` (included)."""
     seen: list[dict] = []

@@ -25,6 +25,7 @@ import pytest
 
 from support.ebpf import REQUIRE_EBPF
 from support.netns import ip
+from support.ports import PortTaken, on_a_free_port
 from support.waiting import wait_for
 
 
@@ -78,7 +79,8 @@ class Dockerd:
         # Short: the socket's path must fit a sockaddr_un (108 bytes), and containerd's below it.
         self.dir = tempfile.mkdtemp(prefix="aedk-", dir="/tmp")
         self.socket = f"{self.dir}/sock"
-        self.bridge = f"aedk{os.urandom(4).hex()}"
+        tag = os.urandom(4).hex()
+        self.bridge = f"aedk{tag}"
         self.net = _free_net()
         self.proc: subprocess.Popen | None = None
         try:
@@ -90,7 +92,7 @@ class Dockerd:
             with open(config, "w") as f:
                 json.dump({"deprecated-key-path": f"{self.dir}/key.json"}, f)
             self.log = open(f"{self.dir}/log", "wb")
-            namespace = f"aether-{os.path.basename(self.dir)}"
+            namespace = f"aether-test-{tag}"  # containerd's: letters and digits, single separators
             self.proc = subprocess.Popen(
                 [DOCKERD, "--config-file", config, "--data-root", f"{self.dir}/data", "--exec-root", f"{self.dir}/exec"]
                 + ["--pidfile", f"{self.dir}/pid", "-H", f"unix://{self.socket}", "--bridge", self.bridge]
@@ -130,10 +132,14 @@ class Dockerd:
         return int(head.split(b" ", 2)[1]), body
 
     def docker(self, *args: str, input: bytes | None = None) -> str:
-        """The docker CLI against this dockerd; its stdout. AssertionError with its stderr if it fails."""
+        """The docker CLI against this dockerd; its stdout. AssertionError with its stderr if
+        it fails; PortTaken where a port to publish was taken."""
         done = subprocess.run([DOCKER, "-H", f"unix://{self.socket}", *args], input=input, capture_output=True, timeout=TIMEOUT)
         if done.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+            error = done.stderr.decode(errors="replace")
+            if "address already in use" in error:
+                raise PortTaken(error)
+            raise AssertionError(f"docker {' '.join(args)}: {error}")
         return done.stdout.decode().strip()
 
     def _import_image(self) -> None:
@@ -146,12 +152,20 @@ class Dockerd:
                 tar.addfile(link)
         self.docker("import", "-", IMAGE, input=image.getvalue())
 
-    def run(self, name: str, port: int, host_ip: str = "127.0.0.1") -> str:
-        """A container ``name`` whose busybox httpd (port 8000 inside) is published on
-        ``host_ip:port``; its id (64 hex digits)."""
-        return self.docker(
-            "run", "-d", "--name", name, "-p", f"{host_ip}:{port}:8000", IMAGE, "/bin/httpd", "-f", "-p", "8000", "-h", "/"
-        )
+    def run(self, name: str, host_ip: str = "127.0.0.1") -> tuple[int, str]:
+        """A container ``name`` whose busybox httpd (port 8000 inside) is published on a free
+        port of ``host_ip`` (another, should that one be taken meanwhile): (the port, the
+        container's id of 64 hex digits)."""
+
+        def start(port: int) -> tuple[int, str]:
+            try:
+                argv = ["--name", name, "-p", f"{host_ip}:{port}:8000", IMAGE, "/bin/httpd", "-f", "-p", "8000", "-h", "/"]
+                return port, self.docker("run", "-d", *argv)
+            except PortTaken:
+                self.docker("rm", "-f", name)  # made, not started: the name is free again
+                raise
+
+        return on_a_free_port(start)
 
     def remove(self, name: str) -> None:
         """Kill container ``name`` and remove it (its published ports close)."""
