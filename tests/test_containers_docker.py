@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from support.clients import opens_done, port_messages, recv_until
 from support.docker import IMAGE, Dockerd
 from support.ebpf import need_ebpf
 from support.processes import aether
-from support.servers import Server
+from support.servers import Server, Watcher
 
 
 def started(userland_proxy: bool):
@@ -73,46 +74,58 @@ def named(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
     return seen[-1], seen
 
 
-def test_published_port_named_by_its_container(server, dockerd):
-    with server.connect() as ws:
-        opens_done(ws)
-        web = f"aether-web-{os.urandom(3).hex()}"  # a fresh name on each backend's run
-        port, ident = dockerd.run(web)
-        message, seen = named(ws, port)
-        opened = seen[0]
-        assert opened["type"] == "open" and opened["process"] == "docker-proxy", seen
-        # The open goes out at once, before dockerd is asked; the container follows in an update.
-        assert opened["container"] is None and message["type"] == "update"
-        assert message["container"] == {"id": ident, "name": web, "image": IMAGE}
-        assert len(ident) == 64
-        assert "-host-port" in message["command"] and "-container-port 8000" in message["command"]
+def watched(watcher: Watcher, port: int, timeout: float = 30.0) -> dict:
+    """`aether ports watch`'s first line for ``port`` that carries a container."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = watcher.next(max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"ports watch named no container for {port}: {watcher.seen}") from None
+        if line.get("port") == port and line.get("container") is not None:
+            return line
 
-        # A second container, published moments after the first was named (within the 2 s
-        # one answer serves): the answer asked for before its port opened does not hide it.
-        api = f"aether-api-{os.urandom(3).hex()}"
-        second_port, second = dockerd.run(api)
-        message, _ = named(ws, second_port)
-        assert message["container"] == {"id": second, "name": api, "image": IMAGE}
 
-        # `aether ports list` asks the same dockerd: by its flag, and by DOCKER_HOST.
-        listed = aether("ports", "list", "--json", "--docker-socket", dockerd.socket)
-        assert listed.returncode == 0, listed.stderr
-        rows = {row["port"]: row for row in json.loads(listed.stdout)}
-        assert rows[port]["container"] == {"id": ident, "name": web, "image": IMAGE}
-        assert rows[second_port]["container"]["name"] == api
-        table = aether("ports", "list", env={**os.environ, "DOCKER_HOST": f"unix://{dockerd.socket}", "COLUMNS": "400"})
-        assert table.returncode == 0, table.stderr
-        line = next(line for line in table.stdout.splitlines() if line.split()[0] == str(port))
-        assert f"container: {web} ({IMAGE})" in line and "docker-proxy" in line
+def test_published_port_named_by_its_container(backend, server, dockerd):
+    watcher = Watcher(backend, "--docker-socket", dockerd.socket, plain=False)
+    try:
+        with server.connect() as ws:
+            published(ws, watcher, dockerd)
+    finally:
+        watcher.stop()
 
-        # The container stops: docker-proxy goes, and the port closes.
-        dockerd.remove(web)
-        closing = port_messages(ws, port, lambda m: m["type"] == "close", timeout=30)
-        assert closing[-1]["type"] == "close"
-        # The other is still named (its update, if any, still carries it).
-        dockerd.remove(api)
-        for message in port_messages(ws, second_port, lambda m: m["type"] == "close", timeout=30)[:-1]:
-            assert message["container"]["name"] == api
+
+def published(ws, watcher: Watcher, dockerd: Dockerd) -> None:
+    """A container published, named (by serve and by ports watch), a second one, both stopped."""
+    opens_done(ws)
+    web = f"aether-web-{os.urandom(3).hex()}"  # a fresh name on each backend's run
+    port, ident = dockerd.run(web)
+    message, seen = named(ws, port)
+    opened = seen[0]
+    assert opened["type"] == "open" and opened["process"] == "docker-proxy", seen
+    # The open goes out at once, before dockerd is asked; the container follows in an update.
+    assert opened["container"] is None and message["type"] == "update"
+    assert message["container"] == {"id": ident, "name": web, "image": IMAGE}
+    assert len(ident) == 64
+    assert "-host-port" in message["command"] and "-container-port 8000" in message["command"]
+    # `aether ports watch` names it too, asking on its own --docker-socket.
+    assert watched(watcher, port)["container"] == message["container"]
+
+    # A second container, published moments after the first was named (within the 2 s
+    # one answer serves): the answer asked for before its port opened does not hide it.
+    api = f"aether-api-{os.urandom(3).hex()}"
+    second_port, second = dockerd.run(api)
+    message, _ = named(ws, second_port)
+    assert message["container"] == {"id": second, "name": api, "image": IMAGE}
+
+    # The container stops: docker-proxy goes, and the port closes.
+    dockerd.remove(web)
+    closing = port_messages(ws, port, lambda m: m["type"] == "close", timeout=30)
+    assert closing[-1]["type"] == "close"
+    # The other is still named (its update, if any, still carries it).
+    dockerd.remove(api)
+    for message in port_messages(ws, second_port, lambda m: m["type"] == "close", timeout=30)[:-1]:
+        assert message["container"]["name"] == api
 
 
 @pytest.mark.ebpf
@@ -132,3 +145,23 @@ def test_port_dockerd_holds_itself_named_by_its_container(tmp_path, dockerd_dire
             assert port_messages(ws, port, lambda m: m["type"] == "close", timeout=30)[-1]["type"] == "close"
     finally:
         srv.stop()
+
+
+def test_ports_list_names_the_container(dockerd):
+    """`aether ports list` (one sock_diag snapshot, whatever the backend) asks the same
+    dockerd: by its flag, and by DOCKER_HOST. `docker run -d` returns once the container runs,
+    so dockerd lists it by then."""
+    name = f"aether-listed-{os.urandom(3).hex()}"
+    port, ident = dockerd.run(name)
+    try:
+        listed = aether("ports", "list", "--json", "--docker-socket", dockerd.socket)
+        assert listed.returncode == 0, listed.stderr
+        rows = {row["port"]: row for row in json.loads(listed.stdout)}
+        assert rows[port]["process"] == "docker-proxy"
+        assert rows[port]["container"] == {"id": ident, "name": name, "image": IMAGE}
+        table = aether("ports", "list", env={**os.environ, "DOCKER_HOST": f"unix://{dockerd.socket}", "COLUMNS": "400"})
+        assert table.returncode == 0, table.stderr
+        line = next(line for line in table.stdout.splitlines() if line.split()[0] == str(port))
+        assert f"container: {name} ({IMAGE})" in line and "docker-proxy" in line
+    finally:
+        dockerd.remove(name)
