@@ -59,10 +59,12 @@ def server(backend, tmp_path, dockerd):
 def named(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
     """The port's messages up to the one carrying a container: (that one, all of them)."""
     seen: list[dict] = []
+    received: list[float] = []
 
     def done(message: dict) -> bool:
         if message.get("port") == port:
             seen.append(message)
+            received.append(time.monotonic())
             return message.get("container") is not None or message["type"] == "close"
         return False
 
@@ -71,6 +73,7 @@ def named(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
     except TimeoutError:
         raise AssertionError(f"port {port} was not named by its container within {timeout}s: {seen}") from None
     assert seen[-1]["type"] != "close", seen
+    print(f"\nport {port} ({seen[0]['process']}): its container told {received[-1] - received[0]:.2f} s after its open")
     return seen[-1], seen
 
 
