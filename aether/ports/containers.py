@@ -36,9 +36,9 @@ TIMEOUT = 1.0
 #: the request was sent is asked for anew: the answer cannot know it.
 TTL = 2.0
 #: Seconds between a listing that does not name a Docker port's container and the next, at
-#: first, doubling to :data:`RETRY_MAX`. docker-proxy listens 0.2-0.6 s before dockerd lists
-#: the container (Docker 20.10, a busybox image, 2-vCPU VM): of the asks 0, 0.1, 0.3 and 0.7 s
-#: after the open, the third or fourth names it there.
+#: first, doubling to :data:`RETRY_MAX`. docker-proxy listens 0.05-0.6 s before dockerd lists
+#: the container (Docker 20.10, a busybox image, 2-vCPU VM, idle to loaded): of the asks 0, 0.1,
+#: 0.3 and 0.7 s after the open, the second names it on an idle machine, the fourth on a loaded one.
 RETRY_FIRST = 0.1
 RETRY_MAX = 2.0
 #: Seconds after its open a port's container is asked for at most: long enough for a
