@@ -13,11 +13,17 @@ import queue
 import time
 
 import pytest
+from support.browser import chromium
 from support.clients import opens_done, port_messages, recv_until
 from support.docker import IMAGE, Dockerd
 from support.ebpf import need_ebpf
 from support.processes import aether
 from support.servers import Server, Watcher
+from test_dashboard_browser import connection, row, wait
+
+#: Each test here runs containers on a dockerd of the module's own (its start, 0.3-0.7 s; its
+#: stop, 1.1 s) and waits for them: seconds each.
+pytestmark = pytest.mark.slow
 
 
 def started(userland_proxy: bool):
@@ -168,3 +174,29 @@ def test_ports_list_names_the_container(dockerd):
         assert f"container: {name} ({IMAGE})" in line and "docker-proxy" in line
     finally:
         dockerd.remove(name)
+
+
+def test_dashboard_shows_the_container(dockerd, tmp_path):
+    """The dashboard's row names the container under the process, and its filter finds the
+    port by the container's name."""
+    from selenium.webdriver.common.by import By
+
+    name = f"aether-shown-{os.urandom(3).hex()}"
+    srv = Server("sockdiag", tmp_path / "state", "--docker-socket", dockerd.socket)
+    browser = chromium(tmp_path / "profile")
+    try:
+        browser.get(f"http://127.0.0.1:{srv.port}/?token={srv.token}")
+        wait(browser, lambda d: connection(d) == "connected", what="the WebSocket to connect")
+        port, _ = dockerd.run(name)
+
+        def container_line(d) -> str:
+            found = row(d, port)
+            return found.find_element(By.CSS_SELECTOR, ".container").text if found is not None else ""
+
+        assert wait(browser, container_line, timeout=30, what="the row's container") == f"container: {name} ({IMAGE})"
+        browser.find_element(By.ID, "filter").send_keys(name)
+        shown = "return [...document.querySelectorAll('#ports tbody tr')].map((tr) => +tr.dataset.port)"
+        wait(browser, lambda d: d.execute_script(shown) == [port], what="the filter to leave the container's row")
+    finally:
+        browser.quit()
+        srv.stop()
