@@ -1,9 +1,10 @@
 """Ports that Docker publishes, named by their container, against a real dockerd of the
 tests' own (support.docker): `aether serve` tells a WebSocket client the container behind a
-port ``docker-proxy`` holds, and behind one dockerd holds itself (its userland proxy off),
-`aether ports list` shows it, a container published later is named too, and a stopped
-container's port closes. dockerd lists a container only once it runs, after its ports opened:
-the first ask as the port opens does not name it, and aether asks again."""
+port ``docker-proxy`` holds, and behind one dockerd holds itself (its userland proxy off);
+`aether ports watch`, `aether ports list` and the dashboard (in Chromium) show it; a container
+published later is named too, and a stopped container's port closes. dockerd lists a
+container only once it runs, after its ports opened: the first ask as the port opens does not
+name it, and aether asks again."""
 
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ def started(userland_proxy: bool):
     finally:
         began = time.monotonic()
         dockerd.close()
-        print(
-            f"\ndockerd (userland proxy {mode}): its containers, processes, mounts and bridge gone in {time.monotonic() - began:.2f} s"
-        )
+        took = time.monotonic() - began
+        print(f"\ndockerd (userland proxy {mode}): its containers, processes, mounts and bridge gone in {took:.2f} s")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def dockerd_direct():
 @pytest.fixture
 def server(backend, tmp_path, dockerd):
     """`aether serve` on ``backend``, told the socket of the tests' dockerd."""
-    started = Server(backend, tmp_path / "state", "--docker-socket", dockerd.socket)
-    yield started
-    started.stop()
+    srv = Server(backend, tmp_path / "state", "--docker-socket", dockerd.socket)
+    yield srv
+    srv.stop()
 
 
 def named(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
@@ -165,7 +165,7 @@ def test_ports_list_names_the_container(dockerd):
     try:
         listed = aether("ports", "list", "--json", "--docker-socket", dockerd.socket)
         assert listed.returncode == 0, listed.stderr
-        rows = {row["port"]: row for row in json.loads(listed.stdout)}
+        rows = {entry["port"]: entry for entry in json.loads(listed.stdout)}
         assert rows[port]["process"] == "docker-proxy"
         assert rows[port]["container"] == {"id": ident, "name": name, "image": IMAGE}
         table = aether("ports", "list", env={**os.environ, "DOCKER_HOST": f"unix://{dockerd.socket}", "COLUMNS": "400"})
