@@ -99,6 +99,7 @@ class PortFacts:
         self._ready: list[Detection] = []
         #: The ready of a port said to be ``tcp`` when it answered, told once nobody says so.
         self._withheld: dict[int, Detection] = {}
+        self._naming: set[asyncio.Task] = set()  # containers being asked for
         self._tell_pending = False
         self._closed = False
         #: Attributes last told per port, so that a rules reload tells only the ports it changed.
@@ -216,6 +217,8 @@ class PortFacts:
         self._closed = True
         self._queue.clear()
         self.detector.close()
+        for task in self._naming:
+            task.cancel()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -285,7 +288,9 @@ class PortFacts:
             if state.who is None:
                 continue
             if is_docker(procs.process_name(pid), state.who.argv):
-                self._loop.create_task(self._container(port, state))
+                task = self._loop.create_task(self._container(port, state))
+                self._naming.add(task)  # held: the loop keeps only a weak reference to a task
+                task.add_done_callback(self._naming.discard)
             self._tell(port)
         if self._lookups:
             self._lookup_pending = True
@@ -293,7 +298,10 @@ class PortFacts:
 
     async def _container(self, port: int, state: _Port) -> None:
         target = proxy_target(state.who.argv or ()) if state.who is not None else None
-        container = await self.containers.publisher(port, target)
+        pid = state.pid
+        container = await self.containers.awaited(
+            port, target, state.opened, lambda: not self._closed and self._ports.get(port) is state and state.pid == pid
+        )
         if container is not None and self._ports.get(port) is state:
             state.container = container
             self._tell(port)

@@ -13,6 +13,7 @@ WebSocket. ``tests/conftest.py`` holds the fixtures only, built from these.
 - :mod:`support.browser`: Debian's Chromium under selenium, and the dashboard's page in it
 - :mod:`support.redis`: a real ``redis-server``, and a Sentinel watching it
 - :mod:`support.netns`: other hosts, as network namespaces a veth pair away
+- :mod:`support.docker`: a dockerd of a test's own (``Dockerd``), its busybox image made here
 - :mod:`support.fleet`: ``aether gateway`` (``Gateway``) and requests to it
 """
 
