@@ -19,7 +19,7 @@ generator of both (as bench/preview.py). Figures:
 Gateways and the nginx proxy run on CPU 1; wrk, the upstream, Redis and this process on CPU 0;
 the VMs' aether on both. Needs root (namespaces) and the eBPF probe.
 
-    .venv/bin/python bench/fleet.py [--quick] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
+    .venv/bin/python bench/fleet.py [--quick] [--only all|proxies] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
         [--workspaces 10000] [--rate 1000] [--change-seconds 5]
 """
 
@@ -635,7 +635,14 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="changes per second")
     parser.add_argument("--change-seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument(
+        "--only",
+        choices=("all", "proxies"),
+        default="all",
+        help="proxies: the latency and throughput runs alone (one VM, one gateway)",
+    )
     args = parser.parse_args()
+    proxies_only = args.only == "proxies"
     if args.quick:
         args.opens, args.concurrent_rounds, args.seconds, args.rounds, args.trips, args.change_seconds = 5, 1, 2, 1, 300, 2
     if os.geteuid() != 0:
@@ -646,22 +653,23 @@ def main() -> int:
     load_start, busy0 = os.getloadavg(), cpu_ticks("")
     lab = Lab()
     try:
-        vms = [VM(lab, n) for n in (1, 2, 3)]
+        vms = [VM(lab, n) for n in ((1,) if proxies_only else (1, 2, 3))]
         redis = lab.start_redis([vm.host for vm in vms])
         for vm in vms:
             vm.serve(redis.port)
-        gateways = [lab.gateway(), lab.gateway()]
+        gateways = [lab.gateway()] if proxies_only else [lab.gateway(), lab.gateway()]
         print(
             f"fleet: Redis on :{redis.port}, VMs {', '.join(f'{vm.prefix}@{vm.address}:{VM_PORT}' for vm in vms)}, "
-            f"gateways on :{gateways[0].port} and :{gateways[1].port} (*.{DOMAIN})",
+            f"gateways on {' and '.join(f':{g.port}' for g in gateways)} (*.{DOMAIN})",
             flush=True,
         )
         apps = {vm: App(lab, vm, [random.randrange(31000, 32000)]) for vm in vms}
         for app in apps.values():
             app.go()
 
-        scale(lab, gateways, args.workspaces, args.rate, args.change_seconds)
-        port_events(lab, vms[0], gateways, args.opens, args.concurrent_rounds)
+        if not proxies_only:
+            scale(lab, gateways, args.workspaces, args.rate, args.change_seconds)
+            port_events(lab, vms[0], gateways, args.opens, args.concurrent_rounds)
 
         www = lab.tmp / "www"
         www.mkdir()
@@ -706,8 +714,9 @@ def main() -> int:
             print("gateway 1's warnings:", *[line for line in lines if '"level":"info"' not in line][-20:], sep="\n", flush=True)
             raise
         os.sched_setaffinity(g.pid, {CLIENT_CPU, PROXY_CPU})
-        websocket_echo(lab, vms[0], g, args.trips, 50 if args.quick else 200)
-        faults(lab, gateways, vms, redis.port, apps)
+        if not proxies_only:
+            websocket_echo(lab, vms[0], g, args.trips, 50 if args.quick else 200)
+            faults(lab, gateways, vms, redis.port, apps)
     finally:
         lab.close()
     load_end = os.getloadavg()
