@@ -19,7 +19,7 @@ generator of both (as bench/preview.py). Figures:
 Gateways and the nginx proxy run on CPU 1; wrk, the upstream, Redis and this process on CPU 0;
 the VMs' aether on both. Needs root (namespaces) and the eBPF probe.
 
-    .venv/bin/python bench/fleet.py [--quick] [--only all|proxies] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
+    .venv/bin/python bench/fleet.py [--quick] [--only all|proxies] [--baseline TREE] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
         [--workspaces 10000] [--rate 1000] [--change-seconds 5]
 """
 
@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fleet_table
 from common import PY, cpu_seconds, percentile
@@ -46,6 +47,7 @@ from preview import cpu_ticks, read_line
 
 CLIENT_CPU, PROXY_CPU = 0, 1
 WHOLE = "gateway -> VM's aether -> app"
+BASELINE_GATEWAY = "gateway of "
 # Seconds between the GETs of each client waiting for a port (one per gateway, one in the VM):
 # fine enough for a 5 ms goal, and three clients asking back to back would keep the 2 CPUs busy
 # with 502s beside what is measured.
@@ -264,6 +266,7 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
     )
 
     chosen = {k: targets[k] for k in ("nginx proxy, 1 worker (baseline)", "gateway -> stand-in VM", WHOLE)}
+    chosen.update({k: v for k, v in targets.items() if k.startswith(BASELINE_GATEWAY)})
     rps = {name: [] for name in chosen}
     for _ in range(rounds):
         for name, target in chosen.items():
@@ -295,6 +298,12 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
         cpu_ratio >= 0.5,
         f"nginx {per_cpu['nginx proxy, 1 worker (baseline)']:,.0f}; the same measure under other processes' load",
     )
+    nginx = "nginx proxy, 1 worker (baseline)"
+    for name in (k for k in chosen if k.startswith(BASELINE_GATEWAY)):
+        print(
+            f"  {name}: {med[name] / med[nginx]:.3f} x nginx in req/s, {per_cpu[name] / per_cpu[nginx]:.3f} x nginx per "
+            "proxy CPU-second"
+        )
 
 
 def websocket_echo(lab: Lab, vm, gateway, trips: int, warmup: int) -> None:
@@ -636,6 +645,9 @@ def main() -> int:
     parser.add_argument("--change-seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout's tree: its gateway joins the wrk runs (stand-in VM)"
+    )
+    parser.add_argument(
         "--only",
         choices=("all", "proxies"),
         default="all",
@@ -706,6 +718,15 @@ def main() -> int:
                 (),
             ),
         }
+        if args.baseline:
+            base = lab.gateway(cpu=PROXY_CPU, root=args.baseline)
+            asyncio.run(first_status([base], vms[0], up, 200, time.monotonic(), 0.01, "/1k.html"))
+            targets[f"{BASELINE_GATEWAY}{args.baseline} -> stand-in VM (baseline)"] = (
+                f"http://127.0.0.1:{base.port}/1k.html",
+                (f"Host: 8000-{standin}.{DOMAIN}",),
+                base.pid,
+                (),
+            )
         os.sched_setaffinity(g.pid, {PROXY_CPU})  # as nginx's worker, for wrk's runs
         try:
             proxies(targets, args.seconds, args.rounds)
