@@ -515,3 +515,81 @@ def test_a_cookie_not_valid_yet_is_not_kept_as_no_credential():
     assert first.access == b"public"
     clock.now += 5
     assert then(gate, first, headers=list(headers)).access == b"cookie"
+
+
+_COOKIE_A = cookie_for(HOST)
+_AHEAD = (b"Cookie", b"aether_fleet=" + auth.mint_cookie(KEYS, HOST, auth.verifier(KEYS, TOKEN_A, "aaa111").encode(), NOW + 3))
+_HEADS = [
+    [host(HOST)],
+    [host(HOST), bearer(TOKEN_A)],
+    [host(HOST), bearer(TOKEN_B)],
+    [host(HOST), _COOKIE_A],
+    [host(HOST), _AHEAD],
+    [host(HOST), _COOKIE_A, (b"Origin", b"http://evil.example"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
+    [host(PUBLIC)],
+    [host(PUBLIC), (b"Content-Length", b"3")],
+    [host(b"web-aaa111.preview.example.com"), bearer(TOKEN_A)],
+    [host(b"3000-bbb222.preview.example.com"), bearer(TOKEN_B)],
+]
+_CHANGES = [
+    lambda routes, seq: None,
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {3000: "public", 5173: "private"})
+    ),
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}, names={"web": 3000})
+    ),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {}, public=(5173,))),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {5173: "public"}, alive=False)),
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_B, {3000: "private", 5173: "public"})
+    ),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", b""),
+    lambda routes, seq: routes.expire([("aaa111", 10**12)]),
+    lambda routes, seq: routes.revive([("aaa111", 10**13)], 10**12),
+    lambda routes, seq: routes.load(r.Snapshot(0, b"0-0", b"boot %d" % seq, 2000, {}, {})),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([True, True, True, False]),  # the same head and method as the last request
+            st.integers(0, len(_HEADS) - 1),
+            st.sampled_from([b"GET", b"GET", b"POST", b"OPTIONS"]),
+            st.sampled_from([b"/", b"/", b"/a", b"/a?b=1", b"/?token=" + TOKEN_A, b"*", b"http://x/"]),
+            st.sampled_from([0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            st.sampled_from([0, 0, 0, 0.4, 1, 3, 7, auth.COOKIE_TTL]),
+        ),
+        max_size=16,
+    )
+)
+def test_a_kept_decision_is_the_decision_made_afresh(steps):
+    # Whatever the connection sent before and whatever changed since, the next request gets
+    # what a fresh decision gives it, to the byte (its signature included).
+    gate, clock = kept_gate()
+    previous, head, method = None, 0, b"GET"
+    for same, new_head, new_method, target, change, wait in steps:
+        if not same:
+            head, method = new_head, new_method
+        _CHANGES[change](gate.routes, gate.routes.seq + 1)
+        clock.now += wait
+        headers = list(_HEADS[head])
+        upgrade = any(name == b"Upgrade" for name, _ in headers)
+        kept = gate.decide(method, target, list(headers), "192.0.2.10", upgrade, previous)
+        fresh = gate.decide(method, target, list(headers), "192.0.2.10", upgrade)
+        assert type(kept) is type(fresh)
+        if isinstance(fresh, Answer):
+            assert (kept.status, kept.response, kept.close) == (fresh.status, fresh.response, fresh.close)
+        else:
+            assert (kept.address, kept.port, kept.prefix, kept.app_port, kept.access, kept.tag) == (
+                fresh.address,
+                fresh.port,
+                fresh.prefix,
+                fresh.app_port,
+                fresh.access,
+                fresh.tag,
+            )
+            assert (kept.head, kept.has_body, kept.chunked) == (fresh.head, fresh.has_body, fresh.chunked)
+            previous = kept
