@@ -42,7 +42,7 @@ from pathlib import Path
 
 import fleet_table
 from common import PY, cpu_seconds, percentile
-from fleetlab import AUTH, DOMAIN, TOKEN, VM, VM_PORT, App, Client, Lab, rss_mb, wait_connect
+from fleetlab import AUTH, DOMAIN, TOKEN, VM, VM_PORT, App, Client, Lab, free_port, rss_mb, wait_connect
 from preview import cpu_ticks, read_line
 
 CLIENT_CPU, PROXY_CPU = 0, 1
@@ -689,7 +689,7 @@ def main() -> int:
         up = random.randrange(32000, 33000)
         lab.nginx("upstream", "0.0.0.0", up, f"root {www};", enter=vms[0].enter)
         wait_connect(vms[0].address, up)
-        nginx_port = random.randrange(33000, 34000)
+        nginx_port = free_port()  # on the root namespace's loopback, beside everything else there
         nginx_pid = lab.nginx(
             "proxy",
             "127.0.0.1",

@@ -78,16 +78,15 @@ class Route:
     :meth:`Gate.decide`): the request's ``method`` and ``headers`` (the list, as parsed), the
     ``workspace`` object the table held for ``prefix`` (any change of the workspace in the
     table, a port, a visibility, its liveness in the blob, its address, its token, replaces the
-    object), what the signature covers besides the target and the time (``access``, ``host``,
-    ``forwarded_for``, ``proto``, ``port``), the upstream head between the target and the
-    signature line (``tail``), and ``until``: when the cookie that admitted it expires."""
+    object), the ``signer`` of what the signature covers besides the target and the time, the
+    upstream head between the target and the signature line (``tail``), and ``until``: when the
+    cookie that admitted it expires."""
 
-    __slots__ = ("method", "headers", "workspace", "prefix", "access", "host", "forwarded_for", "proto", "port", "tail", "until")
+    __slots__ = ("method", "headers", "workspace", "prefix", "signer", "tail", "until")
 
-    def __init__(self, method, headers, workspace, prefix, access, host, forwarded_for, proto, port, tail, until):
+    def __init__(self, method, headers, workspace, prefix, signer: auth.Signer, tail: bytes, until: float):
         self.method, self.headers, self.workspace, self.prefix = method, headers, workspace, prefix
-        self.access, self.host, self.forwarded_for, self.proto, self.port = access, host, forwarded_for, proto, port
-        self.tail, self.until = tail, until
+        self.signer, self.tail, self.until = signer, tail, until
 
 
 def _without_token(target: bytes, accepts: Callable[[bytes], bool]) -> bytes | None:
@@ -226,12 +225,9 @@ class Gate:
 
     def _signed(self, route: Route, address: str, port: int, app_port: int, target: bytes, second: int, framing) -> FleetForward:
         """The Forward of ``route`` for ``target``, signed at ``second``; its framing as ``framing``'s."""
-        method = route.method
-        signature = auth.sign(
-            self.keys, route.access, method, route.host, target, route.forwarded_for, route.proto, route.port, second
-        )
-        head = method + b" " + target + route.tail + auth.HEADER + b": " + signature + b"\r\n\r\n"
-        forward = FleetForward(port, address, head, route.prefix, app_port, route.access)
+        signer = route.signer
+        head = route.method + b" " + target + route.tail + auth.HEADER + b": " + signer.sign(target, second) + b"\r\n\r\n"
+        forward = FleetForward(port, address, head, route.prefix, app_port, signer.access)
         forward.has_body = framing.has_body
         forward.chunked = framing.chunked
         forward.target = target
@@ -345,9 +341,10 @@ class Gate:
         )
         # The signature line goes last, so that a kept route signs another target or second
         # without building the head again; the headers given to ``decide`` are set there.
-        until = cookie_until if access == b"cookie" else _NEVER
+        until = cookie_until if access == b"cookie" and cookie_until is not None else _NEVER
         tail = upstream_head[len(method) + 1 + len(target) : -2]
-        route = Route(method, [], ws, prefix, access, host, forwarded_for, proto, forwarded_port, tail, until)
+        signer = auth.Signer(self.keys, access, method, host, forwarded_for, proto, forwarded_port)
+        route = Route(method, [], ws, prefix, signer, tail, until)
         forward = self._signed(route, ws.host, ws.port, port, target, int(self.clock()), head)
         if upgrade or not keep:
             forward.memo = None
