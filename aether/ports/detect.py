@@ -321,7 +321,10 @@ class Detector:
             if banner is not None:
                 # Closed as soon as accepted, or a server that speaks first.
                 return Look(TCP, "banner", sample=banner) if banner else Look(None, "closed")
-            writer.write(REQUEST)
+            try:
+                _send(writer, REQUEST)
+            except OSError:
+                return Look(None, "closed")
             data = bytearray()
             try:
                 await asyncio.wait_for(self._read_answer(reader, data), wait)
@@ -373,7 +376,7 @@ class Detector:
                         # Refused by a TLS server (an alert, no shared cipher): still TLS.
                         return Look(HTTPS, "tls-alert") if classify_answer(first)[0] == "tls" else self._not_tls(first)
                     if outgoing.pending:
-                        writer.write(outgoing.read())
+                        _send(writer, outgoing.read())
                     if done:
                         self._goodbye(tls, outgoing, writer)
                         return Look(HTTPS, "tls")
@@ -406,5 +409,13 @@ class Detector:
             tls.unwrap()
         except ssl.SSLError:
             pass
-        if outgoing.pending:
+        if outgoing.pending and not writer.is_closing():
             writer.write(outgoing.read())
+
+
+def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """``data`` to the port; ConnectionResetError where its connection has closed while the
+    look waited (reset by the port as the wait ended: uvloop's write then raises RuntimeError)."""
+    if writer.is_closing():
+        raise ConnectionResetError("the connection was closed")
+    writer.write(data)
