@@ -757,9 +757,10 @@ def busy_share(before) -> float:
     return busy / total if total else float("nan")
 
 
-def stand_in(lab: Lab, address: str, name: str, port: int = 8000) -> str:
+def stand_in(lab: Lab, address: str, name: str, port: int = 8000, public: bool = True, token: str = "x") -> str:
     """A workspace whose address is the app itself (an nginx, a node WebSocket server), which
-    ignores Host and the signature: the gateway's hop alone, as nginx's is. Its prefix."""
+    ignores Host and the signature: the gateway's hop alone, as nginx's is; ``port`` public or
+    private, the workspace's token ``token``. Its prefix."""
     from aether.fleet import auth, blob, keys
 
     prefix, epoch = f"{name}{lab.tag}", secrets.token_hex(8)
@@ -771,10 +772,10 @@ def stand_in(lab: Lab, address: str, name: str, port: int = 8000) -> str:
         epoch=epoch,
         started=int(time.time() * 1000),
         dead_after=3_600_000,
-        verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), "x", prefix),
+        verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), token, prefix),
         alive=True,
-        ports={port: "public"},
-        public=(port,),
+        ports={port: "public" if public else "private"},
+        public=(port,) if public else (),
         names={},
     )
     sync = lab.redis.client()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -30,38 +29,13 @@ import time
 from pathlib import Path
 
 from common import cpu_seconds
+from fleet import stand_in
 from fleetlab import DOMAIN, Lab, free_port
 from preview import CLIENT_CPU
 from proxy_profile import perf_profile, pyspy_profile, run_wrk
 
 PROXY_CPU = 1
 TOKEN = "profile-token"
-
-
-def stand_in(lab: Lab, address: str, public: bool) -> str:
-    """A workspace whose advertised address is ``address`` (the app itself), its port 8000 public
-    or private, its token ``TOKEN``. Its prefix."""
-    from aether.fleet import auth, blob, keys
-
-    prefix, epoch = f"prof{lab.tag}", secrets.token_hex(8)
-    raw = blob.encode(
-        prefix=prefix,
-        project=prefix + "-standin",
-        workspace="ws-profile",
-        address=address,
-        epoch=epoch,
-        started=int(time.time() * 1000),
-        dead_after=3_600_000,
-        verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), TOKEN, prefix),
-        alive=True,
-        ports={8000: "public" if public else "private"},
-        public=(8000,) if public else (),
-        names={},
-    )
-    lab.redis.client().register_script(keys.CLAIM)(
-        keys=keys.CHANGE_KEYS, args=[prefix, prefix + "-standin", epoch, raw, 3_600_000, "bench-boot", keys.STREAM_MAXLEN]
-    )
-    return prefix
 
 
 def throughput(targets: dict, seconds: int, rounds: int) -> None:
@@ -119,7 +93,7 @@ def main() -> int:
             f"upstream app {{ server 127.0.0.1:{up}; keepalive 64; keepalive_requests 1000000; }}",
             cpu=PROXY_CPU,
         )
-        prefix = stand_in(lab, f"127.0.0.1:{up}", public=args.credential == "none")
+        prefix = stand_in(lab, f"127.0.0.1:{up}", "prof", public=args.credential == "none", token=TOKEN)
         gateways = {"gateway": lab.gateway(cpu=PROXY_CPU)}
         if args.baseline:
             gateways[f"gateway of {args.baseline}"] = lab.gateway(cpu=PROXY_CPU, root=args.baseline)
