@@ -81,6 +81,10 @@ def read_key(path: str) -> bytes:
     return key
 
 
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # translation tables: a key XOR the inner pad
+_OPAD = bytes(x ^ 0x5C for x in range(256))  # ... and the outer one
+
+
 def _pads(key: bytes) -> tuple:
     """HMAC-SHA256's inner and outer hashes with ``key``'s pads taken in (RFC 2104): a MAC is
     then two copies and updates, 0.7 us, where ``hmac.new`` takes 2.0 us (it hashes the pads
@@ -89,10 +93,6 @@ def _pads(key: bytes) -> tuple:
         key = hashlib.sha256(key).digest()
     key = key.ljust(64, b"\0")
     return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
-
-
-_IPAD = bytes(x ^ 0x36 for x in range(256))
-_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def _digest(pads: tuple, message: bytes) -> bytes:
