@@ -19,7 +19,7 @@ generator of both (as bench/preview.py). Figures:
 Gateways and the nginx proxy run on CPU 1; wrk, the upstream, Redis and this process on CPU 0;
 the VMs' aether on both. Needs root (namespaces) and the eBPF probe.
 
-    .venv/bin/python bench/fleet.py [--quick] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
+    .venv/bin/python bench/fleet.py [--quick] [--only all|proxies] [--baseline TREE] [--opens 20] [--seconds 5] [--rounds 3] [--trips 2000]
         [--workspaces 10000] [--rate 1000] [--change-seconds 5]
 """
 
@@ -38,14 +38,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fleet_table
 from common import PY, cpu_seconds, percentile
-from fleetlab import AUTH, DOMAIN, TOKEN, VM, VM_PORT, App, Client, Lab, rss_mb, wait_connect
+from fleetlab import AUTH, DOMAIN, TOKEN, VM, VM_PORT, App, Client, Lab, free_port, rss_mb, wait_connect
 from preview import cpu_ticks, read_line
 
 CLIENT_CPU, PROXY_CPU = 0, 1
 WHOLE = "gateway -> VM's aether -> app"
+BASELINE_GATEWAY = "gateway of "
 # Seconds between the GETs of each client waiting for a port (one per gateway, one in the VM):
 # fine enough for a 5 ms goal, and three clients asking back to back would keep the 2 CPUs busy
 # with 502s beside what is measured.
@@ -264,6 +266,7 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
     )
 
     chosen = {k: targets[k] for k in ("nginx proxy, 1 worker (baseline)", "gateway -> stand-in VM", WHOLE)}
+    chosen.update({k: v for k, v in targets.items() if k.startswith(BASELINE_GATEWAY)})
     rps = {name: [] for name in chosen}
     for _ in range(rounds):
         for name, target in chosen.items():
@@ -295,6 +298,12 @@ def proxies(targets: dict, seconds: int, rounds: int) -> None:
         cpu_ratio >= 0.5,
         f"nginx {per_cpu['nginx proxy, 1 worker (baseline)']:,.0f}; the same measure under other processes' load",
     )
+    nginx = "nginx proxy, 1 worker (baseline)"
+    for name in (k for k in chosen if k.startswith(BASELINE_GATEWAY)):
+        print(
+            f"  {name}: {med[name] / med[nginx]:.3f} x nginx in req/s, {per_cpu[name] / per_cpu[nginx]:.3f} x nginx per "
+            "proxy CPU-second"
+        )
 
 
 def websocket_echo(lab: Lab, vm, gateway, trips: int, warmup: int) -> None:
@@ -635,7 +644,17 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="changes per second")
     parser.add_argument("--change-seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout's tree: its gateway joins the wrk runs (stand-in VM)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "proxies"),
+        default="all",
+        help="proxies: the latency and throughput runs alone (one VM, one gateway)",
+    )
     args = parser.parse_args()
+    proxies_only = args.only == "proxies"
     if args.quick:
         args.opens, args.concurrent_rounds, args.seconds, args.rounds, args.trips, args.change_seconds = 5, 1, 2, 1, 300, 2
     if os.geteuid() != 0:
@@ -646,22 +665,23 @@ def main() -> int:
     load_start, busy0 = os.getloadavg(), cpu_ticks("")
     lab = Lab()
     try:
-        vms = [VM(lab, n) for n in (1, 2, 3)]
+        vms = [VM(lab, n) for n in ((1,) if proxies_only else (1, 2, 3))]
         redis = lab.start_redis([vm.host for vm in vms])
         for vm in vms:
             vm.serve(redis.port)
-        gateways = [lab.gateway(), lab.gateway()]
+        gateways = [lab.gateway()] if proxies_only else [lab.gateway(), lab.gateway()]
         print(
             f"fleet: Redis on :{redis.port}, VMs {', '.join(f'{vm.prefix}@{vm.address}:{VM_PORT}' for vm in vms)}, "
-            f"gateways on :{gateways[0].port} and :{gateways[1].port} (*.{DOMAIN})",
+            f"gateways on {' and '.join(f':{g.port}' for g in gateways)} (*.{DOMAIN})",
             flush=True,
         )
         apps = {vm: App(lab, vm, [random.randrange(31000, 32000)]) for vm in vms}
         for app in apps.values():
             app.go()
 
-        scale(lab, gateways, args.workspaces, args.rate, args.change_seconds)
-        port_events(lab, vms[0], gateways, args.opens, args.concurrent_rounds)
+        if not proxies_only:
+            scale(lab, gateways, args.workspaces, args.rate, args.change_seconds)
+            port_events(lab, vms[0], gateways, args.opens, args.concurrent_rounds)
 
         www = lab.tmp / "www"
         www.mkdir()
@@ -669,7 +689,7 @@ def main() -> int:
         up = random.randrange(32000, 33000)
         lab.nginx("upstream", "0.0.0.0", up, f"root {www};", enter=vms[0].enter)
         wait_connect(vms[0].address, up)
-        nginx_port = random.randrange(33000, 34000)
+        nginx_port = free_port()  # on the root namespace's loopback, beside everything else there
         nginx_pid = lab.nginx(
             "proxy",
             "127.0.0.1",
@@ -698,6 +718,15 @@ def main() -> int:
                 (),
             ),
         }
+        if args.baseline:
+            base = lab.gateway(cpu=PROXY_CPU, root=args.baseline)
+            asyncio.run(first_status([base], vms[0], up, 200, time.monotonic(), 0.01, "/1k.html"))
+            targets[f"{BASELINE_GATEWAY}{args.baseline} -> stand-in VM (baseline)"] = (
+                f"http://127.0.0.1:{base.port}/1k.html",
+                (f"Host: 8000-{standin}.{DOMAIN}",),
+                base.pid,
+                (),
+            )
         os.sched_setaffinity(g.pid, {PROXY_CPU})  # as nginx's worker, for wrk's runs
         try:
             proxies(targets, args.seconds, args.rounds)
@@ -706,8 +735,9 @@ def main() -> int:
             print("gateway 1's warnings:", *[line for line in lines if '"level":"info"' not in line][-20:], sep="\n", flush=True)
             raise
         os.sched_setaffinity(g.pid, {CLIENT_CPU, PROXY_CPU})
-        websocket_echo(lab, vms[0], g, args.trips, 50 if args.quick else 200)
-        faults(lab, gateways, vms, redis.port, apps)
+        if not proxies_only:
+            websocket_echo(lab, vms[0], g, args.trips, 50 if args.quick else 200)
+            faults(lab, gateways, vms, redis.port, apps)
     finally:
         lab.close()
     load_end = os.getloadavg()
@@ -727,9 +757,10 @@ def busy_share(before) -> float:
     return busy / total if total else float("nan")
 
 
-def stand_in(lab: Lab, address: str, name: str, port: int = 8000) -> str:
+def stand_in(lab: Lab, address: str, name: str, port: int = 8000, public: bool = True, token: str = "x") -> str:
     """A workspace whose address is the app itself (an nginx, a node WebSocket server), which
-    ignores Host and the signature: the gateway's hop alone, as nginx's is. Its prefix."""
+    ignores Host and the signature: the gateway's hop alone, as nginx's is; ``port`` public or
+    private, the workspace's token ``token``. Its prefix."""
     from aether.fleet import auth, blob, keys
 
     prefix, epoch = f"{name}{lab.tag}", secrets.token_hex(8)
@@ -741,10 +772,10 @@ def stand_in(lab: Lab, address: str, name: str, port: int = 8000) -> str:
         epoch=epoch,
         started=int(time.time() * 1000),
         dead_after=3_600_000,
-        verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), "x", prefix),
+        verifier=auth.verifier(auth.FleetKeys.load(str(lab.key_file)), token, prefix),
         alive=True,
-        ports={port: "public"},
-        public=(port,),
+        ports={port: "public" if public else "private"},
+        public=(port,) if public else (),
         names={},
     )
     sync = lab.redis.client()

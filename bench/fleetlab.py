@@ -226,7 +226,8 @@ class Lab:
     def spawn(self, cmd, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdout", DEVNULL)
         kwargs.setdefault("stderr", DEVNULL)
-        proc = subprocess.Popen(cmd, cwd=ROOT, **kwargs)
+        kwargs.setdefault("cwd", ROOT)
+        proc = subprocess.Popen(cmd, **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -241,8 +242,8 @@ class Lab:
         self.redis.start()
         return self.redis
 
-    def gateway(self, cpu: int | None = None, liveness: float = 0.1) -> Gateway:
-        return Gateway(self, cpu, liveness)
+    def gateway(self, cpu: int | None = None, liveness: float = 0.1, root: Path = ROOT) -> Gateway:
+        return Gateway(self, cpu, liveness, root)
 
     def nginx(self, name: str, listen: str, port: int, server: str, http_extra: str = "", enter=(), cpu=None) -> int:
         """nginx (1 worker) on ``listen``:``port``; the worker's pid."""
@@ -282,7 +283,8 @@ class Lab:
 class Gateway:
     """`aether gateway` on a free loopback port, with public metrics."""
 
-    def __init__(self, lab: Lab, cpu: int | None, liveness: float):
+    def __init__(self, lab: Lab, cpu: int | None, liveness: float, root: Path = ROOT):
+        """``root``: the checkout whose aether runs (another's, for a baseline)."""
         self.lab = lab
         self.port = free_port()
         pin = ["taskset", "-c", "0,1" if cpu is None else str(cpu)]  # else it would inherit the bench's CPU 0
@@ -290,7 +292,7 @@ class Gateway:
         cmd += ["--preview-domain", DOMAIN, "--fleet-key-file", str(lab.key_file), "--metrics-public"]
         cmd += ["--liveness-interval", str(liveness)]
         self.started = time.monotonic()
-        self.proc = lab.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = lab.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
         read_line(self.proc.stdout.fileno(), 60, b"aether gateway on")
         self.ready = time.monotonic()
         drain(self.proc.stdout)

@@ -37,20 +37,21 @@ def user_system(pid):
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
-def run_wrk(url, host, seconds):
-    cmd = ["wrk", "-t1", "-c50", f"-d{seconds}s", "-H", f"Host: {host}", "-H", f"Authorization: {AUTH}", url]
+def run_wrk(url, headers, seconds):
+    """Requests made in ``seconds`` of wrk -c50 with ``headers`` ("Name: value" each)."""
+    cmd = ["wrk", "-t1", "-c50", f"-d{seconds}s", *(arg for header in headers for arg in ("-H", header)), url]
     out = subprocess.run(on_cpu(CLIENT_CPU, cmd), capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
     if re.search(r"Non-2xx or 3xx responses|Socket errors", out):
         raise RuntimeError(out)
     return int(re.search(r"(\d+) requests in", out).group(1))
 
 
-def profiled(profiler_cmd, url, host, pid, seconds):
+def profiled(profiler_cmd, url, headers, pid, seconds):
     """Run wrk while ``profiler_cmd`` records; (requests, user s, system s)."""
     prof = subprocess.Popen(on_cpu(CLIENT_CPU, profiler_cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # the profiler attached
     u0, s0 = user_system(pid)
-    requests = run_wrk(url, host, seconds)
+    requests = run_wrk(url, headers, seconds)
     u1, s1 = user_system(pid)
     prof.send_signal(signal.SIGINT)
     _, err = prof.communicate(timeout=120)
@@ -59,10 +60,10 @@ def profiled(profiler_cmd, url, host, pid, seconds):
     return requests, u1 - u0, s1 - s0
 
 
-def perf_profile(tmp, url, host, pid, seconds, top):
+def perf_profile(tmp, url, headers, pid, seconds, top):
     data = tmp / "perf.data"
     cmd = ["perf", "record", "-F", "1999", "-p", str(pid), "-o", str(data)]
-    requests, user, system = profiled(cmd, url, host, pid, seconds)
+    requests, user, system = profiled(cmd, url, headers, pid, seconds)
     per_request = (user + system) / requests * 1e6
 
     def report(sort):
@@ -85,11 +86,11 @@ def perf_profile(tmp, url, host, pid, seconds, top):
         print(f"    {share:>7}  {float(share.rstrip('%')) / 100 * per_request:5.1f} us  {rest.strip()}")
 
 
-def pyspy_profile(tmp, url, host, pid, seconds, top):
+def pyspy_profile(tmp, url, headers, pid, seconds, top):
     raw = tmp / "py-spy.txt"
     cmd = [str(PY_SPY), "record", "--pid", str(pid), "--rate", "997", "--nonblocking", "--format", "raw"]
     cmd += ["--output", str(raw)]
-    requests, user, system = profiled(cmd, url, host, pid, seconds)
+    requests, user, system = profiled(cmd, url, headers, pid, seconds)
     per_request = (user + system) / requests * 1e6
     inner, inclusive, total = collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
@@ -132,19 +133,20 @@ def main():
         bench.nginx("upstream", CLIENT_CPU, upstream_port, f"root {www};")
         aether_port, pid = bench.aether()
         wait_proxied(aether_port, upstream_port)
-        url, host = f"http://127.0.0.1:{aether_port}/1k.html", preview_host(upstream_port, aether_port)
-        run_wrk(url, host, 2)  # warm-up: the pool filled
+        url = f"http://127.0.0.1:{aether_port}/1k.html"
+        headers = [f"Host: {preview_host(upstream_port, aether_port)}", f"Authorization: {AUTH}"]
+        run_wrk(url, headers, 2)  # warm-up: the pool filled
         c0, t0 = cpu_seconds(pid), time.monotonic()
-        requests = run_wrk(url, host, args.seconds)
+        requests = run_wrk(url, headers, args.seconds)
         cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
         print(
             f"unprofiled: {requests / wall:,.0f} req/s, proxy {cpu / wall:.0%} of a core, "
             f"{cpu / requests * 1e6:.1f} us of CPU per request"
         )
         if args.profiler in ("both", "perf") and shutil.which("perf"):
-            perf_profile(bench.tmp, url, host, pid, args.seconds, args.top)
+            perf_profile(bench.tmp, url, headers, pid, args.seconds, args.top)
         if args.profiler in ("both", "py-spy"):
-            pyspy_profile(bench.tmp, url, host, pid, args.seconds, args.top)
+            pyspy_profile(bench.tmp, url, headers, pid, args.seconds, args.top)
     finally:
         bench.close()
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import pstats
 import socket
 import sys
-import time
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import CHROMIUM_LINES, NGINX_1K, MemoryTransport, cpu_per_request  # noqa: E402
 
 from aether.ports.events import Listener  # noqa: E402
 from aether.ports.table import PortTable  # noqa: E402
@@ -33,46 +32,8 @@ HOST = b"8080-abc123.preview.localhost:3001"
 WRK = b"GET /1k.html HTTP/1.1\r\nHost: " + HOST + b"\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
 # What Chromium sends for a page: a dozen headers, the preview cookie among them.
 BROWSER = (
-    b"GET /1k.html HTTP/1.1\r\nHost: " + HOST + b"\r\nConnection: keep-alive\r\n"
-    b'sec-ch-ua: "Chromium";v="120", "Not?A_Brand";v="24"\r\nsec-ch-ua-mobile: ?0\r\n'
-    b'sec-ch-ua-platform: "Linux"\r\nUpgrade-Insecure-Requests: 1\r\n'
-    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36\r\n"
-    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8\r\n"
-    b"Sec-Fetch-Site: none\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-User: ?1\r\nSec-Fetch-Dest: document\r\n"
-    b"Accept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\n"
-    b"Cookie: theme=dark; aether_preview=COOKIE\r\n\r\n"
+    b"GET /1k.html HTTP/1.1\r\nHost: " + HOST + b"\r\n" + CHROMIUM_LINES + b"Cookie: theme=dark; aether_preview=COOKIE\r\n\r\n"
 )
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 07 Dec 2026 16:50:29 GMT\r\n"
-    b"Content-Type: text/html\r\nContent-Length: 1024\r\nLast-Modified: Mon, 07 Dec 2026 16:50:00 GMT\r\n"
-    b'Connection: keep-alive\r\nETag: "6753a1b8-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
-)
-
-
-class Transport:
-    """What a protocol needs of an ``asyncio`` transport; writes are kept for the checks."""
-
-    def __init__(self):
-        self.written: list[bytes] = []
-        self.closed = False
-        self.write = self.written.append
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
-
-    def is_closing(self):
-        return False
-
-    def close(self):
-        self.closed = True
-
-    abort = close
 
 
 async def measure(requests: int, request: bytes, profile: bool) -> None:
@@ -90,7 +51,7 @@ async def measure(requests: int, request: bytes, profile: bool) -> None:
     )
     preview = PreviewProxy(settings, monitor, Visibility(), lambda key: None, Metrics(None))
     request = request.replace(b"COOKIE", preview.gate.cookie_value(HOST.partition(b":")[0]))
-    up_side, browser_side = Transport(), Transport()
+    up_side, browser_side = MemoryTransport(), MemoryTransport()
     up = Upstream(preview.proxy.pool, ("127.0.0.1", 8080))
     up.connection_made(up_side)
     preview.proxy.pool.put(up)
@@ -99,7 +60,7 @@ async def measure(requests: int, request: bytes, profile: bool) -> None:
 
     def one():
         client.data_received(request)
-        up.data_received(RESPONSE)
+        up.data_received(NGINX_1K)
 
     for _ in range(1000):
         one()
@@ -107,23 +68,7 @@ async def measure(requests: int, request: bytes, profile: bool) -> None:
     assert b"".join(browser_side.written[-2:]).endswith(b"x" * 1024) and browser_side.written[-1], browser_side.written[-2:]
     up_side.written.clear()
     browser_side.written.clear()
-    profiler = cProfile.Profile() if profile else None
-    if profiler:
-        profiler.enable()
-    # CPU time, not wall time: other processes taking the CPU meanwhile do not count.
-    rounds = []
-    for _ in range(5):
-        started = time.process_time()
-        for _ in range(requests // 5):
-            one()
-            if len(browser_side.written) > 1000:
-                browser_side.written.clear()
-                up_side.written.clear()
-        rounds.append((time.process_time() - started) / (requests // 5))
-        assert not browser_side.closed
-    if profiler:
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    rounds = cpu_per_request(one, browser_side, up_side, requests, profile)
     print(
         f"{min(rounds) * 1e6:.2f} us of Python (CPU) per request, best of 5 rounds of {requests // 5:,} "
         f"(median {sorted(rounds)[2] * 1e6:.2f}), {len(request)}-byte request head"

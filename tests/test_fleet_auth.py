@@ -120,3 +120,19 @@ def test_a_signature_covers_every_field(field, replacement):
 def test_any_header_value_is_refused_without_raising(value):
     assert auth.verify(KEYS, value, *REQUEST, now=NOW) is None
     assert not auth.cookie_valid(KEYS, REQUEST[1], b"v" * 43, value, NOW)
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.binary(min_size=32, max_size=300), message=st.binary(max_size=300))
+def test_macs_are_hmac_sha256_for_keys_of_any_length(key, message):
+    # The keys' pads are hashed once (RFC 2104): the result must be the standard HMAC, for keys
+    # shorter and longer than SHA-256's 64-byte block.
+    import base64
+    import hashlib
+    import hmac
+
+    expected = base64.urlsafe_b64encode(hmac.new(key, message, hashlib.sha256).digest()).rstrip(b"=")
+    keys = auth.FleetKeys([key])
+    assert keys.mac(message) == expected
+    assert keys.valid(message, expected) and auth.FleetKeys([OTHER, key]).valid(message, expected)
+    assert not auth.FleetKeys([OTHER]).valid(message, expected) or key == OTHER

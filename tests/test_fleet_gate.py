@@ -342,3 +342,254 @@ def make_gate_cached():
     if not _cached:
         _cached.append(make_gate())
     return _cached[0]
+
+
+# -- kept decisions: a connection's next request ------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now=NOW):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def kept_gate(clock=None):
+    """make_gate's table, with a gate and a table whose clocks the test moves."""
+    clock = clock or Clock()
+    routes = r.Routes(clock=clock)
+    state = {
+        b"aaa111": workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}, names={"web": 3000}),
+        b"bbb222": workspace("bbb222", TOKEN_B, {3000: "private"}, address="[fd00::7]:3001"),
+    }
+    routes.load(r.Snapshot(1, b"1-0", b"boot", 1000, state, {p: 10_000 for p in state}))
+    return Gate(routes, KEYS, DOMAIN, clock=clock), clock
+
+
+PUBLIC = b"5173-aaa111.preview.example.com"
+
+
+def then(gate, previous, target=b"/", headers=None, method=b"GET", upgrade=False):
+    """The connection's next request after ``previous``, as the proxy asks for it."""
+    headers = [(b"Host", HOST)] if headers is None else headers
+    return gate.decide(method, target, headers, "192.0.2.10", upgrade, previous)
+
+
+def signed_for(forward, target, now=NOW):
+    """What the VM would say admitted ``forward`` for ``target``."""
+    method, got, headers = parse_head(forward.head)
+    assert got == target
+    return auth.verify_head(KEYS, method, got, h.RequestHead(headers), now)
+
+
+def test_a_kept_decision_signs_each_target_and_second_of_its_own():
+    gate, clock = kept_gate()
+    headers = [host(PUBLIC), (b"X-App", b"1")]
+    first = then(gate, None, b"/a", list(headers))
+    assert isinstance(first, FleetForward) and first.memo is not None
+    # The same request again: the same Forward, its signature good for it.
+    assert then(gate, first, b"/a", list(headers)) is first
+    # Another target: its own head, signed for that target (the first's signature would not do).
+    second = then(gate, first, b"/b?x=1", list(headers))
+    assert second is not first and second.memo is first.memo
+    assert signed_for(second, b"/b?x=1") == b"public"
+    assert second.head.replace(b"/b?x=1", b"/a", 1).split(b"X-Aether-Fleet")[0] == first.head.split(b"X-Aether-Fleet")[0]
+    assert then(gate, second, b"/a", list(headers)).head.startswith(b"GET /a ")
+    # The next second: signed again, at that second.
+    clock.now += 1
+    later = then(gate, first, b"/a", list(headers))
+    assert later is not first and b" t=%d " % int(clock.now) in later.head
+    assert signed_for(later, b"/a", clock.now) == b"public"
+
+
+def test_a_kept_decision_holds_for_the_same_method_and_header_lines_only():
+    gate, _ = kept_gate()
+    first = then(gate, None, headers=[host(PUBLIC)])
+    posted = then(gate, first, headers=[host(PUBLIC)], method=b"POST")
+    assert posted.head.startswith(b"POST / ") and signed_for(posted, b"/") == b"public"
+    # Another Host on the connection: that host's decision.
+    other = then(gate, first, headers=[host(b"3000-bbb222.preview.example.com")])
+    assert status(other) == 401
+    assert status(then(gate, first, headers=[host(b"localhost:8081")])) == 404
+    moved = then(gate, first, headers=[host(b"3000-bbb222.preview.example.com"), bearer(TOKEN_B)])
+    assert (moved.address, moved.prefix) == ("fd00::7", "bbb222")
+    # A Via of this gateway now: the loop is seen.
+    via = [value for name, value in parse_head(first.head)[2] if name.lower() == b"via"][0]
+    assert status(then(gate, first, headers=[host(PUBLIC), (b"Via", via)])) == 508
+    # A target that is not a path, an upgrade: decided afresh.
+    assert status(then(gate, first, b"http://10.0.0.5:3001/", headers=[host(PUBLIC)])) == 400
+    upgraded = then(gate, first, headers=[host(PUBLIC)], upgrade=True)
+    assert b"Connection: Upgrade\r\n" in upgraded.head and upgraded.memo is None
+
+
+def test_a_token_in_the_target_is_taken_after_a_kept_decision():
+    gate, _ = kept_gate()
+    first = then(gate, None, headers=[host(HOST), bearer(TOKEN_A)])
+    answer = then(gate, first, b"/page?token=" + TOKEN_A, headers=[host(HOST), bearer(TOKEN_A)])
+    assert status(answer) == 302 and b"Location: /page\r\n" in answer.response
+    # Another workspace's token is the app's parameter: forwarded as it is.
+    passed = then(gate, first, b"/page?token=" + TOKEN_B, headers=[host(HOST), bearer(TOKEN_A)])
+    assert isinstance(passed, FleetForward) and signed_for(passed, b"/page?token=" + TOKEN_B) == b"token"
+
+
+def test_a_kept_decision_follows_the_table():
+    gate, _ = kept_gate()
+    routes = gate.routes
+    first = then(gate, None, headers=[host(PUBLIC)])
+    assert then(gate, first, headers=[host(PUBLIC)]) is first
+    # The port turned private (a stream entry replaces the workspace's record): 401.
+    routes.apply(b"2-0", 2, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "private"}))
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 401
+    routes.apply(b"3-0", 3, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}))
+    first = then(gate, None, headers=[host(PUBLIC)])
+    # The port closed: 502.
+    routes.apply(b"4-0", 4, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private"}, public=(5173,)))
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 502
+    routes.apply(b"5-0", 5, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}))
+    first = then(gate, None, headers=[host(PUBLIC)])
+    # The VM moved to another address: reached there.
+    routes.apply(b"6-0", 6, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}, address="10.0.0.6:3001"))
+    assert then(gate, first, headers=[host(PUBLIC)]).address == "10.0.0.6"
+    first = then(gate, None, headers=[host(PUBLIC)])
+    # The workspace stopped: 503.
+    routes.apply(b"7-0", 7, "aaa111", workspace("aaa111", TOKEN_A, {5173: "public"}, alive=False))
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 503
+    routes.apply(b"8-0", 8, "aaa111", workspace("aaa111", TOKEN_A, {5173: "public"}))
+    first = then(gate, None, headers=[host(PUBLIC)])
+    # Gone from the fleet: 404.
+    routes.apply(b"9-0", 9, "aaa111", b"")
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 404
+
+
+def test_a_kept_decision_ends_when_its_workspace_is_dead_or_unconfirmed_past_its_grace():
+    gate, clock = kept_gate()
+    routes = gate.routes
+    first = then(gate, None, headers=[host(PUBLIC)])
+    # Its heartbeat deadline passed (the same record, marked dead): 503; revived: forwarded.
+    assert routes.expire([("aaa111", 10_000)]) == ["aaa111"]
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 503
+    assert routes.revive([("aaa111", 20_000)], 15_000) == ["aaa111"]
+    assert then(gate, first, headers=[host(PUBLIC)]) is first
+    # Redis came back empty: the same record kept, unconfirmed, served through its grace (twice
+    # its 3 s deadline), then 503, though nothing but the clock moved.
+    routes.load(r.Snapshot(0, b"0-0", b"other boot", 2000, {}, {}))
+    assert "aaa111" in routes.unconfirmed and routes.workspaces["aaa111"] is first.memo.workspace
+    assert isinstance(then(gate, first, headers=[host(PUBLIC)]), FleetForward)
+    clock.now += 7
+    assert status(then(gate, first, headers=[host(PUBLIC)])) == 503
+
+
+def test_a_kept_credential_is_the_same_bytes_and_a_cookie_only_until_it_expires():
+    gate, clock = kept_gate()
+    first = then(gate, None, headers=[host(HOST), bearer(TOKEN_A)])
+    assert first.access == b"token" and then(gate, first, headers=[host(HOST), bearer(TOKEN_A)]) is first
+    assert status(then(gate, first, headers=[host(HOST), bearer(b"wrong")])) == 401
+    assert status(then(gate, first, headers=[host(HOST), bearer(TOKEN_B)])) == 401
+    assert status(then(gate, first, headers=[host(HOST)])) == 401
+    assert status(then(gate, first, headers=[host(HOST), (b"Authorization", b"Bearer  " + TOKEN_A + b"x")])) == 401
+    # A new token on the VM (a new verifier in its record): the old one opens nothing.
+    gate.routes.apply(b"2-0", 2, "aaa111", workspace("aaa111", TOKEN_B, {3000: "private", 5173: "public"}))
+    assert status(then(gate, first, headers=[host(HOST), bearer(TOKEN_A)])) == 401
+    gate.routes.apply(b"3-0", 3, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}))
+    # A cookie: kept while it is valid, another cookie decided afresh.
+    cookie = cookie_for(HOST)
+    by_cookie = then(gate, None, headers=[host(HOST), cookie])
+    assert by_cookie.access == b"cookie" and then(gate, by_cookie, headers=[host(HOST), cookie]) is by_cookie
+    edited = (b"Cookie", cookie[1][:-1] + (b"A" if cookie[1][-1:] != b"A" else b"B"))
+    assert status(then(gate, by_cookie, headers=[host(HOST), edited])) == 401
+    assert status(then(gate, by_cookie, headers=[host(HOST), (b"Cookie", b"theme=dark")])) == 401
+    clock.now += auth.COOKIE_TTL - 1
+    assert isinstance(then(gate, by_cookie, headers=[host(HOST), cookie]), FleetForward)
+    clock.now += 1
+    assert status(then(gate, by_cookie, headers=[host(HOST), cookie])) == 401  # expired
+
+
+def test_a_cookie_not_valid_yet_is_not_kept_as_no_credential():
+    # Minted by a gateway whose clock is ahead: further ahead than a cookie lives, so not valid
+    # here now, and valid in a few seconds. Until then the request is public; then a cookie's.
+    gate, clock = kept_gate()
+    ahead = auth.mint_cookie(KEYS, PUBLIC, auth.verifier(KEYS, TOKEN_A, "aaa111").encode(), NOW + 5)
+    headers = [host(PUBLIC), (b"Cookie", b"aether_fleet=" + ahead)]
+    first = then(gate, None, headers=list(headers))
+    assert first.access == b"public"
+    clock.now += 5
+    assert then(gate, first, headers=list(headers)).access == b"cookie"
+
+
+_COOKIE_A = cookie_for(HOST)
+_AHEAD = (b"Cookie", b"aether_fleet=" + auth.mint_cookie(KEYS, HOST, auth.verifier(KEYS, TOKEN_A, "aaa111").encode(), NOW + 3))
+_HEADS = [
+    [host(HOST)],
+    [host(HOST), bearer(TOKEN_A)],
+    [host(HOST), bearer(TOKEN_B)],
+    [host(HOST), _COOKIE_A],
+    [host(HOST), _AHEAD],
+    [host(HOST), _COOKIE_A, (b"Origin", b"http://evil.example"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
+    [host(PUBLIC)],
+    [host(PUBLIC), (b"Content-Length", b"3")],
+    [host(b"web-aaa111.preview.example.com"), bearer(TOKEN_A)],
+    [host(b"3000-bbb222.preview.example.com"), bearer(TOKEN_B)],
+]
+_CHANGES = [
+    lambda routes, seq: None,
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {3000: "public", 5173: "private"})
+    ),
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {3000: "private", 5173: "public"}, names={"web": 3000})
+    ),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {}, public=(5173,))),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_A, {5173: "public"}, alive=False)),
+    lambda routes, seq: routes.apply(
+        b"%d-0" % seq, seq, "aaa111", workspace("aaa111", TOKEN_B, {3000: "private", 5173: "public"})
+    ),
+    lambda routes, seq: routes.apply(b"%d-0" % seq, seq, "aaa111", b""),
+    lambda routes, seq: routes.expire([("aaa111", 10**12)]),
+    lambda routes, seq: routes.revive([("aaa111", 10**13)], 10**12),
+    lambda routes, seq: routes.load(r.Snapshot(0, b"0-0", b"boot %d" % seq, 2000, {}, {})),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([True, True, True, False]),  # the same head and method as the last request
+            st.integers(0, len(_HEADS) - 1),
+            st.sampled_from([b"GET", b"GET", b"POST", b"OPTIONS"]),
+            st.sampled_from([b"/", b"/", b"/a", b"/a?b=1", b"/?token=" + TOKEN_A, b"*", b"http://x/"]),
+            st.sampled_from([0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            st.sampled_from([0, 0, 0, 0.4, 1, 3, 7, auth.COOKIE_TTL]),
+        ),
+        max_size=16,
+    )
+)
+def test_a_kept_decision_is_the_decision_made_afresh(steps):
+    # Whatever the connection sent before and whatever changed since, the next request gets
+    # what a fresh decision gives it, to the byte (its signature included).
+    gate, clock = kept_gate()
+    previous, head, method = None, 0, b"GET"
+    for same, new_head, new_method, target, change, wait in steps:
+        if not same:
+            head, method = new_head, new_method
+        _CHANGES[change](gate.routes, gate.routes.seq + 1)
+        clock.now += wait
+        headers = list(_HEADS[head])
+        upgrade = any(name == b"Upgrade" for name, _ in headers)
+        kept = gate.decide(method, target, list(headers), "192.0.2.10", upgrade, previous)
+        fresh = gate.decide(method, target, list(headers), "192.0.2.10", upgrade)
+        assert type(kept) is type(fresh)
+        if isinstance(fresh, Answer):
+            assert (kept.status, kept.response, kept.close) == (fresh.status, fresh.response, fresh.close)
+        else:
+            assert (kept.address, kept.port, kept.prefix, kept.app_port, kept.access, kept.tag) == (
+                fresh.address,
+                fresh.port,
+                fresh.prefix,
+                fresh.app_port,
+                fresh.access,
+                fresh.tag,
+            )
+            assert (kept.head, kept.has_body, kept.chunked) == (fresh.head, fresh.has_body, fresh.chunked)
+            previous = kept

@@ -20,6 +20,16 @@ The checks run in this order, each answering on failure:
    ``X-Forwarded-*`` set here (a client's believed only from ``--trusted-proxies``), every
    ``X-Aether-*`` header of the client dropped, the fleet's own credentials (token, cookie)
    taken out, and ``X-Aether-Fleet`` signing what the VM relies on.
+
+A forwarded request's decision is kept by its connection (:class:`Route`, in the Forward's
+``memo``): the next request on it with the same method and the very same header lines (its
+credentials are compared as the bytes they are, never trusted for being on the same
+connection), and a path for target that carries no ``token=``, goes the same way without the
+checks while the table holds the same record for the workspace (a stream entry or a load that
+changes it replaces the object) and neither marks it dead nor holds it unconfirmed, and, for one
+a cookie admitted, until that cookie expires. Only the signature is made again, for its own
+target and second. Nothing else the checks read changes while the process runs (the fleet key,
+the domain, the trusted fronts).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from aether.preview.gate import COOKIE as VM_COOKIE
 from aether.preview.gate import Answer, Forward, host_pattern
 
 _MAX_CACHED = 4096
+_NEVER = float("inf")
 #: Seconds a browser waits before asking again for an unavailable workspace: a VM that restarts
 #: is back within a heartbeat or two.
 RETRY_AFTER = 2
@@ -49,13 +60,33 @@ class FleetForward(Forward):
     """A :class:`Forward` to a VM (``address``:``port`` is its advertised address), with what
     the gateway's connection bookkeeping needs: the workspace, the app's port, and what admitted
     the request. One admitted as ``public`` is tagged ``(prefix, app_port)``: its tunnel closes
-    when that port turns private (:meth:`aether.preview.core.Proxy.close_tunnels`)."""
+    when that port turns private (:meth:`aether.preview.core.Proxy.close_tunnels`). ``target``
+    and ``second``: the request target and the second its signature holds, for a kept decision
+    (a :class:`Route` in ``memo``)."""
 
-    __slots__ = ("prefix", "app_port", "access")
+    __slots__ = ("prefix", "app_port", "access", "target", "second")
 
     def __init__(self, port: int, address: str, head: bytes, prefix: str, app_port: int, access: bytes):
         super().__init__(port, address, head, (prefix, app_port) if access == b"public" else None)
         self.prefix, self.app_port, self.access = prefix, app_port, access
+        self.target = b""
+        self.second = 0
+
+
+class Route:
+    """What a forwarded request's decision read, kept for its connection's next requests (see
+    :meth:`Gate.decide`): the request's ``method`` and ``headers`` (the list, as parsed), the
+    ``workspace`` object the table held for ``prefix`` (any change of the workspace in the
+    table, a port, a visibility, its liveness in the blob, its address, its token, replaces the
+    object), the ``signer`` of what the signature covers besides the target and the time, the
+    upstream head between the target and the signature line (``tail``), and ``until``: when the
+    cookie that admitted it expires."""
+
+    __slots__ = ("method", "headers", "workspace", "prefix", "signer", "tail", "until")
+
+    def __init__(self, method, headers, workspace, prefix, signer: auth.Signer, tail: bytes, until: float):
+        self.method, self.headers, self.workspace, self.prefix = method, headers, workspace, prefix
+        self.signer, self.tail, self.until = signer, tail, until
 
 
 def _without_token(target: bytes, accepts: Callable[[bytes], bool]) -> bytes | None:
@@ -155,12 +186,54 @@ class Gate:
     def decide(
         self, method: bytes, target: bytes, headers: h.Headers, client_ip: str, upgrade: bool, previous: Forward | None = None
     ) -> Forward | Answer:
+        """What to do with a request; ``previous``: its connection's last Forward, whose
+        :class:`Route` decides it when the request has the same method and the very same header
+        lines (Host, credentials, ``Via``, ``X-Forwarded-*``, framing: the raw bytes compared),
+        asks for no upgrade, carries no ``token=`` in its target, and the table still holds the
+        same workspace object for its prefix, neither dead nor unconfirmed, and the cookie that
+        admitted it has not expired. Only the signature is made again (another target, another
+        second); every other request is decided afresh."""
+        if previous is not None:
+            route = previous.memo
+            # One line per condition on purpose: each is a reason the kept route does not hold.
+            if (
+                type(route) is Route
+                and route.headers == headers
+                and route.method == method
+                and not upgrade
+                and target[:1] == b"/"
+                and b"token=" not in target
+                and self.routes.workspaces.get(route.prefix) is route.workspace
+                and route.prefix not in self.routes.dead
+                and route.prefix not in self.routes.unconfirmed
+            ):
+                assert isinstance(previous, FleetForward)  # a Route is only ever in one
+                now = self.clock()
+                if now < route.until:
+                    second = int(now)
+                    if target == previous.target and second == previous.second:
+                        return previous
+                    return self._signed(route, previous.address, previous.port, previous.app_port, target, second, previous)
         head = h.RequestHead(headers)
         head_only = method == b"HEAD"
         decision = self._decide(method, target, head, client_ip, upgrade, head_only, head.has_body or upgrade)
         decision.has_body = head.has_body
         decision.chunked = head.chunked
+        if type(decision) is FleetForward and type(decision.memo) is Route:
+            decision.memo.headers = headers
         return decision
+
+    def _signed(self, route: Route, address: str, port: int, app_port: int, target: bytes, second: int, framing) -> FleetForward:
+        """The Forward of ``route`` for ``target``, signed at ``second``; its framing as ``framing``'s."""
+        signer = route.signer
+        head = route.method + b" " + target + route.tail + auth.HEADER + b": " + signer.sign(target, second) + b"\r\n\r\n"
+        forward = FleetForward(port, address, head, route.prefix, app_port, signer.access)
+        forward.has_body = framing.has_body
+        forward.chunked = framing.chunked
+        forward.target = target
+        forward.second = second
+        forward.memo = route
+        return forward
 
     def _decide(self, method, target, head: h.RequestHead, client_ip, upgrade, head_only, close):
         if head.bad_framing:
@@ -217,10 +290,13 @@ class Gate:
         # The app's own credentials go on; the fleet's never do.
         authorization = [value for value in head.authorization if not self._bearer(value, prefix_bytes, verifier)]
         bearer = len(authorization) != len(head.authorization)
-        cookie, has_cookie = head.cookie, False
+        cookie, cookie_until, keep = head.cookie, None, True
         if cookie and any(auth.COOKIE in value or VM_COOKIE in value for value in cookie):
-            has_cookie = auth.cookie_of(cookie, host_name, verifier, self.keys, self.clock())
+            cookie_until = auth.cookie_until(cookie, host_name, verifier, self.keys, self.clock())
+            # One not valid now may be later (minted by a gateway whose clock is ahead): not kept.
+            keep = cookie_until is not None or not any(auth.COOKIE in value for value in cookie)
             cookie = [c for c in (h.without_cookie(h.without_cookie(value, auth.COOKIE), VM_COOKIE) for value in cookie) if c]
+        has_cookie = cookie_until is not None
         cross_origin = has_cookie and upgrade and not credentials.same_origin(head.origin, host)
         if bearer:
             access = b"token"
@@ -249,10 +325,7 @@ class Gate:
             head.forwarded_for = b""  # a client's own chain is not believed
         ip = client_ip.encode()
         forwarded_for = head.forwarded_for + b", " + ip if head.forwarded_for else ip
-        lines = _fleet_headers(head.lines)
-        signature = auth.sign(self.keys, access, method, host, target, forwarded_for, proto, forwarded_port, self.clock())
-        lines.append(auth.HEADER + b": " + signature)
-        head.lines = lines
+        head.lines = _fleet_headers(head.lines)
         upstream_head = head.upstream(
             method,
             target,
@@ -266,7 +339,16 @@ class Gate:
             authorization=authorization,
             cookie=cookie,
         )
-        return FleetForward(ws.port, ws.host, upstream_head, prefix, port, access)
+        # The signature line goes last, so that a kept route signs another target or second
+        # without building the head again; the headers given to ``decide`` are set there.
+        until = cookie_until if access == b"cookie" and cookie_until is not None else _NEVER
+        tail = upstream_head[len(method) + 1 + len(target) : -2]
+        signer = auth.Signer(self.keys, access, method, host, forwarded_for, proto, forwarded_port)
+        route = Route(method, [], ws, prefix, signer, tail, until)
+        forward = self._signed(route, ws.host, ws.port, port, target, int(self.clock()), head)
+        if upgrade or not keep:
+            forward.memo = None
+        return forward
 
     def _bearer(self, value: bytes, prefix: bytes, verifier: bytes) -> bool:
         scheme, _, given = value.strip().partition(b" ")
