@@ -92,6 +92,11 @@ class UpstreamProtocols:
     async def _look(self, port: int, address: str, identity: Hashable) -> str:
         look = await self.detector.look(address, port, LOOK_WAIT)
         if look.protocol is None:
+            # Closed on the request, and the ports' detection found it hangs up on every
+            # look (PostgreSQL, Redis): no HTTP, the page says so. Not kept: a server that
+            # starts answering is seen on the next request.
+            if look.reason == "closed" and self.protocol_of is not None and self.protocol_of(port) == TCP:
+                return TCP
             return HTTP
         if identity == self.identity(port):
             self._found[port] = (identity, look.protocol)

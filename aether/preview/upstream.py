@@ -220,6 +220,13 @@ class Upstream(asyncio.Protocol):
             if self.chunked_out:
                 self._out.append(h.LAST_CHUNK)
             self._finish(keep=False)
+        elif not self.started and not self._raw:
+            # Not a byte of an answer: what a port that speaks no HTTP does (PostgreSQL, Redis)
+            # as well as an app that failed on the request. Neither is "cut short".
+            self._fail(
+                "the app closed the connection without answering: it may speak another protocol "
+                "than HTTP (a database does this), or it failed on the request (see its log)"
+            )
         else:
             self._fail("the app closed the connection before it finished its response")
 

@@ -1,0 +1,97 @@
+"""Previews tried as a new user would, with the servers a workspace really runs: a real
+``redis-server`` and a PostgreSQL-like server (one that reads the request and hangs up
+without a word, as PostgreSQL does with bytes that are not a startup packet) get the page
+that says they speak no HTTP, not one that blames the app; and a port whose rule says
+``https`` but that speaks plain HTTP gets a page saying the rule is wrong. A real `aether
+serve` on the probe."""
+
+from __future__ import annotations
+
+import http.client
+import sys
+
+import pytest
+from support.clients import recv_until
+from support.ebpf import need_ebpf
+from support.redis import RedisServer
+from support.servers import Server
+from support.waiting import wait_for
+from websockets.sync.client import connect
+
+PREFIX = "abc123"
+PROJECT = "abc123def456"
+
+PROBE_FIXTURES = ("server",)
+
+#: ``python - PORT``: reads what it is sent, then closes without a byte, as PostgreSQL does
+#: with an HTTP request or a TLS ClientHello ("invalid length of startup packet").
+HANGS_UP = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+while True:
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        c.recv(8)
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    need_ebpf()
+    srv = Server("ebpf", tmp_path_factory.mktemp("newuser"), "--project-id", PROJECT)
+    yield srv
+    srv.stop()
+
+
+def get(server: Server, port: int, path: str = "/") -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        headers = {"Host": f"{port}-{PREFIX}.preview.localhost:{server.port}", "Authorization": f"Bearer {server.token}"}
+        conn.request("GET", path, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        conn.close()
+
+
+def not_http_page(server: Server, port: int) -> tuple[int, dict, bytes] | None:
+    reply = get(server, port)
+    return reply if reply[1].get("x-aether-error") == "not_http" else None
+
+
+def test_a_server_that_hangs_up_on_http_gets_the_not_http_page(server, listeners):
+    port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+    # Well before the detection's 60 s deadline: a few looks that each end in a hang-up.
+    status, _, body = wait_for(lambda: not_http_page(server, port), 15, interval=0.2)
+    assert status == 502 and f"Port {port} answers, but not with HTTP".encode() in body
+    assert b"closed the connection before it finished" not in body
+
+
+def test_redis_gets_the_not_http_page(server):
+    with RedisServer() as redis:
+        status, _, body = wait_for(lambda: not_http_page(server, redis.port), 15, interval=0.2)
+        assert status == 502 and f"Port {redis.port} answers, but not with HTTP".encode() in body
+
+
+def test_a_hang_up_before_the_verdict_does_not_blame_the_app(server, listeners):
+    """The first request, before any verdict: the page says the port closed without an answer
+    and what that may mean, not that the app cut its response short."""
+    port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+    status, headers, body = get(server, port)
+    assert status == 502
+    if headers.get("x-aether-error") != "not_http":
+        assert b"closed the connection before it finished" not in body
+        assert b"without answering" in body
+
+
+def test_the_channel_says_tcp_soon_for_a_server_that_hangs_up(server, listeners):
+    with connect(server.url, subprotocols=["Bearer", server.token], open_timeout=10) as ws:
+        port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+        # Well before the 60 s deadline of a port that never answers.
+        found = recv_until(ws, lambda m: m.get("port") == port and m.get("protocol") == "tcp", timeout=15)
+        assert found["ready"] is None
