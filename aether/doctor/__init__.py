@@ -153,11 +153,16 @@ def command(args) -> int:
         if running_port is not None and args.port is None and not os.environ.get("AETHER_PORT"):
             port = running_port
         domain = serve.peek("preview_domain", args, file, state.config_path)
+        if args.preview is not None:
+            preview_settings = {
+                name: serve.peek(name, args, file, state.config_path)
+                for name in ("preview_upstream_host", "prefix_length", "project_id")
+            }
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
     if args.preview is not None:
-        return _preview(args, args.preview, domain, state.path, as_json=args.json)
+        return _preview(args, args.preview, domain, state.path, as_json=args.json, **preview_settings)
     report = run(host, port, state.path, backend, config_error)
     if args.json:
         print(ujson.dumps(report.to_json(), escape_forward_slashes=False))
@@ -166,7 +171,16 @@ def command(args) -> int:
     return 0 if report.ebpf else 1
 
 
-def _preview(args, port: int, domain: str, state_dir: Path, as_json: bool) -> int:
+def _preview(
+    args,
+    port: int,
+    domain: str,
+    state_dir: Path,
+    as_json: bool,
+    preview_upstream_host: str = "localhost",
+    prefix_length: int = 6,
+    project_id: str | None = None,
+) -> int:
     """``--preview PORT``: the preview checks alone; 0 when none failed."""
     import sys
 
@@ -178,11 +192,12 @@ def _preview(args, port: int, domain: str, state_dir: Path, as_json: bool) -> in
         print(f"aether: --preview {port}: a port number 1-65535", file=sys.stderr)
         return 2
     try:
-        prefix = (Path(state_dir) / "project-id").read_text().strip()[:6] or "project"
+        project = project_id or (Path(state_dir) / "project-id").read_text().strip()
     except OSError:
-        prefix = "project"
+        project = ""
+    prefix = project[:prefix_length] or "project"
     host = f"{port}-{prefix}.{domain}"
-    found = preview.check(port, host, domain)
+    found = preview.check(port, host, domain, preview_upstream_host)
     failed = [check.name for check in found if check.verdict == FAIL]
     verdict = f"doctor: the preview of port {port} " + (f"fails ({', '.join(failed)})" if failed else "should work")
     report = Report(found, not failed, verdict)
