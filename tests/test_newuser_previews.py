@@ -8,11 +8,13 @@ serve` on the probe."""
 from __future__ import annotations
 
 import http.client
+import json
 import sys
 
 import pytest
 from support.clients import recv_until
 from support.ebpf import need_ebpf
+from support.ports import free_port
 from support.redis import RedisServer
 from support.servers import Server
 from support.waiting import wait_for
@@ -95,3 +97,23 @@ def test_the_channel_says_tcp_soon_for_a_server_that_hangs_up(server, listeners)
         # Well before the 60 s deadline of a port that never answers.
         found = recv_until(ws, lambda m: m.get("port") == port and m.get("protocol") == "tcp", timeout=15)
         assert found["ready"] is None
+
+
+@pytest.mark.ebpf
+def test_a_rule_that_says_https_for_a_plain_port_is_named_on_its_page(tmp_path, listeners):
+    """A range rule (``"5170-5180": {"protocol": "https"}``) that also covers a plain HTTP
+    port: the page must not say the port speaks TLS; it says the port is set to https."""
+    need_ebpf()
+    port = free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.json").write_text(json.dumps({"ports_attributes": {str(port): {"protocol": "https"}}}))
+    srv = Server("ebpf", state, "--project-id", PROJECT)
+    try:
+        listeners.http_server(port)
+        status, _, body = wait_for(lambda: (r := get(srv, port)) and b"Nothing is listening" not in r[2] and r, 10)
+        assert status == 502
+        assert b"speaks TLS" not in body, body
+        assert b"set to https" in body and b"plain HTTP" in body, body
+    finally:
+        srv.stop()

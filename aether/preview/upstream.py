@@ -71,7 +71,7 @@ async def dial(
     except ssl_module.SSLError as exc:
         raise Unreachable(
             502,
-            "TLS handshake failed",
+            pages.TLS_FAILED_TITLE,
             f"{name[:1].upper()}{name[1:]} speaks TLS, but the handshake failed: {pages.escape(exc.reason or str(exc))}.",
         ) from None
     except OSError as exc:
