@@ -1,7 +1,8 @@
 """Which ``aether serve`` runs here, for the commands that act on its state (``aether port``,
 ``aether doctor``) without being told ``--state-dir``.
 
-A server writes ``serve-<pid>.json`` (its pid and start time, state directory, host and port)
+A server writes ``serve-<pid>.json`` (its pid and start time, state directory, host and port,
+and what its preview hosts are made of)
 into the runtime directory once it listens, and removes it when it stops: ``$XDG_RUNTIME_DIR/aether``,
 or ``/run/aether`` for root (both cleared at boot, never another user's). A file whose pid
 is gone, or is now another process (its start time differs), is stale, and ignored. A reader
@@ -37,14 +38,18 @@ def _start_time(pid: int) -> str | None:
     return stat[stat.rfind(b")") + 2 :].split()[19].decode()
 
 
-def announce(state_dir: Path, host: str, port: int) -> Path | None:
+def announce(state_dir: Path, host: str, port: int, preview: dict | None = None) -> Path | None:
     """Write this server's file; its path, or None where there is no runtime directory (or
-    it cannot be written: the server runs on, the commands need ``--state-dir``)."""
+    it cannot be written: the server runs on, the commands need ``--state-dir``). ``preview``:
+    what its previews are made of (``domain``, ``prefix``, ``upstreamHost``), which its flags
+    may have set and ``aether doctor --preview`` must judge."""
     base = runtime_dir()
     if base is None:
         return None
     pid = os.getpid()
-    record = {"pid": pid, "start": _start_time(pid), "stateDir": str(Path(state_dir).resolve()), "host": host, "port": port}
+    record: dict = {"pid": pid, "start": _start_time(pid), "stateDir": str(Path(state_dir).resolve()), "host": host, "port": port}
+    if preview is not None:
+        record["preview"] = preview
     path = base / f"serve-{pid}.json"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)

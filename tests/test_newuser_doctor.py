@@ -5,13 +5,18 @@ address of this host's own interfaces, which the proxy reaches, is not "unreacha
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 from support import AETHER, ROOT
+from support.ebpf import need_ebpf
 from support.netns import Host
+from support.servers import Server
 
 #: ``python - PORT ALLOWED``: Django's answer to a Host not in ALLOWED (comma-separated host
 #: names, ports left out as Django compares them), 200 otherwise.
@@ -104,3 +109,48 @@ def test_port_taken_by_an_app_points_to_the_preview_check(listeners, tmp_path):
     _, checks = doctor("--port", str(app.port), "--state-dir", str(tmp_path / "state"))
     assert checks["port"]["verdict"] == "fail"
     assert f"aether doctor --preview {app.port}" in checks["port"]["fix"]
+
+
+VITE = ROOT / ".tools" / "vite" / "node_modules" / "vite" / "bin" / "vite.js"
+
+
+@pytest.mark.ebpf
+def test_doctor_uses_the_running_servers_preview_settings(listeners, tmp_path):
+    """A server started with ``--preview-domain preview.example.com --preview-upstream-host
+    original``: real Vite blocks that host. ``aether doctor --preview`` with no flags must
+    judge the preview that server serves, not the defaults'."""
+    need_ebpf()
+    node = shutil.which("node") or pytest.fail("node is not installed (deploy/setup.sh installs it)")
+    if not VITE.exists():
+        pytest.fail("vite is not installed in .tools/vite (deploy/setup.sh installs it)")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "index.html").write_text("<!doctype html><title>app</title>")
+    config = app / "vite.config.mjs"
+    config.write_text(f"export default {{ logLevel: 'silent', cacheDir: {json.dumps(str(tmp_path / 'cache'))} }};\n")
+    vite = listeners.spawn_on(
+        lambda p: [node, str(VITE), "--config", str(config), "--port", str(p), "--strictPort", str(app)],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=app,
+    )
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["XDG_RUNTIME_DIR"] = str(run)
+    args = ("--project-id", "abc123def456", "--preview-domain", "preview.example.com", "--preview-upstream-host", "original")
+    server = Server("ebpf", tmp_path / "state", *args, env=env)
+    try:
+        # What the proxy serves: Vite's own refusal.
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request(
+            "GET", "/", headers={"Host": f"{vite.port}-abc123.preview.example.com", "Authorization": f"Bearer {server.token}"}
+        )
+        reply = conn.getresponse()
+        assert reply.status == 403 and b"Blocked request" in reply.read()
+        conn.close()
+        status, checks = doctor("--preview", str(vite.port), env={"XDG_RUNTIME_DIR": str(run)})
+    finally:
+        server.stop()
+    assert status == 1 and checks["host"]["verdict"] == "fail", checks
+    assert "Vite" in checks["host"]["detail"] and f"{vite.port}-abc123.preview.example.com" in checks["host"]["detail"]
+    assert "allowedHosts: ['.preview.example.com']" in checks["host"]["fix"]

@@ -132,7 +132,7 @@ def command(args) -> int:
             print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
             return 2
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
-    running_port = None
+    running_port, running_preview = None, None
     if not args.state_dir and not args.service:
         # No flags: the server running here, if one is (see aether.running).
         from aether import running as running_servers
@@ -140,6 +140,7 @@ def command(args) -> int:
         found = running_servers.servers()
         if len(found) == 1 and not os.environ.get("AETHER_STATE_DIR"):
             args.state_dir, running_port = found[0]["stateDir"], found[0]["port"]
+            running_preview = found[0].get("preview")
     try:
         sources.check_environment()  # again: --service may have read more of it
         state = StateDir(locate(args.state_dir))
@@ -162,6 +163,13 @@ def command(args) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
     if args.preview is not None:
+        if isinstance(running_preview, dict):
+            # The running server's own: its flags may have set them, which nothing here sees.
+            domain = running_preview.get("domain") or domain
+            preview_settings["preview_upstream_host"] = running_preview.get("upstreamHost") or "localhost"
+            if running_preview.get("prefix"):
+                preview_settings["project_id"] = prefix = str(running_preview["prefix"])
+                preview_settings["prefix_length"] = len(prefix)
         return _preview(args, args.preview, domain, state.path, as_json=args.json, **preview_settings)
     report = run(host, port, state.path, backend, config_error)
     if args.json:

@@ -312,7 +312,12 @@ async def serve(settings: Settings) -> int:
             print(f"aether: fleet mode: {exc}", file=sys.stderr)
             return 1
         server.registry_api.watch()
-    announced = running.announce(settings.state_dir, settings.host, settings.port)
+    preview = {
+        "domain": settings.preview_domain,
+        "prefix": settings.project_prefix,
+        "upstreamHost": settings.preview_upstream_host,
+    }
+    announced = running.announce(settings.state_dir, settings.host, settings.port, preview)
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",
