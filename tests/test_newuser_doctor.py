@@ -154,3 +154,16 @@ def test_doctor_uses_the_running_servers_preview_settings(listeners, tmp_path):
     assert status == 1 and checks["host"]["verdict"] == "fail", checks
     assert "Vite" in checks["host"]["detail"] and f"{vite.port}-abc123.preview.example.com" in checks["host"]["detail"]
     assert "allowedHosts: ['.preview.example.com']" in checks["host"]["fix"]
+
+
+def test_a_rule_that_sets_the_wrong_protocol_is_named(listeners, tmp_path):
+    """config.json says https for a port that serves plain HTTP: the proxy speaks TLS to it
+    and fails, so the doctor must say so, and which rule it is."""
+    app = django(listeners, "localhost")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.json").write_text(json.dumps({"ports_attributes": {str(app.port): {"protocol": "https"}}}))
+    status, checks = doctor("--preview", str(app.port), "--state-dir", str(state), env={"AETHER_WORKSPACE_ROOT": str(tmp_path)})
+    assert status == 1 and checks["protocol"]["verdict"] == "fail", checks
+    assert "https" in checks["protocol"]["detail"] and "config.json" in checks["protocol"]["detail"]
+    assert f'ports_attributes["{app.port}"]' in checks["protocol"]["detail"]

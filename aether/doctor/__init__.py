@@ -157,7 +157,7 @@ def command(args) -> int:
         if args.preview is not None:
             preview_settings = {
                 name: serve.peek(name, args, file, state.config_path)
-                for name in ("preview_upstream_host", "prefix_length", "project_id")
+                for name in ("preview_upstream_host", "prefix_length", "project_id", "workspace_root")
             }
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
@@ -167,6 +167,8 @@ def command(args) -> int:
             # The running server's own: its flags may have set them, which nothing here sees.
             domain = running_preview.get("domain") or domain
             preview_settings["preview_upstream_host"] = running_preview.get("upstreamHost") or "localhost"
+            if running_preview.get("workspaceRoot"):
+                preview_settings["workspace_root"] = running_preview["workspaceRoot"]
             if running_preview.get("prefix"):
                 preview_settings["project_id"] = prefix = str(running_preview["prefix"])
                 preview_settings["prefix_length"] = len(prefix)
@@ -188,8 +190,10 @@ def _preview(
     preview_upstream_host: str = "localhost",
     prefix_length: int = 6,
     project_id: str | None = None,
+    workspace_root: str | Path | None = None,
 ) -> int:
     """``--preview PORT``: the preview checks alone; 0 when none failed."""
+    import os
     import sys
 
     import ujson
@@ -205,7 +209,12 @@ def _preview(
         project = ""
     prefix = project[:prefix_length] or "project"
     host = f"{port}-{prefix}.{domain}"
-    found = preview.check(port, host, domain, preview_upstream_host)
+    from aether.attributes.live import read_all
+
+    # The rules the server follows: a protocol one overrides what the port speaks.
+    root = Path(workspace_root) if workspace_root else Path(os.path.expanduser("~"))
+    rules, _problems = read_all(root if root.is_dir() else None, Path(state_dir) / "config.json")
+    found = preview.check(port, host, domain, preview_upstream_host, rules)
     failed = [check.name for check in found if check.verdict == FAIL]
     verdict = f"doctor: the preview of port {port} " + (f"fails ({', '.join(failed)})" if failed else "should work")
     report = Report(found, not failed, verdict)

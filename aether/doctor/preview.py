@@ -81,6 +81,25 @@ def allow_hint(refused: str, domain: str) -> str:
     return "." + domain if name == domain or name.endswith("." + domain) else name
 
 
+def _protocol_rule(rules, port: int, pid: int | None) -> tuple[str, str] | None:
+    """(protocol, where: ``FILE KEY``) when an attribute rule sets the port's protocol."""
+    if rules is None:
+        return None
+    argv = None
+    if pid:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [part.decode(errors="surrogateescape") for part in f.read(4096).split(b"\0") if part]
+        except OSError:
+            argv = None
+    attrs = rules.resolve(port, argv)
+    if attrs.protocol is None:
+        return None
+    origin = attrs.sources.get("protocol")
+    where = f"{origin.file} {origin.key}" if origin is not None else "a port attribute rule"
+    return attrs.protocol, where
+
+
 def _ask(port: int, family: int, host: str, request_host: str, tls: bool, forwarded_host: str | None = None) -> bytes:
     """The first bytes of the answer to ``GET /`` with ``Host: request_host``, and the
     forwarding headers the proxy adds."""
@@ -105,9 +124,17 @@ def _ask(port: int, family: int, host: str, request_host: str, tls: bool, forwar
         return data
 
 
-def check(port: int, preview_host: str, domain: str, upstream_host: str = "localhost") -> list[Check]:
+def check(
+    port: int,
+    preview_host: str,
+    domain: str,
+    upstream_host: str = "localhost",
+    rules=None,
+) -> list[Check]:
     """The preview's checks for ``port``; ``upstream_host`` is the proxy's setting
-    (``localhost``: the app gets ``Host: localhost:PORT``; ``original``: the preview host)."""
+    (``localhost``: the app gets ``Host: localhost:PORT``; ``original``: the preview host);
+    ``rules``: the attribute rules (a :class:`~aether.attributes.rules.Ruleset`), whose
+    ``protocol`` for the port the proxy follows over what the port speaks."""
     from aether.ports import procs
     from aether.ports.sockdiag import DiagSocket
     from aether.preview.gate import upstream_address
@@ -142,6 +169,7 @@ def check(port: int, preview_host: str, domain: str, upstream_host: str = "local
         )
         return found
     found.append(Check("address", OK, f"reachable on {host}"))
+    rule = _protocol_rule(rules, port, state.pid)
     sent = preview_host if upstream_host == "original" else f"localhost:{port}"
     try:
         plain = _ask(port, 0, host, sent, tls=False, forwarded_host=preview_host)
@@ -157,6 +185,24 @@ def check(port: int, preview_host: str, domain: str, upstream_host: str = "local
             answer = b""
         if detect.classify_answer(answer)[0] == "http":
             kind, status, body = "https", detect.classify_answer(answer)[1], answer
+    speaks = "https" if kind == "https" else ("http" if kind == "http" else "tcp")
+    if rule is not None and rule[0] != speaks:
+        chosen, where = rule
+        what = {"https": "HTTPS (TLS)", "http": "plain HTTP", "tcp": "no HTTP"}[speaks]
+        does = {
+            "https": "speaks TLS to it",
+            "http": "sends it plain HTTP",
+            "tcp": "shows the not-HTTP page without connecting",
+        }[chosen]
+        found.append(
+            Check(
+                "protocol",
+                FAIL,
+                f"{where} sets protocol {chosen}, but port {port} speaks {what}: the preview {does}",
+                f"set that rule's protocol to {speaks}, or remove it and let aether find it",
+            )
+        )
+        return found
     if kind == "https":
         found.append(
             Check(

@@ -316,6 +316,7 @@ async def serve(settings: Settings) -> int:
         "domain": settings.preview_domain,
         "prefix": settings.project_prefix,
         "upstreamHost": settings.preview_upstream_host,
+        "workspaceRoot": str(settings.workspace_root),
     }
     announced = running.announce(settings.state_dir, settings.host, settings.port, preview)
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
