@@ -231,18 +231,13 @@ def _ports_watch(args, values: dict) -> int:
     out = sys.stdout.buffer
 
     async def run() -> int:
+        from aether.output import Output
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-
-        flush_pending = False
-
-        def flush() -> None:
-            nonlocal flush_pending
-            flush_pending = False
-            try:
-                out.flush()
-            except BrokenPipeError:
-                stop.set()  # the reader went away: nothing left to do
+        # Never a blocking write: a reader that stops reading must not keep SIGTERM out.
+        output = Output(loop, out.fileno(), stop.set)
+        lines: list[bytes] = []
 
         table: dict[int, dict] = {}
         names = _registry_names() if args.human else {}
@@ -251,17 +246,15 @@ def _ports_watch(args, values: dict) -> int:
         def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
-            nonlocal flush_pending
             if args.human:
                 return redraw(message)
-            try:
-                out.write(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
-            except BrokenPipeError:
-                stop.set()
-                return
-            if not flush_pending:
-                flush_pending = True
+            if not lines:
                 loop.call_soon(flush)
+            lines.append(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
+
+        def flush() -> None:
+            output.write(b"".join(lines))
+            lines.clear()
 
         def emit(event, live: bool = True) -> None:
             message = event.to_message()
@@ -300,11 +293,7 @@ def _ports_watch(args, values: dict) -> int:
             redraw_pending = False
             rows = [table[port] for port in sorted(table)]
             text = "\x1b[H\x1b[2J" + "\n".join(_table(rows)) + f"\n{len(rows)} open; ^C to stop\n"
-            try:
-                out.write(text.encode())
-                out.flush()
-            except BrokenPipeError:
-                stop.set()
+            output.frame(text.encode())
 
         monitor = PortMonitor(
             backend=values["backend"],
@@ -345,6 +334,7 @@ def _ports_watch(args, values: dict) -> int:
             if facts is not None:
                 facts.close()
             monitor.stop()
+            output.close()
         return 0
 
     code = asyncio.run(run())

@@ -4,12 +4,16 @@ rather than null as for a port that has not answered yet."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import pytest
 from support import AETHER, ROOT
+from support.waiting import wait_for
 
 #: Reads what it is sent, then closes without a byte, as PostgreSQL does with an HTTP request.
 HANGS_UP = """
@@ -42,3 +46,49 @@ def test_ports_list_says_tcp_for_ports_that_hang_up(listeners, tmp_path):
     rows = listed(tmp_path)
     assert rows[hangs_up]["protocol"] == "tcp"
     assert rows[http]["protocol"] == "http"
+
+
+@pytest.mark.parametrize("human", [False, True], ids=["lines", "human"])
+def test_ports_watch_stops_on_sigterm_while_its_reader_reads_nothing(human):
+    """``aether ports watch | slow-reader``: the pipe fills. SIGTERM must still stop it (it
+    used to sit in a blocking write(), where no signal handler of the loop runs)."""
+    held = []
+    try:
+        for _ in range(300):  # each a line of its own, and a row of every redraw: well over a pipe's 64 KiB
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            held.append(sock)
+        proc = subprocess.Popen(
+            [*AETHER, "ports", "watch", *(["--human"] if human else []), "--backend", "sockdiag", "--interval", "0.05"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+        try:
+            # Never read: wait until the pipe is full (the process then sits in write() or, fixed,
+            # keeps running with its output held back).
+            wait_for(lambda: _pipe_full(proc.stdout.fileno()), 20)
+            for sock in held[:100]:  # more events, more to write
+                sock.close()
+            proc.terminate()
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _pipe_full(fd: int) -> bool:
+    """Whether the pipe's buffer holds (nearly) its capacity."""
+    import fcntl
+    import termios
+
+    queued = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, queued)
+    return queued[0] >= fcntl.fcntl(fd, 1032) - 4096  # F_GETPIPE_SZ
