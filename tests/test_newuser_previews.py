@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sys
 
 import pytest
@@ -117,3 +118,16 @@ def test_a_rule_that_says_https_for_a_plain_port_is_named_on_its_page(tmp_path, 
         assert b"set to https" in body and b"plain HTTP" in body, body
     finally:
         srv.stop()
+
+
+def test_a_path_preview_without_host_is_not_a_redirect_to_itself(server):
+    """HTTP/1.0 without Host (old tools, hand-written requests): the listener cannot take it
+    for a preview, so the API answers it; a 307 to the same URL would loop forever."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /proxy/8000/ HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    assert status != 307 and b"Location: /proxy/8000/" not in reply, reply
+    assert status == 400 and b"Host" in reply
