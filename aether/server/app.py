@@ -223,6 +223,14 @@ class WorkspaceServer:
         for channel in self.channels.values():
             channel.close()
 
+    def close(self) -> None:
+        """End everything but the clients and the monitor: the channels (their process trees'
+        cgroups are removed), the rules' watches, the port looks, the registry."""
+        self.close_channels()
+        self.rules.close()
+        self.facts.close()
+        self.registry_api.close()
+
     def _registry_entries(self) -> list[dict]:
         return [entry.to_json() for entry in self.registry_api.reader.entries()]
 
@@ -299,8 +307,7 @@ async def serve(settings: Settings) -> int:
     try:
         listener.listen(settings.port, settings.host)
     except OSError as exc:
-        server.rules.close()
-        server.facts.close()
+        server.close()
         monitor.stop()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"aether: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
@@ -314,7 +321,7 @@ async def serve(settings: Settings) -> int:
         except fleet.PrefixTaken as exc:
             listener.stop()
             previews.close_all()
-            server.registry_api.close()
+            server.close()
             monitor.stop()
             print(f"aether: fleet mode: {exc}", file=sys.stderr)
             return 1
@@ -341,10 +348,7 @@ async def serve(settings: Settings) -> int:
         await publisher.stop()  # gateways answer 503 at once, not after the deadline
     previews.close_all()
     await server.hub.close_all(1001, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT)
-    server.close_channels()
-    server.rules.close()
-    server.facts.close()
-    server.registry_api.close()
+    server.close()
     monitor.stop()
     log.info("stopped", extra={"ms": round((time.monotonic() - started) * 1000, 1)})
     return 0
