@@ -92,3 +92,22 @@ def _pipe_full(fd: int) -> bool:
     queued = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, queued)
     return queued[0] >= fcntl.fcntl(fd, 1032) - 4096  # F_GETPIPE_SZ
+
+
+def test_a_killed_servers_runtime_file_is_removed(tmp_path):
+    """A server killed with SIGKILL cannot remove its ``serve-PID.json``; the next command
+    that reads the runtime directory does, rather than reading it (and every other one ever
+    left) again on every call."""
+    run = tmp_path / "run"
+    (run / "aether").mkdir(parents=True, mode=0o700)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now
+    stale = run / "aether" / f"serve-{gone.pid}.json"
+    stale.write_text(json.dumps({"pid": gone.pid, "start": "1", "stateDir": str(tmp_path), "host": "127.0.0.1", "port": 1}))
+    other = run / "aether" / "notes.txt"
+    other.write_text("not ours")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["XDG_RUNTIME_DIR"] = str(run)
+    result = subprocess.run([*AETHER, "port", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and other.exists()
