@@ -131,3 +131,34 @@ def test_a_path_preview_without_host_is_not_a_redirect_to_itself(server):
     status = int(reply.split(b" ", 2)[1])
     assert status != 307 and b"Location: /proxy/8000/" not in reply, reply
     assert status == 400 and b"Host" in reply
+
+
+#: ``python - PORT``: hangs up on ``OPTIONS *`` (and on anything that is not a GET), answers a
+#: GET: an HTTP app that the looks take for one that speaks no HTTP.
+HANGS_UP_ON_OPTIONS = """
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+def serve(c):
+    c.settimeout(5)
+    try:
+        data = c.recv(65536)
+        if data.startswith(b"GET "):
+            c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\nConnection: close\\r\\n\\r\\nhello")
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def test_an_app_that_hangs_up_only_on_the_look_is_still_previewed(server, listeners):
+    """The looks end in hang-ups, so the port is ``tcp``; a real GET is still sent, and its
+    answer shown: only a request that gets no byte either is the not-HTTP page."""
+    with connect(server.url, subprotocols=["Bearer", server.token], open_timeout=10) as ws:
+        port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP_ON_OPTIONS, str(p)]).port
+        recv_until(ws, lambda m: m.get("port") == port and m.get("protocol") == "tcp", timeout=15)
+    status, _, body = get(server, port)
+    assert (status, body) == (200, b"hello")

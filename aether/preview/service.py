@@ -22,7 +22,7 @@ from aether.preview.local import LocalAddresses, is_local
 from aether.preview.owner import Forward, ProtocolOf, Unreachable
 from aether.preview.protocols import UpstreamProtocols
 from aether.preview.proxy import ClientConnection
-from aether.preview.upstream import Upstream, dial
+from aether.preview.upstream import NO_ANSWER, Upstream, dial
 from aether.preview.visibility import Visibility
 
 log = logging.getLogger("aether.preview")
@@ -125,6 +125,16 @@ class PreviewProxy:
             up.close()
             raise refusal
         return up
+
+    def explain(self, forward: Forward, why: str) -> Unreachable | None:
+        """The page for an upstream that failed with ``why``, where it is not the app's fault:
+        a port that hangs up on HTTP (PostgreSQL, Redis) speaks no HTTP."""
+        if why == NO_ANSWER and self.protocols.tcp_after_hangup(forward.port):
+            port = forward.port
+            return Unreachable(
+                502, pages.NOT_HTTP_TITLE, pages.not_http_text(port), headers=(("X-Aether-Error", pages.NOT_HTTP_CODE),)
+            )
+        return None
 
     # -- the sink ---------------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ log = logging.getLogger("aether.preview")
 POOL_SIZE = 64
 POOL_IDLE_SECONDS = 30.0
 CONNECT_TIMEOUT = 5.0
+#: Why, when the app closed the connection before a byte of its response.
+NO_ANSWER = (
+    "the app closed the connection without answering: it may speak another protocol "
+    "than HTTP (a database does this), or it failed on the request (see its log)"
+)
 
 
 async def dial(
@@ -223,10 +228,7 @@ class Upstream(asyncio.Protocol):
         elif not self.started and not self._raw:
             # Not a byte of an answer: what a port that speaks no HTTP does (PostgreSQL, Redis)
             # as well as an app that failed on the request. Neither is "cut short".
-            self._fail(
-                "the app closed the connection without answering: it may speak another protocol "
-                "than HTTP (a database does this), or it failed on the request (see its log)"
-            )
+            self._fail(NO_ANSWER)
         else:
             self._fail("the app closed the connection before it finished its response")
 
