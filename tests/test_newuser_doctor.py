@@ -167,3 +167,29 @@ def test_a_rule_that_sets_the_wrong_protocol_is_named(listeners, tmp_path):
     assert status == 1 and checks["protocol"]["verdict"] == "fail", checks
     assert "https" in checks["protocol"]["detail"] and "config.json" in checks["protocol"]["detail"]
     assert f'ports_attributes["{app.port}"]' in checks["protocol"]["detail"]
+
+
+def test_doctor_says_when_it_cannot_tell_which_server_to_check(tmp_path):
+    """Two servers run: the doctor cannot know which one is meant, and says so (as ``aether
+    port`` does) rather than silently checking the defaults."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["XDG_RUNTIME_DIR"] = str(run)
+    first = Server("sockdiag", tmp_path / "one", env=env)
+    try:
+        second = Server("sockdiag", tmp_path / "two", env=env)
+        try:
+            result = subprocess.run(
+                [*AETHER, "doctor", "--json", "--preview", str(first.port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+                env=env,
+            )
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+    assert "several aether servers run" in result.stderr and "--state-dir" in result.stderr, result.stderr

@@ -141,6 +141,9 @@ def command(args) -> int:
         if len(found) == 1 and not os.environ.get("AETHER_STATE_DIR"):
             args.state_dir, running_port = found[0]["stateDir"], found[0]["port"]
             running_preview = found[0].get("preview")
+        elif len(found) > 1 and not os.environ.get("AETHER_STATE_DIR"):
+            dirs = ", ".join(sorted({str(record.get("stateDir")) for record in found}))
+            print(f"aether: several aether servers run ({dirs}): checking the defaults; pass --state-dir", file=sys.stderr)
     try:
         sources.check_environment()  # again: --service may have read more of it
         state = StateDir(locate(args.state_dir))
