@@ -340,7 +340,14 @@ class Detector:
             if banner is not None:
                 # Closed as soon as accepted, or a server that speaks first.
                 return Look(TCP, "banner", sample=banner) if banner else Look(None, "closed")
-            writer.write(REQUEST)
+            if writer.is_closing():
+                return Look(None, "closed")  # reset during the banner wait
+            try:
+                writer.write(REQUEST)
+            except (OSError, RuntimeError):
+                # uvloop raises RuntimeError for a transport the peer's reset has closed
+                # under us; the same as a close before the request.
+                return Look(None, "closed")
             data = bytearray()
             try:
                 await asyncio.wait_for(self._read_answer(reader, data), wait)
@@ -408,7 +415,7 @@ class Detector:
                     incoming.write(chunk)
         except TimeoutError:
             return Look(HTTPS, "tls") if first else Look(None, "silent")
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: uvloop's write to a transport reset under us
             return self._not_tls(first)
         finally:
             self._close(writer)
