@@ -46,3 +46,28 @@ def test_a_port_ready_before_the_page_opened_shows_its_ready_time(server, listen
     text = wait_for(shown, 15)
     assert f"ready in {ready['ms']} ms" in text, text
     assert "not answering yet" not in text
+
+
+@pytest.mark.ebpf
+def test_a_port_open_before_the_server_started_is_answering_without_a_time(tmp_path, listeners, driver):
+    """Its ``ready`` counts from the server's start (the port is older), so a time in ms would
+    say how long aether took to look, not the app to start."""
+    from selenium.webdriver.common.by import By
+
+    need_ebpf()
+    port = listeners.http_server().port
+    server = Server("ebpf", tmp_path / "state")
+    try:
+        with connect(server.url, subprotocols=["Bearer", server.token], open_timeout=10) as ws:
+            recv_until(ws, lambda m: m.get("port") == port and m.get("ready") is not None, timeout=15)
+        driver.get(f"http://127.0.0.1:{server.port}/?token={server.token}")
+
+        def shown() -> str | None:
+            rows = driver.find_elements(By.CSS_SELECTOR, f'#ports tbody tr[data-port="{port}"]')
+            text = rows[0].text if rows else ""
+            return text if "http" in text.split() else None
+
+        text = wait_for(shown, 15)
+        assert "answering" in text and "ready in" not in text, text
+    finally:
+        server.stop()

@@ -353,7 +353,9 @@
   }
 
   function readyText(row) {
-    if (readyMs(row) != null) return `ready in ${readyMs(row)} ms`;
+    // A port that listened before the server started: its time is counted from the server's
+    // start, which says nothing of how long the app took. That it answers is what is known.
+    if (readyMs(row) != null) return row.seenAtStart ? "answering" : `ready in ${readyMs(row)} ms`;
     if (row.protocol === "tcp") return "";
     return protocolsKnown ? "not answering yet" : "";
   }
