@@ -68,6 +68,6 @@ def test_a_port_open_before_the_server_started_is_answering_without_a_time(tmp_p
             return text if "http" in text.split() else None
 
         text = wait_for(shown, 15)
-        assert "answering" in text and "ready in" not in text, text
+        assert "answering" in text.split("\n") and "ready in" not in text and "not answering" not in text, text
     finally:
         server.stop()
