@@ -204,7 +204,8 @@ def _table(rows: list[dict]) -> list[str]:
         line = f"{row['port']:>5}  {pid:>7}  {row.get('process') or '-':<16}  {names:<16}  {addresses:<22}  "
         extra = [row["protocol"]] if row.get("protocol") else []
         if row.get("readyMs") is not None:
-            extra.append(f"ready {row['readyMs']} ms")
+            # Open before the watch began: the time counts from then, not from the app's start.
+            extra.append("answering" if row.get("seenAtStart") else f"ready {row['readyMs']} ms")
         command = (f"[{' '.join(extra)}] " if extra else "") + (row.get("command") or "-")
         room = max(10, width - len(line))
         lines.append(line + (command if len(command) <= room else command[: room - 1] + "…"))
@@ -260,6 +261,8 @@ def _ports_watch(args, values: dict) -> int:
             message = event.to_message()
             if facts is not None and event.type != "close":
                 message.update(facts.fields(event.port, event.pid))
+            if args.human and not live:
+                message["seenAtStart"] = True  # the table's own: the lines keep the channel's fields
             write(message)
             if facts is not None and live:
                 facts.seen(event)  # after the line is written: lookups never delay it

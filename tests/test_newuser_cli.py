@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,3 +112,36 @@ def test_a_killed_servers_runtime_file_is_removed(tmp_path):
     result = subprocess.run([*AETHER, "port", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and other.exists()
+
+
+def test_ports_watch_human_shows_answering_for_ports_open_before_it(listeners):
+    """A port open before the watch began has no meaningful ready time (it counts from the
+    watch's start); one opened while it watches has its own."""
+    before = listeners.http_server().port
+    proc = subprocess.Popen(
+        [*AETHER, "ports", "watch", "--human", "--backend", "sockdiag", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen = bytearray()
+
+    def row(port: int) -> str | None:
+        chunk = proc.stdout.read()
+        if chunk:
+            seen.extend(chunk)
+        screen = seen.rsplit(b"\x1b[H\x1b[2J", 1)[-1].decode(errors="replace")
+        if not screen.endswith("^C to stop\n"):
+            return None
+        line = next((line for line in screen.splitlines() if line.startswith(f"{port:>5} ")), None)
+        return line if line is not None and "[http" in line else None
+
+    try:
+        assert "[http answering]" in wait_for(lambda: row(before), 20)
+        after = listeners.http_server().port
+        assert re.search(r"\[http ready \d+ ms\]", wait_for(lambda: row(after), 20))
+    finally:
+        proc.terminate()
+        proc.wait(10)
