@@ -214,6 +214,48 @@ def _kill_and_remove(path: str) -> bool:
     return wait_empty(path, EMPTY_TIMEOUT) and _rmdir_tree(path)
 
 
+def state_cgroup(mount: str, state_dir: str) -> str:
+    """``<mount>/aether/<state>``: where the daemons of ``state_dir`` (a real path) make theirs."""
+    return os.path.join(mount, "aether", hashlib.sha256(state_dir.encode()).hexdigest()[:16])
+
+
+def make_base(state_dir: str) -> tuple[str | None, str, tuple[str, str] | None]:
+    """Make this process's cgroup for the trees of ``state_dir`` (a real path),
+    ``<mount>/aether/<state>/<pid>.<start>``: ``(its path, "", the cgroup2 mount's (where,
+    root))``, or, where this process may not have cgroup trees, ``(None, why, None)`` with
+    nothing made left behind."""
+    try:
+        found = mount_point(_read("/proc/self/mountinfo"))
+        own = next((line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::")), None)
+    except OSError as exc:
+        return None, f"cannot read /proc/self: {exc.strerror}", None
+    if found is None or own is None:
+        return None, "no cgroup2 file system is mounted", None
+    mount, root = found
+    base = os.path.join(state_cgroup(mount, state_dir), f"{os.getpid()}.{start_time(os.getpid())}")
+    for _ in range(2):
+        try:
+            os.makedirs(base, exist_ok=True)
+            break
+        except FileNotFoundError:
+            continue  # another daemon's start removed the empty <state> between our mkdirs
+        except OSError as exc:
+            return None, f"cannot make {base}: {exc.strerror}", None
+    else:
+        return None, f"cannot make {base}: it kept being removed", None
+    if not os.path.exists(os.path.join(base, "cgroup.kill")):
+        os.rmdir(base)
+        return None, "the kernel has no cgroup.kill (Linux 5.14+)", None
+    # Moving a process takes write access to cgroup.procs of the target and of the common
+    # ancestor of the cgroup it leaves (the daemon's) and the one it enters.
+    common = os.path.commonpath([os.path.join(mount, os.path.relpath(own, root)), base])
+    for procs in (os.path.join(base, "cgroup.procs"), os.path.join(common, "cgroup.procs")):
+        if not os.access(procs, os.W_OK):
+            os.rmdir(base)
+            return None, f"may not write {procs}", None
+    return base, "", found
+
+
 class Trees:
     """The process trees of one kind (``terminal``, ``agent``) that one daemon starts."""
 
@@ -240,39 +282,11 @@ class Trees:
         return self.base is not None
 
     def _setup(self, state_dir: str) -> tuple[str | None, str]:
-        try:
-            found = mount_point(_read("/proc/self/mountinfo"))
-            own = next((line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::")), None)
-        except OSError as exc:
-            return None, f"cannot read /proc/self: {exc.strerror}"
-        if found is None or own is None:
-            return None, "no cgroup2 file system is mounted"
-        mount, root = found
-        state = os.path.join(mount, "aether", hashlib.sha256(state_dir.encode()).hexdigest()[:16])
-        me = f"{os.getpid()}.{start_time(os.getpid())}"
-        base = os.path.join(state, me)
-        for _ in range(2):
-            try:
-                os.makedirs(base, exist_ok=True)
-                break
-            except FileNotFoundError:
-                continue  # another daemon's start removed the empty <state> between our mkdirs
-            except OSError as exc:
-                return None, f"cannot make {base}: {exc.strerror}"
-        else:
-            return None, f"cannot make {base}: it kept being removed"
-        if not os.path.exists(os.path.join(base, "cgroup.kill")):
-            os.rmdir(base)
-            return None, "the kernel has no cgroup.kill (Linux 5.14+)"
-        # Moving a process takes write access to cgroup.procs of the target and of the common
-        # ancestor of the cgroup it leaves (the daemon's) and the one it enters.
-        common = os.path.commonpath([os.path.join(mount, os.path.relpath(own, root)), base])
-        for procs in (os.path.join(base, "cgroup.procs"), os.path.join(common, "cgroup.procs")):
-            if not os.access(procs, os.W_OK):
-                os.rmdir(base)
-                return None, f"may not write {procs}"
+        base, why, found = make_base(state_dir)
+        if base is None or found is None:
+            return None, why
         self.mount = found
-        self._sweep(state, me)
+        self._sweep(os.path.dirname(base), os.path.basename(base))
         return base, ""
 
     def _sweep(self, state: str, me: str) -> None:

@@ -150,7 +150,10 @@ def _ports_list(args, values: dict) -> int:
 
     # The table shows no protocol: only JSON waits for ports to answer.
     names = _registry_names()
-    result = [_described(row, names) for row in listing.rows(procs.port_states(raw), _rules(), look=args.json)]
+    result = [
+        _described(row, names)
+        for row in listing.rows(procs.port_states(raw), _rules(), look=args.json, docker_socket=values["docker_socket"])
+    ]
     if args.json:
         print(ujson.dumps(result, escape_forward_slashes=False))
         return 0
@@ -206,7 +209,9 @@ def _table(rows: list[dict]) -> list[str]:
         if row.get("readyMs") is not None:
             # Open before the watch began: the time counts from then, not from the app's start.
             extra.append("answering" if row.get("seenAtStart") else f"ready {row['readyMs']} ms")
-        command = (f"[{' '.join(extra)}] " if extra else "") + (row.get("command") or "-")
+        box = row.get("container")  # who a Docker port is, before docker-proxy's arguments
+        named = f"container: {box['name']}" + (f" ({box['image']})" if box.get("image") else "") + " " if box else ""
+        command = (f"[{' '.join(extra)}] " if extra else "") + named + (row.get("command") or "-")
         room = max(10, width - len(line))
         lines.append(line + (command if len(command) <= room else command[: room - 1] + "…"))
     return lines
@@ -317,6 +322,7 @@ def _ports_watch(args, values: dict) -> int:
             # gone, so `watch | head -1` ends even when no further event would be written.
             loop.add_reader(out.fileno(), stop.set)
         if not args.plain:
+            from aether.ports.containers import Containers, socket_path
             from aether.ports.facts import PortFacts
 
             rules = await loop.run_in_executor(None, _rules)
@@ -327,6 +333,7 @@ def _ports_watch(args, values: dict) -> int:
                     {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
                 ),
                 lambda: rules,
+                containers=Containers(socket_path(values["docker_socket"])),
             )
         try:
             for event in monitor.open_events():

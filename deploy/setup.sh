@@ -21,6 +21,10 @@ DEB_PACKAGES=(python3-bpfcc bpfcc-tools iproute2 nginx-light nodejs chromium chr
 DEB_PACKAGES+=(systemd openssl)
 # Fleet mode's engine: the tests and the benchmarks start their own redis-server (and a sentinel).
 DEB_PACKAGES+=(redis-server)
+# Docker, for the tests that name a published port's container: each starts a dockerd of its
+# own (its own socket, data and bridge; package scripts start no service here, see apt_install),
+# and runs Debian's static busybox as its one image, made without a registry.
+DEB_PACKAGES+=(docker.io busybox-static)
 
 missing_debs() {
     local pkg

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 from support import ebpf
+from support.browser import chromium
+from support.certs import self_signed
 from support.ebpf import need_ebpf
 from support.listeners import Listeners
 from support.servers import Server, Watcher
@@ -94,3 +96,17 @@ def workspace_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def driver(tmp_path):
+    """Debian's Chromium under selenium, with a fresh profile; quit at teardown."""
+    browser = chromium(tmp_path / "profile")
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for localhost: (certificate, key) paths."""
+    return self_signed(tmp_path_factory.mktemp("cert"))

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from support.clients import recv_until
 from support.ports import free_port
-from support.servers import Server
+from support.servers import Server, module_server
 from support.waiting import wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -24,11 +24,7 @@ from aether.preview import grant
 PROJECT = "d45b0a4d"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server("sockdiag", tmp_path_factory.mktemp("dashboard"), "--project-id", PROJECT)
-    yield srv
-    srv.stop()
+server = module_server("sockdiag", "--project-id", PROJECT)
 
 
 def get(server: Server, target: str, headers: dict | None = None, host: str | None = None):

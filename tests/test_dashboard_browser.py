@@ -19,13 +19,11 @@ import sys
 import time
 
 import pytest
-from support import ROOT
-from support.browser import ROW_TIMES_JS, chromium, timed_http_server
+from support.browser import ARTIFACTS, ROW_TIMES_JS, cells, click, connection, row, screenshot, timed_http_server, wait
 from support.ports import free_port
 from support.processes import proc_comm
 from support.servers import Server
 
-ARTIFACTS = ROOT / "test-artifacts"
 PROJECT = "b0a4d45e"
 
 #: Listens on 127.0.0.1, then (a line in) on ::1 too and forks a child that holds both and
@@ -43,50 +41,6 @@ sys.stdin.readline()
 """
 
 
-@pytest.fixture
-def driver(tmp_path):
-    browser = chromium(tmp_path / "profile")
-    yield browser
-    browser.quit()
-
-
-def wait(driver, predicate, timeout: float = 10.0, what: str = "the page"):
-    """Until ``predicate(driver)`` is truthy (its value), within ``timeout`` seconds."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(predicate)
-    except TimeoutException:
-        screenshot(driver, "dashboard-failure.png")
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; see test-artifacts/dashboard-failure.png") from None
-
-
-def screenshot(driver, name: str) -> None:
-    """The page from its top, saved as ``test-artifacts/NAME``."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    driver.execute_script("window.scrollTo(0, 0)")
-    driver.save_screenshot(str(ARTIFACTS / name))
-
-
-def row(driver, port: int):
-    from selenium.webdriver.common.by import By
-
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#ports tr[data-port="{port}"]')
-    return rows[0] if rows else None
-
-
-def cells(driver, port: int) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    found = row(driver, port)
-    return [td.text for td in found.find_elements(By.TAG_NAME, "td")] if found else []
-
-
-def connection(driver) -> str:
-    return driver.execute_script("return document.body.dataset.connection || ''")
-
-
 def preview_status(server: Server, port: int) -> int:
     """A request with no credentials at all to the port's preview: 200 public, 401 private."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
@@ -101,15 +55,6 @@ def api_put(server: Server, key: str, body: dict) -> None:
     conn.request("PUT", f"/api/ports/{key}", json.dumps(body), {"Authorization": f"Bearer {server.token}"})
     assert conn.getresponse().status == 200
     conn.close()
-
-
-def click(driver, port: int, action: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    button = row(driver, port).find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]')
-    # In the middle of the window: scrolled to its top, the sticky header would take the click.
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-    button.click()
 
 
 def accept_confirmation(driver) -> str:

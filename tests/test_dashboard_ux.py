@@ -13,20 +13,12 @@ import sys
 import time
 
 import pytest
-from support.browser import chromium, timed_http_server
+from support.browser import click, connection, press, row, screenshot, timed_http_server, wait
 from support.ports import free_port
 from support.processes import proc_comm
 from support.servers import Server
-from test_dashboard_browser import click, connection, row, screenshot, wait
 
 PROJECT = "c0ffee12"
-
-
-@pytest.fixture
-def driver(tmp_path):
-    browser = chromium(tmp_path / "profile")
-    yield browser
-    browser.quit()
 
 
 def request(server: Server, method: str, path: str, body: dict | None = None, headers: dict | None = None):
@@ -49,13 +41,6 @@ def dashboard_cookie(server: Server, origin: str | None) -> dict:
     if origin:
         headers["Origin"] = origin
     return headers
-
-
-def press(driver, element) -> None:
-    """Click ``element`` once it is in the middle of the window: scrolled to the top, the
-    dashboard's sticky header (the connection's state) would take the click."""
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    element.click()
 
 
 def shown_ports(driver) -> set[int]:

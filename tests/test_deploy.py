@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from support import ROOT
 from support.clients import recv_until
 from support.ebpf import need_ebpf
-from support.processes import proc_comm
+from support.processes import proc_comm, tool
 from support.servers import Server
 from support.waiting import wait_for
 
@@ -28,10 +27,6 @@ from aether import caps
 INSTALL = ROOT / "deploy" / "install.sh"
 DROPIN = ROOT / "deploy" / "aether-locked-down.conf"
 NOBODY = 65534  # the drop-in's user stands in as nobody: a test creates no system user
-
-
-def tool(name: str) -> str:
-    return shutil.which(name) or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
 
 
 def install(*args: str, destdir: Path | None = None) -> subprocess.CompletedProcess:

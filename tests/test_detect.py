@@ -2,12 +2,11 @@
 http and https, nginx plain and with ssl, a PostgreSQL-like server (answers a byte that is not
 HTTP; or, as PostgreSQL does with bytes it cannot parse, closes), one that speaks first, one
 that answers only after a delay, one that accepts and never answers, and a burst of listeners
-that never accept. Certificates are self-signed, made here by openssl."""
+that never accept. Certificates are self-signed (conftest's ``cert``)."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,46 +16,13 @@ from pathlib import Path
 import pytest
 from support.listeners import Listeners
 from support.ports import free_port
+from support.processes import tool
 from support.waiting import wait_for
 
 from aether.ports import detect
 from aether.ports.detect import HTTP, HTTPS, TCP, Detector, classify_answer
 
 PY = sys.executable
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    return found or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory) -> tuple[str, str]:
-    tmp = tmp_path_factory.mktemp("cert")
-    subprocess.run(
-        [
-            tool("openssl"),
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ],
-        cwd=tmp,
-        check=True,
-        capture_output=True,
-    )
-    return str(tmp / "cert.pem"), str(tmp / "key.pem")
 
 
 @pytest.fixture(scope="module")
@@ -85,45 +51,6 @@ def look_once(port: int, loop: str = "asyncio", **kw) -> detect.Detection:
 def loop(request) -> str:
     return request.param
 
-
-PYTHON_SSL = """
-import http.server, ssl, sys
-port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-server = http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(cert, key)
-server.socket = context.wrap_socket(server.socket, server_side=True)
-server.serve_forever()
-"""
-
-NODE_HTTPS = """
-const fs = require('fs');
-const [port, cert, key] = process.argv.slice(1);
-require('https').createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key)}, (q, s) => s.end('ok'))
-  .listen(Number(port), '127.0.0.1');
-"""
-
-#: Answers whatever startup message it gets with one byte, as PostgreSQL answers an SSLRequest
-#: ('N': no TLS here); with "close", closes instead, as PostgreSQL does with bytes it cannot
-#: parse as a startup packet. Appends what it received to a log.
-POSTGRES_LIKE = """
-import socket, sys
-port, mode, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port)); s.listen()
-while True:
-    c, _ = s.accept()
-    c.settimeout(5)
-    try:
-        data = c.recv(8)
-        with open(log, "ab") as f:
-            f.write(b"%d\\n" % len(data))
-        if mode == "answer" and data:
-            c.sendall(b"N")
-    except OSError:
-        pass
-    c.close()
-"""
 
 #: Speaks first, as sshd does; appends the length of whatever it then receives to a log.
 BANNER = """
@@ -200,8 +127,7 @@ def test_ipv6_loopback(pool):
 
 
 def test_python_ssl_server_is_https(pool, cert, loop):
-    port = free_port()
-    pool.spawn([PY, "-c", PYTHON_SSL, str(port), *cert], port, stderr=subprocess.DEVNULL)
+    port = pool.python_https(cert).port
     found = look_once(port, loop)
     assert (found.protocol, found.reason) == (HTTPS, "tls")
     assert found.ready is not None
@@ -210,7 +136,7 @@ def test_python_ssl_server_is_https(pool, cert, loop):
 def test_node_http_and_https(pool, cert):
     plain, tls = free_port(), free_port()
     pool.node(plain)
-    pool.spawn([tool("node"), "-e", NODE_HTTPS, str(tls), *cert], tls)
+    pool.node_https(cert, tls)
     assert (look_once(plain).protocol, look_once(tls).protocol) == (HTTP, HTTPS)
 
 
@@ -235,16 +161,16 @@ def test_nginx_plain_is_http(pool, tmp_path):
 
 
 def test_postgres_like_answer_is_tcp(pool, tmp_path):
-    port, log = free_port(), tmp_path / "pg.log"
-    pool.spawn([PY, "-c", POSTGRES_LIKE, str(port), "answer", str(log)], port)
+    log = tmp_path / "pg.log"
+    port = pool.postgres_like(log=log).port
     found = look_once(port)
     assert (found.protocol, found.reason, found.sample) == (TCP, "answer", b"N")
     assert found.ready is None and found.attempts == 1
 
 
 def test_server_that_closes_on_every_probe_is_tcp_at_the_deadline_bounded(pool, tmp_path):
-    port, log = free_port(), tmp_path / "pg.log"
-    pool.spawn([PY, "-c", POSTGRES_LIKE, str(port), "close", str(log)], port)
+    log = tmp_path / "pg.log"
+    port = pool.postgres_like(mode="close", log=log).port
     found = look_once(port, deadline=1.5)
     assert (found.protocol, found.reason, found.ready) == (TCP, "closed", None)
     # Backoff from 0.1 s doubling: 0.1 + 0.2 + 0.4 + 0.8 > 1.5, so at most 5 looks of two
@@ -252,6 +178,56 @@ def test_server_that_closes_on_every_probe_is_tcp_at_the_deadline_bounded(pool, 
     assert 2 <= found.attempts <= 5
     connections = wait_for(lambda: log.exists() and len(log.read_text().split()) >= 2 * found.attempts, 10)
     assert connections and len(log.read_text().split()) == 2 * found.attempts
+
+
+def test_a_reset_as_the_banner_wait_ends_is_a_closed_look_not_a_crash():
+    """A port that resets the connection while the loop is held (a busy server's loop) has its
+    reset and the end of the banner wait come due together: the look finds the connection
+    closed, and sends nothing into it (on uvloop that write raised RuntimeError, and the
+    port's detection died with a traceback). Twenty rounds: the coincidence is the kernel's
+    and the loop's to order, most rounds hit it."""
+    import struct
+    import threading
+
+    import uvloop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    go, reset = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed at the end of the test
+            go.wait(10)
+            go.clear()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset, not a FIN
+            reset.set()
+
+    class Held(Detector):
+        """Holds the loop, once the connection is open, until the port has reset it."""
+
+        async def _open(self, host, port):
+            opened = await super()._open(host, port)
+
+            def hold() -> None:
+                go.set()
+                reset.wait(10)
+                reset.clear()
+
+            asyncio.get_running_loop().call_soon(hold)
+            return opened
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for _ in range(20):
+            found = uvloop.run(Held(banner_wait=1e-6).look("127.0.0.1", port, 0.2))
+            assert (found.protocol, found.reason) in ((None, "closed"), (None, "silent")), found
+    finally:
+        listener.close()
 
 
 def test_server_that_speaks_first_is_tcp_and_is_sent_nothing(pool, tmp_path):

@@ -20,9 +20,13 @@ from support.ports import free_port
 from support.processes import aether
 from support.servers import Server
 
-from aether import caps
+from aether import caps, cgroup
+from aether.doctor.cgroups import MISSES
 
-NAMES = ["privileges", "kernel", "btf", "tracepoint", "kprobes", "bcc", "headers", "probe", "sock_diag", "state-dir", "port"]
+NAMES = [
+    *("privileges", "kernel", "btf", "tracepoint", "kprobes", "bcc", "headers", "probe", "sock_diag", "state-dir", "port"),
+    "cgroups",
+]
 #: What loading the probe takes as a non-root user (README, "aether doctor").
 PROBE_CAPS = ["bpf", "perfmon", "dac_read_search"]
 #: ...and seeing and stopping other users' processes too: the dedicated user's whole set.
@@ -225,6 +229,11 @@ def test_nobody_without_capabilities():
     assert report["ebpf"] is False
     assert report["summary"].startswith("doctor: eBPF backend will NOT run (privileges, tracepoint, probe failed)")
     assert checks["state-dir"]["verdict"] == "ok"  # /tmp: nobody may create it there
+    # Not root: no cgroup of its own under the cgroup2 mount, so the fallback, and why.
+    assert checks["cgroups"]["verdict"] == "warn"
+    assert checks["cgroups"]["detail"].startswith("process trees found in /proc, not cgroups: cannot make "), checks["cgroups"]
+    assert checks["cgroups"]["detail"].endswith(": Permission denied; " + MISSES)
+    assert checks["cgroups"]["fix"].startswith("run aether serve as root")
 
 
 @needs_root
@@ -261,6 +270,43 @@ def test_nobody_with_the_daemon_capabilities(listeners):
         "detail": "uid 65534 (nobody), with every capability aether uses",
     }
     assert f"by pid {holder.pid} (" in checks["port"]["detail"]
+
+
+def _trees_logged(server: Server) -> dict:
+    return next(line for line in server.log if line["msg"].startswith("process trees: "))
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_cgroups_says_which_process_trees_serve_gets(tmp_path, setting):
+    """The doctor's `cgroups` check says what `aether serve` with the same state directory and
+    setting logs at start: a cgroup each (ok), or the fallback (a warning naming why, what it
+    misses, and where that is described). It makes the daemon's cgroup to find out, and
+    leaves nothing of it."""
+    env, state = {"AETHER_CGROUPS": setting}, tmp_path / "state"
+    status, checks, report = doctor(state, env=env)
+    assert status == ebpf_status(), report["summary"]  # a warning here does not change the verdict
+    mount = cgroup.mount_point(Path("/proc/self/mountinfo").read_text())
+    if mount is not None:
+        assert not os.path.exists(cgroup.state_cgroup(mount[0], os.path.realpath(state)))
+    server = Server("sockdiag", state, env=env)
+    server.stop()
+    logged = _trees_logged(server)
+    check = checks["cgroups"]
+    if setting == "off":
+        assert logged["msg"] == "process trees: fallback (session, process group and descendants)"
+        assert check["verdict"] == "warn"
+        assert check["detail"] == f"process trees found in /proc, not cgroups: AETHER_CGROUPS=off; {MISSES}"
+        assert check["fix"] == (
+            "unset AETHER_CGROUPS (or set it to auto) for a cgroup per tree; see docs/protocol.md#terminal-channel (process trees)"
+        )
+    else:
+        assert logged["msg"] == "process trees: cgroup", f"this test needs cgroup v2 with cgroup.kill: {logged}"
+        assert check == {
+            "name": "cgroups",
+            "verdict": "ok",
+            "detail": f"a cgroup v2 for each terminal session and agent turn, under {mount[0]}/aether, ended by cgroup.kill",
+            "fix": None,
+        }
 
 
 def test_capabilities_the_probe_needs():

@@ -3,12 +3,11 @@ backends: the protocol (`http`, `https`, `tcp`) as an `update` after the `open`,
 with the time since the open; the command line and working directory (four http.servers told
 apart); the attributes from config.json, devcontainer.json and .gitpod.yml (label, onOpen,
 visibility, protocol override, hidden and redacted command lines), and again after those files
-change. Certificates are self-signed, made here by openssl."""
+change. Certificates are self-signed (conftest's ``cert``)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -17,29 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import port_messages, recv_until
+from support.clients import opens, port_messages, recv_until
 from support.ports import free_port
+from support.processes import tool
 from support.servers import Server, Watcher
 
 PY = sys.executable
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    return found or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory) -> tuple[str, str]:
-    tmp = tmp_path_factory.mktemp("cert")
-    subprocess.run(
-        [tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost"],
-        cwd=tmp,
-        check=True,
-        capture_output=True,
-    )
-    return str(tmp / "cert.pem"), str(tmp / "key.pem")
 
 
 @pytest.fixture
@@ -69,12 +51,6 @@ def server(backend, tmp_path, workspace):
         started.stop()
 
 
-def opens_done(ws) -> None:
-    """Past the opens sent on connect: the answer to a request sent now ends them."""
-    ws.send(json.dumps({"channel": "config", "type": "get", "id": "end"}))
-    recv_until(ws, lambda m: m.get("id") == "end", timeout=10)
-
-
 def latest(ws, ports, until, timeout: float = 30.0) -> dict[int, dict]:
     """For each of ``ports``, its first message that satisfies ``until``, whatever order the
     ports' messages come in."""
@@ -96,39 +72,6 @@ def protocol_told(ws, port: int, timeout: float = 30.0) -> tuple[dict, list[dict
     return seen[0], seen
 
 
-PYTHON_SSL = """
-import http.server, ssl, sys
-port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-server = http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(cert, key)
-server.socket = context.wrap_socket(server.socket, server_side=True)
-server.serve_forever()
-"""
-
-NODE_HTTPS = """
-const fs = require('fs');
-const [port, cert, key] = process.argv.slice(1);
-require('https').createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key)}, (q, s) => s.end('ok'))
-  .listen(Number(port), '127.0.0.1');
-"""
-
-#: Answers any bytes with one that is not HTTP, as PostgreSQL answers an SSLRequest.
-RAW_TCP = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
-while True:
-    c, _ = s.accept()
-    c.settimeout(5)
-    try:
-        if c.recv(8):
-            c.sendall(b"N")
-    except OSError:
-        pass
-    c.close()
-"""
-
 #: Listens, and serves HTTP only after 1.5 s (a dev server's first compile).
 SLOW = """
 import http.server, socket, sys, time
@@ -143,7 +86,7 @@ def test_http_server_open_names_its_command_and_cwd_then_protocol_and_ready(serv
     site = workspace / "site"
     site.mkdir()
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         proc = listeners.spawn_on(
             lambda p: [PY, "-m", "http.server", str(p), "--bind", "127.0.0.1"],
             cwd=site,
@@ -175,11 +118,11 @@ def test_tls_servers_are_https_and_ready(server, listeners, cert, tmp_path, kind
     srv = server()
     certificate, key = cert
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         if kind == "python":
-            proc = listeners.spawn_on(lambda p: [PY, "-c", PYTHON_SSL, str(p), certificate, key], stderr=subprocess.DEVNULL)
+            proc = listeners.python_https(cert)
         elif kind == "node":
-            proc = listeners.spawn_on(lambda p: [tool("node"), "-e", NODE_HTTPS, str(p), certificate, key])
+            proc = listeners.node_https(cert)
         else:
 
             def nginx(p: int) -> list[str]:
@@ -203,8 +146,8 @@ http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {
 def test_raw_tcp_server_is_tcp_and_never_ready(server, listeners):
     srv = server()
     with srv.connect() as ws:
-        opens_done(ws)
-        proc = listeners.spawn_on(lambda p: [PY, "-c", RAW_TCP, str(p)])
+        opens(ws)
+        proc = listeners.postgres_like()
         _open, seen = protocol_told(ws, proc.port)
         assert seen[-1]["type"] == "update" and seen[-1]["protocol"] == "tcp"
         assert seen[-1]["ready"] is None
@@ -218,7 +161,7 @@ def test_raw_tcp_server_is_tcp_and_never_ready(server, listeners):
 def test_slow_server_is_ready_once_it_answers_with_the_time_it_took(server, listeners, backend):
     srv = server()
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         proc = listeners.spawn_on(lambda p: [PY, "-c", SLOW, str(p)], stderr=subprocess.DEVNULL)
         seen = port_messages(ws, proc.port, lambda m: m["type"] == "ready")
     # It listened, then slept 1.5 s before it accepted: its first answer came that much after
@@ -234,7 +177,7 @@ def test_four_http_servers_in_four_directories_are_told_apart(server, listeners,
         (workspace / name).mkdir()
         dirs.append(workspace / name)
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         procs = [
             listeners.spawn_on(
                 lambda p: [PY, "-m", "http.server", str(p)], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -327,7 +270,7 @@ def test_command_lines_hidden_and_redacted(server, listeners):
     }
     srv = server(config)
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         redacted = listeners.spawn_on(lambda p: [PY, "-c", code, str(p), "--requirepass", secret])
         hidden = listeners.spawn_on(lambda p: [PY, "-c", code, str(p), "--hide-me"])
         rows = latest(ws, {redacted.port, hidden.port}, lambda m: m.get("label") in ("redacted", "hidden"))
@@ -341,7 +284,7 @@ def test_open_is_not_held_back_by_lookups(server, listeners):
     """The open comes before anything a lookup finds: its command and protocol are unknown."""
     srv = server()
     with srv.connect() as ws:
-        opens_done(ws)
+        opens(ws)
         proc = listeners.http_server()
         seen = port_messages(ws, proc.port, lambda m: m["type"] == "ready")
     assert seen[0]["type"] == "open" and seen[0]["command"] is None and seen[0]["protocol"] is None

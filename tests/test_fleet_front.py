@@ -10,7 +10,6 @@ import http.client
 import json
 import re
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import pytest
 from support import ROOT
+from support.certs import self_signed
 from support.fleet import DOMAIN, Gateway
 from support.ports import free_port
+from support.processes import tool
 from support.redis import RedisServer
 from support.waiting import wait_for
 
@@ -47,10 +48,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_for
 """
 
 
-def tool(name: str) -> str:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin") or pytest.fail(f"{name} is not installed")
-
-
 def claim(redis: RedisServer, key_file: Path, prefix: str, app: int, visibility: str) -> None:
     epoch = secrets.token_hex(8)
     raw = blob.encode(
@@ -73,13 +70,7 @@ def claim(redis: RedisServer, key_file: Path, prefix: str, app: int, visibility:
 
 @pytest.fixture
 def front(tmp_path, listeners):
-    openssl = tool("openssl")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-         "server.key", "-out", "server.pem", "-days", "2", "-subj", f"/CN=*.{DOMAIN}", "-addext",
-         f"subjectAltName=DNS:*.{DOMAIN}"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path, f"*.{DOMAIN}", alt_names=(f"*.{DOMAIN}",))
     key_file = tmp_path / "fleet.key"
     key_file.write_text(secrets.token_hex(32))
     key_file.chmod(0o600)
@@ -92,8 +83,8 @@ def front(tmp_path, listeners):
         try:
             https, plain = free_port(), free_port()
             rendered = subprocess.run(
-                ["bash", str(RENDER), "--fleet", "--preview-domain", DOMAIN, "--cert", str(tmp_path / "server.pem"),
-                 "--key", str(tmp_path / "server.key"), *(a for g in gateways for a in ("--upstream", f"127.0.0.1:{g.port}")),
+                ["bash", str(RENDER), "--fleet", "--preview-domain", DOMAIN, "--cert", cert,
+                 "--key", key, *(a for g in gateways for a in ("--upstream", f"127.0.0.1:{g.port}")),
                  "--https-listen", f"127.0.0.1:{https}", "--http-listen", f"127.0.0.1:{plain}",
                  "--access-log", str(tmp_path / "access.log")],
                 capture_output=True, text=True, timeout=30,
@@ -110,9 +101,7 @@ def front(tmp_path, listeners):
             checked = subprocess.run([tool("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
             assert checked.returncode == 0, checked.stderr
             listeners.spawn([tool("nginx"), "-c", str(conf), "-p", str(tmp_path)], https, stderr=subprocess.DEVNULL)
-            yield type(
-                "Front", (), {"https": https, "gateways": gateways, "conf": rendered.stdout, "cert": tmp_path / "server.pem"}
-            )
+            yield type("Front", (), {"https": https, "gateways": gateways, "conf": rendered.stdout, "cert": Path(cert)})
         finally:
             for gateway in gateways:
                 gateway.stop()

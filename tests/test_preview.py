@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 from support import ROOT
+from support.browser import FLAGS
 from support.clients import recv_until
 from support.ebpf import need_ebpf
 from support.ports import free_port, on_a_free_port
-from support.servers import Server
+from support.processes import tool
+from support.servers import Server, module_server
 from support.waiting import until, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
@@ -38,12 +40,7 @@ PROJECT = "abc123def456"
 PROBE_FIXTURES = ("server", "own_server")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    need_ebpf()
-    srv = Server("ebpf", tmp_path_factory.mktemp("preview"), "--project-id", PROJECT)
-    yield srv
-    srv.stop()
+server = module_server("ebpf", "--project-id", PROJECT)
 
 
 @pytest.fixture
@@ -510,26 +507,11 @@ def test_websocket_upgrade_is_authenticated(server, ws_app):
 
 
 def test_chromium_loads_a_preview_and_its_websocket(server, ws_app, tmp_path):
-    chromium = shutil.which("chromium") or pytest.fail("chromium is not installed (deploy/setup.sh installs it)")
     port, out = ws_app
     wait_open(server, port)
     url = f"http://{host(server, port)}/?token={server.token}"
     browser = subprocess.Popen(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            "--disable-default-apps",
-            "--metrics-recording-only",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            url,
-        ],
+        [tool("chromium"), *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", url],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -15,8 +15,7 @@ import sys
 import pytest
 from support import AETHER, ROOT
 from support.clients import recv_until
-from support.ebpf import need_ebpf
-from support.servers import Server
+from support.servers import Server, module_server
 from support.waiting import wait_for
 
 from aether.preview import grant
@@ -46,12 +45,7 @@ ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    need_ebpf()
-    srv = Server("ebpf", tmp_path_factory.mktemp("keepalive"), "--project-id", PROJECT)
-    yield srv
-    srv.stop()
+server = module_server("ebpf", "--project-id", PROJECT)
 
 
 @pytest.fixture

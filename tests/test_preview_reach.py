@@ -2,14 +2,13 @@
 ``ssl``, node's https with a WebSocket), a port that answers but not with HTTP, path previews
 (``/proxy/{port}/``, ``/absproxy/{port}/``) from urllib, wget and Node's fetch, and a page on one
 preview calling another, private, one with credentials in Chromium (its CORS preflight goes to
-the app). A real `aether serve` on the probe; self-signed certificates made here by openssl."""
+the app). A real `aether serve` on the probe; self-signed certificates (conftest's ``cert``)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from support import ROOT
-from support.ebpf import need_ebpf
-from support.servers import Server
+from support.processes import tool
+from support.servers import Server, module_server
 from support.waiting import wait_for
 from websockets.sync.client import connect as ws_connect
 
@@ -31,30 +30,7 @@ PROJECT = "abc123def456"
 PROBE_FIXTURES = ("server",)
 
 
-def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    return found or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    need_ebpf()
-    srv = Server("ebpf", tmp_path_factory.mktemp("reach"), "--project-id", PROJECT)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory) -> tuple[str, str]:
-    tmp = tmp_path_factory.mktemp("cert")
-    subprocess.run(
-        [tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost"],
-        cwd=tmp,
-        check=True,
-        capture_output=True,
-    )
-    return str(tmp / "cert.pem"), str(tmp / "key.pem")
+server = module_server("ebpf", "--project-id", PROJECT)
 
 
 def host(server: Server, port: int) -> str:
@@ -212,25 +188,9 @@ def test_a_port_that_changes_protocol_is_looked_at_again(server, listeners, cert
 
 # -- a port that does not speak HTTP ------------------------------------------------------------
 
-#: Answers whatever it receives with one byte, as PostgreSQL answers an SSLRequest.
-POSTGRES_LIKE = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
-while True:
-    c, _ = s.accept()
-    c.settimeout(5)
-    try:
-        if c.recv(8):
-            c.sendall(b"N")
-    except OSError:
-        pass
-    c.close()
-"""
-
 
 def test_a_port_that_speaks_no_http_gets_its_own_page(server, listeners):
-    port = listeners.spawn_on(lambda p: [sys.executable, "-c", POSTGRES_LIKE, str(p)]).port
+    port = listeners.postgres_like().port
     status, headers, body = until_proxied(server, port)
     assert status == 502 and headers["x-aether-error"] == "not_http"
     assert f"Port {port} answers, but not with HTTP".encode() in body

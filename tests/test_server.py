@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from support import AETHER, ROOT
-from support.clients import masked_frame, raw_upgrade, read_frames, recv_json, recv_until
+from support.clients import FACTS, masked_frame, opens, raw_upgrade, read_frames, recv_until
 from support.ports import free_port
 from support.processes import proc_comm
-from support.servers import Server
+from support.servers import Server, module_server
 from support.waiting import wait_for
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -25,34 +25,10 @@ from aether import cgroup
 WSCAT = ROOT / ".tools" / "node_modules" / ".bin" / "wscat"
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One `aether serve` for the tests that change nothing in it and do not depend on its ports
-    backend: refusals, broken frames, clients of every kind. (Those that need a server of their
-    own but not a backend's take ``workspace_server``'s, on sock_diag.)"""
-    server = Server("sockdiag", tmp_path_factory.mktemp("shared"))
-    yield server
-    server.stop()
-
-
-def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
-    """The initial open messages, by port. The server sends them on connect, before it reads
-    anything: the answer to a request sent now ends them (no waiting for a quiet moment).
-    Then, for the ports in ``expect`` (listening, but perhaps not seen yet: the sock_diag
-    backend finds a port with its next snapshot), the live opens until each has come."""
-    ws.send(json.dumps({"channel": "config", "type": "get", "id": "opens-end"}))
-    seen, ended = {}, False
-    deadline = time.monotonic() + timeout
-    while not ended or not set(expect) <= seen.keys():
-        msg = recv_json(ws, max(0.0, deadline - time.monotonic()))
-        if msg["channel"] == "ports" and msg["type"] == "open":
-            seen[msg["port"]] = msg
-        ended = ended or msg.get("id") == "opens-end"
-    return seen
-
-
-#: The fields of an open beside its owner's (see test_facts.py).
-FACTS = ("protocol", "ready", "command", "cwd", "started", "container", "label", "onOpen", "sources")
+#: One `aether serve` for the tests that change nothing in it and do not depend on its ports
+#: backend: refusals, broken frames, clients of every kind. (Those that need a server of their
+#: own but not a backend's take ``workspace_server``'s, on sock_diag.)
+shared = module_server("sockdiag")
 
 
 @pytest.mark.parametrize("how", ["header", "query"])

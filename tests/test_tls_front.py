@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,10 +18,11 @@ from types import SimpleNamespace
 import psutil
 import pytest
 from support import ROOT
+from support.certs import EC_KEY
 from support.clients import recv_until
 from support.listeners import Listeners
 from support.ports import PortTaken, free_port, on_a_free_port
-from support.processes import terminate
+from support.processes import terminate, tool
 from support.servers import Server
 from support.waiting import wait_for
 from websockets.exceptions import InvalidStatus
@@ -36,15 +36,10 @@ DOMAIN = "preview.localhost"
 PROJECT = "abc123def456"
 
 
-def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    return found or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
-
-
 def make_certificates(tmp: Path) -> None:
     """A CA, and a certificate it signs for the API host and *.DOMAIN (EC keys: fast)."""
     openssl = tool("openssl")
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    key = EC_KEY
     run = lambda *args: subprocess.run([openssl, *args], cwd=tmp, check=True, capture_output=True)  # noqa: E731
     run(
         "req",

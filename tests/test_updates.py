@@ -6,10 +6,9 @@ from __future__ import annotations
 import subprocess
 import time
 
-from support.clients import recv_json, recv_until
+from support.clients import FACTS, opens, recv_json, recv_until
 from support.ports import free_port
 from support.processes import FORKING_OWNER, proc_comm
-from test_server import FACTS, opens
 
 BOTH = ["127.0.0.1", "::1"]
 

@@ -24,7 +24,7 @@ import pytest
 from support import ROOT
 from support.ports import free_port
 from support.processes import terminate
-from support.waiting import wait_for
+from support.waiting import until, wait_for
 
 from aether.ports import containers, procs
 from aether.ports.containers import Container, Containers, ProxyTarget, is_docker, proxy_target, publishers
@@ -429,6 +429,72 @@ def test_content_length_answer_and_cache_expiry(dockerd):
     many, again = asyncio.run(asyncio.wait_for(main(), 30))
     assert {c.name for c in many} == {"boring_feynman"} and again.name == "boring_feynman"
     assert len(dockerd.requests) == 2
+
+
+def test_port_opened_after_an_answer_is_asked_anew(dockerd):
+    """One answer serves the ports that opened before it was asked for, not one opened after:
+    that port's container may be in no answer yet."""
+    later = free_port()
+
+    async def main():
+        names = Containers(dockerd.path)
+        before = time.monotonic()
+        first = await names.publisher(dockerd.port, since=before)
+        again = await names.publisher(dockerd.port, since=before)  # the same answer serves it
+        assert len(dockerd.requests) == 1
+        dockerd.listing = publishing(dockerd.port) + [
+            {"Id": "f" * 64, "Names": ["/late"], "Image": "nginx:1", "Ports": [{"PublicPort": later, "Type": "tcp"}]}
+        ]
+        opened = time.monotonic()
+        found = await names.publisher(later, since=opened)
+        return first, again, found
+
+    first, again, found = asyncio.run(asyncio.wait_for(main(), 30))
+    assert first.name == again.name == "boring_feynman"
+    assert found == Container("f" * 64, "late", "nginx:1")
+    assert len(dockerd.requests) == 2
+
+
+def test_container_listed_after_its_port_opened_is_awaited(dockerd):
+    """dockerd opens a container's ports before it lists the container: asked again until it
+    does, each time anew; not at all once the port is no longer wanted."""
+    dockerd.listing = []
+
+    async def main():
+        names = Containers(dockerd.path)
+
+        async def listed_later():
+            await until(lambda: len(dockerd.requests) >= 2, timeout=10)
+            dockerd.listing = publishing(dockerd.port)
+
+        later = asyncio.ensure_future(listed_later())
+        found = await names.awaited(dockerd.port, None, time.monotonic())
+        await later
+        asked = len(dockerd.requests)
+        gone = await names.awaited(dockerd.port + 2, None, time.monotonic(), wanted=lambda: False)
+        return found, asked, gone
+
+    found, asked, gone = asyncio.run(asyncio.wait_for(main(), 30))
+    assert found is not None and found.name == "boring_feynman"
+    assert asked >= 2  # one (or more) that did not name it, then one that did
+    assert gone is None and len(dockerd.requests) == asked + 1  # one ask, then given up
+
+
+def test_no_socket_nothing_awaited(tmp_path):
+    async def main():
+        names = Containers(str(tmp_path / "absent.sock"))
+        return await names.awaited(8080, None, time.monotonic()), names.requests
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == (None, 0)
+
+
+def test_socket_path_from_setting_docker_host_or_default():
+    assert containers.socket_path("/run/user/1000/docker.sock", {"DOCKER_HOST": "unix:///x.sock"}) == "/run/user/1000/docker.sock"
+    assert containers.socket_path(None, {"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}) == "/run/user/1000/docker.sock"
+    # Another kind of DOCKER_HOST names a daemon that holds no port here.
+    for host in ("tcp://10.0.0.5:2375", "ssh://me@box", "unix://", ""):
+        assert containers.socket_path(None, {"DOCKER_HOST": host}) == containers.SOCKET
+    assert containers.socket_path(None, {}) == "/var/run/docker.sock"
 
 
 @pytest.mark.parametrize("mode", ["500", "garbage", "hang"])

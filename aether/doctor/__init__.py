@@ -3,7 +3,8 @@
 The eBPF verdict is the probe's test load (which the privileges, kernel, tracepoint, bcc and
 headers checks explain when it fails) together with sock_diag, which every backend takes its
 start-up snapshot from. The state directory and the port are checked and reported beside it:
-they decide whether ``aether serve`` starts, not how it watches ports.
+they decide whether ``aether serve`` starts, not how it watches ports; and so is how terminal
+sessions and agent turns will be ended (a cgroup each, or the fallback).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from aether.doctor import checks
+from aether.doctor import cgroups, checks
 from aether.doctor.checks import FAIL, OK, WARN, Check
 
 #: The checks that explain a failed test load, in the order a fix should go.
@@ -52,6 +53,7 @@ def run(host: str, port: int, state_dir: Path, backend: str = "auto", config_err
         ("sock_diag", checks.check_sockdiag),
         ("state-dir", lambda: checks.check_state_dir(state_dir, config_error)),
         ("port", lambda: checks.check_port(host, port)),
+        ("cgroups", lambda: cgroups.check_cgroups(state_dir)),
     ]
     found = [_checked(name, step) for name, step in steps]
     by_name = {check.name: check for check in found}

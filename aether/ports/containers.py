@@ -7,6 +7,10 @@ or, with Docker's userland proxy off, by ``dockerd`` itself. Neither names the c
 is asked of dockerd, ``GET /containers/json`` over its Unix socket, a short request answered
 from memory. Nothing is asked unless a port's holder is one of those two; with no socket there,
 nothing happens at all.
+
+dockerd opens a container's ports before it starts the container, and lists the container
+only once it runs: a listing asked for as the port opens does not name it yet, so the port's
+container is asked for again while it stays open (:meth:`Containers.awaited`).
 """
 
 from __future__ import annotations
@@ -17,18 +21,30 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 log = logging.getLogger("aether.ports")
 
+#: Where dockerd answers unless told otherwise (``--docker-socket``, or ``DOCKER_HOST``).
 SOCKET = "/var/run/docker.sock"
 #: Seconds for the whole exchange with dockerd. It answers /containers/json from memory, in
 #: milliseconds for tens of containers; a daemon that takes longer is busy, and the port is
 #: named without its container rather than late.
 TIMEOUT = 1.0
-#: Seconds one answer serves every port: ``docker compose up`` opens its ports together, and
-#: one request names them all.
+#: Seconds one answer serves every port that opened before it was asked for: ``docker compose
+#: up`` opens its ports together, and one request names them all. A port that opened after
+#: the request was sent is asked for anew: the answer cannot know it.
 TTL = 2.0
+#: Seconds between a listing that does not name a Docker port's container and the next, at
+#: first, doubling to :data:`RETRY_MAX`. docker-proxy listens 0.05-0.6 s before dockerd lists
+#: the container (Docker 20.10, a busybox image, 2-vCPU VM, idle to loaded): of the asks 0, 0.1,
+#: 0.3 and 0.7 s after the open, the second names it on an idle machine, the fourth on a loaded one.
+RETRY_FIRST = 0.1
+RETRY_MAX = 2.0
+#: Seconds after its open a port's container is asked for at most: long enough for a
+#: container whose start waits on a slow network or volume plugin; a port of dockerd's that no
+#: container publishes (its own API on TCP) costs about twenty requests in all.
+RETRY_FOR = 30.0
 #: Bytes of answer read at most (about 2 KiB a container).
 MAX_ANSWER = 8 << 20
 #: Characters kept of a container's name and image.
@@ -62,6 +78,18 @@ class Container:
 
     def to_json(self) -> dict:
         return {"id": self.id, "name": self.name, "image": self.image}
+
+
+def socket_path(given: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
+    """The socket dockerd answers on: ``given``, else ``DOCKER_HOST``'s path where it is
+    ``unix://PATH`` (as the docker CLI reads it), else :data:`SOCKET`. A ``DOCKER_HOST`` of
+    another kind (``tcp://``, ``ssh://``) names a daemon that holds no port here."""
+    if given:
+        return given
+    host = environ.get("DOCKER_HOST", "")
+    if host.startswith("unix://") and len(host) > len("unix://"):
+        return host[len("unix://") :]
+    return SOCKET
 
 
 def is_docker(process: str | None, argv: Iterable[str] | None = None) -> bool:
@@ -197,39 +225,62 @@ def _dechunk(data: bytes) -> bytes:
 
 class Containers:
     """Names the containers behind Docker's ports, asking dockerd at most once per ``ttl``
-    seconds whatever the number of ports asked about meanwhile."""
+    seconds for the ports that opened before the last request, whatever their number."""
 
     def __init__(self, path: str = SOCKET, ttl: float = TTL, timeout: float = TIMEOUT):
         self.path = path
         self.ttl = ttl
         self.timeout = timeout
         self._listing: object = None
-        self._fetched = -float("inf")
-        self._pending: asyncio.Future | None = None
+        self._asked = -float("inf")  # time.monotonic() when the kept answer was asked for
+        self._pending: tuple[float, asyncio.Future] | None = None
         #: Requests made to dockerd (for tests and metrics).
         self.requests = 0
 
-    async def publisher(self, port: int, target: ProxyTarget | None = None) -> Container | None:
+    async def publisher(self, port: int, target: ProxyTarget | None = None, since: float = -float("inf")) -> Container | None:
         """The container publishing ``port``, or None: none does, dockerd is not there, or
-        it did not answer in time. Never raises."""
-        listing = await self.listing()
+        it did not answer in time. The answer is one asked for after ``since`` (a
+        ``time.monotonic()``, when the port opened). Never raises."""
+        listing = await self.listing(since)
         found = publishers(listing, port, target)
         return found[0] if found else None
 
-    async def listing(self) -> object:
-        """dockerd's ``/containers/json``, at most ``ttl`` seconds old; None without an answer."""
-        if time.monotonic() - self._fetched < self.ttl:
+    async def awaited(
+        self, port: int, target: ProxyTarget | None, since: float, wanted: Callable[[], bool] = lambda: True
+    ) -> Container | None:
+        """:meth:`publisher`, asked again while dockerd does not list the port's container yet
+        (it lists a container once it runs, after its ports open), ``wanted()`` holds (the port
+        is still open, the same owner's) and :data:`RETRY_FOR` seconds since ``since`` have not
+        passed; None as soon as there is no socket."""
+        delay = RETRY_FIRST
+        while True:
+            container = await self.publisher(port, target, since)
+            if container is not None or not wanted():
+                return container
+            now = time.monotonic()
+            if not os.path.exists(self.path) or now + delay - since > RETRY_FOR:
+                return None
+            await asyncio.sleep(delay)
+            since, delay = now, min(delay * 2, RETRY_MAX)
+            if not wanted():
+                return None
+
+    async def listing(self, since: float = -float("inf")) -> object:
+        """dockerd's ``/containers/json`` asked for after ``since`` and at most ``ttl`` seconds
+        ago; None without an answer."""
+        if self._asked >= since and time.monotonic() - self._asked < self.ttl:
             return self._listing
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._fetch())
+        if self._pending is None or self._pending[0] < since:
+            asked = time.monotonic()
+            self._pending = (asked, asyncio.ensure_future(self._fetch(asked)))
         pending = self._pending
         try:
-            return await asyncio.shield(pending)
+            return await asyncio.shield(pending[1])
         finally:
-            if self._pending is pending and pending.done():
+            if self._pending is pending and pending[1].done():
                 self._pending = None
 
-    async def _fetch(self) -> object:
+    async def _fetch(self, asked: float) -> object:
         listing = None
         if os.path.exists(self.path):
             self.requests += 1
@@ -238,7 +289,8 @@ class Containers:
             except (TimeoutError, OSError, AnswerError, ValueError) as exc:
                 error = str(exc) or type(exc).__name__
                 log.debug("dockerd did not answer", extra={"socket": self.path, "error": error})
-        self._listing, self._fetched = listing, time.monotonic()
+        if asked >= self._asked:  # not an older request's answer over a newer one's
+            self._listing, self._asked = listing, asked
         return listing
 
     async def _get(self, path: str) -> object:

@@ -340,13 +340,9 @@ class Detector:
             if banner is not None:
                 # Closed as soon as accepted, or a server that speaks first.
                 return Look(TCP, "banner", sample=banner) if banner else Look(None, "closed")
-            if writer.is_closing():
-                return Look(None, "closed")  # reset during the banner wait
             try:
-                writer.write(REQUEST)
-            except (OSError, RuntimeError):
-                # uvloop raises RuntimeError for a transport the peer's reset has closed
-                # under us; the same as a close before the request.
+                _send(writer, REQUEST)
+            except OSError:
                 return Look(None, "closed")
             data = bytearray()
             try:
@@ -401,7 +397,7 @@ class Detector:
                         # Refused by a TLS server (an alert, no shared cipher): still TLS.
                         return Look(HTTPS, "tls-alert") if classify_answer(first)[0] == "tls" else self._not_tls(first)
                     if outgoing.pending:
-                        writer.write(outgoing.read())
+                        _send(writer, outgoing.read())
                     if done:
                         self._goodbye(tls, outgoing, writer)
                         return Look(HTTPS, "tls")
@@ -434,5 +430,13 @@ class Detector:
             tls.unwrap()
         except ssl.SSLError:
             pass
-        if outgoing.pending:
+        if outgoing.pending and not writer.is_closing():
             writer.write(outgoing.read())
+
+
+def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """``data`` to the port; ConnectionResetError where its connection has closed while the
+    look waited (reset by the port as the wait ended: uvloop's write then raises RuntimeError)."""
+    if writer.is_closing():
+        raise ConnectionResetError("the connection was closed")
+    writer.write(data)

@@ -7,7 +7,8 @@ A port event is never held back for any of it: :meth:`PortFacts.seen` only queue
 and the lookups start :data:`SETTLE` seconds later, for the ports still open then. What a lookup finds later is
 told by ``on_change(update)``, an ``update`` event holding the port's whole state again, and,
 the first time a port answers HTTP or completes a TLS handshake, by ``on_ready(port,
-protocol, ms)``. :meth:`PortFacts.fields` gives the extra fields of a port's ``open`` and
+protocol, ms)``: not while a person or an attribute rule says the port speaks ``tcp`` (it is
+not previewed as HTTP then), and once no one says so any more. :meth:`PortFacts.fields` gives the extra fields of a port's ``open`` and
 ``update`` messages from what is known at that moment.
 
 Command lines are read on the loop, a batch of ports a callback (``who`` is a few small reads
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from aether.attributes.rules import EMPTY, Attributes, Ruleset
 from aether.ports import procs
 from aether.ports.containers import Container, Containers, is_docker, proxy_target
-from aether.ports.detect import HTTP, HTTPS, Detection, Detector
+from aether.ports.detect import HTTP, HTTPS, TCP, Detection, Detector
 from aether.ports.events import CLOSE, OPEN, UPDATE, PortEvent
 from aether.ports.who import Who, who
 
@@ -96,6 +97,9 @@ class PortFacts:
         self._lookup_pending = False
         self._dirty: dict[int, bool] = {}  # ports to tell, in order: whether before their look
         self._ready: list[Detection] = []
+        #: The ready of a port said to be ``tcp`` when it answered, told once nobody says so.
+        self._withheld: dict[int, Detection] = {}
+        self._naming: set[asyncio.Task] = set()  # containers being asked for
         self._tell_pending = False
         self._closed = False
         #: Attributes last told per port, so that a rules reload tells only the ports it changed.
@@ -154,8 +158,8 @@ class PortFacts:
         detection = state.detection if state is not None else None
         command = attrs.shown_command(found.command) if found is not None else None
         container = state.container if state is not None else None
-        ready = detection.ready if detection is not None else None
         protocol = self._chosen.get(port) or attrs.protocol or (detection.protocol if detection is not None else None)
+        ready = detection.ready if detection is not None and protocol != TCP else None
         return {
             "protocol": protocol,
             "ready": None if ready is None else round(ready * 1000),
@@ -192,6 +196,7 @@ class PortFacts:
             # At once, even before the port's first look: that look's findings come in a later
             # update, under the choice.
             self._tell(port, before_look=True)
+        self._release(port)
 
     def recheck(self, port: int) -> None:
         """Look at ``port``'s protocol again (a ``tcp`` port the proxy saw answer HTTP)."""
@@ -206,11 +211,14 @@ class PortFacts:
             attrs = self.attributes(port)
             if attrs != self._told.get(port):
                 self._tell(port)
+                self._release(port)
 
     def close(self) -> None:
         self._closed = True
         self._queue.clear()
         self.detector.close()
+        for task in self._naming:
+            task.cancel()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -239,6 +247,7 @@ class PortFacts:
             if event.type == CLOSE:
                 self._ports.pop(port, None)
                 self._told.pop(port, None)
+                self._withheld.pop(port, None)
                 self.detector.stop(port)
                 lookups.pop(port, None)
                 continue
@@ -279,7 +288,9 @@ class PortFacts:
             if state.who is None:
                 continue
             if is_docker(procs.process_name(pid), state.who.argv):
-                self._loop.create_task(self._container(port, state))
+                task = self._loop.create_task(self._container(port, state))
+                self._naming.add(task)  # held: the loop keeps only a weak reference to a task
+                task.add_done_callback(self._naming.discard)
             self._tell(port)
         if self._lookups:
             self._lookup_pending = True
@@ -287,7 +298,10 @@ class PortFacts:
 
     async def _container(self, port: int, state: _Port) -> None:
         target = proxy_target(state.who.argv or ()) if state.who is not None else None
-        container = await self.containers.publisher(port, target)
+        pid = state.pid
+        container = await self.containers.awaited(
+            port, target, state.opened, lambda: not self._closed and self._ports.get(port) is state and state.pid == pid
+        )
         if container is not None and self._ports.get(port) is state:
             state.container = container
             self._tell(port)
@@ -304,6 +318,17 @@ class PortFacts:
         self._tell(detection.port)
         if detection.protocol in (HTTP, HTTPS):
             self._ready.append(detection)
+
+    def _release(self, port: int) -> None:
+        """The withheld ready of ``port``, if no one says it speaks ``tcp`` any more: after its
+        update, as any ready (a look since, or a close, made it stale: then nothing)."""
+        detection = self._withheld.get(port)
+        if detection is not None and self.protocol_of(port) != TCP:
+            del self._withheld[port]
+            state = self._ports.get(port)
+            if state is not None and state.detection is detection:
+                self._ready.append(detection)
+                self._tell(port)
 
     def _tell(self, port: int, before_look: bool = False) -> None:
         """An ``update`` for ``port``, once the current callback is done: what several
@@ -335,10 +360,13 @@ class PortFacts:
             state = self._ports.get(detection.port)
             if state is None or state.detection is not detection or self._on_ready is None:
                 continue
+            protocol = self.protocol_of(detection.port) or detection.protocol
+            if protocol == TCP:
+                # Said to speak tcp, it is not previewed as HTTP: ready once no one says so.
+                self._withheld[detection.port] = detection
+                continue
             try:
-                self._on_ready(
-                    detection.port, self.protocol_of(detection.port) or detection.protocol, round(detection.elapsed * 1000)
-                )
+                self._on_ready(detection.port, protocol, round(detection.elapsed * 1000))
             except Exception:
                 log.exception("port facts subscriber failed", extra={"port": detection.port})
 

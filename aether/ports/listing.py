@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 
 from aether.attributes.rules import EMPTY, Ruleset
-from aether.ports.containers import Containers, is_docker, proxy_target
+from aether.ports.containers import Containers, is_docker, proxy_target, socket_path
 from aether.ports.detect import FIRST_RETRY, HANGUPS, TCP, Detector
 from aether.ports.events import PortState
 from aether.ports.facts import probe_host
@@ -55,16 +55,17 @@ async def _protocol(detector: Detector, host: str, port: int) -> str | None:
         delay *= 2
 
 
-def rows(states: Sequence[PortState], rules: Ruleset = EMPTY, look: bool = True) -> list[dict]:
+def rows(states: Sequence[PortState], rules: Ruleset = EMPTY, look: bool = True, docker_socket: str | None = None) -> list[dict]:
     """The JSON rows of ``states``: what :meth:`PortState.to_json` gives, and ``command``,
-    ``cwd``, ``started``, ``container``, ``protocol``, ``label``, ``onOpen`` and ``sources``."""
-    return asyncio.run(_rows(states, rules, look))
+    ``cwd``, ``started``, ``container``, ``protocol``, ``label``, ``onOpen`` and ``sources``;
+    containers asked of dockerd on ``docker_socket`` (see :func:`.containers.socket_path`)."""
+    return asyncio.run(_rows(states, rules, look, socket_path(docker_socket)))
 
 
-async def _rows(states: Sequence[PortState], rules: Ruleset, look: bool) -> list[dict]:
+async def _rows(states: Sequence[PortState], rules: Ruleset, look: bool, docker_socket: str) -> list[dict]:
     found = {state.port: who(state.pid) for state in states}
     detector = Detector()
-    containers = Containers()
+    containers = Containers(docker_socket)
 
     async def protocol(state: PortState) -> str | None:
         if not look:

@@ -190,6 +190,14 @@ class PortMonitor:
             self._owners.exited(unnoticed)
         return events
 
+    def catch_up(self) -> None:
+        """Take in what the probe holds now, before its reader's turn comes: a client asking
+        about a port it just saw listen is answered as the kernel stands, not as the loop has
+        got to (both can be ready in one wake-up, the client's frame read first). sock_diag
+        answers at its next snapshot."""
+        if self._probe is not None:
+            self._probe.drain()
+
     @property
     def settled(self) -> bool:
         """No owner search running or waiting to run, and no port held back for one."""

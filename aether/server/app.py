@@ -25,6 +25,7 @@ import tornado.web
 from aether import running
 from aether.agent.store import AgentStoreError
 from aether.attributes.live import LiveRules
+from aether.ports.containers import Containers, socket_path
 from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.facts import PortFacts
 from aether.ports.monitor import PortMonitor
@@ -164,6 +165,7 @@ class WorkspaceServer:
             lambda event: self.ports_channel.on_facts(event),
             lambda port, protocol, ms: self.ports_channel.on_ready(port, protocol, ms),
             self.rules,
+            containers=Containers(socket_path(settings.docker_socket)),
         )
         self.ports_channel = PortsChannel(
             monitor,

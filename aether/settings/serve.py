@@ -35,6 +35,7 @@ class Settings:
     backend: str
     state_dir: Path
     ignored_ports: tuple[int, ...]
+    docker_socket: str | None
     ping_interval: float
     pong_timeout: float
     write_timeout: float

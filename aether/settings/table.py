@@ -162,6 +162,15 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--ignore",
         commands=("ports list", "ports watch", "ports kill"),
     ),
+    _serve(
+        "docker_socket",
+        Text(metavar="PATH"),
+        None,
+        "the Unix socket dockerd answers on, asked which container publishes a port that `docker-proxy` or "
+        "`dockerd` holds ([ports](ports.md#what-aether-finds-out-about-a-port))",
+        shown="`DOCKER_HOST`'s path where it is `unix://PATH`, else `/var/run/docker.sock`",
+        commands=("ports list", "ports watch"),
+    ),
     _serve("ping_interval", Seconds(), 45.0, "seconds between the server's WebSocket pings; positive"),
     _serve("pong_timeout", Seconds(), 120.0, "seconds without a pong before a client is dropped; positive"),
     _serve("write_timeout", Seconds(), 30.0, "seconds a client may take to take in a frame before it is dropped; positive"),

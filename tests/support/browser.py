@@ -4,7 +4,9 @@ without these flags Chromium keeps trying to reach Google's services).
 
 Also what both measure with: a listener that prints the moment it listens, and an observer in
 the page that stamps the moment a port's row appears or goes. Browser and test read the same
-system clock, so the difference is the whole path: probe, server, WebSocket, page, DOM.
+system clock, so the difference is the whole path: probe, server, WebSocket, page, DOM. And
+what the dashboard's tests do with the page: wait for it, find a port's row, press its buttons,
+save screenshots to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from support import ROOT
+
+#: Where screenshots (and the dashboard test's latency report) are saved.
+ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = [
@@ -102,3 +108,57 @@ def timed_http_server(port: int, directory: Path) -> tuple[subprocess.Popen, flo
         proc.kill()
         raise AssertionError(f"http.server on {port} did not start: exit {proc.wait()}")
     return proc, float(line)
+
+
+def wait(driver, predicate, timeout: float = 10.0, what: str = "the page"):
+    """Until ``predicate(driver)`` is truthy (its value), within ``timeout`` seconds; at the
+    deadline, a screenshot of the page and an AssertionError naming ``what``."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(predicate)
+    except TimeoutException:
+        screenshot(driver, "dashboard-failure.png")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; see test-artifacts/dashboard-failure.png") from None
+
+
+def screenshot(driver, name: str) -> None:
+    """The page from its top, saved as ``test-artifacts/NAME``."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(ARTIFACTS / name))
+
+
+def row(driver, port: int):
+    """The dashboard's row for ``port``, or None."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, f'#ports tr[data-port="{port}"]')
+    return rows[0] if rows else None
+
+
+def cells(driver, port: int) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    found = row(driver, port)
+    return [td.text for td in found.find_elements(By.TAG_NAME, "td")] if found else []
+
+
+def connection(driver) -> str:
+    """The page's WebSocket state, as it shows it (``body[data-connection]``)."""
+    return driver.execute_script("return document.body.dataset.connection || ''")
+
+
+def press(driver, element) -> None:
+    """Click ``element`` once it is in the middle of the window: scrolled to the top, the
+    dashboard's sticky header (the connection's state) would take the click."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    element.click()
+
+
+def click(driver, port: int, action: str) -> None:
+    """Press the button for ``action`` in ``port``'s row."""
+    from selenium.webdriver.common.by import By
+
+    press(driver, row(driver, port).find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]'))

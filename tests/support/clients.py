@@ -1,4 +1,5 @@
-"""Talking to `aether serve`: JSON messages on a ``websockets`` connection, and raw sockets
+"""Talking to `aether serve`: JSON messages on a ``websockets`` connection (the opens sent on
+connect among them), and raw sockets
 that complete the upgrade and then do only what a test tells them (never answer a ping,
 never read)."""
 
@@ -24,6 +25,26 @@ def recv_until(ws, predicate, timeout: float = 5.0) -> dict:
         msg = recv_json(ws, remaining)
         if predicate(msg):
             return msg
+
+
+def opens(ws, expect=(), timeout: float = 10.0) -> dict[int, dict]:
+    """The initial open messages, by port. The server sends them on connect, before it reads
+    anything: the answer to a request sent now ends them (no waiting for a quiet moment).
+    Then, for the ports in ``expect`` (listening, but perhaps not seen yet: the sock_diag
+    backend finds a port with its next snapshot), the live opens until each has come."""
+    ws.send(json.dumps({"channel": "config", "type": "get", "id": "opens-end"}))
+    seen, ended = {}, False
+    deadline = time.monotonic() + timeout
+    while not ended or not set(expect) <= seen.keys():
+        msg = recv_json(ws, max(0.0, deadline - time.monotonic()))
+        if msg["channel"] == "ports" and msg["type"] == "open":
+            seen[msg["port"]] = msg
+        ended = ended or msg.get("id") == "opens-end"
+    return seen
+
+
+#: The fields of an open beside its owner's (see test_facts.py).
+FACTS = ("protocol", "ready", "command", "cwd", "started", "container", "label", "onOpen", "sources")
 
 
 def port_messages(ws, port: int, until, timeout: float = 30.0) -> list[dict]:

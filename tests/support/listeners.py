@@ -1,21 +1,62 @@
-"""Real listening processes: http.server, node, nginx and any python code."""
+"""Real listening processes: http.server (plain and over ssl), node (http and https), nginx, a
+PostgreSQL-like server that speaks no HTTP, and any python code."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from support.ports import PortTaken, held_sockets, listening_inodes, on_a_free_port
-from support.processes import stop_daemon
+from support.processes import stop_daemon, tool
 from support.waiting import wait_for
 
 #: Seconds a listener has to start listening.
 READY_TIMEOUT = 10
+
+#: ``python - PORT CERT KEY``: http.server over ssl on 127.0.0.1:PORT.
+PYTHON_HTTPS = """
+import http.server, ssl, sys
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+server = http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+#: ``node - PORT CERT KEY``: node's https on 127.0.0.1:PORT, answering "ok".
+NODE_HTTPS = """
+const fs = require('fs');
+const [port, cert, key] = process.argv.slice(1);
+require('https').createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key)}, (q, s) => s.end('ok'))
+  .listen(Number(port), '127.0.0.1');
+"""
+
+#: ``python - PORT MODE [LOG]``: answers whatever startup message it gets with one byte, as
+#: PostgreSQL answers an SSLRequest ('N': no TLS here); with MODE "close", closes instead, as
+#: PostgreSQL does with bytes it cannot parse as a startup packet. Appends the length of what
+#: it received to LOG, when given one.
+POSTGRES_LIKE = """
+import socket, sys
+port, mode, log = int(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port)); s.listen()
+while True:
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        data = c.recv(8)
+        if log:
+            with open(log, "ab") as f:
+                f.write(b"%d\\n" % len(data))
+        if mode == "answer" and data:
+            c.sendall(b"N")
+    except OSError:
+        pass
+    c.close()
+"""
 
 
 class Listeners:
@@ -81,8 +122,22 @@ class Listeners:
             ),
         )
 
+    def python_https(self, cert: tuple[str, str], port: int | None = None) -> subprocess.Popen:
+        """http.server over ssl with ``cert`` (certificate, key)."""
+        return self.spawn_on(lambda p: [sys.executable, "-c", PYTHON_HTTPS, str(p), *cert], port, stderr=subprocess.DEVNULL)
+
+    def node_https(self, cert: tuple[str, str], port: int | None = None) -> subprocess.Popen:
+        """node's https with ``cert`` (certificate, key)."""
+        return self.spawn_on(lambda p: [tool("node"), "-e", NODE_HTTPS, str(p), *cert], port)
+
+    def postgres_like(self, port: int | None = None, mode: str = "answer", log: Path | None = None) -> subprocess.Popen:
+        """A server that speaks no HTTP (``POSTGRES_LIKE``): it answers one byte, or with
+        ``mode="close"`` closes; each connection's received length appended to ``log``."""
+        extra = [str(log)] if log else []
+        return self.spawn_on(lambda p: [sys.executable, "-c", POSTGRES_LIKE, str(p), mode, *extra], port)
+
     def node(self, port: int | None = None) -> subprocess.Popen:
-        node = shutil.which("node") or pytest.fail("node is not installed (deploy/setup.sh installs it)")
+        node = tool("node")
 
         def start(p: int) -> subprocess.Popen:
             code = f"require('http').createServer((q, s) => s.end('ok')).listen({p}, '127.0.0.1')"
@@ -94,9 +149,7 @@ class Listeners:
         """nginx (a master, two workers) on 127.0.0.1 and [::1]; its Popen. With ``daemon``,
         in nginx's default mode instead: the process started listens, forks the master and
         exits; ``(master's pid, port)`` once the master has settled (its pid file written)."""
-        nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
-        if not nginx:
-            pytest.fail("nginx is not installed (deploy/setup.sh installs it)")
+        nginx = tool("nginx")
 
         def start(p: int):
             conf, pid_file = self.tmp / f"nginx-{p}.conf", self.tmp / f"nginx-{p}.pid"

@@ -1,14 +1,26 @@
-"""Processes: `aether` as a command, stopping what the tests started, reading /proc."""
+"""Processes: `aether` and the tools the tests run as commands, stopping what the tests
+started, reading /proc."""
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 
+import pytest
+
 from support import AETHER, ROOT
+
+
+def tool(name: str) -> str:
+    """The path of the command ``name`` (looked for in the sbin directories too); the test
+    fails plainly when it is not installed."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    return found or pytest.fail(f"{name} is not installed (deploy/setup.sh installs it)")
+
 
 #: Runs a command as ``nohup`` leaves it, and more: SIGHUP and SIGQUIT ignored, SIGUSR2 blocked.
 NOHUP = (

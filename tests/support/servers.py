@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from support import AETHER, ROOT
-from support.ebpf import note_backend
+from support.ebpf import need_ebpf, note_backend
 from support.ports import PortTaken, on_a_free_port
 from support.processes import terminate
 
@@ -116,6 +118,23 @@ class Server:
         status = terminate(self.proc)
         self._stderr.join(5)
         return status
+
+
+def module_server(backend: str, *args: str):
+    """A module-scoped fixture: one `aether serve` on ``backend`` with ``*args``, in a fresh
+    state dir, for every test of the module that takes it (assign it to the fixture's name:
+    ``server = module_server("ebpf", "--project-id", PROJECT)``). On "ebpf" it needs the
+    probe (and the module lists the fixture in ``PROBE_FIXTURES``)."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        if backend == "ebpf":
+            need_ebpf()
+        server = Server(backend, tmp_path_factory.mktemp("server"), *args)
+        yield server
+        server.stop()
+
+    return fixture
 
 
 class Watcher:

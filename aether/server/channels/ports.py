@@ -51,6 +51,9 @@ class Monitor(Protocol):
 
     def wait_closed(self, port: int, timeout: float) -> Awaitable[bool]: ...
 
+    def catch_up(self) -> None:
+        """Take in the port events the kernel has given and the loop has not read yet."""
+
 
 class OpenPorts(Protocol):
     """What the channel reads of the monitor's table: the ports open now, the ports ignored."""
@@ -167,6 +170,8 @@ class PortsChannel(Channel):
         port, value = message.body["port"], message.body["protocol"]
         if self.facts is None:
             raise Refusal("unavailable", "this server does not look into ports")
+        if port not in self._opened:
+            self.monitor.catch_up()  # its open may be waiting behind this frame
         if port not in self._opened:
             raise Refusal("not_open", f"port {port} is not open")
         self.facts.choose(port, None if value == "auto" else value)

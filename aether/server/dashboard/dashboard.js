@@ -301,7 +301,7 @@
 
   function matches(row, terms) {
     if (!terms.length) return true;
-    const text = [row.port, row.process, row.command, row.cwd, labelOf(row), row.protocol, row.url,
+    const text = [row.port, row.process, row.command, row.cwd, containerOf(row), labelOf(row), row.protocol, row.url,
       ...(row.addresses || []), ...namesOf(row.port)].filter((v) => v != null).join(" ").toLowerCase();
     return terms.every((term) => text.includes(term));
   }
@@ -339,6 +339,12 @@
     if (!row.seenAtStart) return `since ${new Date(row.opened).toLocaleString()}`;
     const at = `already listening when the server started, at ${new Date(row.opened).toLocaleString()}`;
     return row.started ? `${at}; its process started at ${new Date(row.started).toLocaleString()}` : at;
+  }
+
+  // A port Docker publishes is its container's: `container: NAME (IMAGE)`.
+  function containerOf(row) {
+    const box = row.container;
+    return box ? `container: ${box.name}${box.image ? ` (${box.image})` : ""}` : "";
   }
 
   function labelOf(row) {
@@ -382,6 +388,7 @@
     const view = {
       process: el("span", {class: "process"}),
       label: el("span", {class: "label"}),
+      container: el("div", {class: "container"}),
       command: el("div", {class: "command"}),
       cwd: el("div", {class: "cwd"}),
       names: el("div", {class: "key"}),
@@ -404,7 +411,8 @@
     view.copy.addEventListener("click", () => ports.has(port) && copyUrl(ports.get(port), view.copy));
     view.tr = el("tr", {"data-port": String(port)},
       el("td", {class: "num port", "data-label": "Port", text: String(port)}),
-      el("td", {class: "who", "data-label": "Process"}, el("div", {}, view.process, view.label), view.command, view.cwd, view.names),
+      el("td", {class: "who", "data-label": "Process"}, el("div", {}, view.process, view.label), view.container, view.command, view.cwd,
+        view.names),
       view.pid, view.address,
       el("td", {"data-label": "Visibility"}, view.badge, view.toggle),
       view.duration,
@@ -418,6 +426,7 @@
   function updateView(view, row, why) {
     setText(view.process, row.process || "—");
     setText(view.label, labelOf(row) || "");
+    setText(view.container, containerOf(row));
     setText(view.command, row.command || "");
     setAttr(view.command, "title", row.command || null);
     setText(view.cwd, row.cwd ? `in ${row.cwd}` : "");
