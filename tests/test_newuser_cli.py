@@ -145,3 +145,19 @@ def test_ports_watch_human_shows_answering_for_ports_open_before_it(listeners):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("args", [["--key", "web"], ["--value", "5173"], ["web", "5173", "--key", "api"]])
+def test_port_set_without_what_to_set_is_a_usage_error(tmp_path, args):
+    """README: exit 2 for a usage error (1 is a refused operation)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    result = subprocess.run(
+        [*AETHER, "port", "set", *args, "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.startswith("aether: ") and "Traceback" not in result.stderr
