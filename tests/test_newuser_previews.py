@@ -162,3 +162,32 @@ def test_an_app_that_hangs_up_only_on_the_look_is_still_previewed(server, listen
         recv_until(ws, lambda m: m.get("port") == port and m.get("protocol") == "tcp", timeout=15)
     status, _, body = get(server, port)
     assert (status, body) == (200, b"hello")
+
+
+def _put(server: Server, key: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("PUT", f"/api/ports/{key}", body=body, headers={"Authorization": f"Bearer {server.token}"})
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_the_registry_refuses_what_it_would_not_keep(server):
+    """A port 8050.5 was kept as 8050, and a field the registry does not have (a user trying
+    ``protocol``) was dropped with a 200: both are refused, and nothing is written."""
+    status, reply = _put(server, "odd", b'{"port": 8050.5}')
+    assert status == 400 and reply["error"] == "invalid", reply
+    status, reply = _put(server, "odd", b'{"port": 8050, "protocol": "https"}')
+    assert status == 400 and reply["error"] == "invalid" and "protocol" in reply["message"], reply
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/api/ports/odd", headers={"Authorization": f"Bearer {server.token}"})
+    assert conn.getresponse().status == 404
+    conn.close()
+    # What a GET gives back is accepted as it is (a read-modify-write client).
+    status, entry = _put(server, "fine", b'{"port": 8051, "label": "web"}')
+    assert status == 200
+    entry["description"] = "again"
+    status, again = _put(server, "fine", json.dumps(entry).encode())
+    assert status == 200 and again["description"] == "again" and again["port"] == 8051
