@@ -134,7 +134,7 @@ def command(args) -> int:
             print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
             return 2
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
-    running_port, running_preview = None, None
+    running_port, running_preview, several = None, None, None
     if not args.state_dir and not args.service:
         # No flags: the server running here, if one is (see aether.running).
         from aether import running as running_servers
@@ -145,7 +145,7 @@ def command(args) -> int:
             running_preview = found[0].get("preview")
         elif len(found) > 1 and not os.environ.get("AETHER_STATE_DIR"):
             dirs = ", ".join(sorted({str(record.get("stateDir")) for record in found}))
-            print(f"aether: several aether servers run ({dirs}): checking the defaults; pass --state-dir", file=sys.stderr)
+            several = f"aether: several aether servers run ({dirs}): checking the defaults; pass --state-dir"
     try:
         sources.check_environment()  # again: --service may have read more of it
         state = StateDir(locate(args.state_dir))
@@ -167,6 +167,8 @@ def command(args) -> int:
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
+    if several is not None:  # once the settings are known good: a usage error stays one line
+        print(several, file=sys.stderr)
     if args.preview is not None:
         if isinstance(running_preview, dict):
             # The running server's own: its flags may have set them, which nothing here sees.
