@@ -207,7 +207,8 @@ def _table(rows: list[dict]) -> list[str]:
         line = f"{row['port']:>5}  {pid:>7}  {row.get('process') or '-':<16}  {names:<16}  {addresses:<22}  "
         extra = [row["protocol"]] if row.get("protocol") else []
         if row.get("readyMs") is not None:
-            extra.append(f"ready {row['readyMs']} ms")
+            # Open before the watch began: the time counts from then, not from the app's start.
+            extra.append("answering" if row.get("seenAtStart") else f"ready {row['readyMs']} ms")
         box = row.get("container")  # who a Docker port is, before docker-proxy's arguments
         named = f"container: {box['name']}" + (f" ({box['image']})" if box.get("image") else "") + " " if box else ""
         command = (f"[{' '.join(extra)}] " if extra else "") + named + (row.get("command") or "-")
@@ -236,18 +237,13 @@ def _ports_watch(args, values: dict) -> int:
     out = sys.stdout.buffer
 
     async def run() -> int:
+        from aether.output import Output
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-
-        flush_pending = False
-
-        def flush() -> None:
-            nonlocal flush_pending
-            flush_pending = False
-            try:
-                out.flush()
-            except BrokenPipeError:
-                stop.set()  # the reader went away: nothing left to do
+        # Never a blocking write: a reader that stops reading must not keep SIGTERM out.
+        output = Output(loop, out.fileno(), stop.set)
+        lines: list[bytes] = []
 
         table: dict[int, dict] = {}
         names = _registry_names() if args.human else {}
@@ -256,22 +252,22 @@ def _ports_watch(args, values: dict) -> int:
         def write(message: dict) -> None:
             # Lines are flushed once the current batch of events is written, before the loop
             # sleeps again: no line waits, and a burst costs one write, not one per line.
-            nonlocal flush_pending
             if args.human:
                 return redraw(message)
-            try:
-                out.write(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
-            except BrokenPipeError:
-                stop.set()
-                return
-            if not flush_pending:
-                flush_pending = True
+            if not lines:
                 loop.call_soon(flush)
+            lines.append(ujson.dumps(message, escape_forward_slashes=False).encode() + b"\n")
+
+        def flush() -> None:
+            output.write(b"".join(lines))
+            lines.clear()
 
         def emit(event, live: bool = True) -> None:
             message = event.to_message()
             if facts is not None and event.type != "close":
                 message.update(facts.fields(event.port, event.pid))
+            if args.human and not live:
+                message["seenAtStart"] = True  # the table's own: the lines keep the channel's fields
             write(message)
             if facts is not None and live:
                 facts.seen(event)  # after the line is written: lookups never delay it
@@ -305,11 +301,7 @@ def _ports_watch(args, values: dict) -> int:
             redraw_pending = False
             rows = [table[port] for port in sorted(table)]
             text = "\x1b[H\x1b[2J" + "\n".join(_table(rows)) + f"\n{len(rows)} open; ^C to stop\n"
-            try:
-                out.write(text.encode())
-                out.flush()
-            except BrokenPipeError:
-                stop.set()
+            output.frame(text.encode())
 
         monitor = PortMonitor(
             backend=values["backend"],
@@ -352,6 +344,7 @@ def _ports_watch(args, values: dict) -> int:
             if facts is not None:
                 facts.close()
             monitor.stop()
+            output.close()
         return 0
 
     code = asyncio.run(run())

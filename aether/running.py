@@ -1,12 +1,14 @@
 """Which ``aether serve`` runs here, for the commands that act on its state (``aether port``,
 ``aether doctor``) without being told ``--state-dir``.
 
-A server writes ``serve-<pid>.json`` (its pid and start time, state directory, host and port)
-into the runtime directory once it listens, and removes it when it stops: ``$XDG_RUNTIME_DIR/aether``,
-or ``/run/aether`` for root (both cleared at boot, never another user's). A file whose pid
-is gone, or is now another process (its start time differs), is stale, and ignored. A reader
-takes the one server running; with several it takes none and says so, as guessing would write
-to the wrong registry.
+A server writes ``serve-<pid>.json`` (its pid and start time, state directory, host and port,
+and what its preview hosts are made of) into the runtime directory once it listens, and
+removes it when it stops: ``$XDG_RUNTIME_DIR/aether``, or ``/run/aether`` for root (both
+cleared at boot, never another user's). A file whose pid is gone, or is now another process
+(its start time differs), is stale, and ignored; a reader removes one whose pid is not
+running at all (a server killed with SIGKILL leaves its file). A reader takes the one server
+running; with several it takes none and says so, as guessing would write to the wrong
+registry.
 
 Why a file rather than scanning /proc for ``aether serve``: a server's state directory comes
 from its flags, environment, systemd's ``StateDirectory=`` or the default, which its command
@@ -37,14 +39,18 @@ def _start_time(pid: int) -> str | None:
     return stat[stat.rfind(b")") + 2 :].split()[19].decode()
 
 
-def announce(state_dir: Path, host: str, port: int) -> Path | None:
+def announce(state_dir: Path, host: str, port: int, preview: dict | None = None) -> Path | None:
     """Write this server's file; its path, or None where there is no runtime directory (or
-    it cannot be written: the server runs on, the commands need ``--state-dir``)."""
+    it cannot be written: the server runs on, the commands need ``--state-dir``). ``preview``:
+    what its previews are made of (``domain``, ``prefix``, ``upstreamHost``), which its flags
+    may have set and ``aether doctor --preview`` must judge."""
     base = runtime_dir()
     if base is None:
         return None
     pid = os.getpid()
-    record = {"pid": pid, "start": _start_time(pid), "stateDir": str(Path(state_dir).resolve()), "host": host, "port": port}
+    record: dict = {"pid": pid, "start": _start_time(pid), "stateDir": str(Path(state_dir).resolve()), "host": host, "port": port}
+    if preview is not None:
+        record["preview"] = preview
     path = base / f"serve-{pid}.json"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -84,8 +90,17 @@ def servers() -> list[dict]:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if record.get("start") is not None and _start_time(pid) == record["start"]:
+        started = _start_time(pid)
+        if record.get("start") is not None and started == record["start"]:
             found.append(record)
+        elif started is None and name == f"serve-{pid}.json":
+            # Its server is gone (killed, so it could not remove it): remove it, or every
+            # command reads one more file for each server ever killed here. Only for a pid
+            # that is not running at all: no server of that pid can be writing it now.
+            try:
+                (base / name).unlink()
+            except OSError:
+                pass
     return found
 
 

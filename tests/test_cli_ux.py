@@ -40,9 +40,9 @@ def test_port_set_with_key_and_value(tmp_path):
     assert aether("port", "get", "web", "--state-dir", state).stdout.strip() == "5173"
     assert aether("port", "set", "api", "--value", "8000", "--state-dir", state).returncode == 0
     clash = aether("port", "set", "api", "8001", "--value", "8002", "--state-dir", state)
-    assert clash.returncode == 1 and "two ports given" in clash.stderr
+    assert clash.returncode == 2 and "two ports given" in clash.stderr  # a usage error (README)
     missing = aether("port", "set", "--key", "db", "--state-dir", state)
-    assert missing.returncode == 1 and "needs a port" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "needs a port" in missing.stderr and "Traceback" not in missing.stderr
     assert aether("port", "get", "api", "--state-dir", state).stdout.strip() == "8000"
 
 

@@ -134,7 +134,7 @@ def command(args) -> int:
             print(f"aether: {SERVICE_ENV_FILE}: {exc.strerror}", file=sys.stderr)
             return 2
         args.state_dir = args.state_dir or SERVICE_STATE_DIR
-    running_port = None
+    running_port, running_preview, several = None, None, None
     if not args.state_dir and not args.service:
         # No flags: the server running here, if one is (see aether.running).
         from aether import running as running_servers
@@ -142,6 +142,10 @@ def command(args) -> int:
         found = running_servers.servers()
         if len(found) == 1 and not os.environ.get("AETHER_STATE_DIR"):
             args.state_dir, running_port = found[0]["stateDir"], found[0]["port"]
+            running_preview = found[0].get("preview")
+        elif len(found) > 1 and not os.environ.get("AETHER_STATE_DIR"):
+            dirs = ", ".join(sorted({str(record.get("stateDir")) for record in found}))
+            several = f"aether: several aether servers run ({dirs}): checking the defaults; pass --state-dir"
     try:
         sources.check_environment()  # again: --service may have read more of it
         state = StateDir(locate(args.state_dir))
@@ -155,11 +159,27 @@ def command(args) -> int:
         if running_port is not None and args.port is None and not os.environ.get("AETHER_PORT"):
             port = running_port
         domain = serve.peek("preview_domain", args, file, state.config_path)
+        if args.preview is not None:
+            preview_settings = {
+                name: serve.peek(name, args, file, state.config_path)
+                for name in ("preview_upstream_host", "prefix_length", "project_id", "workspace_root")
+            }
     except ValueError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
+    if several is not None:  # once the settings are known good: a usage error stays one line
+        print(several, file=sys.stderr)
     if args.preview is not None:
-        return _preview(args, args.preview, domain, state.path, as_json=args.json)
+        if isinstance(running_preview, dict):
+            # The running server's own: its flags may have set them, which nothing here sees.
+            domain = running_preview.get("domain") or domain
+            preview_settings["preview_upstream_host"] = running_preview.get("upstreamHost") or "localhost"
+            if running_preview.get("workspaceRoot"):
+                preview_settings["workspace_root"] = running_preview["workspaceRoot"]
+            if running_preview.get("prefix"):
+                preview_settings["project_id"] = prefix = str(running_preview["prefix"])
+                preview_settings["prefix_length"] = len(prefix)
+        return _preview(args, args.preview, domain, state.path, as_json=args.json, **preview_settings)
     report = run(host, port, state.path, backend, config_error)
     if args.json:
         print(ujson.dumps(report.to_json(), escape_forward_slashes=False))
@@ -168,8 +188,19 @@ def command(args) -> int:
     return 0 if report.ebpf else 1
 
 
-def _preview(args, port: int, domain: str, state_dir: Path, as_json: bool) -> int:
+def _preview(
+    args,
+    port: int,
+    domain: str,
+    state_dir: Path,
+    as_json: bool,
+    preview_upstream_host: str = "localhost",
+    prefix_length: int = 6,
+    project_id: str | None = None,
+    workspace_root: str | Path | None = None,
+) -> int:
     """``--preview PORT``: the preview checks alone; 0 when none failed."""
+    import os
     import sys
 
     import ujson
@@ -180,11 +211,17 @@ def _preview(args, port: int, domain: str, state_dir: Path, as_json: bool) -> in
         print(f"aether: --preview {port}: a port number 1-65535", file=sys.stderr)
         return 2
     try:
-        prefix = (Path(state_dir) / "project-id").read_text().strip()[:6] or "project"
+        project = project_id or (Path(state_dir) / "project-id").read_text().strip()
     except OSError:
-        prefix = "project"
+        project = ""
+    prefix = project[:prefix_length] or "project"
     host = f"{port}-{prefix}.{domain}"
-    found = preview.check(port, host, domain)
+    from aether.attributes.live import read_all
+
+    # The rules the server follows: a protocol one overrides what the port speaks.
+    root = Path(workspace_root) if workspace_root else Path(os.path.expanduser("~"))
+    rules, _problems = read_all(root if root.is_dir() else None, Path(state_dir) / "config.json")
+    found = preview.check(port, host, domain, preview_upstream_host, rules)
     failed = [check.name for check in found if check.verdict == FAIL]
     verdict = f"doctor: the preview of port {port} " + (f"fails ({', '.join(failed)})" if failed else "should work")
     report = Report(found, not failed, verdict)

@@ -372,7 +372,9 @@ def check_port(host: str, port: int) -> Check:
                     fix = (
                         "nothing: aether serve is running on it"
                         if "aether itself" in held
-                        else f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT"
+                        else f"stop it (aether ports kill {port}), or choose another --port / AETHER_PORT "
+                        f"(this is the port aether serve would take; to see why port {port}'s preview fails: "
+                        f"aether doctor --preview {port})"
                     )
                     # The server running is what a port taken by it means: fine, not a warning.
                     verdict = OK if "aether itself" in held else FAIL

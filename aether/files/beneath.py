@@ -70,7 +70,9 @@ def has_openat2() -> bool:
                 why = f"openat2: {exc.strerror}"
         OPENAT2 = why is None
         extra = {"resolver": "openat2"} if OPENAT2 else {"resolver": "walk", "why": why}
-        log.info("files: paths resolved beneath the workspace root", extra=extra)
+        # The usual case is news for debugging only; every command that reads a workspace file
+        # (``aether ports list`` reads the attribute rules) would print it to a terminal.
+        (log.debug if OPENAT2 else log.warning)("files: paths resolved beneath the workspace root", extra=extra)
     return OPENAT2
 
 

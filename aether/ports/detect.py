@@ -25,6 +25,13 @@ request, and answers it once it can. The look keeps waiting on that one connecti
 ``ready`` time, is when the server answered. A refused or closed connection is tried again
 with backoff. :data:`DEADLINE` after the open it gives up: ``tcp``, never answered.
 
+A port that took the connection, waited through the banner wait, read the request and then
+hung up without a byte (and then closed on the ClientHello, or waited on it) is a ``hangup``: PostgreSQL
+does this ("invalid length of startup packet"), and Redis to a request with a ``Host:``
+line. :data:`HANGUPS` of them in a row are ``tcp`` at once, rather than a minute of looks,
+each a line in the server's log. A proxy whose application has not started closes at once,
+inside the banner wait, before it is sent anything: that stays ``closed``, not ready yet.
+
 Each look holds one of a bounded number of connections (:data:`MAX_CONNECTIONS`); a burst
 of opens waits its turn. Everything runs on the loop: a look is a few small reads and writes
 and at most one TLS handshake. During 1,000 looks at once no loop callback took 2 ms of CPU
@@ -73,6 +80,10 @@ DEADLINE = 60.0
 #: at 16 times before the deadline.
 FIRST_RETRY = 0.1
 MAX_RETRY = 5.0
+#: Looks in a row that ended in a hang-up after the request (see the module docstring) before
+#: the port is ``tcp``: with the backoff, about 0.3 s of retries, so that a listener caught
+#: in a passing bad state is looked at again, while PostgreSQL's log gets 6 lines, not 32.
+HANGUPS = 3
 #: Probe connections held at once across all ports. A burst of opens is looked at this many
 #: at a time; a port that does not answer holds one for up to :data:`REFRESH`.
 MAX_CONNECTIONS = 32
@@ -91,7 +102,8 @@ _TLS_ALERT = 0x15
 class Look:
     """What one look found: a protocol, or None if the port is not ready yet; ``reason``:
     ``tls``, ``tls-alert``, ``http``, ``banner``, ``answer`` (bytes that are not HTTP),
-    ``closed`` (closed without an answer), ``silent``, ``refused``."""
+    ``closed`` (closed without an answer), ``hangup`` (closed without an answer after it had
+    held the connection and read the request), ``silent``, ``refused``."""
 
     protocol: str | None
     reason: str
@@ -172,7 +184,7 @@ def classify_answer(data: bytes) -> tuple[str, int | None]:
 def needs_tls(plain: Look) -> bool:
     """Whether the answer to the plain request could have come from a TLS server: a ``400``,
     a TLS record, or the connection closed without a word."""
-    return plain.reason in ("tls", "closed") or (plain.reason == "http" and plain.status == 400)
+    return plain.reason in ("tls", "closed", "hangup") or (plain.reason == "http" and plain.status == 400)
 
 
 def combine(plain: Look, tls: Look) -> Look:
@@ -183,8 +195,14 @@ def combine(plain: Look, tls: Look) -> Look:
         return plain
     if plain.reason == "tls":  # a TLS record to plain HTTP, and then no handshake
         return Look(TCP, "answer", sample=plain.sample)
-    # Closed on the plain request: whatever answered the ClientHello, if anything.
-    return tls if tls.protocol is not None else Look(None, "closed")
+    # Closed on the plain request: whatever answered the ClientHello, if anything. A hang-up
+    # that then closes on the ClientHello too, or waits on it for more (Redis: no TLS server
+    # is silent to a ClientHello), is a hang-up; one that refuses it may be changing state.
+    if tls.protocol is not None:
+        return tls
+    if plain.reason == "hangup" and tls.reason in ("closed", "hangup", "silent"):
+        return Look(None, "hangup")
+    return Look(None, "closed")
 
 
 class Detector:
@@ -262,7 +280,7 @@ class Detector:
         """Look until the port answers or :data:`DEADLINE` after ``opened`` passes."""
         opened = time.monotonic() if opened is None else opened
         end = opened + self.deadline
-        delay, attempts, closed = FIRST_RETRY, 0, False
+        delay, attempts, closed, hangups = FIRST_RETRY, 0, False, 0
         while True:
             async with self._slots:
                 # Measured once a connection is free: a look that waited its turn past the
@@ -273,9 +291,10 @@ class Detector:
             now = time.monotonic()
             if look.protocol is not None:
                 return Detection(port, look.protocol, now - opened, look.reason, attempts, look.status, look.sample)
-            closed = closed or look.reason == "closed"
+            closed = closed or look.reason in ("closed", "hangup")
+            hangups = hangups + 1 if look.reason == "hangup" else 0
             pause = 0.0 if look.reason == "silent" else delay
-            if now + pause >= end:
+            if now + pause >= end or hangups >= HANGUPS:
                 return Detection(port, TCP, now - opened, "closed" if closed else look.reason, attempts)
             if pause:
                 await asyncio.sleep(pause)
@@ -334,7 +353,9 @@ class Detector:
             except OSError:
                 pass
             if not data:
-                return Look(None, "closed")
+                # Held through the banner wait, read the request, then hung up (a banner
+                # wait of 0: it may have closed before reading, so only ``closed``).
+                return Look(None, "hangup" if self.banner_wait > 0 else "closed")
             kind, status = classify_answer(bytes(data))
             if kind == "http":
                 return Look(HTTP, "http", status)
@@ -390,7 +411,7 @@ class Detector:
                     incoming.write(chunk)
         except TimeoutError:
             return Look(HTTPS, "tls") if first else Look(None, "silent")
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: uvloop's write to a transport reset under us
             return self._not_tls(first)
         finally:
             self._close(writer)

@@ -2,9 +2,10 @@
 with the fields a ``ports`` ``open`` carries beside it: command line and working directory,
 container, protocol and attributes (see :mod:`aether.ports.facts`).
 
-A listing is one look, not a watch: each port is looked at once, all at a time, for at most
+A listing is one look, not a watch: each port is looked at, all at a time, for at most
 :data:`LOOK_SECONDS`; a port that has not answered by then (a dev server still compiling) is
-listed with ``protocol`` null.
+listed with ``protocol`` null. A port that hangs up on every look is looked at again, with
+the watch's backoff, until it is ``tcp`` (PostgreSQL: three looks, about 0.4 s).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from aether.attributes.rules import EMPTY, Ruleset
 from aether.ports.containers import Containers, is_docker, proxy_target, socket_path
-from aether.ports.detect import Detector
+from aether.ports.detect import FIRST_RETRY, HANGUPS, TCP, Detector
 from aether.ports.events import PortState
 from aether.ports.facts import probe_host
 from aether.ports.who import who
@@ -24,6 +25,34 @@ from aether.ports.who import who
 #: that finds TLS a handshake more: bench/detect.py); this bounds the listing for ports that
 #: do not answer.
 LOOK_SECONDS = 1.0
+#: Seconds a port that hangs up on a look has for its next one (each is answered at once: a
+#: few milliseconds on an idle machine).
+HANGUP_SECONDS = 5.0
+
+
+async def _protocol(detector: Detector, host: str, port: int) -> str | None:
+    """What ``port`` speaks, as far as :data:`LOOK_SECONDS` of looks tell; a port that hangs
+    up on them (PostgreSQL) is looked at again, as the watch does, until it is ``tcp``: that
+    takes :data:`~aether.ports.detect.HANGUPS` looks, and is allowed :data:`HANGUP_SECONDS`
+    (the machine may be busy), since each look is answered at once."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + LOOK_SECONDS
+    delay, hangups = FIRST_RETRY, 0
+    while True:
+        try:
+            look = await asyncio.wait_for(detector.look(host, port, LOOK_SECONDS), max(0.0, end - loop.time()))
+        except TimeoutError:
+            return None
+        if look.protocol is not None:
+            return look.protocol
+        if look.reason != "hangup":
+            return None
+        hangups += 1
+        if hangups >= HANGUPS:
+            return TCP
+        end = max(end, loop.time() + HANGUP_SECONDS)
+        await asyncio.sleep(delay)
+        delay *= 2
 
 
 def rows(states: Sequence[PortState], rules: Ruleset = EMPTY, look: bool = True, docker_socket: str | None = None) -> list[dict]:
@@ -35,17 +64,13 @@ def rows(states: Sequence[PortState], rules: Ruleset = EMPTY, look: bool = True,
 
 async def _rows(states: Sequence[PortState], rules: Ruleset, look: bool, docker_socket: str) -> list[dict]:
     found = {state.port: who(state.pid) for state in states}
-    detector = Detector(deadline=LOOK_SECONDS)
+    detector = Detector()
     containers = Containers(docker_socket)
 
     async def protocol(state: PortState) -> str | None:
         if not look:
             return None
-        try:
-            result = await asyncio.wait_for(detector.look(probe_host(state.addresses), state.port, LOOK_SECONDS), LOOK_SECONDS)
-        except TimeoutError:
-            return None
-        return result.protocol
+        return await _protocol(detector, probe_host(state.addresses), state.port)
 
     async def container(state: PortState):
         holder = found[state.port]

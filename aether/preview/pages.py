@@ -101,3 +101,14 @@ def not_http_text(port: int) -> str:
         "a message broker, SSH...), which a browser cannot show. Connect to it with that "
         "protocol's own client, or set the port's protocol if it does speak HTTP."
     )
+
+
+TLS_FAILED_TITLE = "TLS handshake failed"
+
+
+def chosen_https_text(port: int) -> str:
+    return (
+        f"Port {int(port)} is set to https (by a port attribute rule, or on the ports channel), so the "
+        "proxy spoke TLS to it, but it did not answer TLS: it most likely serves plain HTTP. Set its "
+        "protocol to http, or remove the setting and let aether find it."
+    )

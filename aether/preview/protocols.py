@@ -92,6 +92,9 @@ class UpstreamProtocols:
     async def _look(self, port: int, address: str, identity: Hashable) -> str:
         look = await self.detector.look(address, port, LOOK_WAIT)
         if look.protocol is None:
+            # A port that hangs up on every look (PostgreSQL, Redis) still gets the request: an
+            # app that closes on ``OPTIONS *`` alone answers it, and one that closes on it too
+            # gets the not-HTTP page then (:meth:`tcp_after_hangup`).
             return HTTP
         if identity == self.identity(port):
             self._found[port] = (identity, look.protocol)
@@ -99,6 +102,12 @@ class UpstreamProtocols:
                 if self.protocol_of(port) == TCP:
                     self.recheck(port)  # the owner's detection is behind: it looks again
         return look.protocol
+
+    def tcp_after_hangup(self, port: int) -> bool:
+        """The app closed a request's connection without a byte: whether that is a port
+        that speaks no HTTP (its detection found it hangs up on every look), so that the
+        page says so rather than blaming the app."""
+        return self.protocol_of is not None and self.protocol_of(port) == TCP
 
     def forget(self, port: int) -> None:
         """The port closed: its next listener is looked at afresh."""

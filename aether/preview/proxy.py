@@ -402,6 +402,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if cycle.forward is not None:
             self.proxy.sink.upstream_failed(cycle.forward, why)
+            # The connector may know better what the failure means (a port that speaks no HTTP).
+            explain = getattr(self.proxy.connector, "explain", None)
+            page = explain(cycle.forward, why) if explain is not None else None
+            if page is not None:
+                self._fail(cycle, page.status, page.title, page.text, extra=page.headers)
+                return
         self._fail(cycle, 502, "Bad gateway", pages.escape(why[0].upper() + why[1:]) + ".")
 
     def start_tunnel(self, up: Upstream) -> None:

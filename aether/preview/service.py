@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from aether.ports.detect import TCP
+from aether.ports.detect import HTTPS, TCP
 from aether.ports.events import CLOSE, PortEvent
 from aether.preview import pages
 from aether.preview.core import Proxy
@@ -22,7 +22,7 @@ from aether.preview.local import LocalAddresses, is_local
 from aether.preview.owner import Forward, ProtocolOf, Unreachable
 from aether.preview.protocols import UpstreamProtocols
 from aether.preview.proxy import ClientConnection
-from aether.preview.upstream import Upstream, dial
+from aether.preview.upstream import NO_ANSWER, Upstream, dial
 from aether.preview.visibility import Visibility
 
 log = logging.getLogger("aether.preview")
@@ -102,6 +102,14 @@ class PreviewProxy:
             try:
                 up = await dial(self.loop, factory, forward.address, port, ssl=self.protocols.ssl_for(protocol))
                 break
+            except Unreachable as exc:
+                chosen = self.protocols.chosen(port) if self.protocols.chosen is not None else None
+                if chosen == HTTPS and exc.title == pages.TLS_FAILED_TITLE:
+                    # A rule or a person said https; the port did not answer TLS. The page says
+                    # whose word that was, not that the port speaks TLS.
+                    self.log_failure(port, "set to https, but the port does not speak TLS")
+                    raise Unreachable(502, pages.TLS_FAILED_TITLE, pages.chosen_https_text(port)) from None
+                raise
             except ConnectionRefusedError:
                 self.gate.forget(port)
                 if port in table and self.loop.time() - started < CONNECT_RETRY_SECONDS:
@@ -117,6 +125,16 @@ class PreviewProxy:
             up.close()
             raise refusal
         return up
+
+    def explain(self, forward: Forward, why: str) -> Unreachable | None:
+        """The page for an upstream that failed with ``why``, where it is not the app's fault:
+        a port that hangs up on HTTP (PostgreSQL, Redis) speaks no HTTP."""
+        if why == NO_ANSWER and self.protocols.tcp_after_hangup(forward.port):
+            port = forward.port
+            return Unreachable(
+                502, pages.NOT_HTTP_TITLE, pages.not_http_text(port), headers=(("X-Aether-Error", pages.NOT_HTTP_CODE),)
+            )
+        return None
 
     # -- the sink ---------------------------------------------------------------------------
 

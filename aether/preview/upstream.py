@@ -36,6 +36,11 @@ log = logging.getLogger("aether.preview")
 POOL_SIZE = 64
 POOL_IDLE_SECONDS = 30.0
 CONNECT_TIMEOUT = 5.0
+#: Why, when the app closed the connection before a byte of its response.
+NO_ANSWER = (
+    "the app closed the connection without answering: it may speak another protocol "
+    "than HTTP (a database does this), or it failed on the request (see its log)"
+)
 
 
 async def dial(
@@ -71,7 +76,7 @@ async def dial(
     except ssl_module.SSLError as exc:
         raise Unreachable(
             502,
-            "TLS handshake failed",
+            pages.TLS_FAILED_TITLE,
             f"{name[:1].upper()}{name[1:]} speaks TLS, but the handshake failed: {pages.escape(exc.reason or str(exc))}.",
         ) from None
     except OSError as exc:
@@ -220,6 +225,10 @@ class Upstream(asyncio.Protocol):
             if self.chunked_out:
                 self._out.append(h.LAST_CHUNK)
             self._finish(keep=False)
+        elif not self.started and not self._raw:
+            # Not a byte of an answer: what a port that speaks no HTTP does (PostgreSQL, Redis)
+            # as well as an app that failed on the request. Neither is "cut short".
+            self._fail(NO_ANSWER)
         else:
             self._fail("the app closed the connection before it finished its response")
 

@@ -85,9 +85,16 @@ def run(args) -> int:
     try:
         with _registry(args) as registry:
             return COMMANDS[args.port_command](registry, args)
+    except _UsageError as exc:
+        print(f"aether: {exc}", file=sys.stderr)
+        return 2
     except RegistryError as exc:
         print(f"aether: {exc}", file=sys.stderr)
         return 1
+
+
+class _UsageError(Exception):
+    """A command line that does not say what to do (exit 2, as argparse's errors)."""
 
 
 def _print_json(value) -> None:
@@ -105,14 +112,12 @@ def _set(registry, args) -> int:
 
 
 def _one(what: str, positional: str | None, option: str | None) -> str:
-    from aether.registry.store import RegistryError
-
     if positional is not None and option is not None and positional != option:
-        raise RegistryError(f"two {what}s given: {positional} and {option}")
+        raise _UsageError(f"two {what}s given: {positional} and {option}")
     value = positional if positional is not None else option
     if value is None:
         flag = "--key" if what == "key" else "--value"
-        raise RegistryError(f"port set needs a {what}: aether port set KEY PORT, or {flag}")
+        raise _UsageError(f"port set needs a {what}: aether port set KEY PORT, or {flag}")
     return value
 
 

@@ -115,7 +115,7 @@ def check_port(port) -> int:
         value = int(port)
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e400 is infinite
         raise RegistryError(f"invalid port {excerpt(port)}: a number 1-65535") from None
-    if isinstance(port, bool) or not 1 <= value <= 65535:
+    if isinstance(port, bool) or (isinstance(port, float) and value != port) or not 1 <= value <= 65535:
         raise RegistryError(f"invalid port {excerpt(port)}: a number 1-65535")
     return value
 

@@ -105,6 +105,13 @@ class PathPreviewHandler(tornado.web.RequestHandler):
     over a new connection, which the listener hands to the preview proxy."""
 
     async def prepare(self) -> None:
+        if "Host" not in self.request.headers:
+            # An HTTP/1.0 request without Host is not taken for a preview by the listener, so
+            # the same URL again would come back here: a redirect loop. Say what is missing.
+            self.set_status(400)
+            self.set_header("Connection", "close")
+            self.finish({"error": "bad_request", "message": "a path preview needs a Host header"})
+            return
         self.set_status(307)
         self.set_header("Location", self.request.uri)
         self.set_header("Connection", "close")
@@ -321,7 +328,13 @@ async def serve(settings: Settings) -> int:
             print(f"aether: fleet mode: {exc}", file=sys.stderr)
             return 1
         server.registry_api.watch()
-    announced = running.announce(settings.state_dir, settings.host, settings.port)
+    preview = {
+        "domain": settings.preview_domain,
+        "prefix": settings.project_prefix,
+        "upstreamHost": settings.preview_upstream_host,
+        "workspaceRoot": str(settings.workspace_root),
+    }
+    announced = running.announce(settings.state_dir, settings.host, settings.port, preview)
     print(banner(settings, show_token=not os.environ.get("JOURNAL_STREAM")), flush=True)
     log.info(
         "serving",

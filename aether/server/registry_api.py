@@ -22,6 +22,7 @@ import ujson
 
 from aether import credentials
 from aether.errors import Refusal
+from aether.excerpt import excerpt
 from aether.registry import rules
 from aether.registry.store import Entry, Registry, RegistryError
 from aether.server import cookie
@@ -167,6 +168,11 @@ class PortsHandler(ApiHandler):
         self.finish(ujson.dumps(joined(self.server)))
 
 
+#: What a PUT may carry: the fields it sets, and those a GET adds (a client may send an entry
+#: back as it got it; the key and times are the registry's own, and not changed).
+ENTRY_FIELDS = frozenset({"port", "app", "label", "description", "key", "created", "updated"})
+
+
 class PortHandler(ApiHandler):
     def get(self, key: str) -> None:
         entry = self.api.reader.get(key)
@@ -185,6 +191,12 @@ class PortHandler(ApiHandler):
             entry = await self.api.write("label", key, body["port"], body.get("label"))
             self.finish(entry.to_json())
             return
+        unknown = sorted(set(body) - ENTRY_FIELDS)
+        if unknown:
+            # Dropped with a 200, a field the registry has not (``protocol``, say) would look kept.
+            return self.fail(
+                400, "invalid", f"unknown field {excerpt(unknown[0])}: an entry has port, app, label and description"
+            )
         entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
         self.finish(entry.to_json())
 

@@ -352,8 +352,16 @@
     return entry ? entry.label : (row.label || null);
   }
 
+  // The ``ready`` message's time, else the ``ready`` of the port's open or update: a page
+  // opened (or reconnected) after the port answered gets no ``ready`` message for it.
+  function readyMs(row) {
+    return row.readyMs != null ? row.readyMs : (row.ready != null ? row.ready : null);
+  }
+
   function readyText(row) {
-    if (row.readyMs != null) return `ready in ${row.readyMs} ms`;
+    // A port that listened before the server started: its time is counted from the server's
+    // start, which says nothing of how long the app took. That it answers is what is known.
+    if (readyMs(row) != null) return row.seenAtStart ? "answering" : `ready in ${readyMs(row)} ms`;
     if (row.protocol === "tcp") return "";
     return protocolsKnown ? "not answering yet" : "";
   }
@@ -436,7 +444,7 @@
     setText(view.link, row.url);
     setAttr(view.protocol, "class", row.protocol ? `protocol badge ${row.protocol}` : "protocol");
     setText(view.protocol, row.protocol || "");
-    setAttr(view.ready, "class", row.readyMs != null ? "ready badge open" : "ready");
+    setAttr(view.ready, "class", readyMs(row) != null ? "ready badge open" : "ready");
     setText(view.ready, readyText(row));
     const byUser = hidden.ports.includes(row.port);
     setText(view.hidePort, byUser ? "unhide" : "hide");
