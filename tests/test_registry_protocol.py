@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import sqlite3
 import subprocess
 import urllib.parse
@@ -172,6 +173,22 @@ def test_rest_takes_a_protocol_and_refuses_a_bad_one(serve):
     assert api(srv, "PUT", "/api/ports/web", got)[1]["protocol"] == "https"
     bad = port_cli(srv.state_dir, "set", "web", str(port), "--protocol", "ftp")
     assert bad.returncode == 1 and bad.stderr.startswith("aether: invalid protocol") and bad.stderr.count("\n") == 1
+
+
+def test_ports_list_says_the_registry_protocol(tmp_path, listeners):
+    """`aether ports list --json` decides as the server does: the entry's `tcp` over the
+    port's look (an http.server), named as the registry's; the other port as looked at."""
+    named, other = listeners.http_server().port, listeners.http_server().port
+    assert port_cli(tmp_path, "set", "db", str(named), "--protocol", "tcp").returncode == 0
+    env = {**os.environ, "AETHER_STATE_DIR": str(tmp_path), "AETHER_WORKSPACE_ROOT": str(tmp_path)}
+    result = subprocess.run([*AETHER, "ports", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    rows = {row["port"]: row for row in json.loads(result.stdout)}
+    assert (rows[named]["protocol"], rows[named]["sources"].get("protocol"), rows[named]["names"]) == (
+        "tcp",
+        registry("db"),
+        ["db"],
+    )
+    assert (rows[other]["protocol"], rows[other]["sources"].get("protocol")) == ("http", None)
 
 
 #: The registry's schema before entries had a protocol (version 1), as such a file holds it.
