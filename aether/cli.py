@@ -347,7 +347,11 @@ def _ports_watch(args, values: dict) -> int:
             from aether.ports.containers import Containers, socket_path
             from aether.ports.facts import PortFacts
 
-            rules = await loop.run_in_executor(None, _rules)
+            # Read once, as the rules are: a watch follows neither file's later changes.
+            rules, entries = await asyncio.gather(
+                loop.run_in_executor(None, _rules), loop.run_in_executor(None, _registry_entries)
+            )
+            said = {entry.port: (entry.protocol, entry.key) for entry in entries if entry.protocol}
             facts = PortFacts(
                 monitor.table,
                 emit_found,
@@ -355,6 +359,7 @@ def _ports_watch(args, values: dict) -> int:
                     {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
                 ),
                 lambda: rules,
+                registry=said.get,
                 containers=Containers(socket_path(values["docker_socket"])),
             )
         try:

@@ -18,7 +18,7 @@ import pytest
 from support import AETHER, ROOT
 from support.clients import opens, port_messages, recv_until
 from support.ports import free_port
-from support.servers import Server
+from support.servers import Server, Watcher
 
 from aether.registry.store import Registry
 
@@ -189,6 +189,20 @@ def test_ports_list_says_the_registry_protocol(tmp_path, listeners):
         ["db"],
     )
     assert (rows[other]["protocol"], rows[other]["sources"].get("protocol")) == ("http", None)
+
+
+def test_ports_watch_says_the_registry_protocol(tmp_path, listeners, backend):
+    """`aether ports watch` reads the registry as it starts: a port registered as `tcp` opens
+    as `tcp`, named as the registry's, though it answers HTTP."""
+    port = free_port()
+    assert port_cli(tmp_path, "set", "db", str(port), "--protocol", "tcp").returncode == 0
+    watcher = Watcher(backend, env={"AETHER_STATE_DIR": str(tmp_path), "AETHER_WORKSPACE_ROOT": str(tmp_path)}, plain=False)
+    try:
+        listeners.http_server(port)
+        opened = watcher.expect("open", port, timeout=10)
+        assert (opened["protocol"], opened["sources"].get("protocol")) == ("tcp", registry("db"))
+    finally:
+        watcher.stop()
 
 
 #: The registry's schema before entries had a protocol (version 1), as such a file holds it.
