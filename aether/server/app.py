@@ -246,9 +246,9 @@ class WorkspaceServer:
             subscriber(entries)
 
     def fresh(self, ask: ProtocolOf) -> ProtocolOf:
-        """``ask(port)``, after a look at the registry (one ``PRAGMA data_version``,
-        microseconds): the preview follows another process's write at once, though no client
-        is connected to make the server look every second."""
+        """``ask(port)``, after a look at the registry (one ``PRAGMA data_version``, 4 us): the
+        preview follows another process's write at once, though no client is connected to make
+        the server look every second."""
 
         def asked(port: int) -> str | None:
             self.registry_api.check()
@@ -309,8 +309,9 @@ async def serve(settings: Settings) -> int:
         server.visibility,
         server.registry_api.port_of,
         server.metrics,
-        protocol_of=server.fresh(server.facts.protocol_of),
+        protocol_of=server.facts.protocol_of,
         recheck=server.facts.recheck,
+        # Asked first for every upstream decision: the one look at the registry per decision.
         chosen=server.fresh(server.facts.chosen_protocol),
     )
     listener = SharedListener(
