@@ -19,6 +19,7 @@ from support import AETHER, ROOT
 from support.clients import opens, port_messages, recv_until
 from support.ports import free_port
 from support.servers import Server, Watcher
+from support.waiting import wait_for
 
 from aether.registry.store import Registry
 
@@ -154,6 +155,30 @@ def test_a_person_is_over_the_registry_and_the_registry_over_a_rule(serve, liste
         assert api(srv, "PUT", "/api/ports/web", {"port": port, "protocol": "auto"})[1]["protocol"] is None
         told(ws, port, "tcp", rule)
         assert ask(srv, opened)[:2] == (502, "not_http")
+
+
+def test_a_port_registered_tcp_gets_its_ready_once_the_entry_says_auto(serve, listeners):
+    """A port the registry says speaks `tcp` is not previewed as HTTP: it answers HTTP (its
+    look finds http) but gets no `ready` until the entry's protocol is cleared; then the
+    `update` says `http` and the `ready` comes, with the time of its first answer."""
+    srv = serve()
+    port = free_port()
+    with srv.connect() as ws:
+        opens(ws)
+        assert api(srv, "PUT", "/api/ports/db", {"port": port, "protocol": "tcp"})[0] == 200
+        listeners.http_server(port)
+        wait_for(lambda: any(l.get("msg") == "port protocol" and l.get("port") == port for l in srv.log), 30)
+        # The look's findings are sent on the server's next turn: a request sent now is answered after them.
+        ws.send(json.dumps({"channel": "config", "type": "get", "id": "flush"}))
+        seen: list[dict] = []
+        recv_until(ws, lambda m: seen.append(m) or m.get("id") == "flush", timeout=10)
+        mine = [m for m in seen if m.get("port") == port]
+        assert mine and not [m for m in mine if m["type"] == "ready"], mine
+        assert (mine[-1]["protocol"], mine[-1]["ready"]) == ("tcp", None)
+        assert api(srv, "PUT", "/api/ports/db", {"port": port, "protocol": "auto"})[0] == 200
+        after = port_messages(ws, port, lambda m: m["type"] == "ready")
+    assert after[-1]["protocol"] == "http"
+    assert after[-2]["type"] == "update" and (after[-2]["protocol"], after[-2]["ready"]) == ("http", after[-1]["ms"])
 
 
 def test_rest_takes_a_protocol_and_refuses_a_bad_one(serve):
