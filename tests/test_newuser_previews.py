@@ -27,7 +27,9 @@ PROJECT = "abc123def456"
 PROBE_FIXTURES = ("server",)
 
 #: ``python - PORT``: reads what it is sent, then closes without a byte, as PostgreSQL does
-#: with an HTTP request or a TLS ClientHello ("invalid length of startup packet").
+#: with an HTTP request or a TLS ClientHello ("invalid length of startup packet"). It reads
+#: what has come, as PostgreSQL reads into its buffer: a close leaving bytes unread is a reset,
+#: which is how a forwarder whose far end is down closes, and is not taken for a hang-up.
 HANGS_UP = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,7 +38,7 @@ while True:
     c, _ = s.accept()
     c.settimeout(5)
     try:
-        c.recv(8)
+        c.recv(65536)
     except OSError:
         pass
     c.close()

@@ -480,6 +480,20 @@ def test_container_listed_after_its_port_opened_is_awaited(dockerd):
     assert gone is None and len(dockerd.requests) == asked + 1  # one ask, then given up
 
 
+def test_a_port_no_container_publishes_is_given_up_on(dockerd):
+    """dockerd may hold a port no container publishes (its API on TCP, swarm's 2377): asked
+    for until RETRY_FOR after the port opened, then no more."""
+    dockerd.listing = []
+
+    async def main():
+        names = Containers(dockerd.path)
+        opened = time.monotonic() - (containers.RETRY_FOR - 0.5)  # opened just under RETRY_FOR ago
+        return await names.awaited(dockerd.port, None, opened)
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) is None
+    assert 1 <= len(dockerd.requests) <= 4  # 0.1, 0.2 and 0.4 s apart, then past RETRY_FOR
+
+
 def test_no_socket_nothing_awaited(tmp_path):
     async def main():
         names = Containers(str(tmp_path / "absent.sock"))

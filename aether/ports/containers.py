@@ -252,16 +252,16 @@ class Containers:
         (it lists a container once it runs, after its ports open), ``wanted()`` holds (the port
         is still open, the same owner's) and :data:`RETRY_FOR` seconds since ``since`` have not
         passed; None as soon as there is no socket."""
-        delay = RETRY_FIRST
+        opened, delay = since, RETRY_FIRST
         while True:
             container = await self.publisher(port, target, since)
             if container is not None or not wanted():
                 return container
             now = time.monotonic()
-            if not os.path.exists(self.path) or now + delay - since > RETRY_FOR:
+            if not os.path.exists(self.path) or now + delay - opened > RETRY_FOR:
                 return None
             await asyncio.sleep(delay)
-            since, delay = now, min(delay * 2, RETRY_MAX)
+            since, delay = now, min(delay * 2, RETRY_MAX)  # an answer asked for after this one
             if not wanted():
                 return None
 

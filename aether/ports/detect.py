@@ -26,11 +26,13 @@ request, and answers it once it can. The look keeps waiting on that one connecti
 with backoff. :data:`DEADLINE` after the open it gives up: ``tcp``, never answered.
 
 A port that took the connection, waited through the banner wait, read the request and then
-hung up without a byte (and then closed on the ClientHello, or waited on it) is a ``hangup``: PostgreSQL
-does this ("invalid length of startup packet"), and Redis to a request with a ``Host:``
-line. :data:`HANGUPS` of them in a row are ``tcp`` at once, rather than a minute of looks,
-each a line in the server's log. A proxy whose application has not started closes at once,
-inside the banner wait, before it is sent anything: that stays ``closed``, not ready yet.
+closed cleanly without a byte (and then did the same to the ClientHello, or waited on it) is
+a ``hangup``: PostgreSQL does this ("invalid length of startup packet"), and Redis to a
+request with a ``Host:`` line. :data:`HANGUPS` of them in a row are ``tcp`` at once, rather
+than a minute of looks, each a line in the server's log. A forwarder whose far end is not up
+yet (docker-proxy, ``ssh -L``, ``kubectl port-forward``) closes without reading the request,
+inside the banner wait or a round trip after it: the unread bytes make that close a reset,
+and a reset stays ``closed``, not ready yet.
 
 Each look holds one of a bounded number of connections (:data:`MAX_CONNECTIONS`); a burst
 of opens waits its turn. Everything runs on the loop: a look is a few small reads and writes
@@ -198,6 +200,11 @@ def combine(plain: Look, tls: Look) -> Look:
     # Closed on the plain request: whatever answered the ClientHello, if anything. A hang-up
     # that then closes on the ClientHello too, or waits on it for more (Redis: no TLS server
     # is silent to a ClientHello), is a hang-up; one that refuses it may be changing state.
+    # So may a port that reset the request and then answers the ClientHello with bytes that
+    # are not TLS: a forwarder whose app came up between the two (Python's http.server
+    # answers a ClientHello with an HTML page), to be looked at again, not ``tcp``.
+    if tls.protocol == TCP and plain.reason == "closed":
+        return Look(None, "closed")
     if tls.protocol is not None:
         return tls
     if plain.reason == "hangup" and tls.reason in ("closed", "hangup", "silent"):
@@ -345,17 +352,21 @@ class Detector:
             except OSError:
                 return Look(None, "closed")
             data = bytearray()
+            reset = False
             try:
                 await asyncio.wait_for(self._read_answer(reader, data), wait)
             except TimeoutError:
                 if not data:
                     return Look(None, "silent")
             except OSError:
-                pass
+                reset = True
             if not data:
-                # Held through the banner wait, read the request, then hung up (a banner
-                # wait of 0: it may have closed before reading, so only ``closed``).
-                return Look(None, "hangup" if self.banner_wait > 0 else "closed")
+                # Held through the banner wait, read the request, then hung up. A reset says
+                # the request was never read (closing a socket with unread bytes sends RST):
+                # a forwarder whose far end is not up yet (docker-proxy, ssh -L, kubectl
+                # port-forward) closes so, after a round trip, and is not ready yet, as is a
+                # close with a banner wait of 0 (it may have come before the request).
+                return Look(None, "hangup" if self.banner_wait > 0 and not reset else "closed")
             kind, status = classify_answer(bytes(data))
             if kind == "http":
                 return Look(HTTP, "http", status)

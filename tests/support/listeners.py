@@ -36,8 +36,9 @@ require('https').createServer({cert: fs.readFileSync(cert), key: fs.readFileSync
 
 #: ``python - PORT MODE [LOG]``: answers whatever startup message it gets with one byte, as
 #: PostgreSQL answers an SSLRequest ('N': no TLS here); with MODE "close", closes instead, as
-#: PostgreSQL does with bytes it cannot parse as a startup packet. Appends the length of what
-#: it received to LOG, when given one.
+#: PostgreSQL does with bytes it cannot parse as a startup packet. It reads what has come, as
+#: PostgreSQL reads into its 8 KiB buffer, so that its close is a clean one (a close that left
+#: bytes unread would be a reset). Appends the length of what it received to LOG, when given one.
 POSTGRES_LIKE = """
 import socket, sys
 port, mode, log = int(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
@@ -47,7 +48,7 @@ while True:
     c, _ = s.accept()
     c.settimeout(5)
     try:
-        data = c.recv(8)
+        data = c.recv(65536)
         if log:
             with open(log, "ab") as f:
                 f.write(b"%d\\n" % len(data))
