@@ -337,6 +337,7 @@ def _ports_watch(args, values: dict) -> int:
         try:
             await monitor.start()
         except ProbeUnavailable as exc:
+            output.close()
             print(f"aether: eBPF backend unavailable: {exc}", file=sys.stderr)
             return 1
         if stat.S_ISFIFO(os.fstat(out.fileno()).st_mode):

@@ -2,10 +2,13 @@
 
 ``aether ports watch | slow-reader``: once the pipe's 64 KiB are full, a plain ``write()``
 blocks, and a process blocked in a system call runs no handler of its loop's: SIGTERM and
-SIGINT went unanswered for as long as the reader read nothing. Here a pipe or socket is put in
-non-blocking mode (its own file description: restored at the end) and what the kernel does
-not take yet is held and written once the fd is writable, so the loop, and its signal
-handlers, always run.
+SIGINT went unanswered for as long as the reader read nothing. Here what the kernel does not
+take yet is held and written once the fd is writable, so the loop, and its signal handlers,
+always run. O_NONBLOCK belongs to an open file description, which stdout shares with whatever
+inherited or dup'ed it (stderr, with ``2>&1``, whose log lines would then be lost on a full
+pipe): a pipe is opened anew through ``/proc/self/fd``, a description of its own, and only
+that one is non-blocking. A socket cannot be opened so; its own description is made
+non-blocking, and given back its mode at the end.
 
 Held output is bounded. A ``frame`` (a whole screen of ``watch --human``) replaces the frames
 not yet begun: a reader that falls behind gets the latest screen, not every one. Lines are
@@ -32,13 +35,20 @@ class Output:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_gone: Callable[[], None]):
         self.loop = loop
-        self.fd = fd
         self.on_gone = on_gone
         mode = os.fstat(fd).st_mode
         self.nonblocking = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
         self._was_blocking = os.get_blocking(fd)
-        if self.nonblocking:
+        self._own = False  # the fd is a description of our own, closed at the end
+        if stat.S_ISFIFO(mode):
+            try:
+                fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._own = True
+            except OSError:
+                pass  # no /proc: the shared description, as for a socket
+        if self.nonblocking and not self._own:
             os.set_blocking(fd, False)
+        self.fd = fd
         self._held: deque[bytes] = deque()  # what the fd has not taken yet, in order
         self._held_bytes = 0
         self._frame_started = False  # the first held chunk is a frame partly written
@@ -130,7 +140,10 @@ class Output:
         if self._waiting:
             self._waiting = False
             self.loop.remove_writer(self.fd)
-        if self.nonblocking:
+        if self._own:
+            self._own = self.nonblocking = False
+            os.close(self.fd)
+        elif self.nonblocking:
             try:
                 os.set_blocking(self.fd, self._was_blocking)
             except OSError:

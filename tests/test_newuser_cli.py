@@ -16,7 +16,8 @@ import pytest
 from support import AETHER, ROOT
 from support.waiting import wait_for
 
-#: Reads what it is sent, then closes without a byte, as PostgreSQL does with an HTTP request.
+#: Reads what it is sent, then closes without a byte, as PostgreSQL does with an HTTP request
+#: (reading all that came, as PostgreSQL does: a close with bytes unread is a reset, not this).
 HANGS_UP = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -25,7 +26,7 @@ while True:
     c, _ = s.accept()
     c.settimeout(5)
     try:
-        c.recv(8)
+        c.recv(65536)
     except OSError:
         pass
     c.close()
@@ -85,6 +86,31 @@ def test_ports_watch_stops_on_sigterm_while_its_reader_reads_nothing(human):
             sock.close()
 
 
+def test_ports_watch_leaves_a_shared_pipe_blocking():
+    """``aether ports watch 2>&1 | reader``: stdout and stderr share one open file description.
+    Its non-blocking writes go through a description of its own, so stderr's stays blocking
+    (else a log line written while the pipe is full would be lost), and so does the one the
+    shell hands on to the next command."""
+    proc = subprocess.Popen(
+        [*AETHER, "ports", "watch", "--backend", "sockdiag"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout.readline()  # running, the first open written
+        flags = {fd: _fd_flags(proc.pid, fd) for fd in (1, 2)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert not any(f & os.O_NONBLOCK for f in flags.values()), {fd: oct(f) for fd, f in flags.items()}
+
+
+def _fd_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+        return next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+
+
 def _pipe_full(fd: int) -> bool:
     """Whether the pipe's buffer holds (nearly) its capacity."""
     import fcntl
@@ -109,6 +135,7 @@ def test_a_killed_servers_runtime_file_is_removed(tmp_path):
     other.write_text("not ours")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
     env["XDG_RUNTIME_DIR"] = str(run)
+    env["XDG_STATE_HOME"] = env["HOME"] = str(tmp_path / "home")  # never the user's own registry
     result = subprocess.run([*AETHER, "port", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and other.exists()

@@ -97,6 +97,9 @@ class Owner:
         except ConnectionRefusedError:
             raise Unreachable(503, "Owner says down", "Nothing answers there.", refresh=7) from None
 
+    def explain(self, forward, why):
+        return None
+
     def response(self, status):
         self.responses[status] += 1
 

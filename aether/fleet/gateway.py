@@ -97,6 +97,9 @@ class Gateway:
             self._failed(forward, refusal.text.rstrip("."))
         raise unavailable()
 
+    def explain(self, forward: Forward, why: str) -> Unreachable | None:
+        return None  # the VM's aether explains its own ports; here a failure is the VM's
+
     # -- the sink ---------------------------------------------------------------------------
 
     def response(self, status: int) -> None:

@@ -422,7 +422,7 @@ class Detector:
                     incoming.write(chunk)
         except TimeoutError:
             return Look(HTTPS, "tls") if first else Look(None, "silent")
-        except (OSError, RuntimeError):  # RuntimeError: uvloop's write to a transport reset under us
+        except OSError:
             return self._not_tls(first)
         finally:
             self._close(writer)

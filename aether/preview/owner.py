@@ -104,6 +104,12 @@ class Connector(Protocol):
         away meanwhile."""
         ...
 
+    def explain(self, forward: Forward, why: str) -> Unreachable | None:
+        """What a failure of ``forward``'s upstream (``why``, the proxy's words) means, where
+        the owner knows better than the proxy (a port that speaks no HTTP): the page to show,
+        or None for the proxy's own 502."""
+        ...
+
 
 class Sink(Protocol):
     def response(self, status: int) -> None:

@@ -403,8 +403,7 @@ class ClientConnection(asyncio.Protocol):
         if cycle.forward is not None:
             self.proxy.sink.upstream_failed(cycle.forward, why)
             # The connector may know better what the failure means (a port that speaks no HTTP).
-            explain = getattr(self.proxy.connector, "explain", None)
-            page = explain(cycle.forward, why) if explain is not None else None
+            page = self.proxy.connector.explain(cycle.forward, why)
             if page is not None:
                 self._fail(cycle, page.status, page.title, page.text, extra=page.headers)
                 return
