@@ -149,9 +149,11 @@ def _ports_list(args, values: dict) -> int:
     from aether.ports import listing
 
     # The table shows no protocol: only JSON waits for ports to answer.
-    names = _registry_names()
+    entries = _registry_entries()
+    names = _names(entries)
+    said = {entry.port: entry for entry in entries if entry.protocol}
     result = [
-        _described(row, names)
+        _described(_registry_protocol(row, said), names)
         for row in listing.rows(procs.port_states(raw), _rules(), look=args.json, docker_socket=values["docker_socket"])
     ]
     if args.json:
@@ -162,24 +164,44 @@ def _ports_list(args, values: dict) -> int:
 
 
 def _registry_names() -> dict[int, list[str]]:
-    """port -> the registry's keys for it, from the running server's registry (or the
-    default one); nothing when there is none. Never creates a registry."""
+    """port -> the registry's keys for it (see :func:`_registry_entries`)."""
+    return _names(_registry_entries())
+
+
+def _registry_entries() -> list:
+    """The entries of the running server's registry (or the default one); none when there is
+    none. Never creates a registry."""
     from aether import running
 
     path = running.state_dir(None)[0] / "registry.db"
     if not path.exists():
-        return {}
+        return []
     from aether.registry.store import Registry, RegistryError
 
     try:
         with Registry(path) as registry:
-            entries = registry.entries()
+            return registry.entries()
     except RegistryError:
-        return {}
+        return []
+
+
+def _names(entries: list) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for entry in entries:
         names.setdefault(entry.port, []).append(entry.key)
     return names
+
+
+def _registry_protocol(row: dict, said: dict) -> dict:
+    """``row`` with its registry entry's protocol (in ``said``, by port), over a rule's and
+    the look's, as the server decides it (a person's choice is the server's alone)."""
+    from aether.ports.facts import REGISTRY_FILE
+
+    entry = said.get(row["port"])
+    if entry is not None:
+        row["protocol"] = entry.protocol
+        row["sources"] = {**(row.get("sources") or {}), "protocol": {"file": REGISTRY_FILE, "key": entry.key}}
+    return row
 
 
 def _described(row: dict, names: dict[int, list[str]]) -> dict:
@@ -326,7 +348,11 @@ def _ports_watch(args, values: dict) -> int:
             from aether.ports.containers import Containers, socket_path
             from aether.ports.facts import PortFacts
 
-            rules = await loop.run_in_executor(None, _rules)
+            # Read once, as the rules are: a watch follows neither file's later changes.
+            rules, entries = await asyncio.gather(
+                loop.run_in_executor(None, _rules), loop.run_in_executor(None, _registry_entries)
+            )
+            said = {entry.port: (entry.protocol, entry.key) for entry in entries if entry.protocol}
             facts = PortFacts(
                 monitor.table,
                 emit_found,
@@ -334,6 +360,7 @@ def _ports_watch(args, values: dict) -> int:
                     {"channel": "ports", "type": "ready", "port": port, "protocol": protocol, "ms": ms}
                 ),
                 lambda: rules,
+                registry=said.get,
                 containers=Containers(socket_path(values["docker_socket"])),
             )
         try:

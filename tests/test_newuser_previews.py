@@ -178,10 +178,13 @@ def _put(server: Server, key: str, body: bytes) -> tuple[int, dict]:
 
 def test_the_registry_refuses_what_it_would_not_keep(server):
     """A port 8050.5 was kept as 8050, and a field the registry does not have (a user trying
-    ``protocol``) was dropped with a 200: both are refused, and nothing is written."""
+    ``visibility``) was dropped with a 200: both are refused, as is a protocol it does not know,
+    and nothing is written."""
     status, reply = _put(server, "odd", b'{"port": 8050.5}')
     assert status == 400 and reply["error"] == "invalid", reply
-    status, reply = _put(server, "odd", b'{"port": 8050, "protocol": "https"}')
+    status, reply = _put(server, "odd", b'{"port": 8050, "visibility": "public"}')
+    assert status == 400 and reply["error"] == "invalid" and "visibility" in reply["message"], reply
+    status, reply = _put(server, "odd", b'{"port": 8050, "protocol": "wss"}')
     assert status == 400 and reply["error"] == "invalid" and "protocol" in reply["message"], reply
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request("GET", "/api/ports/odd", headers={"Authorization": f"Bearer {server.token}"})

@@ -3,11 +3,16 @@ protocol and when it first answered (:mod:`.detect`), its process's command line
 directory (:mod:`.who`), the container behind a Docker holder (:mod:`.containers`), and what
 the attribute rules say of it (:mod:`aether.attributes`).
 
+What a port speaks is, first to last: a person's choice (:meth:`PortFacts.choose`, until the
+port closes), its registry entry's ``protocol`` (a lasting word about this one port, given by
+name), an attribute rule's (often a range or a pattern, written for many ports), then what
+detection found.
+
 A port event is never held back for any of it: :meth:`PortFacts.seen` only queues the event,
 and the lookups start :data:`SETTLE` seconds later, for the ports still open then. What a lookup finds later is
 told by ``on_change(update)``, an ``update`` event holding the port's whole state again, and,
 the first time a port answers HTTP or completes a TLS handshake, by ``on_ready(port,
-protocol, ms)``: not while a person or an attribute rule says the port speaks ``tcp`` (it is
+protocol, ms)``: not while a person, the registry or an attribute rule says the port speaks ``tcp`` (it is
 not previewed as HTTP then), and once no one says so any more. :meth:`PortFacts.fields` gives the extra fields of a port's ``open`` and
 ``update`` messages from what is known at that moment.
 
@@ -68,9 +73,15 @@ class _Port:
     detection: Detection | None = None
 
 
+#: Where ``sources`` says a protocol from the registry came from: the file, and the entry's key.
+REGISTRY_FILE = "registry.db"
+
+
 class PortFacts:
     """The facts of ``table``'s open ports (see the module docstring). ``rules()`` gives the
-    attribute rules in force (they change when their files do: call :meth:`rules_changed`)."""
+    attribute rules in force (they change when their files do: call :meth:`rules_changed`);
+    ``registry(port)`` the protocol the port's registry entry sets and the entry's key, or None
+    (call :meth:`rules_changed` when the registry changes too)."""
 
     def __init__(
         self,
@@ -79,6 +90,7 @@ class PortFacts:
         on_ready: Callable[[int, str, int], None] | None = None,
         rules: Callable[[], Ruleset] = lambda: EMPTY,
         *,
+        registry: Callable[[int], tuple[str, str] | None] = lambda port: None,
         detector: Detector | None = None,
         containers: Containers | None = None,
     ):
@@ -87,6 +99,7 @@ class PortFacts:
         self._on_change = on_change
         self._on_ready = on_ready
         self._rules = rules
+        self._registry = registry
         self.detector = detector or Detector()
         self.detector.on_result = self._detected
         self.containers = containers or Containers()
@@ -102,10 +115,11 @@ class PortFacts:
         self._naming: set[asyncio.Task] = set()  # containers being asked for
         self._tell_pending = False
         self._closed = False
-        #: Attributes last told per port, so that a rules reload tells only the ports it changed.
-        self._told: dict[int, Attributes] = {}
+        #: Attributes and registry protocol last told per port, so that a reload of the rules or
+        #: the registry tells only the ports it changed.
+        self._told: dict[int, tuple[Attributes, tuple[str, str] | None]] = {}
         #: A person's choice of protocol for a port (the ports channel's ``protocol``), over the
-        #: attributes' and detection's, until the port closes.
+        #: registry's, the attributes' and detection's, until the port closes.
         self._chosen: dict[int, str] = {}
         now = time.monotonic()
         for port in table.ports():
@@ -118,29 +132,40 @@ class PortFacts:
     # -- reading ---------------------------------------------------------------------------
 
     def protocol_of(self, port: int) -> str | None:
-        """``https``, ``http`` or ``tcp``: what the attributes say the port speaks, else what
-        detection found; None while the port is not open or not looked at yet."""
+        """``https``, ``http`` or ``tcp``: what a person, the registry or the attributes say the
+        port speaks, else what detection found; None while the port is not open or not looked
+        at yet."""
         chosen = self._chosen.get(port)
         if chosen is not None:
             return chosen
         state = self._ports.get(port)
         if state is None:
             return None
-        override = self.attributes(port).protocol
-        if override is not None:
-            return override
+        said = self._said(port)[0]
+        if said is not None:
+            return said
         return state.detection.protocol if state.detection is not None else None
 
     def chosen_protocol(self, port: int) -> str | None:
-        """What a person or an attribute rule says ``port`` speaks (``https``, ``http`` or
-        ``tcp``), whatever detection found: None where neither says. Known before the port is
-        looked at, so the preview uses it without a look of its own."""
+        """What a person, the registry or an attribute rule says ``port`` speaks (``https``,
+        ``http`` or ``tcp``), whatever detection found: None where none says. Known before the
+        port is looked at, so the preview uses it without a look of its own."""
         chosen = self._chosen.get(port)
         if chosen is not None:
             return chosen
         if port not in self._ports and self._table.open_event(port) is None:
             return None
-        return self.attributes(port).protocol
+        return self._said(port)[0]
+
+    def _said(self, port: int, attrs: Attributes | None = None) -> tuple[str | None, dict | None]:
+        """The protocol the registry, else the attributes, set for ``port``, and where it came
+        from (a ``sources`` entry); (None, None) where neither sets one."""
+        entry = self._registry(port)
+        if entry is not None:
+            return entry[0], {"file": REGISTRY_FILE, "key": entry[1]}
+        attrs = attrs if attrs is not None else self.attributes(port)
+        origin = attrs.sources.get("protocol")
+        return attrs.protocol, (origin.as_dict() if origin is not None else None)
 
     def attributes(self, port: int) -> Attributes:
         state = self._ports.get(port)
@@ -158,7 +183,14 @@ class PortFacts:
         detection = state.detection if state is not None else None
         command = attrs.shown_command(found.command) if found is not None else None
         container = state.container if state is not None else None
-        protocol = self._chosen.get(port) or attrs.protocol or (detection.protocol if detection is not None else None)
+        sources = attrs.as_dict().get("sources", {})
+        said, origin = self._said(port, attrs)
+        chosen = self._chosen.get(port)
+        protocol = chosen or said or (detection.protocol if detection is not None else None)
+        if chosen is not None or origin is None:
+            sources.pop("protocol", None)  # a person's choice is no file's
+        else:
+            sources["protocol"] = origin
         ready = detection.ready if detection is not None and protocol != TCP else None
         return {
             "protocol": protocol,
@@ -169,7 +201,7 @@ class PortFacts:
             "container": container.to_json() if container is not None else None,
             "label": attrs.label,
             "onOpen": attrs.on_open,
-            "sources": attrs.as_dict().get("sources", {}),
+            "sources": sources,
         }
 
     # -- what the monitor says -------------------------------------------------------------
@@ -206,12 +238,16 @@ class PortFacts:
             self.detector.recheck(port, probe_host(self._addresses(port)))
 
     def rules_changed(self) -> None:
-        """The rules changed: every open port whose attributes changed gets an ``update``."""
+        """The rules or the registry changed: every open port whose attributes or registry
+        protocol changed gets an ``update``."""
         for port in list(self._ports):
-            attrs = self.attributes(port)
-            if attrs != self._told.get(port):
+            if self._telling(port) != self._told.get(port):
                 self._tell(port)
                 self._release(port)
+
+    def _telling(self, port: int) -> tuple[Attributes, tuple[str, str] | None]:
+        """What an update of ``port`` tells of its rules and its registry entry."""
+        return self.attributes(port), self._registry(port)
 
     def close(self) -> None:
         self._closed = True
@@ -257,7 +293,7 @@ class PortFacts:
             if event.type == OPEN or state is None:
                 opened = event.seen_ns / 1e9 if event.seen_ns else time.monotonic()
                 state = self._ports[port] = _Port(opened)
-                self._told[port] = self.attributes(port)
+                self._told[port] = self._telling(port)
                 self.detector.start(port, probe_host(event.addresses), opened)
             if event.pid != state.pid or state.who is None:
                 state.pid = event.pid
@@ -350,7 +386,7 @@ class PortFacts:
             event = self._table.open_event(port)
             if event is None or (port not in self._ports and not before_look):
                 continue
-            self._told[port] = self.attributes(port)
+            self._told[port] = self._telling(port)
             update = dataclasses.replace(event, type=UPDATE, process=procs.process_name(event.pid), seen_ns=time.monotonic_ns())
             try:
                 self._on_change(update)

@@ -108,7 +108,7 @@ TLS_FAILED_TITLE = "TLS handshake failed"
 
 def chosen_https_text(port: int) -> str:
     return (
-        f"Port {int(port)} is set to https (by a port attribute rule, or on the ports channel), so the "
+        f"Port {int(port)} is set to https (by a port attribute rule, its registry entry, or on the ports channel), so the "
         "proxy spoke TLS to it, but it did not answer TLS: it most likely serves plain HTTP. Set its "
         "protocol to http, or remove the setting and let aether find it."
     )

@@ -1,7 +1,7 @@
 """Which protocol the proxy speaks to a port: TLS to an ``https`` one, plain HTTP to an
 ``http`` one, and none to a ``tcp`` one (the browser gets a page saying so).
 
-What a person or an attribute rule chose (the owner's ``chosen``) is used as it is, without a
+What a person, the registry or an attribute rule chose (the owner's ``chosen``) is used as it is, without a
 look: a chosen ``tcp`` is the not-HTTP page at once, with no connection to the port. Else the
 owner's ``protocol_of`` (the ports table's detection, with its overrides) is asked: a dict
 lookup. Where it has no answer yet (the port's detection has not finished, or the

@@ -105,7 +105,7 @@ class PreviewProxy:
             except Unreachable as exc:
                 chosen = self.protocols.chosen(port) if self.protocols.chosen is not None else None
                 if chosen == HTTPS and exc.title == pages.TLS_FAILED_TITLE:
-                    # A rule or a person said https; the port did not answer TLS. The page says
+                    # A rule, the registry or a person said https; the port did not answer TLS. The page says
                     # whose word that was, not that the port speaks TLS.
                     self.log_failure(port, "set to https, but the port does not speak TLS")
                     raise Unreachable(502, pages.TLS_FAILED_TITLE, pages.chosen_https_text(port)) from None

@@ -38,6 +38,8 @@ def add_commands(commands) -> None:
     set_.add_argument("--app")
     set_.add_argument("--label")
     set_.add_argument("--description")
+    # Checked by the store, as every other field (a bad value is a refusal: exit 1).
+    set_.add_argument("--protocol", help="https, http or tcp: what the port speaks, over what the server detects; auto clears it")
     command("get", "print KEY's port alone", json_flag=True).add_argument("key")
     command("list", "every entry, with what listens on it now")
     command("delete", "forget KEY").add_argument("key")
@@ -103,7 +105,7 @@ def _print_json(value) -> None:
 
 def _set(registry, args) -> int:
     key, port = _one("key", args.key, args.key_option), _one("port", args.port, args.port_option)
-    entry = registry.set(key, port, args.app, args.label, args.description)
+    entry = registry.set(key, port, args.app, args.label, args.description, args.protocol)
     if args.json:
         _print_json(entry.to_json())
     else:
@@ -168,7 +170,8 @@ def _list(registry, args) -> int:
             print(f"{app} ({','.join(_pair(m['label'] or m['key'], m['port']) for m in members)})")
         for m in members:
             held = f"listening pid {m['pid']} {m['process'] or '?'}" if m["listening"] else "not listening"
-            print(f"  {m['key']:<24} {m['port']:>5}  {m['label'] or '-':<8} {held}  {m['description']}".rstrip())
+            shown = f"{m['label'] or '-':<8} {m['protocol'] or '-':<5}"
+            print(f"  {m['key']:<24} {m['port']:>5}  {shown} {held}  {m['description']}".rstrip())
     return 0
 
 

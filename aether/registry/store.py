@@ -3,7 +3,8 @@
 One row per key; a port belongs to one key at most (a UNIQUE constraint, so two writers can
 never both win it). Every write is one ``BEGIN IMMEDIATE`` transaction: writers queue on
 SQLite's lock (``busy_timeout``) instead of failing, and WAL lets readers run beside them.
-The schema is versioned with ``PRAGMA user_version`` and migrated forward on open. A file that
+The schema is versioned with ``PRAGMA user_version`` and migrated forward on open (a file an
+older aether made gains the newer columns, empty, as it is opened). A file that
 is not a readable registry is an error naming it, never replaced by a fresh database; an
 empty file (0 bytes) is an empty database to SQLite, and starts anew with a warning naming it.
 """
@@ -37,7 +38,20 @@ MIGRATIONS = [
     );
     CREATE INDEX ports_app ON ports (app);
     """,
+    # 2: what the port speaks, over what the server detects (NULL: as detected).
+    """
+    ALTER TABLE ports ADD COLUMN protocol TEXT CHECK (protocol IN ('https', 'http', 'tcp'))
+    """,
 ]
+
+#: What an entry's ``protocol`` may be; ``auto`` (:data:`AUTO`) clears it: the port speaks what
+#: the server detects (the word the ports channel's ``protocol`` message uses for the same).
+PROTOCOLS = ("https", "http", "tcp")
+AUTO = "auto"
+#: The columns in the order of :meth:`Entry.astuple`, for every SELECT and INSERT (a file's
+#: own column order is the order its migrations added them).
+COLUMNS = "key, port, app, label, description, created, updated, protocol"
+_INSERT = f"INSERT INTO ports ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class RegistryError(Refusal):
@@ -54,7 +68,7 @@ class Entry:
     """One registered port. (Not a dataclass: importing dataclasses costs ``aether port get``
     several milliseconds.)"""
 
-    __slots__ = ("key", "port", "app", "label", "description", "created", "updated")
+    __slots__ = ("key", "port", "app", "label", "description", "created", "updated", "protocol")
 
     def __init__(
         self,
@@ -65,12 +79,14 @@ class Entry:
         description: str = "",
         created: float = 0.0,
         updated: float = 0.0,
+        protocol: str | None = None,
     ):
         self.key, self.port, self.app, self.label = key, port, app, label
         self.description, self.created, self.updated = description, created, updated
+        self.protocol = protocol
 
     def astuple(self) -> tuple:
-        return (self.key, self.port, self.app, self.label, self.description, self.created, self.updated)
+        return (self.key, self.port, self.app, self.label, self.description, self.created, self.updated, self.protocol)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Entry) and self.astuple() == other.astuple()
@@ -93,6 +109,7 @@ class Entry:
             "description": self.description,
             "created": _iso(self.created),
             "updated": _iso(self.updated),
+            "protocol": self.protocol,
         }
 
 
@@ -126,6 +143,14 @@ def check_word(what: str, value: str | None) -> str | None:
     if not isinstance(value, str) or not WORD_PATTERN.match(value):
         raise RegistryError(f"invalid {what} {excerpt(value)}: one word of letters, digits, '_', '.', '-'")
     return value
+
+
+def check_protocol(value: str | None) -> str | None:
+    """``value`` as given (None: not given, the entry's own is kept), checked: one of
+    :data:`PROTOCOLS`, or :data:`AUTO` to clear it."""
+    if value is None or value in PROTOCOLS or value == AUTO:
+        return value
+    raise RegistryError(f"invalid protocol {excerpt(value)}: https, http, tcp, or auto for what the server detects")
 
 
 class Registry:
@@ -168,26 +193,36 @@ class Registry:
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        row = self._db.execute("SELECT * FROM ports WHERE key = ?", (check_key(key),)).fetchone()
+        row = self._db.execute(f"SELECT {COLUMNS} FROM ports WHERE key = ?", (check_key(key),)).fetchone()
         return Entry(*row) if row else None
 
     def by_port(self, port: int) -> Entry | None:
-        row = self._db.execute("SELECT * FROM ports WHERE port = ?", (port,)).fetchone()
+        row = self._db.execute(f"SELECT {COLUMNS} FROM ports WHERE port = ?", (port,)).fetchone()
         return Entry(*row) if row else None
 
     def entries(self, app: str | None = None) -> list[Entry]:
         if app is None:
-            rows = self._db.execute("SELECT * FROM ports ORDER BY app IS NULL, app, port").fetchall()
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM ports ORDER BY app IS NULL, app, port").fetchall()
         else:
-            rows = self._db.execute("SELECT * FROM ports WHERE app = ? ORDER BY port", (app,)).fetchall()
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM ports WHERE app = ? ORDER BY port", (app,)).fetchall()
         return [Entry(*row) for row in rows]
 
     # -- writes -----------------------------------------------------------------------------
 
-    def set(self, key: str, port, app: str | None = None, label: str | None = None, description: str | None = None) -> Entry:
-        """Create or update ``key``; fields not given keep their value on an update."""
+    def set(
+        self,
+        key: str,
+        port,
+        app: str | None = None,
+        label: str | None = None,
+        description: str | None = None,
+        protocol: str | None = None,
+    ) -> Entry:
+        """Create or update ``key``; fields not given (None) keep their value on an update.
+        ``protocol``: ``https``, ``http``, ``tcp``, or ``auto`` to clear it."""
         key, port = check_key(key), check_port(port)
         app, label = check_word("app", app), check_word("label", label)
+        protocol = check_protocol(protocol)
         if description is not None and (len(description) > 1000 or "\n" in description):
             raise RegistryError("invalid description: one line of at most 1000 characters")
 
@@ -196,10 +231,11 @@ class Registry:
             if holder:
                 raise RegistryError(f"port {port} is registered to key {holder[0]}", "conflict")
             now = time.time()
-            old = db.execute("SELECT * FROM ports WHERE key = ?", (key,)).fetchone()
+            old = db.execute(f"SELECT {COLUMNS} FROM ports WHERE key = ?", (key,)).fetchone()
+            spoken = None if protocol == AUTO else protocol
             if old is None:
-                entry = Entry(key, port, app, label, description or "", now, now)
-                db.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", entry.astuple())
+                entry = Entry(key, port, app, label, description or "", now, now, spoken)
+                db.execute(_INSERT, entry.astuple())
             else:
                 current = Entry(*old)
                 entry = Entry(
@@ -210,10 +246,11 @@ class Registry:
                     description if description is not None else current.description,
                     current.created,
                     now,
+                    spoken if protocol is not None else current.protocol,
                 )
                 db.execute(
-                    "UPDATE ports SET port = ?, app = ?, label = ?, description = ?, updated = ? WHERE key = ?",
-                    (entry.port, entry.app, entry.label, entry.description, entry.updated, key),
+                    "UPDATE ports SET port = ?, app = ?, label = ?, description = ?, updated = ?, protocol = ? WHERE key = ?",
+                    (entry.port, entry.app, entry.label, entry.description, entry.updated, entry.protocol, key),
                 )
             return entry
 
@@ -226,21 +263,21 @@ class Registry:
         key, port, label = check_key(key), check_port(port), check_word("label", label)
 
         def write(db):
-            old = db.execute("SELECT * FROM ports WHERE key = ?", (key,)).fetchone()
+            old = db.execute(f"SELECT {COLUMNS} FROM ports WHERE key = ?", (key,)).fetchone()
             if old is None:
                 holder = db.execute("SELECT key FROM ports WHERE port = ?", (port,)).fetchone()
                 if holder:
                     raise RegistryError(f"port {port} is registered to key {holder[0]}", "conflict")
                 now = time.time()
                 entry = Entry(key, port, None, label, "", now, now)
-                db.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", entry.astuple())
+                db.execute(_INSERT, entry.astuple())
                 return entry
             current = Entry(*old)
             if current.port != port:
                 raise RegistryError(f"key {key} is registered at port {current.port}, not {port}", "conflict")
             now = time.time()
             db.execute("UPDATE ports SET label = ?, updated = ? WHERE key = ?", (label, now, key))
-            return Entry(key, port, current.app, label, current.description, current.created, now)
+            return Entry(key, port, current.app, label, current.description, current.created, now, current.protocol)
 
         return self._write(write)
 
@@ -268,7 +305,8 @@ class Registry:
 
         def write(db):
             existing = {
-                row[0]: Entry(*row) for row in db.execute(f"SELECT * FROM ports WHERE key IN ({','.join('?' * len(keys))})", keys)
+                row[0]: Entry(*row)
+                for row in db.execute(f"SELECT {COLUMNS} FROM ports WHERE key IN ({','.join('?' * len(keys))})", keys)
             }
             if len(existing) == len(keys):
                 return [existing[key] for key in keys]
@@ -286,7 +324,7 @@ class Registry:
                 if not clash:
                     now = time.time()
                     entries = [Entry(key, port, app, label, "", now, now) for key, port, label in zip(keys, block, labels)]
-                    db.executemany("INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?)", (e.astuple() for e in entries))
+                    db.executemany(_INSERT, (e.astuple() for e in entries))
                     return entries
                 start = clash[-1] + 1
             raise RegistryError(f"no {need} contiguous free ports in {first}-{last} for app {app}", "conflict")

@@ -30,6 +30,7 @@ from aether.ports.ebpf import ProbeUnavailable
 from aether.ports.facts import PortFacts
 from aether.ports.monitor import PortMonitor
 from aether.preview.gate import host_pattern
+from aether.preview.owner import ProtocolOf
 from aether.preview.service import PreviewProxy
 from aether.preview.visibility import Visibility
 from aether.registry.store import RegistryError
@@ -165,6 +166,7 @@ class WorkspaceServer:
             lambda event: self.ports_channel.on_facts(event),
             lambda port, protocol, ms: self.ports_channel.on_ready(port, protocol, ms),
             self.rules,
+            registry=self.registry_api.protocol_at,
             containers=Containers(socket_path(settings.docker_socket)),
         )
         self.ports_channel = PortsChannel(
@@ -239,8 +241,20 @@ class WorkspaceServer:
     def _registry_changed(self, entries) -> None:
         """Every client gets the whole registry after any change (it is small)."""
         self.hub.broadcast({"channel": "config", "type": "registry", "ports": [e.to_json() for e in entries]})
+        self.facts.rules_changed()  # a port whose entry's protocol changed: its update
         for subscriber in self.registry_changed:
             subscriber(entries)
+
+    def fresh(self, ask: ProtocolOf) -> ProtocolOf:
+        """``ask(port)``, after a look at the registry (one ``PRAGMA data_version``, 4 us): the
+        preview follows another process's write at once, though no client is connected to make
+        the server look every second."""
+
+        def asked(port: int) -> str | None:
+            self.registry_api.check()
+            return ask(port)
+
+        return asked
 
 
 def banner(settings: Settings, show_token: bool = True) -> str:
@@ -297,7 +311,8 @@ async def serve(settings: Settings) -> int:
         server.metrics,
         protocol_of=server.facts.protocol_of,
         recheck=server.facts.recheck,
-        chosen=server.facts.chosen_protocol,
+        # Asked first for every upstream decision: the one look at the registry per decision.
+        chosen=server.fresh(server.facts.chosen_protocol),
     )
     listener = SharedListener(
         http,

@@ -47,11 +47,13 @@ class RegistryApi:
         self._version = self.reader.version()
         self._timer: asyncio.TimerHandle | None = None
         self.ports_by_key: dict[str, int] = {}
+        self.protocols_by_port: dict[int, tuple[str, str]] = {}  # port -> (protocol, key)
         self._reload()
 
     def _reload(self) -> list[Entry]:
         entries = self.reader.entries()
         self.ports_by_key = {entry.key: entry.port for entry in entries}
+        self.protocols_by_port = {entry.port: (entry.protocol, entry.key) for entry in entries if entry.protocol}
         return entries
 
     async def write(self, method: str, *args):
@@ -78,6 +80,12 @@ class RegistryApi:
         ``PRAGMA data_version``, microseconds, before the lookup)."""
         self.check()
         return self.ports_by_key.get(key)
+
+    def protocol_at(self, port: int) -> tuple[str, str] | None:
+        """The protocol ``port``'s entry sets, and that entry's key (a port has one entry at
+        most); None where none does. As of the last look (:meth:`check`): a dict lookup, for the
+        event path."""
+        return self.protocols_by_port.get(port)
 
     def watch(self) -> None:
         """Look once a second while ``watching()`` holds (clients are connected); no timer
@@ -170,7 +178,7 @@ class PortsHandler(ApiHandler):
 
 #: What a PUT may carry: the fields it sets, and those a GET adds (a client may send an entry
 #: back as it got it; the key and times are the registry's own, and not changed).
-ENTRY_FIELDS = frozenset({"port", "app", "label", "description", "key", "created", "updated"})
+ENTRY_FIELDS = frozenset({"port", "app", "label", "description", "protocol", "key", "created", "updated"})
 
 
 class PortHandler(ApiHandler):
@@ -193,11 +201,12 @@ class PortHandler(ApiHandler):
             return
         unknown = sorted(set(body) - ENTRY_FIELDS)
         if unknown:
-            # Dropped with a 200, a field the registry has not (``protocol``, say) would look kept.
+            # Dropped with a 200, a field the registry has not would look kept.
             return self.fail(
-                400, "invalid", f"unknown field {excerpt(unknown[0])}: an entry has port, app, label and description"
+                400, "invalid", f"unknown field {excerpt(unknown[0])}: an entry has port, app, label, description and protocol"
             )
-        entry = await self.api.write("set", key, body.get("port"), body.get("app"), body.get("label"), body.get("description"))
+        fields = (body.get(name) for name in ("port", "app", "label", "description", "protocol"))
+        entry = await self.api.write("set", key, *fields)
         self.finish(entry.to_json())
 
     async def delete(self, key: str) -> None:
