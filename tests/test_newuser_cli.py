@@ -16,22 +16,6 @@ import pytest
 from support import AETHER, ROOT
 from support.waiting import wait_for
 
-#: Reads what it is sent, then closes without a byte, as PostgreSQL does with an HTTP request
-#: (reading all that came, as PostgreSQL does: a close with bytes unread is a reset, not this).
-HANGS_UP = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
-while True:
-    c, _ = s.accept()
-    c.settimeout(5)
-    try:
-        c.recv(65536)
-    except OSError:
-        pass
-    c.close()
-"""
-
 
 def listed(tmp_path) -> dict[int, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
@@ -43,7 +27,7 @@ def listed(tmp_path) -> dict[int, dict]:
 
 
 def test_ports_list_says_tcp_for_ports_that_hang_up(listeners, tmp_path):
-    hangs_up = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+    hangs_up = listeners.postgres_like(mode="close").port
     http = listeners.http_server().port
     rows = listed(tmp_path)
     assert rows[hangs_up]["protocol"] == "tcp"

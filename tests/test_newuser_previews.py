@@ -26,24 +26,6 @@ PROJECT = "abc123def456"
 
 PROBE_FIXTURES = ("server",)
 
-#: ``python - PORT``: reads what it is sent, then closes without a byte, as PostgreSQL does
-#: with an HTTP request or a TLS ClientHello ("invalid length of startup packet"). It reads
-#: what has come, as PostgreSQL reads into its buffer: a close leaving bytes unread is a reset,
-#: which is how a forwarder whose far end is down closes, and is not taken for a hang-up.
-HANGS_UP = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
-while True:
-    c, _ = s.accept()
-    c.settimeout(5)
-    try:
-        c.recv(65536)
-    except OSError:
-        pass
-    c.close()
-"""
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -70,7 +52,7 @@ def not_http_page(server: Server, port: int) -> tuple[int, dict, bytes] | None:
 
 
 def test_a_server_that_hangs_up_on_http_gets_the_not_http_page(server, listeners):
-    port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+    port = listeners.postgres_like(mode="close").port
     # Well before the detection's 60 s deadline: a few looks that each end in a hang-up.
     status, _, body = wait_for(lambda: not_http_page(server, port), 15, interval=0.2)
     assert status == 502 and f"Port {port} answers, but not with HTTP".encode() in body
@@ -86,7 +68,7 @@ def test_redis_gets_the_not_http_page(server):
 def test_a_hang_up_before_the_verdict_does_not_blame_the_app(server, listeners):
     """The first request, before any verdict: the page says the port closed without an answer
     and what that may mean, not that the app cut its response short."""
-    port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+    port = listeners.postgres_like(mode="close").port
     status, headers, body = get(server, port)
     assert status == 502
     if headers.get("x-aether-error") != "not_http":
@@ -96,7 +78,7 @@ def test_a_hang_up_before_the_verdict_does_not_blame_the_app(server, listeners):
 
 def test_the_channel_says_tcp_soon_for_a_server_that_hangs_up(server, listeners):
     with connect(server.url, subprotocols=["Bearer", server.token], open_timeout=10) as ws:
-        port = listeners.spawn_on(lambda p: [sys.executable, "-c", HANGS_UP, str(p)]).port
+        port = listeners.postgres_like(mode="close").port
         # Well before the 60 s deadline of a port that never answers.
         found = recv_until(ws, lambda m: m.get("port") == port and m.get("protocol") == "tcp", timeout=15)
         assert found["ready"] is None
