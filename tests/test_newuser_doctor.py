@@ -169,6 +169,24 @@ def test_a_rule_that_sets_the_wrong_protocol_is_named(listeners, tmp_path):
     assert f'ports_attributes["{app.port}"]' in checks["protocol"]["detail"]
 
 
+def test_a_registry_entry_that_sets_the_wrong_protocol_is_named_over_the_rules(listeners, tmp_path):
+    """The registry says tcp for a port that serves HTTP (and a rule says https): the proxy
+    follows the entry, and shows the not-HTTP page; the doctor names the entry, with the
+    command that fixes it."""
+    app = django(listeners, "localhost")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.json").write_text(json.dumps({"ports_attributes": {str(app.port): {"protocol": "https"}}}))
+    env = {"AETHER_WORKSPACE_ROOT": str(tmp_path), "AETHER_STATE_DIR": str(state)}
+    subprocess.run(
+        [*AETHER, "port", "set", "web", str(app.port), "--protocol", "tcp"], check=True, cwd=ROOT, env={**os.environ, **env}
+    )
+    status, checks = doctor("--preview", str(app.port), "--state-dir", str(state), env=env)
+    assert status == 1 and checks["protocol"]["verdict"] == "fail", checks
+    assert "the registry entry web sets protocol tcp" in checks["protocol"]["detail"]
+    assert f"aether port set web {app.port} --protocol http" in checks["protocol"]["fix"]
+
+
 def test_doctor_says_when_it_cannot_tell_which_server_to_check(tmp_path):
     """Two servers run: the doctor cannot know which one is meant, and says so (as ``aether
     port`` does) rather than silently checking the defaults."""

@@ -221,7 +221,7 @@ def _preview(
     # The rules the server follows: a protocol one overrides what the port speaks.
     root = Path(workspace_root) if workspace_root else Path(os.path.expanduser("~"))
     rules, _problems = read_all(root if root.is_dir() else None, Path(state_dir) / "config.json")
-    found = preview.check(port, host, domain, preview_upstream_host, rules)
+    found = preview.check(port, host, domain, preview_upstream_host, rules, _registry_entry(Path(state_dir), port))
     failed = [check.name for check in found if check.verdict == FAIL]
     verdict = f"doctor: the preview of port {port} " + (f"fails ({', '.join(failed)})" if failed else "should work")
     report = Report(found, not failed, verdict)
@@ -234,3 +234,19 @@ def _preview(
     else:
         print("\n".join(report.lines()))
     return 1 if failed else 0
+
+
+def _registry_entry(state_dir: Path, port: int):
+    """``port``'s entry in the state directory's registry (a protocol there is the preview's
+    over the rules'), or None: no registry, no entry, or one that cannot be read (the
+    registry's own checks say why)."""
+    from aether.registry.store import Registry, RegistryError
+
+    path = state_dir / "registry.db"
+    if not path.is_file():
+        return None
+    try:
+        with Registry(path) as registry:
+            return registry.by_port(port)
+    except RegistryError:
+        return None

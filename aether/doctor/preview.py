@@ -130,11 +130,13 @@ def check(
     domain: str,
     upstream_host: str = "localhost",
     rules=None,
+    entry=None,
 ) -> list[Check]:
     """The preview's checks for ``port``; ``upstream_host`` is the proxy's setting
     (``localhost``: the app gets ``Host: localhost:PORT``; ``original``: the preview host);
     ``rules``: the attribute rules (a :class:`~aether.attributes.rules.Ruleset`), whose
-    ``protocol`` for the port the proxy follows over what the port speaks."""
+    ``protocol`` for the port the proxy follows over what the port speaks; ``entry``: the
+    port's registry entry, whose ``protocol`` the proxy follows over the rules'."""
     from aether.ports import procs
     from aether.ports.sockdiag import DiagSocket
     from aether.preview.gate import upstream_address
@@ -169,7 +171,12 @@ def check(
         )
         return found
     found.append(Check("address", OK, f"reachable on {host}"))
-    rule = _protocol_rule(rules, port, state.pid)
+    if entry is not None and entry.protocol:
+        rule: tuple[str, str] | None = (entry.protocol, f"the registry entry {entry.key}")
+        fix = f"aether port set {entry.key} {port} --protocol {{speaks}} (or --protocol auto: as found)"
+    else:
+        rule = _protocol_rule(rules, port, state.pid)
+        fix = "set that rule's protocol to {speaks}, or remove it and let aether find it"
     sent = preview_host if upstream_host == "original" else f"localhost:{port}"
     try:
         plain = _ask(port, 0, host, sent, tls=False, forwarded_host=preview_host)
@@ -199,7 +206,7 @@ def check(
                 "protocol",
                 FAIL,
                 f"{where} sets protocol {chosen}, but port {port} speaks {what}: the preview {does}",
-                f"set that rule's protocol to {speaks}, or remove it and let aether find it",
+                fix.format(speaks=speaks),
             )
         )
         return found
