@@ -5,6 +5,8 @@ The helpers they are built from are in ``support/``; tests import those from the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from support import ebpf
 from support.browser import chromium
@@ -64,10 +66,16 @@ def listeners(tmp_path):
 
 @pytest.fixture
 def serve(backend, tmp_path):
+    """``serve(*flags, env=None, config=None)``: `aether serve` on ``backend``, with ``config``
+    (a dict) as its config.json."""
     servers = []
 
-    def start(*args, env=None) -> Server:
-        server = Server(backend, tmp_path / f"state{len(servers)}", *args, env=env)
+    def start(*args, env=None, config: dict | None = None) -> Server:
+        state = tmp_path / f"state{len(servers)}"
+        if config is not None:
+            state.mkdir(mode=0o700)
+            (state / "config.json").write_text(json.dumps(config))
+        server = Server(backend, state, *args, env=env)
         servers.append(server)
         return server
 

@@ -58,9 +58,10 @@ async def main():
         seq = pub.seq
         state.given = {int(p): v for p, v in json.loads(line).items()}
         pub.changed()
-        while pub.seq == seq:
-            await asyncio.sleep(0.005)
-        print("ok", flush=True)
+        deadline = loop.time() + 20  # the parent gives up after 30 s; say why before
+        while pub.seq == seq and loop.time() < deadline:
+            await asyncio.sleep(0.005)  # the publisher has no event for a change written
+        print("ok" if pub.seq != seq else "the change was not published in 20 s", flush=True)
 
 asyncio.run(main())
 """

@@ -21,6 +21,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support.waiting import until
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -175,10 +176,7 @@ def test_a_request_passes_with_the_owners_head_and_counts():
         assert len(owner.latencies) == 2 and all(0 < s < DEADLINE for s in owner.latencies)
         # The client's connection ends once the proxy reads its close; another aether on the
         # host may look at the proxy's new port meanwhile, and its look ends as soon.
-        deadline = asyncio.get_running_loop().time() + DEADLINE
-        while proxy.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        assert not proxy.connections
+        await until(lambda: not proxy.connections, DEADLINE)
 
     _run(scenario)
 

@@ -24,25 +24,6 @@ from support.waiting import wait_for
 from aether.registry.store import Registry
 
 
-@pytest.fixture
-def serve(tmp_path, backend):
-    """``serve(config=None)``: `aether serve` on ``backend``, with ``config`` as its config.json."""
-    servers = []
-
-    def start(config: dict | None = None) -> Server:
-        state = tmp_path / f"state{len(servers)}"
-        if config is not None:
-            state.mkdir(mode=0o700)
-            (state / "config.json").write_text(json.dumps(config))
-        started = Server(backend, state)
-        servers.append(started)
-        return started
-
-    yield start
-    for started in servers:
-        started.stop()
-
-
 def port_cli(state, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*AETHER, "port", *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=30, cwd=ROOT
@@ -135,7 +116,7 @@ def test_a_person_is_over_the_registry_and_the_registry_over_a_rule(serve, liste
     person's `tcp` on the ports channel is over both; their `auto` gives it back to the
     registry's; the registry's `auto`, to the rule's."""
     port = free_port()
-    srv = serve({"ports_attributes": {str(port): {"protocol": "tcp"}}})
+    srv = serve(config={"ports_attributes": {str(port): {"protocol": "tcp"}}})
     rule = {"file": "config.json", "key": f'ports_attributes["{port}"]'}
     with srv.connect() as ws:
         opens(ws)
